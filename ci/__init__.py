@@ -1,0 +1,1 @@
+"""tinyci: a small self-hosted CI made of an observer, a dispatcher and runners."""

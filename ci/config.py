@@ -1,0 +1,242 @@
+"""Configuration: one YAML file with a section per daemon, loaded once into
+frozen dataclasses and passed down.
+
+Precedence: command-line flag > ``TINYCI_<SECTION>_<KEY>`` environment
+variable > file > built-in default. Every default works on one machine with
+no file at all. An unknown key or a wrong type is a ConfigError naming the
+file (or variable) and the key, raised at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who has to fix it."""
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    max_frame: int = 1 << 20
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_connections: int = 512
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    data_dir: str = ".tinyci/dispatcher"
+    heartbeat_interval: float = 1.0
+    heartbeat_misses: int = 3
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    host: str = "127.0.0.1"
+    port: int = 8887
+    repo: str = ""
+    repo_url: str = ""            # what runners clone; default: the repo's absolute path
+    dispatcher: str = "127.0.0.1:8888"
+    poll_interval: float = 1.0
+    branches: list = field(default_factory=lambda: ["*"])
+    fetch: bool = False
+    remote: str = "origin"
+    state_dir: str = ".tinyci/observer"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8889
+    dispatcher: str = "127.0.0.1:8888"
+    name: str = ""                # default: runner-<port>
+    labels: list = field(default_factory=list)
+    slots: int = 1
+    workdir: str = ""             # default: .tinyci/runners/<name>
+    kill_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    steps: list = field(default_factory=list)   # empty: pytest when the repo has tests
+    timeout: float = 600.0
+    env: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    secret: str = ""
+    secret_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    source: str = "built-in defaults"
+
+    @property
+    def secret(self) -> str:
+        """The shared secret, read from ``secret_file`` when one is named."""
+        if self.auth.secret_file:
+            path = Path(self.auth.secret_file)
+            try:
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"auth.secret_file: cannot read {path}: {exc.strerror}") from None
+        return self.auth.secret
+
+    def limits(self):
+        from .net import Limits
+        return Limits(**{f.name: getattr(self.net, f.name) for f in fields(NetConfig)})
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "source"}
+
+# Bounds checked after types: (section, key) -> (test, what it must be)
+_BOUNDS = {
+    ("dispatcher", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
+    ("observer", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
+    ("runner", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
+    ("dispatcher", "heartbeat_interval"): (lambda v: v > 0, "greater than 0"),
+    ("dispatcher", "heartbeat_misses"): (lambda v: v >= 1, "at least 1"),
+    ("dispatcher", "max_attempts"): (lambda v: v >= 1, "at least 1"),
+    ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
+    ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
+    ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
+    ("build", "timeout"): (lambda v: v > 0, "greater than 0"),
+    ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
+    ("net", "max_connections"): (lambda v: v >= 1, "at least 1"),
+}
+
+
+def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Build the configuration; ``path`` None means ``TINYCI_CONFIG`` or no file."""
+    env = os.environ if env is None else env
+    path = path or env.get("TINYCI_CONFIG") or None
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        _merge(values, _read_file(Path(path)), source)
+    _merge(values, _from_env(env), "environment")
+    for section, keys in (overrides or {}).items():
+        for key, value in keys.items():
+            if value is not None:
+                values[section][key] = (value, "command line")
+    built = {}
+    for section, factory in SECTIONS.items():
+        base = factory()
+        changes = {key: _check(section, key, value, origin, base) for key, (value, origin) in values[section].items()}
+        built[section] = replace(base, **changes)
+    return Config(**built, source=source)
+
+
+def _read_file(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return {} if data is None else data
+
+
+def _merge(values: dict, data: Any, origin: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for section, keys in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if keys is None:
+            continue
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys")
+        known = {f.name for f in fields(SECTIONS[section]())}
+        for key, value in keys.items():
+            if key not in known:
+                raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            values[section][key] = (value, origin)
+
+
+def _from_env(env: Mapping[str, str]) -> dict:
+    """TINYCI_<SECTION>_<KEY> variables, parsed by the type of the key's default."""
+    data: dict[str, dict[str, Any]] = {}
+    for name, text in env.items():
+        for section, factory in SECTIONS.items():
+            prefix = f"TINYCI_{section.upper()}_"
+            if not name.startswith(prefix):
+                continue
+            key = name[len(prefix):].lower()
+            hints = typing.get_type_hints(factory)
+            if key not in hints:
+                raise ConfigError(f"environment variable {name}: no key {section}.{key} "
+                                  f"(known: {', '.join(sorted(hints))})")
+            data.setdefault(section, {})[key] = _parse_env(name, text, hints[key])
+    return data
+
+
+def _parse_env(name: str, text: str, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is list:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        if kind is dict:
+            return json.loads(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: {text!r} is not a valid "
+                          f"{getattr(kind, '__name__', kind)}") from None
+
+
+def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
+    kind = typing.get_type_hints(type(base))[key]
+    where = f"{origin}: {section}.{key}"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if ok and kind is list:
+        ok = all(isinstance(item, str) for item in value)
+    if ok and kind is dict:
+        ok = all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in value.items())
+        value = {k: str(v) for k, v in value.items()} if ok else value
+    if not ok:
+        expected = {list: "a list of strings", dict: "a mapping of strings"}.get(kind, f"a {kind.__name__}")
+        raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r:.60}")
+    bound = _BOUNDS.get((section, key))
+    if bound and not bound[0](value):
+        raise ConfigError(f"{where} must be {bound[1]}, got {value!r}")
+    return value

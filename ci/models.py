@@ -1,0 +1,89 @@
+"""Records shared by the dispatcher's scheduler and store."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Status(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Build:
+    id: int
+    repo: str
+    branch: str
+    sha: str
+    subject: str = ""
+    author: str = ""
+    commit_time: float = 0.0
+    reason: str = "commit"
+    status: Status = Status.QUEUED
+    attempt: int = 0              # lease number: raised on every hand-out, never reused
+    runner: str | None = None
+    labels: tuple = ()
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    log_base: int = 0             # size of the build's log when the current attempt began
+
+    def summary(self) -> dict:
+        return {
+            "id": self.id, "repo": self.repo, "branch": self.branch, "sha": self.sha,
+            "subject": self.subject, "author": self.author, "reason": self.reason,
+            "status": self.status.value, "attempt": self.attempt, "runner": self.runner,
+            "labels": list(self.labels), "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "duration": (self.finished_at - self.started_at)
+            if self.finished_at is not None and self.started_at is not None else None,
+        }
+
+
+class RunnerState(str, enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass
+class Runner:
+    name: str
+    host: str
+    port: int
+    labels: tuple = ()
+    slots: int = 1
+    alive: bool = True
+    last_seen: float = 0.0
+    registered_at: float = 0.0
+    running: set = field(default_factory=set)      # {(build, attempt)} holding a slot
+
+    @property
+    def state(self) -> RunnerState:
+        if not self.alive:
+            return RunnerState.DEAD
+        return RunnerState.BUSY if self.running else RunnerState.IDLE
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running) if self.alive else 0
+
+    def summary(self) -> dict:
+        return {"name": self.name, "host": self.host, "port": self.port, "labels": list(self.labels),
+                "slots": self.slots, "state": self.state.value,
+                "running": sorted(b for b, _ in self.running), "last_seen": self.last_seen}
