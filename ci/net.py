@@ -431,11 +431,12 @@ async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None
     while True:
         try:
             raw = await conn.recv_raw(idle=conn.limits.idle_timeout)
+            msg = validate(raw, conn.role)
         except PeerTimeout:
             log.debug("%s: %s idle, closing", name, conn.peer)
             return
-        try:
-            msg = validate(raw, conn.role)
+        except FatalProtocolError:
+            raise
         except ProtocolError as exc:
             await conn.send(error(exc.code, exc.message))
             continue
@@ -507,7 +508,7 @@ class Client:
                              "mac": mac(self.secret, hello["nonce"], self.role)})
             reply = await conn.recv()
             if reply["type"] == "error":
-                raise RemoteError(reply)
+                raise ProtocolError(reply.get("code", "error"), reply.get("message", ""))
         except (ConnectionError, ProtocolError) as exc:
             await conn.close()
             raise PeerError(f"handshake with {self.addr} failed: {exc}") from None

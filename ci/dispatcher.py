@@ -1,0 +1,441 @@
+"""The dispatcher daemon: owns the queue, the build records and the runner
+registry, and hands commits to runners.
+
+Receives: ``commit`` (observer); ``register``, ``log``, ``result`` (runners);
+``status``, ``build``, ``read_log``, ``watch``, ``trigger``, ``rebuild``,
+``cancel`` (tools). Sends to runners: ``run``, ``ping``, ``cancel``.
+
+This module only decodes, calls the Scheduler, persists, and sends. Every
+state change is committed to SQLite before anyone is told about it. Work is
+assigned when something happens (a commit, a registration, a result, a dead
+runner); the only timer is the heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import daemon, net
+from .config import Config
+from .models import Build, Runner, Status
+from .scheduler import Plan, Scheduler
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+LOG_CHUNK = 256 * 1024
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        cfg = config.dispatcher
+        self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
+        self.secret = config.secret
+        self.limits = config.limits()
+        self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
+        self.tasks: set[asyncio.Task] = set()
+        self.pinging: set[str] = set()
+        self.changed = asyncio.Event()              # set and replaced on every change (log or state)
+        self.watchers: set[asyncio.Queue] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def recover(self) -> None:
+        """Load what a previous run left: queued builds queue again, running
+        ones stay with their runner until its next pong confirms them."""
+        active = self.store.active()
+        runners = self.store.runners()
+        plan = self.sched.load(active, runners, self.clock())
+        running = sum(1 for b in active if b.status is Status.RUNNING)
+        if active:
+            log.info("recovered %d queued and %d running builds, %d known runners",
+                     len(active) - running, running, sum(r.alive for r in runners))
+        self.apply(plan)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        cfg = self.config.dispatcher
+        server = await daemon.listen(
+            lambda: net.serve(self.handle, cfg.host, cfg.port, secret=self.secret,
+                              limits=self.limits, name="dispatcher"),
+            "dispatcher", cfg.host, cfg.port)
+        host, port = server.sockets[0].getsockname()[:2]
+        daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
+        beat = asyncio.create_task(self.heartbeat_loop(stop))
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            beat.cancel()
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(beat, *self.tasks, return_exceptions=True)
+            for link in self.links.values():
+                await link.close()
+
+    # ------------------------------------------------------------ applying plans
+
+    def apply(self, plan: Plan | None) -> None:
+        """Persist a plan in one transaction, then start the sends it asks for."""
+        if not plan:
+            return
+        now = self.clock()
+        for build, why in plan.requeued:
+            self._log_line(build.id, f"--- attempt {build.attempt} taken back: {why}; queued again ---")
+        for build, why in plan.errored:
+            self._log_line(build.id, f"--- build error: {why} ---")
+        for build, runner in plan.assign:
+            build.log_base = self._log_line(
+                build.id, f"=== attempt {build.attempt} on {runner.name} ({runner.host}:{runner.port}) "
+                          f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} ===")
+        builds = {b.id: b for b, _ in plan.assign}
+        builds.update((b.id, b) for b, _ in plan.requeued + plan.errored)
+        builds.update((b.id, b) for b in plan.finished)
+        with self.store.transaction():
+            self.store.save(builds.values())
+            self.store.save_runners(plan.dead)
+        for runner in plan.dead:
+            log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)
+        for build, why in plan.requeued:
+            log.info("build %d attempt %d queued again: %s", build.id, build.attempt, why)
+        for build, why in plan.errored:
+            log.warning("build %d: %s", build.id, why)
+        for build, runner in plan.assign:
+            log.info("build %d attempt %d -> %s", build.id, build.attempt, runner.name)
+            self._spawn(self.send_run(build, runner))
+        for runner, build_id, attempt in plan.cancel:
+            self._spawn(self.send_cancel(runner, build_id, attempt))
+        for build in builds.values():
+            self._event("build", build=build.summary())
+        for runner in plan.dead:
+            self._event("runner", runner=runner.summary())
+        self._changed()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _event(self, kind: str, **data) -> None:
+        for queue in list(self.watchers):
+            if queue.full():               # a watcher that cannot keep up is dropped, not waited for
+                self.watchers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait({"type": "event", "event": kind, **data})
+
+    def _log_line(self, build_id: int, text: str) -> int:
+        return self.store.append_log(build_id, (text + "\n").encode())
+
+    def link(self, runner: Runner) -> net.Client:
+        link = self.links.get(runner.name)
+        if link is None or (link.host, link.port) != (runner.host, runner.port):
+            link = net.Client(runner.host, runner.port, net.DISPATCHER, self.secret, self.limits)
+            self.links[runner.name] = link
+        return link
+
+    # ------------------------------------------------------------ talking to runners
+
+    async def send_run(self, build: Build, runner: Runner) -> None:
+        cfg = self.config.build
+        msg = {"type": "run", "build": build.id, "attempt": build.attempt, "repo": build.repo,
+               "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
+               "timeout": cfg.timeout, "env": dict(cfg.env)}
+        try:
+            await self.link(runner).request(msg)
+        except net.RemoteError as exc:
+            log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
+            self.apply(self.sched.refused(build.id, build.attempt, f"runner {runner.name} refused it: {exc}",
+                                          self.clock()))
+        except net.PeerRefused as exc:
+            self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+        except net.PeerError as exc:
+            # unknown whether it arrived: the next pong tells
+            log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
+
+    async def send_cancel(self, runner: Runner, build_id: int, attempt: int) -> None:
+        try:
+            await self.link(runner).request({"type": "cancel", "build": build_id, "attempt": attempt})
+            log.info("cancelled build %d attempt %d on %s", build_id, attempt, runner.name)
+        except (net.PeerError, net.RemoteError) as exc:
+            log.warning("cancelling build %d on %s: %s", build_id, runner.name, exc)
+
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Ping every live runner each heartbeat_interval, and sweep for the
+        silent ones four times as often, so a frozen runner is declared dead
+        close to the deadline rather than up to a whole interval after it."""
+        interval = self.config.dispatcher.heartbeat_interval
+        next_ping = 0.0
+        while not stop.is_set():
+            now = self.clock()
+            self.apply(self.sched.expire(now))
+            if now >= next_ping:
+                next_ping = now + interval
+                for runner in list(self.sched.runners.values()):
+                    if runner.alive and runner.name not in self.pinging:
+                        self._spawn(self.ping(runner))
+            try:
+                await asyncio.wait_for(stop.wait(), interval / 4)
+            except asyncio.TimeoutError:
+                pass
+
+    async def ping(self, runner: Runner) -> None:
+        self.pinging.add(runner.name)
+        try:
+            for retry in (False, True):
+                sent_at = self.clock()
+                try:
+                    reply = await self.link(runner).request(
+                        {"type": "ping"}, timeout=self.config.dispatcher.heartbeat_interval)
+                except net.PeerRefused as exc:
+                    self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+                    return
+                except net.PeerTimeout:
+                    return                  # a miss: expire() decides when enough were missed
+                except (net.PeerError, net.RemoteError) as exc:
+                    if not retry:           # a dropped connection: reconnect once at once
+                        continue
+                    log.debug("ping %s: %s", runner.name, exc)
+                    return
+                leases = {tuple(lease) for lease in reply["running"]}
+                self.apply(self.sched.heartbeat(runner.name, leases, sent_at, self.clock()))
+                return
+        finally:
+            self.pinging.discard(runner.name)
+
+    # ------------------------------------------------------------ requests
+
+    async def handle(self, conn: net.Connection, msg: dict) -> dict | None:
+        handler = getattr(self, "on_" + msg["type"], None)
+        if handler is None:
+            return net.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
+        return await handler(conn, msg)
+
+    async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
+        now = self.clock()
+        build, duplicate = self.store.add_build(
+            repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
+            author=msg["author"], commit_time=msg["time"], now=now)
+        if not duplicate:
+            log.info("build %d queued: %s %s %s", build.id, build.branch, build.sha[:7], build.subject[:60])
+            self._event("build", build=build.summary())
+            self.apply(self.sched.add(build, now))
+        return net.ok(build=build.id, duplicate=duplicate)
+
+    async def on_register(self, conn: net.Connection, msg: dict) -> dict:
+        name = msg["name"]
+        # a runner that registers from 0.0.0.0 is reached at the address it came from
+        host = msg["host"] if msg["host"] not in ("", "0.0.0.0", "::") else conn.peer.rsplit(":", 1)[0]
+        known = name in self.sched.runners
+        plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
+                                   {tuple(x) for x in msg.get("running", [])}, self.clock())
+        runner = self.sched.runners[name]
+        with self.store.transaction():
+            self.store.save_runners([runner])
+        log.info("runner %s %s at %s:%d (slots %d, labels %s)", name, "re-registered" if known else "registered",
+                 host, msg["port"], msg["slots"], ",".join(msg["labels"]) or "-")
+        self._event("runner", runner=runner.summary())
+        self.apply(plan)
+        return net.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
+
+    async def on_log(self, conn: net.Connection, msg: dict) -> dict:
+        build_id, attempt = msg["build"], msg["attempt"]
+        if not self.sched.is_current(build_id, attempt):
+            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build = self.sched.builds[build_id]
+        have = self.store.log_size(build_id) - build.log_base
+        data = msg["data"].encode()
+        if msg["offset"] > have:
+            return net.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
+                             expected=have)
+        skip = have - msg["offset"]
+        if skip < len(data):
+            have = self.store.append_log(build_id, data[skip:]) - build.log_base
+            self._changed()
+        return net.ok(offset=have)
+
+    async def on_result(self, conn: net.Connection, msg: dict) -> dict:
+        build_id, attempt = msg["build"], msg["attempt"]
+        if not self.sched.is_current(build_id, attempt):
+            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build = self.sched.builds[build_id]
+        have = self.store.log_size(build_id) - build.log_base
+        if have < msg.get("log_size", 0):
+            return net.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
+        status = Status(msg["status"])
+        was_cancelled = build.status is Status.CANCELLED
+        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
+        if was_cancelled:
+            self._log_line(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
+        else:
+            self._log_line(build_id, f"=== {status.value} (exit {msg['exit_code']}) in "
+                                     f"{msg['duration']:.2f}s on {build.runner} ===")
+            log.info("build %d %s on %s", build_id, status.value, build.runner)
+        self.apply(plan)
+        return net.ok()
+
+    async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
+        build_id = msg["build"]
+        plan = self.sched.cancel(build_id, self.clock())
+        if plan is None:
+            build = self.store.get(build_id)
+            if build is None:
+                return net.error("not_found", f"no build {build_id}")
+            return net.error("finished", f"build {build_id} is already {build.status.value}")
+        self._log_line(build_id, f"=== cancelled by {conn.role} at {conn.peer}, "
+                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===")
+        self.apply(plan)
+        return net.ok(builds=[build_id])
+
+    async def on_status(self, conn: net.Connection, msg: dict) -> dict:
+        builds = self.store.recent(msg.get("limit", 50))
+        # active builds are authoritative in memory (the store has them too, but
+        # reading both keeps one source for each)
+        builds = [self.sched.builds.get(b.id, b) for b in builds]
+        return net.ok(runners=[r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)],
+                      builds=[b.summary() for b in builds],
+                      queue=[b.id for b in self.sched.queued()])
+
+    async def on_build(self, conn: net.Connection, msg: dict) -> dict:
+        build = self.sched.builds.get(msg["build"]) or self.store.get(msg["build"])
+        if build is None:
+            return net.error("not_found", f"no build {msg['build']}")
+        return net.ok(build=build.summary())
+
+    async def on_read_log(self, conn: net.Connection, msg: dict) -> None:
+        build_id = msg["build"]
+        if self.store.get(build_id) is None:
+            await conn.send(net.error("not_found", f"no build {build_id}"))
+            return
+        offset = msg.get("offset", 0)
+        while True:
+            changed = self.changed
+            data = self.store.read_log(build_id, offset, LOG_CHUNK)
+            if data:
+                text = _utf8_prefix(data)
+                await conn.send({"type": "chunk", "offset": offset, "data": text})
+                offset += len(text.encode())
+                continue
+            build = self.sched.builds.get(build_id) or self.store.get(build_id)
+            final = build.status.final and build_id not in self.sched.builds
+            if final or not msg.get("follow"):
+                if final and self.store.log_size(build_id) > offset:
+                    continue                # the last lines landed while we looked
+                await conn.send({"type": "end", "status": build.status.value, "offset": offset})
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def on_watch(self, conn: net.Connection, msg: dict) -> None:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
+        self.watchers.add(queue)
+        try:
+            await conn.send(await self.on_status(conn, {"type": "status"}))
+            while True:
+                event = await queue.get()
+                if event is None:
+                    await conn.send({"type": "end", "reason": "watcher too slow"})
+                    return
+                await conn.send(event)
+        finally:
+            self.watchers.discard(queue)
+
+    async def on_trigger(self, conn: net.Connection, msg: dict) -> dict:
+        rev = msg.get("rev") or msg.get("branch")
+        repo = self.store.latest_repo()
+        if not rev:
+            return net.error("bad_request", "trigger needs a branch or a revision")
+        if repo is None:
+            return net.error("not_found", "no repository known yet: no commit has been reported")
+        sha = await asyncio.to_thread(_resolve, repo, rev)
+        if sha is None:
+            return net.error("not_found", f"{rev!r} is not a commit in {repo}")
+        branch = msg.get("branch") or "manual"
+        return self._manual(repo, branch, sha, f"triggered {rev}", "manual")
+
+    async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
+        old = self.store.get(msg["build"])
+        if old is None:
+            return net.error("not_found", f"no build {msg['build']}")
+        return self._manual(old.repo, old.branch, old.sha, old.subject, f"rebuild of {old.id}")
+
+    def _manual(self, repo: str, branch: str, sha: str, subject: str, reason: str) -> dict:
+        now = self.clock()
+        build, _ = self.store.add_build(repo=repo, branch=branch, sha=sha, subject=subject,
+                                        reason=reason, now=now)
+        self._log_line(build.id, f"=== {reason} ===")
+        log.info("build %d queued (%s)", build.id, reason)
+        self._event("build", build=build.summary())
+        self.apply(self.sched.add(build, now))
+        return net.ok(builds=[build.id])
+
+
+def _resolve(repo: str, rev: str) -> str | None:
+    if rev.startswith("-"):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet", "--end-of-options",
+                              f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
+
+
+def _utf8_prefix(data: bytes) -> str:
+    """Decode, leaving out a character cut in half at the end of the chunk."""
+    for cut in range(4):
+        try:
+            return data[:len(data) - cut].decode() if cut else data.decode()
+        except UnicodeDecodeError:
+            continue
+    return data.decode(errors="replace")
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    daemon.add_common_arguments(parser, 8888)
+    parser.add_argument("--data", metavar="DIR",
+                        help="where the database and build logs live (default .tinyci/dispatcher)")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {"dispatcher": {"host": args.host, "port": args.port, "data_dir": args.data}}
+
+    async def body(stop: asyncio.Event) -> None:
+        config = daemon.load_config(args, overrides)
+        try:
+            store = Store(Path(config.dispatcher.data_dir))
+        except StoreError as exc:
+            raise daemon.StartupError(str(exc)) from None
+        try:
+            dispatcher = Dispatcher(config, store)
+            dispatcher.recover()
+            await dispatcher.serve(stop)
+        finally:
+            store.close()
+
+    return daemon.run("dispatcher", body, args.verbose)
+
+
+if __name__ == "__main__":
+    import sys
+    from .cli import main as cli
+    sys.exit(cli(["dispatcher", *sys.argv[1:]]))

@@ -1,0 +1,275 @@
+"""The dispatcher's rules, as a plain class: no sockets, threads, disk or clock.
+
+Each method takes the event (and ``now`` where time matters), changes the
+in-memory picture of queued and running builds and live runners, and returns
+a Plan: what the caller must persist and then send. Only active builds
+(queued or running) live here; finished ones belong to the store.
+
+Leases: a build is handed out as (build, attempt) and ``attempt`` grows on
+every hand-out, so a late message from an earlier hand-out can always be told
+apart and refused as stale.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from .models import Build, Runner, Status
+
+
+@dataclass
+class Plan:
+    """What must happen after an event, in this order: persist, then send."""
+
+    assign: list[tuple[Build, Runner]] = field(default_factory=list)   # send `run`
+    requeued: list[tuple[Build, str]] = field(default_factory=list)    # (build, why): log line
+    errored: list[tuple[Build, str]] = field(default_factory=list)     # gave up: final `error`
+    cancel: list[tuple[Runner, int, int]] = field(default_factory=list)  # send `cancel` (runner, build, attempt)
+    dead: list[Runner] = field(default_factory=list)                  # runners now dead
+    finished: list[Build] = field(default_factory=list)               # builds now final
+
+    def __iadd__(self, other: "Plan") -> "Plan":
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+        return self
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, name) for name in self.__dataclass_fields__)
+
+
+class Scheduler:
+    def __init__(self, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
+                 max_attempts: int = 3):
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_misses = heartbeat_misses
+        self.max_attempts = max_attempts
+        self.builds: dict[int, Build] = {}          # active builds by id
+        self.runners: dict[str, Runner] = {}
+        self._queue: list[int] = []                 # heap of build ids; stale entries skipped
+
+    # ------------------------------------------------------------ state
+
+    def load(self, builds: list[Build], runners: list[Runner], now: float) -> Plan:
+        """Restore after a restart. Runners get a full heartbeat window to answer
+        before they count as dead; their running builds stay theirs until a
+        `pong` says otherwise."""
+        for runner in runners:
+            runner.running = set()
+            runner.last_seen = now
+            self.runners[runner.name] = runner
+        for build in builds:
+            self.builds[build.id] = build
+            owner = self.runners.get(build.runner or "")
+            if build.status is Status.RUNNING and owner is not None and owner.alive:
+                owner.running.add((build.id, build.attempt))
+            elif build.status is Status.RUNNING:
+                build.status = Status.QUEUED
+            if build.status is Status.QUEUED:
+                heapq.heappush(self._queue, build.id)
+        plan = Plan()
+        plan.requeued = [(b, "its runner is gone") for b in builds
+                         if b.status is Status.QUEUED and b.runner is not None]
+        for build, _ in plan.requeued:
+            build.runner = None
+        plan += self.assign(now)
+        return plan
+
+    def queued(self) -> list[Build]:
+        """Queued builds in the order they will be handed out."""
+        return sorted((b for b in self.builds.values() if b.status is Status.QUEUED), key=lambda b: b.id)
+
+    def deadline(self) -> float:
+        """How long a runner may stay silent before it is declared dead."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+    # ------------------------------------------------------------ events
+
+    def add(self, build: Build, now: float) -> Plan:
+        """A new build was stored as queued; hand it out if a runner is free."""
+        self.builds[build.id] = build
+        heapq.heappush(self._queue, build.id)
+        return self.assign(now)
+
+    def register(self, name: str, host: str, port: int, labels: tuple, slots: int,
+                 running: set, now: float) -> Plan:
+        """A runner (re)registered, telling what it still runs. Anything we
+        thought it ran that it no longer does is taken back at once: it
+        restarted and cannot be running it."""
+        runner = self.runners.get(name)
+        plan = Plan()
+        if runner is None:
+            runner = Runner(name, host, port, tuple(labels), slots, registered_at=now)
+            self.runners[name] = runner
+        runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
+        runner.alive, runner.last_seen, runner.registered_at = True, now, now
+        plan += self._reconcile(runner, set(running), since=now)
+        plan += self.assign(now)
+        return plan
+
+    def heartbeat(self, name: str, running: set, sent_at: float, now: float) -> Plan:
+        """A `pong` arrived for a ping sent at ``sent_at``. Builds handed out
+        after that moment are not judged by it: the runner could not know them."""
+        runner = self.runners.get(name)
+        if runner is None or not runner.alive:
+            return Plan()
+        runner.last_seen = now
+        plan = self._reconcile(runner, set(running), since=sent_at)
+        plan += self.assign(now)
+        return plan
+
+    def lost(self, name: str, why: str, now: float) -> Plan:
+        """The runner is gone (its port refuses connections, or it stayed silent
+        too long): its builds go back to the queue, or end `error` when they
+        ran out of attempts."""
+        runner = self.runners.get(name)
+        plan = Plan()
+        if runner is None or not runner.alive:
+            return plan
+        runner.alive = False
+        plan.dead.append(runner)
+        for build_id, attempt in sorted(runner.running):
+            plan += self._take_back(runner, build_id, attempt, f"runner {name} lost: {why}")
+        plan += self.assign(now)
+        return plan
+
+    def expire(self, now: float) -> Plan:
+        """Declare dead every live runner silent for longer than the deadline."""
+        plan = Plan()
+        for runner in list(self.runners.values()):
+            if runner.alive and now - runner.last_seen > self.deadline():
+                plan += self.lost(runner.name, f"no heartbeat for {now - runner.last_seen:.1f}s", now)
+        return plan
+
+    def is_current(self, build_id: int, attempt: int) -> bool:
+        """True when (build, attempt) is the lease in force, or a cancelled build
+        whose runner has not yet confirmed it stopped."""
+        build = self.builds.get(build_id)
+        return build is not None and build.attempt == attempt and build.runner is not None and (
+            build.status is Status.RUNNING or build.status is Status.CANCELLED)
+
+    def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
+        """A runner reported a result. None when the lease is stale. A cancel
+        that was acknowledged wins over a result that raced it."""
+        if not self.is_current(build_id, attempt):
+            return None
+        build = self.builds.pop(build_id)
+        runner = self.runners.get(build.runner or "")
+        if runner is not None:
+            runner.running.discard((build_id, attempt))
+        plan = Plan()
+        if build.status is not Status.CANCELLED:
+            build.status = status
+            build.exit_code = exit_code
+            build.finished_at = now
+            plan.finished.append(build)
+        plan += self.assign(now)
+        return plan
+
+    def cancel(self, build_id: int, now: float) -> Plan | None:
+        """Cancel an active build; None when it is not active. A running one
+        keeps its runner's slot until the runner confirms it stopped."""
+        build = self.builds.get(build_id)
+        if build is None or build.status is Status.CANCELLED:
+            return None
+        plan = Plan()
+        was = build.status
+        build.status = Status.CANCELLED
+        build.finished_at = now
+        plan.finished.append(build)
+        if was is Status.QUEUED:
+            del self.builds[build_id]
+        else:
+            runner = self.runners.get(build.runner or "")
+            if runner is not None and runner.alive:
+                plan.cancel.append((runner, build_id, build.attempt))
+            else:
+                del self.builds[build_id]
+        return plan
+
+    def assign(self, now: float) -> Plan:
+        """Hand queued builds, oldest first, to live runners with a free slot and
+        every label the build needs. A build no runner can take yet is skipped,
+        not allowed to block the ones behind it."""
+        plan = Plan()
+        free = [r for r in self.runners.values() if r.free > 0]
+        if not free:
+            return plan
+        waiting: list[int] = []
+        while self._queue and free:
+            build_id = heapq.heappop(self._queue)
+            build = self.builds.get(build_id)
+            if build is None or build.status is not Status.QUEUED:
+                continue
+            runner = next((r for r in free if set(build.labels) <= set(r.labels)), None)
+            if runner is None:
+                waiting.append(build_id)
+                continue
+            build.status = Status.RUNNING
+            build.attempt += 1
+            build.runner = runner.name
+            build.started_at = now
+            build.finished_at = None
+            runner.running.add((build.id, build.attempt))
+            if runner.free == 0:
+                free.remove(runner)
+            plan.assign.append((build, runner))
+        for build_id in waiting:
+            heapq.heappush(self._queue, build_id)
+        return plan
+
+    def refused(self, build_id: int, attempt: int, why: str, now: float) -> Plan:
+        """The runner answered `run` with an error (busy): put the build back
+        without counting it as a lost attempt."""
+        build = self.builds.get(build_id)
+        if build is None or build.attempt != attempt or build.status is not Status.RUNNING:
+            return Plan()
+        runner = self.runners.get(build.runner or "")
+        if runner is not None:
+            runner.running.discard((build_id, attempt))
+        self._requeue(build)
+        plan = Plan(requeued=[(build, why)])
+        # not assigning here: the same runner would be picked again at once;
+        # its next pong frees the slot honestly
+        return plan
+
+    # ------------------------------------------------------------ internals
+
+    def _reconcile(self, runner: Runner, reported: set, since: float) -> Plan:
+        plan = Plan()
+        reported = {tuple(lease) for lease in reported}
+        for build_id, attempt in sorted(runner.running - reported):
+            build = self.builds.get(build_id)
+            if build is not None and build.started_at is not None and build.started_at >= since \
+                    and build.status is Status.RUNNING:
+                continue
+            plan += self._take_back(runner, build_id, attempt, f"runner {runner.name} is not running it")
+        for build_id, attempt in sorted(reported - runner.running):
+            plan.cancel.append((runner, build_id, attempt))
+        return plan
+
+    def _take_back(self, runner: Runner, build_id: int, attempt: int, why: str) -> Plan:
+        runner.running.discard((build_id, attempt))
+        build = self.builds.get(build_id)
+        plan = Plan()
+        if build is None or build.attempt != attempt:
+            return plan
+        if build.status is Status.CANCELLED:
+            del self.builds[build_id]          # its runner is gone, so it has stopped
+            return plan
+        if build.attempt >= self.max_attempts:
+            del self.builds[build_id]
+            build.status = Status.ERROR
+            build.exit_code = -1
+            plan.errored.append((build, f"{why}; gave up after {build.attempt} attempts (runner lost)"))
+            plan.finished.append(build)
+            return plan
+        self._requeue(build)
+        plan.requeued.append((build, why))
+        return plan
+
+    def _requeue(self, build: Build) -> None:
+        build.status = Status.QUEUED
+        build.runner = None
+        build.started_at = None
+        heapq.heappush(self._queue, build.id)

@@ -1,0 +1,168 @@
+"""The dispatcher's durable state: builds and runners in SQLite (WAL), build
+logs as files beside it.
+
+Layout under the data dir: ``ci.db`` and ``logs/<build>.log``. File names are
+made only from build numbers (integers), never from strings a peer sent.
+Build numbers are SQLite AUTOINCREMENT keys: unique, increasing, never reused,
+even across restarts and deletions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .models import Build, Runner, Status
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS builds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    repo TEXT NOT NULL, branch TEXT NOT NULL, sha TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '', author TEXT NOT NULL DEFAULT '',
+    commit_time REAL NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT 'commit',
+    status TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, runner TEXT,
+    labels TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    exit_code INTEGER, log_base INTEGER NOT NULL DEFAULT 0
+);
+-- one build per commit; manual triggers and rebuilds may repeat a sha
+CREATE UNIQUE INDEX IF NOT EXISTS builds_commit ON builds(repo, sha) WHERE reason = 'commit';
+CREATE INDEX IF NOT EXISTS builds_active ON builds(status) WHERE status IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS runners (
+    name TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
+    labels TEXT NOT NULL DEFAULT '[]', slots INTEGER NOT NULL DEFAULT 1,
+    alive INTEGER NOT NULL DEFAULT 1, last_seen REAL NOT NULL DEFAULT 0,
+    registered_at REAL NOT NULL DEFAULT 0
+);
+"""
+
+_COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
+            "labels, created_at, started_at, finished_at, exit_code, log_base")
+
+
+class StoreError(Exception):
+    """The data dir or database cannot be used; the message names the path."""
+
+
+class Store:
+    def __init__(self, data_dir: str | os.PathLike):
+        self.dir = Path(data_dir)
+        self.logs = self.dir / "logs"
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.dir / "ci.db", isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash (SIGKILL); only a
+            # power loss can take the last transactions
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot use data dir {self.dir}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ builds
+
+    def add_build(self, *, repo: str, branch: str, sha: str, subject: str = "", author: str = "",
+                  commit_time: float = 0.0, reason: str = "commit", labels: tuple = (),
+                  now: float) -> tuple[Build, bool]:
+        """Store a queued build; for a commit already built, return that build
+        and True (duplicate) instead."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO builds (repo, branch, sha, subject, author, commit_time, reason, "
+            "status, labels, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (repo, branch, sha, subject, author, commit_time, reason, json.dumps(list(labels)), now))
+        if cur.rowcount == 1:
+            return self.get(cur.lastrowid), False
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE repo = ? AND sha = ? AND reason = 'commit'",
+                              (repo, sha)).fetchone()
+        return _build(row), True
+
+    def save(self, builds: Iterable[Build]) -> None:
+        self.db.executemany(
+            "UPDATE builds SET status = ?, attempt = ?, runner = ?, started_at = ?, finished_at = ?, "
+            "exit_code = ?, log_base = ? WHERE id = ?",
+            [(b.status.value, b.attempt, b.runner, b.started_at, b.finished_at, b.exit_code,
+              b.log_base, b.id) for b in builds])
+
+    def get(self, build_id: int) -> Build | None:
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return _build(row) if row else None
+
+    def active(self) -> list[Build]:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM builds WHERE status IN ('queued', 'running') ORDER BY id")
+        return [_build(r) for r in rows]
+
+    def recent(self, limit: int) -> list[Build]:
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds ORDER BY id DESC LIMIT ?", (limit,))
+        return [_build(r) for r in rows]
+
+    def latest_repo(self) -> str | None:
+        row = self.db.execute("SELECT repo FROM builds ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------ runners
+
+    def save_runners(self, runners: Iterable[Runner]) -> None:
+        self.db.executemany(
+            "INSERT INTO runners (name, host, port, labels, slots, alive, last_seen, registered_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET host = excluded.host, "
+            "port = excluded.port, labels = excluded.labels, slots = excluded.slots, "
+            "alive = excluded.alive, last_seen = excluded.last_seen, registered_at = excluded.registered_at",
+            [(r.name, r.host, r.port, json.dumps(list(r.labels)), r.slots, int(r.alive), r.last_seen,
+              r.registered_at) for r in runners])
+
+    def runners(self) -> list[Runner]:
+        rows = self.db.execute(
+            "SELECT name, host, port, labels, slots, alive, last_seen, registered_at FROM runners ORDER BY name")
+        return [Runner(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered)
+                for name, host, port, labels, slots, alive, last_seen, registered in rows]
+
+    # ------------------------------------------------------------ logs
+
+    def log_path(self, build_id: int) -> Path:
+        return self.logs / f"{int(build_id)}.log"
+
+    def log_size(self, build_id: int) -> int:
+        try:
+            return self.log_path(build_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append_log(self, build_id: int, data: bytes) -> int:
+        """Append to a build's log; returns its new size."""
+        with open(self.log_path(build_id), "ab") as f:
+            f.write(data)
+            return f.tell()
+
+    def read_log(self, build_id: int, offset: int, limit: int) -> bytes:
+        try:
+            with open(self.log_path(build_id), "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+
+def _build(row: tuple) -> Build:
+    (id_, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, labels,
+     created_at, started_at, finished_at, exit_code, log_base) = row
+    return Build(id_, repo, branch, sha, subject, author, commit_time, reason, Status(status), attempt,
+                 runner, tuple(json.loads(labels)), created_at, started_at, finished_at, exit_code, log_base)
