@@ -89,7 +89,7 @@ class Dispatcher:
             return
         now = self.clock()
         for build, why in plan.requeued:
-            self._log_line(build.id, f"--- attempt {build.attempt} taken back: {why}; queued again ---")
+            self._log_line(build.id, f"--- {why}; queued again ---")
         for build, why in plan.errored:
             self._log_line(build.id, f"--- build error: {why} ---")
         for build, runner in plan.assign:
@@ -105,7 +105,7 @@ class Dispatcher:
         for runner in plan.dead:
             log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)
         for build, why in plan.requeued:
-            log.info("build %d attempt %d queued again: %s", build.id, build.attempt, why)
+            log.info("build %d queued again: %s", build.id, why)
         for build, why in plan.errored:
             log.warning("build %d: %s", build.id, why)
         for build, runner in plan.assign:
@@ -139,6 +139,9 @@ class Dispatcher:
                 queue.put_nowait({"type": "event", "event": kind, **data})
 
     def _log_line(self, build_id: int, text: str) -> int:
+        """Append a line of the dispatcher's own, on a line of its own."""
+        if not self.store.log_ends_with_newline(build_id):
+            text = "\n" + text
         return self.store.append_log(build_id, (text + "\n").encode())
 
     def link(self, runner: Runner) -> net.Client:
@@ -156,7 +159,14 @@ class Dispatcher:
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
                "timeout": cfg.timeout, "env": dict(cfg.env)}
         try:
-            await self.link(runner).request(msg)
+            try:
+                await self.link(runner).request(msg)
+            except net.PeerError as exc:
+                if isinstance(exc, (net.PeerRefused, net.PeerTimeout)):
+                    raise
+                # the kept connection was dead (the runner restarted or stopped):
+                # one fresh attempt tells a stopped runner from a live one at once
+                await self.link(runner).request(msg)
         except net.RemoteError as exc:
             log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
             self.apply(self.sched.refused(build.id, build.attempt, f"runner {runner.name} refused it: {exc}",

@@ -68,7 +68,7 @@ class Scheduler:
             if build.status is Status.QUEUED:
                 heapq.heappush(self._queue, build.id)
         plan = Plan()
-        plan.requeued = [(b, "its runner is gone") for b in builds
+        plan.requeued = [(b, f"attempt {b.attempt} taken back: its runner is gone") for b in builds
                          if b.status is Status.QUEUED and b.runner is not None]
         for build, _ in plan.requeued:
             build.runner = None
@@ -228,7 +228,7 @@ class Scheduler:
         if runner is not None:
             runner.running.discard((build_id, attempt))
         self._requeue(build)
-        plan = Plan(requeued=[(build, why)])
+        plan = Plan(requeued=[(build, f"attempt {attempt} not started: {why}")])
         # not assigning here: the same runner would be picked again at once;
         # its next pong frees the slot honestly
         return plan
@@ -265,7 +265,7 @@ class Scheduler:
             plan.finished.append(build)
             return plan
         self._requeue(build)
-        plan.requeued.append((build, why))
+        plan.requeued.append((build, f"attempt {attempt} taken back: {why}"))
         return plan
 
     def _requeue(self, build: Build) -> None:

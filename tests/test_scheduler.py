@@ -67,7 +67,7 @@ def test_silent_runner_is_dead_after_the_deadline_and_its_build_requeued_with_ne
     assert not s.expire(3.4)                            # 2.9 s silent: not yet
     plan = s.expire(3.6)                                # 3.1 s silent: dead
     assert [r.name for r in plan.dead] == [owner]
-    assert [(b.id, why.startswith(f"runner {owner} lost")) for b, why in plan.requeued] == [(1, True)]
+    assert [(b.id, why.startswith(f"attempt 1 taken back: runner {owner} lost")) for b, why in plan.requeued] == [(1, True)]
     assert assigned(plan) == [(1, 2, other)]
     assert s.runners[owner].state.value == "dead"
 

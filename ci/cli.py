@@ -1,0 +1,399 @@
+"""The ``tinyci`` command: starts the daemons and talks to them.
+
+Daemon subcommands (``dispatcher``, ``runner``, ``observer``, ``up``) hand
+over to their module's ``add_arguments``/``main``; those modules are imported
+only when their subcommand runs, so ``tinyci --help`` and the git hook's
+``tinyci notify`` stay fast.
+
+Tool subcommands send, to the dispatcher: ``status`` and ``read_log`` (role
+reader), ``trigger``, ``cancel`` and ``rebuild`` (role operator); to the
+observer: ``poke`` (role observer). Every failure is one line on stderr:
+exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+from . import net
+
+DESCRIPTION = """\
+tinyci is a small self-hosted continuous-integration system made of three
+daemons that talk over TCP: the observer watches a git clone and reports new
+commits, the dispatcher queues them as builds and keeps all state, and the
+runners check each commit out and run its build steps. `tinyci up` starts all
+of them on this machine; to try it, run `tinyci up --demo`, make a commit in
+the demo repository it creates, then watch with `tinyci status` and
+`tinyci log 1 --follow`."""
+
+EPILOG = "Run `tinyci COMMAND --help` for the flags of one command."
+
+DAEMONS = {
+    "dispatcher": "run the dispatcher: the queue, build records, logs and runner registry",
+    "runner": "run a runner: registers with the dispatcher and runs the builds it is given",
+    "observer": "run the observer: watches a git clone and reports new commits",
+}
+
+DEFAULT_OBSERVER = "127.0.0.1:8887"
+NOTIFY_TIMEOUT = 3.0        # a git hook must not hold up a commit for long
+
+
+class Failure(Exception):
+    """A tool command failed; the message is printed as one line after "tinyci: "."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- parser
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+        if word == "--":
+            return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the daemon named by ``command`` gets its flags (and its import)."""
+    parser = argparse.ArgumentParser(
+        prog="tinyci", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tinyci {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser(
+        "up", help="start a dispatcher, an observer and N runners on this machine",
+        description="Start a dispatcher, an observer and N runners on this machine, each as its own "
+                    "process, and stop them all on Ctrl-C. Daemon logs go to DATA/logs/.")
+    if command == "up":
+        from . import up as up_module
+        up_module.add_arguments(up)
+
+    for name, text in DAEMONS.items():
+        daemon = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if command == name:
+            _daemon_module(name).add_arguments(daemon)
+
+    status = sub.add_parser(
+        "status", help="show runners and recent builds",
+        description="Show the runners the dispatcher knows and its most recent builds.")
+    _tool_arguments(status)
+    status.add_argument("--limit", type=int, default=20, metavar="N",
+                        help="how many recent builds to show (default 20)")
+    status.add_argument("--json", action="store_true",
+                        help='print one JSON object {"runners": [...], "builds": [...]} instead of tables')
+
+    log = sub.add_parser(
+        "log", help="print a build's log",
+        description="Print a build's log. With --follow, keep printing as the build runs; the exit "
+                    "code is then 0 when the build passed and 1 otherwise.")
+    _tool_arguments(log)
+    log.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+    log.add_argument("-f", "--follow", action="store_true",
+                     help="keep printing until the build finishes; exit 0 only if it passed")
+
+    trigger = sub.add_parser(
+        "trigger", help="queue a build of a branch head or a commit",
+        description="Queue a build of a branch's head (--branch) or of a commit (REV), "
+                    "even if that commit was built before.")
+    _tool_arguments(trigger)
+    what = trigger.add_mutually_exclusive_group()
+    what.add_argument("--branch", metavar="NAME", help="build the head of this branch")
+    what.add_argument("rev", nargs="?", metavar="REV", help="commit to build (sha, tag or branch)")
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running build",
+                            description="Cancel a queued or running build.")
+    _tool_arguments(cancel)
+    cancel.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+
+    rebuild = sub.add_parser("rebuild", help="queue a new build of the same commit as BUILD",
+                             description="Queue a new build of the commit BUILD built.")
+    _tool_arguments(rebuild)
+    rebuild.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+
+    notify = sub.add_parser(
+        "notify", help="tell the observer to look for new commits now (for git hooks)",
+        description="Tell the observer to look for new commits now instead of at its next poll. "
+                    "Meant for a git post-commit or post-receive hook: it never fails, so it never "
+                    "blocks a commit; a problem is one line on stderr and exit status 0.")
+    notify.add_argument("--observer", metavar="HOST:PORT",
+                        help=f"observer address (default: observer.host:port from the config, "
+                             f"{DEFAULT_OBSERVER})")
+    notify.add_argument("--branch", metavar="NAME", help="only this branch changed")
+    notify.add_argument("--config", metavar="FILE",
+                        help="YAML configuration file (default: $TINYCI_CONFIG, else built-in defaults)")
+    return parser
+
+
+def _tool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dispatcher", metavar="HOST:PORT",
+                        help="dispatcher address (default: dispatcher.host:port from the config, "
+                             "127.0.0.1:8888)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML configuration file (default: $TINYCI_CONFIG, else built-in "
+                             "defaults); its auth.secret is used to authenticate")
+
+
+def _build_id(text: str) -> int:
+    if not text.lstrip("#").isdigit() or int(text.lstrip("#")) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a build number")
+    return int(text.lstrip("#"))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("tinyci")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _daemon_module(name: str) -> Any:
+    return importlib.import_module(f"ci.{name}")
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_of(argv)
+    try:
+        parser = build_parser(command if command in (*DAEMONS, "up") else None)
+    except ImportError as exc:
+        print(f"tinyci: cannot load the {command}: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        from . import up as up_module
+        return up_module.main(args)
+    if args.command in DAEMONS:
+        return _daemon_module(args.command).main(args)
+    if args.command == "notify":
+        return notify(args)
+    try:
+        return TOOLS[args.command](args)
+    except Failure as exc:
+        print(f"tinyci: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------- tools
+
+class DispatcherLink:
+    """What a tool needs to reach the dispatcher: address, secret, limits."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .config import ConfigError, load
+        try:
+            config = load(args.config)
+            self.secret = config.secret
+        except ConfigError as exc:
+            raise Failure(f"configuration error: {exc}", 2) from None
+        self.limits = config.limits()
+        addr = args.dispatcher or f"{config.dispatcher.host}:{config.dispatcher.port}"
+        # a dispatcher listening on every interface is reached on loopback
+        addr = addr.replace("0.0.0.0:", "127.0.0.1:", 1) if addr.startswith("0.0.0.0:") else addr
+        try:
+            host, port = net.parse_addr(addr)
+        except ValueError as exc:
+            raise Failure(f"--dispatcher: {exc}", 2) from None
+        self.addr = f"{host}:{port}"
+
+    def client(self, role: str) -> net.Client:
+        host, _, port = self.addr.rpartition(":")
+        return net.Client(host, int(port), role, self.secret, self.limits)
+
+    def call(self, msg: dict, role: str = net.READER) -> dict:
+        async def once() -> dict:
+            client = self.client(role)
+            try:
+                return await client.request(msg)
+            finally:
+                await client.close()
+        return self.run(once())
+
+    def refused(self) -> str:
+        return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
+                f"(TINYCI_AUTH_SECRET) matches the dispatcher's")
+
+    def run(self, coro) -> Any:
+        """Run one coroutine, turning every peer problem into a one-line Failure."""
+        try:
+            return asyncio.run(coro)
+        except net.RemoteError as exc:
+            if exc.code == "auth_failed":
+                raise Failure(self.refused()) from None
+            raise Failure(exc.message or exc.code) from None
+        except net.PeerError as exc:
+            if auth_failed(exc):
+                raise Failure(self.refused()) from None
+            raise Failure(unreachable("dispatcher", self.addr, exc)
+                          + " — is it running? (tinyci up / tinyci dispatcher)") from None
+        except net.ProtocolError as exc:
+            raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
+
+
+def auth_failed(exc: Exception) -> bool:
+    # net.Client reports a refused handshake as a PeerError carrying the server's message
+    return "authentication failed" in str(exc)
+
+
+def unreachable(what: str, addr: str, exc: Exception) -> str:
+    if isinstance(exc, net.PeerRefused):
+        why = "connection refused"
+    elif isinstance(exc, net.PeerTimeout):
+        why = "timed out"
+    else:
+        why = str(exc)
+    return f"cannot reach the {what} at {addr} ({why})"
+
+
+def status(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise Failure("--limit must be between 1 and 10000", 2)
+    dispatcher = DispatcherLink(args)
+    reply = dispatcher.call({"type": "status", "limit": args.limit})
+    snapshot = {"runners": reply.get("runners", []), "builds": reply.get("builds", [])}
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    import time
+    from rich.console import Console
+    from . import tui
+    Console().print(tui.render_status(snapshot, time.time()))
+    return 0
+
+
+# A followed log can stay silent for as long as a build step or the queue
+# takes; after this long without a frame we reconnect and resume at our offset
+# rather than wait on a connection that may be dead.
+FOLLOW_IDLE = 60.0
+
+
+def show_log(args: argparse.Namespace) -> int:
+    dispatcher = DispatcherLink(args)
+    out = sys.stdout
+
+    async def read() -> str | None:
+        offset = 0
+        while True:
+            client = dispatcher.client(net.READER)
+            request = {"type": "read_log", "build": args.build, "offset": offset, "follow": args.follow}
+            frames = client.stream(request, idle=FOLLOW_IDLE if args.follow else None)
+            try:
+                async for frame in frames:
+                    if frame["type"] == "chunk":
+                        data = frame["data"]
+                        # the dispatcher may resend from an earlier offset: print only what is new
+                        skip = offset - frame["offset"]
+                        if skip > 0:
+                            data = data.encode()[skip:].decode(errors="replace")
+                        if data:
+                            out.write(data)
+                            out.flush()
+                        offset = max(offset, frame["offset"] + len(frame["data"].encode()))
+                    elif frame["type"] == "end":
+                        return frame.get("status")
+                return None
+            except net.PeerTimeout:
+                if not args.follow:
+                    raise
+            finally:
+                # the stream holds the client's lock until it is closed
+                await frames.aclose()
+                await client.close()
+
+    try:
+        final = dispatcher.run(read())
+    except BrokenPipeError:  # `tinyci log 3 | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if args.follow:
+        if final != "passed":
+            print(f"tinyci: build {args.build} {final or 'ended without a status'}", file=sys.stderr)
+        return 0 if final == "passed" else 1
+    return 0
+
+
+def trigger(args: argparse.Namespace) -> int:
+    msg: dict = {"type": "trigger"}
+    if args.branch:
+        msg["branch"] = args.branch
+    elif args.rev:
+        msg["rev"] = args.rev
+    else:
+        raise Failure("trigger: say what to build: --branch NAME or a REV (e.g. tinyci trigger HEAD)", 2)
+    reply = DispatcherLink(args).call(msg, net.OPERATOR)
+    return _print_builds(reply, "queued")
+
+
+def cancel(args: argparse.Namespace) -> int:
+    reply = DispatcherLink(args).call({"type": "cancel", "build": args.build}, net.OPERATOR)
+    return _print_builds(reply, "cancelled")
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    reply = DispatcherLink(args).call({"type": "rebuild", "build": args.build}, net.OPERATOR)
+    return _print_builds(reply, "queued")
+
+
+def _print_builds(reply: dict, verb: str) -> int:
+    builds = reply.get("builds") or []
+    if not builds:
+        print(f"no build {verb}")
+    for build in builds:
+        print(f"build {build} {verb}")
+    return 0
+
+
+TOOLS = {"status": status, "log": show_log, "trigger": trigger, "cancel": cancel, "rebuild": rebuild}
+
+
+# ---------------------------------------------------------------- notify
+
+def notify(args: argparse.Namespace) -> int:
+    """Poke the observer. Always exits 0: a git hook must never fail a commit."""
+    try:
+        addr, secret = _observer_target(args)
+        host, port = net.parse_addr(addr)
+        limits = net.Limits(connect_timeout=NOTIFY_TIMEOUT, read_timeout=NOTIFY_TIMEOUT)
+        msg: dict = {"type": "poke"}
+        if args.branch:
+            msg["branch"] = args.branch
+        asyncio.run(net.call(f"{host}:{port}", msg, net.OBSERVER, secret, limits))
+    except net.PeerError as exc:
+        if auth_failed(exc):
+            print(f"tinyci notify: the observer at {addr} refused our credentials (auth.secret)",
+                  file=sys.stderr)
+        else:
+            print(f"tinyci notify: {unreachable('observer', addr, exc)}; it will see the commit "
+                  f"at its next poll if it runs", file=sys.stderr)
+    except net.RemoteError as exc:
+        print(f"tinyci notify: the observer refused the poke: {exc.message or exc.code}", file=sys.stderr)
+    except Exception as exc:  # config errors, bad addresses, anything: report, never fail
+        print(f"tinyci notify: {exc}", file=sys.stderr)
+    return 0
+
+
+def _observer_target(args: argparse.Namespace) -> tuple[str, str]:
+    """(address, secret). The configuration (and its YAML import) is read only
+    when there is one, keeping the hook's common case quick."""
+    if args.config or any(name.startswith("TINYCI_") for name in os.environ):
+        from .config import load
+        config = load(args.config)
+        host = "127.0.0.1" if config.observer.host == "0.0.0.0" else config.observer.host
+        return args.observer or f"{host}:{config.observer.port}", config.secret
+    return args.observer or DEFAULT_OBSERVER, ""

@@ -1,0 +1,381 @@
+"""The observer daemon: watches one git clone and reports each new commit,
+oldest first, to the dispatcher.
+
+It scans every ``poll_interval`` seconds, or at once when poked (a git hook
+runs ``tinyci notify``). With ``observer.fetch`` it first runs ``git fetch
+--prune <remote>`` and watches the remote's branches instead of local ones.
+What to report is decided by ``gitwatch.plan``; this module only schedules
+scans, talks to the dispatcher and keeps the saved position.
+
+The saved position of a branch advances only after the dispatcher has
+acknowledged a commit, and is written to disk atomically right then, so a
+crash re-reports at most the commit in flight (the dispatcher de-duplicates)
+and an unreachable dispatcher never loses one: the observer retries the same
+commit with capped backoff until it is taken.
+
+Sends:    commit {repo, branch, sha, author, subject, time} -> dispatcher, role "observer"
+Receives: poke {branch?} from roles observer and operator -> ok
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import daemon, gitwatch, net
+from .config import Config, ObserverConfig
+from .daemon import StartupError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8887
+BACKOFF_START = 0.2
+BACKOFF_CAP = 5.0
+FETCH_TIMEOUT = 120.0
+# Replies meaning "not now" rather than "not this commit": retry, never skip.
+RETRY_CODES = frozenset({"internal", "busy", "auth_failed"})
+_SHA = re.compile(r"[0-9a-f]{40}\Z")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    daemon.add_common_arguments(parser, DEFAULT_PORT)
+    parser.add_argument("--repo", metavar="PATH", help="the git clone to watch (observer.repo)")
+    parser.add_argument("--dispatcher", metavar="HOST:PORT",
+                        help="where to report commits (default 127.0.0.1:8888)")
+    parser.add_argument("--interval", type=float, metavar="SECONDS",
+                        help="seconds between scans when not poked (default 1)")
+    parser.add_argument("--branches", type=_patterns, metavar="PATTERNS",
+                        help="comma-separated branch patterns to watch, e.g. 'main,release/*' (default *)")
+    parser.add_argument("--state", metavar="DIR",
+                        help="where to keep the last reported commit of each branch "
+                             "(default .tinyci/observer)")
+
+
+def _patterns(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {"observer": {
+        "host": args.host, "port": args.port, "repo": args.repo, "dispatcher": args.dispatcher,
+        "poll_interval": args.interval, "branches": args.branches, "state_dir": args.state}}
+
+    async def body(stop: asyncio.Event) -> None:
+        # loaded in here so a configuration error is a one-line StartupError too
+        config = daemon.load_config(args, overrides)
+        await serve(config, stop)
+
+    return daemon.run("observer", body, args.verbose)
+
+
+# ---------------------------------------------------------------- saved position
+
+class StateFile:
+    """The last acknowledged commit of each branch of one clone, in
+    ``<state_dir>/<12 hex of sha1(repo path)>.json``, plus a lock file so two
+    observers never share (and overwrite) one position."""
+
+    def __init__(self, directory: Path, repo: Path):
+        digest = hashlib.sha1(str(repo).encode(), usedforsecurity=False).hexdigest()[:12]
+        self.directory = directory
+        self.repo = repo
+        self.path = directory / f"{digest}.json"
+        self._lock_path = directory / f"{digest}.lock"
+        self._lock_fd: int | None = None
+        self._save_failing = False
+
+    def lock(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StartupError(f"cannot use state directory {self.directory}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StartupError(f"another observer is already watching {self.repo} "
+                               f"(it holds {self._lock_path})") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> dict[str, str]:
+        """The saved branches; a missing file is a fresh start, a corrupt one is set aside."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._corrupt(f"cannot read it: {getattr(exc, 'strerror', None) or exc}")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            return self._corrupt(f"not valid JSON: {exc}")
+        branches = data.get("branches") if isinstance(data, dict) else None
+        if not isinstance(branches, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and _SHA.match(v) for k, v in branches.items()):
+            return self._corrupt("expected {\"repo\": ..., \"branches\": {branch: sha}}")
+        if data.get("repo") != str(self.repo):
+            return self._corrupt(f"it belongs to {data.get('repo')!r}, not {self.repo}")
+        return dict(branches)
+
+    def _corrupt(self, why: str) -> dict[str, str]:
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        try:
+            os.replace(self.path, aside)
+            kept = f"; kept as {aside}"
+        except OSError:
+            kept = ""
+        log.warning("state file %s is unusable (%s)%s; starting afresh: reporting only the "
+                    "head of each branch", self.path, why, kept)
+        return {}
+
+    def save(self, branches: dict[str, str]) -> None:
+        """Write atomically (tmp + fsync + rename); a failure is logged, not fatal:
+        the worst outcome is re-reporting after a restart, which is harmless."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)     # someone may have removed it
+            with open(tmp, "w") as out:
+                json.dump({"repo": str(self.repo), "branches": branches}, out, indent=1, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)       # make the rename itself survive a power cut
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            if not self._save_failing:
+                log.error("cannot save state file %s: %s (will re-report after a restart)",
+                          self.path, exc.strerror or exc)
+            self._save_failing = True
+            return
+        if self._save_failing:
+            log.info("state file %s saved again", self.path)
+        self._save_failing = False
+
+
+# ---------------------------------------------------------------- the daemon
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything checked at start-up, before anything listens."""
+
+    config: ObserverConfig
+    repo: Path              # absolute path of the clone
+    repo_url: str           # what runners clone, sent as commit.repo
+    dispatcher: tuple[str, int]
+
+
+def check(cfg: ObserverConfig) -> Setup:
+    """Start-up checks; each failure is one StartupError line naming what to fix."""
+    if not cfg.repo:
+        raise StartupError("no repository to watch: pass --repo PATH or set observer.repo")
+    # absolute but not resolved: errors and the state file name the path the user gave
+    repo = Path(os.path.abspath(Path(cfg.repo).expanduser()))
+    problem = gitwatch.Clone.problem(repo)
+    if problem:
+        raise StartupError(problem)
+    try:
+        dispatcher = net.parse_addr(cfg.dispatcher)
+    except ValueError as exc:
+        raise StartupError(f"bad dispatcher address (--dispatcher / observer.dispatcher): {exc}") from None
+    if not cfg.branches:
+        raise StartupError("observer.branches is empty: there is no branch to watch")
+    repo_url = cfg.repo_url
+    if cfg.fetch and not repo_url:
+        # remote-tracking refs are not cloned by runners, so let them build from the remote itself
+        try:
+            repo_url = gitwatch.Clone(repo, remote=cfg.remote).remote_url()
+        except gitwatch.GitReadError as exc:
+            raise StartupError(f"observer.fetch is on but {exc} (set observer.remote)") from None
+    return Setup(cfg, repo, repo_url or str(repo), dispatcher)
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    setup = check(config.observer)
+    cfg = setup.config
+    state = StateFile(Path(os.path.abspath(Path(cfg.state_dir).expanduser())), setup.repo)
+    state.lock()
+    client = net.Client(*setup.dispatcher, role=net.OBSERVER, secret=config.secret, limits=config.limits())
+    try:
+        observer = Observer(setup, state, client)
+        server = await daemon.listen(
+            lambda: net.serve(observer.handle, cfg.host, cfg.port, secret=config.secret,
+                              roles=frozenset({net.OBSERVER, net.OPERATOR}), limits=config.limits(),
+                              name="observer"),
+            "observer", cfg.host, cfg.port)
+        port = server.sockets[0].getsockname()[1]
+        log.info("state in %s (%d branches known); reporting to %s", state.path,
+                 len(observer.branches), client.addr)
+        daemon.announce("observer", cfg.host, port, f" watching {setup.repo}")
+        watching = asyncio.create_task(observer.watch())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # cancelling is safe at any await: the state is only touched between awaits
+            for task in (watching, stopping):
+                task.cancel()
+            await asyncio.gather(watching, stopping, return_exceptions=True)
+            server.close()
+    finally:
+        await client.close()
+        state.unlock()
+
+
+class Observer:
+    def __init__(self, setup: Setup, state: StateFile, client: net.Client):
+        cfg = setup.config
+        self.setup = setup
+        self.interval = cfg.poll_interval
+        self.state = state
+        self.client = client
+        self.clone = gitwatch.Clone(setup.repo, cfg.branches, cfg.remote if cfg.fetch else None)
+        self.branches = state.load()
+        self.wake = asyncio.Event()
+        self._git_failing = False
+        self._fetch_failing = False
+        self._dispatcher_down = False
+
+    async def handle(self, conn: net.Connection, msg: dict) -> dict:
+        if msg["type"] != "poke":
+            return net.error("unsupported", f"the observer does not handle {msg['type']!r}")
+        log.debug("poked by %s (%s)", conn.peer, msg.get("branch") or "any branch")
+        self.wake.set()
+        return net.ok()
+
+    async def watch(self) -> None:
+        """Scan, then wait for a poke or the interval; runs until cancelled."""
+        while True:
+            # cleared before scanning: a poke during the scan means one more scan, not one per poke
+            self.wake.clear()
+            try:
+                await self.scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scanning %s failed; trying again next scan", self.setup.repo)
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def scan(self) -> None:
+        if self.clone.remote:
+            await self.fetch()
+        try:
+            plan, commits = await asyncio.to_thread(self.clone.read, dict(self.branches))
+        except gitwatch.GitReadError as exc:
+            if not self._git_failing:
+                log.warning("%s; trying again next scan", exc)
+            self._git_failing = True
+            return
+        if self._git_failing:
+            log.info("%s is readable again", self.setup.repo)
+        self._git_failing = False
+        for branch, old in plan.dropped:
+            log.info("branch %s is gone (or no longer watched); forgetting it (last reported %s)",
+                     branch, old[:12])
+            del self.branches[branch]
+        if plan.dropped:
+            self.state.save(self.branches)
+        for branch, old, new in plan.forced:
+            log.warning("branch %s was force-pushed: %s is no longer in its history; reporting only "
+                        "its new head %s", branch, old[:12], new[:12])
+        for commit in commits:
+            await self.deliver(commit)
+            self.branches[commit.branch] = commit.sha
+            self.state.save(self.branches)
+
+    async def fetch(self) -> None:
+        remote = self.clone.remote
+        proc = await asyncio.create_subprocess_exec(
+            "git", "-C", str(self.setup.repo), "fetch", "--prune", "--quiet", remote,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})   # never wait for a password
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), FETCH_TIMEOUT)
+            problem = None if proc.returncode == 0 else (
+                err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        except asyncio.TimeoutError:
+            problem = f"no answer after {FETCH_TIMEOUT:g}s"
+        finally:
+            if proc.returncode is None:
+                # git may have an ssh child: end the whole session it leads
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await proc.wait()
+        if problem:
+            if not self._fetch_failing:
+                log.warning("git fetch %s in %s failed: %s; watching the branches as last fetched",
+                            remote, self.setup.repo, problem)
+            self._fetch_failing = True
+        elif self._fetch_failing:
+            log.info("git fetch %s works again", remote)
+            self._fetch_failing = False
+
+    async def deliver(self, commit: gitwatch.Commit) -> None:
+        """Send one commit until the dispatcher acknowledges or refuses it."""
+        msg = {"type": "commit", "repo": self.setup.repo_url, "branch": commit.branch, "sha": commit.sha,
+               "author": commit.author, "subject": commit.subject, "time": commit.time}
+        name = f"commit {commit.sha[:12]} on {commit.branch}"
+        try:
+            net.validate(msg, net.OBSERVER)
+        except net.ProtocolError as exc:
+            log.error("cannot report %s: %s; skipping it", name, exc.message)
+            return
+        delay = BACKOFF_START
+        while True:
+            try:
+                reply = await self.client.request(msg)
+            except (net.PeerError, net.ProtocolError) as exc:
+                self._outage(f"dispatcher {self.client.addr} is unreachable: {exc}", name)
+            except net.RemoteError as exc:
+                if exc.code not in RETRY_CODES:
+                    log.error("dispatcher %s refused %s: %s: %s; moving on",
+                              self.client.addr, name, exc.code, exc.message)
+                    return
+                why = ("refused our credentials; check auth.secret" if exc.code == "auth_failed"
+                       else f"cannot take commits now ({exc.code}: {exc.message})")
+                self._outage(f"dispatcher {self.client.addr} {why}", name)
+            else:
+                if self._dispatcher_down:
+                    log.info("dispatcher %s is reachable again", self.client.addr)
+                self._dispatcher_down = False
+                log.info("reported %s: build %s%s", name, reply.get("build"),
+                         " (already known)" if reply.get("duplicate") else "")
+                return
+            # jitter keeps observers restarted together from retrying in lockstep
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    def _outage(self, what: str, name: str) -> None:
+        if not self._dispatcher_down:
+            log.warning("%s; holding %s and retrying", what, name)
+        self._dispatcher_down = True
+
+
+if __name__ == "__main__":
+    import sys
+    from .cli import main as cli
+    sys.exit(cli(["observer", *sys.argv[1:]]))

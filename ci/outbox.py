@@ -1,0 +1,268 @@
+"""The runner's durable outbox, and the delivery of one attempt's log and
+result to the dispatcher.
+
+On disk, under the runner's workdir (names built only from integers)::
+
+    logs/<build>-<attempt>.log      the attempt's log as it was written (UTF-8)
+    outbox/<build>-<attempt>.json   its final result, written atomically before it is sent
+
+An outbox entry and its log are deleted only once the dispatcher has accepted
+the result or refused it as stale; until then a restarted runner finds them
+and delivers them again.
+
+A ``Delivery`` sends, to the dispatcher:
+    log {build, attempt, offset, data}   -> ok {offset} | error offset {expected} | error stale
+    result {build, attempt, status, exit_code, steps, duration, log_size}
+                                         -> ok | error offset {expected} | error stale
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+from . import net
+
+log = logging.getLogger(__name__)
+
+PACE = 0.1                  # at most one log frame per this many seconds while a build runs
+MAX_CHUNK = 256 * 1024
+_ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
+RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
+ACCEPTED, STALE = "accepted", "stale"
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, start: float = 0.1, cap: float = 3.0):
+        self.start, self.cap, self.tries = start, cap, 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.start * 2 ** min(self.tries, 30))
+        self.tries += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.tries = 0
+
+
+class Outbox:
+    """Results waiting for the dispatcher's acceptance, and the logs that go with them."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "outbox"
+        self.logs = workdir / "logs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def log_path(self, build: int, attempt: int) -> Path:
+        return self.logs / f"{int(build)}-{int(attempt)}.log"
+
+    def _path(self, build: int, attempt: int) -> Path:
+        return self.dir / f"{int(build)}-{int(attempt)}.json"
+
+    def save(self, result: dict) -> None:
+        """Write one result so that a crash leaves either the whole file or none."""
+        path = self._path(result["build"], result["attempt"])
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)            # make the rename itself durable
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def load(self) -> list[dict]:
+        """Pending results, oldest build first; half-written or unreadable files are set aside."""
+        results = []
+        for path in sorted(self.dir.iterdir()):
+            if path.suffix == ".tmp":
+                path.unlink(missing_ok=True)        # a crash before os.replace: never promised
+                continue
+            match = _ENTRY.match(path.name)
+            if not match:
+                continue
+            try:
+                result = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(result, dict) or any(k not in result for k in RESULT_FIELDS):
+                    raise ValueError("missing fields")
+                if (result["build"], result["attempt"]) != (int(match[1]), int(match[2])):
+                    raise ValueError("build and attempt do not match the file name")
+                net.validate({"type": "result", **{k: result[k] for k in RESULT_FIELDS}}, net.RUNNER)
+            except (OSError, ValueError, net.ProtocolError) as exc:
+                bad = path.with_suffix(".bad")
+                log.error("outbox entry %s is unreadable (%s); moved it to %s", path, exc, bad.name)
+                os.replace(path, bad)
+                continue
+            size = self._log_size(result["build"], result["attempt"])
+            if size < result["log_size"]:
+                # the log was lost with the disk's cache; promise only what is still there
+                log.warning("log of build %d attempt %d has %d of %d bytes; sending what is left",
+                            result["build"], result["attempt"], size, result["log_size"])
+                result["log_size"] = size
+            results.append(result)
+        results.sort(key=lambda r: (r["build"], r["attempt"]))
+        return results
+
+    def _log_size(self, build: int, attempt: int) -> int:
+        try:
+            return self.log_path(build, attempt).stat().st_size
+        except OSError:
+            return 0
+
+    def discard(self, build: int, attempt: int) -> None:
+        self._path(build, attempt).unlink(missing_ok=True)
+        self.log_path(build, attempt).unlink(missing_ok=True)
+
+    def sweep_logs(self, keep: set) -> None:
+        """Delete logs of attempts a previous run left without a result (the dispatcher requeued them)."""
+        for path in self.logs.glob("*.log"):
+            parts = path.stem.split("-")
+            if len(parts) == 2 and all(p.isdigit() for p in parts) and \
+                    (int(parts[0]), int(parts[1])) not in keep:
+                path.unlink(missing_ok=True)
+
+
+def utf8_boundary(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` that does not end inside a UTF-8 character."""
+    end = len(data)
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
+        if byte & 0xC0 != 0x80:         # a lead byte or ASCII: the character starts here
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else \
+                4 if byte >> 3 == 0b11110 else 1
+            return end if back >= need else end - back
+    return end
+
+
+class Delivery:
+    """Streams one attempt's log while it grows, then sends its result, until the
+    dispatcher accepts it or calls it stale. Never gives up on an absent dispatcher."""
+
+    def __init__(self, client: net.Client, build: int, attempt: int, log_path: Path,
+                 max_frame: int = 1 << 20, start: int = 0, result: dict | None = None):
+        self.client = client
+        self.build, self.attempt = build, attempt
+        self.log_path = log_path
+        # JSON may escape a control character as 6 bytes: keep the worst case inside a frame
+        self.chunk = max(1024, min(MAX_CHUNK, (max_frame - 512) // 6))
+        self.pos = start            # bytes of the log the dispatcher is known (or assumed) to have
+        self.result = result
+        self._wake = asyncio.Event()
+        self._failing = False
+
+    def __repr__(self) -> str:
+        return f"build {self.build} attempt {self.attempt}"
+
+    def wake(self) -> None:
+        """The log grew."""
+        self._wake.set()
+
+    def finish(self, result: dict) -> None:
+        """The build ended: deliver the rest of the log, then this result."""
+        self.result = result
+        self._wake.set()
+
+    async def run(self) -> str:
+        """Returns ACCEPTED or STALE."""
+        backoff = Backoff()
+        last_sent = 0.0
+        while True:
+            self._wake.clear()
+            size = self._size()
+            if self.pos < size:
+                if self.result is None:
+                    await asyncio.sleep(max(0.0, last_sent + PACE - time.monotonic()))
+                    size = self._size()
+                frame = self._frame(size)
+                if frame is None:       # only half a character so far
+                    await self._wake.wait()
+                    continue
+                last_sent = time.monotonic()
+                reply = await self._send(frame, backoff)
+                if reply == STALE:
+                    return STALE
+                if reply is not None:
+                    got = reply.get("offset")
+                    if not isinstance(got, int) or isinstance(got, bool):
+                        got = frame["offset"] + len(frame["data"].encode("utf-8"))
+                    if got <= self.pos:
+                        # the dispatcher did not take the chunk: do not spin on it
+                        await asyncio.sleep(backoff.next())
+                    self.pos = min(max(got, 0), size)
+                continue
+            if self.result is not None:
+                reply = await self._send({"type": "result", **self.result}, backoff)
+                if reply == STALE:
+                    return STALE
+                if reply is not None:
+                    return ACCEPTED
+                continue
+            await self._wake.wait()
+
+    async def _send(self, msg: dict, backoff: Backoff) -> dict | str | None:
+        """One request; returns the ok reply, STALE, or None after moving ``pos`` or backing off."""
+        try:
+            reply = await self.client.request(msg)
+        except net.RemoteError as exc:
+            if exc.code == "stale":
+                return STALE
+            expected = exc.reply.get("expected")
+            if exc.code == "offset" and isinstance(expected, int) and not isinstance(expected, bool):
+                log.debug("%r: dispatcher has %d bytes of the log; resending from there", self, expected)
+                self.pos = min(max(expected, 0), self._size())
+                if msg["type"] == "result" and expected > self.pos:
+                    # it has more than we ever wrote: nothing left to send, avoid a tight loop
+                    await asyncio.sleep(backoff.next())
+                return None
+            self._trouble(msg, f"the dispatcher refused it: {exc}")
+        except (net.PeerError, net.ProtocolError) as exc:
+            self._trouble(msg, str(exc))
+        else:
+            if self._failing:
+                log.info("%r: delivering to the dispatcher %s again", self, self.client.addr)
+            self._failing = False
+            backoff.reset()
+            return reply
+        await asyncio.sleep(backoff.next())
+        return None
+
+    def _trouble(self, msg: dict, why: str) -> None:
+        if not self._failing:
+            log.warning("%r: cannot deliver its %s to the dispatcher %s (%s); keeping it and retrying",
+                        self, msg["type"], self.client.addr, why)
+        self._failing = True
+
+    def _size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _frame(self, size: int) -> dict | None:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read(min(self.chunk, size - self.pos))
+        except OSError:
+            return None
+        cut = utf8_boundary(data)
+        if cut == 0 and self.result is None:
+            return None
+        data = data[:cut] if cut else data
+        return {"type": "log", "build": self.build, "attempt": self.attempt, "offset": self.pos,
+                "data": data.decode("utf-8", "replace")}

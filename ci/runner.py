@@ -1,0 +1,343 @@
+"""The runner daemon: listens for work from the dispatcher, runs each build in
+one of its slots (``executor.py``), and delivers logs and results through its
+durable outbox (``outbox.py``).
+
+Receives, from role ``dispatcher`` only:
+    run {build, attempt, repo, sha, branch, steps, timeout, env}   -> ok | error busy
+    ping                                                          -> pong {running}
+    cancel {build, attempt?}                                      -> ok
+Sends to the dispatcher:
+    register {name, host, port, labels, slots, running}           -> ok {heartbeat_interval}
+    log, result (see outbox.py)
+
+``running`` always lists every lease (build, attempt) this runner holds: the
+builds it runs and those whose result is still in its outbox, so the
+dispatcher never takes back a build whose result is merely undelivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import daemon, net
+from .config import Config
+from .executor import BuildLog, Execution, Job
+from .models import Status
+from .outbox import STALE, Backoff, Delivery, Outbox
+
+log = logging.getLogger(__name__)
+
+FORGOTTEN_AFTER = 5         # heartbeat intervals without a ping before registering again
+SHUTDOWN_GRACE = 1.0        # at shutdown, SIGKILL a step this soon after SIGTERM
+
+
+@dataclass
+class Active:
+    execution: Execution
+    task: asyncio.Task
+
+
+class Runner:
+    def __init__(self, config: Config, stop: asyncio.Event):
+        rc = config.runner
+        self.config = config
+        self.stop = stop
+        self.secret = config.secret
+        self.limits = config.limits()
+        try:
+            self.dispatcher = net.parse_addr(rc.dispatcher)
+        except ValueError as exc:
+            raise daemon.StartupError(f"runner.dispatcher: {exc}") from None
+        if rc.name and not net.NAME.check(rc.name):
+            raise daemon.StartupError(f"runner.name {rc.name!r} must be a {net.NAME.name}")
+        bad = [label for label in rc.labels if not net.NAME.check(label)]
+        if bad:
+            raise daemon.StartupError(f"runner.labels: {bad[0]!r} must be a {net.NAME.name}")
+        self.host, self.port = rc.host, rc.port
+        self.name = rc.name
+        self.workdir = Path(".")
+        self.outbox: Outbox | None = None
+        self.active: dict[int, Active] = {}             # by slot
+        self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
+        self.tasks: set[asyncio.Task] = set()
+        self.last_ping = time.monotonic()
+        self._lock_fd: int | None = None
+        self._registrar = self._client()
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> asyncio.AbstractServer:
+        """Listen, then claim the workdir and pick up what the outbox holds."""
+        rc = self.config.runner
+        server = await daemon.listen(
+            lambda: net.serve(self.handle, rc.host, rc.port, secret=self.secret,
+                              roles=frozenset({net.DISPATCHER}), limits=self.limits,
+                              name=f"runner {rc.name or ''}".strip()),
+            "runner", rc.host, rc.port)
+        try:
+            self.port = server.sockets[0].getsockname()[1]
+            self.name = self.name or f"runner-{self.port}"
+            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}")
+            self._claim_workdir()
+            outbox = Outbox(self.workdir)
+            pending = outbox.load()
+            outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})
+        except OSError as exc:
+            server.close()
+            raise daemon.StartupError(f"runner workdir {self.workdir}: {exc.strerror or exc}") from None
+        except BaseException:
+            server.close()
+            raise
+        self.outbox = outbox
+        for result in pending:
+            key = (result["build"], result["attempt"])
+            log.info("build %d attempt %d: result %s is still in the outbox; delivering it",
+                     *key, result["status"])
+            self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.limits.max_frame,
+                                   start=result["log_size"], result=result))
+        return server
+
+    def _claim_workdir(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise daemon.StartupError(f"runner workdir {self.workdir} is in use by another runner "
+                                      f"(give each runner its own --workdir or --name)") from None
+        self._lock_fd = fd
+
+    async def serve(self) -> None:
+        """Register and stay registered until the stop event is set."""
+        self._spawn(self._register_loop(), "registration")
+        await self.stop.wait()
+
+    async def shutdown(self) -> None:
+        """Kill running builds (the dispatcher requeues them) and stop within a second or two."""
+        jobs = [a.task for a in self.active.values()]
+        for active in self.active.values():
+            active.execution.stop("shutdown", grace=SHUTDOWN_GRACE)
+        if jobs:
+            await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE + 0.5)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        await self._registrar.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    def _client(self) -> net.Client:
+        host, port = self.dispatcher
+        return net.Client(host, port, net.RUNNER, self.secret, self.limits)
+
+    def _spawn(self, coro, what: str) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+
+        def finished(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(finished)
+        return task
+
+    def leases(self) -> list[list[int]]:
+        return [list(key) for key in sorted(self.deliveries)][:1000]
+
+    # ------------------------------------------------------------ requests
+
+    async def handle(self, conn: net.Connection, msg: dict) -> dict:
+        kind = msg["type"]
+        if kind == "ping":
+            self.last_ping = time.monotonic()
+            return {"type": "pong", "running": self.leases()}
+        if kind == "run":
+            return self._run(msg)
+        if kind == "cancel":
+            for active in self.active.values():
+                job = active.execution.job
+                if job.build == msg["build"] and msg.get("attempt", job.attempt) == job.attempt:
+                    log.info("build %d attempt %d: cancelled by %s", job.build, job.attempt, conn.role)
+                    active.execution.stop("cancelled")
+            return net.ok()
+        return net.error("unsupported", f"runner {self.name} does not handle {kind!r}")
+
+    def _run(self, msg: dict) -> dict:
+        build, attempt = key = (msg["build"], msg["attempt"])
+        rc = self.config.runner
+        if self.outbox is None or self.stop.is_set():
+            return net.error("busy", f"runner {self.name} is starting or stopping")
+        if any(a.execution.job.build == build for a in self.active.values()):
+            return net.error("busy", f"runner {self.name} is already running build {build}")
+        if key in self.deliveries:
+            return net.error("busy", f"runner {self.name} already ran build {build} attempt {attempt}")
+        free = [slot for slot in range(rc.slots) if slot not in self.active]
+        if not free:
+            return net.error("busy", f"all {rc.slots} slot(s) of runner {self.name} are busy")
+        slot = free[0]
+        timeout = msg["timeout"] if msg["timeout"] > 0 else self.config.build.timeout
+        job = Job(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
+                  float(timeout), dict(msg["env"]))
+        path = self.outbox.log_path(build, attempt)
+        delivery = Delivery(self._client(), build, attempt, path, self.limits.max_frame)
+        try:
+            buildlog = BuildLog(path, delivery.wake)
+        except OSError as exc:
+            return net.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
+        execution = Execution(job, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
+                              header=f"runner {self.name} slot {slot}: ")
+        self._deliver(delivery)
+        task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
+        self.active[slot] = Active(execution, task)
+        log.info("build %d attempt %d: running %s on slot %d", build, attempt, job.sha[:12], slot)
+        return net.ok()
+
+    # ------------------------------------------------------------ builds and deliveries
+
+    async def _execute(self, slot: int, execution: Execution, delivery: Delivery,
+                       buildlog: BuildLog) -> None:
+        job = execution.job
+        key = (job.build, job.attempt)
+        try:
+            try:
+                outcome = await execution.run()
+            finally:
+                buildlog.close()
+            dropped = self.deliveries.get(key) is not delivery or (
+                outcome.status == Status.CANCELLED and execution.stop_reason in (STALE, "shutdown"))
+            if dropped:
+                return      # stale, or lost with the shutdown: the dispatcher decides what happens
+            result = {"build": job.build, "attempt": job.attempt, "status": outcome.status.value,
+                      "exit_code": outcome.exit_code, "steps": outcome.steps,
+                      "duration": outcome.duration, "log_size": buildlog.size}
+            try:
+                self.outbox.save(result)
+            except OSError as exc:
+                log.error("build %d attempt %d: cannot write the outbox entry (%s); "
+                          "the result is only in memory", *key, exc)
+            delivery.finish(result)
+            log.info("build %d attempt %d %s (exit code %d) after %.1fs",
+                     *key, outcome.status.value, outcome.exit_code, outcome.duration)
+        finally:
+            lingering = execution.lingering
+            if lingering is not None and not lingering.done() and not self.stop.is_set():
+                await asyncio.wait([lingering])     # git still works in this slot's clone
+            if self.active.get(slot) is not None and self.active[slot].execution is execution:
+                del self.active[slot]
+
+    def _deliver(self, delivery: Delivery) -> None:
+        self.deliveries[(delivery.build, delivery.attempt)] = delivery
+        self._spawn(self._delivery(delivery), f"delivery of {delivery!r}")
+
+    async def _delivery(self, delivery: Delivery) -> None:
+        key = (delivery.build, delivery.attempt)
+        try:
+            outcome = await delivery.run()
+        finally:
+            await delivery.client.close()
+        if outcome == STALE:
+            log.warning("build %d attempt %d is stale (given to another runner); dropping it", *key)
+            for active in self.active.values():
+                if (active.execution.job.build, active.execution.job.attempt) == key:
+                    active.execution.stop(STALE)
+        else:
+            log.info("build %d attempt %d: result delivered", *key)
+        if self.deliveries.get(key) is delivery:
+            del self.deliveries[key]
+            self.outbox.discard(*key)
+
+    # ------------------------------------------------------------ registration
+
+    async def _register_loop(self) -> None:
+        addr = f"{self.dispatcher[0]}:{self.dispatcher[1]}"
+        rc = self.config.runner
+        backoff = Backoff()
+        down = False
+        quiet = False       # the dispatcher answers registrations but never pings: say so once
+        while True:
+            msg = {"type": "register", "name": self.name, "host": self.host, "port": self.port,
+                   "labels": list(rc.labels), "slots": rc.slots, "running": self.leases()}
+            try:
+                reply = await self._registrar.request(msg)
+            except (net.PeerError, net.ProtocolError, net.RemoteError) as exc:
+                if not down:
+                    log.warning("cannot register with the dispatcher at %s: %s; "
+                                "retrying in the background until it answers", addr, exc)
+                down = True
+                await asyncio.sleep(backoff.next())
+                continue
+            interval = reply.get("heartbeat_interval")
+            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+                interval = 1.0
+            (log.debug if quiet else log.info)(
+                "registered with the dispatcher at %s as %s (%d slot(s), %d lease(s) held)",
+                addr, self.name, rc.slots, len(self.deliveries))
+            down = False
+            backoff.reset()
+            registered = self.last_ping = time.monotonic()
+            limit = FORGOTTEN_AFTER * interval
+            while (silent := time.monotonic() - self.last_ping) < limit:
+                await asyncio.sleep(limit - silent + 0.01)
+            pinged = self.last_ping > registered
+            (log.debug if quiet else log.warning)(
+                "no ping from the dispatcher at %s for %.1fs; registering again", addr, silent)
+            quiet = not pinged
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    runner = Runner(config, stop)
+    server = await runner.start()
+    daemon.announce("runner", runner.host, runner.port, f" as {runner.name}")
+    try:
+        await runner.serve()
+    finally:
+        server.close()
+        try:
+            await asyncio.wait_for(server.wait_closed(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+        await runner.shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    daemon.add_common_arguments(parser, 8889)
+    parser.add_argument("--dispatcher", metavar="HOST:PORT",
+                        help="the dispatcher to register with (default 127.0.0.1:8888)")
+    parser.add_argument("--name", help="this runner's name (default runner-<port>)")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="checkouts, logs and outbox (default .tinyci/runners/<name>)")
+    parser.add_argument("--labels", metavar="A,B", help="comma-separated labels builds can ask for")
+    parser.add_argument("--slots", type=int, metavar="N", help="builds run at once (default 1)")
+
+
+def main(args: argparse.Namespace) -> int:
+    labels = getattr(args, "labels", None)
+    overrides = {"runner": {
+        "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+        "dispatcher": getattr(args, "dispatcher", None), "name": getattr(args, "name", None),
+        "workdir": getattr(args, "workdir", None), "slots": getattr(args, "slots", None),
+        "labels": None if labels is None else [x.strip() for x in labels.split(",") if x.strip()],
+    }}
+    try:
+        config = daemon.load_config(args, overrides)
+    except daemon.StartupError as exc:
+        print(f"tinyci runner: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return daemon.run("runner", lambda stop: serve(config, stop), getattr(args, "verbose", False))
+
+
+if __name__ == "__main__":
+    import sys
+    from .cli import main as cli
+    sys.exit(cli(["runner", *sys.argv[1:]]))

@@ -1,0 +1,129 @@
+"""Rich rendering of the dispatcher's ``status`` snapshot.
+
+Pure functions: they take the snapshot dict (``{"runners": [Runner.summary()
+...], "builds": [Build.summary() ...]}``) and the current time, and return
+renderables; nothing here talks to the network or reads the clock, so tests
+render into a recording Console.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
+BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
+                "failed": "red", "error": "bold magenta", "cancelled": "dim"}
+SUBJECT_WIDTH = 40
+
+
+def render_status(snapshot: dict, now: float) -> RenderableType:
+    return Group(render_runners(snapshot.get("runners", []), now), Text(""),
+                 render_builds(snapshot.get("builds", []), now))
+
+
+def render_runners(runners: Iterable[dict], now: float) -> Table:
+    runners = list(runners)
+    table = Table(title="Runners", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    table.add_column("labels")
+    table.add_column("state", no_wrap=True)
+    table.add_column("slots", justify="right", no_wrap=True)
+    table.add_column("building")
+    table.add_column("last seen", justify="right", no_wrap=True)
+    for runner in runners:
+        state = runner.get("state", "")
+        running = runner.get("running") or []
+        table.add_row(
+            runner.get("name", ""),
+            f"{runner.get('host', '')}:{runner.get('port', '')}",
+            ", ".join(runner.get("labels") or []) or "-",
+            Text(state, style=RUNNER_STYLES.get(state, "")),
+            f"{len(running)}/{runner.get('slots', 0)}",
+            ", ".join(f"#{build}" for build in running) or "-",
+            _ago(runner.get("last_seen"), now),
+        )
+    if not runners:
+        table.caption = "no runners registered yet (start one with `tinyci runner`)"
+    return table
+
+
+def render_builds(builds: Iterable[dict], now: float) -> Table:
+    builds = list(builds)
+    table = Table(title="Builds", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True)
+    # Short columns never wrap; branch, subject and runner are the ones rich
+    # may narrow (their cells are single-line Text with an ellipsis).
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("branch", max_width=24)
+    table.add_column("commit", no_wrap=True)
+    table.add_column("subject")
+    table.add_column("status", no_wrap=True)
+    table.add_column("try", justify="right", no_wrap=True)
+    table.add_column("runner", max_width=16)
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("age", justify="right", no_wrap=True)
+    for build in builds:
+        status = build.get("status", "")
+        table.add_row(
+            str(build.get("id", "")),
+            _line(build.get("branch", "")),
+            (build.get("sha") or "")[:7],
+            _line(truncate(build.get("subject") or "", SUBJECT_WIDTH)),
+            Text(status, style=BUILD_STYLES.get(status, "")),
+            str(build.get("attempt", "")),
+            _line(build.get("runner") or "-"),
+            _took(build, now),
+            _ago(build.get("created_at"), now),
+        )
+    if not builds:
+        table.caption = "no builds yet: make a commit, or `tinyci trigger`"
+    return table
+
+
+def _line(text: str) -> Text:
+    return Text(text, no_wrap=True, overflow="ellipsis")
+
+
+def truncate(text: str, width: int) -> str:
+    text = text.splitlines()[0] if text else ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def duration(seconds: float) -> str:
+    """Short human duration: 0.4s, 12s, 3m05s, 2h10m, 3d4h."""
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600}h"
+
+
+def _ago(when: float | None, now: float) -> str:
+    if not when:
+        return "-"
+    seconds = now - when
+    # past a minute, seconds are noise in an age
+    text = duration(seconds) if seconds < 60 else duration(seconds // 60 * 60).replace("m00s", "m")
+    return text + " ago"
+
+
+def _took(build: dict, now: float) -> str:
+    if build.get("duration") is not None:
+        return duration(build["duration"])
+    if build.get("status") == "running" and build.get("started_at"):
+        return duration(now - build["started_at"])
+    return "-"

@@ -1,0 +1,423 @@
+"""`tinyci up`: a dispatcher, an observer and N runners on this machine.
+
+Each daemon is its own process (``python -m ci.<daemon> ...``), started in
+order: the dispatcher first (the others need its address), then the observer
+and the runners. A child counts as started when it prints its ready line
+("tinyci <daemon> listening on HOST:PORT") on stdout; its stderr, the
+daemon's log, goes to DATA/logs/<name>.log. If any child fails to start or
+dies later, the others are stopped and the end of its log is shown. Ctrl-C or
+SIGTERM stops them all: SIGTERM to each by PID, SIGKILL after a grace time.
+
+This module speaks no protocol itself; it only starts and watches processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+READY_TIMEOUT = 15.0     # seconds a child gets to print its ready line
+STOP_GRACE = 5.0         # seconds between SIGTERM and SIGKILL on shutdown
+LOG_TAIL = 15            # lines of a failed child's log to show
+READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
+MAX_RUNNERS = 64
+
+
+class UpError(Exception):
+    """Something the user must fix before `tinyci up` can start (exit 2)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--repo", metavar="PATH",
+                       help="git clone to watch (default: the git repository around the current directory)")
+    where.add_argument("--demo", action="store_true",
+                       help="watch a small demo repository, created once at DATA/demo-repo")
+    parser.add_argument("--runners", type=int, default=2, metavar="N",
+                        help="how many runners to start (default 2)")
+    parser.add_argument("--port", type=int, default=8888,
+                        help="dispatcher port (default 8888); the observer listens on PORT-1 and the "
+                             "runners on PORT+1, PORT+2, ...; 0 picks free ports for all of them")
+    parser.add_argument("--data", metavar="DIR", default=".tinyci",
+                        help="where state, working clones and logs go (default .tinyci)")
+    parser.add_argument("--interval", type=float, metavar="S",
+                        help="seconds between the observer's looks at the repository "
+                             "(default: observer.poll_interval, 1.0)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML configuration file passed to every daemon "
+                             "(default: $TINYCI_CONFIG, else built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="daemons log debug detail")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        plan = make_plan(args)
+    except UpError as exc:
+        print(f"tinyci up: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(Supervisor(plan).run())
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Child:
+    name: str                     # dispatcher, observer, runner-1 ...
+    daemon: str                   # module under ci.
+    flags: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    addr: str = ""
+    log_start: int = 0            # where this run's output begins in the (appended) log
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"ci.{self.daemon}", *self.flags]
+
+
+@dataclass
+class Plan:
+    repo: Path
+    data: Path
+    port: int
+    runners: int
+    common: list[str]             # flags every child gets (--config, -v)
+    interval: float | None
+    config: str | None
+    demo: bool = False
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if not 1 <= args.runners <= MAX_RUNNERS:
+        raise UpError(f"--runners must be between 1 and {MAX_RUNNERS}, got {args.runners}")
+    if args.port != 0 and not 2 <= args.port <= 65535 - args.runners:
+        raise UpError(f"--port {args.port} leaves no room for the observer (PORT-1) and "
+                      f"{args.runners} runner(s) (PORT+1...); pick one between 2 and "
+                      f"{65535 - args.runners}, or 0 for free ports")
+    if args.interval is not None and not args.interval > 0:
+        raise UpError(f"--interval must be greater than 0, got {args.interval:g}")
+    config = None
+    if args.config:
+        config = str(Path(args.config).resolve())
+    # fail on a broken configuration here, once, instead of in every child
+    from .config import ConfigError, load
+    try:
+        load(config)
+    except ConfigError as exc:
+        raise UpError(f"configuration error: {exc}") from None
+    data = Path(args.data).resolve()
+    if args.demo:
+        repo, demo = make_demo(data / "demo-repo"), True
+    elif args.repo:
+        repo, demo = find_repo(Path(args.repo), f"--repo {args.repo}"), False
+    else:
+        cwd = Path.cwd()
+        if git_dir(cwd) is None:
+            raise UpError(f"{cwd} is not in a git repository: pass --repo PATH to watch a clone, "
+                          f"or --demo to try tinyci on a demo repository")
+        repo, demo = find_repo(cwd, str(cwd)), False
+    common = (["--config", config] if config else []) + (["-v"] if args.verbose else [])
+    return Plan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
+                interval=args.interval, config=config, demo=demo)
+
+
+def git_dir(path: Path) -> str | None:
+    """The repository's top (or, for a bare one, its git dir), or None when path is in no repository."""
+    try:
+        bare = _git(path, "rev-parse", "--is-bare-repository")
+        if bare is None:
+            return None
+        if bare == "true":
+            return _git(path, "rev-parse", "--absolute-git-dir")
+        return _git(path, "rev-parse", "--show-toplevel")
+    except FileNotFoundError:
+        raise UpError("git is not installed (or not on PATH); tinyci needs it") from None
+
+
+def _git(path: Path, *argv: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(path), *argv], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UpError(f"git took too long to answer about {path}") from None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def find_repo(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UpError(f"{what}: no such directory")
+    if not path.is_dir():
+        raise UpError(f"{what} is not a directory")
+    top = git_dir(path)
+    if top is None:
+        raise UpError(f"{what} is not a git repository (give the path of a git clone)")
+    return Path(top).resolve()
+
+
+DEMO_FILES = {
+    "README.md": "# tinyci demo\n\nEvery commit here is built by `tinyci up --demo`.\n",
+    "calc.py": 'def add(a, b):\n    """The code under test."""\n    return a + b\n',
+    # an (empty) conftest.py at the top puts the top on sys.path, so tests can `import calc`
+    "conftest.py": "",
+    "tests/test_calc.py": "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n",
+}
+
+
+def make_demo(path: Path) -> Path:
+    """Create the demo repository once: a tiny module, a passing test, one commit on main."""
+    if path.exists():
+        top = git_dir(path)
+        if top is None or Path(top).resolve() != path.resolve():
+            raise UpError(f"{path} exists but is not the demo git repository; move it away or "
+                          f"pick another --data directory")
+        return path.resolve()
+    try:
+        path.mkdir(parents=True)
+        for name, text in DEMO_FILES.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text(text)
+    except OSError as exc:
+        raise UpError(f"cannot create the demo repository at {path}: {exc.strerror}") from None
+    steps = [["init", "-q"], ["symbolic-ref", "HEAD", "refs/heads/main"], ["add", "."],
+             # an identity of its own and no signing or hooks: the first commit must not depend on
+             # how the user's git is set up
+             ["-c", "user.name=tinyci demo", "-c", "user.email=demo@tinyci.invalid",
+              "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", "Add calc and its test"]]
+    for argv in steps:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *argv], capture_output=True, text=True,
+                                  timeout=30, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise UpError("git is not installed (or not on PATH); tinyci needs it") from None
+        if done.returncode != 0:
+            raise UpError(f"cannot create the demo repository at {path}: git {argv[-1]}: "
+                          f"{done.stderr.strip().splitlines()[-1:] or ['failed']}")
+    # later commits by the user need an identity too; lend the demo one only when git has none
+    if _git(path, "config", "user.email") is None:
+        _git(path, "config", "user.name", "tinyci demo")
+        _git(path, "config", "user.email", "demo@tinyci.invalid")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------- running
+
+class ChildFailed(Exception):
+    def __init__(self, child: Child, why: str):
+        super().__init__(why)
+        self.child = child
+        self.why = why
+
+
+class Supervisor:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.children: list[Child] = []
+        self.logs = plan.data / "logs"
+        self.drains: set[asyncio.Task] = set()
+
+    async def run(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"tinyci up: cannot create {self.logs}: {exc.strerror}", file=sys.stderr)
+            return 2
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            startup = asyncio.create_task(self.start_all())
+            await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():              # Ctrl-C while starting
+                startup.cancel()
+                await asyncio.gather(startup, return_exceptions=True)
+                print("tinyci up: stopping", file=sys.stderr)
+                await self.stop_all()
+                return 0
+            try:
+                startup.result()
+            except ChildFailed as exc:
+                await self.stop_all()
+                self.report(exc.child, f"failed to start ({exc.why})")
+                return 1
+            self.print_summary()
+            return await self.watch(stopping)
+        finally:
+            stopping.cancel()
+            await self.stop_all()
+
+    async def start_all(self) -> None:
+        plan = self.plan
+        port = lambda offset: 0 if plan.port == 0 else plan.port + offset   # noqa: E731
+        dispatcher = self.child("dispatcher", "dispatcher", [
+            "--host", "127.0.0.1", "--port", str(port(0)), "--data", str(plan.data / "dispatcher")])
+        await self.start(dispatcher)
+        await self.ready(dispatcher)
+        observer = self.child("observer", "observer", [
+            "--host", "127.0.0.1", "--port", str(port(-1)), "--repo", str(plan.repo),
+            "--dispatcher", dispatcher.addr, "--state", str(plan.data / "observer"),
+            *(["--interval", f"{plan.interval:g}"] if plan.interval is not None else [])])
+        runners = [self.child(f"runner-{n}", "runner", [
+            "--host", "127.0.0.1", "--port", str(port(n)), "--dispatcher", dispatcher.addr,
+            "--name", f"runner-{n}", "--workdir", str(plan.data / "runners" / f"runner-{n}")])
+            for n in range(1, plan.runners + 1)]
+        for child in (observer, *runners):
+            await self.start(child)
+        waits = [asyncio.create_task(self.ready(child)) for child in (observer, *runners)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in waits:
+                task.cancel()
+        for task in waits:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    def child(self, name: str, daemon: str, flags: list[str]) -> Child:
+        return Child(name, daemon, [*flags, *self.plan.common], self.logs / f"{name}.log")
+
+    async def start(self, child: Child) -> None:
+        try:
+            with open(child.log_path, "ab") as log:
+                child.log_start = log.tell()
+                log.write(f"--- tinyci up: {shlex.join(child.argv())}\n".encode())
+                log.flush()
+                child.proc = await asyncio.create_subprocess_exec(
+                    *child.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    # its own session: Ctrl-C reaches only us, and we stop the children in order
+                    start_new_session=True)
+        except OSError as exc:
+            raise ChildFailed(child, f"cannot start it: {exc.strerror or exc}") from None
+        self.children.append(child)
+
+    async def ready(self, child: Child) -> None:
+        """Wait for the child's ready line; then keep draining its stdout so it never blocks."""
+        assert child.proc is not None and child.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        while True:
+            try:
+                line = await asyncio.wait_for(child.proc.stdout.readline(),
+                                              max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise ChildFailed(child, f"no ready line within {READY_TIMEOUT:g}s") from None
+            if not line:
+                try:
+                    code = await asyncio.wait_for(child.proc.wait(), STOP_GRACE)
+                except asyncio.TimeoutError:
+                    raise ChildFailed(child, "it closed its output without saying it was ready") from None
+                raise ChildFailed(child, f"exit status {code}")
+            match = READY.search(line.decode(errors="replace"))
+            if match and match.group(1) == child.daemon:
+                child.addr = f"{match.group(2)}:{match.group(3)}"
+                self.drains.add(asyncio.create_task(_drain(child.proc.stdout)))
+                return
+
+    async def watch(self, stopping: asyncio.Task) -> int:
+        """Run until a stop signal (exit 0) or until a child dies (exit 1)."""
+        waits = {asyncio.create_task(child.proc.wait()): child for child in self.children if child.proc}
+        done, _ = await asyncio.wait({stopping, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            if task not in done:
+                task.cancel()
+        dead = [waits[task] for task in done if task in waits]
+        if not dead:
+            print("\ntinyci up: stopping", file=sys.stderr)
+            await self.stop_all()
+            return 0
+        child = dead[0]
+        await self.stop_all()
+        self.report(child, f"stopped unexpectedly (exit status {child.proc.returncode})")
+        return 1
+
+    async def stop_all(self) -> None:
+        """SIGTERM every live child by PID, wait up to STOP_GRACE, then SIGKILL the rest."""
+        live = [c for c in self.children if c.proc is not None and c.proc.returncode is None]
+        for child in live:
+            _signal(child, signal.SIGTERM)
+        waits = [asyncio.create_task(c.proc.wait()) for c in live]
+        if waits:
+            await asyncio.wait(waits, timeout=STOP_GRACE)
+        for child in live:
+            if child.proc.returncode is None:
+                print(f"tinyci up: {child.name} did not stop within {STOP_GRACE:g}s; killing it",
+                      file=sys.stderr)
+                _signal(child, signal.SIGKILL)
+                await child.proc.wait()
+
+    def report(self, child: Child, what: str) -> None:
+        pid = f" (pid {child.proc.pid})" if child.proc else ""
+        print(f"tinyci up: the {child.name}{pid} {what}; the others were stopped.", file=sys.stderr)
+        tail = _tail(child.log_path, child.log_start, LOG_TAIL)
+        if tail:
+            print(f"Last lines of its log, {_show(child.log_path)}:", file=sys.stderr)
+            for line in tail:
+                print(f"  {line}", file=sys.stderr)
+        if self.plan.port and any("already in use" in line for line in tail):
+            print(f"tinyci up uses ports {self.plan.port - 1} to {self.plan.port + self.plan.runners}; "
+                  f"choose others with --port, or --port 0 for free ones.", file=sys.stderr)
+
+    def print_summary(self) -> None:
+        plan = self.plan
+        dispatcher = self.children[0]
+        print(f"tinyci is up, watching {_show(plan.repo)}")
+        for child in self.children:
+            print(f"  {child.name:<12} {child.addr:<21} pid {child.proc.pid:<8} log {_show(child.log_path)}")
+        flags = ""
+        if dispatcher.addr != "127.0.0.1:8888":
+            flags += f" --dispatcher {dispatcher.addr}"
+        if plan.config:
+            flags += f" --config {shlex.quote(_show(Path(plan.config)))}"
+        print()
+        if plan.demo:
+            repo = shlex.quote(_show(plan.repo))
+            print(f"The demo repository is {_show(plan.repo)}; its first commit is being built now.")
+            print("Make another commit there to start a build:")
+            print(f"  cd {repo} && echo '# more' >> calc.py && git commit -qam 'Try tinyci'")
+            print("or one whose test fails:")
+            print(f"  cd {repo} && echo 'def test_fails(): assert add(1, 1) == 3' >> tests/test_calc.py"
+                  f" && git commit -qam 'Add a failing test'")
+            print()
+        print(f"Runners and recent builds:  tinyci status{flags}")
+        print(f"Build N's log as it runs:   tinyci log N --follow{flags}")
+        print(f"Build logs are in {_show(plan.data / 'dispatcher' / 'logs')}/, "
+              f"daemon logs in {_show(self.logs)}/.")
+        print("Press Ctrl-C to stop everything.", flush=True)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+def _signal(child: Child, sig: int) -> None:
+    try:
+        child.proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, start: int, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if not line.startswith("--- tinyci up:")][-lines:]
+
+
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory when below it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except (ValueError, OSError):
+        return str(path)

@@ -1,0 +1,163 @@
+"""Configuration: the documented config.yaml, precedence, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ci import config as cfg
+from ci.config import Config, ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "config.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tinyci.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- the documented file
+
+def test_config_yaml_is_exactly_the_built_in_defaults():
+    loaded = load(DOC, env={})
+    defaults = Config()
+    for section in cfg.SECTIONS:
+        assert getattr(loaded, section) == getattr(defaults, section), f"config.yaml section {section} drifted"
+
+
+def test_config_yaml_lists_every_section_and_key_with_a_comment():
+    data = yaml.safe_load(DOC.read_text())
+    assert set(data) == set(cfg.SECTIONS)
+    for section, factory in cfg.SECTIONS.items():
+        assert set(data[section]) == {f.name for f in fields(factory())}, f"keys of {section}"
+    # every key is preceded (directly or within its group) by a comment line
+    lines = DOC.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("  ") and not line.lstrip().startswith("#") and ":" in line:
+            above = [l for l in lines[max(0, number - 4):number] if l.strip()]
+            assert any(l.lstrip().startswith("#") for l in above), f"config.yaml line {number + 1} has no comment"
+
+
+def test_no_file_and_no_env_gives_defaults():
+    assert load(None, env={}) == Config()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    loaded = load(write(tmp_path, "# nothing\n"), env={})
+    assert loaded.dispatcher == Config().dispatcher and loaded.source.endswith("tinyci.yaml")
+
+
+# ---------------------------------------------------------------- precedence
+
+def test_file_beats_default(tmp_path):
+    path = write(tmp_path, "dispatcher:\n  port: 9001\nrunner:\n  labels: [linux, gpu]\n")
+    loaded = load(path, env={})
+    assert loaded.dispatcher.port == 9001
+    assert loaded.runner.labels == ["linux", "gpu"]
+    assert loaded.dispatcher.host == "127.0.0.1"
+
+
+def test_env_beats_file(tmp_path):
+    path = write(tmp_path, "dispatcher:\n  port: 9001\n")
+    loaded = load(path, env={"TINYCI_DISPATCHER_PORT": "9002", "TINYCI_RUNNER_LABELS": "a, b",
+                             "TINYCI_OBSERVER_FETCH": "yes", "TINYCI_BUILD_ENV": '{"X": "1"}',
+                             "TINYCI_NET_READ_TIMEOUT": "2.5"})
+    assert loaded.dispatcher.port == 9002
+    assert loaded.runner.labels == ["a", "b"]
+    assert loaded.observer.fetch is True
+    assert loaded.build.env == {"X": "1"}
+    assert loaded.net.read_timeout == 2.5
+
+
+def test_flag_beats_env_and_file(tmp_path):
+    path = write(tmp_path, "dispatcher:\n  port: 9001\n")
+    loaded = load(path, env={"TINYCI_DISPATCHER_PORT": "9002"},
+                  overrides={"dispatcher": {"port": 9003, "host": None}})
+    assert loaded.dispatcher.port == 9003
+    assert loaded.dispatcher.host == "127.0.0.1"     # a flag left out (None) changes nothing
+
+
+def test_tinyci_config_variable_names_the_file(tmp_path):
+    path = write(tmp_path, "observer:\n  poll_interval: 7\n")
+    loaded = load(None, env={"TINYCI_CONFIG": str(path)})
+    assert loaded.observer.poll_interval == 7.0
+    assert loaded.source == str(path)
+
+
+def test_ci_variables_are_left_to_builds(tmp_path):
+    # builds see CI_*; the configuration must not read them
+    assert load(None, env={"CI": "true", "CI_BUILD": "3", "CI_DISPATCHER_PORT": "1"}) == Config()
+
+
+def test_secret_from_env_and_from_file(tmp_path):
+    assert load(None, env={"TINYCI_AUTH_SECRET": "s3"}).secret == "s3"
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    assert load(None, env={"TINYCI_AUTH_SECRET_FILE": str(secret)}).secret == "from-file"
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_section_names_file_and_section(tmp_path):
+    path = write(tmp_path, "dispatchr:\n  port: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert str(path) in str(err.value) and "dispatchr" in str(err.value)
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write(tmp_path, "runner:\n  slot: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert str(path) in str(err.value) and "runner.slot" in str(err.value)
+    assert "slots" in str(err.value)          # the message lists what would have been right
+
+
+@pytest.mark.parametrize("text, key", [
+    ("dispatcher:\n  port: eighty\n", "dispatcher.port"),
+    ("runner:\n  labels: linux\n", "runner.labels"),
+    ("observer:\n  fetch: 3\n", "observer.fetch"),
+    ("build:\n  env: [a]\n", "build.env"),
+    ("runner:\n  slots: true\n", "runner.slots"),
+    ("runner:\n  slots: 0\n", "runner.slots"),
+])
+def test_wrong_type_or_range_names_the_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("TINYCI_DISPATCHER_PORT", "eighty"),
+    ("TINYCI_OBSERVER_FETCH", "maybe"),
+    ("TINYCI_DISPATCHER_NOPE", "1"),
+])
+def test_bad_environment_variable_is_named(name, value):
+    with pytest.raises(ConfigError) as err:
+        load(None, env={name: value})
+    assert name in str(err.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "dispatcher:\n  port: 8888\n  host: a: b\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert str(path) in str(err.value) and "line 3" in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path / "absent.yaml", env={})
+    assert "absent.yaml" in str(err.value) and "not found" in str(err.value)
+
+
+def test_file_that_is_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "- just\n- a list\n"), env={})
+    assert "tinyci.yaml" in str(err.value)

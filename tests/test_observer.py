@@ -1,0 +1,508 @@
+"""The observer: the plan over real git repositories, the saved position, and
+the daemon as a real process against a small fake dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import gitwatch, net, observer
+from ci.config import ObserverConfig
+from ci.daemon import StartupError
+
+ROOT = Path(__file__).resolve().parent.parent
+GIT = ["git", "-c", "user.name=Ada Lovelace", "-c", "user.email=ada@example.com",
+       "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]
+LAUNCH = ("import sys, argparse; from ci import observer; p=argparse.ArgumentParser(); "
+          "observer.add_arguments(p); sys.exit(observer.main(p.parse_args(sys.argv[1:])))")
+WAIT = 15.0      # bound on every wait; generous because CI machines are noisy
+
+
+# ---------------------------------------------------------------- git helpers
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run([*GIT, "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+
+
+def make_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q")
+    commit(path, "initial")
+    return path
+
+
+def commit(repo: Path, message: str) -> str:
+    git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def commits(repo: Path, n: int, prefix: str = "change") -> list[str]:
+    return [commit(repo, f"{prefix} {i}") for i in range(n)]
+
+
+def read(repo: Path, saved: dict, **kw) -> tuple[gitwatch.Plan, list[gitwatch.Commit]]:
+    return gitwatch.Clone(repo, **kw).read(saved)
+
+
+# ---------------------------------------------------------------- the plan
+
+def test_first_seen_branch_reports_only_its_head(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    commits(repo, 3)
+    head = commit(repo, "Fix the parser\n\nLonger explanation.")
+    plan, found = read(repo, {})
+    assert plan.report == [("main", head)]
+    assert found == [gitwatch.Commit("main", head, "Ada Lovelace <ada@example.com>", "Fix the parser",
+                                     int(git(repo, "log", "-1", "--format=%ct")))]
+
+
+def test_new_commits_are_reported_oldest_first(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    saved = git(repo, "rev-parse", "HEAD")
+    new = commits(repo, 4)
+    plan, found = read(repo, {"main": saved})
+    assert plan.report == [("main", sha) for sha in new]
+    assert [c.subject for c in found] == ["change 0", "change 1", "change 2", "change 3"]
+    assert plan.forced == [] and plan.dropped == []
+
+
+def test_merged_history_puts_parents_before_children(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    saved = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "-b", "topic")
+    side = commits(repo, 2, "side")
+    git(repo, "checkout", "-q", "main")
+    mainline = commit(repo, "mainline")
+    git(repo, "merge", "-q", "--no-ff", "-m", "merge topic", "topic")
+    merge = git(repo, "rev-parse", "HEAD")
+    plan, _ = read(repo, {"main": saved}, patterns=["main"])
+    order = [sha for _, sha in plan.report]
+    assert sorted(order) == sorted([*side, mainline, merge])
+    assert order.index(side[0]) < order.index(side[1]) < order.index(merge)
+    assert order[-1] == merge
+
+
+def test_force_push_reports_only_the_new_head(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    base = git(repo, "rev-parse", "HEAD")
+    old = commits(repo, 3, "old")
+    git(repo, "reset", "-q", "--hard", base)
+    rewritten = commits(repo, 2, "rewritten")
+    plan, found = read(repo, {"main": old[-1]})
+    assert plan.report == [("main", rewritten[-1])]
+    assert plan.forced == [("main", old[-1], rewritten[-1])]
+    assert [c.subject for c in found] == ["rewritten 1"]
+
+
+def test_saved_commit_missing_from_the_clone_counts_as_force_push(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    plan, _ = read(repo, {"main": "0" * 40})
+    assert plan.report == [("main", head)]
+    assert plan.forced == [("main", "0" * 40, head)]
+
+
+def test_deleted_branch_is_dropped(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "branch", "feature")
+    plan, _ = read(repo, {"main": head, "feature": head})
+    assert plan.report == [] and plan.dropped == []
+    git(repo, "branch", "-D", "feature")
+    plan, _ = read(repo, {"main": head, "feature": head})
+    assert plan.dropped == [("feature", head)]
+    assert plan.report == []
+
+
+def test_branch_patterns_filter_what_is_watched(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    for name in ("release/1.0", "feature/x", "mainly"):
+        git(repo, "branch", name)
+    plan, _ = read(repo, {}, patterns=["main", "release/*"])
+    assert [branch for branch, _ in plan.report] == ["main", "release/1.0"]
+
+
+def test_remote_mode_watches_remote_branches_without_prefix(tmp_path):
+    upstream = make_repo(tmp_path / "upstream")
+    git(upstream, "branch", "dev")
+    clone = tmp_path / "clone"
+    subprocess.run([*GIT, "clone", "-q", str(upstream), str(clone)], check=True, timeout=30)
+    plan, _ = read(clone, {}, remote="origin")
+    assert [branch for branch, _ in plan.report] == ["dev", "main"]     # no "HEAD"
+    assert gitwatch.Clone(clone, remote="origin").remote_url() == str(upstream)
+
+
+def test_long_subject_is_cut_to_the_protocol_limit(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    commit(repo, "x" * 5000)
+    _, found = read(repo, {})
+    assert len(found[0].subject) == 4096
+    net.validate({"type": "commit", "repo": str(repo), "branch": "main", "sha": found[0].sha,
+                  "author": found[0].author, "subject": found[0].subject, "time": found[0].time},
+                 net.OBSERVER)
+
+
+# ---------------------------------------------------------------- the saved position
+
+def test_state_file_round_trip_and_corruption(tmp_path, caplog):
+    repo = tmp_path / "repo"
+    state = observer.StateFile(tmp_path / "state", repo)
+    state.lock()
+    try:
+        assert state.load() == {}
+        state.save({"main": "a" * 40})
+        assert state.load() == {"main": "a" * 40}
+        assert json.loads(state.path.read_text()) == {"repo": str(repo), "branches": {"main": "a" * 40}}
+        state.path.write_text('{"repo": "x", "branches": {"main": ')
+        with caplog.at_level(logging.WARNING, logger="ci.observer"):
+            assert state.load() == {}
+        assert str(state.path) in caplog.text
+        state.save({"main": "b" * 40})        # a fresh start overwrites cleanly
+        assert state.load() == {"main": "b" * 40}
+    finally:
+        state.unlock()
+
+
+def test_two_observers_cannot_share_a_state_file(tmp_path):
+    first = observer.StateFile(tmp_path / "state", tmp_path / "repo")
+    second = observer.StateFile(tmp_path / "state", tmp_path / "repo")
+    first.lock()
+    try:
+        with pytest.raises(StartupError, match="already watching"):
+            second.lock()
+    finally:
+        first.unlock()
+
+
+def test_dispatcher_replies_busy_is_retried_and_refusal_is_skipped(tmp_path):
+    """In-process: 'busy' means try again; any other error means move past that commit."""
+    repo = make_repo(tmp_path / "repo")
+    start = git(repo, "rev-parse", "HEAD")
+    rejected, accepted = commits(repo, 2)
+    seen: list[str] = []
+
+    async def handler(conn, msg):
+        seen.append(msg["sha"])
+        if len(seen) <= 2:
+            return net.error("busy", "queue full")
+        if msg["sha"] == rejected:
+            return net.error("bad_repo", "not a repository we build")
+        return net.ok(build=len(seen), duplicate=False)
+
+    async def scenario():
+        server = await net.serve(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = ObserverConfig(repo=str(repo), dispatcher=f"127.0.0.1:{port}", state_dir=str(tmp_path / "s"))
+        setup = observer.check(cfg)
+        state = observer.StateFile(tmp_path / "s", setup.repo)
+        state.save({"main": start})
+        client = net.Client("127.0.0.1", port, net.OBSERVER)
+        obs = observer.Observer(setup, state, client)
+        try:
+            await asyncio.wait_for(obs.scan(), WAIT)
+        finally:
+            await client.close()
+            server.close()
+        return obs
+
+    obs = asyncio.run(scenario())
+    assert seen == [rejected, rejected, rejected, accepted]
+    assert obs.branches == {"main": accepted}
+    assert observer.StateFile(tmp_path / "s", repo).load() == {"main": accepted}
+
+
+# ---------------------------------------------------------------- the real daemon
+
+class FakeDispatcher:
+    """Records `commit` frames and answers ok {build, duplicate}, on its own loop thread."""
+
+    def __init__(self, port: int = 0, delay: float = 0.0):
+        self.port, self.delay = port, delay
+        self.received: list[dict] = []
+        self._lock = threading.Lock()
+        self._server = None
+        self._writers: set = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    async def _handle(self, conn, msg):
+        self._writers.add(conn.writer)
+        if msg["type"] != "commit":
+            return net.error("unsupported", msg["type"])
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with self._lock:
+            duplicate = any(m["sha"] == msg["sha"] for m in self.received)
+            self.received.append(msg)
+            build = len(self.received)
+        return net.ok(build=build, duplicate=duplicate)
+
+    def start(self) -> "FakeDispatcher":
+        self._server = asyncio.run_coroutine_threadsafe(
+            net.serve(self._handle, "127.0.0.1", self.port, name="fake-dispatcher"), self._loop).result(WAIT)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def shas(self) -> list[str]:
+        with self._lock:
+            return [m["sha"] for m in self.received]
+
+    def wait_for(self, shas: list[str], timeout: float = WAIT) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.shas()
+            if all(sha in got for sha in shas):
+                return got
+            time.sleep(0.02)
+        missing = [sha[:12] for sha in shas if sha not in self.shas()]
+        raise AssertionError(f"dispatcher never received {missing}; got {[s[:12] for s in self.shas()]}")
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # end open connections here, not in a garbage collector later: closing
+        # the transports lets each connection task finish on its own
+        for writer in self._writers:
+            writer.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=WAIT)
+            for task in pending:
+                task.cancel()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(WAIT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(WAIT)
+        self._loop.close()
+
+
+class Observer:
+    """One observer process; the ready line gives its port."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
+        self.proc, self.log_path = proc, log_path
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.port = None
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_ready(self) -> "Observer":
+        try:
+            line = self.lines.get(timeout=WAIT)
+        except queue.Empty:
+            raise AssertionError(f"observer printed no ready line; its log:\n{self.log()}") from None
+        assert line.startswith("tinyci observer listening on "), line + self.log()
+        self.port = int(line.split()[4].rsplit(":", 1)[1])
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, text: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"observer never logged {text!r}; its log:\n{self.log()}"
+            assert self.proc.poll() is None, f"observer exited early; its log:\n{self.log()}"
+            time.sleep(0.02)
+
+    def poke(self, branch: str = "main") -> dict:
+        return asyncio.run(net.call(f"127.0.0.1:{self.port}", {"type": "poke", "branch": branch},
+                                    role=net.OPERATOR, timeout=WAIT))
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    started: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def start(*args: str, ready: bool = True) -> Observer:
+        log_path = tmp_path / f"observer-{len(started)}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--port", "0", *args], cwd=tmp_path,
+                                    env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        started.append(proc)
+        obs = Observer(proc, log_path)
+        return obs.wait_ready() if ready else obs
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(WAIT)
+
+
+@pytest.fixture
+def dispatcher():
+    fakes: list[FakeDispatcher] = []
+
+    def make(**kw) -> FakeDispatcher:
+        fakes.append(FakeDispatcher(**kw))
+        return fakes[-1]
+
+    yield make
+    for fake in fakes:
+        fake.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_commits_after_start_are_reported_oldest_first(tmp_path, spawn, dispatcher):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    fake = dispatcher().start()
+    obs = spawn("--repo", str(repo), "--dispatcher", fake.addr, "--interval", "0.1",
+                "--state", str(tmp_path / "state"))
+    assert fake.wait_for([head]) == [head]
+    first = fake.received[0]
+    assert first == {"type": "commit", "repo": str(repo), "branch": "main", "sha": head,
+                     "author": "Ada Lovelace <ada@example.com>", "subject": "initial",
+                     "time": first["time"]}
+    new = commits(repo, 5)
+    assert fake.wait_for(new) == [head, *new]
+    obs.proc.send_signal(signal.SIGTERM)
+    assert obs.proc.wait(WAIT) == 0
+
+
+def test_poke_wakes_the_observer_at_once(tmp_path, spawn, dispatcher):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    fake = dispatcher().start()
+    obs = spawn("--repo", str(repo), "--dispatcher", fake.addr, "--interval", "30",
+                "--state", str(tmp_path / "state"))
+    fake.wait_for([head])
+    new = commit(repo, "poked")
+    assert obs.poke()["type"] == "ok"
+    # the interval is 30 s, longer than this bound: only the poke can have woken it
+    assert fake.wait_for([new], timeout=10) == [head, new]
+
+
+def test_nothing_is_lost_while_the_dispatcher_is_down(tmp_path, spawn, dispatcher):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    port = free_port()
+    obs = spawn("--repo", str(repo), "--dispatcher", f"127.0.0.1:{port}", "--interval", "0.1",
+                "--state", str(tmp_path / "state"))
+    obs.wait_log(f"dispatcher 127.0.0.1:{port} is unreachable")
+    new = commits(repo, 3)
+    obs.poke()                      # still served during the outage
+    fake = dispatcher(port=port).start()
+    got = fake.wait_for([head, *new])
+    assert got[:4] == [head, *new]
+    assert obs.log().count("is unreachable") == 1    # one warning per outage, not per retry
+    assert "reachable again" in obs.log()
+
+
+def test_unreadable_clone_is_retried_not_fatal(tmp_path, spawn, dispatcher):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    fake = dispatcher().start()
+    obs = spawn("--repo", str(repo), "--dispatcher", fake.addr, "--interval", "0.1",
+                "--state", str(tmp_path / "state"))
+    fake.wait_for([head])
+    (repo / ".git").rename(tmp_path / "git-away")        # as if mid-way through being replaced
+    obs.wait_log(f"{repo} is not a git repository (any more); trying again next scan")
+    (tmp_path / "git-away").rename(repo / ".git")
+    new = commits(repo, 2)
+    assert fake.wait_for(new) == [head, *new]
+    assert obs.proc.poll() is None
+
+
+def test_fetch_mode_reports_the_remote_branches(tmp_path, spawn, dispatcher):
+    upstream = make_repo(tmp_path / "upstream")
+    clone = tmp_path / "clone"
+    subprocess.run([*GIT, "clone", "-q", str(upstream), str(clone)], check=True, timeout=30)
+    head = git(upstream, "rev-parse", "HEAD")
+    config = tmp_path / "config.yaml"
+    config.write_text("observer:\n  fetch: true\n")
+    fake = dispatcher().start()
+    spawn("--config", str(config), "--repo", str(clone), "--dispatcher", fake.addr, "--interval", "0.1",
+          "--state", str(tmp_path / "state"))
+    fake.wait_for([head])
+    new = commits(upstream, 2)
+    git(upstream, "branch", "topic")
+    fake.wait_for(new)
+    deadline = time.monotonic() + WAIT
+    while not any(m["branch"] == "topic" for m in fake.received) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [m["sha"] for m in fake.received if m["branch"] == "main"] == [head, *new]
+    assert [(m["branch"], m["sha"]) for m in fake.received if m["branch"] != "main"] == [("topic", new[-1])]
+    assert {m["repo"] for m in fake.received} == {str(upstream)}     # runners clone the remote itself
+
+
+def test_stops_promptly_while_retrying(tmp_path, spawn):
+    repo = make_repo(tmp_path / "repo")
+    port = free_port()
+    obs = spawn("--repo", str(repo), "--dispatcher", f"127.0.0.1:{port}", "--state", str(tmp_path / "state"))
+    obs.wait_log("is unreachable")
+    obs.proc.send_signal(signal.SIGTERM)
+    assert obs.proc.wait(WAIT) == 0
+    assert "Traceback" not in obs.log()
+
+
+def test_sigkill_and_restart_loses_no_commit(tmp_path, spawn, dispatcher):
+    repo = make_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    fake = dispatcher(delay=0.1).start()
+    args = ("--repo", str(repo), "--dispatcher", fake.addr, "--interval", "0.1", "--state", str(tmp_path / "state"))
+    obs = spawn(*args)
+    fake.wait_for([head])
+    before = commits(repo, 5, "before")
+    fake.wait_for(before[:2])
+    obs.proc.send_signal(signal.SIGKILL)          # mid-batch: the rest are not reported yet
+    obs.proc.wait(WAIT)
+    after = commits(repo, 3, "after")
+    spawn(*args)
+    got = fake.wait_for([*before, *after])
+    assert set(got) == {head, *before, *after}      # duplicates allowed, nothing missing
+    firsts = sorted(set(got), key=got.index)
+    assert firsts == [head, *before, *after]        # and each first seen oldest first
+
+
+@pytest.mark.parametrize("case", ["not_git", "missing", "no_repo", "bad_dispatcher"])
+def test_startup_errors_are_one_line_and_exit_2(tmp_path, spawn, case):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    repo = make_repo(tmp_path / "repo")
+    args, expected = {
+        "not_git": (["--repo", str(plain)], f"{plain} is not a git repository"),
+        "missing": (["--repo", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+        "no_repo": ([], "no repository to watch"),
+        "bad_dispatcher": (["--repo", str(repo), "--dispatcher", "localhost"], "'localhost'"),
+    }[case]
+    obs = spawn(*args, "--state", str(tmp_path / "state"), ready=False)
+    assert obs.proc.wait(WAIT) == 2
+    err = obs.log()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err and err.startswith("tinyci observer: ")
+    assert "Traceback" not in err

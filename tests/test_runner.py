@@ -1,0 +1,527 @@
+"""The runner daemon, end to end: a real runner process driven over real
+sockets by a test acting as the dispatcher, with a fake dispatcher (made with
+net.serve) receiving its registrations, logs and results, and real git
+repositories in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ci import net
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "runner-test-secret"
+# Not `-m ci.runner`: keeps these tests independent of ci/cli.py.
+RUNNER = ("import sys, argparse; from ci import runner; p=argparse.ArgumentParser(); "
+          "runner.add_arguments(p); sys.exit(runner.main(p.parse_args(sys.argv[1:])))")
+GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+# ---------------------------------------------------------------- helpers
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
+                          text=True, timeout=30)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "repo"
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    (path / "README").write_text("a project without tests\n")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "first")
+    return path, git(path, "rev-parse", "HEAD")
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+async def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def run_msg(build: int, repo: Path, sha: str, steps: list[str], timeout: float = 30,
+            attempt: int = 1) -> dict:
+    return {"type": "run", "build": build, "attempt": attempt, "repo": str(repo), "sha": sha,
+            "branch": "main", "steps": steps, "timeout": timeout, "env": {"EXTRA": "from-run"}}
+
+
+class FakeDispatcher:
+    """Records what a runner sends and answers like the real dispatcher would."""
+
+    def __init__(self, heartbeat: float = 60.0):
+        self.heartbeat = heartbeat
+        self.registers: list[dict] = []
+        self.logs: dict[tuple, bytearray] = {}
+        self.results: dict[int, dict] = {}
+        self.result_tries: list[dict] = []
+        self.refuse_results = False
+        self.stale_at: dict[int, str] = {}    # build -> log text after which its lease is stale
+        self.server = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> "FakeDispatcher":
+        self.server = await net.serve(self.handle, "127.0.0.1", port, secret=SECRET,
+                                      roles=frozenset({net.RUNNER}), name="fake dispatcher")
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def log_text(self, build: int, attempt: int = 1) -> str:
+        return bytes(self.logs.get((build, attempt), b"")).decode()
+
+    async def handle(self, conn: net.Connection, msg: dict) -> dict:
+        kind = msg["type"]
+        if kind == "register":
+            self.registers.append(msg)
+            return net.ok(heartbeat_interval=self.heartbeat)
+        key = (msg["build"], msg["attempt"])
+        have = self.logs.setdefault(key, bytearray())
+        if kind == "log":
+            data = msg["data"].encode()
+            if msg["offset"] > len(have):
+                return net.error("offset", "gap in the log", expected=len(have))
+            overlap = len(have) - msg["offset"]
+            have.extend(data[overlap:])
+            marker = self.stale_at.get(msg["build"])
+            if marker and marker.encode() in have:
+                return net.error("stale", "given to another runner")
+            return net.ok(offset=len(have))
+        if kind == "result":
+            self.result_tries.append(msg)
+            if self.refuse_results:
+                return net.error("internal", "the test refuses results for now")
+            if msg.get("log_size", 0) > len(have):
+                return net.error("offset", "log incomplete", expected=len(have))
+            self.results[msg["build"]] = msg
+            return net.ok()
+        return net.error("unsupported", kind)
+
+    async def result(self, build: int, timeout: float = 15.0) -> dict:
+        await wait_until(lambda: build in self.results, f"the result of build {build}", timeout)
+        return self.results[build]
+
+
+@dataclass
+class RunnerProcess:
+    proc: subprocess.Popen
+    port: int
+    name: str
+    workdir: Path
+    stderr_path: Path
+
+    def client(self, role: str = net.DISPATCHER, secret: str = SECRET) -> net.Client:
+        return net.Client("127.0.0.1", self.port, role, secret)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+class Runners:
+    """Starts runner processes and kills every one of them, by PID, at the end."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+        self.build_pids: list[int] = []      # processes builds started, in case a test fails
+        config = tmp_path / "tinyci.yaml"
+        config.write_text(f"auth:\n  secret: {SECRET}\nrunner:\n  kill_grace: 0.3\n")
+        self.config = config
+
+    async def start(self, dispatcher_port: int, *args: str, workdir: Path | None = None,
+                    tag: str = "r") -> RunnerProcess:
+        workdir = workdir or self.tmp / f"work-{tag}"
+        stderr_path = self.tmp / f"runner-{tag}-{len(self.procs)}.err"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
+        env["PYTHONPATH"] = str(ROOT)
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", RUNNER, "--config", str(self.config), "--port", "0",
+                 "--dispatcher", f"127.0.0.1:{dispatcher_port}", "--workdir", str(workdir), *args],
+                cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        self.procs.append(proc)
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+        except asyncio.TimeoutError:
+            proc.kill()         # unblocks the reading thread
+            raise AssertionError(f"runner printed no ready line: {stderr_path.read_text()}")
+        assert line.startswith("tinyci runner listening on 127.0.0.1:"), \
+            f"unexpected ready line {line!r}; stderr: {stderr_path.read_text()}"
+        address, _, name = line.strip().partition(" as ")
+        return RunnerProcess(proc, int(address.rsplit(":", 1)[1]), name, workdir, stderr_path)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            proc.stdout.close()
+        for err in sorted(self.tmp.glob("runner-*.err")):
+            print(f"---- {err.name}\n{err.read_text(errors='replace')}")   # shown when a test fails
+        for pid in self.build_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def runners(tmp_path: Path):
+    started = Runners(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+# ---------------------------------------------------------------- tests
+
+def test_passing_build_streams_its_log_and_leaves_no_process(project, runners, tmp_path):
+    path, sha = project
+    bg_pid = tmp_path / "bg.pid"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port, "--name", "r1")
+        client = runner.client()
+        try:
+            reply = await client.request(run_msg(7, path, sha, [
+                "echo hello-from-step",
+                "echo build=$CI_BUILD commit=$CI_COMMIT branch=$CI_BRANCH ci=$CI extra=$EXTRA",
+                "python -c \"print('héllo', 'wörld')\"",
+                f"sleep 1000 & echo $! > {bg_pid}",     # exits at once, leaving a child behind
+                "python -c \"print('é€😀' * 60000)\"",  # several log frames, cut between characters
+            ]))
+            assert reply["type"] == "ok"
+            result = await fake.result(7)
+            text = fake.log_text(7)
+            assert result["status"] == "passed", text
+            assert (result["exit_code"], result["steps"], result["attempt"]) == (0, 5, 1)
+            assert "\n" + "é€😀" * 60000 + "\n" in text
+            assert "$ echo hello-from-step\nhello-from-step\n[exit 0 after " in text
+            assert f"build=7 commit={sha} branch=main ci=true extra=from-run" in text
+            assert "héllo wörld" in text
+            assert result["log_size"] == len(text.encode())
+            pid = read_pid(bg_pid)
+            runners.build_pids.append(pid)
+            assert pid and not alive(pid), "a step's background process outlived the build"
+            # accepted: the lease, the outbox entry and the local log are gone
+            assert (await client.request({"type": "ping"}))["running"] == []
+            await wait_until(lambda: not list((runner.workdir / "outbox").iterdir())
+                             and not list((runner.workdir / "logs").iterdir()), "the outbox to empty")
+            first = fake.registers[0]
+            assert (first["name"], first["port"], first["slots"]) == ("r1", runner.port, 1)
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_failing_step_skips_the_rest(project, runners):
+    path, sha = project
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        try:
+            await client.request(run_msg(3, path, sha, ["echo first", "exit 3", "echo SKIPPED-STEP"]))
+            result = await fake.result(3)
+            text = fake.log_text(3)
+            assert (result["status"], result["exit_code"], result["steps"]) == ("failed", 3, 2), text
+            assert "$ exit 3\n[exit 3 after " in text
+            assert "SKIPPED-STEP" not in text
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_step_sources_and_checkout_errors(project, runners):
+    path, sha = project
+    (path / ".ci.yaml").write_text("steps:\n  - echo steps-from-ci-yaml\n")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "add .ci.yaml")
+    with_yaml = git(path, "rev-parse", "HEAD")
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        try:
+            # the repository's .ci.yaml wins over the dispatcher's steps
+            await client.request(run_msg(1, path, with_yaml, ["echo from-dispatcher"]))
+            assert (await fake.result(1))["status"] == "passed"
+            assert "steps-from-ci-yaml" in fake.log_text(1)
+            assert "from-dispatcher" not in fake.log_text(1)
+            # no steps anywhere and no tests: an error that says what to do (same clone, fetched again)
+            await client.request(run_msg(2, path, sha, []))
+            assert (await fake.result(2))["status"] == "error"
+            assert "no build steps: set build.steps" in fake.log_text(2)
+            assert not (runner.workdir / "checkouts" / "0" / ".ci.yaml").exists()
+            # a commit the repository does not have
+            await client.request(run_msg(4, path, "0123456789abcdef0123456789abcdef01234567", ["true"]))
+            result = await fake.result(4)
+            assert (result["status"], result["exit_code"]) == ("error", -1)
+            assert "checkout failed: commit 0123456789abcdef" in fake.log_text(4)
+            # a clone a crash left damaged is made again, not failed on forever
+            clone = runner.workdir / "checkouts" / "0" / ".git"
+            (clone / "index.lock").write_text("")
+            (clone / "HEAD").write_text("garbage\n")
+            await client.request(run_msg(6, path, sha, ["echo recovered"]))
+            assert (await fake.result(6))["status"] == "passed", fake.log_text(6)
+            assert "is damaged; cloning it again" in fake.log_text(6)
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_timeout_kills_the_whole_process_tree(project, runners, tmp_path):
+    path, sha = project
+    stubborn = tmp_path / "stubborn.pid"
+    shell = tmp_path / "shell.pid"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        try:
+            # a grandchild that ignores SIGTERM, so only the SIGKILL after kill_grace ends it
+            step = (f"echo $$ > {shell}; sh -c 'trap \"\" TERM; sleep 1000' & echo $! > {stubborn}; "
+                    f"echo started; sleep 1000")
+            await client.request(run_msg(5, path, sha, [step, "echo NEVER-RUN"], timeout=1))
+            result = await fake.result(5)
+            text = fake.log_text(5)
+            assert (result["status"], result["exit_code"]) == ("failed", -1), text
+            assert "timed out after 1 s" in text
+            assert "NEVER-RUN" not in text
+            pids = [read_pid(shell), read_pid(stubborn)]
+            runners.build_pids.extend(p for p in pids if p)
+            assert all(pids) and not any(alive(p) for p in pids), "a process of the step survived"
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancel_kills_a_running_build_and_busy_when_full(project, runners, tmp_path):
+    path, sha = project
+    pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port, "--slots", "2")
+        client = runner.client()
+        try:
+            for build, pid_file in zip((20, 21), pid_files):
+                step = f"sleep 1000 & echo $! > {pid_file}; wait"
+                assert (await client.request(run_msg(build, path, sha, [step])))["type"] == "ok"
+            await wait_until(lambda: all(read_pid(p) for p in pid_files), "both builds to start")
+            runners.build_pids.extend(read_pid(p) for p in pid_files)
+            with pytest.raises(net.RemoteError) as full:
+                await client.request(run_msg(22, path, sha, ["true"]))
+            assert full.value.code == "busy"
+            with pytest.raises(net.RemoteError) as again:
+                await client.request(run_msg(20, path, sha, ["true"], attempt=2))
+            assert again.value.code == "busy"
+            assert (await client.request({"type": "ping"}))["running"] == [[20, 1], [21, 1]]
+
+            assert (await client.request({"type": "cancel", "build": 20}))["type"] == "ok"
+            result = await fake.result(20)
+            assert (result["status"], result["exit_code"]) == ("cancelled", -1), fake.log_text(20)
+            assert not alive(read_pid(pid_files[0]))
+            assert alive(read_pid(pid_files[1])), "cancel reached the wrong build"
+            # the freed slot takes work again; cancelling an unknown build is fine
+            await client.request(run_msg(22, path, sha, ["echo third"]))
+            assert (await fake.result(22))["status"] == "passed"
+            assert (await client.request({"type": "cancel", "build": 999}))["type"] == "ok"
+            await client.request({"type": "cancel", "build": 21})
+            assert (await fake.result(21))["status"] == "cancelled"
+            assert not alive(read_pid(pid_files[1]))
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_result_waits_in_the_outbox_across_a_crash(project, runners, tmp_path):
+    path, sha = project
+    workdir = tmp_path / "work-outbox"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        fake.refuse_results = True
+        first = await runners.start(fake.port, "--name", "crashy", workdir=workdir, tag="one")
+        client = first.client()
+        try:
+            await client.request(run_msg(11, path, sha, ["echo outbox-step-output"]))
+            entry = workdir / "outbox" / "11-1.json"
+            await wait_until(lambda: entry.exists() and fake.result_tries, "a refused result")
+            assert json.loads(entry.read_text())["status"] == "passed"
+        finally:
+            await client.close()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        fake.close()
+
+        # restart with the dispatcher away: one line about it, however many retries
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        second = await runners.start(port, "--name", "crashy", workdir=workdir, tag="two")
+        await wait_until(lambda: "cannot register" in second.stderr(), "the outage to be logged")
+        await asyncio.sleep(0.5)
+        assert second.stderr().count("cannot register") == 1, second.stderr()
+        assert f"127.0.0.1:{port}" in second.stderr()
+
+        # a fresh dispatcher that lost the log: the runner resends it, then the result
+        fresh = await FakeDispatcher().start(port)
+        fresh.refuse_results = True
+        try:
+            # an undelivered result is still a lease: the dispatcher must not take the build back
+            await wait_until(lambda: fresh.registers, "the runner to register")
+            assert fresh.registers[0]["running"] == [[11, 1]]
+            fresh.refuse_results = False
+            result = await fresh.result(11)
+            assert result["status"] == "passed"
+            assert "outbox-step-output" in fresh.log_text(11)
+            await wait_until(lambda: not (workdir / "outbox" / "11-1.json").exists(),
+                             "the delivered result to leave the outbox")
+            assert not (workdir / "logs" / "11-1.log").exists()
+        finally:
+            fresh.close()
+
+    asyncio.run(scenario())
+
+
+def test_stale_log_reply_drops_the_build(project, runners, tmp_path):
+    path, sha = project
+    bg_pid = tmp_path / "bg.pid"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        fake.stale_at[12] = "started"
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        try:
+            step = f"sleep 1000 & echo $! > {bg_pid}; echo started; wait"
+            await client.request(run_msg(12, path, sha, [step]))
+            await wait_until(lambda: "is stale" in runner.stderr(), "the runner to drop the build")
+            assert "build 12 attempt 1 is stale" in runner.stderr()
+            pid = read_pid(bg_pid)
+            runners.build_pids.append(pid)
+            await wait_until(lambda: not alive(pid), "the dropped build's processes to die")
+            assert (await client.request({"type": "ping"}))["running"] == []
+            await wait_until(lambda: not (runner.workdir / "logs" / "12-1.log").exists(),
+                             "the local log to be deleted")
+            assert 12 not in fake.results and not fake.result_tries
+            assert not list((runner.workdir / "outbox").glob("12-*"))
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_stops_the_runner_and_its_builds(project, runners, tmp_path):
+    path, sha = project
+    bg_pid = tmp_path / "bg.pid"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        try:
+            await client.request(run_msg(40, path, sha, [f"sleep 1000 & echo $! > {bg_pid}; wait"]))
+            await wait_until(lambda: read_pid(bg_pid), "the build to start")
+        finally:
+            await client.close()
+        pid = read_pid(bg_pid)
+        runners.build_pids.append(pid)
+        os.kill(runner.proc.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(runner.proc.wait, 10) == 0, runner.stderr()
+        assert not alive(pid), "a build's process outlived the runner"
+        # a build killed by the shutdown is lost, not reported: the dispatcher requeues it
+        assert 40 not in fake.results and not list((runner.workdir / "outbox").iterdir())
+        fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_registration_and_authentication(project, runners):
+    path, sha = project
+
+    async def scenario():
+        fake = await FakeDispatcher(heartbeat=0.1).start()
+        runner = await runners.start(fake.port, "--labels", "linux, py3", "--slots", "2")
+        try:
+            assert runner.name == f"runner-{runner.port}"
+            await wait_until(lambda: fake.registers, "the first registration")
+            first = fake.registers[0]
+            assert (first["name"], first["host"], first["port"]) == (runner.name, "127.0.0.1", runner.port)
+            assert (first["labels"], first["slots"], first["running"]) == (["linux", "py3"], 2, [])
+            # nobody pings it: it takes itself for forgotten and registers again
+            await wait_until(lambda: len(fake.registers) >= 2, "a second registration")
+
+            for role, secret in ((net.OPERATOR, SECRET), (net.RUNNER, SECRET), (net.DISPATCHER, "wrong")):
+                intruder = runner.client(role, secret)
+                try:
+                    with pytest.raises(net.PeerError, match="authentication failed"):
+                        await intruder.request(run_msg(30, path, sha, ["true"]))
+                finally:
+                    await intruder.close()
+            client = runner.client()
+            try:
+                assert (await client.request({"type": "ping"}))["running"] == []
+            finally:
+                await client.close()
+        finally:
+            fake.close()
+
+    asyncio.run(scenario())
