@@ -257,7 +257,7 @@ class Execution:
     def __init__(self, job: Job, checkout: Path, buildlog: BuildLog, kill_grace: float,
                  header: str = ""):
         self.job = job
-        self.checkout = checkout
+        self.checkout = checkout.absolute()
         self.log = buildlog
         self.kill_grace = kill_grace
         self.header = header

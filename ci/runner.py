@@ -85,7 +85,8 @@ class Runner:
         try:
             self.port = server.sockets[0].getsockname()[1]
             self.name = self.name or f"runner-{self.port}"
-            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}")
+            # absolute: git runs inside the checkouts, where a relative path would mean something else
+            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
             self._claim_workdir()
             outbox = Outbox(self.workdir)
             pending = outbox.load()
@@ -178,10 +179,12 @@ class Runner:
         rc = self.config.runner
         if self.outbox is None or self.stop.is_set():
             return net.error("busy", f"runner {self.name} is starting or stopping")
+        if key in self.deliveries:
+            # the dispatcher resends `run` when its connection broke mid-request:
+            # the lease is ours already, so say yes again rather than "busy"
+            return net.ok()
         if any(a.execution.job.build == build for a in self.active.values()):
             return net.error("busy", f"runner {self.name} is already running build {build}")
-        if key in self.deliveries:
-            return net.error("busy", f"runner {self.name} already ran build {build} attempt {attempt}")
         free = [slot for slot in range(rc.slots) if slot not in self.active]
         if not free:
             return net.error("busy", f"all {rc.slots} slot(s) of runner {self.name} are busy")

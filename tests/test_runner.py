@@ -165,21 +165,23 @@ class Runners:
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
         self.procs: list[subprocess.Popen] = []
-        self.build_pids: list[int] = []      # processes builds started, in case a test fails
         config = tmp_path / "tinyci.yaml"
         config.write_text(f"auth:\n  secret: {SECRET}\nrunner:\n  kill_grace: 0.3\n")
         self.config = config
 
     async def start(self, dispatcher_port: int, *args: str, workdir: Path | None = None,
-                    tag: str = "r") -> RunnerProcess:
+                    tag: str = "r", default_workdir: bool = False) -> RunnerProcess:
+        """``default_workdir``: let the runner pick its own (relative to its cwd, tmp_path)."""
         workdir = workdir or self.tmp / f"work-{tag}"
+        if not default_workdir:
+            args = ("--workdir", str(workdir), *args)
         stderr_path = self.tmp / f"runner-{tag}-{len(self.procs)}.err"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
         env["PYTHONPATH"] = str(ROOT)
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-c", RUNNER, "--config", str(self.config), "--port", "0",
-                 "--dispatcher", f"127.0.0.1:{dispatcher_port}", "--workdir", str(workdir), *args],
+                 "--dispatcher", f"127.0.0.1:{dispatcher_port}", *args],
                 cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         self.procs.append(proc)
         try:
@@ -190,6 +192,8 @@ class Runners:
         assert line.startswith("tinyci runner listening on 127.0.0.1:"), \
             f"unexpected ready line {line!r}; stderr: {stderr_path.read_text()}"
         address, _, name = line.strip().partition(" as ")
+        if default_workdir:
+            workdir = self.tmp / ".tinyci" / "runners" / name
         return RunnerProcess(proc, int(address.rsplit(":", 1)[1]), name, workdir, stderr_path)
 
     def close(self) -> None:
@@ -200,8 +204,10 @@ class Runners:
             proc.stdout.close()
         for err in sorted(self.tmp.glob("runner-*.err")):
             print(f"---- {err.name}\n{err.read_text(errors='replace')}")   # shown when a test fails
-        for pid in self.build_pids:
-            if alive(pid):
+        # builds write the pids of what they start to tmp_path/*.pid: none may outlive a failed test
+        for pid_file in self.tmp.glob("*.pid"):
+            pid = read_pid(pid_file)
+            if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -243,7 +249,6 @@ def test_passing_build_streams_its_log_and_leaves_no_process(project, runners, t
             assert "héllo wörld" in text
             assert result["log_size"] == len(text.encode())
             pid = read_pid(bg_pid)
-            runners.build_pids.append(pid)
             assert pid and not alive(pid), "a step's background process outlived the build"
             # accepted: the lease, the outbox entry and the local log are gone
             assert (await client.request({"type": "ping"}))["running"] == []
@@ -263,7 +268,7 @@ def test_failing_step_skips_the_rest(project, runners):
 
     async def scenario():
         fake = await FakeDispatcher().start()
-        runner = await runners.start(fake.port)
+        runner = await runners.start(fake.port, default_workdir=True)
         client = runner.client()
         try:
             await client.request(run_msg(3, path, sha, ["echo first", "exit 3", "echo SKIPPED-STEP"]))
@@ -272,6 +277,7 @@ def test_failing_step_skips_the_rest(project, runners):
             assert (result["status"], result["exit_code"], result["steps"]) == ("failed", 3, 2), text
             assert "$ exit 3\n[exit 3 after " in text
             assert "SKIPPED-STEP" not in text
+            assert (runner.workdir / "checkouts" / "0" / "README").exists()   # the default workdir
         finally:
             await client.close()
             fake.close()
@@ -340,7 +346,6 @@ def test_timeout_kills_the_whole_process_tree(project, runners, tmp_path):
             assert "timed out after 1 s" in text
             assert "NEVER-RUN" not in text
             pids = [read_pid(shell), read_pid(stubborn)]
-            runners.build_pids.extend(p for p in pids if p)
             assert all(pids) and not any(alive(p) for p in pids), "a process of the step survived"
         finally:
             await client.close()
@@ -362,13 +367,14 @@ def test_cancel_kills_a_running_build_and_busy_when_full(project, runners, tmp_p
                 step = f"sleep 1000 & echo $! > {pid_file}; wait"
                 assert (await client.request(run_msg(build, path, sha, [step])))["type"] == "ok"
             await wait_until(lambda: all(read_pid(p) for p in pid_files), "both builds to start")
-            runners.build_pids.extend(read_pid(p) for p in pid_files)
             with pytest.raises(net.RemoteError) as full:
                 await client.request(run_msg(22, path, sha, ["true"]))
             assert full.value.code == "busy"
             with pytest.raises(net.RemoteError) as again:
                 await client.request(run_msg(20, path, sha, ["true"], attempt=2))
             assert again.value.code == "busy"
+            # a resent `run` for a lease it holds is acknowledged, not run twice
+            assert (await client.request(run_msg(20, path, sha, ["true"])))["type"] == "ok"
             assert (await client.request({"type": "ping"}))["running"] == [[20, 1], [21, 1]]
 
             assert (await client.request({"type": "cancel", "build": 20}))["type"] == "ok"
@@ -455,7 +461,6 @@ def test_stale_log_reply_drops_the_build(project, runners, tmp_path):
             await wait_until(lambda: "is stale" in runner.stderr(), "the runner to drop the build")
             assert "build 12 attempt 1 is stale" in runner.stderr()
             pid = read_pid(bg_pid)
-            runners.build_pids.append(pid)
             await wait_until(lambda: not alive(pid), "the dropped build's processes to die")
             assert (await client.request({"type": "ping"}))["running"] == []
             await wait_until(lambda: not (runner.workdir / "logs" / "12-1.log").exists(),
@@ -483,7 +488,6 @@ def test_sigterm_stops_the_runner_and_its_builds(project, runners, tmp_path):
         finally:
             await client.close()
         pid = read_pid(bg_pid)
-        runners.build_pids.append(pid)
         os.kill(runner.proc.pid, signal.SIGTERM)
         assert await asyncio.to_thread(runner.proc.wait, 10) == 0, runner.stderr()
         assert not alive(pid), "a build's process outlived the runner"
