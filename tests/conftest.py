@@ -64,14 +64,18 @@ class Repo:
 
 
 class Daemon:
-    def __init__(self, kind: str, args: list[str], cwd: Path, log: Path, env: dict):
+    def __init__(self, kind: str, args: list[str], cwd: Path, log: Path, env: dict,
+                 prefix: tuple[str, ...] = ()):
         self.kind, self.args, self.cwd, self.log_path, self.env = kind, args, cwd, log, env
+        self.prefix = list(prefix)      # e.g. ("ip", "netns", "exec", NS) to start inside a namespace
         self.start()
 
     def start(self) -> None:
         self.lines: queue.Queue = queue.Queue()
         self.stderr = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"ci.{self.kind}", *self.args], cwd=self.cwd,
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", f"ci.{self.kind}", *self.args],
+                                     cwd=self.cwd,
                                      stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL,
                                      env=self.env, text=True)
         self.pid = self.proc.pid
@@ -87,6 +91,7 @@ class Daemon:
                 raise AssertionError(f"{self.kind} did not start:\n{self.log()}")
             match = READY.search(line)
             if match:
+                self.ready_after = time.monotonic() - self.started_at
                 self.host, self.port = match.group(2), int(match.group(3))
                 self.addr = f"{self.host}:{self.port}"
                 return
