@@ -234,7 +234,8 @@ def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
         ok = all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in value.items())
         value = {k: str(v) for k, v in value.items()} if ok else value
     if not ok:
-        expected = {list: "a list of strings", dict: "a mapping of strings"}.get(kind, f"a {kind.__name__}")
+        expected = {list: "a list of strings", dict: "a mapping of strings", int: "an integer",
+                    float: "a number", bool: "true or false", str: "a string"}[kind]
         raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r:.60}")
     bound = _BOUNDS.get((section, key))
     if bound and not bound[0](value):
