@@ -40,7 +40,7 @@ class Board:
 
     def snapshot(self, frame: dict) -> None:
         """The first frame of a watch: it replaces everything known so far."""
-        self.runners = {r["name"]: dict(r) for r in frame.get("runners", [])}
+        self.runners = {r["name"]: {**r, "running": list(r.get("running") or [])} for r in frame.get("runners", [])}
         self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
         self.connected, self.problem = True, ""
         self._trim()
@@ -55,7 +55,7 @@ class Board:
             if len(self.builds) > self.keep + 100:
                 self._trim()
         elif kind == "runner" and isinstance(frame.get("runner"), dict):
-            runner = dict(frame["runner"])
+            runner = {**frame["runner"], "running": list(frame["runner"].get("running") or [])}
             self.runners[runner["name"]] = runner
         else:
             return                          # an event kind from a newer dispatcher: ignore it
@@ -78,6 +78,8 @@ class Board:
                     and build["id"] not in running:
                 running.append(build["id"])
                 running.sort()
+            if runner.get("state") in ("idle", "busy"):
+                runner["state"] = "busy" if running else "idle"
 
     def _trim(self) -> None:
         finished = sorted((i for i, b in self.builds.items() if b["status"] not in ACTIVE), reverse=True)
