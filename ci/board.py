@@ -30,6 +30,7 @@ class Board:
         self.runners: dict[str, dict] = {}
         self.builds: dict[int, dict] = {}
         self.version = 0                    # grows on every change: redraw when it moved
+        self.news = 0                       # grows when builds, runners or the connection change
         self.log_build: int | None = None
         self.log_lines: deque[str] = deque(maxlen=log_lines)
         self.log_partial = ""
@@ -44,7 +45,7 @@ class Board:
         self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
         self.connected, self.problem = True, ""
         self._trim()
-        self.version += 1
+        self._bump()
 
     def event(self, frame: dict) -> None:
         kind = frame.get("event")
@@ -56,16 +57,23 @@ class Board:
                 self._trim()
         elif kind == "runner" and isinstance(frame.get("runner"), dict):
             runner = {**frame["runner"], "running": list(frame["runner"].get("running") or [])}
+            old = self.runners.get(runner["name"])
             self.runners[runner["name"]] = runner
+            if old is not None and {**old, "last_seen": 0} == {**runner, "last_seen": 0}:
+                return                      # only a heartbeat: the once-a-second redraw shows it
         else:
             return                          # an event kind from a newer dispatcher: ignore it
-        self.version += 1
+        self._bump()
 
     def lost(self, why: str) -> None:
         """The watch broke; what we know stays on screen, marked as possibly stale."""
         if self.connected or self.problem != why:
             self.connected, self.problem = False, why
-            self.version += 1
+            self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        self.news += 1
 
     def _place(self, build: dict) -> None:
         # runner events come on registration, death and heartbeats, not when a

@@ -152,7 +152,7 @@ class Live:
 
     def render(self, now: float, width: int, height: int) -> RenderableType:
         if self.view == "status":
-            header = tui.render_header(self.board, now)
+            header = tui.render_header(self.board, now, width)
             from rich.console import Group
             return Group(header, Text(""), tui.render_status(self.board.status_snapshot(max(height - 12, 5)), now))
         return tui.render_console(self.board, now, width, height)
@@ -175,10 +175,11 @@ class Live:
                 await self._sleep(gap)
 
     async def draw_plain(self) -> None:
-        drawn = -1
+        drawn = 0
         while not self.stop.is_set():
-            if self.board.version != drawn:
-                drawn = self.board.version
+            # the log tail and heartbeats alone do not make a new snapshot worth printing
+            if self.board.news != drawn:
+                drawn = self.board.news
                 self.print_plain()
             await self._sleep(PLAIN_EVERY)
 
