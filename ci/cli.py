@@ -5,7 +5,7 @@ over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast.
 
-Tool subcommands send, to the dispatcher: ``status`` and ``read_log`` (role
+Tool subcommands send, to the dispatcher: ``status``, ``read_log`` and ``watch`` (role
 reader), ``trigger``, ``cancel`` and ``rebuild`` (role operator); to the
 observer: ``poke`` (role observer). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
@@ -93,6 +93,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="how many recent builds to show (default 20)")
     status.add_argument("--json", action="store_true",
                         help='print one JSON object {"runners": [...], "builds": [...]} instead of tables')
+    status.add_argument("-w", "--watch", action="store_true",
+                        help="keep the tables on screen, redrawn as builds and runners change (Ctrl-C "
+                             "stops); when the output is not a terminal, print a new table on each change")
+
+    console = sub.add_parser(
+        "console", help="a live full-screen view of runners, the queue, builds and a build log",
+        description="A live full-screen view of the dispatcher: runners, the queue and why each build "
+                    "waits, recent builds, and the log of the newest running build, updated as events "
+                    "arrive. Ctrl-C quits. When the output is not a terminal, it prints a plain "
+                    "snapshot on each change instead.")
+    _tool_arguments(console)
+    console.add_argument("--follow", type=_build_id, metavar="BUILD",
+                         help="show the log of this build (default: the newest running build)")
+    console.add_argument("--once", action="store_true",
+                         help="print one plain snapshot and exit (its size: $COLUMNS x $LINES, default 80x24)")
 
     log = sub.add_parser(
         "log", help="print a build's log",
@@ -265,6 +280,11 @@ def status(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 10_000:
         raise Failure("--limit must be between 1 and 10000", 2)
     dispatcher = DispatcherLink(args)
+    if args.watch:
+        if args.json:
+            raise Failure("--watch and --json cannot be used together", 2)
+        from . import console as live
+        return live.main(dispatcher, view="status")
     reply = dispatcher.call({"type": "status", "limit": args.limit})
     snapshot = {"runners": reply.get("runners", []), "builds": reply.get("builds", [])}
     if args.json:
@@ -341,8 +361,24 @@ def trigger(args: argparse.Namespace) -> int:
 
 
 def cancel(args: argparse.Namespace) -> int:
-    reply = DispatcherLink(args).call({"type": "cancel", "build": args.build}, net.OPERATOR)
+    reply = DispatcherLink(args).call({"type": "cancel", "build": args.build, "by": _who()}, net.OPERATOR)
     return _print_builds(reply, "cancelled")
+
+
+def _who() -> str:
+    """user@host, for the cancelled build's log."""
+    import getpass
+    import socket
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment or the password database
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"[:200]
+
+
+def console(args: argparse.Namespace) -> int:
+    from . import console as live
+    return live.main(DispatcherLink(args), follow=args.follow, once=args.once)
 
 
 def rebuild(args: argparse.Namespace) -> int:
@@ -359,7 +395,8 @@ def _print_builds(reply: dict, verb: str) -> int:
     return 0
 
 
-TOOLS = {"status": status, "log": show_log, "trigger": trigger, "cancel": cancel, "rebuild": rebuild}
+TOOLS = {"status": status, "log": show_log, "trigger": trigger, "cancel": cancel, "rebuild": rebuild,
+         "console": console}
 
 
 # ---------------------------------------------------------------- notify

@@ -223,6 +223,9 @@ class Dispatcher:
                     return
                 leases = {tuple(lease) for lease in reply["running"]}
                 self.apply(self.sched.heartbeat(runner.name, leases, sent_at, self.clock()))
+                # one small frame per runner per interval, so a console's "last seen" stays true
+                if self.watchers and runner.alive:
+                    self._event("runner", runner=runner.summary())
                 return
         finally:
             self.pinging.discard(runner.name)
@@ -306,8 +309,8 @@ class Dispatcher:
             if build is None:
                 return net.error("not_found", f"no build {build_id}")
             return net.error("finished", f"build {build_id} is already {build.status.value}")
-        self._log_line(build_id, f"=== cancelled by {conn.role} at {conn.peer}, "
-                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===")
+        who = f"{msg['by']} ({conn.role} at {conn.peer})" if msg.get("by") else f"{conn.role} at {conn.peer}"
+        self._log_line(build_id, f"=== cancelled by {who}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===")
         self.apply(plan)
         return net.ok(builds=[build_id])
 
@@ -356,7 +359,12 @@ class Dispatcher:
         queue: asyncio.Queue = asyncio.Queue(maxsize=10_000)
         self.watchers.add(queue)
         try:
-            await conn.send(await self.on_status(conn, {"type": "status"}))
+            snapshot = await self.on_status(conn, {"type": "status", "limit": msg.get("limit", 50)})
+            # every active build too, however old, so a watcher can show the whole queue
+            shown = {b["id"] for b in snapshot["builds"]}
+            snapshot["builds"] += [b.summary() for b in sorted(self.sched.builds.values(), key=lambda b: -b.id)
+                                   if b.id not in shown]
+            await conn.send(snapshot)
             while True:
                 event = await queue.get()
                 if event is None:
@@ -373,22 +381,23 @@ class Dispatcher:
             return net.error("bad_request", "trigger needs a branch or a revision")
         if repo is None:
             return net.error("not_found", "no repository known yet: no commit has been reported")
-        sha = await asyncio.to_thread(_resolve, repo, rev)
-        if sha is None:
+        found = await asyncio.to_thread(_resolve, repo, rev)
+        if found is None:
             return net.error("not_found", f"{rev!r} is not a commit in {repo}")
+        sha, author, subject = found
         branch = msg.get("branch") or "manual"
-        return self._manual(repo, branch, sha, f"triggered {rev}", "manual")
+        return self._manual(repo, branch, sha, subject or f"triggered {rev}", "manual", author)
 
     async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
         old = self.store.get(msg["build"])
         if old is None:
             return net.error("not_found", f"no build {msg['build']}")
-        return self._manual(old.repo, old.branch, old.sha, old.subject, f"rebuild of {old.id}")
+        return self._manual(old.repo, old.branch, old.sha, old.subject, f"rebuild of {old.id}", old.author)
 
-    def _manual(self, repo: str, branch: str, sha: str, subject: str, reason: str) -> dict:
+    def _manual(self, repo: str, branch: str, sha: str, subject: str, reason: str, author: str = "") -> dict:
         now = self.clock()
         build, _ = self.store.add_build(repo=repo, branch=branch, sha=sha, subject=subject,
-                                        reason=reason, now=now)
+                                        author=author, reason=reason, now=now)
         self._log_line(build.id, f"=== {reason} ===")
         log.info("build %d queued (%s)", build.id, reason)
         self._event("build", build=build.summary())
@@ -396,16 +405,22 @@ class Dispatcher:
         return net.ok(builds=[build.id])
 
 
-def _resolve(repo: str, rev: str) -> str | None:
+def _resolve(repo: str, rev: str) -> tuple[str, str, str] | None:
+    """(sha, author, subject) of a revision in the repository, or None."""
     if rev.startswith("-"):
         return None
     try:
         out = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet", "--end-of-options",
                               f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=10)
+        sha = out.stdout.strip()
+        if out.returncode != 0 or len(sha) != 40:
+            return None
+        info = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%an%x00%s", sha],
+                              capture_output=True, text=True, errors="replace", timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
+    author, _, subject = info.stdout.rstrip("\n").partition("\0")
+    return sha, author[:200], subject[:4000]
 
 
 def _utf8_prefix(data: bytes) -> str:

@@ -21,11 +21,12 @@ say where they end with ``end``.
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env
     dispatcher -> runner       ping       -                                       pong {running}
-    dispatcher, operator -> *  cancel     build                                   ok
+    dispatcher, operator -> *  cancel     build attempt? by?                      ok
     reader -> dispatcher       status     limit                                   ok {runners, builds}
     reader -> dispatcher       build      build                                   ok {build}
     reader -> dispatcher       read_log   build offset follow                     chunk... end {status}
-    reader -> dispatcher       watch      -                                       event... (until closed)
+    reader -> dispatcher       watch      limit                                   ok {runners, builds, queue},
+                                                                                then event... (until closed)
     operator -> dispatcher     trigger    branch | rev                            ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     observer, operator -> obs. poke       branch                                  ok
@@ -212,12 +213,13 @@ MESSAGES: dict[str, Spec] = {
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": PATH, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV}),
     "ping": _spec(DISPATCHER),
-    "cancel": _spec({DISPATCHER, OPERATOR}, {"build": BUILD_ID}, {"attempt": ATTEMPT}),
+    # by: who asked (user@host), for the build's log
+    "cancel": _spec({DISPATCHER, OPERATOR}, {"build": BUILD_ID}, {"attempt": ATTEMPT, "by": _str(200)}),
     # tools -> dispatcher
     "status": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
     "build": _spec(TOOLS, {"build": BUILD_ID}),
     "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL}),
-    "watch": _spec(TOOLS),
+    "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255)}),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}),
     # git hook -> observer

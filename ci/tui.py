@@ -75,7 +75,7 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
             str(build.get("id", "")),
             _line(build.get("branch", "")),
             (build.get("sha") or "")[:7],
-            _line(truncate(build.get("subject") or "", SUBJECT_WIDTH)),
+            _subject(build),
             Text(status, style=BUILD_STYLES.get(status, "")),
             str(build.get("attempt", "")),
             _line(build.get("runner") or "-"),
@@ -85,6 +85,18 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
     return table
+
+
+def _subject(build: dict) -> Text:
+    """The subject, after the reason for builds not started by a commit
+    ("manual", "rebuild of 3")."""
+    subject = truncate(build.get("subject") or "", SUBJECT_WIDTH)
+    reason = build.get("reason") or "commit"
+    if reason == "commit":
+        return _line(subject)
+    text = Text(f"{reason}: ", style="italic", no_wrap=True, overflow="ellipsis")
+    text.append(subject)
+    return text
 
 
 def _line(text: str) -> Text:
@@ -127,3 +139,93 @@ def _took(build: dict, now: float) -> str:
     if build.get("status") == "running" and build.get("started_at"):
         return duration(now - build["started_at"])
     return "-"
+
+
+# ---------------------------------------------------------------- the live console
+
+def render_console(board, now: float, width: int, height: int) -> RenderableType:
+    """The whole ``tinyci console`` screen for a ``board.Board``, cut to
+    ``width`` x ``height``: header, runners, queue, recent builds, and the
+    followed log in whatever room is left (at least a quarter of it)."""
+    from rich.layout import Layout
+    runners = sorted(board.runners.values(), key=lambda r: r["name"])
+    queue = board.queue()
+    header_h = 1
+    shown_runners = min(len(runners), max(1, (height - 1) // 5))
+    runners_h = 3 + max(shown_runners, 1) + (len(runners) > shown_runners)
+    shown_queue = min(len(queue), max(1, height // 8))
+    queue_h = 1 + shown_queue + (len(queue) > shown_queue)
+    log_min = max(3, height // 4)
+    room = height - header_h - runners_h - queue_h - log_min - 3
+    recent = board.recent(max(room, 0), queued=False)
+    builds_h = 3 + (len(recent) or 1)
+    log_h = max(height - header_h - runners_h - queue_h - builds_h, 1)
+
+    runner_table = render_runners(runners[:shown_runners], now)
+    if len(runners) > shown_runners:
+        runner_table.caption = f"… and {len(runners) - shown_runners} more"
+    runner_table.title = f"Runners ({len(runners)})"
+    build_table = render_builds(recent, now)
+    build_table.title = "Recent builds"
+    layout = Layout()
+    layout.split_column(
+        Layout(render_header(board, now, width), size=header_h),
+        Layout(runner_table, size=runners_h),
+        Layout(render_queue(board, queue[:shown_queue], len(queue)), size=queue_h),
+        Layout(build_table, size=builds_h),
+        Layout(render_log(board, log_h - 1), size=log_h),
+    )
+    return layout
+
+
+def render_header(board, now: float, width: int | None = None) -> Text:
+    wide = width is None or width >= 90
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("tinyci " if wide else "", style="bold")
+    text.append(board.address, style="bold")
+    if board.connected:
+        text.append(" ● connected", style="green")
+    else:
+        text.append(f" ● disconnected, retrying ({board.problem})" if board.problem != "connecting"
+                    else " ● connecting", style="bold red")
+    counts = board.counts(now)
+    text.append(" │ ")
+    for i, name in enumerate(("queued", "running", "passed", "failed", "error")):
+        if name == "error" and not counts[name]:
+            continue
+        text.append(" · " if i else "")
+        text.append(f"{counts[name]} {name}", style=BUILD_STYLES[name] if counts[name] else "dim")
+    text.append(" (last hour)" if wide else " (1h)", style="dim")
+    return text
+
+
+def render_queue(board, shown: list[dict], total: int) -> RenderableType:
+    if not total:
+        return Text("Queue: empty", no_wrap=True)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(max_width=24, no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(ratio=1, no_wrap=True)
+    grid.add_column(no_wrap=True)
+    for build in shown:
+        grid.add_row(f"#{build['id']}", _line(build.get("branch", "")), (build.get("sha") or "")[:7],
+                     _subject(build), Text(f"waits: {board.why_waiting(build)}", style="yellow"))
+    parts: list[RenderableType] = [Text(f"Queue ({total})", no_wrap=True), grid]
+    if total > len(shown):
+        parts.append(Text(f"… and {total - len(shown)} more", style="dim"))
+    return Group(*parts)
+
+
+def render_log(board, lines: int) -> RenderableType:
+    build_id = board.log_build
+    if build_id is None:
+        return Text("Log: no build has run yet", style="dim")
+    build = board.builds.get(build_id, {})
+    status = board.log_status or build.get("status", "")
+    title = Text(f"Log of #{build_id} ", style="bold", no_wrap=True, overflow="ellipsis")
+    if build:
+        title.append(f"{build.get('branch', '')} {(build.get('sha') or '')[:7]} ")
+    title.append(status, style=BUILD_STYLES.get(status, ""))
+    tail = [Text(line, no_wrap=True, overflow="crop") for line in board.log_tail(lines)]
+    return Group(title, *tail)

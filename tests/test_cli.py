@@ -56,13 +56,14 @@ def test_top_level_help_describes_tinyci():
     done = tinyci("--help")
     assert done.returncode == 0
     for word in ("observer", "dispatcher", "runner", "up --demo", "status", "log", "trigger",
-                 "cancel", "rebuild", "notify"):
+                 "cancel", "rebuild", "notify", "console"):
         assert word in done.stdout
 
 
 @pytest.mark.parametrize("command, flags", [
     ("up", ["--repo", "--demo", "--runners", "--port", "--data", "--interval", "--config"]),
-    ("status", ["--dispatcher", "--json", "--limit", "--config"]),
+    ("status", ["--dispatcher", "--json", "--limit", "--config", "--watch"]),
+    ("console", ["--dispatcher", "--follow", "--once", "--config"]),
     ("log", ["BUILD", "--follow", "--dispatcher"]),
     ("trigger", ["--branch", "REV"]),
     ("cancel", ["BUILD"]),

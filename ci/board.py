@@ -1,0 +1,203 @@
+"""The console's picture of the dispatcher, kept up to date from the ``watch`` stream.
+
+A plain class with no sockets, clock or rendering: ``snapshot()`` takes the
+first frame of a watch (``ok {runners, builds, queue}``), ``event()`` each
+``event`` frame after it (``{event: "build", build}`` or ``{event: "runner",
+runner}``), and ``log_*()`` the chunks of the followed build's log. The
+answers a screen needs (what waits and why, counts, which log to tail) are
+derived here, so tests can feed recorded frames and check them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+ACTIVE = ("queued", "running")
+HOUR = 3600.0
+# CSI/OSC escape sequences and other control characters a build may print;
+# they would move the cursor inside the console's screen
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class Board:
+    def __init__(self, address: str, follow: int | None = None, keep: int = 500, log_lines: int = 500):
+        self.address = address
+        self.follow = follow                # build chosen with --follow; None: the newest running one
+        self.keep = keep                    # finished builds remembered
+        self.connected = False
+        self.problem = "connecting"         # why we are not connected
+        self.runners: dict[str, dict] = {}
+        self.builds: dict[int, dict] = {}
+        self.version = 0                    # grows on every change: redraw when it moved
+        self.news = 0                       # grows when builds, runners or the connection change
+        self.log_build: int | None = None
+        self.log_lines: deque[str] = deque(maxlen=log_lines)
+        self.log_partial = ""
+        self.log_offset = 0
+        self.log_status: str | None = None  # the build's final status once its log ended
+
+    # ------------------------------------------------------------ the watch stream
+
+    def snapshot(self, frame: dict) -> None:
+        """The first frame of a watch: it replaces everything known so far."""
+        self.runners = {r["name"]: {**r, "running": list(r.get("running") or [])} for r in frame.get("runners", [])}
+        self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
+        self.connected, self.problem = True, ""
+        self._trim()
+        self._bump()
+
+    def event(self, frame: dict) -> None:
+        kind = frame.get("event")
+        if kind == "build" and isinstance(frame.get("build"), dict):
+            build = dict(frame["build"])
+            self.builds[build["id"]] = build
+            self._place(build)
+            if len(self.builds) > self.keep + 100:
+                self._trim()
+        elif kind == "runner" and isinstance(frame.get("runner"), dict):
+            runner = {**frame["runner"], "running": list(frame["runner"].get("running") or [])}
+            old = self.runners.get(runner["name"])
+            self.runners[runner["name"]] = runner
+            if old is not None and {**old, "last_seen": 0} == {**runner, "last_seen": 0}:
+                return                      # only a heartbeat: the once-a-second redraw shows it
+        else:
+            return                          # an event kind from a newer dispatcher: ignore it
+        self._bump()
+
+    def lost(self, why: str) -> None:
+        """The watch broke; what we know stays on screen, marked as possibly stale."""
+        if self.connected or self.problem != why:
+            self.connected, self.problem = False, why
+            self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        self.news += 1
+
+    def _place(self, build: dict) -> None:
+        # runner events come on registration, death and heartbeats, not when a
+        # build starts or ends: keep each runner's list of builds in step here
+        for runner in self.runners.values():
+            running = runner.setdefault("running", [])
+            if build["id"] in running and (build["status"] != "running" or build.get("runner") != runner["name"]):
+                running.remove(build["id"])
+            elif build["status"] == "running" and build.get("runner") == runner["name"] \
+                    and build["id"] not in running:
+                running.append(build["id"])
+                running.sort()
+            if runner.get("state") in ("idle", "busy"):
+                runner["state"] = "busy" if running else "idle"
+
+    def _trim(self) -> None:
+        finished = sorted((i for i, b in self.builds.items() if b["status"] not in ACTIVE), reverse=True)
+        for build_id in finished[self.keep:]:
+            if build_id != self.log_build:
+                del self.builds[build_id]
+
+    # ------------------------------------------------------------ what the screen shows
+
+    def queue(self) -> list[dict]:
+        """Queued builds in the order they will be handed out."""
+        return sorted((b for b in self.builds.values() if b["status"] == "queued"), key=lambda b: b["id"])
+
+    def recent(self, limit: int, queued: bool = True) -> list[dict]:
+        """The newest builds first."""
+        builds = sorted(self.builds.values(), key=lambda b: -b["id"])
+        if not queued:
+            builds = [b for b in builds if b["status"] != "queued"]
+        return builds[:limit]
+
+    def why_waiting(self, build: dict) -> str:
+        """Why a queued build has not started, from what the runners look like."""
+        labels = set(build.get("labels") or [])
+        alive = [r for r in self.runners.values() if r.get("state") != "dead"]
+        if not alive:
+            return "no runner alive"
+        able = [r for r in alive if labels <= set(r.get("labels") or [])]
+        if not able:
+            missing = labels - {label for r in alive for label in r.get("labels") or []}
+            if len(missing) == 1:
+                return f"no runner with label {missing.pop()}"
+            return f"no runner with labels {', '.join(sorted(missing or labels))}"
+        if all(len(r.get("running") or []) >= r.get("slots", 1) for r in able):
+            if len(able) == 1:
+                return f"runner {able[0]['name']} busy"
+            return f"all {len(able)} runners busy"
+        return "starting"
+
+    def counts(self, now: float) -> dict[str, int]:
+        """Builds queued and running now, and passed/failed/error/cancelled in the last hour."""
+        counts = {"queued": 0, "running": 0, "passed": 0, "failed": 0, "error": 0, "cancelled": 0}
+        for build in self.builds.values():
+            status = build.get("status")
+            if status in ACTIVE:
+                counts[status] += 1
+            elif status in counts and now - (build.get("finished_at") or build.get("created_at") or 0) <= HOUR:
+                counts[status] += 1
+        return counts
+
+    def log_target(self) -> int | None:
+        """Whose log to tail: the chosen build, else the newest running one, else
+        the one already shown, else the newest that ran."""
+        if self.follow is not None:
+            return self.follow
+        running = [i for i, b in self.builds.items() if b["status"] == "running"]
+        if running:
+            return max(running)
+        if self.log_build is not None:
+            return self.log_build
+        ran = [i for i, b in self.builds.items() if b.get("attempt")]
+        return max(ran) if ran else None
+
+    def status_snapshot(self, limit: int = 20) -> dict:
+        """What ``tui.render_status`` takes, as ``tinyci status`` would show it."""
+        return {"runners": sorted(self.runners.values(), key=lambda r: r["name"]),
+                "builds": self.recent(limit)}
+
+    # ------------------------------------------------------------ the followed log
+
+    def log_start(self, build: int) -> None:
+        """Start tailing ``build``; a different build starts from an empty tail."""
+        if build != self.log_build:
+            self.log_build = build
+            self.log_lines.clear()
+            self.log_partial = ""
+            self.log_offset = 0
+            self.log_status = None
+            self.version += 1
+
+    def log_chunk(self, build: int, offset: int, data: str) -> None:
+        """A ``chunk`` frame; resent bytes (after a reconnect) are skipped."""
+        if build != self.log_build:
+            return
+        raw = data.encode()
+        end = offset + len(raw)
+        if end <= self.log_offset:
+            return
+        if offset < self.log_offset:
+            data = raw[self.log_offset - offset:].decode(errors="replace")
+        self.log_offset = end
+        lines = (self.log_partial + data).split("\n")
+        self.log_partial = lines.pop()
+        self.log_lines.extend(clean(line) for line in lines)
+        self.version += 1
+
+    def log_end(self, build: int, status: str | None) -> None:
+        if build == self.log_build:
+            self.log_status = status
+            self.version += 1
+
+    def log_tail(self, count: int) -> list[str]:
+        """The last ``count`` lines, with the unfinished last line."""
+        lines = list(self.log_lines) + ([clean(self.log_partial)] if self.log_partial else [])
+        return lines[-count:] if count > 0 else []
+
+
+def clean(line: str) -> str:
+    """A log line as a terminal would leave it: what follows the last carriage
+    return (progress bars), without escape sequences; tabs become spaces."""
+    line = line.rstrip("\r")
+    if "\r" in line:
+        line = line.rsplit("\r", 1)[1]
+    return _ESCAPES.sub("", line).expandtabs(4)

@@ -1,0 +1,304 @@
+"""The live console: its state model fed recorded watch frames, its screens
+rendered into a recording console, and the real `tinyci console` in a
+pseudo-terminal and through a pipe against live daemons."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+from rich.console import Console
+
+from ci import tui
+from ci.board import Board, clean
+from conftest import ROOT, child_env
+
+NOW = 1_700_000_000.0
+
+
+def runner(name, state="idle", running=(), slots=1, labels=(), port=8889, seen=1.0):
+    return {"name": name, "host": "127.0.0.1", "port": port, "labels": list(labels), "slots": slots,
+            "state": state, "running": list(running), "last_seen": NOW - seen}
+
+
+def build(id, status, runner=None, attempt=1, labels=(), reason="commit", subject=None, age=60.0,
+          took=None, branch="main"):
+    started = NOW - age + 1 if attempt else None
+    return {"id": id, "repo": "/src/app", "branch": branch, "sha": f"{id:07x}" + "a" * 33,
+            "subject": subject or f"change number {id}", "author": "Ada", "reason": reason,
+            "status": status, "attempt": attempt, "runner": runner, "labels": list(labels),
+            "created_at": NOW - age, "started_at": started,
+            "finished_at": started + took if took is not None else None, "exit_code": None,
+            "duration": took}
+
+
+# A recorded first frame of a watch: two live runners (one busy), one dead,
+# a queue of three, and a history with a failure.
+SNAPSHOT = {
+    "type": "ok",
+    "runners": [runner("alpha", "busy", [41], labels=["linux"], seen=0.4),
+                runner("beta", "idle", port=8890, seen=0.7),
+                runner("gamma", "dead", port=8891, labels=["gpu"], seen=95)],
+    "builds": [build(44, "queued", attempt=0, labels=["gpu"], age=2),
+               build(43, "queued", attempt=0, age=3),
+               build(42, "queued", attempt=0, reason="manual", age=4),
+               build(41, "running", "alpha", age=20),
+               build(40, "failed", "beta", age=300, took=12.5, subject="Break the parser"),
+               build(39, "passed", "alpha", age=400, took=9.0),
+               build(38, "passed", "alpha", age=3 * 3600, took=9.0)],
+    "queue": [42, 43, 44],
+}
+
+
+def board(snapshot=SNAPSHOT, **kw) -> Board:
+    b = Board("127.0.0.1:8888", **kw)
+    b.snapshot(snapshot)
+    return b
+
+
+def screen(renderable, width=80, height=24, styles=False) -> str:
+    console = Console(record=True, width=width, height=height, color_system="standard" if styles else None,
+                      force_terminal=styles, file=open(os.devnull, "w"))
+    console.print(renderable)
+    console.file.close()
+    return console.export_text(styles=styles)
+
+
+# ---------------------------------------------------------------- the state model
+
+def test_why_each_queued_build_waits():
+    b = board()
+    assert [x["id"] for x in b.queue()] == [42, 43, 44]
+    why = {x["id"]: b.why_waiting(x) for x in b.queue()}
+    # beta is idle, so unlabelled builds are about to start; only gamma had "gpu" and it is dead
+    assert why == {42: "starting", 43: "starting", 44: "no runner with label gpu"}
+    b.event({"type": "event", "event": "build", "build": build(42, "running", "beta", age=4)})
+    assert b.why_waiting(b.queue()[0]) == "all 2 runners busy"
+    for name in ("alpha", "beta"):
+        b.event({"type": "event", "event": "runner", "runner": runner(name, "dead")})
+    assert b.why_waiting(b.queue()[0]) == "no runner alive"
+
+
+def test_events_keep_runners_slots_in_step_with_builds():
+    b = board()
+    b.event({"type": "event", "event": "build", "build": build(43, "running", "beta", age=3)})
+    assert b.runners["beta"]["running"] == [43] and b.runners["beta"]["state"] == "busy"
+    b.event({"type": "event", "event": "build", "build": build(41, "passed", "alpha", age=20, took=19)})
+    b.event({"type": "event", "event": "build", "build": build(43, "cancelled", "beta", age=3, took=1)})
+    assert b.runners["alpha"]["running"] == [] and b.runners["beta"]["running"] == []
+    assert b.runners["alpha"]["state"] == b.runners["beta"]["state"] == "idle"
+    b.event({"type": "event", "event": "something-new"})       # a newer dispatcher's event: ignored
+    assert b.counts(NOW) == {"queued": 2, "running": 0, "passed": 2, "failed": 1, "error": 0,
+                             "cancelled": 1}                    # build 38 is older than an hour
+
+
+def test_log_tail_follows_newest_running_build_and_skips_resent_bytes():
+    b = board()
+    assert b.log_target() == 41
+    b.log_start(41)
+    b.log_chunk(41, 0, "$ make\ncompiling")
+    b.log_chunk(41, 0, "$ make\ncompiling")                     # resent after a reconnect
+    b.log_chunk(41, 16, " done\n\x1b[32mok\x1b[0m\r\nprogress 10%\rprogress 100%\n")
+    assert b.log_tail(10) == ["$ make", "compiling done", "ok", "progress 100%"]
+    b.log_chunk(40, 0, "someone else's log\n")                 # not the followed build
+    assert len(b.log_tail(10)) == 4
+    b.event({"type": "event", "event": "build", "build": build(45, "running", "beta", age=1)})
+    assert b.log_target() == 45
+    assert board(follow=40).log_target() == 40
+    assert clean("a\tb\x07\x1b]0;title\x07c") == "a   bc"
+
+
+def test_lost_connection_keeps_what_is_known():
+    b = board()
+    b.lost("connection refused")
+    assert not b.connected and b.problem == "connection refused" and len(b.runners) == 3
+    text = screen(tui.render_header(b, NOW))
+    assert "disconnected, retrying (connection refused)" in text
+
+
+# ---------------------------------------------------------------- screens
+
+def test_console_screen_at_80x24_shows_what_an_operator_looks_for():
+    b = board()
+    b.log_start(41)
+    b.log_chunk(41, 0, "".join(f"test {i} ok\n" for i in range(40)) + "AssertionError: boom\n")
+    text = screen(tui.render_console(b, NOW, 80, 24))
+    lines = text.splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines), text
+    assert "127.0.0.1:8888" in lines[0] and "connected" in lines[0]
+    assert re.search(r"1 queued|3 queued", lines[0]) and "1 running" in lines[0] and "1 failed" in lines[0]
+    assert re.search(r"alpha\s+127\.0\.0\.1:8889\s+linux\s+busy\s+1/1\s+#41\s+0\.4s ago", text)
+    assert re.search(r"gamma .* dead", text)
+    assert re.search(r"#44 .* waits: no runner with label gpu", text)
+    assert re.search(r"#42 .*manual: change number 42", text)
+    assert re.search(r"\b40\s+main\s+0000028\s+Break the parser\s+failed\s+1\s+beta\s+12s\s+5m ago", text)
+    assert "Log of #41 main 0000029 running" in text
+    assert lines[-1].strip() == "AssertionError: boom"          # the tail ends at the newest line
+
+
+def test_console_uses_a_bigger_terminal():
+    many = dict(SNAPSHOT, builds=SNAPSHOT["builds"] + [build(i, "passed", "alpha", age=500 + i, took=3)
+                                                       for i in range(1, 38)])
+    b = board(many)
+    small, big = screen(tui.render_console(b, NOW, 80, 24)), screen(tui.render_console(b, NOW, 160, 60), 160, 60)
+    rows = lambda text: len(re.findall(r"^\s*\d+\s+main\s", text, re.M))
+    assert rows(big) > rows(small) + 10
+    assert max(len(line) for line in big.splitlines()) > 80
+
+
+def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
+    b = board()
+    b.lost("connection refused")
+    styled = screen(tui.render_console(b, NOW, 100, 30), 100, 30, styles=True)
+    assert "\x1b[1;31mdead" in styled and "\x1b[31mfailed" in styled and "\x1b[33mrunning" in styled
+    assert "disconnected, retrying" in styled
+
+
+def test_empty_console_says_what_to_do():
+    b = Board("127.0.0.1:8888")
+    text = screen(tui.render_console(b, NOW, 80, 24))
+    assert "connecting" in text and "tinyci runner" in text and "Queue: empty" in text
+
+
+# ---------------------------------------------------------------- the real console
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+
+
+class Terminal:
+    """`tinyci console` in a pseudo-terminal of a given size; frames are what
+    rich drew after each cursor-home."""
+
+    def __init__(self, argv: list[str], cols: int = 100, rows: int = 30):
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-m", "ci", *argv], stdin=slave, stdout=slave,
+                                     stderr=slave, env=child_env(TERM="xterm-256color"), cwd=ROOT,
+                                     start_new_session=True)
+        os.close(slave)
+        self.out = b""
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:             # the child closed its side
+                    return
+                if not data:
+                    return
+                self.out += data
+
+    def frames(self) -> list[str]:
+        return [ANSI.sub(b"", f).decode(errors="replace") for f in self.out.split(b"\x1b[H")[-3:]]
+
+    def wait_for(self, pattern: str, what: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump(0.1)
+            for frame in self.frames():
+                if re.search(pattern, frame, re.M):
+                    return frame
+        raise AssertionError(f"the console never showed {what} ({pattern!r}); last frame:\n"
+                             f"{self.frames()[-1]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.master)
+
+
+def test_console_in_a_terminal_shows_a_commit_go_from_running_to_passed(cluster, repo, tmp_path):
+    c = cluster()
+    c.dispatcher()
+    c.runner("r1")
+    c.observer(repo)
+    c.wait_builds(lambda b: len(b) == 1 and b[0]["status"] == "passed", "the first commit to pass")
+    term = Terminal(["console", "--dispatcher", c.disp.addr])
+    try:
+        term.wait_for(r"^\s*1\s+main\s+\w{7}\s+initial\s+passed\s+1\s+r1", "build 1 passed", timeout=15)
+        term.wait_for(r"r1\s+127\.0\.0\.1:\d+\s+-\s+idle\s+0/1", "r1 idle")
+        go = tmp_path / "go"
+        sha = repo.commit("wait for the test", {"build.sh": (
+            f"echo waiting for the test; i=0\n"
+            f"while [ ! -f {go} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\necho released\n")})
+        frame = term.wait_for(rf"^\s*2\s+main\s+{sha[:7]}\s+wait for the test\s+running\s+1\s+r1", "build 2 running")
+        assert re.search(r"r1\s+127\.0\.0\.1:\d+\s+-\s+busy\s+1/1\s+#2", frame), frame
+        term.wait_for(r"Log of #2 main .* running", "the log of build 2")
+        term.wait_for(r"^waiting for the test\s*$", "build 2's output")
+        go.touch()
+        frame = term.wait_for(rf"^\s*2\s+main\s+{sha[:7]}\s+wait for the test\s+passed", "build 2 passed")
+        assert re.search(r"^released\s*$", frame, re.M) or "released" in term.wait_for("released", "the tail")
+        os.kill(term.proc.pid, signal.SIGINT)
+        term.pump(3)
+        assert term.proc.wait(10) == 0
+        # the screen the console borrowed is given back, with the cursor visible
+        assert term.out.rstrip().endswith(b"\x1b[?25h\x1b[?1049l"), term.out[-200:]
+    finally:
+        term.close()
+
+
+def test_console_without_a_terminal_prints_plain_snapshots_and_rides_out_a_dispatcher_restart(cluster, tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    c = cluster()
+    c.disp = disp = c._start("dispatcher", "dispatcher", ["--data", str(tmp_path / "data"), "--port", str(port)])
+    c.runner("r1")
+    proc = subprocess.Popen([sys.executable, "-m", "ci", "console", "--dispatcher", disp.addr],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=child_env(COLUMNS="90"), cwd=ROOT)
+    out = b""
+
+    def until(pattern: bytes, what: str, timeout: float = 30.0) -> None:
+        nonlocal out
+        start = len(out)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if ready:
+                out += os.read(proc.stdout.fileno(), 65536)
+                if re.search(pattern, out[start:]):
+                    return
+        raise AssertionError(f"no {what} in the console's output:\n{out.decode(errors='replace')}")
+
+    try:
+        until(rb"connected .*\n(.*\n)*.*r1\s+127\.0\.0\.1", "snapshot with r1")
+        disp.kill()
+        until(rb"disconnected, retrying", "disconnected line")
+        disp.start()
+        until(rb"\xe2\x97\x8f connected", "reconnection")
+        os.kill(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        out += rest
+        assert b"\x1b" not in out                   # no escape codes in a pipe
+        assert all(len(line) <= 90 for line in out.decode().splitlines())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_console_once_against_nothing_is_one_line_exit_1():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "ci", "console", "--once", "--dispatcher", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == f"tinyci: cannot reach the dispatcher at 127.0.0.1:{port} (connection refused)\n"
