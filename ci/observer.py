@@ -230,14 +230,24 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         try:
             await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            # cancelling is safe at any await: the state is only touched between awaits
-            for task in (watching, stopping):
-                task.cancel()
-            await asyncio.gather(watching, stopping, return_exceptions=True)
+            stopping.cancel()
+            await _cancel(watching)
             server.close()
     finally:
         await client.close()
         state.unlock()
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    """Cancel ``task`` and wait for it to end. Cancelling is safe at any await:
+    the state is only touched between awaits. Cancelling more than once,
+    because before Python 3.12 ``asyncio.wait_for`` swallows a cancellation
+    that lands just as its inner await completes (a reply arriving as we stop)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the scan loop failed", exc_info=task.exception())
 
 
 class Observer:
