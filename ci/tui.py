@@ -17,13 +17,37 @@ from rich.text import Text
 
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
-                "failed": "red", "error": "bold magenta", "cancelled": "dim"}
+                "failed": "red", "error": "bold magenta", "cancelled": "dim", "skipped": "dim"}
 SUBJECT_WIDTH = 40
 
 
 def render_status(snapshot: dict, now: float) -> RenderableType:
-    return Group(render_runners(snapshot.get("runners", []), now), Text(""),
-                 render_builds(snapshot.get("builds", []), now))
+    parts = [render_runners(snapshot.get("runners", []), now), Text(""),
+             render_builds(snapshot.get("builds", []), now)]
+    if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
+        parts += [Text(""), render_pipelines(snapshot["pipelines"])]
+    return Group(*parts)
+
+
+def render_pipelines(pipelines: Iterable[dict]) -> Table:
+    """Each commit's status over its jobs (any error -> error; any failed -> failed; ...)."""
+    table = Table(title="Commits", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True)
+    table.add_column("commit", no_wrap=True)
+    table.add_column("branch", max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("jobs")
+    for pipeline in pipelines:
+        status = pipeline.get("status", "")
+        jobs = Text()
+        for job in pipeline.get("jobs") or []:
+            if jobs:
+                jobs.append("  ")
+            jobs.append(f"{job.get('job') or 'default'} #{job.get('build')} ")
+            jobs.append(job.get("status", ""), style=BUILD_STYLES.get(job.get("status", ""), ""))
+        table.add_row((pipeline.get("sha") or "")[:7], _line(pipeline.get("branch", "")),
+                      Text(status, style=BUILD_STYLES.get(status, "")), jobs)
+    return table
 
 
 def render_runners(runners: Iterable[dict], now: float) -> Table:
@@ -66,7 +90,8 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
     table.add_column("subject")
     table.add_column("status", no_wrap=True)
     table.add_column("try", justify="right", no_wrap=True)
-    table.add_column("runner", max_width=16)
+    table.add_column("job", max_width=16)
+    table.add_column("runner", max_width=24)
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("age", justify="right", no_wrap=True)
     for build in builds:
@@ -78,13 +103,24 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
             _line(truncate(build.get("subject") or "", SUBJECT_WIDTH)),
             Text(status, style=BUILD_STYLES.get(status, "")),
             str(build.get("attempt", "")),
-            _line(build.get("runner") or "-"),
+            _line(build.get("job") or "-"),
+            _line(build.get("runner") or _waiting(build)),
             _took(build, now),
             _ago(build.get("created_at"), now),
         )
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
     return table
+
+
+def _waiting(build: dict) -> str:
+    """For a queued build no live runner can take: what it waits for."""
+    need = build.get("waiting_for")
+    if need is None:
+        return "-"
+    if not need:
+        return "waits for a runner"
+    return "waits for label " + ",".join(need) if len(need) == 1 else "waits for labels " + ",".join(need)
 
 
 def _line(text: str) -> Text:
