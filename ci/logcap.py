@@ -59,7 +59,12 @@ class LogCap:
             # over the cap: keep the head (never what earlier attempts left), move the rest to the tail
             head = max(self.keep, base)
             moved = b""
-            if have > head:
+            if have < head:
+                fill = utf8_boundary(data[:head - have])
+                with open(main, "ab") as f:
+                    f.write(data[:fill])
+                data = data[fill:]
+            elif have > head:
                 with open(main, "r+b") as f:
                     f.seek(max(0, head - 4))
                     edge = f.read(head - max(0, head - 4))

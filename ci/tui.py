@@ -78,7 +78,7 @@ def render_runners(runners: Iterable[dict], now: float) -> Table:
     return table
 
 
-def render_builds(builds: Iterable[dict], now: float) -> Table:
+def render_builds(builds: Iterable[dict], now: float) -> RenderableType:
     builds = list(builds)
     table = Table(title="Builds", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   collapse_padding=True)
@@ -90,37 +90,43 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
     table.add_column("subject")
     table.add_column("status", no_wrap=True)
     table.add_column("try", justify="right", no_wrap=True)
-    table.add_column("job", max_width=16)
-    table.add_column("runner", max_width=24)
+    jobs = any(build.get("job") for build in builds)     # a column only where .ci.yaml has jobs
+    if jobs:
+        table.add_column("job", max_width=16)
+    table.add_column("runner", max_width=16)
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("age", justify="right", no_wrap=True)
     for build in builds:
         status = build.get("status", "")
-        table.add_row(
+        cells = [
             str(build.get("id", "")),
             _line(build.get("branch", "")),
             (build.get("sha") or "")[:7],
             _line(truncate(build.get("subject") or "", SUBJECT_WIDTH)),
             Text(status, style=BUILD_STYLES.get(status, "")),
             str(build.get("attempt", "")),
-            _line(build.get("job") or "-"),
-            _line(build.get("runner") or _waiting(build)),
+            *([_line(build.get("job") or "-")] if jobs else []),
+            _line(build.get("runner") or "-"),
             _took(build, now),
             _ago(build.get("created_at"), now),
-        )
+        ]
+        table.add_row(*cells)
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
+    waits = [f"#{b.get('id')} waits for {_waiting(b)}" for b in builds if b.get("waiting_for") is not None]
+    if waits:
+        return Group(table, Text("\n".join(waits), style="cyan"))
     return table
 
 
 def _waiting(build: dict) -> str:
     """For a queued build no live runner can take: what it waits for."""
-    need = build.get("waiting_for")
-    if need is None:
-        return "-"
+    need = build.get("waiting_for") or []
     if not need:
-        return "waits for a runner"
-    return "waits for label " + ",".join(need) if len(need) == 1 else "waits for labels " + ",".join(need)
+        return "a runner: none is alive"
+    if len(need) == 1:
+        return f"label {need[0]}: no live runner has it"
+    return f"labels {', '.join(need)}: no live runner has them all"
 
 
 def _line(text: str) -> Text:
