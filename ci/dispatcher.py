@@ -529,8 +529,11 @@ class Dispatcher:
         if old is None:
             return net.error("not_found", f"no build {msg['build']}")
         reason = f"rebuild of {old.id}"
+        jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
+        if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
+            jobs, problem = await asyncio.to_thread(_jobs_at, old.repo, old.sha)
         builds, _ = self._queue_jobs(dict(repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject),
-                                     [{"name": old.job, "labels": list(old.labels)}], reason=reason, note=reason)
+                                     jobs, problem, reason=reason, note=reason)
         return net.ok(builds=[b.id for b in builds])
 
 
