@@ -5,8 +5,9 @@ over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast.
 
-Tool subcommands send, to the dispatcher: ``status``, ``read_log`` and ``watch`` (role
-reader), ``trigger``, ``cancel`` and ``rebuild`` (role operator); to the
+Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
+``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel`` and
+``rebuild`` (role operator); to the
 observer: ``poke`` (role observer). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib
 import json
 import os
@@ -92,7 +94,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20, metavar="N",
                         help="how many recent builds to show (default 20)")
     status.add_argument("--json", action="store_true",
-                        help='print one JSON object {"runners": [...], "builds": [...]} instead of tables')
+                        help='print one JSON object {"runners": [...], "builds": [...], "pipelines": [...]} '
+                             'instead of tables')
     status.add_argument("-w", "--watch", action="store_true",
                         help="keep the tables on screen, redrawn as builds and runners change (Ctrl-C "
                              "stops); when the output is not a terminal, print a new table on each change")
@@ -117,6 +120,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     log.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     log.add_argument("-f", "--follow", action="store_true",
                      help="keep printing until the build finishes; exit 0 only if it passed")
+
+    artifacts = sub.add_parser(
+        "artifacts", help="list a build's artifacts, or fetch one",
+        description="List the files a build uploaded (the .ci.yaml `artifacts` globs), or fetch one "
+                    "with --get PATH (to stdout, or to FILE with -o).")
+    _tool_arguments(artifacts)
+    artifacts.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+    artifacts.add_argument("--get", metavar="PATH", help="fetch this artifact (a path from the list)")
+    artifacts.add_argument("-o", "--output", metavar="FILE", help="with --get: write it to FILE")
 
     trigger = sub.add_parser(
         "trigger", help="queue a build of a branch head or a commit",
@@ -286,7 +298,8 @@ def status(args: argparse.Namespace) -> int:
         from . import console as live
         return live.main(dispatcher, view="status")
     reply = dispatcher.call({"type": "status", "limit": args.limit})
-    snapshot = {"runners": reply.get("runners", []), "builds": reply.get("builds", [])}
+    snapshot = {"runners": reply.get("runners", []), "builds": reply.get("builds", []),
+                "pipelines": reply.get("pipelines", [])}
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
@@ -348,6 +361,51 @@ def show_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def artifacts(args: argparse.Namespace) -> int:
+    dispatcher = DispatcherLink(args)
+    if args.output and not args.get:
+        raise Failure("artifacts: -o FILE goes with --get PATH", 2)
+    if not args.get:
+        listed = dispatcher.call({"type": "artifacts", "build": args.build}).get("artifacts") or []
+        if not listed:
+            print(f"build {args.build} has no artifacts")
+        for item in listed:
+            print(f"{item['size']:>12}  {item['path']}")
+        return 0
+
+    async def fetch(out) -> None:
+        client = dispatcher.client(net.READER)
+        try:
+            offset = 0
+            while True:
+                reply = await client.request({"type": "fetch_artifact", "build": args.build,
+                                              "path": args.get, "offset": offset})
+                data = base64.b64decode(reply.get("data", ""))
+                out.write(data)
+                offset += len(data)
+                if reply.get("eof") or not data:
+                    return
+        finally:
+            await client.close()
+
+    if args.output:
+        tmp = f"{args.output}.part"
+        try:
+            with open(tmp, "wb") as out:
+                dispatcher.run(fetch(out))
+            os.replace(tmp, args.output)
+        except OSError as exc:
+            raise Failure(f"cannot write {args.output}: {exc.strerror}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        print(f"build {args.build}: {args.get} -> {args.output}")
+    else:
+        dispatcher.run(fetch(sys.stdout.buffer))
+        sys.stdout.flush()
+    return 0
+
+
 def trigger(args: argparse.Namespace) -> int:
     msg: dict = {"type": "trigger"}
     if args.branch:
@@ -395,8 +453,8 @@ def _print_builds(reply: dict, verb: str) -> int:
     return 0
 
 
-TOOLS = {"status": status, "log": show_log, "trigger": trigger, "cancel": cancel, "rebuild": rebuild,
-         "console": console}
+TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
+         "rebuild": rebuild, "console": console}
 
 
 # ---------------------------------------------------------------- notify

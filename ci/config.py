@@ -40,6 +40,9 @@ class DispatcherConfig:
     heartbeat_interval: float = 1.0
     heartbeat_misses: int = 3
     max_attempts: int = 3
+    max_log_bytes: int = 16 << 20
+    max_artifact_bytes: int = 100 << 20     # per build
+    supersede: list = field(default_factory=list)   # branch patterns
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,12 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    on_finish: list = field(default_factory=list)
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     secret: str = ""
     secret_file: str = ""
@@ -89,6 +98,7 @@ class Config:
     build: BuildConfig = field(default_factory=BuildConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     net: NetConfig = field(default_factory=NetConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = "built-in defaults"
 
     @property
@@ -117,6 +127,9 @@ _BOUNDS = {
     ("dispatcher", "heartbeat_interval"): (lambda v: v > 0, "greater than 0"),
     ("dispatcher", "heartbeat_misses"): (lambda v: v >= 1, "at least 1"),
     ("dispatcher", "max_attempts"): (lambda v: v >= 1, "at least 1"),
+    ("dispatcher", "max_log_bytes"): (lambda v: v >= 1024, "at least 1024"),
+    ("dispatcher", "max_artifact_bytes"): (lambda v: v >= 0, "0 or more"),
+    ("notify", "timeout"): (lambda v: v > 0, "greater than 0"),
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),

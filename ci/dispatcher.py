@@ -1,9 +1,15 @@
 """The dispatcher daemon: owns the queue, the build records and the runner
 registry, and hands commits to runners.
 
-Receives: ``commit`` (observer); ``register``, ``log``, ``result`` (runners);
-``status``, ``build``, ``read_log``, ``watch``, ``trigger``, ``rebuild``,
-``cancel`` (tools). Sends to runners: ``run``, ``ping``, ``cancel``.
+Receives: ``commit`` (observer); ``register``, ``log``, ``artifact``,
+``result`` (runners); ``status``, ``build``, ``read_log``, ``watch``,
+``artifacts``, ``fetch_artifact``, ``trigger``, ``rebuild``, ``cancel``
+(tools). Sends to runners: ``run``, ``ping``, ``cancel``.
+
+A commit becomes one build per ``.ci.yaml`` job (the observer reads the file
+and sends the jobs; without them, one default job); a commit whose message
+says ``[skip ci]`` or ``[ci skip]`` is recorded as one ``skipped`` build.
+When a build ends, the ``notify.on_finish`` commands run in the background.
 
 This module only decodes, calls the Scheduler, persists, and sends. Every
 state change is committed to SQLite before anyone is told about it. Work is
@@ -15,21 +21,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import fnmatch
 import logging
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
-from . import daemon, net
+from . import buildfile, daemon, net, notify
+from .artifacts import ArtifactError, Artifacts
 from .config import Config
-from .models import Build, Runner, Status
+from .logcap import LogCap
+from .models import Build, Runner, Status, pipeline_status
 from .scheduler import Plan, Scheduler
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 LOG_CHUNK = 256 * 1024
+ARTIFACT_CHUNK = 256 * 1024
+SKIP_MARKERS = ("[skip ci]", "[ci skip]")
+DEFAULT_JOBS = [{"name": buildfile.DEFAULT_JOB, "labels": []}]
 
 
 class Dispatcher:
@@ -46,6 +60,8 @@ class Dispatcher:
         self.pinging: set[str] = set()
         self.changed = asyncio.Event()              # set and replaced on every change (log or state)
         self.watchers: set[asyncio.Queue] = set()
+        self.artifacts = Artifacts(store)
+        self.logcap = LogCap(store.logs, cfg.max_log_bytes)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -108,8 +124,12 @@ class Dispatcher:
             log.info("build %d queued again: %s", build.id, why)
         for build, why in plan.errored:
             log.warning("build %d: %s", build.id, why)
+        for build in plan.finished:
+            self._notify(build)
         for build, runner in plan.assign:
             log.info("build %d attempt %d -> %s", build.id, build.attempt, runner.name)
+            if build.attempt > 1:
+                self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
             self._spawn(self.send_run(build, runner))
         for runner, build_id, attempt in plan.cancel:
             self._spawn(self.send_cancel(runner, build_id, attempt))
@@ -138,8 +158,19 @@ class Dispatcher:
             else:
                 queue.put_nowait({"type": "event", "event": kind, **data})
 
+    def _notify(self, build: Build) -> None:
+        """Start the notify.on_finish commands for a build that ended; never waited for."""
+        cfg = self.config.notify
+        if not cfg.on_finish:
+            return
+        env = notify.environment(build.summary(), str(self.store.log_path(build.id).absolute()))
+        for command in cfg.on_finish:
+            self._spawn(notify.run(command, env, cfg.timeout, f"build {build.id}"))
+
     def _log_line(self, build_id: int, text: str) -> int:
-        """Append a line of the dispatcher's own, on a line of its own."""
+        """Append a line of the dispatcher's own, on a line of its own (after
+        the tail of an attempt's log that went over the cap)."""
+        self.logcap.close(build_id)
         if not self.store.log_ends_with_newline(build_id):
             text = "\n" + text
         return self.store.append_log(build_id, (text + "\n").encode())
@@ -157,7 +188,8 @@ class Dispatcher:
         cfg = self.config.build
         msg = {"type": "run", "build": build.id, "attempt": build.attempt, "repo": build.repo,
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
-               "timeout": cfg.timeout, "env": dict(cfg.env)}
+               "timeout": cfg.timeout, "env": dict(cfg.env), "job": build.job,
+               "artifacts_limit": self.config.dispatcher.max_artifact_bytes}
         try:
             try:
                 await self.link(runner).request(msg)
@@ -239,15 +271,71 @@ class Dispatcher:
         return await handler(conn, msg)
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
+        marker = next((m for m in SKIP_MARKERS if m in (msg.get("message") or msg["subject"]).lower()), None)
+        builds, created = self._queue_jobs(
+            dict(repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
+                 author=msg["author"], commit_time=msg["time"]),
+            msg.get("jobs") or DEFAULT_JOBS, msg.get("config_error", ""), skip=marker)
+        return net.ok(build=builds[0].id, builds=[b.id for b in builds], duplicate=not created)
+
+    def _queue_jobs(self, commit: dict, jobs: list[dict], config_error: str = "", skip: str | None = None,
+                    reason: str = "commit", note: str = "") -> tuple[list[Build], list[Build]]:
+        """Store one build per job of a commit, all or none, and queue the new
+        ones; a broken .ci.yaml or a skip marker gives one final build instead.
+        Returns (builds, those newly created)."""
         now = self.clock()
-        build, duplicate = self.store.add_build(
-            repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
-            author=msg["author"], commit_time=msg["time"], now=now)
-        if not duplicate:
-            log.info("build %d queued: %s %s %s", build.id, build.branch, build.sha[:7], build.subject[:60])
+        status = Status.SKIPPED if skip else Status.ERROR if config_error else Status.QUEUED
+        if status is not Status.QUEUED:
+            jobs = DEFAULT_JOBS
+        builds, created = [], []
+        with self.store.transaction():
+            for job in jobs:
+                build, duplicate = self.store.add_build(**commit, reason=reason, labels=tuple(job["labels"]),
+                                                        job=job["name"], status=status, now=now)
+                builds.append(build)
+                if not duplicate:
+                    created.append(build)
+        for build in created:
+            if note:
+                self._log_line(build.id, f"=== {note} ===")
+            what = f"{build.branch} {build.sha[:7]} {build.subject[:60]}" + (f" job {build.job}" if build.job else "")
+            if skip:
+                self._log_line(build.id, f"=== skipped: the commit message says {skip}; not built "
+                                         f"(`tinyci trigger {build.sha[:12]}` builds it anyway) ===")
+                log.info("build %d skipped (%s): %s", build.id, skip, what)
+            elif config_error:
+                self._log_line(build.id, f"=== build error: {config_error} ===")
+                log.warning("build %d error: %s: %s", build.id, what, config_error)
+                self._notify(build)
+            else:
+                log.info("build %d queued (%s): %s", build.id, reason, what)
             self._event("build", build=build.summary())
-            self.apply(self.sched.add(build, now))
-        return net.ok(build=build.id, duplicate=duplicate)
+        queued = [b for b in created if b.status is Status.QUEUED]
+        plan = Plan()
+        if queued and reason == "commit":
+            plan += self._supersede(queued[0])
+        for build in queued:
+            plan += self.sched.add(build, now)
+        self.apply(plan)
+        self._changed()
+        return builds, created
+
+    def _supersede(self, newer: Build) -> Plan:
+        """With ``supersede`` on for the branch, cancel its queued (never its
+        running) commit builds older than ``newer``."""
+        plan = Plan()
+        if not any(fnmatch.fnmatchcase(newer.branch, p) for p in self.config.dispatcher.supersede):
+            return plan
+        for build in self.sched.queued():
+            if build.branch == newer.branch and build.repo == newer.repo and build.reason == "commit" \
+                    and build.id < newer.id:
+                cancelled = self.sched.cancel(build.id, self.clock())
+                if cancelled:
+                    self._log_line(build.id, f"=== cancelled: superseded by build {newer.id}, a newer commit "
+                                             f"({newer.sha[:12]}) of {newer.branch} ===")
+                    log.info("build %d superseded by build %d on %s", build.id, newer.id, newer.branch)
+                    plan += cancelled
+        return plan
 
     async def on_register(self, conn: net.Connection, msg: dict) -> dict:
         name = msg["name"]
@@ -270,14 +358,14 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.store.log_size(build_id) - build.log_base
+        have = self.logcap.size(build_id, build.log_base)
         data = msg["data"].encode()
         if msg["offset"] > have:
             return net.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
                              expected=have)
         skip = have - msg["offset"]
         if skip < len(data):
-            have = self.store.append_log(build_id, data[skip:]) - build.log_base
+            have = self.logcap.append(build_id, data[skip:], build.log_base)
             self._changed()
         return net.ok(offset=have)
 
@@ -286,7 +374,7 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.store.log_size(build_id) - build.log_base
+        have = self.logcap.size(build_id, build.log_base)
         if have < msg.get("log_size", 0):
             return net.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
@@ -300,6 +388,42 @@ class Dispatcher:
             log.info("build %d %s on %s", build_id, status.value, build.runner)
         self.apply(plan)
         return net.ok()
+
+    async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
+        build_id, attempt = msg["build"], msg["attempt"]
+        if not self.sched.is_current(build_id, attempt):
+            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+        try:
+            data = base64.b64decode(msg["data"], validate=True)
+        except (binascii.Error, ValueError):
+            return net.error("bad_field", "artifact.data: expected base64")
+        build = self.sched.builds[build_id]
+        try:
+            size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
+                                        self.config.dispatcher.max_artifact_bytes)
+        except ArtifactError as exc:
+            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
+            return net.error(exc.code, exc.message)
+        except OSError as exc:
+            return net.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+        return net.ok(offset=size)
+
+    async def on_artifacts(self, conn: net.Connection, msg: dict) -> dict:
+        if self.store.get(msg["build"]) is None:
+            return net.error("not_found", f"no build {msg['build']}")
+        return net.ok(artifacts=self.artifacts.list(msg["build"]))
+
+    async def on_fetch_artifact(self, conn: net.Connection, msg: dict) -> dict:
+        build = self.store.get(msg["build"])
+        if build is None:
+            return net.error("not_found", f"no build {msg['build']}")
+        offset = msg.get("offset", 0)
+        try:
+            data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, ARTIFACT_CHUNK)
+        except ArtifactError as exc:
+            return net.error(exc.code, exc.message)
+        return net.ok(data=base64.b64encode(data).decode(), offset=offset, size=size,
+                      eof=offset + len(data) >= size)
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -319,9 +443,26 @@ class Dispatcher:
         # active builds are authoritative in memory (the store has them too, but
         # reading both keeps one source for each)
         builds = [self.sched.builds.get(b.id, b) for b in builds]
+        summaries = []
+        for build in builds:
+            summary = build.summary()
+            if build.status is Status.QUEUED:
+                summary["waiting_for"] = self._waiting_for(build)
+            summaries.append(summary)
         return net.ok(runners=[r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)],
-                      builds=[b.summary() for b in builds],
+                      builds=summaries, pipelines=pipelines(summaries),
                       queue=[b.id for b in self.sched.queued()])
+
+    def _waiting_for(self, build: Build) -> list[str] | None:
+        """None when some live runner has every label the build needs; else the
+        labels no live runner offers (all of them when each is offered somewhere,
+        but never together; [] when no runner is alive at all)."""
+        live = [r for r in self.sched.runners.values() if r.alive]
+        need = set(build.labels)
+        if any(need <= set(r.labels) for r in live):
+            return None
+        offered = set().union(*(set(r.labels) for r in live))
+        return sorted(need - offered) or sorted(need)
 
     async def on_build(self, conn: net.Connection, msg: dict) -> dict:
         build = self.sched.builds.get(msg["build"]) or self.store.get(msg["build"])
@@ -386,23 +527,61 @@ class Dispatcher:
             return net.error("not_found", f"{rev!r} is not a commit in {repo}")
         sha, author, subject = found
         branch = msg.get("branch") or "manual"
-        return self._manual(repo, branch, sha, subject or f"triggered {rev}", "manual", author)
+        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push
+        jobs, problem = await asyncio.to_thread(_jobs_at, repo, sha)
+        builds, _ = self._queue_jobs(dict(repo=repo, branch=branch, sha=sha, author=author,
+                                          subject=subject or f"triggered {rev}"),
+                                     jobs, problem, reason="manual", note="manual")
+        return net.ok(builds=[b.id for b in builds])
 
     async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
         old = self.store.get(msg["build"])
         if old is None:
             return net.error("not_found", f"no build {msg['build']}")
-        return self._manual(old.repo, old.branch, old.sha, old.subject, f"rebuild of {old.id}", old.author)
+        reason = f"rebuild of {old.id}"
+        jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
+        if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
+            jobs, problem = await asyncio.to_thread(_jobs_at, old.repo, old.sha)
+        builds, _ = self._queue_jobs(dict(repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject,
+                                          author=old.author),
+                                     jobs, problem, reason=reason, note=reason)
+        return net.ok(builds=[b.id for b in builds])
 
-    def _manual(self, repo: str, branch: str, sha: str, subject: str, reason: str, author: str = "") -> dict:
-        now = self.clock()
-        build, _ = self.store.add_build(repo=repo, branch=branch, sha=sha, subject=subject,
-                                        author=author, reason=reason, now=now)
-        self._log_line(build.id, f"=== {reason} ===")
-        log.info("build %d queued (%s)", build.id, reason)
-        self._event("build", build=build.summary())
-        self.apply(self.sched.add(build, now))
-        return net.ok(builds=[build.id])
+
+def pipelines(builds: list[dict]) -> list[dict]:
+    """Each commit among ``builds`` (newest first) with its status by the
+    pipeline rule, over the newest build of each of its jobs."""
+    commits: dict[tuple, dict] = {}
+    for build in builds:
+        entry = commits.setdefault((build["repo"], build["sha"]), {
+            "sha": build["sha"], "branch": build["branch"], "subject": build["subject"], "jobs": {}})
+        job = build.get("job") or ""
+        if job not in entry["jobs"] or entry["jobs"][job]["build"] < build["id"]:
+            entry["jobs"][job] = {"job": job, "build": build["id"], "status": build["status"],
+                                  "labels": build["labels"]}
+    out = []
+    for entry in commits.values():
+        jobs = sorted(entry["jobs"].values(), key=lambda j: j["job"])
+        out.append({**entry, "status": pipeline_status([j["status"] for j in jobs]), "jobs": jobs})
+    return out
+
+
+def _jobs_at(repo: str, sha: str) -> tuple[list[dict], str]:
+    """(jobs, problem) of the .ci.yaml at ``sha`` in a local ``repo``; the
+    default job when the file is absent or the repository cannot be read here."""
+    try:
+        out = subprocess.run(["git", "-C", repo, "cat-file", "blob", f"{sha}:{buildfile.FILENAME}"],
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_JOBS, ""
+    if out.returncode != 0:
+        return DEFAULT_JOBS, ""
+    try:
+        return buildfile.parse(out.stdout.decode("utf-8")).job_list(), ""
+    except UnicodeDecodeError:
+        return DEFAULT_JOBS, f"{buildfile.FILENAME}: is not UTF-8 text"
+    except buildfile.BuildFileError as exc:
+        return DEFAULT_JOBS, str(exc)
 
 
 def _resolve(repo: str, rev: str) -> tuple[str, str, str] | None:

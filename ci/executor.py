@@ -2,9 +2,14 @@
 slot's working clone, runs each step in its own process group under the
 build's time limit, and writes the attempt's log.
 
+The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
+one source of truth for a repository that has the file), else the ``steps``
+of the ``run`` request. After the steps (passed or failed) the files matching
+the file's ``artifacts`` globs are handed to ``upload``.
+
 It knows nothing about the network: ``runner.py`` turns a ``run`` request into
-a ``Job``, gives it a ``BuildLog`` whose writes wake the log sender, and
-reports the ``Outcome``. ``Execution.stop`` ends it from outside (cancel, a
+a ``Job``, gives it a ``BuildLog`` whose writes wake the log sender and an
+``upload`` coroutine for artifacts, and reports the ``Outcome``. ``Execution.stop`` ends it from outside (cancel, a
 stale lease, shutdown) by killing the running step's whole process group.
 """
 
@@ -24,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import git
-import yaml
-
+from . import buildfile
+from .buildfile import BuildFile, BuildFileError, Step
 from .models import Status
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ class Job:
     steps: tuple = ()
     timeout: float = 600.0
     env: dict = field(default_factory=dict)
+    job: str = ""                       # the .ci.yaml job to run
+    artifacts_limit: int = 100 << 20    # bytes of artifacts the dispatcher takes
 
 
 @dataclass(frozen=True)
@@ -220,21 +227,53 @@ def has_tests(root: Path) -> bool:
                for p in root.glob("*.py"))
 
 
-def repo_steps(root: Path) -> list[str] | None:
-    """Steps from the checkout's ``.ci.yaml``; None when it has none. Raises ValueError when malformed."""
-    path = root / ".ci.yaml"
-    if not path.is_file():
+def read_buildfile(root: Path) -> BuildFile | None:
+    """The checkout's ``.ci.yaml``; None without one. Raises BuildFileError when it is unusable."""
+    path = root / buildfile.FILENAME
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BuildFileError(0, "is not a regular file")
+    if not path.exists():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f".ci.yaml cannot be read: {exc}") from None
-    if not isinstance(data, dict) or "steps" not in data:
-        return None
-    steps = data["steps"]
-    if not isinstance(steps, list) or not all(isinstance(s, str) and s.strip() for s in steps):
-        raise ValueError(".ci.yaml: 'steps' must be a list of shell commands (strings)")
-    return steps
+        return buildfile.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildFileError(0, f"cannot be read: {exc}") from None
+
+
+def find_artifacts(root: Path, patterns: tuple, limit: int) -> tuple[list[tuple[str, Path, int]], list[str]]:
+    """Regular files inside ``root`` matching ``patterns``, as (relative path, path,
+    size), in order, within ``limit`` bytes in all; and notes on what was left out.
+    Symlinks are never followed: a link could point anywhere on the runner."""
+    root = root.resolve()
+    found: dict[str, tuple[Path, int]] = {}
+    notes = []
+    for pattern in patterns:
+        matched = False
+        for path in sorted(root.glob(pattern)):
+            rel = path.relative_to(root).as_posix()
+            if rel in found or rel.split("/")[0] == ".git":
+                continue
+            matched = True
+            if any(p.is_symlink() for p in [path, *path.parents] if root in p.parents):
+                notes.append(f"{rel}: a symlink (or inside one); not sent")
+                continue
+            if path.is_dir():
+                for inner in sorted(path.rglob("*")):
+                    if inner.is_file() and not inner.is_symlink() and not any(
+                            p.is_symlink() for p in inner.parents if root in p.parents):
+                        found.setdefault(inner.relative_to(root).as_posix(), (inner, inner.stat().st_size))
+            elif path.is_file():
+                found[rel] = (path, path.stat().st_size)
+        if not matched:
+            notes.append(f"{pattern}: matched nothing")
+    chosen, total = [], 0
+    for rel, (path, size) in found.items():
+        if total + size > limit:
+            notes.append(f"{rel}: {size} bytes would exceed the {limit}-byte artifact limit; not sent")
+            continue
+        total += size
+        chosen.append((rel, path, size))
+    return chosen, notes
 
 
 def build_env(job: Job, base: dict | None = None) -> dict:
@@ -255,8 +294,9 @@ class Execution:
     """One attempt in progress in one slot's checkout."""
 
     def __init__(self, job: Job, checkout: Path, buildlog: BuildLog, kill_grace: float,
-                 header: str = ""):
+                 header: str = "", upload: Callable[[str, Path], Any] | None = None):
         self.job = job
+        self.upload = upload        # async (relative path, file) -> None; raises OSError to refuse
         self.checkout = checkout.absolute()
         self.log = buildlog
         self.kill_grace = kill_grace
@@ -282,6 +322,7 @@ class Execution:
 
         job = self.job
         deadline = started + job.timeout
+        self.limit = job.timeout
         self.log.line(f"{self.header}build {job.build} attempt {job.attempt}: "
                       f"commit {job.sha} on {job.branch} from {job.repo}")
         try:
@@ -290,33 +331,48 @@ class Execution:
             except CheckoutError as exc:
                 self.log.line(f"checkout failed: {exc}")
                 return done(Status.ERROR)
+            env = build_env(job)
+            spec = None
             try:
-                steps = repo_steps(self.checkout)
-            except ValueError as exc:
-                self.log.line(str(exc))
+                spec = read_buildfile(self.checkout)
+                if spec is not None:
+                    steps, timeout, file_env = spec.plan(job.job)
+                    env.update(file_env)
+                    if timeout is not None:
+                        deadline, self.limit = started + timeout, timeout
+                    source = buildfile.FILENAME + (f" (job {job.job})" if job.job else "")
+                elif job.job:
+                    raise BuildFileError(0, f"is missing, but this build is its job {job.job!r}")
+            except BuildFileError as exc:
+                self.log.line(f"build error: {exc}")
                 return done(Status.ERROR)
-            source = ".ci.yaml" if steps is not None else "the dispatcher's build.steps"
-            if steps is None:
-                steps = list(job.steps)
+            if spec is None:
+                steps, source = tuple(Step(command) for command in job.steps), "the dispatcher's build.steps"
             if not steps and has_tests(self.checkout):
-                steps, source = [DEFAULT_TEST_STEP], "the default for a repository with tests"
+                steps, source = (Step(DEFAULT_TEST_STEP),), "the default for a repository with tests"
             if not steps:
                 self.log.line(NO_STEPS)
                 return done(Status.ERROR)
             self.log.line(f"{len(steps)} step(s) from {source}")
-            env = build_env(job)
-            for number, command in enumerate(steps, 1):
+            status, code = Status.PASSED, 0
+            for number, step in enumerate(steps, 1):
                 steps_run = number
-                how, code = await self._step(command, env, deadline)
-                if how == "timeout":
-                    return done(Status.FAILED)
+                if step.name:
+                    self.log.line(f"--- step {number}: {step.name} ---")
+                step_deadline, why = deadline, f"{self.limit:g} s (the build's time limit)"
+                if step.timeout is not None and time.monotonic() + step.timeout < deadline:
+                    step_deadline, why = time.monotonic() + step.timeout, f"{step.timeout:g} s (the step's time limit)"
+                how, code = await self._step(step.run, {**env, **step.env}, step_deadline, why)
                 if how == "error":
                     return done(Status.ERROR)
-                if code != 0:
+                if how == "timeout" or code != 0:
                     if number < len(steps):
                         self.log.line(f"[step {number} failed; skipping {len(steps) - number} more]")
-                    return done(Status.FAILED, code)
-            return done(Status.PASSED, 0)
+                    status = Status.FAILED
+                    break
+            if spec is not None and spec.artifacts:
+                await self._artifacts(spec.artifacts)
+            return done(status, code)
         except Stopped as exc:
             if not exc.args:            # a step already said how it ended
                 self.log.line(f"[{self.stop_reason}]")
@@ -407,7 +463,24 @@ class Execution:
 
     # ------------------------------------------------------------ steps
 
-    async def _step(self, command: str, env: dict, deadline: float) -> tuple[str, int]:
+    async def _artifacts(self, patterns: tuple) -> None:
+        """Send the files the patterns match; a refusal is noted in the log, never fails the build."""
+        files, notes = await asyncio.get_running_loop().run_in_executor(
+            None, find_artifacts, self.checkout, patterns, self.job.artifacts_limit)
+        for note in notes:
+            self.log.line(f"[artifacts: {note}]")
+        if self.upload is None:
+            return
+        for rel, path, size in files:
+            if self._stop.is_set():
+                raise Stopped()
+            try:
+                await self.upload(rel, path)
+                self.log.line(f"[artifact {rel} ({size} bytes) sent]")
+            except (OSError, ValueError) as exc:
+                self.log.line(f"[artifact {rel} not sent: {exc}]")
+
+    async def _step(self, command: str, env: dict, deadline: float, why: str = "") -> tuple[str, int]:
         """Run one step; returns ("exit", code), ("timeout", -1) or ("error", -1); raises Stopped."""
         if self._stop.is_set():
             raise Stopped()
@@ -444,7 +517,7 @@ class Execution:
             self.log.line("[the step's output is still open after it ended; stopped reading it]")
         elapsed = time.monotonic() - started
         if how == "timeout":
-            self.log.line(f"[timed out after {self.job.timeout:g} s (the build's time limit); "
+            self.log.line(f"[timed out after {why or f'{self.job.timeout:g} s'}; "
                           f"the step's processes were killed]")
             return "timeout", -1
         if how == "stopped":

@@ -23,6 +23,8 @@ from typing import Iterable, Mapping, Protocol
 import git
 import gitdb.exc
 
+from . import buildfile
+
 SUBJECT_MAX = 4096     # the protocol's text limit (net.TEXT)
 
 
@@ -39,6 +41,9 @@ class Commit:
     author: str         # "Name <email>"
     subject: str        # first line of the message
     time: int           # committer time, epoch seconds
+    message: str = ""   # the whole message (for [skip ci]), cut to SUBJECT_MAX
+    jobs: list | None = None    # .ci.yaml's jobs [{name, labels}]; None without the file
+    config_error: str = ""      # why .ci.yaml at this commit is unusable
 
 
 @dataclass
@@ -173,8 +178,23 @@ def _describe(repo: git.Repo, branch: str, sha: str) -> Commit:
         message = message.decode("utf-8", "replace")
     subject = message.split("\n", 1)[0].rstrip("\r")
     author = f"{commit.author.name} <{commit.author.email}>"
+    jobs, problem = None, ""
+    try:
+        blob = commit.tree / buildfile.FILENAME
+    except KeyError:
+        blob = None
+    if blob is not None and blob.type != "blob":
+        problem = f"{buildfile.FILENAME}: is not a file"
+    elif blob is not None:
+        try:
+            jobs = buildfile.parse(blob.data_stream.read().decode("utf-8")).job_list()
+        except UnicodeDecodeError:
+            problem = f"{buildfile.FILENAME}: is not UTF-8 text"
+        except buildfile.BuildFileError as exc:
+            problem = str(exc)[:SUBJECT_MAX]
     return Commit(branch=branch, sha=sha, author=author[:SUBJECT_MAX],
-                  subject=subject[:SUBJECT_MAX], time=int(commit.committed_date))
+                  subject=subject[:SUBJECT_MAX], time=int(commit.committed_date),
+                  message=message[:SUBJECT_MAX], jobs=jobs, config_error=problem)
 
 
 def _why(exc: Exception) -> str:

@@ -13,6 +13,7 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     ERROR = "error"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"           # the commit asked not to be built ([skip ci]); never ran
 
     @property
     def final(self) -> bool:
@@ -41,6 +42,7 @@ class Build:
     finished_at: float | None = None
     exit_code: int | None = None
     log_base: int = 0             # size of the build's log when the current attempt began
+    job: str = ""                 # the .ci.yaml job this build runs; "" for a commit's one default job
 
     def summary(self) -> dict:
         return {
@@ -49,10 +51,30 @@ class Build:
             "status": self.status.value, "attempt": self.attempt, "runner": self.runner,
             "labels": list(self.labels), "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "exit_code": self.exit_code,
+            "exit_code": self.exit_code, "job": self.job,
             "duration": (self.finished_at - self.started_at)
             if self.finished_at is not None and self.started_at is not None else None,
         }
+
+
+def pipeline_status(statuses: list[str]) -> str:
+    """A commit's status from its jobs' (DESIGN.md): any error -> error; else any
+    failed -> failed; all passed -> passed; otherwise running. Where that rule
+    says "running" but nothing is running any more, say what it is: queued
+    (none started), cancelled, or skipped."""
+    if "error" in statuses:
+        return "error"
+    if "failed" in statuses:
+        return "failed"
+    if statuses and all(s == "passed" for s in statuses):
+        return "passed"
+    if statuses and all(s == "skipped" for s in statuses):
+        return "skipped"
+    if statuses and all(s == "queued" for s in statuses):
+        return "queued"
+    if statuses and not any(s in ("queued", "running") for s in statuses):
+        return "cancelled"          # passed and cancelled jobs, nothing left to run
+    return "running"
 
 
 class RunnerState(str, enum.Enum):

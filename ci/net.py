@@ -13,13 +13,15 @@ then requests follow, each with exactly one reply (``ok``, ``error``,
 say where they end with ``end``.
 
     from -> to                 type       fields                                   answer
-    observer -> dispatcher     commit     repo branch sha author subject time     ok {build, duplicate}
+    observer -> dispatcher     commit     repo branch sha author subject time     ok {build, builds, duplicate}
+                                          [message jobs config_error]
     runner -> dispatcher       register   name host port labels slots running     ok {heartbeat_interval}
     runner -> dispatcher       log        build attempt offset data               ok {offset} | error offset/stale
     runner -> dispatcher       result     build attempt status exit_code steps    ok | error stale
                                           duration log_size
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
-                                          timeout env
+                                          timeout env [job artifacts_limit]
+    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error
     dispatcher -> runner       ping       -                                       pong {running}
     dispatcher, operator -> *  cancel     build attempt? by?                      ok
     reader -> dispatcher       status     limit                                   ok {runners, builds}
@@ -27,9 +29,16 @@ say where they end with ``end``.
     reader -> dispatcher       read_log   build offset follow                     chunk... end {status}
     reader -> dispatcher       watch      limit                                   ok {runners, builds, queue},
                                                                                 then event... (until closed)
+    reader -> dispatcher       artifacts  build                                   ok {artifacts}
+    reader -> dispatcher       fetch_artifact build path offset                   ok {data offset size eof}
     operator -> dispatcher     trigger    branch | rev                            ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     observer, operator -> obs. poke       branch                                  ok
+
+``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
+([{name, labels}]; absent: one default job), ``config_error`` the reason that
+file is unusable. ``run.job`` names the job whose steps the runner takes from
+the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
 
 ``operator`` may send everything ``reader`` may. DESIGN.md names the
 tools' log request ``log``; it is ``read_log`` here because the runner's
@@ -173,8 +182,13 @@ ENV = Kind("mapping of names to strings", lambda v: isinstance(v, dict) and len(
     and len(x) <= 16384 for k, x in v.items()))
 LEASES = Kind("list of [build, attempt] pairs", lambda v: isinstance(v, list) and len(v) <= 1000 and all(
     isinstance(p, list) and len(p) == 2 and BUILD_ID.check(p[0]) and ATTEMPT.check(p[1]) for p in v))
-STATUS = Kind("status", lambda v: v in ("queued", "running", "passed", "failed", "error", "cancelled"))
+STATUS = Kind("status", lambda v: v in ("queued", "running", "passed", "failed", "error", "cancelled",
+                                         "skipped"))
 FINAL = Kind("final status", lambda v: v in ("passed", "failed", "error", "cancelled"))
+JOB = Kind("job name ('' or 1-100 letters, digits or ._:@-)", lambda v: v == "" or NAME.check(v))
+JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) and 0 < len(v) <= 100 and all(
+    isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
+    for j in v))
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
 ANY = Kind("any value", lambda v: True)
 
@@ -201,7 +215,8 @@ MESSAGES: dict[str, Spec] = {
     "auth": _spec(ROLES, {"role": ROLE, "mac": _str(128)}),
     # observer -> dispatcher
     "commit": _spec(OBSERVER, {"repo": PATH, "branch": BRANCH, "sha": SHA, "author": TEXT,
-                               "subject": TEXT, "time": NUMBER}),
+                               "subject": TEXT, "time": NUMBER},
+                      {"message": TEXT, "jobs": JOBS, "config_error": TEXT}),
     # runner -> dispatcher
     "register": _spec(RUNNER, {"name": NAME, "host": _str(255), "port": PORT, "labels": LABELS,
                                "slots": _int(1, 256)}, {"running": LEASES}),
@@ -209,9 +224,12 @@ MESSAGES: dict[str, Spec] = {
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
                              "duration": NUMBER}, {"log_size": COUNT}),
+    "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
+                               "data": DATA, "eof": BOOL}),
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": PATH, "sha": SHA,
-                              "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV}),
+                              "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
+                {"job": JOB, "artifacts_limit": COUNT}),
     "ping": _spec(DISPATCHER),
     # by: who asked (user@host), for the build's log
     "cancel": _spec({DISPATCHER, OPERATOR}, {"build": BUILD_ID}, {"attempt": ATTEMPT, "by": _str(200)}),
@@ -220,6 +238,8 @@ MESSAGES: dict[str, Spec] = {
     "build": _spec(TOOLS, {"build": BUILD_ID}),
     "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL}),
     "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
+    "artifacts": _spec(TOOLS, {"build": BUILD_ID}),
+    "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT}),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255)}),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}),
     # git hook -> observer

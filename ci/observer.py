@@ -13,7 +13,9 @@ crash re-reports at most the commit in flight (the dispatcher de-duplicates)
 and an unreachable dispatcher never loses one: the observer retries the same
 commit with capped backoff until it is taken.
 
-Sends:    commit {repo, branch, sha, author, subject, time} -> dispatcher, role "observer"
+Sends:    commit {repo, branch, sha, author, subject, time, message, jobs?, config_error?}
+          -> dispatcher, role "observer" (jobs and config_error: the commit's .ci.yaml, read here
+          because the observer has the clone at hand)
 Receives: poke {branch?} from roles observer and operator -> ok
 """
 
@@ -347,7 +349,12 @@ class Observer:
     async def deliver(self, commit: gitwatch.Commit) -> None:
         """Send one commit until the dispatcher acknowledges or refuses it."""
         msg = {"type": "commit", "repo": self.setup.repo_url, "branch": commit.branch, "sha": commit.sha,
-               "author": commit.author, "subject": commit.subject, "time": commit.time}
+               "author": commit.author, "subject": commit.subject, "time": commit.time,
+               "message": commit.message}
+        if commit.jobs is not None:
+            msg["jobs"] = commit.jobs
+        if commit.config_error:
+            msg["config_error"] = commit.config_error
         name = f"commit {commit.sha[:12]} on {commit.branch}"
         try:
             net.validate(msg, net.OBSERVER)

@@ -3,12 +3,14 @@ one of its slots (``executor.py``), and delivers logs and results through its
 durable outbox (``outbox.py``).
 
 Receives, from role ``dispatcher`` only:
-    run {build, attempt, repo, sha, branch, steps, timeout, env}   -> ok | error busy
+    run {build, attempt, repo, sha, branch, steps, timeout, env, job?, artifacts_limit?}
+                                                                  -> ok | error busy
     ping                                                          -> pong {running}
     cancel {build, attempt?}                                      -> ok
 Sends to the dispatcher:
     register {name, host, port, labels, slots, running}           -> ok {heartbeat_interval}
     log, result (see outbox.py)
+    artifact {build, attempt, path, offset, data, eof}            -> ok {offset} | error
 
 ``running`` always lists every lease (build, attempt) this runner holds: the
 builds it runs and those whose result is still in its outbox, so the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import fcntl
 import logging
 import os
@@ -35,6 +38,7 @@ from .outbox import STALE, Backoff, Delivery, Outbox
 
 log = logging.getLogger(__name__)
 
+ARTIFACT_TRIES = 3
 FORGOTTEN_AFTER = 5         # heartbeat intervals without a ping before registering again
 SHUTDOWN_GRACE = 1.0        # at shutdown, SIGKILL a step this soon after SIGTERM
 
@@ -191,7 +195,8 @@ class Runner:
         slot = free[0]
         timeout = msg["timeout"] if msg["timeout"] > 0 else self.config.build.timeout
         job = Job(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
-                  float(timeout), dict(msg["env"]))
+                  float(timeout), dict(msg["env"]), msg.get("job", ""),
+                  msg.get("artifacts_limit", Job.artifacts_limit))
         path = self.outbox.log_path(build, attempt)
         delivery = Delivery(self._client(), build, attempt, path, self.limits.max_frame)
         try:
@@ -199,7 +204,8 @@ class Runner:
         except OSError as exc:
             return net.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
         execution = Execution(job, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
-                              header=f"runner {self.name} slot {slot}: ")
+                              header=f"runner {self.name} slot {slot}: ",
+                              upload=lambda rel, file: self._upload(build, attempt, rel, file))
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.active[slot] = Active(execution, task)
@@ -238,6 +244,35 @@ class Runner:
                 await asyncio.wait([lingering])     # git still works in this slot's clone
             if self.active.get(slot) is not None and self.active[slot].execution is execution:
                 del self.active[slot]
+
+    async def _upload(self, build: int, attempt: int, rel: str, file: Path) -> None:
+        """Send one artifact in chunks; raises ValueError saying why it did not arrive."""
+        chunk = max(1024, min(256 * 1024, (self.limits.max_frame - 1024) * 3 // 4))
+        client = self._client()
+        try:
+            with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                offset = 0
+                while True:
+                    data = f.read(chunk)
+                    eof = offset + len(data) >= size or not data
+                    msg = {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
+                           "offset": offset, "data": base64.b64encode(data).decode(), "eof": eof}
+                    for attempt_no in range(ARTIFACT_TRIES):
+                        try:
+                            await client.request(msg)
+                            break
+                        except (net.PeerError, net.ProtocolError) as exc:
+                            if attempt_no == ARTIFACT_TRIES - 1:
+                                raise ValueError(f"the dispatcher is unreachable: {exc}") from None
+                            await asyncio.sleep(0.5 * (attempt_no + 1))
+                    offset += len(data)
+                    if eof:
+                        return
+        except net.RemoteError as exc:
+            raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
+        finally:
+            await client.close()
 
     def _deliver(self, delivery: Delivery) -> None:
         self.deliveries[(delivery.build, delivery.attempt)] = delivery

@@ -29,8 +29,6 @@ CREATE TABLE IF NOT EXISTS builds (
     created_at REAL NOT NULL, started_at REAL, finished_at REAL,
     exit_code INTEGER, log_base INTEGER NOT NULL DEFAULT 0
 );
--- one build per commit; manual triggers and rebuilds may repeat a sha
-CREATE UNIQUE INDEX IF NOT EXISTS builds_commit ON builds(repo, sha) WHERE reason = 'commit';
 CREATE INDEX IF NOT EXISTS builds_active ON builds(status) WHERE status IN ('queued', 'running');
 CREATE TABLE IF NOT EXISTS runners (
     name TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
@@ -38,10 +36,25 @@ CREATE TABLE IF NOT EXISTS runners (
     alive INTEGER NOT NULL DEFAULT 1, last_seen REAL NOT NULL DEFAULT 0,
     registered_at REAL NOT NULL DEFAULT 0
 );
+-- finished artifact uploads; the files are <data_dir>/artifacts/<sha>/<build>/<path>
+CREATE TABLE IF NOT EXISTS artifacts (
+    build INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (build, path)
+);
 """
 
+# Run after SCHEMA on every start, each step safe to repeat: (column it adds, or None; SQL).
+MIGRATIONS = (
+    # a commit becomes one build per .ci.yaml job
+    ("job", "ALTER TABLE builds ADD COLUMN job TEXT NOT NULL DEFAULT ''"),
+    (None, "DROP INDEX IF EXISTS builds_commit"),
+    # one build per commit and job; manual triggers and rebuilds may repeat a sha
+    (None, "CREATE UNIQUE INDEX IF NOT EXISTS builds_commit_job ON builds(repo, sha, job) "
+           "WHERE reason = 'commit'"),
+)
+
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
-            "labels, created_at, started_at, finished_at, exit_code, log_base")
+            "labels, created_at, started_at, finished_at, exit_code, log_base, job")
 
 
 class StoreError(Exception):
@@ -61,6 +74,10 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(builds)")}
+            for column, step in MIGRATIONS:
+                if column is None or column not in columns:
+                    self.db.execute(step)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot use data dir {self.dir}: {exc}") from None
 
@@ -81,17 +98,19 @@ class Store:
 
     def add_build(self, *, repo: str, branch: str, sha: str, subject: str = "", author: str = "",
                   commit_time: float = 0.0, reason: str = "commit", labels: tuple = (),
-                  now: float) -> tuple[Build, bool]:
-        """Store a queued build; for a commit already built, return that build
-        and True (duplicate) instead."""
+                  now: float, job: str = "", status: Status = Status.QUEUED) -> tuple[Build, bool]:
+        """Store a queued build (or one already final: skipped, error); for a
+        commit's job already built, return that build and True (duplicate) instead."""
+        finished = None if status in (Status.QUEUED, Status.RUNNING) else now
         cur = self.db.execute(
             "INSERT OR IGNORE INTO builds (repo, branch, sha, subject, author, commit_time, reason, "
-            "status, labels, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (repo, branch, sha, subject, author, commit_time, reason, json.dumps(list(labels)), now))
+            "status, labels, created_at, job, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (repo, branch, sha, subject, author, commit_time, reason, status.value, json.dumps(list(labels)),
+             now, job, finished))
         if cur.rowcount == 1:
             return self.get(cur.lastrowid), False
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE repo = ? AND sha = ? AND reason = 'commit'",
-                              (repo, sha)).fetchone()
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE repo = ? AND sha = ? AND job = ? "
+                              f"AND reason = 'commit'", (repo, sha, job)).fetchone()
         return _build(row), True
 
     def save(self, builds: Iterable[Build]) -> None:
@@ -172,6 +191,7 @@ class Store:
 
 def _build(row: tuple) -> Build:
     (id_, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, labels,
-     created_at, started_at, finished_at, exit_code, log_base) = row
+     created_at, started_at, finished_at, exit_code, log_base, job) = row
     return Build(id_, repo, branch, sha, subject, author, commit_time, reason, Status(status), attempt,
-                 runner, tuple(json.loads(labels)), created_at, started_at, finished_at, exit_code, log_base)
+                 runner, tuple(json.loads(labels)), created_at, started_at, finished_at, exit_code, log_base,
+                 job)

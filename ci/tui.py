@@ -17,13 +17,37 @@ from rich.text import Text
 
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
-                "failed": "red", "error": "bold magenta", "cancelled": "dim"}
+                "failed": "red", "error": "bold magenta", "cancelled": "dim", "skipped": "dim"}
 SUBJECT_WIDTH = 40
 
 
 def render_status(snapshot: dict, now: float) -> RenderableType:
-    return Group(render_runners(snapshot.get("runners", []), now), Text(""),
-                 render_builds(snapshot.get("builds", []), now))
+    parts = [render_runners(snapshot.get("runners", []), now), Text(""),
+             render_builds(snapshot.get("builds", []), now)]
+    if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
+        parts += [Text(""), render_pipelines(snapshot["pipelines"])]
+    return Group(*parts)
+
+
+def render_pipelines(pipelines: Iterable[dict]) -> Table:
+    """Each commit's status over its jobs (any error -> error; any failed -> failed; ...)."""
+    table = Table(title="Commits", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True)
+    table.add_column("commit", no_wrap=True)
+    table.add_column("branch", max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("jobs")
+    for pipeline in pipelines:
+        status = pipeline.get("status", "")
+        jobs = Text()
+        for job in pipeline.get("jobs") or []:
+            if jobs:
+                jobs.append("  ")
+            jobs.append(f"{job.get('job') or 'default'} #{job.get('build')} ")
+            jobs.append(job.get("status", ""), style=BUILD_STYLES.get(job.get("status", ""), ""))
+        table.add_row((pipeline.get("sha") or "")[:7], _line(pipeline.get("branch", "")),
+                      Text(status, style=BUILD_STYLES.get(status, "")), jobs)
+    return table
 
 
 def render_runners(runners: Iterable[dict], now: float) -> Table:
@@ -54,7 +78,7 @@ def render_runners(runners: Iterable[dict], now: float) -> Table:
     return table
 
 
-def render_builds(builds: Iterable[dict], now: float) -> Table:
+def render_builds(builds: Iterable[dict], now: float) -> RenderableType:
     builds = list(builds)
     table = Table(title="Builds", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   collapse_padding=True)
@@ -66,24 +90,32 @@ def render_builds(builds: Iterable[dict], now: float) -> Table:
     table.add_column("subject")
     table.add_column("status", no_wrap=True)
     table.add_column("try", justify="right", no_wrap=True)
+    jobs = any(build.get("job") for build in builds)     # a column only where .ci.yaml has jobs
+    if jobs:
+        table.add_column("job", max_width=16)
     table.add_column("runner", max_width=16)
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("age", justify="right", no_wrap=True)
     for build in builds:
         status = build.get("status", "")
-        table.add_row(
+        cells = [
             str(build.get("id", "")),
             _line(build.get("branch", "")),
             (build.get("sha") or "")[:7],
             _subject(build),
             Text(status, style=BUILD_STYLES.get(status, "")),
             str(build.get("attempt", "")),
+            *([_line(build.get("job") or "-")] if jobs else []),
             _line(build.get("runner") or "-"),
             _took(build, now),
             _ago(build.get("created_at"), now),
-        )
+        ]
+        table.add_row(*cells)
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
+    waits = [f"#{b.get('id')} waits for {_waiting(b)}" for b in builds if b.get("waiting_for") is not None]
+    if waits:
+        return Group(table, Text("\n".join(waits), style="cyan"))
     return table
 
 
@@ -97,6 +129,16 @@ def _subject(build: dict) -> Text:
     text = Text(f"{reason}: ", style="italic", no_wrap=True, overflow="ellipsis")
     text.append(subject)
     return text
+
+
+def _waiting(build: dict) -> str:
+    """For a queued build no live runner can take: what it waits for."""
+    need = build.get("waiting_for") or []
+    if not need:
+        return "a runner: none is alive"
+    if len(need) == 1:
+        return f"label {need[0]}: no live runner has it"
+    return f"labels {', '.join(need)}: no live runner has them all"
 
 
 def _line(text: str) -> Text:

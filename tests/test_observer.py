@@ -66,7 +66,8 @@ def test_first_seen_branch_reports_only_its_head(tmp_path):
     plan, found = read(repo, {})
     assert plan.report == [("main", head)]
     assert found == [gitwatch.Commit("main", head, "Ada Lovelace <ada@example.com>", "Fix the parser",
-                                     int(git(repo, "log", "-1", "--format=%ct")))]
+                                     int(git(repo, "log", "-1", "--format=%ct")),
+                                     message="Fix the parser\n\nLonger explanation.\n")]
 
 
 def test_new_commits_are_reported_oldest_first(tmp_path):
@@ -387,7 +388,7 @@ def test_commits_after_start_are_reported_oldest_first(tmp_path, spawn, dispatch
     first = fake.received[0]
     assert first == {"type": "commit", "repo": str(repo), "branch": "main", "sha": head,
                      "author": "Ada Lovelace <ada@example.com>", "subject": "initial",
-                     "time": first["time"]}
+                     "time": first["time"], "message": "initial\n"}
     new = commits(repo, 5)
     assert fake.wait_for(new) == [head, *new]
     obs.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,252 @@
+"""The repository's build definition, ``.ci.yaml``: parsed and checked in one
+place, for the observer (which splits a commit into jobs), the dispatcher (a
+manual trigger) and the runner (which runs one job's steps).
+
+Schema (every key optional, but there must be ``steps`` or ``jobs``)::
+
+    timeout: 600                 # seconds for the whole build
+    env: {NAME: value}           # for every step
+    artifacts: [dist/*.whl]      # globs, relative to the checkout, sent back after the steps
+    steps:                       # shell commands, or mappings
+      - make
+      - {name: test, run: pytest -q, timeout: 60, env: {X: "1"}}
+    jobs:                        # one build per job, on runners with all its labels
+      py311: {labels: [py311], steps: [...], env: {...}, timeout: 300}
+
+A job without ``steps`` runs the top-level ``steps``. A file that does not
+parse or fit raises BuildFileError, whose text names the line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+FILENAME = ".ci.yaml"
+DEFAULT_JOB = ""                    # the one job of a commit without ``jobs``
+MAX_SIZE = 256 * 1024
+_NAME = re.compile(r"[\w.:@-]{1,100}\Z")             # as net.NAME: job names and labels
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
+STEP_KEYS = ("name", "run", "timeout", "env")
+JOB_KEYS = ("labels", "steps", "env", "timeout")
+
+
+class BuildFileError(ValueError):
+    """``.ci.yaml`` is broken; ``line`` is 1-based (0 when unknown)."""
+
+    def __init__(self, line: int, problem: str):
+        self.line = line
+        self.problem = problem
+        where = f" line {line}" if line else ""
+        super().__init__(f"{FILENAME}{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Step:
+    run: str
+    name: str = ""
+    timeout: float | None = None
+    env: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobDef:
+    name: str
+    labels: tuple = ()
+    steps: tuple = ()
+    env: dict = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class BuildFile:
+    steps: tuple = ()
+    timeout: float | None = None
+    env: dict = field(default_factory=dict)
+    artifacts: tuple = ()
+    jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
+
+    def job_list(self) -> list[dict]:
+        """What the observer sends with a commit: [{name, labels}]; one default job without ``jobs``."""
+        if not self.jobs:
+            return [{"name": DEFAULT_JOB, "labels": []}]
+        return [{"name": j.name, "labels": list(j.labels)} for j in self.jobs.values()]
+
+    def plan(self, job: str) -> tuple[tuple, float | None, dict]:
+        """(steps, timeout, env) of one job. Raises BuildFileError for a job the file lacks."""
+        if not self.jobs:
+            if job != DEFAULT_JOB:
+                raise BuildFileError(0, f"there is no job {job!r}: the file defines no jobs")
+            return self.steps, self.timeout, dict(self.env)
+        if job not in self.jobs:
+            if job == DEFAULT_JOB:
+                raise BuildFileError(0, f"defines jobs ({', '.join(self.jobs)}) but this build "
+                                        f"names none; trigger the commit again to build each job")
+            raise BuildFileError(0, f"there is no job {job!r} (jobs: {', '.join(self.jobs)})")
+        spec = self.jobs[job]
+        timeout = spec.timeout if spec.timeout is not None else self.timeout
+        return spec.steps or self.steps, timeout, {**self.env, **spec.env}
+
+
+def parse(text: str) -> BuildFile:
+    """Parse and check the file's text; raises BuildFileError naming the line."""
+    if len(text) > MAX_SIZE:
+        raise BuildFileError(0, f"is larger than {MAX_SIZE} bytes")
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            raise BuildFileError(mark.line + 1 if mark else 0,
+                                 f"is not valid YAML: {exc.problem or exc.context}") from None
+        except yaml.YAMLError as exc:
+            raise BuildFileError(0, f"is not valid YAML: {exc}") from None
+        return _Checker(loader).file(root)
+    finally:
+        loader.dispose()
+
+
+def tag(node: Any) -> str:
+    return node.tag.rsplit(":", 1)[-1]
+
+
+class _Checker:
+    def __init__(self, loader: yaml.SafeLoader):
+        self.loader = loader
+
+    @staticmethod
+    def fail(node: Any, problem: str) -> BuildFileError:
+        return BuildFileError(node.start_mark.line + 1 if node is not None else 0, problem)
+
+    def scalar(self, node: Any) -> Any:
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: Any, what: str, keys: tuple | None = None) -> dict:
+        """{key: (key node, value node)}, checking keys are unique strings (and known)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{what} must be a mapping, got {self.kind(node)}")
+        out: dict = {}
+        for knode, vnode in node.value:
+            key = self.scalar(knode) if isinstance(knode, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                raise self.fail(knode, f"{what}: keys must be strings")
+            if key in out:
+                raise self.fail(knode, f"{what}: {key!r} appears twice")
+            if keys is not None and key not in keys:
+                raise self.fail(knode, f"{what}: unknown key {key!r} (known: {', '.join(keys)})")
+            out[key] = (knode, vnode)
+        return out
+
+    @staticmethod
+    def kind(node: Any) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        return {"str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
+                "null": "nothing"}.get(tag(node), tag(node))
+
+    def string(self, node: Any, what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode) or tag(node) != "str" or not self.scalar(node).strip():
+            raise self.fail(node, f"{what} must be a non-empty string, got {self.kind(node)}")
+        return self.scalar(node)
+
+    def seconds(self, node: Any, what: str) -> float:
+        value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if tag(node) not in ("int", "float") or not value > 0:
+            got = repr(value) if tag(node) in ("int", "float") else self.kind(node)
+            raise self.fail(node, f"{what} must be a positive number of seconds, got {got}")
+        return float(value)
+
+    def names(self, node: Any, what: str) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what} must be a list, got {self.kind(node)}")
+        out = []
+        for item in node.value:
+            text = self.string(item, f"{what} item")
+            if not _NAME.match(text):
+                raise self.fail(item, f"{what}: {text!r} must be 1-100 letters, digits or ._:@-")
+            out.append(text)
+        return tuple(out)
+
+    def env(self, node: Any, what: str) -> dict:
+        out = {}
+        for key, (knode, vnode) in self.mapping(node, what).items():
+            if not _ENV_NAME.match(key):
+                raise self.fail(knode, f"{what}: {key!r} is not a valid environment variable name")
+            if not isinstance(vnode, yaml.ScalarNode) or tag(vnode) == "null":
+                raise self.fail(vnode, f"{what}.{key} must be a string or a number, got {self.kind(vnode)}")
+            value = self.scalar(vnode)
+            out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+    def steps(self, node: Any, what: str) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what} must be a list of shell commands, got {self.kind(node)}")
+        if not node.value:
+            raise self.fail(node, f"{what} is empty")
+        out = []
+        for number, item in enumerate(node.value, 1):
+            where = f"{what}[{number}]"
+            if isinstance(item, yaml.MappingNode):
+                keys = self.mapping(item, where, STEP_KEYS)
+                if "run" not in keys:
+                    raise self.fail(item, f"{where} needs 'run': the shell command")
+                out.append(Step(
+                    run=self.string(keys["run"][1], f"{where}.run"),
+                    name=self.string(keys["name"][1], f"{where}.name") if "name" in keys else "",
+                    timeout=self.seconds(keys["timeout"][1], f"{where}.timeout") if "timeout" in keys else None,
+                    env=self.env(keys["env"][1], f"{where}.env") if "env" in keys else {}))
+            else:
+                out.append(Step(run=self.string(item, f"{where} (a shell command or {{name, run, timeout, env}})")))
+        return tuple(out)
+
+    def artifacts(self, node: Any) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"artifacts must be a list of glob patterns, got {self.kind(node)}")
+        out = []
+        for item in node.value:
+            pattern = self.string(item, "artifacts item")
+            if pattern.startswith("/") or ".." in pattern.split("/"):
+                raise self.fail(item, f"artifacts: {pattern!r} must stay inside the checkout "
+                                      f"(relative, no '..')")
+            out.append(pattern)
+        return tuple(out)
+
+    def file(self, root: Any) -> BuildFile:
+        if root is None:
+            raise BuildFileError(1, "is empty: it needs 'steps' or 'jobs'")
+        keys = self.mapping(root, "top level", TOP_KEYS)
+        top_steps = self.steps(keys["steps"][1], "steps") if "steps" in keys else ()
+        jobs: dict = {}
+        if "jobs" in keys:
+            jnode = keys["jobs"][1]
+            for name, (knode, vnode) in self.mapping(jnode, "jobs").items():
+                if not _NAME.match(name):
+                    raise self.fail(knode, f"job name {name!r} must be 1-100 letters, digits or ._:@-")
+                where = f"jobs.{name}"
+                spec = self.mapping(vnode, where, JOB_KEYS) if not (
+                    isinstance(vnode, yaml.ScalarNode) and tag(vnode) == "null") else {}
+                steps = self.steps(spec["steps"][1], f"{where}.steps") if "steps" in spec else ()
+                if not steps and not top_steps:
+                    raise self.fail(vnode if spec else knode, f"{where} has no steps, and there are "
+                                                              f"no top-level steps to run")
+                jobs[name] = JobDef(
+                    name, self.names(spec["labels"][1], f"{where}.labels") if "labels" in spec else (),
+                    steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
+                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None)
+            if not jobs:
+                raise self.fail(jnode, "jobs is empty")
+        if not top_steps and not jobs:
+            raise self.fail(root, "needs 'steps' (shell commands) or 'jobs'")
+        return BuildFile(
+            steps=top_steps,
+            timeout=self.seconds(keys["timeout"][1], "timeout") if "timeout" in keys else None,
+            env=self.env(keys["env"][1], "env") if "env" in keys else {},
+            artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
+            jobs=jobs)

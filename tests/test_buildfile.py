@@ -1,0 +1,149 @@
+""".ci.yaml parsing, the artifact store's path checks and the log cap, without daemons."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ci import buildfile
+from ci.artifacts import ArtifactError, Artifacts
+from ci.buildfile import BuildFileError, Step
+from ci.logcap import LogCap
+from ci.models import pipeline_status
+from ci.store import Store
+
+SHA = "a" * 40
+
+
+def test_full_schema_parses():
+    spec = buildfile.parse(
+        "timeout: 300\n"
+        "env: {MODE: fast, LEVEL: 2}\n"
+        "artifacts: [dist/*.whl, report.xml]\n"
+        "steps:\n"
+        "  - make\n"
+        "  - name: unit tests\n"
+        "    run: pytest -q\n"
+        "    timeout: 60\n"
+        "    env: {VERBOSE: true}\n"
+        "jobs:\n"
+        "  linux: {labels: [linux]}\n"
+        "  arm:\n"
+        "    labels: [linux, arm64]\n"
+        "    steps: [make cross]\n"
+        "    env: {MODE: slow}\n")
+    assert spec.timeout == 300 and spec.artifacts == ("dist/*.whl", "report.xml")
+    assert spec.job_list() == [{"name": "linux", "labels": ["linux"]},
+                               {"name": "arm", "labels": ["linux", "arm64"]}]
+    steps, timeout, env = spec.plan("linux")
+    assert steps == (Step("make"), Step("pytest -q", "unit tests", 60.0, {"VERBOSE": "true"}))
+    assert (timeout, env) == (300.0, {"MODE": "fast", "LEVEL": "2"})
+    steps, _, env = spec.plan("arm")
+    assert steps == (Step("make cross"),) and env["MODE"] == "slow"
+    with pytest.raises(BuildFileError, match="no job 'mips'"):
+        spec.plan("mips")
+
+
+def test_without_jobs_one_default_job():
+    spec = buildfile.parse("steps: [echo hi]\n")
+    assert spec.job_list() == [{"name": "", "labels": []}]
+    assert spec.plan("")[0] == (Step("echo hi"),)
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("steps: [make\n", 2, "not valid YAML"),
+    ("steps:\n  - make\n  - run: 3\n", 3, "steps[2].run must be a non-empty string"),
+    ("steps: [make]\ntimout: 5\n", 2, "unknown key 'timout'"),
+    ("steps: [make]\ntimeout: -1\n", 2, "positive number of seconds, got -1"),
+    ("steps:\n  - make\n  - {name: x}\n", 3, "needs 'run'"),
+    ("env: {A: 1}\n", 1, "needs 'steps'"),
+    ("steps: [make]\njobs:\n  a:\n    labels: [has space]\n", 4, "'has space'"),
+    ("jobs:\n  a: {labels: [x]}\n", 2, "jobs.a has no steps"),
+    ("steps: [make]\nartifacts: [../secrets]\n", 2, "inside the checkout"),
+    ("steps: [a]\nsteps: [b]\n", 2, "appears twice"),
+    ("- make\n", 1, "top level must be a mapping"),
+])
+def test_broken_files_name_the_line(text, line, words):
+    with pytest.raises(BuildFileError) as err:
+        buildfile.parse(text)
+    assert err.value.line == line
+    assert words in str(err.value) and str(err.value).startswith(f".ci.yaml line {line}:")
+
+
+def test_pipeline_rule():
+    assert pipeline_status(["passed", "error", "failed"]) == "error"
+    assert pipeline_status(["passed", "failed", "running"]) == "failed"
+    assert pipeline_status(["passed", "passed"]) == "passed"
+    assert pipeline_status(["passed", "queued"]) == "running"
+    assert pipeline_status(["skipped"]) == "skipped"
+
+
+# ---------------------------------------------------------------- artifact paths
+
+@pytest.fixture
+def arts(tmp_path):
+    store = Store(tmp_path / "data")
+    yield Artifacts(store)
+    store.close()
+
+
+@pytest.mark.parametrize("path", ["../escape", "/etc/passwd", "a/../../b", "a//b", "./a", "a\\..\\b", "", "a/"])
+def test_escaping_artifact_paths_are_refused(arts, tmp_path, path):
+    with pytest.raises(ArtifactError) as err:
+        arts.write(1, SHA, path, 0, b"x", True, 1 << 20)
+    assert err.value.code == "bad_path"
+    assert not (tmp_path / "escape").exists() and arts.list(1) == []
+
+
+def test_a_symlink_in_the_store_is_never_followed(arts, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base = arts.directory(1, SHA)
+    base.mkdir(parents=True)
+    os.symlink(outside, base / "dir")
+    os.symlink(outside / "file", base / "file")
+    for path in ("dir/x", "file"):
+        with pytest.raises(ArtifactError):
+            arts.write(1, SHA, path, 0, b"x", True, 1 << 20)
+    assert list(outside.iterdir()) == []
+
+
+def test_artifacts_are_written_listed_and_capped(arts):
+    arts.write(1, SHA, "out/a.txt", 0, b"hello ", False, 100)
+    assert arts.list(1) == []                           # not listed until its last chunk
+    arts.write(1, SHA, "out/a.txt", 6, b"world", True, 100)
+    assert arts.list(1) == [{"path": "out/a.txt", "size": 11}]
+    assert arts.read(1, SHA, "out/a.txt", 0, 1000) == (b"hello world", 11)
+    assert (arts.directory(1, SHA) / "out" / "a.txt").read_bytes() == b"hello world"
+    with pytest.raises(ArtifactError) as err:
+        arts.write(1, SHA, "big", 0, b"x" * 90, True, 100)
+    assert err.value.code == "too_large"
+
+
+# ---------------------------------------------------------------- log cap
+
+def test_log_cap_keeps_head_and_tail_and_exact_offsets(tmp_path):
+    cap = LogCap(tmp_path, 1000)
+    lines = [f"line {n:05d}\n".encode() for n in range(1000)]      # 11 bytes each
+    sent = 0
+    for line in lines:
+        sent += len(line)
+        assert cap.append(7, line, 0) == sent                      # the runner's offsets stay right
+    cap.append(7, b"x" * 5000, 0)                                  # a chunk bigger than the cap
+    cap.close(7)
+    text = (tmp_path / "7.log").read_text()
+    assert text.startswith("line 00000\n") and text.endswith("x" * 100)
+    (tmp_path / "7.log").unlink()
+    sent = 0
+    for line in lines:
+        sent += len(line)
+        cap.append(7, line, 0)
+    cap.close(7)
+    text = (tmp_path / "7.log").read_text()
+    assert text.startswith("line 00000\n") and text.endswith("line 00999\n")
+    assert "bytes cut here" in text and "line 00500" not in text
+    assert len(text) < 1200
+    head, rest = text.split("\n[... ", 1)
+    cut, tail = int(rest.split(" bytes")[0]), rest.split("...]\n", 1)[1]
+    assert len(head) + cut + len(tail) == sent                     # says exactly how much is missing
