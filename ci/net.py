@@ -171,7 +171,8 @@ REPO = Kind("repository path or URL (1-4096 characters, no control characters, n
             lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and not v.startswith("-")
             and re.search(r"[\x00-\x1f\x7f]", v) is None)
 DATA = _str(1 << 20)
-NUMBER = Kind("number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+NUMBER = Kind("finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and -1e15 < v < 1e15)    # also refuses NaN and infinity, which JSON parsing lets in
 BOOL = Kind("boolean", lambda v: isinstance(v, bool))
 STEPS = _list(_str(16384), 200)
 LABELS = _list(NAME, 50)
