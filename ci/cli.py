@@ -233,7 +233,8 @@ class DispatcherLink:
     def refused(self) -> str:
         return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
                 f"(TINYCI_AUTH_SECRET) or the role's own (auth.reader_secret, auth.operator_secret) "
-                f"matches the dispatcher's")
+                f"matches the dispatcher's; for `tinyci up`'s daemons, run this where its "
+                f".tinyci/secret is or set TINYCI_AUTH_SECRET_FILE")
 
     def run(self, coro) -> Any:
         """Run one coroutine, turning every peer problem into a one-line Failure."""

@@ -58,9 +58,9 @@ async def raw_auth(addr: str, auth: dict, tls_ctx=None) -> tuple[dict, bytes]:
     return reply, rest
 
 
-async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None) -> dict:
+async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5) -> dict:
     host, port = net.parse_addr(addr)
-    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=5), tls_ctx)
+    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx)
     try:
         return await client.request(msg)
     finally:
@@ -180,7 +180,7 @@ def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certif
         with pytest.raises(net.PeerError):          # the server's certificate is not from our CA
             await ask(p_addr, "reader", "", {"type": "status"}, distrusting)
         with pytest.raises(net.PeerError):          # plain TCP to a TLS port gets nowhere
-            await ask(p_addr, "reader", "", {"type": "status"})
+            await ask(p_addr, "reader", "", {"type": "status"}, timeout=0.5)
         assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["role"] == "reader"
         for ctx in (trusting, rogue_cert):          # no client certificate, or one from another CA
             with pytest.raises(net.PeerError):
@@ -335,7 +335,7 @@ def test_mutual_tls_cluster_builds_and_tools_need_a_certificate(cluster, repo, p
     with pytest.raises(net.PeerError):
         run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}, no_cert))
     with pytest.raises(net.PeerError):             # nor plain TCP
-        run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}))
+        run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}, timeout=0.5))
 
 
 def test_commit_for_a_repository_not_in_the_allow_list_is_refused(cluster):
