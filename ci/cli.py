@@ -43,6 +43,9 @@ DAEMONS = {
 }
 
 DEFAULT_OBSERVER = "127.0.0.1:8887"
+# `tinyci up` writes the secret it made for its daemons here (under its default --data);
+# tools run from the same directory use it when no secret is configured
+LOCAL_SECRET = os.path.join(".tinyci", "secret")
 NOTIFY_TIMEOUT = 3.0        # a git hook must not hold up a commit for long
 
 
@@ -169,7 +172,8 @@ def _tool_arguments(parser: argparse.ArgumentParser) -> None:
                              "127.0.0.1:8888)")
     parser.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in "
-                             "defaults); its auth.secret is used to authenticate")
+                             "defaults); its auth section's secret for the role is used to "
+                             "authenticate, else .tinyci/secret when `tinyci up` made one here")
 
 
 def _build_id(text: str) -> int:
@@ -226,7 +230,8 @@ class DispatcherLink:
         from .config import ConfigError, load
         try:
             config = load(args.config)
-            self.secret = config.secret
+            self.secrets = {role: tool_secret(config, role) for role in (net.READER, net.OPERATOR)}
+            self.tls = config.client_tls()
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
         self.limits = config.limits()
@@ -241,7 +246,7 @@ class DispatcherLink:
 
     def client(self, role: str) -> net.Client:
         host, _, port = self.addr.rpartition(":")
-        return net.Client(host, int(port), role, self.secret, self.limits)
+        return net.Client(host, int(port), role, self.secrets[role], self.limits, self.tls)
 
     def call(self, msg: dict, role: str = net.READER) -> dict:
         async def once() -> dict:
@@ -254,7 +259,9 @@ class DispatcherLink:
 
     def refused(self) -> str:
         return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
-                f"(TINYCI_AUTH_SECRET) matches the dispatcher's")
+                f"(TINYCI_AUTH_SECRET) or the role's own (auth.reader_secret, auth.operator_secret) "
+                f"matches the dispatcher's; for `tinyci up`'s daemons, run this where its "
+                f".tinyci/secret is or set TINYCI_AUTH_SECRET_FILE")
 
     def run(self, coro) -> Any:
         """Run one coroutine, turning every peer problem into a one-line Failure."""
@@ -264,18 +271,24 @@ class DispatcherLink:
             if exc.code == "auth_failed":
                 raise Failure(self.refused()) from None
             raise Failure(exc.message or exc.code) from None
+        except net.PeerAuthFailed:
+            raise Failure(self.refused()) from None
         except net.PeerError as exc:
-            if auth_failed(exc):
-                raise Failure(self.refused()) from None
             raise Failure(unreachable("dispatcher", self.addr, exc)
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except net.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
 
 
-def auth_failed(exc: Exception) -> bool:
-    # net.Client reports a refused handshake as a PeerError carrying the server's message
-    return "authentication failed" in str(exc)
+def tool_secret(config, role: str) -> str:
+    """The configured secret of ``role``; without one, the secret `tinyci up` made in .tinyci/."""
+    secret = config.role_secret(role)
+    if secret:
+        return secret
+    try:
+        return open(LOCAL_SECRET).read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def unreachable(what: str, addr: str, exc: Exception) -> str:
@@ -462,20 +475,19 @@ TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": t
 def notify(args: argparse.Namespace) -> int:
     """Poke the observer. Always exits 0: a git hook must never fail a commit."""
     try:
-        addr, secret = _observer_target(args)
+        addr, secret, tls = _observer_target(args)
         host, port = net.parse_addr(addr)
         limits = net.Limits(connect_timeout=NOTIFY_TIMEOUT, read_timeout=NOTIFY_TIMEOUT)
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        asyncio.run(net.call(f"{host}:{port}", msg, net.OBSERVER, secret, limits))
+        asyncio.run(net.call(f"{host}:{port}", msg, net.OBSERVER, secret, limits, ssl=tls))
+    except net.PeerAuthFailed:
+        print(f"tinyci notify: the observer at {addr} refused our credentials "
+              f"(auth.observer_secret / auth.secret)", file=sys.stderr)
     except net.PeerError as exc:
-        if auth_failed(exc):
-            print(f"tinyci notify: the observer at {addr} refused our credentials (auth.secret)",
-                  file=sys.stderr)
-        else:
-            print(f"tinyci notify: {unreachable('observer', addr, exc)}; it will see the commit "
-                  f"at its next poll if it runs", file=sys.stderr)
+        print(f"tinyci notify: {unreachable('observer', addr, exc)}; it will see the commit "
+              f"at its next poll if it runs", file=sys.stderr)
     except net.RemoteError as exc:
         print(f"tinyci notify: the observer refused the poke: {exc.message or exc.code}", file=sys.stderr)
     except Exception as exc:  # config errors, bad addresses, anything: report, never fail
@@ -483,12 +495,17 @@ def notify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _observer_target(args: argparse.Namespace) -> tuple[str, str]:
-    """(address, secret). The configuration (and its YAML import) is read only
-    when there is one, keeping the hook's common case quick."""
+def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """(address, secret, TLS context). The configuration (and its YAML import) is
+    read only when there is one, keeping the hook's common case quick."""
     if args.config or any(name.startswith("TINYCI_") for name in os.environ):
         from .config import load
         config = load(args.config)
         host = "127.0.0.1" if config.observer.host == "0.0.0.0" else config.observer.host
-        return args.observer or f"{host}:{config.observer.port}", config.secret
-    return args.observer or DEFAULT_OBSERVER, ""
+        return (args.observer or f"{host}:{config.observer.port}", tool_secret(config, net.OBSERVER),
+                config.client_tls())
+    try:
+        secret = open(LOCAL_SECRET).read().strip()
+    except (OSError, UnicodeDecodeError):
+        secret = ""
+    return args.observer or DEFAULT_OBSERVER, secret, None

@@ -43,6 +43,7 @@ class DispatcherConfig:
     max_log_bytes: int = 16 << 20
     max_artifact_bytes: int = 100 << 20     # per build
     supersede: list = field(default_factory=list)   # branch patterns
+    repos: list = field(default_factory=list)   # repositories it builds; empty: any
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,25 @@ class NotifyConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    secret: str = ""
+    secret: str = ""              # shared: used by every role without a secret of its own
     secret_file: str = ""
+    dispatcher_secret: str = ""
+    dispatcher_secret_file: str = ""
+    runner_secret: str = ""
+    runner_secret_file: str = ""
+    observer_secret: str = ""
+    observer_secret_file: str = ""
+    operator_secret: str = ""
+    operator_secret_file: str = ""
+    reader_secret: str = ""
+    reader_secret_file: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = ""                # this daemon's certificate (PEM); servers need it
+    key: str = ""                 # its private key (PEM); empty: inside `cert`
+    ca: str = ""                  # CA that signed the peers' certificates
 
 
 @dataclass(frozen=True)
@@ -99,22 +117,56 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     net: NetConfig = field(default_factory=NetConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = "built-in defaults"
 
     @property
     def secret(self) -> str:
         """The shared secret, read from ``secret_file`` when one is named."""
-        if self.auth.secret_file:
-            path = Path(self.auth.secret_file)
-            try:
-                return path.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"auth.secret_file: cannot read {path}: {exc.strerror}") from None
-        return self.auth.secret
+        return _read_secret(self.auth, "secret")
+
+    def role_secret(self, role: str) -> str:
+        """The secret ``role`` authenticates with: its own (``<role>_secret_file``,
+        then ``<role>_secret``), else the shared one."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        return _read_secret(self.auth, f"{role}_secret") or self.secret
+
+    def secrets(self) -> dict[str, str]:
+        """Every role's secret, for a server checking what clients claim."""
+        return {role: self.role_secret(role) for role in ROLES}
 
     def limits(self):
         from .net import Limits
         return Limits(**{f.name: getattr(self.net, f.name) for f in fields(NetConfig)})
+
+    def server_tls(self):
+        """An ssl.SSLContext for listening, or None without ``tls.cert``."""
+        from . import tls
+        return tls.server_context(self.tls)
+
+    def client_tls(self):
+        """An ssl.SSLContext for connecting, or None when TLS is not configured."""
+        from . import tls
+        return tls.client_context(self.tls)
+
+
+# The roles of net.py, repeated here so reading the configuration imports no networking.
+ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+
+
+def _read_secret(auth: AuthConfig, key: str) -> str:
+    """``auth.<key>_file``'s content (stripped) when set, else ``auth.<key>``.
+    Errors name the key and the file, never the secret."""
+    path_text = getattr(auth, f"{key}_file")
+    if path_text:
+        path = Path(path_text).expanduser()
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not a text file"
+            raise ConfigError(f"auth.{key}_file: cannot read {path}: {why}") from None
+    return getattr(auth, key)
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "source"}
@@ -235,6 +287,10 @@ def _parse_env(name: str, text: str, kind: Any) -> Any:
                           f"{getattr(kind, '__name__', kind)}") from None
 
 
+def _is_secret(section: str, key: str) -> bool:
+    return section == "auth" and not key.endswith("_file")
+
+
 def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
     kind = typing.get_type_hints(type(base))[key]
     where = f"{origin}: {section}.{key}"
@@ -249,7 +305,8 @@ def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
     if not ok:
         expected = {list: "a list of strings", dict: "a mapping of strings", int: "an integer",
                     float: "a number", bool: "true or false", str: "a string"}[kind]
-        raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r:.60}")
+        shown = "(value hidden)" if _is_secret(section, key) else f"{value!r:.60}"
+        raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {shown}")
     bound = _BOUNDS.get((section, key))
     if bound and not bound[0](value):
         raise ConfigError(f"{where} must be {bound[1]}, got {value!r}")

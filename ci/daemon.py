@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import ipaddress
 import logging
 import signal
 import sys
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from .config import Config, ConfigError, load
 
@@ -24,16 +25,60 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int,
                         help=f"port to listen on; 0 picks a free one (default {default_port})")
+    parser.add_argument("--insecure", action="store_true",
+                        help="listen on a non-loopback --host even though some role has no secret "
+                             "(anyone who reaches the port can then act in that role)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
 
 def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
     try:
         config = load(args.config, overrides=overrides)
-        config.secret  # read a secret_file now, so a bad one fails at start-up
+        # read secret files and TLS files now, so a bad one fails at start-up
+        config.secrets()
+        config.server_tls()
+        config.client_tls()
         return config
     except ConfigError as exc:
         raise StartupError(f"configuration error: {exc}") from None
+
+
+# What anyone who reaches a daemon's port could do without secrets, for the refusal and the warning.
+EXPOSES = {
+    "dispatcher": "read every build and its log, queue and cancel builds, and register as a runner "
+                  "to be sent the repository's commits and build commands",
+    "runner": "run any shell command on this machine as this user",
+    "observer": "make it scan the repository at will",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False        # a name, or "" (every interface): assume it is reachable from outside
+
+
+def check_exposure(what: str, host: str, config: Config, roles: Iterable[str], insecure: bool) -> None:
+    """Refuse a non-loopback address while a role this daemon accepts has no
+    secret, unless ``insecure``; then only warn, saying what is exposed."""
+    if is_loopback(host):
+        return
+    open_roles = sorted(role for role in roles if not config.role_secret(role))
+    if not open_roles:
+        return
+    who = ", ".join(open_roles)
+    if not insecure:
+        raise StartupError(
+            f"refusing to listen on {host or 'every interface'}: no secret is set for role(s) {who}, "
+            f"so anyone who can reach this port could {EXPOSES[what]}. Set auth.secret (or "
+            f"auth.<role>_secret, e.g. TINYCI_AUTH_SECRET_FILE), listen on 127.0.0.1, or pass "
+            f"--insecure to accept the risk")
+    logging.getLogger(f"ci.{what}").warning(
+        "--insecure: listening on %s with no secret for role(s) %s: anyone who can reach this port "
+        "can %s", host or "every interface", who, EXPOSES[what])
 
 
 def setup_logging(name: str, verbose: bool) -> None:

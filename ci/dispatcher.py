@@ -44,6 +44,8 @@ LOG_CHUNK = 256 * 1024
 ARTIFACT_CHUNK = 256 * 1024
 SKIP_MARKERS = ("[skip ci]", "[ci skip]")
 DEFAULT_JOBS = [{"name": buildfile.DEFAULT_JOB, "labels": []}]
+# nobody talks to the dispatcher as the dispatcher: that secret is for what it sends runners
+ACCEPTS = frozenset({net.RUNNER, net.OBSERVER, net.OPERATOR, net.READER})
 
 
 class Dispatcher:
@@ -53,7 +55,9 @@ class Dispatcher:
         self.clock = clock
         cfg = config.dispatcher
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
-        self.secret = config.secret
+        self.secret = config.role_secret(net.DISPATCHER)      # what it proves itself with to runners
+        self.secrets = config.secrets()
+        self.client_tls = config.client_tls()
         self.limits = config.limits()
         self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
         self.tasks: set[asyncio.Task] = set()
@@ -77,11 +81,12 @@ class Dispatcher:
                      len(active) - running, running, sum(r.alive for r in runners))
         self.apply(plan)
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
         cfg = self.config.dispatcher
+        daemon.check_exposure("dispatcher", cfg.host, self.config, ACCEPTS, insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, cfg.host, cfg.port, secret=self.secret,
-                              limits=self.limits, name="dispatcher"),
+            lambda: net.serve(self.handle, cfg.host, cfg.port, secrets=self.secrets, roles=ACCEPTS,
+                              limits=self.limits, name="dispatcher", ssl=self.config.server_tls()),
             "dispatcher", cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
@@ -178,7 +183,8 @@ class Dispatcher:
     def link(self, runner: Runner) -> net.Client:
         link = self.links.get(runner.name)
         if link is None or (link.host, link.port) != (runner.host, runner.port):
-            link = net.Client(runner.host, runner.port, net.DISPATCHER, self.secret, self.limits)
+            link = net.Client(runner.host, runner.port, net.DISPATCHER, self.secret, self.limits,
+                              self.client_tls)
             self.links[runner.name] = link
         return link
 
@@ -271,6 +277,12 @@ class Dispatcher:
         return await handler(conn, msg)
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
+        allowed = self.config.dispatcher.repos
+        if allowed and msg["repo"] not in allowed:
+            log.warning("refused a commit from %s for repository %r: not in dispatcher.repos",
+                        conn.peer, msg["repo"][:200])
+            return net.error("forbidden_repo", f"this dispatcher does not build {msg['repo'][:200]!r} "
+                                               f"(not in its dispatcher.repos)")
         marker = next((m for m in SKIP_MARKERS if m in (msg.get("message") or msg["subject"]).lower()), None)
         builds, created = self._queue_jobs(
             dict(repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
@@ -632,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             dispatcher = Dispatcher(config, store)
             dispatcher.recover()
-            await dispatcher.serve(stop)
+            await dispatcher.serve(stop, args.insecure)
         finally:
             store.close()
 

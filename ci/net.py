@@ -5,8 +5,13 @@ A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON: one
 object with a string ``type``. On connect the server speaks first::
 
     server: {"type": "hello", "version": 1, "nonce": N}
-    client: {"type": "auth", "role": R, "mac": HMAC-SHA256(secret, N + ":" + R)}
+    client: {"type": "auth", "role": R, "mac": HMAC-SHA256(secret of R, N + ":" + R)}
     server: {"type": "ok", "role": R}            (or an error, then close)
+
+Each role has its own secret (config ``auth.<role>_secret``, falling back to
+``auth.secret``); a wrong role, or a wrong or missing MAC, gets the one answer
+``auth_failed`` "authentication failed" and the connection closes. With
+``tls`` configured, all of this runs inside TLS (``serve``/``Client`` ``ssl=``).
 
 then requests follow, each with exactly one reply (``ok``, ``error``,
 ``pong``), except the two streams, which send ``chunk``/``event`` frames and
@@ -103,6 +108,10 @@ class PeerTimeout(PeerError):
     """The peer did not answer in time."""
 
 
+class PeerAuthFailed(PeerError):
+    """The peer refused our credentials in the handshake (wrong secret or role)."""
+
+
 class RemoteError(Exception):
     """The peer answered a request with an ``error`` frame."""
 
@@ -129,16 +138,11 @@ class Kind:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)[:40] if _jsonable(value) else repr(value)[:40]
-    return f"{type(value).__name__} {text}"
-
-
-def _jsonable(value: Any) -> bool:
     try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+        text = json.dumps(value)[:40]
+    except (TypeError, ValueError, RecursionError):     # a peer may nest as deep as the parser allows
+        text = "..."
+    return f"{type(value).__name__} {text}"
 
 
 def _int(lo: int, hi: int) -> Kind:
@@ -172,8 +176,13 @@ BRANCH = Kind("git branch name", lambda v: isinstance(v, str) and 0 < len(v) <= 
               and not _BAD_REF.search(v))
 TEXT = _str(4096)
 PATH = _str(4096)
+# what runners clone: a path or URL, never something git could take for an option
+REPO = Kind("repository path or URL (1-4096 characters, no control characters, not starting with '-')",
+            lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and not v.startswith("-")
+            and re.search(r"[\x00-\x1f\x7f]", v) is None)
 DATA = _str(1 << 20)
-NUMBER = Kind("number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+NUMBER = Kind("finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and -1e15 < v < 1e15)    # also refuses NaN and infinity, which JSON parsing lets in
 BOOL = Kind("boolean", lambda v: isinstance(v, bool))
 STEPS = _list(_str(16384), 200)
 LABELS = _list(NAME, 50)
@@ -214,7 +223,7 @@ MESSAGES: dict[str, Spec] = {
     "hello": _spec(SERVER, {"version": _int(1, 1000), "nonce": _str(128)}),
     "auth": _spec(ROLES, {"role": ROLE, "mac": _str(128)}),
     # observer -> dispatcher
-    "commit": _spec(OBSERVER, {"repo": PATH, "branch": BRANCH, "sha": SHA, "author": TEXT,
+    "commit": _spec(OBSERVER, {"repo": REPO, "branch": BRANCH, "sha": SHA, "author": TEXT,
                                "subject": TEXT, "time": NUMBER},
                       {"message": TEXT, "jobs": JOBS, "config_error": TEXT}),
     # runner -> dispatcher
@@ -227,7 +236,7 @@ MESSAGES: dict[str, Spec] = {
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
                                "data": DATA, "eof": BOOL}),
     # dispatcher -> runner
-    "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": PATH, "sha": SHA,
+    "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
                 {"job": JOB, "artifacts_limit": COUNT}),
     "ping": _spec(DISPATCHER),
@@ -387,9 +396,15 @@ Handler = Callable[[Connection, dict], Awaitable[dict | None]]
 
 async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
                 roles: frozenset = frozenset(ROLES), limits: Limits = Limits(),
-                name: str = "server") -> asyncio.Server:
-    """Start a framed server; each connection does the handshake, then request/reply."""
+                name: str = "server", secrets: Mapping[str, str] | None = None,
+                ssl: Any = None) -> asyncio.Server:
+    """Start a framed server; each connection does the handshake, then request/reply.
+
+    A client claiming a role proves it with that role's entry in ``secrets``
+    (``secret`` for roles without one). ``ssl`` is an SSLContext to listen with TLS.
+    """
     slots = asyncio.Semaphore(limits.max_connections)
+    keys = {role: (secrets or {}).get(role) or secret for role in ROLES}
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
@@ -405,7 +420,7 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
             return
         async with slots:
             try:
-                if await _handshake(conn, secret, roles):
+                if await _handshake(conn, keys, roles):
                     await _serve_requests(conn, handler, name)
             except (ConnectionError, PeerError) as exc:
                 log.debug("%s: %s: %s", name, peer, exc)
@@ -422,26 +437,33 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
             finally:
                 await conn.close()
 
-    return await asyncio.start_server(on_connect, host, port, reuse_address=True)
+    extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
+    return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)
 
 
-async def _handshake(conn: Connection, secret: str, roles: frozenset) -> bool:
+async def _handshake(conn: Connection, keys: Mapping[str, str], roles: frozenset) -> bool:
     nonce = _secrets.token_hex(16)
     await conn.send({"type": "hello", "version": PROTOCOL_VERSION, "nonce": nonce})
     try:
         raw = await conn.recv_raw(idle=conn.limits.read_timeout)
         if not isinstance(raw, dict) or raw.get("type") != "auth":
             raise ProtocolError("auth_required", "the first message must be 'auth'")
-        # the role is not known yet: validate as the role claimed (a bad one fails on the field)
-        msg = validate(raw, raw.get("role") if raw.get("role") in ROLES else ROLES[0])
     except FatalProtocolError:
         raise
     except ProtocolError as exc:
         await conn.send(error(exc.code, exc.message))
         return False
-    role = msg["role"]
-    if not hmac.compare_digest(msg["mac"], mac(secret, nonce, role)) or role not in roles:
-        log.warning("authentication failed for %s", conn.peer)
+    role = raw.get("role")
+    try:
+        validate(raw, role if role in ROLES else ROLES[0])
+        # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
+        good = role in roles and hmac.compare_digest(raw["mac"].encode(), mac(keys[role], nonce, role).encode())
+    except ProtocolError:
+        good = False
+    if not good:
+        # one answer for a wrong role, a wrong, missing or malformed MAC: no hint which it was
+        log.warning("authentication failed for %s (claimed role %s)", conn.peer,
+                    role if role in ROLES else "unknown")
         await conn.send(error("auth_failed", "authentication failed"))
         return False
     conn.role = role
@@ -505,16 +527,20 @@ class Client:
     """
 
     def __init__(self, host: str, port: int, role: str, secret: str = "",
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), ssl: Any = None):
         self.host, self.port, self.role, self.secret, self.limits = host, port, role, secret, limits
+        self.ssl = ssl
         self.addr = f"{host}:{port}"
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> Connection:
         try:
+            tls = {} if self.ssl is None else {
+                "ssl": self.ssl, "server_hostname": self.host,
+                "ssl_handshake_timeout": self.limits.connect_timeout}
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=2 ** 16), self.limits.connect_timeout)
+                asyncio.open_connection(self.host, self.port, limit=2 ** 16, **tls), self.limits.connect_timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"connecting to {self.addr} timed out") from None
         except ConnectionRefusedError:
@@ -530,7 +556,13 @@ class Client:
                              "mac": mac(self.secret, hello["nonce"], self.role)})
             reply = await conn.recv()
             if reply["type"] == "error":
+                if reply.get("code") == "auth_failed":
+                    raise PeerAuthFailed(f"{self.addr} refused our credentials as {self.role!r}: "
+                                         f"authentication failed")
                 raise ProtocolError(reply.get("code", "error"), reply.get("message", ""))
+        except PeerAuthFailed:
+            await conn.close()
+            raise
         except (ConnectionError, ProtocolError) as exc:
             await conn.close()
             raise PeerError(f"handshake with {self.addr} failed: {exc}") from None
@@ -594,10 +626,10 @@ class Client:
 
 
 async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
-               timeout: float | None = None) -> dict:
+               timeout: float | None = None, ssl: Any = None) -> dict:
     """One request on a fresh connection (for command-line tools)."""
     host, port = parse_addr(addr)
-    client = Client(host, port, role, secret, limits)
+    client = Client(host, port, role, secret, limits, ssl)
     try:
         return await client.request(msg, timeout)
     finally:

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     async def body(stop: asyncio.Event) -> None:
         # loaded in here so a configuration error is a one-line StartupError too
         config = daemon.load_config(args, overrides)
-        await serve(config, stop)
+        await serve(config, stop, args.insecure)
 
     return daemon.run("observer", body, args.verbose)
 
@@ -210,18 +210,21 @@ def check(cfg: ObserverConfig) -> Setup:
     return Setup(cfg, repo, repo_url or str(repo), dispatcher)
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> None:
     setup = check(config.observer)
     cfg = setup.config
+    accepts = frozenset({net.OBSERVER, net.OPERATOR})
+    daemon.check_exposure("observer", cfg.host, config, sorted(accepts), insecure)
     state = StateFile(Path(os.path.abspath(Path(cfg.state_dir).expanduser())), setup.repo)
     state.lock()
-    client = net.Client(*setup.dispatcher, role=net.OBSERVER, secret=config.secret, limits=config.limits())
+    client = net.Client(*setup.dispatcher, role=net.OBSERVER, secret=config.role_secret(net.OBSERVER),
+                        limits=config.limits(), ssl=config.client_tls())
     try:
         observer = Observer(setup, state, client)
         server = await daemon.listen(
-            lambda: net.serve(observer.handle, cfg.host, cfg.port, secret=config.secret,
-                              roles=frozenset({net.OBSERVER, net.OPERATOR}), limits=config.limits(),
-                              name="observer"),
+            lambda: net.serve(observer.handle, cfg.host, cfg.port, secrets=config.secrets(),
+                              roles=accepts, limits=config.limits(), name="observer",
+                              ssl=config.server_tls()),
             "observer", cfg.host, cfg.port)
         port = server.sockets[0].getsockname()[1]
         log.info("state in %s (%d branches known); reporting to %s", state.path,
@@ -365,6 +368,9 @@ class Observer:
         while True:
             try:
                 reply = await self.client.request(msg)
+            except net.PeerAuthFailed:
+                self._outage(f"dispatcher {self.client.addr} refused our credentials; check "
+                             f"auth.observer_secret / auth.secret", name)
             except (net.PeerError, net.ProtocolError) as exc:
                 self._outage(f"dispatcher {self.client.addr} is unreachable: {exc}", name)
             except net.RemoteError as exc:

@@ -54,8 +54,9 @@ class Runner:
         rc = config.runner
         self.config = config
         self.stop = stop
-        self.secret = config.secret
+        self.secret = config.role_secret(net.RUNNER)      # what it proves itself with to the dispatcher
         self.limits = config.limits()
+        self.client_tls = config.client_tls()
         try:
             self.dispatcher = net.parse_addr(rc.dispatcher)
         except ValueError as exc:
@@ -78,13 +79,15 @@ class Runner:
 
     # ------------------------------------------------------------ life cycle
 
-    async def start(self) -> asyncio.AbstractServer:
+    async def start(self, insecure: bool = False) -> asyncio.AbstractServer:
         """Listen, then claim the workdir and pick up what the outbox holds."""
         rc = self.config.runner
+        # work comes only from the dispatcher role: whoever holds its secret can run commands here
+        daemon.check_exposure("runner", rc.host, self.config, [net.DISPATCHER], insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, rc.host, rc.port, secret=self.secret,
+            lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.config.secrets(),
                               roles=frozenset({net.DISPATCHER}), limits=self.limits,
-                              name=f"runner {rc.name or ''}".strip()),
+                              name=f"runner {rc.name or ''}".strip(), ssl=self.config.server_tls()),
             "runner", rc.host, rc.port)
         try:
             self.port = server.sockets[0].getsockname()[1]
@@ -143,7 +146,7 @@ class Runner:
 
     def _client(self) -> net.Client:
         host, port = self.dispatcher
-        return net.Client(host, port, net.RUNNER, self.secret, self.limits)
+        return net.Client(host, port, net.RUNNER, self.secret, self.limits, self.client_tls)
 
     def _spawn(self, coro, what: str) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -333,9 +336,9 @@ class Runner:
             quiet = not pinged
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> None:
     runner = Runner(config, stop)
-    server = await runner.start()
+    server = await runner.start(insecure)
     daemon.announce("runner", runner.host, runner.port, f" as {runner.name}")
     try:
         await runner.serve()
@@ -372,7 +375,8 @@ def main(args: argparse.Namespace) -> int:
     except daemon.StartupError as exc:
         print(f"tinyci runner: {exc}", file=sys.stderr, flush=True)
         return 2
-    return daemon.run("runner", lambda stop: serve(config, stop), getattr(args, "verbose", False))
+    return daemon.run("runner", lambda stop: serve(config, stop, getattr(args, "insecure", False)),
+                      getattr(args, "verbose", False))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ daemon's log, goes to DATA/logs/<name>.log. If any child fails to start or
 dies later, the others are stopped and the end of its log is shown. Ctrl-C or
 SIGTERM stops them all: SIGTERM to each by PID, SIGKILL after a grace time.
 
+Unless the configuration sets a secret, the daemons authenticate with a random
+one made on first start and kept in DATA/secret (mode 0600). Children get it
+in their environment (TINYCI_AUTH_SECRET), never on a command line, where any
+local user could read it; tools run from the same directory find it in
+.tinyci/secret.
+
 This module speaks no protocol itself; it only starts and watches processes.
 """
 
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -92,6 +99,8 @@ class Plan:
     interval: float | None
     config: str | None
     demo: bool = False
+    env: dict | None = None       # children's environment when it carries a secret we made
+    secret_file: Path | None = None
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -109,7 +118,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # fail on a broken configuration here, once, instead of in every child
     from .config import ConfigError, load
     try:
-        load(config)
+        loaded = load(config)
+        configured = any(loaded.secrets().values())
     except ConfigError as exc:
         raise UpError(f"configuration error: {exc}") from None
     data = Path(args.data).resolve()
@@ -123,9 +133,38 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise UpError(f"{cwd} is not in a git repository: pass --repo PATH to watch a clone, "
                           f"or --demo to try tinyci on a demo repository")
         repo, demo = find_repo(cwd, str(cwd)), False
+    env = secret_file = None
+    if not configured:
+        secret_file = data / "secret"
+        env = {**os.environ, "TINYCI_AUTH_SECRET": local_secret(secret_file)}
     common = (["--config", config] if config else []) + (["-v"] if args.verbose else [])
     return Plan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
-                interval=args.interval, config=config, demo=demo)
+                interval=args.interval, config=config, demo=demo, env=env, secret_file=secret_file)
+
+
+def local_secret(path: Path) -> str:
+    """The secret kept at ``path``, made (random, mode 0600) when there is none yet."""
+    try:
+        secret = path.read_text().strip()
+        if secret:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)      # it grants control of every daemon: owner only
+            return secret
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UpError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    secret = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UpError(f"cannot write the daemons' secret to {path}: {exc.strerror or exc}") from None
+    return secret
 
 
 def git_dir(path: Path) -> str | None:
@@ -291,7 +330,7 @@ class Supervisor:
                 log.write(f"--- tinyci up: {shlex.join(child.argv())}\n".encode())
                 log.flush()
                 child.proc = await asyncio.create_subprocess_exec(
-                    *child.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    *child.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.plan.env,
                     # its own session: Ctrl-C reaches only us, and we stop the children in order
                     start_new_session=True)
         except OSError as exc:
@@ -390,6 +429,11 @@ class Supervisor:
         print(f"Build N's log as it runs:   tinyci log N --follow{flags}")
         print(f"Build logs are in {_show(plan.data / 'dispatcher' / 'logs')}/, "
               f"daemon logs in {_show(self.logs)}/.")
+        if plan.secret_file is not None:
+            here = Path(".tinyci", "secret").resolve() == plan.secret_file
+            print(f"The daemons' secret is in {_show(plan.secret_file)}"
+                  + ("; tools run from this directory use it." if here else
+                     f"; for tools elsewhere: export TINYCI_AUTH_SECRET_FILE={shlex.quote(str(plan.secret_file))}"))
         print("Press Ctrl-C to stop everything.", flush=True)
 
 

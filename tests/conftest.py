@@ -136,13 +136,23 @@ class Daemon:
 class Cluster:
     """Real daemons for one test, all under tmp_path."""
 
-    def __init__(self, tmp: Path, steps: list[str] | None = None, **dispatcher_cfg):
+    def __init__(self, tmp: Path, steps: list[str] | None = None, extra: dict | None = None,
+                 **dispatcher_cfg):
+        """``extra``: more configuration sections (auth, tls, net...) for every daemon."""
         self.tmp = tmp
         self.daemons: list[Daemon] = []
         self.config = tmp / "config.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "dispatcher": dispatcher_cfg, "build": {"steps": steps or ["sh build.sh"], "timeout": 120}}))
+        data = {"dispatcher": dispatcher_cfg, "build": {"steps": steps or ["sh build.sh"], "timeout": 120}}
+        for section, keys in (extra or {}).items():
+            data.setdefault(section, {}).update(keys)
+        self.config.write_text(yaml.safe_dump(data))
         self.env = child_env()
+
+    def credentials(self, role: str) -> tuple[str, object]:
+        """(secret, TLS context) a tool in ``role`` uses with this cluster's configuration."""
+        from ci.config import load
+        config = load(self.config, env=self.env)
+        return config.role_secret(role), config.client_tls()
 
     def _start(self, kind: str, name: str, args: list[str]) -> Daemon:
         logs = self.tmp / "logs"
@@ -166,7 +176,8 @@ class Cluster:
                                                      "--interval", "0.3", *args])
 
     def request(self, msg: dict, role: str = "reader") -> dict:
-        return asyncio.run(net.call(self.disp.addr, msg, role, timeout=10))
+        secret, tls = self.credentials(role)
+        return asyncio.run(net.call(self.disp.addr, msg, role, secret, timeout=10, ssl=tls))
 
     def status(self, limit: int = 500) -> dict:
         return self.request({"type": "status", "limit": limit})
@@ -179,7 +190,8 @@ class Cluster:
 
     def log(self, build: int) -> str:
         async def read() -> str:
-            client = net.Client(*net.parse_addr(self.disp.addr), "reader")
+            secret, tls = self.credentials("reader")
+            client = net.Client(*net.parse_addr(self.disp.addr), "reader", secret, ssl=tls)
             try:
                 return "".join([f.get("data", "") async for f in client.stream({"type": "read_log", "build": build})])
             finally:

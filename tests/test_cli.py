@@ -443,10 +443,17 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
         children = run.children()
         assert sorted(children) == ["dispatcher", "observer", "runner-1", "runner-2"]
         addr = children["dispatcher"][0]
+        # up made a secret for its daemons: owner-only, never on a command line, needed by tools
+        secret_file = tmp_path / "data" / "secret"
+        secret = secret_file.read_text().strip()
+        assert secret and secret_file.stat().st_mode & 0o077 == 0
+        assert not any(secret in Path(f"/proc/{pid}/cmdline").read_text() for _, pid in children.values())
+        assert "refused our credentials" in tinyci("status", "--dispatcher", addr).stderr
+        auth = {"TINYCI_AUTH_SECRET_FILE": str(secret_file)}
         deadline = time.monotonic() + 90
         snapshot: dict = {}
         while time.monotonic() < deadline:
-            done = tinyci("status", "--json", "--dispatcher", addr)
+            done = tinyci("status", "--json", "--dispatcher", addr, **auth)
             assert done.returncode == 0, done.stderr
             snapshot = json.loads(done.stdout)
             if snapshot["builds"] and snapshot["builds"][-1]["status"] not in ("queued", "running"):
@@ -454,7 +461,7 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
             time.sleep(0.3)
         assert [b["status"] for b in snapshot["builds"]] == ["passed"], snapshot
         assert {r["name"] for r in snapshot["runners"]} == {"runner-1", "runner-2"}
-        log = tinyci("log", "1", "--follow", "--dispatcher", addr)
+        log = tinyci("log", "1", "--follow", "--dispatcher", addr, **auth)
         assert log.returncode == 0 and "1 passed" in log.stdout
     finally:
         code = run.stop()

@@ -147,7 +147,7 @@ def test_wrong_secret_fails_authentication_without_detail():
         good = net.Client("127.0.0.1", port, "reader", secret="s3cret")
         assert (await good.request({"type": "status"}))["role"] == "reader"
         bad = net.Client("127.0.0.1", port, "reader", secret="")
-        with pytest.raises(net.PeerError, match="authentication failed"):
+        with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
             await bad.request({"type": "status"})
         await good.close()
         server.close()

@@ -1,0 +1,335 @@
+"""Hostile input against the real daemons: a property-based fuzz of more than
+10,000 random and mutated frames at a live dispatcher, runner and observer, and
+a slow-loris crowd that must not stop a commit from being built."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from ci import net
+
+from conftest import finished
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
+
+ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+KEYS = {role: f"fuzz-{role}-secret" for role in ROLES}
+MAX_FRAME = 65536
+SHA = "0123456789abcdef0123456789abcdef01234567"
+FRAMES_WANTED = 10_000
+
+# One valid example of every message type (but `watch`, a stream that stops reading requests).
+TEMPLATES = {
+    "hello": {"version": 1, "nonce": "abc"},
+    "auth": {"role": "reader", "mac": "00"},
+    "commit": {"repo": "/tmp/repo", "branch": "main", "sha": SHA, "author": "A", "subject": "s", "time": 1.0},
+    "register": {"name": "fuzz", "host": "127.0.0.1", "port": 1, "labels": ["x"], "slots": 1, "running": []},
+    "log": {"build": 1, "attempt": 1, "offset": 0, "data": "x"},
+    "result": {"build": 1, "attempt": 1, "status": "passed", "exit_code": 0, "steps": 1, "duration": 1.0},
+    "run": {"build": 77, "attempt": 1, "repo": "/tmp/repo", "sha": SHA, "branch": "main",
+            "steps": ["true"], "timeout": 5.0, "env": {"A": "b"}},
+    "ping": {},
+    "cancel": {"build": 424242},
+    "status": {"limit": 3},
+    "build": {"build": 1},
+    "read_log": {"build": 1, "offset": 0, "follow": False},
+    "trigger": {"branch": "main"},
+    "rebuild": {"build": 1},
+    "poke": {"branch": "main"},
+    "ok": {},
+    "error": {"code": "x", "message": "y"},
+    "pong": {"running": []},
+    "chunk": {"offset": 0, "data": "x"},
+    "event": {"event": "build"},
+    "end": {},
+}
+# What each daemon lets the fuzzer in as (with the right secret), chosen so that
+# no valid message it may send changes a build; and the valid messages that
+# would do real work there, which are only ever sent broken.
+TARGETS = {
+    "dispatcher": {"roles": ["reader"], "harmful": set()},
+    "runner": {"roles": ["dispatcher"], "harmful": {"run"}},
+    "observer": {"roles": ["observer", "operator"], "harmful": set()},
+}
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def encode(obj) -> bytes:
+    return frame(json.dumps(obj).encode())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=15)
+
+
+def wrong_type(value):
+    """A value of a JSON type no field of the table accepts where ``value`` is."""
+    if isinstance(value, (bool, list, dict)):
+        return st.sampled_from(["x", None, 3])
+    if isinstance(value, (int, float)):
+        return st.sampled_from(["7", None, [], {}])
+    return st.sampled_from([7, None, [], {}, True])
+
+
+@st.composite
+def broken(draw):
+    """A message of a known type that is certainly invalid (so never does anything)."""
+    kind = draw(st.sampled_from(sorted(TEMPLATES)))
+    msg = {"type": kind, **TEMPLATES[kind]}
+    required = [k for k in net.MESSAGES[kind].required]
+    how = draw(st.sampled_from(["drop", "unknown", "retype", "type"] if required else ["unknown", "type"]))
+    if how == "drop":
+        del msg[draw(st.sampled_from(required))]
+    elif how == "unknown":
+        msg["zz_" + draw(st.text(max_size=10))] = draw(json_values)
+    elif how == "retype":
+        name = draw(st.sampled_from(required))
+        msg[name] = draw(wrong_type(msg[name]))
+    else:
+        msg["type"] = draw(st.none() | st.integers() | st.lists(st.text(max_size=3), max_size=2))
+    return encode(msg)
+
+
+def nested(depth: int, kind: str) -> bytes:
+    if kind == "list":
+        return b"[" * depth + b"]" * depth
+    if kind == "object":
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    return b'{"type":"status","limit":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def frames_for(target: str):
+    harmful = TARGETS[target]["harmful"]
+    valid = st.sampled_from(sorted(set(TEMPLATES) - harmful)).map(lambda k: encode({"type": k, **TEMPLATES[k]}))
+    unknown = st.text(min_size=1, max_size=30).filter(lambda t: t not in net.MESSAGES).map(
+        lambda t: encode({"type": t}))
+    return st.one_of(
+        valid,                                                          # allowed, or wrong role
+        broken(),                                                       # wrong types, missing/extra fields
+        unknown,                                                        # unknown types
+        json_values.map(encode),                                        # any JSON at all
+        st.binary(max_size=300).map(frame),                             # random bytes
+        st.binary(max_size=100).map(lambda b: frame(b"\xff\xfe" + b)),  # not UTF-8
+        st.builds(lambda o: frame(json.dumps(o).encode("utf-16")), json_values),
+        st.builds(lambda d, k: frame(nested(d, k)), st.integers(1, 20_000),
+                  st.sampled_from(["list", "object", "field"])),         # deeply nested
+    )
+
+
+def mutants(base: list[bytes], rng: random.Random, count: int, target: str) -> list[bytes]:
+    """Byte-level mutations of the generated frames, cheap enough to make thousands: flips,
+    insertions, deletions, duplications, truncations and splices of the JSON, each re-framed."""
+    # a mutated `run` could turn valid again, and a runner would run it: never mutate one there
+    bodies = [f[4:] for f in base if not (target == "runner" and b'"run"' in f)] or [b"{}"]
+    out = []
+    for _ in range(count):
+        body = bytearray(rng.choice(bodies))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(body) + 1)
+            op = rng.randrange(6)
+            if op == 0 and body:
+                body[min(at, len(body) - 1)] = rng.randrange(256)
+            elif op == 1:
+                body[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif op == 2:
+                del body[at:at + rng.randint(1, 8)]
+            elif op == 3:
+                body[at:at] = body[at:at + rng.randint(1, 40)]
+            elif op == 4:
+                del body[at:]
+            else:
+                other = rng.choice(bodies)
+                body[at:] = other[rng.randrange(len(other) + 1):]
+        out.append(frame(bytes(body)))
+    return out
+
+
+# The last frame of a batch may leave the stream unusable: the daemon must drop it cleanly.
+terminal = st.one_of(
+    st.just(b""),
+    st.builds(lambda n, b: struct.pack(">I", n) + b, st.integers(MAX_FRAME + 1, 2**32 - 1),
+              st.binary(max_size=50)),                                   # oversized length prefix
+    st.builds(lambda b, cut: b[:cut], st.sampled_from([encode({"type": "ping"}), encode(TEMPLATES["commit"])]),
+              st.integers(1, 20)),                                       # truncated
+    st.builds(lambda lie, body: struct.pack(">I", lie) + body, st.integers(0, 10),
+              st.binary(min_size=11, max_size=60)),                      # length prefix that lies
+)
+
+
+def read_frame(sock: socket.socket):
+    header = b""
+    while len(header) < 4:
+        chunk = sock.recv(4 - len(header))
+        if not chunk:
+            raise ConnectionError("closed")
+        header += chunk
+    (length,) = struct.unpack(">I", header)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise ConnectionError("closed")
+        body += chunk
+    return json.loads(body)
+
+
+def session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], first_is_auth: bool) -> int:
+    """Authenticate (or not), pipeline the frames, read until the daemon closes.
+    Returns how many frames the daemon was in a position to read."""
+    sent = 0
+    with socket.create_connection(addr, timeout=10) as sock:
+        hello = read_frame(sock)
+        if first_is_auth:
+            sock.sendall(encode({"type": "auth", "role": role, "mac": net.mac(secret, hello["nonce"], role)}))
+            welcome = read_frame(sock)
+            authenticated = welcome.get("type") == "ok"
+        else:
+            authenticated = False           # the first frame takes the place of the auth
+        for data in frames:
+            try:
+                sock.sendall(data)
+            except OSError:
+                break
+            if authenticated or sent == 0:
+                sent += 1
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass        # reset by a daemon that closed with our frames unread: fine
+    return sent
+
+
+@pytest.mark.slow
+def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster, repo, tmp_path):
+    c = cluster(extra={"auth": {f"{role}_secret": key for role, key in KEYS.items()},
+                       "net": {"max_frame": MAX_FRAME, "read_timeout": 2.0}})
+    c.dispatcher()
+    runner = c.runner("r1")
+    observer = c.observer(repo)
+    before = c.wait_builds(finished, "the first commit built")
+    assert [b["status"] for b in before] == ["passed"]
+    daemons = {"dispatcher": c.disp, "runner": runner, "observer": observer}
+    counts = dict.fromkeys(daemons, 0)
+
+    for target, d in daemons.items():
+        addr = net.parse_addr(d.addr)
+        good = TARGETS[target]["roles"]
+
+        @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
+                  suppress_health_check=list(HealthCheck))
+        @given(who=st.one_of(st.sampled_from(good).map(lambda r: (r, KEYS[r], True)),
+                             st.sampled_from(ROLES).map(lambda r: (r, "wrong", True)),
+                             st.just(("reader", "", False))),
+               base=st.lists(frames_for(target), min_size=4, max_size=12), seed=st.integers(0, 2**32 - 1),
+               last=terminal)
+        def fuzz(who, base, seed, last):
+            role, secret, first_is_auth = who
+            frames = base + mutants(base, random.Random(seed), 40, target) + [last]
+            counts[target] += session(addr, role, secret, frames, first_is_auth)
+            assert d.alive(), f"the {target} died:\n{d.log()}"
+
+        deadline = time.monotonic() + 60
+        while counts[target] < FRAMES_WANTED // 3 + 1 and time.monotonic() < deadline:
+            fuzz()
+    assert sum(counts.values()) >= FRAMES_WANTED, counts
+
+    # every daemon is alive and answering, and no build record changed
+    assert all(d.alive() for d in daemons.values())
+    assert c.builds() == before
+    pong = asyncio.run(net.call(runner.addr, {"type": "ping"}, "dispatcher", KEYS["dispatcher"], timeout=10))
+    assert pong["type"] == "pong"
+    assert asyncio.run(net.call(observer.addr, {"type": "poke"}, "observer", KEYS["observer"], timeout=10))
+    # and they still work together: a new commit is built
+    repo.commit("after the fuzz")
+    after = c.wait_builds(lambda b: len(b) == 2 and finished(b), "a commit built after the fuzz")
+    assert [b["status"] for b in after] == ["passed", "passed"]
+    for d in daemons.values():
+        assert "Traceback" not in d.log_path.read_text(errors="replace"), d.log()
+
+
+# ---------------------------------------------------------------- slow loris
+
+class Loris:
+    """``count`` connections per address, each sending one byte a second of a
+    frame that never ends, reconnecting whenever a daemon drops one."""
+
+    def __init__(self, targets: dict[str, int], interval: float = 1.0):
+        self.targets, self.interval = targets, interval
+        self.stop = threading.Event()
+        self.open = 0
+        self.dropped = 0
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.main()), daemon=True)
+
+    async def main(self) -> None:
+        await asyncio.gather(*(self.one(addr) for addr, n in self.targets.items() for _ in range(n)))
+
+    async def one(self, addr: str) -> None:
+        payload = struct.pack(">I", 200) + b'{"type":"auth","role":"reader","mac":"' + b"0" * 200
+        host, port = net.parse_addr(addr)
+        while not self.stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(self.interval)
+                continue
+            self.open += 1
+            try:
+                for byte in payload:
+                    if self.stop.is_set():
+                        break
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(self.interval)
+                    # reading what the daemon sends (its hello, then an error) notices a drop
+                    try:
+                        await asyncio.wait_for(reader.read(4096), 0.001)
+                    except asyncio.TimeoutError:
+                        pass
+                    if reader.at_eof():
+                        self.dropped += 1
+                        break
+            except OSError:
+                self.dropped += 1
+            finally:
+                self.open -= 1
+                writer.close()
+
+    def __enter__(self) -> "Loris":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.slow
+def test_slow_loris_connections_do_not_stop_a_commit_from_being_built(cluster, repo):
+    c = cluster(extra={"net": {"read_timeout": 3.0}})
+    c.dispatcher()
+    runner = c.runner("r1")
+    with Loris({c.disp.addr: 120, runner.addr: 60}) as loris:
+        c.wait("the slow connections to open", lambda: loris.open >= 170, timeout=20)
+        c.observer(repo)
+        builds = c.wait_builds(finished, "a commit built while 180 connections trickle", timeout=60)
+        assert [b["status"] for b in builds] == ["passed"]
+        assert "building" in c.log(builds[0]["id"])
+        # the daemons drop the trickling connections at their read timeout rather than wait forever
+        c.wait("the daemons to drop slow connections", lambda: loris.dropped >= 100, timeout=20)
+    assert c.disp.alive() and runner.alive()

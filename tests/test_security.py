@@ -1,0 +1,362 @@
+"""Who may connect and what they may do: per-role secrets, the loopback-only
+default, TLS and mutual TLS, the repository allow-list, and secrets kept out of
+logs, tool output and error messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ci import daemon, net, tls, up
+from ci.config import ConfigError, TLSConfig, load
+
+from conftest import READY, ROOT, Repo, child_env, finished
+
+trustme = pytest.importorskip("trustme")
+
+ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+SHA = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = {"type": "commit", "repo": "/allowed/repo", "branch": "main", "sha": SHA, "author": "A <a@x>",
+          "subject": "s", "time": 1.5}
+
+
+def role_secrets() -> dict[str, str]:
+    return {role: f"{role}-{secrets.token_hex(12)}" for role in ROLES}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def tinyci(*argv: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ci", *argv], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=30, env=child_env(**env), stdin=subprocess.DEVNULL)
+
+
+async def raw_auth(addr: str, auth: dict, tls_ctx=None) -> tuple[dict, bytes]:
+    """Send one hand-made ``auth`` frame; return the reply and whatever follows it before EOF."""
+    host, port = net.parse_addr(addr)
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls_ctx,
+                                                   server_hostname=host if tls_ctx else None)
+    conn = net.Connection(reader, writer, net.Limits(read_timeout=5), addr)
+    hello = await conn.recv()
+    await conn.send({"type": "auth", **{k: v(hello["nonce"]) if callable(v) else v for k, v in auth.items()}})
+    reply = await conn.recv()
+    rest = await asyncio.wait_for(reader.read(), 5)
+    await conn.close()
+    return reply, rest
+
+
+async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5) -> dict:
+    host, port = net.parse_addr(addr)
+    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx)
+    try:
+        return await client.request(msg)
+    finally:
+        await client.close()
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_role_secret_falls_back_to_the_shared_one_and_files_win(tmp_path):
+    secret_file = tmp_path / "runner.secret"
+    secret_file.write_text("from-file\n")
+    config = load(None, env={"TINYCI_AUTH_SECRET": "shared", "TINYCI_AUTH_READER_SECRET": "r",
+                             "TINYCI_AUTH_RUNNER_SECRET": "ignored",
+                             "TINYCI_AUTH_RUNNER_SECRET_FILE": str(secret_file)})
+    assert config.secrets() == {"dispatcher": "shared", "runner": "from-file", "observer": "shared",
+                                "operator": "shared", "reader": "r"}
+    assert load(None, env={}).secrets() == dict.fromkeys(ROLES, "")
+
+
+def test_a_secret_never_appears_in_a_configuration_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("auth:\n  operator_secret: 918273645\n")       # YAML makes it an int
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert "auth.operator_secret" in str(err.value) and "918273645" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load(None, env={"TINYCI_AUTH_READER_SECRET_FILE": str(tmp_path / "absent")}).secrets()
+    assert "auth.reader_secret_file" in str(err.value) and "absent" in str(err.value)
+
+
+def test_is_loopback():
+    for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost"):
+        assert daemon.is_loopback(host), host
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "ci.example.com"):
+        assert not daemon.is_loopback(host), host
+
+
+def test_repo_field_can_never_be_taken_for_a_git_option():
+    for repo in ("-uevil", "--upload-pack=touch x", "/a\nb", ""):
+        with pytest.raises(net.ProtocolError) as err:
+            net.validate({**COMMIT, "repo": repo}, net.OBSERVER)
+        assert err.value.code == "bad_field" and "commit.repo" in err.value.message
+    assert net.validate({**COMMIT, "repo": "https://example.com/x.git"}, net.OBSERVER)
+
+
+def test_up_keeps_its_secret_owner_only_and_reuses_it(tmp_path):
+    path = tmp_path / "data" / "secret"
+    first = up.local_secret(path)
+    assert len(first) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chmod(path, 0o644)
+    assert up.local_secret(path) == first                   # same daemons, same secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600       # and no longer readable by others
+
+
+# ---------------------------------------------------------------- handshake, in process
+
+async def echo(conn, msg):
+    return net.ok(role=conn.role)
+
+
+def test_each_role_proves_itself_with_its_own_secret():
+    keys = {"reader": "r-secret", "operator": "o-secret"}
+
+    async def body():
+        server = await net.serve(echo, "127.0.0.1", 0, secrets=keys, secret="shared")
+        addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        assert (await ask(addr, "reader", "r-secret", {"type": "status"}))["role"] == "reader"
+        assert (await ask(addr, "observer", "shared", {"type": "poke"}))["role"] == "observer"
+        for role, secret in [("operator", "r-secret"), ("reader", "shared"), ("operator", "")]:
+            with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
+                await ask(addr, role, secret, {"type": "status"})
+        # a missing, malformed, non-ASCII or wrong MAC, or an unknown role: the same answer, then close
+        for auth in [{"role": "reader"}, {"role": "reader", "mac": 7}, {"role": "reader", "mac": "é" * 64},
+                     {"role": "reader", "mac": lambda nonce: net.mac("wrong", nonce, "reader")},
+                     {"role": "root", "mac": lambda nonce: net.mac("r-secret", nonce, "root")}]:
+            reply, rest = await raw_auth(addr, auth)
+            assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}, auth
+            assert rest == b""
+        server.close()
+    run(body())
+
+
+# ---------------------------------------------------------------- TLS, in process
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throwaway CA with a server and a client certificate, and a second, unrelated CA."""
+    where = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    files = {"ca": where / "ca.pem", "other_ca": where / "other.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other.cert_pem.write_to_path(str(files["other_ca"]))
+    for name, issuer, names in [("server", ca, ["127.0.0.1", "localhost"]), ("client", ca, ["tinyci-tool"]),
+                                ("rogue", other, ["127.0.0.1"])]:
+        cert = issuer.issue_cert(*names)
+        files[name] = where / f"{name}.pem"
+        files[name + "_key"] = where / f"{name}.key"
+        cert.cert_chain_pems[0].write_to_path(str(files[name]))
+        cert.private_key_pem.write_to_path(str(files[name + "_key"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certificate(pki):
+    plain_server = tls.server_context(TLSConfig(cert=pki["server"], key=pki["server_key"]))
+    mutual_server = tls.server_context(TLSConfig(cert=pki["server"], key=pki["server_key"], ca=pki["ca"]))
+    trusting = tls.client_context(TLSConfig(ca=pki["ca"]))
+    with_cert = tls.client_context(TLSConfig(cert=pki["client"], key=pki["client_key"], ca=pki["ca"]))
+    rogue_cert = tls.client_context(TLSConfig(cert=pki["rogue"], key=pki["rogue_key"], ca=pki["ca"]))
+    distrusting = tls.client_context(TLSConfig(ca=pki["other_ca"]))
+
+    async def body():
+        plain = await net.serve(echo, "127.0.0.1", 0, ssl=plain_server)
+        mutual = await net.serve(echo, "127.0.0.1", 0, ssl=mutual_server)
+        p_addr = f"127.0.0.1:{plain.sockets[0].getsockname()[1]}"
+        m_addr = f"127.0.0.1:{mutual.sockets[0].getsockname()[1]}"
+        assert (await ask(p_addr, "reader", "", {"type": "status"}, trusting))["role"] == "reader"
+        with pytest.raises(net.PeerError):          # the server's certificate is not from our CA
+            await ask(p_addr, "reader", "", {"type": "status"}, distrusting)
+        with pytest.raises(net.PeerError):          # plain TCP to a TLS port gets nowhere
+            await ask(p_addr, "reader", "", {"type": "status"}, timeout=0.5)
+        assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["role"] == "reader"
+        for ctx in (trusting, rogue_cert):          # no client certificate, or one from another CA
+            with pytest.raises(net.PeerError):
+                await ask(m_addr, "reader", "", {"type": "status"}, ctx)
+        plain.close()
+        mutual.close()
+    run(body())
+
+
+def test_tls_configuration_errors_name_the_key(tmp_path, pki):
+    with pytest.raises(ConfigError, match="tls.cert"):
+        tls.server_context(TLSConfig(cert=str(tmp_path / "absent.pem")))
+    with pytest.raises(ConfigError, match="tls.key is set"):
+        tls.server_context(TLSConfig(key=pki["server_key"]))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="tls.ca"):
+        tls.client_context(TLSConfig(ca=str(tmp_path / "junk.pem")))
+
+
+# ---------------------------------------------------------------- the real daemons
+
+@pytest.mark.slow
+def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
+    keys = role_secrets()
+    c = cluster(steps=["env", "sh build.sh"], extra={"auth": {
+        f"{role}_secret": keys[role] for role in ("runner", "observer", "operator", "reader")}})
+    # the dispatcher's own secret reaches every daemon through the environment, as an operator might
+    c.env["TINYCI_AUTH_DISPATCHER_SECRET"] = keys["dispatcher"]
+    c.dispatcher()
+    runner = c.runner("r1", "-v")
+    c.observer(repo, "-v")
+    builds = c.wait_builds(finished, "the first commit built with per-role secrets")
+    assert [b["status"] for b in builds] == ["passed"]
+    d_addr = c.disp.addr
+
+    async def probes():
+        # wrong or missing MAC: "authentication failed", nothing more, and the connection closes
+        for auth in ({"role": "reader", "mac": "0" * 64}, {"role": "reader"}):
+            reply, rest = await raw_auth(d_addr, auth)
+            assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}
+            assert rest == b""
+        # a reader reads but cannot trigger; its secret does not make it an operator
+        assert (await ask(d_addr, "reader", keys["reader"], {"type": "status"}))["builds"]
+        with pytest.raises(net.RemoteError) as err:
+            await ask(d_addr, "reader", keys["reader"], {"type": "trigger", "branch": "main"})
+        assert err.value.code == "forbidden"
+        with pytest.raises(net.PeerAuthFailed):
+            await ask(d_addr, "operator", keys["reader"], {"type": "trigger", "branch": "main"})
+        # an observer secret cannot register a runner, neither claiming to be one nor as itself
+        register = {"type": "register", "name": "evil", "host": "127.0.0.1", "port": 1, "labels": [],
+                    "slots": 1}
+        with pytest.raises(net.PeerAuthFailed):
+            await ask(d_addr, "runner", keys["observer"], register)
+        with pytest.raises(net.RemoteError) as err:
+            await ask(d_addr, "observer", keys["observer"], register)
+        assert err.value.code == "forbidden"
+        # nobody is the dispatcher at the dispatcher
+        with pytest.raises(net.PeerAuthFailed):
+            await ask(d_addr, "dispatcher", keys["dispatcher"], {"type": "status"})
+        # only the dispatcher role, with its own secret, may talk to a runner
+        run_msg = {"type": "run", "build": 99, "attempt": 1, "repo": str(repo.path), "sha": SHA,
+                   "branch": "main", "steps": ["touch pwned"], "timeout": 5, "env": {}}
+        for role in ("operator", "runner", "observer", "reader"):
+            with pytest.raises(net.PeerAuthFailed):
+                await ask(runner.addr, role, keys[role], run_msg)
+        with pytest.raises(net.PeerAuthFailed):
+            await ask(runner.addr, "dispatcher", keys["operator"], run_msg)
+        assert (await ask(runner.addr, "dispatcher", keys["dispatcher"], {"type": "ping"}))["type"] == "pong"
+    run(probes())
+    assert [b["id"] for b in c.builds()] == [builds[0]["id"]]         # nothing was queued by the probes
+
+    # the tools: right secrets work, a wrong one is one line without any secret in it
+    status = tinyci("status", "--config", str(c.config), "--dispatcher", d_addr)
+    assert status.returncode == 0 and "r1" in status.stdout, status.stderr
+    bad = tinyci("status", "--config", str(c.config), "--dispatcher", d_addr,
+                 TINYCI_AUTH_READER_SECRET="not-the-secret")
+    assert bad.returncode == 1 and "refused our credentials" in bad.stderr
+    build_log = c.log(builds[0]["id"])
+    assert "CI_BUILD=" in build_log            # the step printed its environment...
+    for d in c.daemons:
+        d.stop()
+    shown = [status.stdout, status.stderr, bad.stdout, bad.stderr, build_log]
+    shown += [p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log")]
+    shown += [p.read_text(errors="replace") for p in (tmp_path / "dispatcher" / "logs").glob("*.log")]
+    assert "authentication failed" in "".join(shown)      # the probes were logged...
+    for role, secret in keys.items():                       # ...and no secret was, anywhere
+        assert not any(secret in text for text in shown), f"the {role} secret leaked"
+
+
+def test_without_secrets_daemons_refuse_non_loopback_addresses(tmp_path):
+    repo = Repo(tmp_path / "repo")
+    repo.commit("initial")
+    cases = {
+        "dispatcher": ["--data", str(tmp_path / "d")],
+        "runner": ["--workdir", str(tmp_path / "w")],
+        "observer": ["--repo", str(repo.path), "--state", str(tmp_path / "o")],
+    }
+    for kind, args in cases.items():
+        done = subprocess.run([sys.executable, "-m", f"ci.{kind}", "--host", "0.0.0.0", "--port", "0", *args],
+                              capture_output=True, text=True, timeout=30, cwd=tmp_path, env=child_env())
+        assert done.returncode == 2, (kind, done.stderr)
+        assert "refusing to listen on 0.0.0.0" in done.stderr and "--insecure" in done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
+    # a secret for some roles only is not enough: the message names the open ones
+    done = subprocess.run([sys.executable, "-m", "ci.dispatcher", "--host", "0.0.0.0", "--port", "0",
+                           "--data", str(tmp_path / "d")], capture_output=True, text=True, timeout=30,
+                          env=child_env(TINYCI_AUTH_READER_SECRET="r"))
+    assert done.returncode == 2 and "role(s) observer, operator, runner," in done.stderr
+
+
+needs_netns = pytest.mark.skipif(
+    shutil.which("unshare") is None
+    or subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0,
+    reason="needs unshare -rn (a private network namespace) to listen on 0.0.0.0 safely")
+
+
+@needs_netns
+@pytest.mark.parametrize("how", ["secret", "insecure"])
+def test_non_loopback_with_a_secret_or_insecure(tmp_path, how):
+    # in a network namespace of its own: 0.0.0.0 there reaches nobody
+    extra = ["--insecure"] if how == "insecure" else []
+    env = child_env(TINYCI_AUTH_SECRET="s3cret-value") if how == "secret" else child_env()
+    proc = subprocess.Popen(["unshare", "-rn", sys.executable, "-m", "ci.dispatcher", "--host", "0.0.0.0",
+                             "--port", "0", "--data", str(tmp_path / "d"), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert READY.search(line), proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    err = proc.stderr.read()
+    if how == "insecure":
+        assert "--insecure: listening on 0.0.0.0 with no secret" in err
+        assert "anyone who can reach this port can" in err
+    else:
+        assert "--insecure" not in err and "s3cret-value" not in err
+
+
+@pytest.mark.slow
+def test_mutual_tls_cluster_builds_and_tools_need_a_certificate(cluster, repo, pki):
+    c = cluster(extra={"tls": {"cert": pki["server"], "key": pki["server_key"], "ca": pki["ca"]},
+                       "auth": {"secret": "tls-and-secret"}})
+    c.dispatcher()
+    c.runner("r1")
+    c.observer(repo)
+    builds = c.wait_builds(finished, "a build over mutual TLS")
+    assert [b["status"] for b in builds] == ["passed"]
+    status = tinyci("status", "--json", "--config", str(c.config), "--dispatcher", c.disp.addr)
+    assert status.returncode == 0, status.stderr
+    no_cert = tls.client_context(TLSConfig(ca=pki["ca"]))
+    with pytest.raises(net.PeerError):
+        run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}, no_cert))
+    with pytest.raises(net.PeerError):             # nor plain TCP
+        run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}, timeout=0.5))
+
+
+def test_commit_for_a_repository_not_in_the_allow_list_is_refused(cluster):
+    c = cluster(repos=["/allowed/repo"])
+    c.dispatcher()
+    with pytest.raises(net.RemoteError) as err:
+        c.request({**COMMIT, "repo": "/elsewhere/repo"}, role="observer")
+    assert err.value.code == "forbidden_repo" and "/elsewhere/repo" in err.value.message
+    assert c.builds() == []
+    reply = c.request(dict(COMMIT), role="observer")
+    assert reply["duplicate"] is False and [b["id"] for b in c.builds()] == [reply["build"]]
+
+
+def test_tools_use_the_secret_up_left_in_the_current_directory(cluster, tmp_path):
+    c = cluster()
+    c.env["TINYCI_AUTH_SECRET"] = "made-by-up"
+    c.dispatcher()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    refused = tinyci("status", "--json", "--dispatcher", c.disp.addr, cwd=elsewhere)
+    assert refused.returncode == 1 and "refused our credentials" in refused.stderr
+    (tmp_path / ".tinyci").mkdir(exist_ok=True)
+    (tmp_path / ".tinyci" / "secret").write_text("made-by-up\n")
+    assert tinyci("status", "--json", "--dispatcher", c.disp.addr, cwd=tmp_path).returncode == 0
