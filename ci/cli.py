@@ -133,6 +133,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     notify.add_argument("--branch", metavar="NAME", help="only this branch changed")
     notify.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in defaults)")
+
+    hook = sub.add_parser(
+        "install-hook", help="install git hooks that run `tinyci notify` after each commit and push",
+        description="Install post-commit and post-receive hooks in a git clone that poke the observer "
+                    "(`tinyci notify`), so a commit is seen at once instead of at the next poll. A hook "
+                    "already there is kept and runs first; running this again only updates tinyci's hooks.")
+    hook.add_argument("--repo", metavar="PATH", default=".", help="the clone the observer watches (default .)")
+    hook.add_argument("--observer", metavar="HOST:PORT",
+                      help=f"observer address the hooks poke (default: observer.host:port from the config, "
+                           f"{DEFAULT_OBSERVER})")
+    hook.add_argument("--config", metavar="FILE",
+                      help="YAML configuration file the hooks read at each commit (for auth.secret)")
     return parser
 
 
@@ -181,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return _daemon_module(args.command).main(args)
     if args.command == "notify":
         return notify(args)
+    if args.command == "install-hook":
+        return install_hook(args)
     try:
         return TOOLS[args.command](args)
     except Failure as exc:
@@ -385,6 +399,25 @@ def notify(args: argparse.Namespace) -> int:
         print(f"tinyci notify: the observer refused the poke: {exc.message or exc.code}", file=sys.stderr)
     except Exception as exc:  # config errors, bad addresses, anything: report, never fail
         print(f"tinyci notify: {exc}", file=sys.stderr)
+    return 0
+
+
+def install_hook(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from . import hooks
+    try:
+        addr, _ = _observer_target(args)
+        host, port = net.parse_addr(addr)
+    except Exception as exc:    # a config error or a bad address, said in one line
+        print(f"tinyci install-hook: {exc}", file=sys.stderr)
+        return 2
+    config = os.path.abspath(args.config) if args.config else None
+    try:
+        for line in hooks.install(Path(args.repo).absolute(), f"{host}:{port}", config):
+            print(line)
+    except hooks.HookError as exc:
+        print(f"tinyci install-hook: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
