@@ -1,0 +1,1 @@
+def recovery(t,q): pass

@@ -1,0 +1,1 @@
+def dispatcher_scale(t,q): pass
