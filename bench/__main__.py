@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import latency, recovery, scale, throughput
-from .harness import Result, machine
+from .harness import Figure, Result, machine
 
 SCENARIOS = {
     "latency-push": latency.latency_push,
@@ -43,16 +43,33 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def saved_table() -> str:
+    results = []
+    for name in SCENARIOS:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            res = Result(name)
+            res.figures = [Figure(**f) for f in data["figures"]]
+            results.append(res)
+    return table(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="every scenario, small enough to finish in about a minute (for CI)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table of the saved full results (bench/results/*.json) and exit")
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which to run (default all): {', '.join(SCENARIOS)}")
     args = parser.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r} (known: {', '.join(SCENARIOS)})")
+    if args.table:
+        print(saved_table())
+        return 0
     # the scale scenario opens thousands of sockets
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

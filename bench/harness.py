@@ -191,6 +191,11 @@ class Cluster:
 
     def start(self, kind: str, name: str, args: list[str], module: list[str] | None = None) -> Daemon:
         argv = (module or ["-m", f"ci.{kind}"]) + ["--config", str(self.config), *args]
+        profile = os.environ.get("BENCH_PROFILE")       # a directory: profile the daemons with cProfile
+        if profile and kind in ("dispatcher", "runner"):
+            Path(profile).mkdir(parents=True, exist_ok=True)
+            out = Path(profile) / f"{self.tmp.name}-{name}-{len(self.daemons)}.prof"
+            argv = ["-m", "cProfile", "-o", str(out), *argv]
         d = Daemon(kind, argv, self.tmp, self.tmp / "logs" / f"{name}.log", self.env)
         self.daemons.append(d)
         return d
@@ -212,7 +217,8 @@ class Cluster:
     def stop_all(self) -> None:
         for d in self.daemons:
             try:
-                d.kill() if d.alive() else None
+                # SIGTERM when profiling, so cProfile writes its file as the daemon exits
+                (d.stop if os.environ.get("BENCH_PROFILE") else d.kill)() if d.alive() else None
             except Exception:
                 pass
 
