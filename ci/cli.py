@@ -163,6 +163,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     notify.add_argument("--branch", metavar="NAME", help="only this branch changed")
     notify.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in defaults)")
+    notify.add_argument("--secret-file", metavar="FILE",
+                        help=f"file holding the observer secret (default: {LOCAL_SECRET} when it exists)")
+
+    hook = sub.add_parser(
+        "install-hook", help="install git hooks that run `tinyci notify` after each commit and push",
+        description="Install post-commit and post-receive hooks in a git clone that poke the observer "
+                    "(`tinyci notify`), so a commit is seen at once instead of at the next poll. A hook "
+                    "already there is kept and runs first; running this again only updates tinyci's hooks.")
+    hook.add_argument("--repo", metavar="PATH", default=".", help="the clone the observer watches (default .)")
+    hook.add_argument("--observer", metavar="HOST:PORT",
+                      help=f"observer address the hooks poke (default: observer.host:port from the config, "
+                           f"{DEFAULT_OBSERVER})")
+    hook.add_argument("--config", metavar="FILE",
+                      help="YAML configuration file the hooks read at each commit (for auth.secret)")
+    hook.add_argument("--secret-file", metavar="FILE",
+                      help=f"file holding the observer secret, read by the hooks at each commit "
+                           f"(default: {LOCAL_SECRET} from `tinyci up`, when it exists here)")
     return parser
 
 
@@ -212,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return _daemon_module(args.command).main(args)
     if args.command == "notify":
         return notify(args)
+    if args.command == "install-hook":
+        return install_hook(args)
     try:
         return TOOLS[args.command](args)
     except Failure as exc:
@@ -495,6 +514,28 @@ def notify(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_hook(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from . import hooks
+    try:
+        addr, _, _ = _observer_target(args)
+        host, port = net.parse_addr(addr)
+    except Exception as exc:    # a config error or a bad address, said in one line
+        print(f"tinyci install-hook: {exc}", file=sys.stderr)
+        return 2
+    config = os.path.abspath(args.config) if args.config else None
+    # hooks run inside the clone, not here: name the secret `tinyci up` made here by its full path
+    secret_file = args.secret_file or (LOCAL_SECRET if not config and os.path.exists(LOCAL_SECRET) else None)
+    secret_file = os.path.abspath(secret_file) if secret_file else None
+    try:
+        for line in hooks.install(Path(args.repo).absolute(), f"{host}:{port}", config, secret_file):
+            print(line)
+    except hooks.HookError as exc:
+        print(f"tinyci install-hook: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     """(address, secret, TLS context). The configuration (and its YAML import) is
     read only when there is one, keeping the hook's common case quick."""
@@ -505,7 +546,7 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
         return (args.observer or f"{host}:{config.observer.port}", tool_secret(config, net.OBSERVER),
                 config.client_tls())
     try:
-        secret = open(LOCAL_SECRET).read().strip()
+        secret = open(getattr(args, "secret_file", None) or LOCAL_SECRET).read().strip()
     except (OSError, UnicodeDecodeError):
         secret = ""
     return args.observer or DEFAULT_OBSERVER, secret, None

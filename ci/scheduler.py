@@ -192,6 +192,8 @@ class Scheduler:
         every label the build needs. A build no runner can take yet is skipped,
         not allowed to block the ones behind it."""
         plan = Plan()
+        if not self._queue:         # the common case on every pong: skip the scan of all runners
+            return plan
         free = [r for r in self.runners.values() if r.free > 0]
         if not free:
             return plan
