@@ -237,7 +237,7 @@ class Dispatcher:
                     if runner.alive and runner.name not in self.pinging:
                         self._spawn(self.ping(runner))
             try:
-                await asyncio.wait_for(stop.wait(), interval / 4)
+                await net.within(stop.wait(), interval / 4)
             except asyncio.TimeoutError:
                 pass
 
@@ -504,7 +504,7 @@ class Dispatcher:
                 await conn.send({"type": "end", "status": build.status.value, "offset": offset})
                 return
             try:
-                await asyncio.wait_for(changed.wait(), 1.0)
+                await net.within(changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
 

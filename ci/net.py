@@ -65,6 +65,7 @@ import logging
 import re
 import secrets as _secrets
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
@@ -79,6 +80,17 @@ DISPATCHER, RUNNER, OBSERVER, OPERATOR, READER = (
 ROLES = (DISPATCHER, RUNNER, OBSERVER, OPERATOR, READER)
 SERVER = "server"          # pseudo-sender of replies and stream frames
 TOOLS = frozenset({READER, OPERATOR})
+
+
+if sys.version_info >= (3, 11):
+    async def within(aw: Awaitable, timeout: float | None) -> Any:
+        """``asyncio.wait_for`` without its flaw before Python 3.12: a cancel that
+        lands just as the inner await completes is swallowed there, so a daemon
+        told to stop could hang on a connection whose reply arrived at that moment."""
+        async with asyncio.timeout(timeout):
+            return await aw
+else:  # 3.10 has no asyncio.timeout; it keeps the flaw
+    within = asyncio.wait_for
 
 
 # ---------------------------------------------------------------- errors
@@ -343,7 +355,7 @@ class Connection:
         """
         timeout = self.limits.read_timeout if idle is None else idle
         try:
-            header = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+            header = await within(self.reader.readexactly(4), timeout)
         except asyncio.IncompleteReadError:
             raise ConnectionError(f"{self.peer} closed the connection") from None
         except asyncio.TimeoutError:
@@ -353,7 +365,7 @@ class Connection:
             raise FatalProtocolError(
                 "frame_too_large", f"frame of {length} bytes exceeds the limit of {self.limits.max_frame}")
         try:
-            body = await asyncio.wait_for(self.reader.readexactly(length), self.limits.read_timeout)
+            body = await within(self.reader.readexactly(length), self.limits.read_timeout)
         except asyncio.IncompleteReadError:
             raise ConnectionError(f"{self.peer} closed the connection mid-frame") from None
         except asyncio.TimeoutError:
@@ -369,14 +381,14 @@ class Connection:
             raise ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte {msg.get('type')!r} frame")
         self.writer.write(data)
         try:
-            await asyncio.wait_for(self.writer.drain(), self.limits.read_timeout)
+            await within(self.writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stopped reading") from None
 
     async def close(self) -> None:
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            await within(self.writer.wait_closed(), 1.0)
         except (OSError, asyncio.TimeoutError):
             pass
 
@@ -539,7 +551,7 @@ class Client:
             tls = {} if self.ssl is None else {
                 "ssl": self.ssl, "server_hostname": self.host,
                 "ssl_handshake_timeout": self.limits.connect_timeout}
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(self.host, self.port, limit=2 ** 16, **tls), self.limits.connect_timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"connecting to {self.addr} timed out") from None

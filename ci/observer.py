@@ -288,7 +288,7 @@ class Observer:
             except Exception:
                 log.exception("scanning %s failed; trying again next scan", self.setup.repo)
             try:
-                await asyncio.wait_for(self.wake.wait(), self.interval)
+                await net.within(self.wake.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
 
