@@ -15,7 +15,6 @@ exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import importlib
 import json
@@ -74,7 +73,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyci", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"tinyci {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print tinyci's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     up = sub.add_parser(
@@ -199,6 +198,18 @@ def _build_id(text: str) -> int:
     return int(text.lstrip("#"))
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked: importlib.metadata costs every
+    other command (the git hook's `tinyci notify` among them) ~25 ms."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"tinyci {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -285,6 +296,7 @@ class DispatcherLink:
     def run(self, coro) -> Any:
         """Run one coroutine, turning every peer problem into a one-line Failure."""
         try:
+            import asyncio      # not at the top: `tinyci notify` must not pay for it
             return asyncio.run(coro)
         except net.RemoteError as exc:
             if exc.code == "auth_failed":
@@ -500,7 +512,7 @@ def notify(args: argparse.Namespace) -> int:
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        asyncio.run(net.call(f"{host}:{port}", msg, net.OBSERVER, secret, limits, ssl=tls))
+        net.request_blocking(f"{host}:{port}", msg, net.OBSERVER, secret, limits, ssl=tls)
     except net.PeerAuthFailed:
         print(f"tinyci notify: the observer at {addr} refused our credentials "
               f"(auth.observer_secret / auth.secret)", file=sys.stderr)

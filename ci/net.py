@@ -57,7 +57,6 @@ because the stream cannot be trusted after it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -82,6 +81,20 @@ SERVER = "server"          # pseudo-sender of replies and stream frames
 TOOLS = frozenset({READER, OPERATOR})
 
 
+class _Deferred:
+    """``asyncio``, imported at first use. `tinyci notify` runs inside every git
+    commit's hook and needs only the blocking ``request_blocking`` below;
+    importing asyncio would cost it some 40 ms a commit."""
+
+    def __getattr__(self, name: str) -> Any:
+        import asyncio as module
+        globals()["asyncio"] = module       # later lookups skip this proxy
+        return getattr(module, name)
+
+
+asyncio: Any = _Deferred()
+
+
 if sys.version_info >= (3, 11):
     async def within(aw: Awaitable, timeout: float | None) -> Any:
         """``asyncio.wait_for`` without its flaw before Python 3.12: a cancel that
@@ -90,7 +103,8 @@ if sys.version_info >= (3, 11):
         async with asyncio.timeout(timeout):
             return await aw
 else:  # 3.10 has no asyncio.timeout; it keeps the flaw
-    within = asyncio.wait_for
+    async def within(aw: Awaitable, timeout: float | None) -> Any:
+        return await asyncio.wait_for(aw, timeout)
 
 
 # ---------------------------------------------------------------- errors
@@ -646,3 +660,62 @@ async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits
         return await client.request(msg, timeout)
     finally:
         await client.close()
+
+
+def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
+                     ssl: Any = None) -> dict:
+    """One request on a fresh blocking socket, without an event loop: the same
+    frames, table and handshake as ``Client``, for `tinyci notify` in git hooks."""
+    import socket
+
+    host, port = parse_addr(addr)
+    try:
+        sock = socket.create_connection((host, port), timeout=limits.connect_timeout)
+    except ConnectionRefusedError:
+        raise PeerRefused(f"nothing listens on {host}:{port} (connection refused)") from None
+    except socket.timeout:
+        raise PeerTimeout(f"connecting to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise PeerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        if ssl is not None:
+            sock = ssl.wrap_socket(sock, server_hostname=host)
+        sock.settimeout(limits.read_timeout)
+
+        def exactly(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                part = sock.recv(n - len(data))
+                if not part:
+                    raise ConnectionError(f"{host}:{port} closed the connection")
+                data += part
+            return data
+
+        def recv() -> dict:
+            (length,) = HEADER.unpack(exactly(4))
+            if length > limits.max_frame:
+                raise FatalProtocolError("frame_too_large", f"{host}:{port} sent a {length}-byte frame")
+            return validate(decode(exactly(length)), SERVER)
+
+        hello = recv()
+        if hello["type"] != "hello":
+            raise ProtocolError("bad_message", f"{host}:{port} did not greet with 'hello'")
+        sock.sendall(encode({"type": "auth", "role": role, "mac": mac(secret, hello["nonce"], role)}))
+        welcome = recv()
+        if welcome["type"] == "error":
+            if welcome.get("code") == "auth_failed":
+                raise PeerAuthFailed(f"{host}:{port} refused our credentials")
+            raise PeerError(f"handshake with {host}:{port} failed: {welcome.get('message', '')}")
+        sock.sendall(encode(msg))
+        reply = recv()
+    except socket.timeout:
+        raise PeerTimeout(f"{host}:{port} did not answer in time") from None
+    except ProtocolError as exc:
+        raise PeerError(f"{host}:{port}: {exc.message}") from None
+    except OSError as exc:      # ConnectionError and TLS errors included
+        raise PeerError(f"lost connection to {host}:{port}: {exc}") from None
+    finally:
+        sock.close()
+    if reply["type"] == "error":
+        raise RemoteError(reply)
+    return reply

@@ -181,3 +181,22 @@ def test_error_reply_raises_remote_error():
         assert err.value.code == "stale"
         server.close()
     run(body())
+
+
+def test_blocking_request_speaks_the_same_protocol():
+    """`tinyci notify` uses the blocking client: same handshake, errors and replies."""
+    async def body():
+        server, port = await start(secret="s3cret")
+        addr = f"127.0.0.1:{port}"
+        reply = await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+        assert reply == {"type": "ok", "got": "poke", "role": "observer"}
+        with pytest.raises(net.PeerAuthFailed):
+            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "wrong")
+        with pytest.raises(net.RemoteError) as err:       # not for this role: an error reply
+            await asyncio.to_thread(net.request_blocking, addr, {"type": "ping"}, "observer", "s3cret")
+        assert err.value.code == "forbidden"
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(net.PeerRefused):
+            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+    run(body())
