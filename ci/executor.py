@@ -1,6 +1,7 @@
 """Runs one build attempt on a runner: checks the exact commit out in the
-slot's working clone, runs each step in its own process group under the
-build's time limit, and writes the attempt's log.
+slot's working clone (fetching only when the clone lacks it), runs each step
+in its own process group under the build's time limit, and writes the
+attempt's log.
 
 The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
 one source of truth for a repository that has the file), else the ``steps``
@@ -146,7 +147,7 @@ def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False    # no member at all, not even a zombie: spare the scan of /proc (every build ends here)
+        return False    # not even a zombie: spare the scan of /proc, as at the end of most steps
     except PermissionError:
         pass
     members = _group_members(pgid)      # zombies count for killpg but are dead
@@ -437,7 +438,7 @@ class Execution:
                 raise CheckoutError(f"git clone of {repo} failed: {_last_line(text)}")
             present = await self._has(job.sha, deadline)
         else:
-            if _origin_url(path) != repo:   # rarely: read it with git, the authority, and set it
+            if _origin_url(path) != repo:   # not surely ours (rare): ask git itself, then fix it
                 found, url = await self._git(["config", "--get", "remote.origin.url"], deadline,
                                              quiet=True)
                 if found == 1:          # no origin: someone removed it
