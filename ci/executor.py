@@ -423,6 +423,12 @@ class Execution:
             # the workdir is ours alone (locked): a lock file here is left from a killed git
             for stale in (path / ".git").glob("*.lock"):
                 stale.unlink(missing_ok=True)
+            if _origin_url(path) == repo and await self._try_checkout(deadline):
+                # the usual case: a clone of this repository that has the commit already.
+                # Commits are immutable, so a fetch would change nothing this build sees
+                # but the remote branches and tags: none, two git commands in all
+                await self._must(["clean", "-ffdx"], deadline)
+                return
             # one git command for two questions: is the clone sound (else 128), and has it
             # the commit already (0) or not (1)
             status, _ = await self._git(["rev-parse", "--verify", "--quiet", f"{job.sha}^{{commit}}"],
@@ -436,7 +442,9 @@ class Execution:
                                            deadline, cwd=path.parent)
             if status != 0:
                 raise CheckoutError(f"git clone of {repo} failed: {_last_line(text)}")
-            present = await self._has(job.sha, deadline)
+            if await self._try_checkout(deadline):
+                return              # a fresh clone holds nothing to clean
+            present = False
         else:
             if _origin_url(path) != repo:   # not surely ours (rare): ask git itself, then fix it
                 found, url = await self._git(["config", "--get", "remote.origin.url"], deadline,
@@ -447,8 +455,6 @@ class Execution:
                     await self._must(["remote", "set-url", "origin", repo], deadline)
             present = status == 0
             if not present:
-                # commits are immutable: with the commit here already, a fetch would change
-                # nothing this build sees but the remote branches and tags
                 await self._must(["fetch", "--force", "--prune", "--tags", "origin",
                                   "+refs/heads/*:refs/remotes/origin/*"], deadline)
                 present = await self._has(job.sha, deadline)
@@ -464,6 +470,16 @@ class Execution:
         status, text = await self._git(args, deadline)
         if status != 0:
             raise CheckoutError(f"git {args[0]} failed (exit {status}): {_last_line(text)}")
+
+    async def _try_checkout(self, deadline: float) -> bool:
+        """Check the commit out if the clone has it; logged only when that worked."""
+        args = ["checkout", "--force", "--detach", self.job.sha]
+        status, text = await self._git(args, deadline, quiet=True)
+        if status == 0:
+            self.log.line("$ git " + " ".join(args))
+            if text:
+                self.log.write(text + "\n")
+        return status == 0
 
     async def _has(self, sha: str, deadline: float) -> bool:
         status, _ = await self._git(["cat-file", "-e", f"{sha}^{{commit}}"], deadline, quiet=True)
