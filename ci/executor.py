@@ -1,6 +1,7 @@
 """Runs one build attempt on a runner: checks the exact commit out in the
-slot's working clone, runs each step in its own process group under the
-build's time limit, and writes the attempt's log.
+slot's working clone (fetching only when the clone lacks it), runs each step
+in its own process group under the build's time limit, and writes the
+attempt's log.
 
 The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
 one source of truth for a repository that has the file), else the ``steps``
@@ -143,16 +144,14 @@ def _group_members(pgid: int) -> list[int] | None:
 
 
 def group_alive(pgid: int) -> bool:
-    members = _group_members(pgid)
-    if members is not None:
-        return bool(members)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        return False    # not even a zombie: spare the scan of /proc, as at the end of most steps
     except PermissionError:
-        return True
-    return True
+        pass
+    members = _group_members(pgid)      # zombies count for killpg but are dead
+    return True if members is None else bool(members)
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -419,15 +418,21 @@ class Execution:
         if os.path.exists(repo):
             repo = os.path.abspath(repo)
         path.parent.mkdir(parents=True, exist_ok=True)
-        status, url = 128, ""
+        status = 128
         if (path / ".git").is_dir():
             # the workdir is ours alone (locked): a lock file here is left from a killed git
             for stale in (path / ".git").glob("*.lock"):
                 stale.unlink(missing_ok=True)
-            status, _ = await self._git(["rev-parse", "--git-dir"], deadline, quiet=True)
-            if status == 0:
-                status, url = await self._git(["config", "--get", "remote.origin.url"], deadline,
-                                              quiet=True)
+            if _origin_url(path) == repo and await self._try_checkout(deadline):
+                # the usual case: a clone of this repository that has the commit already.
+                # Commits are immutable, so a fetch would change nothing this build sees
+                # but the remote branches and tags: none, two git commands in all
+                await self._must(["clean", "-ffdx"], deadline)
+                return
+            # one git command for two questions: is the clone sound (else 128), and has it
+            # the commit already (0) or not (1)
+            status, _ = await self._git(["rev-parse", "--verify", "--quiet", f"{job.sha}^{{commit}}"],
+                                        deadline, quiet=True)
             if status not in (0, 1):
                 self.log.line(f"the working clone {path} is damaged; cloning it again")
         if status not in (0, 1):
@@ -437,14 +442,23 @@ class Execution:
                                            deadline, cwd=path.parent)
             if status != 0:
                 raise CheckoutError(f"git clone of {repo} failed: {_last_line(text)}")
+            if await self._try_checkout(deadline):
+                return              # a fresh clone holds nothing to clean
+            present = False
         else:
-            if status == 1:         # no origin: someone removed it
-                await self._must(["remote", "add", "origin", repo], deadline)
-            elif url.strip() != repo:
-                await self._must(["remote", "set-url", "origin", repo], deadline)
-            await self._must(["fetch", "--force", "--prune", "--tags", "origin",
-                              "+refs/heads/*:refs/remotes/origin/*"], deadline)
-        if not await self._has(job.sha, deadline):
+            if _origin_url(path) != repo:   # not surely ours (rare): ask git itself, then fix it
+                found, url = await self._git(["config", "--get", "remote.origin.url"], deadline,
+                                             quiet=True)
+                if found == 1:          # no origin: someone removed it
+                    await self._must(["remote", "add", "origin", repo], deadline)
+                elif found != 0 or url.strip() != repo:
+                    await self._must(["remote", "set-url", "origin", repo], deadline)
+            present = status == 0
+            if not present:
+                await self._must(["fetch", "--force", "--prune", "--tags", "origin",
+                                  "+refs/heads/*:refs/remotes/origin/*"], deadline)
+                present = await self._has(job.sha, deadline)
+        if not present:
             await self._git(["fetch", "--force", "origin", job.sha], deadline)
             if not await self._has(job.sha, deadline):
                 raise CheckoutError(f"commit {job.sha} is not in {repo} "
@@ -456,6 +470,16 @@ class Execution:
         status, text = await self._git(args, deadline)
         if status != 0:
             raise CheckoutError(f"git {args[0]} failed (exit {status}): {_last_line(text)}")
+
+    async def _try_checkout(self, deadline: float) -> bool:
+        """Check the commit out if the clone has it; logged only when that worked."""
+        args = ["checkout", "--force", "--detach", self.job.sha]
+        status, text = await self._git(args, deadline, quiet=True)
+        if status == 0:
+            self.log.line("$ git " + " ".join(args))
+            if text:
+                self.log.write(text + "\n")
+        return status == 0
 
     async def _has(self, sha: str, deadline: float) -> bool:
         status, _ = await self._git(["cat-file", "-e", f"{sha}^{{commit}}"], deadline, quiet=True)
@@ -486,16 +510,20 @@ class Execution:
             raise Stopped()
         self.log.line(f"$ {command}")
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_shell(
-                command, cwd=self.checkout, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            # asyncio.create_subprocess_shell, but with a protocol that says when the shell exits
+            transport, protocol = await loop.subprocess_shell(
+                lambda: _StepProtocol(loop), command, cwd=self.checkout, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True)     # its own process group, so the whole tree can be killed
         except OSError as exc:
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
+        proc = asyncio.subprocess.Process(transport, protocol, loop)
         pump = asyncio.ensure_future(self._pump(proc.stdout))
-        exited = asyncio.ensure_future(_exit_of(proc))
+        exited = asyncio.ensure_future(_exit_of(proc, protocol))
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({exited, stopped}, timeout=max(0.0, deadline - time.monotonic()),
@@ -542,15 +570,43 @@ class Execution:
         self.log.write(decoder.decode(b"", final=True))
 
 
-async def _exit_of(proc: asyncio.subprocess.Process) -> int:
+class _StepProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol for a subprocess with streams, plus a future done when
+    the process exits (its output may still be open)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(limit=READ_SIZE, loop=loop)
+        self.exited = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exit_of(proc: asyncio.subprocess.Process, protocol: _StepProtocol) -> int:
     """The step's exit status as soon as its shell exits.
 
     Not proc.wait(): that also waits for the output pipe to close, which a
-    background child holding it would put off forever.
+    background child holding it would put off forever. Not a poll of
+    ``returncode`` either: every build would end up to a poll interval late.
     """
-    while proc.returncode is None:
+    await protocol.exited
+    while proc.returncode is None:      # set before process_exited is called; a safety net only
         await asyncio.sleep(0.02)
     return proc.returncode
+
+
+def _origin_url(checkout: Path) -> str | None:
+    """The clone's ``remote.origin.url`` as GitPython reads .git/config, in process
+    (a git command less per build); None when it cannot say for sure."""
+    try:
+        url = git.GitConfigParser(str(checkout / ".git" / "config"), read_only=True).get(
+            'remote "origin"', "url")
+    except Exception:       # a configparser error, an unreadable file: ask git itself
+        return None
+    # GitPython keeps git's quoting and escapes: compare only values that have none
+    return url if isinstance(url, str) and not any(c in url for c in '"\\;#') else None
 
 
 def _last_line(text: str) -> str:

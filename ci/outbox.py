@@ -163,7 +163,10 @@ class Delivery:
         self.pos = start            # bytes of the log the dispatcher is known (or assumed) to have
         self.result = result
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()   # no more pacing: the build has ended
         self._failing = False
+        if result is not None:
+            self._ended.set()
 
     def __repr__(self) -> str:
         return f"build {self.build} attempt {self.attempt}"
@@ -172,10 +175,15 @@ class Delivery:
         """The log grew."""
         self._wake.set()
 
+    def ended(self) -> None:
+        """The build ended, its result is on its way: send the rest of the log now, unpaced."""
+        self._ended.set()
+        self._wake.set()
+
     def finish(self, result: dict) -> None:
         """The build ended: deliver the rest of the log, then this result."""
         self.result = result
-        self._wake.set()
+        self.ended()
 
     async def run(self) -> str:
         """Returns ACCEPTED or STALE."""
@@ -185,8 +193,13 @@ class Delivery:
             self._wake.clear()
             size = self._size()
             if self.pos < size:
-                if self.result is None:
-                    await asyncio.sleep(max(0.0, last_sent + PACE - time.monotonic()))
+                pause = last_sent + PACE - time.monotonic()
+                if pause > 0 and not self._ended.is_set():
+                    # the end of the build cuts the pause short: its last lines go at once
+                    try:
+                        await net.within(self._ended.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
                     size = self._size()
                 frame = self._frame(size)
                 if frame is None:       # only half a character so far

@@ -224,21 +224,26 @@ class Runner:
         try:
             try:
                 outcome = await execution.run()
-            finally:
+            except BaseException:
                 buildlog.close()
+                raise
             dropped = self.deliveries.get(key) is not delivery or (
                 outcome.status == Status.CANCELLED and execution.stop_reason in (STALE, "shutdown"))
             if dropped:
+                buildlog.close()
                 return      # stale, or lost with the shutdown: the dispatcher decides what happens
+            # the log is complete: its last lines go now, while the disk syncs it and the result
+            delivery.ended()
             result = {"build": job.build, "attempt": job.attempt, "status": outcome.status.value,
                       "exit_code": outcome.exit_code, "steps": outcome.steps,
                       "duration": outcome.duration, "log_size": buildlog.size}
-            try:
-                self.outbox.save(result)
-            except OSError as exc:
-                log.error("build %d attempt %d: cannot write the outbox entry (%s); "
-                          "the result is only in memory", *key, exc)
-            delivery.finish(result)
+            # off the event loop: the fsyncs take milliseconds that other slots and pings can use
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._keep, buildlog, result)
+            if self.deliveries.get(key) is not delivery:    # called stale while we wrote it
+                await loop.run_in_executor(None, self.outbox.discard, *key)
+                return
+            delivery.finish(result)     # only now: the result is on disk before it is sent
             log.info("build %d attempt %d %s (exit code %d) after %.1fs",
                      *key, outcome.status.value, outcome.exit_code, outcome.duration)
         finally:
@@ -247,6 +252,15 @@ class Runner:
                 await asyncio.wait([lingering])     # git still works in this slot's clone
             if self.active.get(slot) is not None and self.active[slot].execution is execution:
                 del self.active[slot]
+
+    def _keep(self, buildlog: BuildLog, result: dict) -> None:
+        """Sync the log, then write the outbox entry that promises it (in a worker thread)."""
+        buildlog.close()
+        try:
+            self.outbox.save(result)
+        except OSError as exc:
+            log.error("build %d attempt %d: cannot write the outbox entry (%s); "
+                      "the result is only in memory", result["build"], result["attempt"], exc)
 
     async def _upload(self, build: int, attempt: int, rel: str, file: Path) -> None:
         """Send one artifact in chunks; raises ValueError saying why it did not arrive."""
@@ -296,7 +310,8 @@ class Runner:
             log.info("build %d attempt %d: result delivered", *key)
         if self.deliveries.get(key) is delivery:
             del self.deliveries[key]
-            self.outbox.discard(*key)
+            # off the event loop (unlinks can take milliseconds): the next `run` comes right now
+            await asyncio.get_running_loop().run_in_executor(None, self.outbox.discard, *key)
 
     # ------------------------------------------------------------ registration
 

@@ -326,6 +326,46 @@ def test_step_sources_and_checkout_errors(project, runners):
     asyncio.run(scenario())
 
 
+def test_the_clone_is_reused_and_follows_the_repository(project, runners, tmp_path):
+    path, sha = project
+    moved = tmp_path / "moved"
+    git(tmp_path, "clone", "-q", str(path), str(moved))
+    (moved / "new.txt").write_text("only in the moved repository\n")
+    git(moved, "add", "-A")
+    git(moved, "commit", "-q", "-m", "second")
+    second = git(moved, "rev-parse", "HEAD")
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port)
+        client = runner.client()
+        clone = runner.workdir / "checkouts" / "0"
+        try:
+            await client.request(run_msg(1, path, sha, ["touch left-behind"]))
+            assert (await fake.result(1))["status"] == "passed", fake.log_text(1)
+            assert "$ git clone" in fake.log_text(1)
+            # the commit is in the clone already: no fetch, and the step's leftovers are gone
+            await client.request(run_msg(2, path, sha, ["test ! -e left-behind"]))
+            assert (await fake.result(2))["status"] == "passed", fake.log_text(2)
+            assert "git fetch" not in fake.log_text(2) and "git clone" not in fake.log_text(2)
+            # another address with a commit the clone lacks: origin follows, then it fetches
+            await client.request(run_msg(3, moved, second, ["cat new.txt"]))
+            assert (await fake.result(3))["status"] == "passed", fake.log_text(3)
+            text = fake.log_text(3)
+            assert f"$ git remote set-url origin {moved}" in text and "$ git fetch" in text
+            assert git(clone, "config", "--get", "remote.origin.url") == str(moved)
+            # back to the first address, commit present: origin set back, still no fetch
+            await client.request(run_msg(4, path, sha, ["test ! -e new.txt"]))
+            assert (await fake.result(4))["status"] == "passed", fake.log_text(4)
+            assert "git fetch" not in fake.log_text(4)
+            assert git(clone, "config", "--get", "remote.origin.url") == str(path)
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
 def test_timeout_kills_the_whole_process_tree(project, runners, tmp_path):
     path, sha = project
     stubborn = tmp_path / "stubborn.pid"
