@@ -66,6 +66,10 @@ class Dispatcher:
         self.watchers: set[asyncio.Queue] = set()
         self.artifacts = Artifacts(store)
         self.logcap = LogCap(store.logs, cfg.max_log_bytes)
+        # bytes the current attempt of a running build has logged (LogCap.size), kept
+        # so each `log` frame and `result` need not stat the files; dropped whenever
+        # the dispatcher writes a line of its own, and rebuilt from disk when missing
+        self.attempt_bytes: dict[int, int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -113,16 +117,21 @@ class Dispatcher:
             self._log_line(build.id, f"--- {why}; queued again ---")
         for build, why in plan.errored:
             self._log_line(build.id, f"--- build error: {why} ---")
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))
         for build, runner in plan.assign:
             build.log_base = self._log_line(
                 build.id, f"=== attempt {build.attempt} on {runner.name} ({runner.host}:{runner.port}) "
-                          f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} ===")
+                          f"at {stamp} ===")
+            self.attempt_bytes[build.id] = 0
+        for build in plan.finished:
+            self.attempt_bytes.pop(build.id, None)
         builds = {b.id: b for b, _ in plan.assign}
         builds.update((b.id, b) for b, _ in plan.requeued + plan.errored)
         builds.update((b.id, b) for b in plan.finished)
         with self.store.transaction():
             self.store.save(builds.values())
-            self.store.save_runners(plan.dead)
+            if plan.dead:
+                self.store.save_runners(plan.dead)
         for runner in plan.dead:
             log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)
         for build, why in plan.requeued:
@@ -138,10 +147,11 @@ class Dispatcher:
             self._spawn(self.send_run(build, runner))
         for runner, build_id, attempt in plan.cancel:
             self._spawn(self.send_cancel(runner, build_id, attempt))
-        for build in builds.values():
-            self._event("build", build=build.summary())
-        for runner in plan.dead:
-            self._event("runner", runner=runner.summary())
+        if self.watchers:
+            for build in builds.values():
+                self._event("build", build=build.summary())
+            for runner in plan.dead:
+                self._event("runner", runner=runner.summary())
         self._changed()
 
     def _spawn(self, coro) -> None:
@@ -176,9 +186,14 @@ class Dispatcher:
         """Append a line of the dispatcher's own, on a line of its own (after
         the tail of an attempt's log that went over the cap)."""
         self.logcap.close(build_id)
-        if not self.store.log_ends_with_newline(build_id):
-            text = "\n" + text
-        return self.store.append_log(build_id, (text + "\n").encode())
+        self.attempt_bytes.pop(build_id, None)
+        return self.store.append_line(build_id, text)
+
+    def _attempt_size(self, build: Build) -> int:
+        have = self.attempt_bytes.get(build.id)
+        if have is None:
+            have = self.attempt_bytes[build.id] = self.logcap.size(build.id, build.log_base)
+        return have
 
     def link(self, runner: Runner) -> net.Client:
         link = self.links.get(runner.name)
@@ -370,14 +385,15 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.logcap.size(build_id, build.log_base)
+        have = self._attempt_size(build)
         data = msg["data"].encode()
         if msg["offset"] > have:
             return net.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
                              expected=have)
         skip = have - msg["offset"]
         if skip < len(data):
-            have = self.logcap.append(build_id, data[skip:], build.log_base)
+            self.attempt_bytes.pop(build_id, None)     # not kept if the append fails half way
+            have = self.attempt_bytes[build_id] = self.logcap.append(build_id, data[skip:], build.log_base)
             self._changed()
         return net.ok(offset=have)
 
@@ -386,7 +402,7 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.logcap.size(build_id, build.log_base)
+        have = self._attempt_size(build)
         if have < msg.get("log_size", 0):
             return net.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
