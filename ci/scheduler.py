@@ -159,6 +159,20 @@ class Scheduler:
         return build is not None and build.attempt == attempt and build.runner is not None and (
             build.status is Status.RUNNING or build.status is Status.CANCELLED)
 
+    def is_leased(self, build_id: int, attempt: int) -> bool:
+        """True while (build, attempt) is handed out and running, not cancelled."""
+        build = self.builds.get(build_id)
+        return build is not None and build.attempt == attempt and build.status is Status.RUNNING
+
+    def sending(self, build_id: int, attempt: int, now: float) -> bool:
+        """The `run` for (build, attempt) goes out now: its start moves to now, so
+        a pong to a ping sent before cannot take it back. False when the lease
+        ended meanwhile (nothing to send)."""
+        if not self.is_leased(build_id, attempt):
+            return False
+        self.builds[build_id].started_at = now
+        return True
+
     def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
         """A runner reported a result. None when the lease is stale. A cancel
         that was acknowledged wins over a result that raced it."""
