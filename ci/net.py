@@ -380,9 +380,6 @@ class Connection:
         if len(data) - 4 > self.limits.max_frame:
             raise ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte {msg.get('type')!r} frame")
         self.writer.write(data)
-        transport = self.writer.transport
-        if not transport.get_write_buffer_size() and not transport.is_closing():
-            return      # all of it went to the kernel: drain() would not wait, so skip its timer
         try:
             await within(self.writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
