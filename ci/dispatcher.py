@@ -66,6 +66,13 @@ class Dispatcher:
         self.watchers: set[asyncio.Queue] = set()
         self.artifacts = Artifacts(store)
         self.logcap = LogCap(store.logs, cfg.max_log_bytes)
+        # bytes the current attempt of a running build has logged (LogCap.size), kept
+        # so each `log` frame and `result` need not stat the files; dropped whenever
+        # the dispatcher writes a line of its own, and rebuilt from disk when missing
+        self.attempt_bytes: dict[int, int] = {}
+        self.outgoing: list[tuple[Build, Runner, int]] = []    # assigned, not yet persisted and sent
+        self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
+        self.handing_out: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -105,24 +112,24 @@ class Dispatcher:
     # ------------------------------------------------------------ applying plans
 
     def apply(self, plan: Plan | None) -> None:
-        """Persist a plan in one transaction, then start the sends it asks for."""
+        """Persist a plan in one transaction, then start the sends it asks for.
+        Assignments are persisted and sent by hand_out, a moment later."""
         if not plan:
             return
-        now = self.clock()
         for build, why in plan.requeued:
             self._log_line(build.id, f"--- {why}; queued again ---")
         for build, why in plan.errored:
             self._log_line(build.id, f"--- build error: {why} ---")
-        for build, runner in plan.assign:
-            build.log_base = self._log_line(
-                build.id, f"=== attempt {build.attempt} on {runner.name} ({runner.host}:{runner.port}) "
-                          f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))} ===")
-        builds = {b.id: b for b, _ in plan.assign}
-        builds.update((b.id, b) for b, _ in plan.requeued + plan.errored)
+        for build in plan.finished:
+            self.attempt_bytes.pop(build.id, None)
+        builds = {b.id: b for b, _ in plan.requeued + plan.errored}
         builds.update((b.id, b) for b in plan.finished)
-        with self.store.transaction():
-            self.store.save(builds.values())
-            self.store.save_runners(plan.dead)
+        for build, _ in plan.assign:
+            builds.pop(build.id, None)          # saved as handed out, with its log_base
+        if builds or plan.dead:
+            with self.store.transaction():
+                self.store.save(builds.values())
+                self.store.save_runners(plan.dead)
         for runner in plan.dead:
             log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)
         for build, why in plan.requeued:
@@ -131,23 +138,82 @@ class Dispatcher:
             log.warning("build %d: %s", build.id, why)
         for build in plan.finished:
             self._notify(build)
-        for build, runner in plan.assign:
-            log.info("build %d attempt %d -> %s", build.id, build.attempt, runner.name)
-            if build.attempt > 1:
-                self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
-            self._spawn(self.send_run(build, runner))
+        if plan.assign:
+            self.outgoing += [(build, runner, build.attempt) for build, runner in plan.assign]
+            for build, runner in plan.assign:
+                self.unsent.setdefault(runner.name, set()).add((build.id, build.attempt))
+            if self.handing_out is None:
+                self.handing_out = self._spawn(self.hand_out())
         for runner, build_id, attempt in plan.cancel:
             self._spawn(self.send_cancel(runner, build_id, attempt))
-        for build in builds.values():
-            self._event("build", build=build.summary())
-        for runner in plan.dead:
-            self._event("runner", runner=runner.summary())
+        if self.watchers:
+            for build in builds.values():
+                self._event("build", build=build.summary())
+            for runner in plan.dead:
+                self._event("runner", runner=runner.summary())
         self._changed()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def hand_out(self) -> None:
+        """Persist and send the assignments apply() left in ``outgoing``, in
+        batches: each attempt's first log line is written in a thread (creating
+        a log file is the dearest step of a hand-out, and the event loop goes on
+        meanwhile), then one transaction for the whole batch, then the `run`s.
+        A lease that ended in the meantime (cancelled, its runner lost) is dropped."""
+        try:
+            while self.outgoing:
+                batch, self.outgoing = self.outgoing, []
+                try:
+                    await self._hand_out(batch)
+                except Exception:       # the builds stay leased in memory: the runner's next pong takes them back
+                    log.exception("handing out %d build(s) failed", len(batch))
+                finally:
+                    for build, runner, attempt in batch:
+                        leases = self.unsent.get(runner.name)
+                        if leases is not None:
+                            leases.discard((build.id, attempt))
+                            if not leases:
+                                del self.unsent[runner.name]
+        finally:
+            self.handing_out = None
+
+    async def _hand_out(self, batch: list[tuple[Build, Runner, int]]) -> None:
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+        lines = [(build.id, f"=== attempt {attempt} on {runner.name} ({runner.host}:{runner.port}) at {stamp} ===")
+                 for build, runner, attempt in batch if self.sched.is_leased(build.id, attempt)]
+        sizes = await asyncio.to_thread(self._write_lines, lines)
+        now = self.clock()
+        # started now, in the same step as the `run` is queued on the runner's link:
+        # a ping that goes out before it cannot take the build back (see Scheduler.heartbeat)
+        batch = [(build, runner, attempt) for build, runner, attempt in batch
+                 if build.id in sizes and self.sched.sending(build.id, attempt, now)]
+        for build, _, _ in batch:
+            build.log_base = sizes[build.id]
+            self.attempt_bytes[build.id] = 0
+        with self.store.transaction():
+            self.store.save(build for build, _, _ in batch)
+        for build, runner, attempt in batch:
+            log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
+            if attempt > 1:
+                self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
+            self._spawn(self.send_run(build, runner))
+        if self.watchers:
+            for build, _, _ in batch:
+                self._event("build", build=build.summary())
+        self._changed()
+
+    def _write_lines(self, lines: list[tuple[int, str]]) -> dict[int, int]:
+        """(In a thread.) Each build's line, as _log_line writes it; its log's new size."""
+        sizes = {}
+        for build_id, text in lines:
+            self.logcap.close(build_id)
+            sizes[build_id] = self.store.append_line(build_id, text)
+        return sizes
 
     def _changed(self) -> None:
         self.changed.set()
@@ -176,9 +242,14 @@ class Dispatcher:
         """Append a line of the dispatcher's own, on a line of its own (after
         the tail of an attempt's log that went over the cap)."""
         self.logcap.close(build_id)
-        if not self.store.log_ends_with_newline(build_id):
-            text = "\n" + text
-        return self.store.append_log(build_id, (text + "\n").encode())
+        self.attempt_bytes.pop(build_id, None)
+        return self.store.append_line(build_id, text)
+
+    def _attempt_size(self, build: Build) -> int:
+        have = self.attempt_bytes.get(build.id)
+        if have is None:
+            have = self.attempt_bytes[build.id] = self.logcap.size(build.id, build.log_base)
+        return have
 
     def link(self, runner: Runner) -> net.Client:
         link = self.links.get(runner.name)
@@ -260,6 +331,8 @@ class Dispatcher:
                     log.debug("ping %s: %s", runner.name, exc)
                     return
                 leases = {tuple(lease) for lease in reply["running"]}
+                # what it was given but not yet sent, it cannot report: not a reason to take it back
+                leases |= self.unsent.get(runner.name, set()) & runner.running
                 self.apply(self.sched.heartbeat(runner.name, leases, sent_at, self.clock()))
                 # one small frame per runner per interval, so a console's "last seen" stays true
                 if self.watchers and runner.alive:
@@ -370,14 +443,15 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.logcap.size(build_id, build.log_base)
+        have = self._attempt_size(build)
         data = msg["data"].encode()
         if msg["offset"] > have:
             return net.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
                              expected=have)
         skip = have - msg["offset"]
         if skip < len(data):
-            have = self.logcap.append(build_id, data[skip:], build.log_base)
+            self.attempt_bytes.pop(build_id, None)     # not kept if the append fails half way
+            have = self.attempt_bytes[build_id] = self.logcap.append(build_id, data[skip:], build.log_base)
             self._changed()
         return net.ok(offset=have)
 
@@ -386,7 +460,7 @@ class Dispatcher:
         if not self.sched.is_current(build_id, attempt):
             return net.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
-        have = self.logcap.size(build_id, build.log_base)
+        have = self._attempt_size(build)
         if have < msg.get("log_size", 0):
             return net.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])

@@ -47,6 +47,9 @@ class Scheduler:
         self.builds: dict[int, Build] = {}          # active builds by id
         self.runners: dict[str, Runner] = {}
         self._queue: list[int] = []                 # heap of build ids; stale entries skipped
+        # live runners with a free slot, the one free the longest first: a hand-out
+        # looks here rather than at every runner. Kept by _slots_changed.
+        self._free: dict[str, Runner] = {}
 
     # ------------------------------------------------------------ state
 
@@ -67,6 +70,8 @@ class Scheduler:
                 build.status = Status.QUEUED
             if build.status is Status.QUEUED:
                 heapq.heappush(self._queue, build.id)
+        for runner in runners:
+            self._slots_changed(runner)
         plan = Plan()
         plan.requeued = [(b, f"attempt {b.attempt} taken back: its runner is gone") for b in builds
                          if b.status is Status.QUEUED and b.runner is not None]
@@ -104,6 +109,7 @@ class Scheduler:
         runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
         runner.alive, runner.last_seen, runner.registered_at = True, now, now
         plan += self._reconcile(runner, set(running), since=now)
+        self._slots_changed(runner)
         plan += self.assign(now)
         return plan
 
@@ -114,6 +120,10 @@ class Scheduler:
         if runner is None or not runner.alive:
             return Plan()
         runner.last_seen = now
+        if runner.running == running:
+            # the common pong: nothing to reconcile. Only a slot freed by a
+            # refused `run` can be waiting for it (see refused)
+            return self.assign(now) if self._queue and self._free else Plan()
         plan = self._reconcile(runner, set(running), since=sent_at)
         plan += self.assign(now)
         return plan
@@ -127,6 +137,7 @@ class Scheduler:
         if runner is None or not runner.alive:
             return plan
         runner.alive = False
+        self._slots_changed(runner)
         plan.dead.append(runner)
         for build_id, attempt in sorted(runner.running):
             plan += self._take_back(runner, build_id, attempt, f"runner {name} lost: {why}")
@@ -148,6 +159,20 @@ class Scheduler:
         return build is not None and build.attempt == attempt and build.runner is not None and (
             build.status is Status.RUNNING or build.status is Status.CANCELLED)
 
+    def is_leased(self, build_id: int, attempt: int) -> bool:
+        """True while (build, attempt) is handed out and running, not cancelled."""
+        build = self.builds.get(build_id)
+        return build is not None and build.attempt == attempt and build.status is Status.RUNNING
+
+    def sending(self, build_id: int, attempt: int, now: float) -> bool:
+        """The `run` for (build, attempt) goes out now: its start moves to now, so
+        a pong to a ping sent before cannot take it back. False when the lease
+        ended meanwhile (nothing to send)."""
+        if not self.is_leased(build_id, attempt):
+            return False
+        self.builds[build_id].started_at = now
+        return True
+
     def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
         """A runner reported a result. None when the lease is stale. A cancel
         that was acknowledged wins over a result that raced it."""
@@ -157,6 +182,7 @@ class Scheduler:
         runner = self.runners.get(build.runner or "")
         if runner is not None:
             runner.running.discard((build_id, attempt))
+            self._slots_changed(runner)
         plan = Plan()
         if build.status is not Status.CANCELLED:
             build.status = status
@@ -189,22 +215,26 @@ class Scheduler:
 
     def assign(self, now: float) -> Plan:
         """Hand queued builds, oldest first, to live runners with a free slot and
-        every label the build needs. A build no runner can take yet is skipped,
-        not allowed to block the ones behind it."""
+        every label the build needs, the runner free the longest first. A build
+        no runner can take yet is skipped, not allowed to block the ones behind it."""
         plan = Plan()
-        if not self._queue:         # the common case on every pong: skip the scan of all runners
-            return plan
-        free = [r for r in self.runners.values() if r.free > 0]
-        if not free:
-            return plan
+        free = self._free
         waiting: list[int] = []
+        blocked: set[tuple] = set()     # label sets no free runner offers, this time round
         while self._queue and free:
             build_id = heapq.heappop(self._queue)
             build = self.builds.get(build_id)
             if build is None or build.status is not Status.QUEUED:
                 continue
-            runner = next((r for r in free if set(build.labels) <= set(r.labels)), None)
+            if not build.labels:
+                runner = next(iter(free.values()))
+            elif build.labels in blocked:
+                runner = None
+            else:
+                need = set(build.labels)
+                runner = next((r for r in free.values() if need <= set(r.labels)), None)
             if runner is None:
+                blocked.add(build.labels)
                 waiting.append(build_id)
                 continue
             build.status = Status.RUNNING
@@ -213,8 +243,7 @@ class Scheduler:
             build.started_at = now
             build.finished_at = None
             runner.running.add((build.id, build.attempt))
-            if runner.free == 0:
-                free.remove(runner)
+            self._slots_changed(runner)
             plan.assign.append((build, runner))
         for build_id in waiting:
             heapq.heappush(self._queue, build_id)
@@ -229,6 +258,7 @@ class Scheduler:
         runner = self.runners.get(build.runner or "")
         if runner is not None:
             runner.running.discard((build_id, attempt))
+            self._slots_changed(runner)
         self._requeue(build)
         plan = Plan(requeued=[(build, f"attempt {attempt} not started: {why}")])
         # not assigning here: the same runner would be picked again at once;
@@ -252,6 +282,7 @@ class Scheduler:
 
     def _take_back(self, runner: Runner, build_id: int, attempt: int, why: str) -> Plan:
         runner.running.discard((build_id, attempt))
+        self._slots_changed(runner)
         build = self.builds.get(build_id)
         plan = Plan()
         if build is None or build.attempt != attempt:
@@ -269,6 +300,14 @@ class Scheduler:
         self._requeue(build)
         plan.requeued.append((build, f"attempt {attempt} taken back: {why}"))
         return plan
+
+    def _slots_changed(self, runner: Runner) -> None:
+        """Call after a runner's leases, slots or liveness change. A runner that
+        gains a free slot goes to the back of the line of free runners."""
+        if runner.free > 0:
+            self._free.setdefault(runner.name, runner)
+        else:
+            self._free.pop(runner.name, None)
 
     def _requeue(self, build: Build) -> None:
         build.status = Status.QUEUED

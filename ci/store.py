@@ -171,6 +171,18 @@ class Store:
             f.write(data)
             return f.tell()
 
+    def append_line(self, build_id: int, text: str) -> int:
+        """Append ``text`` as a line of its own (after a newline if the log does
+        not end with one) with a single open; returns the log's new size."""
+        with open(self.log_path(build_id), "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write((text + "\n").encode())
+            return f.tell()
+
     def log_ends_with_newline(self, build_id: int) -> bool:
         """True for an empty log too: nothing to finish."""
         try:

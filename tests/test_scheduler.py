@@ -182,3 +182,96 @@ def test_refused_run_puts_build_back_without_counting_a_loss():
     plan = s.refused(1, 1, "busy", now=1)
     assert [b.id for b, _ in plan.requeued] == [1]
     assert s.builds[1].status is Status.QUEUED
+
+
+def test_the_runner_free_the_longest_gets_the_next_build():
+    s = sched()
+    for name in ("r1", "r2", "r3"):
+        s.register(name, "h", 1, (), 1, set(), now=0)
+    assert [assigned(s.add(build(n), 0)) for n in (1, 2)] == [[(1, 1, "r1")], [(2, 1, "r2")]]
+    s.finish(1, 1, Status.PASSED, 0, now=1)             # r1 is free again, but after r3
+    assert assigned(s.add(build(3), 2)) == [(3, 1, "r3")]
+    assert assigned(s.add(build(4), 2)) == [(4, 1, "r1")]
+    assert assigned(s.add(build(5), 2)) == []           # nobody free
+
+
+def test_a_runner_with_fewer_slots_after_registering_again_gets_no_more_than_those():
+    s = sched()
+    s.register("r1", "h", 1, (), 2, set(), now=0)
+    s.add(build(1), 0)
+    s.register("r1", "h", 1, (), 1, {(1, 1)}, now=1)     # restarted with one slot, still running build 1
+    assert assigned(s.add(build(2), 1)) == []
+    assert assigned(s.register("r1", "h", 1, (), 3, {(1, 1)}, now=2)) == [(2, 1, "r1")]   # and with three
+    assert assigned(s.add(build(3), 2)) == [(3, 1, "r1")]
+    assert assigned(s.add(build(4), 2)) == []
+
+
+def test_a_pong_that_changes_nothing_hands_out_nothing_and_changes_nothing():
+    s = sched()
+    s.register("r1", "h", 1, (), 1, set(), now=0)
+    s.add(build(1), 0)
+    s.add(build(2), 0)
+    plan = s.heartbeat("r1", {(1, 1)}, sent_at=5, now=5)
+    assert not plan
+    assert s.runners["r1"].last_seen == 5 and s.runners["r1"].running == {(1, 1)}
+    assert [b.id for b in s.queued()] == [2]
+
+
+def test_a_slot_freed_by_a_refused_run_is_offered_again_at_the_next_pong():
+    s = sched()
+    s.register("r1", "h", 1, (), 1, set(), now=0)
+    s.add(build(1), 0)
+    assert not s.refused(1, 1, "busy", now=1).assign    # not at once: the same runner would be picked
+    assert assigned(s.heartbeat("r1", set(), sent_at=2, now=2)) == [(1, 2, "r1")]
+
+
+def test_sending_restarts_the_lease_clock_and_refuses_a_lease_that_ended():
+    s = sched()
+    s.register("r1", "h", 1, (), 1, set(), now=0)
+    s.add(build(1), 0)
+    assert s.sending(1, 1, now=3)
+    # a ping sent at 2 (after the hand-out at 0, before the `run` went out at 3) cannot judge it
+    assert not s.heartbeat("r1", set(), sent_at=2, now=3.1).requeued
+    s.cancel(1, now=4)
+    assert not s.sending(1, 1, now=5)
+    assert not s.sending(9, 1, now=5)
+
+
+def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
+    import random
+    rng = random.Random(7)
+    s = sched(max_attempts=5)
+    names = [f"r{i}" for i in range(6)]
+    next_id = 1
+    for step in range(3000):
+        now = step * 0.1
+        event = rng.randrange(7)
+        name = rng.choice(names)
+        if event == 0:
+            s.register(name, "h", 1, rng.choice([(), ("gpu",)]), rng.randint(1, 3),
+                       set(s.runners[name].running) if name in s.runners and rng.random() < 0.5 else set(), now)
+        elif event == 1:
+            s.add(build(next_id, rng.choice([(), (), ("gpu",)])), now)
+            next_id += 1
+        elif event == 2 and name in s.runners:
+            lease = sorted(s.runners[name].running)
+            if lease:
+                s.finish(*rng.choice(lease), Status.PASSED, 0, now)
+        elif event == 3:
+            s.lost(name, "refused", now)
+        elif event == 4 and name in s.runners:
+            leases = set(s.runners[name].running)
+            if leases and rng.random() < 0.3:
+                leases.pop()
+            s.heartbeat(name, leases, sent_at=now, now=now)
+        elif event == 5 and s.builds:
+            s.cancel(rng.choice(sorted(s.builds)), now)
+        elif event == 6 and s.builds:
+            b = s.builds[rng.choice(sorted(s.builds))]
+            if b.status is Status.RUNNING:
+                s.refused(b.id, b.attempt, "busy", now)
+        free = {r.name for r in s.runners.values() if r.free > 0}
+        assert set(s._free) == free, step
+        if event == 1:      # a hand-out looks at every queued build: none left that a free runner could take
+            for b in s.queued():
+                assert not any(set(b.labels) <= set(r.labels) for r in s.runners.values() if r.free > 0), step
