@@ -457,11 +457,16 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
                 except (OSError, PeerError, ProtocolError):
                     pass
             except asyncio.CancelledError:
-                raise
+                # the daemon is stopping. This task is the outermost one for the
+                # connection: ending it normally rather than "cancelled" keeps
+                # asyncio's stream callback (3.11) from logging a traceback for it
+                conn.writer.close()
+                return
             except Exception:  # a bug in one handler must not take the daemon down
                 log.exception("%s: connection from %s failed", name, peer)
             finally:
-                await conn.close()
+                if not conn.writer.is_closing():
+                    await conn.close()
 
     extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
     return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)

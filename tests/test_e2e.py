@@ -128,3 +128,24 @@ def test_observer_stopped_while_commits_are_made_builds_every_commit_exactly_onc
     # oldest first: build numbers follow commit order
     ids = {b["sha"]: b["id"] for b in builds}
     assert [ids[s] for s in shas] == sorted(ids[s] for s in shas)
+
+
+def test_daemons_stop_cleanly_on_sigterm_with_connections_open(cluster, repo):
+    c = cluster()
+    c.dispatcher()
+    c.runner("r1")                 # the dispatcher keeps a connection open to it
+    c.observer(repo)               # and the observer one to the dispatcher
+    c.wait_builds(finished, "the initial commit")
+    screen = c.tmp / "console.txt"
+    with open(screen, "w") as out:     # not a terminal: it prints a plain snapshot once connected
+        watcher = subprocess.Popen([sys.executable, "-m", "ci", "console", "--dispatcher", c.disp.addr],
+                                   stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
+    try:
+        c.wait("the console to show a snapshot (its watch stream is open)", lambda: "r1" in screen.read_text())
+        for daemon in reversed(c.daemons):
+            assert daemon.stop() == 0
+    finally:
+        watcher.kill()
+        watcher.wait(10)
+    for daemon in c.daemons:
+        assert "Traceback" not in daemon.log(), f"{daemon.kind} logged a traceback while stopping:\n{daemon.log()}"
