@@ -201,7 +201,7 @@ class Dispatcher:
             log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
             if attempt > 1:
                 self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
-            self._spawn(self.send_run(build, runner))
+            self._spawn(self.send_run(build, runner, attempt))
         if self.watchers:
             for build, _, _ in batch:
                 self._event("build", build=build.summary())
@@ -261,9 +261,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------ talking to runners
 
-    async def send_run(self, build: Build, runner: Runner) -> None:
+    async def send_run(self, build: Build, runner: Runner, attempt: int) -> None:
+        # the lease is pinned when the send is decided: should the build be taken
+        # back and handed to someone else before this task runs, sending
+        # build.attempt here would give one lease to two runners
+        if not self.sched.is_leased(build.id, attempt) or build.runner != runner.name:
+            return
         cfg = self.config.build
-        msg = {"type": "run", "build": build.id, "attempt": build.attempt, "repo": build.repo,
+        msg = {"type": "run", "build": build.id, "attempt": attempt, "repo": build.repo,
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
                "timeout": cfg.timeout, "env": dict(cfg.env), "job": build.job,
                "artifacts_limit": self.config.dispatcher.max_artifact_bytes}
@@ -271,14 +276,14 @@ class Dispatcher:
             try:
                 await self.link(runner).request(msg)
             except net.PeerError as exc:
-                if isinstance(exc, (net.PeerRefused, net.PeerTimeout)):
+                if isinstance(exc, (net.PeerRefused, net.PeerTimeout)) or not self.sched.is_leased(build.id, attempt):
                     raise
                 # the kept connection was dead (the runner restarted or stopped):
                 # one fresh attempt tells a stopped runner from a live one at once
                 await self.link(runner).request(msg)
         except net.RemoteError as exc:
             log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
-            self.apply(self.sched.refused(build.id, build.attempt, f"runner {runner.name} refused it: {exc}",
+            self.apply(self.sched.refused(build.id, attempt, f"runner {runner.name} refused it: {exc}",
                                           self.clock()))
         except net.PeerRefused as exc:
             self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
