@@ -6,7 +6,6 @@ wall-clock stamps against the bench's, on the same machine."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys

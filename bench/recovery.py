@@ -9,7 +9,6 @@ observer), so the queue is filled in a moment."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 

@@ -12,8 +12,6 @@ restart): 100,000 finished builds and 10,000 queued ones.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 from ci import net
 from ci.store import SCHEMA
 
-from .harness import Cluster, Reader, Result, median, pct
+from .harness import Cluster, Result, median, pct
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

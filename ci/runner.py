@@ -395,6 +395,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     from .cli import main as cli
     sys.exit(cli(["runner", *sys.argv[1:]]))

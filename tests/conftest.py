@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,38 @@ def child_env(**extra: str) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def tinyci(*args: str, cwd: Path | None = None, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    """Run the `tinyci` command (as `python -m ci`) the way a user would, with no stdin."""
+    return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env=child_env(**env), stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released), for a daemon that must keep it across restarts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (killed, waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def by_sha(builds: list[dict]) -> dict[str, dict]:
+    return {b["sha"]: b for b in builds}
 
 
 class Repo:

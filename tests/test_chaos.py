@@ -7,39 +7,17 @@ Seeded: the seed is printed, and TINYCI_CHAOS_SEED=<seed> replays a failure.
 
 import os
 import random
-import socket
 import threading
 import time
 from collections import Counter
 
 import pytest
 
-from conftest import Repo, finished
+from conftest import Repo, finished, free_port, pid_alive
 
 BRANCHES = ["main", "feature", "fix"]
 COMMITS = 33
 KILLS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

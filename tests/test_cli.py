@@ -21,26 +21,9 @@ from rich.console import Console
 
 from ci import cli, net, tui, up
 
+from conftest import child_env, free_port, pid_alive, tinyci
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
-
-
-def tinyci(*argv: str, cwd=None, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *argv], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env=clean_env(**env), stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_line(text: str) -> str:
@@ -87,7 +70,7 @@ def test_help_does_not_load_the_daemons():
             "print(sorted(m for m in sys.modules if m in ('git', 'rich', 'ci.dispatcher', 'ci.runner',"
             " 'ci.observer', 'yaml')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          timeout=30, env=clean_env())
+                          timeout=30, env=child_env())
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -97,7 +80,7 @@ def test_notify_does_not_load_git_yaml_rich_asyncio_or_the_daemons():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('git', 'rich', 'yaml', 'asyncio') or m in "
             "('ci.dispatcher', 'ci.runner', 'ci.observer', 'ci.config', 'ci.executor', 'importlib.metadata')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          timeout=30, env=clean_env())
+                          timeout=30, env=child_env())
     assert "cannot reach the observer" in done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
@@ -378,7 +361,7 @@ def test_demo_repository_has_a_passing_test_and_is_made_once(tmp_path):
     assert subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True,
                           text=True).stdout == ""
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=repo,
-                           capture_output=True, text=True, timeout=60, env=clean_env())
+                           capture_output=True, text=True, timeout=60, env=child_env())
     assert tests.returncode == 0, tests.stdout
     assert "1 passed" in tests.stdout
     assert up.make_demo(tmp_path / "demo") == repo       # second time: reused as is
@@ -397,7 +380,7 @@ class Up:
     def __init__(self, tmp_path: Path, *argv: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ci", "up", "--data", str(tmp_path / "data"), *argv],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
             stdin=subprocess.DEVNULL)
         self.lines: list[str] = []
 
@@ -433,18 +416,6 @@ class Up:
             return self.proc.wait(10)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not running any more
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 @needs_daemons
 def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
@@ -477,7 +448,7 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
     finally:
         code = run.stop()
     assert code == 0, run.proc.stderr.read()
-    assert not any(alive(pid) for _, pid in children.values())
+    assert not any(pid_alive(pid) for _, pid in children.values())
     assert (tmp_path / "data" / "logs" / "dispatcher.log").exists()
 
 
@@ -495,7 +466,7 @@ def test_up_reports_a_child_that_dies_and_stops_the_rest(tmp_path):
     err = run.proc.stderr.read()
     assert code == 1
     assert "runner-1" in err and "stopped unexpectedly" in err
-    assert not any(alive(pid) for _, pid in children.values())
+    assert not any(pid_alive(pid) for _, pid in children.values())
 
 
 @pytest.mark.slow

@@ -5,19 +5,10 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, child_env, finished
+from conftest import ROOT, by_sha, child_env, finished, tinyci
 
 PASS = "echo building; echo all good; exit 0\n"
 FAIL = "echo running tests; echo 'AssertionError: expected 4, got 5' >&2; exit 3\n"
-
-
-def tinyci(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=60, cwd=ROOT)
-
-
-def by_sha(builds):
-    return {b["sha"]: b for b in builds}
 
 
 def test_commit_is_built_passed_and_failing_commit_failed_with_its_output(cluster, repo):

@@ -3,25 +3,13 @@ was already there, and install twice without harm; end to end, a commit is
 built long before the observer's next poll."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
-from conftest import ROOT, GIT_ENV, Repo, child_env, finished
+from conftest import GIT_ENV, Repo, child_env, finished, free_port, tinyci
 
 OLD_HOOK = '#!/bin/sh\necho "old hook ran" >> "$(git rev-parse --git-dir)/../old-hook.txt"\n'
-
-
-def tinyci(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def commit(repo: Repo, message: str) -> subprocess.CompletedProcess:

@@ -5,12 +5,10 @@ log cap and notify.on_finish."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import yaml
 
-from conftest import ROOT, child_env, finished
+from conftest import finished, tinyci
 
 TWO_JOBS = """\
 env: {GREETING: hello}
@@ -26,11 +24,6 @@ jobs:
     labels: [beta]
     steps: [echo job-beta-ran]
 """
-
-
-def tinyci(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=60, cwd=ROOT)
 
 
 def of(builds, sha):

@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ import pytest
 from ci import gitwatch, net, observer
 from ci.config import ObserverConfig
 from ci.daemon import StartupError
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=Ada Lovelace", "-c", "user.email=ada@example.com",
@@ -370,12 +371,6 @@ def dispatcher():
     yield make
     for fake in fakes:
         fake.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_commits_after_start_are_reported_oldest_first(tmp_path, spawn, dispatcher):

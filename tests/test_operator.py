@@ -12,23 +12,9 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, child_env, finished
+from conftest import ROOT, child_env, finished, pid_alive, tinyci
 
 FAIL = "echo checking; echo 'expected 4, got 5' >&2; exit 3\n"
-
-
-def tinyci(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie (killed, waiting for its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_log_follow_exit_codes_trigger_and_rebuild(cluster, repo):
@@ -94,7 +80,7 @@ def test_cancel_a_queued_and_a_running_build_leaves_no_process_behind(cluster, r
     c.wait("the step to write its pids", lambda: step.exists() and child.exists()
            and child.read_text().strip())
     step_pid, child_pid = int(step.read_text()), int(child.read_text())
-    assert not gone(step_pid) and not gone(child_pid)
+    assert not not pid_alive(step_pid) and not not pid_alive(child_pid)
 
     # r1's only slot is taken: a rebuild waits in the queue; cancelled there, it never runs
     queued = int(tinyci("rebuild", str(running["id"]), "--dispatcher", c.disp.addr).stdout.split()[1])
@@ -105,7 +91,7 @@ def test_cancel_a_queued_and_a_running_build_leaves_no_process_behind(cluster, r
 
     out = tinyci("cancel", str(running["id"]), "--dispatcher", c.disp.addr)
     assert (out.returncode, out.stdout) == (0, f"build {running['id']} cancelled\n"), out.stderr
-    c.wait("the step and its child to be killed", lambda: gone(step_pid) and gone(child_pid), timeout=20)
+    c.wait("the step and its child to be killed", lambda: not pid_alive(step_pid) and not pid_alive(child_pid), timeout=20)
     c.wait("r1 to be idle again", lambda: c.runner_state("r1") == "idle")
     builds = {b["id"]: b for b in c.builds()}
     assert builds[running["id"]]["status"] == builds[queued]["status"] == "cancelled"

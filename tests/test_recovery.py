@@ -5,7 +5,6 @@ the benchmarks own speed."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,9 @@ import uuid
 
 import pytest
 
-from conftest import Daemon, child_env, finished
+from conftest import Daemon, by_sha, child_env, finished, free_port
 
 SLOW = "echo start; sleep {s}; echo finished\n"
-
-
-def by_sha(builds):
-    return {b["sha"]: b for b in builds}
 
 
 def start_slow_build(c, repo, seconds=3):
@@ -28,12 +23,6 @@ def start_slow_build(c, repo, seconds=3):
     # wait until the step itself runs, so a kill lands mid-build
     c.wait("the step to start", lambda: "start" in c.log(by_sha(c.builds())[sha]["id"]))
     return sha
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dispatcher_sigkill_mid_build_keeps_the_build_with_its_runner(cluster, repo, tmp_path):

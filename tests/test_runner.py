@@ -20,6 +20,8 @@ import pytest
 
 from ci import net
 
+from conftest import pid_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "runner-test-secret"
 # Not `-m ci.runner`: keeps these tests independent of ci/cli.py.
@@ -46,21 +48,6 @@ def project(tmp_path: Path) -> tuple[Path, str]:
     git(path, "add", "-A")
     git(path, "commit", "-q", "-m", "first")
     return path, git(path, "rev-parse", "HEAD")
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 async def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
@@ -207,7 +194,7 @@ class Runners:
         # builds write the pids of what they start to tmp_path/*.pid: none may outlive a failed test
         for pid_file in self.tmp.glob("*.pid"):
             pid = read_pid(pid_file)
-            if pid and alive(pid):
+            if pid and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -249,7 +236,7 @@ def test_passing_build_streams_its_log_and_leaves_no_process(project, runners, t
             assert "héllo wörld" in text
             assert result["log_size"] == len(text.encode())
             pid = read_pid(bg_pid)
-            assert pid and not alive(pid), "a step's background process outlived the build"
+            assert pid and not pid_alive(pid), "a step's background process outlived the build"
             # accepted: the lease, the outbox entry and the local log are gone
             assert (await client.request({"type": "ping"}))["running"] == []
             await wait_until(lambda: not list((runner.workdir / "outbox").iterdir())
@@ -386,7 +373,7 @@ def test_timeout_kills_the_whole_process_tree(project, runners, tmp_path):
             assert "timed out after 1 s" in text
             assert "NEVER-RUN" not in text
             pids = [read_pid(shell), read_pid(stubborn)]
-            assert all(pids) and not any(alive(p) for p in pids), "a process of the step survived"
+            assert all(pids) and not any(pid_alive(p) for p in pids), "a process of the step survived"
         finally:
             await client.close()
             fake.close()
@@ -420,15 +407,15 @@ def test_cancel_kills_a_running_build_and_busy_when_full(project, runners, tmp_p
             assert (await client.request({"type": "cancel", "build": 20}))["type"] == "ok"
             result = await fake.result(20)
             assert (result["status"], result["exit_code"]) == ("cancelled", -1), fake.log_text(20)
-            assert not alive(read_pid(pid_files[0]))
-            assert alive(read_pid(pid_files[1])), "cancel reached the wrong build"
+            assert not pid_alive(read_pid(pid_files[0]))
+            assert pid_alive(read_pid(pid_files[1])), "cancel reached the wrong build"
             # the freed slot takes work again; cancelling an unknown build is fine
             await client.request(run_msg(22, path, sha, ["echo third"]))
             assert (await fake.result(22))["status"] == "passed"
             assert (await client.request({"type": "cancel", "build": 999}))["type"] == "ok"
             await client.request({"type": "cancel", "build": 21})
             assert (await fake.result(21))["status"] == "cancelled"
-            assert not alive(read_pid(pid_files[1]))
+            assert not pid_alive(read_pid(pid_files[1]))
         finally:
             await client.close()
             fake.close()
@@ -501,7 +488,7 @@ def test_stale_log_reply_drops_the_build(project, runners, tmp_path):
             await wait_until(lambda: "is stale" in runner.stderr(), "the runner to drop the build")
             assert "build 12 attempt 1 is stale" in runner.stderr()
             pid = read_pid(bg_pid)
-            await wait_until(lambda: not alive(pid), "the dropped build's processes to die")
+            await wait_until(lambda: not pid_alive(pid), "the dropped build's processes to die")
             assert (await client.request({"type": "ping"}))["running"] == []
             await wait_until(lambda: not (runner.workdir / "logs" / "12-1.log").exists(),
                              "the local log to be deleted")
@@ -530,7 +517,7 @@ def test_sigterm_stops_the_runner_and_its_builds(project, runners, tmp_path):
         pid = read_pid(bg_pid)
         os.kill(runner.proc.pid, signal.SIGTERM)
         assert await asyncio.to_thread(runner.proc.wait, 10) == 0, runner.stderr()
-        assert not alive(pid), "a build's process outlived the runner"
+        assert not pid_alive(pid), "a build's process outlived the runner"
         # a build killed by the shutdown is lost, not reported: the dispatcher requeues it
         assert 40 not in fake.results and not list((runner.workdir / "outbox").iterdir())
         fake.close()

@@ -9,19 +9,16 @@ import os
 import secrets
 import shutil
 import signal
-import ssl
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from ci import daemon, net, tls, up
 from ci.config import ConfigError, TLSConfig, load
 
-from conftest import READY, ROOT, Repo, child_env, finished
+from conftest import READY, Repo, child_env, finished, tinyci
 
 trustme = pytest.importorskip("trustme")
 
@@ -37,11 +34,6 @@ def role_secrets() -> dict[str, str]:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-def tinyci(*argv: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ci", *argv], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=30, env=child_env(**env), stdin=subprocess.DEVNULL)
 
 
 async def raw_auth(addr: str, auth: dict, tls_ctx=None) -> tuple[dict, bytes]:
