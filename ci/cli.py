@@ -265,27 +265,18 @@ class DispatcherLink:
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
         self.limits = config.limits()
-        addr = args.dispatcher or f"{config.dispatcher.host}:{config.dispatcher.port}"
-        # a dispatcher listening on every interface is reached on loopback
-        addr = addr.replace("0.0.0.0:", "127.0.0.1:", 1) if addr.startswith("0.0.0.0:") else addr
+        addr = args.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
         try:
-            host, port = net.parse_addr(addr)
+            self.host, self.port = net.parse_addr(addr)
         except ValueError as exc:
             raise Failure(f"--dispatcher: {exc}", 2) from None
-        self.addr = f"{host}:{port}"
+        self.addr = f"{self.host}:{self.port}"
 
     def client(self, role: str) -> net.Client:
-        host, _, port = self.addr.rpartition(":")
-        return net.Client(host, int(port), role, self.secrets[role], self.limits, self.tls)
+        return net.Client(self.host, self.port, role, self.secrets[role], self.limits, self.tls)
 
     def call(self, msg: dict, role: str = net.READER) -> dict:
-        async def once() -> dict:
-            client = self.client(role)
-            try:
-                return await client.request(msg)
-            finally:
-                await client.close()
-        return self.run(once())
+        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, ssl=self.tls))
 
     def refused(self) -> str:
         return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
@@ -311,15 +302,22 @@ class DispatcherLink:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
 
 
-def tool_secret(config, role: str) -> str:
-    """The configured secret of ``role``; without one, the secret `tinyci up` made in .tinyci/."""
-    secret = config.role_secret(role)
-    if secret:
-        return secret
+def tool_secret(config, role: str, secret_file: str | None = None) -> str:
+    """The secret a tool uses for ``role``: an explicit --secret-file first, then the
+    configured one, then the secret `tinyci up` made in .tinyci/. ``config`` may be None."""
+    if not secret_file:
+        secret = config.role_secret(role) if config is not None else ""
+        if secret:
+            return secret
     try:
-        return open(LOCAL_SECRET).read().strip()
+        return open(secret_file or LOCAL_SECRET).read().strip()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def dial_host(host: str) -> str:
+    """A daemon listening on every interface is reached on loopback."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def unreachable(what: str, addr: str, exc: Exception) -> str:
@@ -507,12 +505,11 @@ def notify(args: argparse.Namespace) -> int:
     """Poke the observer. Always exits 0: a git hook must never fail a commit."""
     try:
         addr, secret, tls = _observer_target(args)
-        host, port = net.parse_addr(addr)
         limits = net.Limits(connect_timeout=NOTIFY_TIMEOUT, read_timeout=NOTIFY_TIMEOUT)
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        net.request_blocking(f"{host}:{port}", msg, net.OBSERVER, secret, limits, ssl=tls)
+        net.request_blocking(addr, msg, net.OBSERVER, secret, limits, ssl=tls)
     except net.PeerAuthFailed:
         print(f"tinyci notify: the observer at {addr} refused our credentials "
               f"(auth.observer_secret / auth.secret)", file=sys.stderr)
@@ -551,14 +548,10 @@ def install_hook(args: argparse.Namespace) -> int:
 def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     """(address, secret, TLS context). The configuration (and its YAML import) is
     read only when there is one, keeping the hook's common case quick."""
+    secret_file = getattr(args, "secret_file", None)
     if args.config or any(name.startswith("TINYCI_") for name in os.environ):
         from .config import load
         config = load(args.config)
-        host = "127.0.0.1" if config.observer.host == "0.0.0.0" else config.observer.host
-        return (args.observer or f"{host}:{config.observer.port}", tool_secret(config, net.OBSERVER),
-                config.client_tls())
-    try:
-        secret = open(getattr(args, "secret_file", None) or LOCAL_SECRET).read().strip()
-    except (OSError, UnicodeDecodeError):
-        secret = ""
-    return args.observer or DEFAULT_OBSERVER, secret, None
+        return (args.observer or f"{dial_host(config.observer.host)}:{config.observer.port}",
+                tool_secret(config, net.OBSERVER, secret_file), config.client_tls())
+    return args.observer or DEFAULT_OBSERVER, tool_secret(None, net.OBSERVER, secret_file), None

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from . import net
+
 
 class ConfigError(Exception):
     """A configuration problem, worded for the person who has to fix it."""
@@ -185,7 +187,10 @@ _BOUNDS = {
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
-    ("build", "timeout"): (lambda v: v > 0, "greater than 0"),
+    ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
+    # what goes into every `run` must pass the wire table, or each build would be refused by the runner
+    ("build", "steps"): (net.STEPS.check, f"a {net.STEPS.name}"),
+    ("build", "env"): (net.ENV.check, f"a {net.ENV.name} (names of letters, digits and _)"),
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
     ("net", "max_connections"): (lambda v: v >= 1, "at least 1"),
 }

@@ -35,6 +35,7 @@ from .artifacts import ArtifactError, Artifacts
 from .config import Config
 from .logcap import LogCap
 from .models import Build, Runner, Status, pipeline_status
+from .outbox import utf8_boundary
 from .scheduler import Plan, Scheduler
 from .store import Store, StoreError
 
@@ -120,8 +121,6 @@ class Dispatcher:
             self._log_line(build.id, f"--- {why}; queued again ---")
         for build, why in plan.errored:
             self._log_line(build.id, f"--- build error: {why} ---")
-        for build in plan.finished:
-            self.attempt_bytes.pop(build.id, None)
         builds = {b.id: b for b, _ in plan.requeued + plan.errored}
         builds.update((b.id, b) for b in plan.finished)
         for build, _ in plan.assign:
@@ -241,9 +240,23 @@ class Dispatcher:
     def _log_line(self, build_id: int, text: str) -> int:
         """Append a line of the dispatcher's own, on a line of its own (after
         the tail of an attempt's log that went over the cap)."""
+        build = self.sched.builds.get(build_id)
+        # a line written while an attempt still sends its log (a cancel): the
+        # runner's offsets count only its own bytes, so the attempt's base moves
+        # past this line and its count stays what it was
+        sending = build is not None and build.runner is not None and build.status in (
+            Status.RUNNING, Status.CANCELLED) and build_id not in self._unsent_ids()
+        before = self._attempt_size(build) if sending else None
         self.logcap.close(build_id)
         self.attempt_bytes.pop(build_id, None)
-        return self.store.append_line(build_id, text)
+        size = self.store.append_line(build_id, text)
+        if before is not None:
+            build.log_base = size - before
+            self.attempt_bytes[build_id] = before
+        return size
+
+    def _unsent_ids(self) -> set[int]:
+        return {build_id for leases in self.unsent.values() for build_id, _ in leases}
 
     def _attempt_size(self, build: Build) -> int:
         have = self.attempt_bytes.get(build.id)
@@ -570,13 +583,17 @@ class Dispatcher:
         while True:
             changed = self.changed
             data = self.store.read_log(build_id, offset, LOG_CHUNK)
-            if data:
-                text = _utf8_prefix(data)
-                await conn.send({"type": "chunk", "offset": offset, "data": text})
-                offset += len(text.encode())
+            cut = utf8_boundary(data)       # never send half a character: its rest may come
+            if cut:
+                await conn.send({"type": "chunk", "offset": offset, "data": data[:cut].decode(errors="replace")})
+                offset += cut
                 continue
             build = self.sched.builds.get(build_id) or self.store.get(build_id)
             final = build.status.final and build_id not in self.sched.builds
+            if final and data:              # a finished log that ends inside a character
+                await conn.send({"type": "chunk", "offset": offset, "data": data.decode(errors="replace")})
+                offset += len(data)
+                continue
             if final or not msg.get("follow"):
                 if final and self.store.log_size(build_id) > offset:
                     continue                # the last lines landed while we looked
@@ -691,16 +708,6 @@ def _resolve(repo: str, rev: str) -> tuple[str, str, str] | None:
         return None
     author, _, subject = info.stdout.rstrip("\n").partition("\0")
     return sha, author[:200], subject[:4000]
-
-
-def _utf8_prefix(data: bytes) -> str:
-    """Decode, leaving out a character cut in half at the end of the chunk."""
-    for cut in range(4):
-        try:
-            return data[:len(data) - cut].decode() if cut else data.decode()
-        except UnicodeDecodeError:
-            continue
-    return data.decode(errors="replace")
 
 
 # ---------------------------------------------------------------- command line

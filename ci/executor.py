@@ -165,6 +165,40 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _mark_group(checkout: Path, pgid: int) -> Path:
+    """Note a running step's process group beside its checkout, so a runner
+    restarted after a SIGKILL can end what its predecessor left running there."""
+    marker = checkout.with_name(checkout.name + ".pgid")
+    marker.write_text(f"{pgid} {_boot_id()}\n")
+    return marker
+
+
+def reap_orphans(checkouts: Path) -> list[int]:
+    """Kill the step process groups a previous run of this runner left behind
+    (it was killed mid-step); returns the groups killed. A marker from before a
+    reboot names nothing: its group ids may belong to anyone now."""
+    killed = []
+    boot = _boot_id()
+    for marker in checkouts.glob("*.pgid"):
+        try:
+            pgid_text, _, marked_boot = marker.read_text().strip().partition(" ")
+            pgid = int(pgid_text)
+        except (OSError, ValueError):
+            pgid = 0
+            marked_boot = ""
+        if pgid > 1 and marked_boot == boot and group_alive(pgid) and _signal_group(pgid, signal.SIGKILL):
+            killed.append(pgid)
+        marker.unlink(missing_ok=True)
+    return killed
+
+
 async def kill_group(pgid: int, grace: float) -> None:
     """SIGTERM every process in the group, then SIGKILL whatever is left after ``grace`` seconds."""
     if not group_alive(pgid) or not _signal_group(pgid, signal.SIGTERM):
@@ -522,6 +556,7 @@ class Execution:
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
         proc = asyncio.subprocess.Process(transport, protocol, loop)
+        marker = _mark_group(self.checkout, proc.pid)
         pump = asyncio.ensure_future(self._pump(proc.stdout))
         exited = asyncio.ensure_future(_exit_of(proc, protocol))
         stopped = asyncio.ensure_future(self._stop.wait())
@@ -538,6 +573,7 @@ class Execution:
             raise
         finally:
             stopped.cancel()
+            marker.unlink(missing_ok=True)
         try:
             await asyncio.wait_for(pump, OUTPUT_DRAIN)
         except asyncio.TimeoutError:

@@ -225,7 +225,6 @@ JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) 
     isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
     for j in v))
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
-ANY = Kind("any value", lambda v: True)
 
 
 # ---------------------------------------------------------------- the table
@@ -530,7 +529,13 @@ async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None
             log.exception("%s: handling %r from %s failed", name, msg["type"], conn.peer)
             reply = error("internal", f"{name} failed to handle {msg['type']!r}: {type(exc).__name__}")
         if reply is not None:
-            await conn.send(reply)
+            try:
+                await conn.send(reply)
+            except FatalProtocolError:
+                raise
+            except ProtocolError:       # nothing was written: the request still gets its one reply
+                await conn.send(error("too_large", f"the reply to {msg['type']!r} would exceed the "
+                                                   f"{conn.limits.max_frame}-byte frame limit; ask for less"))
 
 
 # ---------------------------------------------------------------- client

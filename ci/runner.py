@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import daemon, net
 from .config import Config
-from .executor import BuildLog, Execution, Job
+from .executor import BuildLog, Execution, Job, reap_orphans
 from .models import Status
 from .outbox import STALE, Backoff, Delivery, Outbox
 
@@ -95,6 +95,10 @@ class Runner:
             # absolute: git runs inside the checkouts, where a relative path would mean something else
             self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
             self._claim_workdir()
+            # the workdir is ours now: end any step a killed predecessor left running in it
+            for pgid in reap_orphans(self.workdir / "checkouts"):
+                log.warning("killed process group %d: a build step left running when this runner "
+                            "last stopped", pgid)
             outbox = Outbox(self.workdir)
             pending = outbox.load()
             outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})

@@ -61,22 +61,19 @@ class Scheduler:
             runner.running = set()
             runner.last_seen = now
             self.runners[runner.name] = runner
+        plan = Plan()
         for build in builds:
             self.builds[build.id] = build
             owner = self.runners.get(build.runner or "")
             if build.status is Status.RUNNING and owner is not None and owner.alive:
                 owner.running.add((build.id, build.attempt))
             elif build.status is Status.RUNNING:
-                build.status = Status.QUEUED
-            if build.status is Status.QUEUED:
+                # the same rule as a runner lost while running: max_attempts holds across restarts
+                plan += self._lost(build, "its runner is gone")
+            else:
                 heapq.heappush(self._queue, build.id)
         for runner in runners:
             self._slots_changed(runner)
-        plan = Plan()
-        plan.requeued = [(b, f"attempt {b.attempt} taken back: its runner is gone") for b in builds
-                         if b.status is Status.QUEUED and b.runner is not None]
-        for build, _ in plan.requeued:
-            build.runner = None
         plan += self.assign(now)
         return plan
 
@@ -284,9 +281,15 @@ class Scheduler:
         runner.running.discard((build_id, attempt))
         self._slots_changed(runner)
         build = self.builds.get(build_id)
-        plan = Plan()
         if build is None or build.attempt != attempt:
-            return plan
+            return Plan()
+        return self._lost(build, why)
+
+    def _lost(self, build: Build, why: str) -> Plan:
+        """The current lease of ``build`` is over without a result: queue it
+        again, or give up when it has had max_attempts."""
+        plan = Plan()
+        build_id, attempt = build.id, build.attempt
         if build.status is Status.CANCELLED:
             del self.builds[build_id]          # its runner is gone, so it has stopped
             return plan

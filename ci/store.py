@@ -165,12 +165,6 @@ class Store:
         except FileNotFoundError:
             return 0
 
-    def append_log(self, build_id: int, data: bytes) -> int:
-        """Append to a build's log; returns its new size."""
-        with open(self.log_path(build_id), "ab") as f:
-            f.write(data)
-            return f.tell()
-
     def append_line(self, build_id: int, text: str) -> int:
         """Append ``text`` as a line of its own (after a newline if the log does
         not end with one) with a single open; returns the log's new size."""
@@ -182,15 +176,6 @@ class Store:
                     text = "\n" + text
             f.write((text + "\n").encode())
             return f.tell()
-
-    def log_ends_with_newline(self, build_id: int) -> bool:
-        """True for an empty log too: nothing to finish."""
-        try:
-            with open(self.log_path(build_id), "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                return f.read(1) == b"\n"
-        except (FileNotFoundError, OSError):
-            return True
 
     def read_log(self, build_id: int, offset: int, limit: int) -> bytes:
         try:

@@ -312,11 +312,12 @@ class Supervisor:
             await self.start(child)
         waits = [asyncio.create_task(self.ready(child)) for child in (observer, *runners)]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in waits:
                 task.cancel()
-        for task in waits:
+        # only finished tasks can be asked for their exception; the rest were just cancelled
+        for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
 
