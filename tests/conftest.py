@@ -160,12 +160,6 @@ class Daemon:
         self.stderr.close()
         return code
 
-    def restart(self) -> None:
-        if self.alive():
-            self.kill()
-        self.start()
-
-
 class Cluster:
     """Real daemons for one test, all under tmp_path."""
 
@@ -187,16 +181,18 @@ class Cluster:
         config = load(self.config, env=self.env)
         return config.role_secret(role), config.client_tls()
 
-    def _start(self, kind: str, name: str, args: list[str]) -> Daemon:
+    def _start(self, kind: str, name: str, args: list[str], port: int = 0) -> Daemon:
         logs = self.tmp / "logs"
         logs.mkdir(exist_ok=True)
-        d = Daemon(kind, ["--config", str(self.config), "--port", "0", *args], self.tmp,
+        d = Daemon(kind, ["--config", str(self.config), "--port", str(port), *args], self.tmp,
                    logs / f"{name}.log", self.env)
         self.daemons.append(d)
         return d
 
-    def dispatcher(self, data: str = "dispatcher") -> Daemon:
-        self.disp = self._start("dispatcher", "dispatcher", ["--data", str(self.tmp / data)])
+    def dispatcher(self, data: str = "dispatcher", port: int = 0) -> Daemon:
+        """``port``: a fixed one (free_port()) keeps the address across restarts, so
+        runners and the observer find a restarted dispatcher again."""
+        self.disp = self._start("dispatcher", "dispatcher", ["--data", str(self.tmp / data)], port)
         return self.disp
 
     def runner(self, name: str, *args: str) -> Daemon:

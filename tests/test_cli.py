@@ -471,6 +471,25 @@ def test_up_reports_a_child_that_dies_and_stops_the_rest(tmp_path):
 
 @pytest.mark.slow
 @needs_daemons
+def test_up_with_a_runners_port_taken_names_that_runner_and_exits_1(tmp_path):
+    # runner-2 fails while the others may still be starting: one clear report, no traceback
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if port < 10 or port > 65000:
+            pytest.skip("ephemeral port out of range for this test")
+        run = Up(tmp_path, "--demo", "--port", str(port - 2), "--runners", "2")   # runner-2 gets `port`
+        try:
+            code = run.proc.wait(30)
+        finally:
+            run.stop()
+    err = run.proc.stderr.read()
+    assert code == 1
+    assert "runner-2" in err and "already in use" in err
+    assert "Traceback" not in err
+
+
 def test_up_with_the_port_taken_shows_why_and_exits_1(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

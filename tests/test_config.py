@@ -161,3 +161,14 @@ def test_file_that_is_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, "- just\n- a list\n"), env={})
     assert "tinyci.yaml" in str(err.value)
+
+
+def test_build_settings_the_runner_would_refuse_fail_at_start_up(tmp_path):
+    # each would otherwise be accepted here and then refused in every `run` message
+    for body, key in (("build:\n  env: {MY-VAR: '1'}\n", "build.env"),
+                      ("build:\n  steps: [" + ", ".join(["'true'"] * 201) + "]\n", "build.steps"),
+                      ("build:\n  timeout: 1.0e16\n", "build.timeout")):
+        path = tmp_path / "config.yaml"
+        path.write_text(body)
+        with pytest.raises(ConfigError, match=key):
+            load(path, env={})

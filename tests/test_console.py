@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ci import tui
 from ci.board import Board, clean
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, free_port
 
 NOW = 1_700_000_000.0
 
@@ -251,12 +251,8 @@ def test_console_in_a_terminal_shows_a_commit_go_from_running_to_passed(cluster,
 
 
 def test_console_without_a_terminal_prints_plain_snapshots_and_rides_out_a_dispatcher_restart(cluster, tmp_path):
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     c = cluster()
-    c.disp = disp = c._start("dispatcher", "dispatcher", ["--data", str(tmp_path / "data"), "--port", str(port)])
+    disp = c.dispatcher(port=free_port())
     c.runner("r1")
     proc = subprocess.Popen([sys.executable, "-m", "ci", "console", "--dispatcher", disp.addr],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -4,17 +4,15 @@ built long before the observer's next poll."""
 
 import os
 import subprocess
-import sys
-import time
 
-from conftest import GIT_ENV, Repo, child_env, finished, free_port, tinyci
+from conftest import GIT_ENV, Repo, finished, free_port, tinyci
 
 OLD_HOOK = '#!/bin/sh\necho "old hook ran" >> "$(git rev-parse --git-dir)/../old-hook.txt"\n'
 
 
-def commit(repo: Repo, message: str) -> subprocess.CompletedProcess:
+def commit(repo: Repo, message: str, **extra_env: str) -> subprocess.CompletedProcess:
     # a committing shell without tinyci on PATH and without our PYTHONPATH
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.path), **GIT_ENV}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.path), **GIT_ENV, **extra_env}
     return subprocess.run(["git", "-C", str(repo.path), "commit", "-q", "--allow-empty", "-m", message],
                           capture_output=True, text=True, env=env, timeout=60)
 
@@ -74,14 +72,12 @@ def test_commit_with_the_hook_is_built_long_before_the_next_poll(cluster, repo):
     c.wait_builds(lambda b: len(b) == 1 and finished(b), "the initial commit (the observer's first scan)")
     done = tinyci("install-hook", "--repo", str(repo.path), "--observer", obs.addr)
     assert done.returncode == 0, done.stderr
-    made = time.monotonic()
     out = commit(repo, "poked, not polled")
     assert out.returncode == 0 and out.stderr == "", out.stderr
     sha = repo.head()
     # the next poll is 30 s away: only the poke can make this happen within 15 s
     builds = c.wait_builds(lambda b: any(x["sha"] == sha and finished([x]) for x in b),
                            "the hooked commit to be built", timeout=15)
-    assert time.monotonic() - made < 30
     assert next(b for b in builds if b["sha"] == sha)["status"] == "passed"
 
 
@@ -98,11 +94,11 @@ def test_hook_installed_where_tinyci_up_ran_uses_its_secret(cluster, repo, tmp_p
     where_up_ran = tmp_path / "up-dir"
     (where_up_ran / ".tinyci").mkdir(parents=True)
     (where_up_ran / ".tinyci" / "secret").write_text(secret + "\n")
-    done = subprocess.run([sys.executable, "-m", "ci", "install-hook", "--repo", str(repo.path),
-                           "--observer", obs.addr], capture_output=True, text=True, env=child_env(),
-                          cwd=where_up_ran, timeout=60)
+    done = tinyci("install-hook", "--repo", str(repo.path), "--observer", obs.addr, cwd=where_up_ran)
     assert done.returncode == 0, done.stderr
-    out = commit(repo, "poked with the secret")
+    # any TINYCI_ setting in the committing shell makes notify read the configuration:
+    # the secret file the hook names must still win
+    out = commit(repo, "poked with the secret", TINYCI_NET_READ_TIMEOUT="5")
     assert out.returncode == 0 and "refused" not in out.stderr and "authentication" not in out.stderr, out.stderr
     sha = repo.head()
     c.wait_builds(lambda b: any(x["sha"] == sha and finished([x]) for x in b),

@@ -254,7 +254,8 @@ def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster
     assert c.builds() == before
     pong = asyncio.run(net.call(runner.addr, {"type": "ping"}, "dispatcher", KEYS["dispatcher"], timeout=10))
     assert pong["type"] == "pong"
-    assert asyncio.run(net.call(observer.addr, {"type": "poke"}, "observer", KEYS["observer"], timeout=10))
+    assert asyncio.run(net.call(observer.addr, {"type": "poke"}, "observer", KEYS["observer"],
+                                timeout=10))["type"] == "ok"
     # and they still work together: a new commit is built
     repo.commit("after the fuzz")
     after = c.wait_builds(lambda b: len(b) == 2 and finished(b), "a commit built after the fuzz")

@@ -131,7 +131,7 @@ def test_silent_and_half_frame_peers_are_dropped_without_blocking_others():
         client = net.Client("127.0.0.1", port, "reader")
         assert (await client.request({"type": "status"}))["got"] == "status"
         # both are dropped after the read timeout (1 s here)
-        assert await asyncio.wait_for(half.reader.read(), 5) is not None
+        assert await asyncio.wait_for(half.reader.read(), 5) == b""     # closed, no frame
         await silent[0].read()                                # hello, then EOF
         assert silent[0].at_eof()
         await client.close()
@@ -199,4 +199,20 @@ def test_blocking_request_speaks_the_same_protocol():
         await server.wait_closed()
         with pytest.raises(net.PeerRefused):
             await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+    run(body())
+
+
+def test_a_reply_too_big_for_a_frame_is_answered_with_an_error_and_the_connection_kept():
+    async def handler(conn, msg):
+        return net.ok(data="x" * (10_000 if msg["type"] == "status" else 1))
+
+    async def body():
+        server = await net.serve(handler, "127.0.0.1", 0, limits=net.Limits(max_frame=4096))
+        client = net.Client("127.0.0.1", server.sockets[0].getsockname()[1], "reader")
+        with pytest.raises(net.RemoteError) as err:
+            await client.request({"type": "status"})
+        assert err.value.code == "too_large" and "4096" in err.value.message
+        assert (await client.request({"type": "build", "build": 1}))["data"] == "x"   # same connection
+        await client.close()
+        server.close()
     run(body())

@@ -100,6 +100,8 @@ def test_cancel_a_queued_and_a_running_build_leaves_no_process_behind(cluster, r
     assert re.search(r"=== cancelled by \S+@\S+ \(operator at 127\.0\.0\.1:\d+\), \d{4}-\d\d-\d\d \d\d:\d\d:\d\d ===",
                      log), log
     assert "started" in log
+    # the runner's own last words after the cancel are kept, not skipped over
+    assert "the step's processes were killed]" in log, log
     assert re.search(r"=== cancelled by \S+@\S+ ", c.log(queued))
     again = tinyci("cancel", str(running["id"]), "--dispatcher", c.disp.addr)
     assert again.returncode == 1 and "already cancelled" in again.stderr

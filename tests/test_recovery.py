@@ -27,8 +27,7 @@ def start_slow_build(c, repo, seconds=3):
 
 def test_dispatcher_sigkill_mid_build_keeps_the_build_with_its_runner(cluster, repo, tmp_path):
     c = cluster()
-    c.disp = disp = c._start("dispatcher", "dispatcher",
-                             ["--port", str(free_port()), "--data", str(tmp_path / "dispatcher")])
+    disp = c.dispatcher(port=free_port())
     c.runner("r1")
     c.observer(repo)
     c.wait_builds(finished, "the initial commit")
@@ -55,7 +54,7 @@ def test_runner_restarted_mid_build_has_its_build_taken_back_at_once(cluster, re
     r1.kill()
     killed = time.monotonic()
     r1.start()
-    builds = c.wait_builds(lambda b: by_sha(b)[sha]["attempt"] == 2, "attempt 2", timeout=10)
+    c.wait_builds(lambda b: by_sha(b)[sha]["attempt"] == 2, "attempt 2", timeout=10)
     print(f"\nrestarted runner's build taken back {time.monotonic() - killed:.2f}s after the kill")
     builds = c.wait_builds(lambda b: by_sha(b)[sha]["status"] == "passed", "attempt 2 to pass")
     assert by_sha(builds)[sha]["runner"] == "r1"
@@ -103,6 +102,13 @@ class Link:
         self.va, self.vb = f"tv{tag}a", f"tv{tag}b"
         self.addr_a, self.addr_b = "10.231.77.1", "10.231.77.2"
         self.made: list[str] = []
+        try:
+            self._wire()
+        except BaseException:       # half made: leave nothing behind on the host
+            self.close()
+            raise
+
+    def _wire(self) -> None:
         for ns in (self.a, self.b):
             self.ip("netns", "add", ns)
             self.made.append(ns)
@@ -129,6 +135,8 @@ class Link:
     def close(self) -> None:
         for ns in self.made:        # deleting a namespace removes its end of the veth pair too
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        # a pair made but never moved into them is still on the host: fails quietly when gone
+        subprocess.run(["ip", "link", "del", self.va], capture_output=True, timeout=10)
 
 
 @pytest.mark.slow

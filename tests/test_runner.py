@@ -525,6 +525,32 @@ def test_sigterm_stops_the_runner_and_its_builds(project, runners, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_restarted_runner_ends_the_step_its_killed_predecessor_left_running(project, runners, tmp_path):
+    path, sha = project
+    bg_pid = tmp_path / "orphan.pid"
+    workdir = tmp_path / "work-orphan"
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        first = await runners.start(fake.port, "--name", "orphaned", workdir=workdir, tag="one")
+        client = first.client()
+        try:
+            await client.request(run_msg(41, path, sha, [f"sleep 1000 & echo $! > {bg_pid}; wait"]))
+            await wait_until(lambda: read_pid(bg_pid), "the step to start")
+        finally:
+            await client.close()
+        first.proc.send_signal(signal.SIGKILL)      # nothing of the runner runs any more
+        first.proc.wait(10)
+        orphan = read_pid(bg_pid)
+        assert pid_alive(orphan)                    # its step outlived it, in its own group
+        second = await runners.start(fake.port, "--name", "orphaned", workdir=workdir, tag="two")
+        await wait_until(lambda: not pid_alive(orphan), "the orphaned step to be killed")
+        assert "left running when this runner last stopped" in second.stderr()
+        fake.close()
+
+    asyncio.run(scenario())
+
+
 def test_registration_and_authentication(project, runners):
     path, sha = project
 

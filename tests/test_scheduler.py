@@ -275,3 +275,13 @@ def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
         if event == 1:      # a hand-out looks at every queued build: none left that a free runner could take
             for b in s.queued():
                 assert not any(set(b.labels) <= set(r.labels) for r in s.runners.values() if r.free > 0), step
+
+
+def test_restart_with_a_dead_runners_build_still_honours_max_attempts():
+    s = Scheduler(heartbeat_interval=1.0, heartbeat_misses=3, max_attempts=3)
+    spent = build(1)
+    spent.status, spent.attempt, spent.runner = Status.RUNNING, 3, "gone"
+    plan = s.load([spent], [Runner("gone", "h", 1, alive=False), Runner("r2", "h", 2)], now=10)
+    assert [(b.id, b.status) for b in plan.finished] == [(1, Status.ERROR)]
+    assert "runner lost" in plan.errored[0][1]
+    assert not plan.assign
