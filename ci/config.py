@@ -136,11 +136,11 @@ class Config:
 
     def secrets(self) -> dict[str, str]:
         """Every role's secret, for a server checking what clients claim."""
-        return {role: self.role_secret(role) for role in ROLES}
+        shared = self.secret        # read once, not once per role
+        return {role: _read_secret(self.auth, f"{role}_secret") or shared for role in ROLES}
 
-    def limits(self):
-        from .net import Limits
-        return Limits(**{f.name: getattr(self.net, f.name) for f in fields(NetConfig)})
+    def limits(self) -> net.Limits:
+        return net.Limits(**{f.name: getattr(self.net, f.name) for f in fields(NetConfig)})
 
     def server_tls(self):
         """An ssl.SSLContext for listening, or None without ``tls.cert``."""
@@ -153,8 +153,7 @@ class Config:
         return tls.client_context(self.tls)
 
 
-# The roles of net.py, repeated here so reading the configuration imports no networking.
-ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+ROLES = net.ROLES
 
 
 def _read_secret(auth: AuthConfig, key: str) -> str:
