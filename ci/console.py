@@ -71,9 +71,11 @@ class Live:
         while not self.stop.is_set():
             client = self.link.client(net.READER)
             frames = client.stream({"type": "watch", "limit": WATCH_LIMIT}, idle=STREAM_IDLE)
+            got_snapshot = False    # this attempt reached the dispatcher
             try:
                 async for frame in frames:
                     if frame["type"] == "ok":
+                        got_snapshot = True
                         self.board.snapshot(frame)
                         failures = 0
                         if self.once:
@@ -83,11 +85,12 @@ class Live:
                     elif frame["type"] == "end":
                         self.board.lost(frame.get("reason") or "the dispatcher ended the stream")
             except net.PeerTimeout:
-                if self.board.connected:
+                if self.board.connected and got_snapshot:
                     continue        # silence (nothing happened) or a dead link: a fresh watch tells
+                # a connect or greeting that timed out: the picture on screen is stale
                 self.board.lost("timed out")
             except (net.PeerError, net.RemoteError, net.ProtocolError, OSError) as exc:
-                if "authentication failed" in str(exc) or getattr(exc, "code", "") == "auth_failed":
+                if isinstance(exc, net.PeerAuthFailed) or getattr(exc, "code", "") == "auth_failed":
                     self.fatal = self.link.refused()
                     self.stop.set()
                     return

@@ -23,14 +23,14 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import git
-from . import buildfile
+
+from . import buildfile, daemon, net
 from .buildfile import BuildFile, BuildFileError, Step
 from .models import Status
 
@@ -216,31 +216,6 @@ async def kill_group(pgid: int, grace: float) -> None:
 
 # ---------------------------------------------------------------- git
 
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking ``fn`` in a daemon thread.
-
-    Not asyncio.to_thread: the default executor is joined when the loop
-    ends, so a long fetch would hold up Ctrl-C until it finished.
-    """
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(value: Any, exc: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(exc) if exc is not None else future.set_result(value)
-
-    def work() -> None:
-        try:
-            value, exc = fn(*args), None
-        except BaseException as error:  # handed to the awaiting task
-            value, exc = None, error
-        try:
-            loop.call_soon_threadsafe(settle, value, exc)
-        except RuntimeError:
-            pass                        # the loop is gone: nobody waits any more
-
-    threading.Thread(target=work, name="tinyci-git", daemon=True).start()
-    return await future
 
 
 def _git_run(args: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str]:
@@ -430,7 +405,7 @@ class Execution:
         if cwd is None:
             # pin git to the checkout: never act on a repository around the workdir
             env.update(GIT_DIR=str(self.checkout / ".git"), GIT_WORK_TREE=str(self.checkout))
-        work = asyncio.ensure_future(_in_thread(_git_run, args, cwd or self.checkout, env, remaining))
+        work = asyncio.ensure_future(daemon.in_thread(_git_run, args, cwd or self.checkout, env, remaining))
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -566,7 +541,7 @@ class Execution:
             how = "exit" if exited.done() else "stopped" if self._stop.is_set() else "timeout"
             # even after a clean exit: background children must not outlive their step
             await kill_group(proc.pid, self.kill_grace)
-            await asyncio.wait_for(asyncio.shield(exited), 5.0)
+            await net.within(asyncio.shield(exited), 5.0)
         except BaseException:
             _signal_group(proc.pid, signal.SIGKILL)     # torn down mid-step: leave nothing behind
             pump.cancel()
@@ -575,7 +550,7 @@ class Execution:
             stopped.cancel()
             marker.unlink(missing_ok=True)
         try:
-            await asyncio.wait_for(pump, OUTPUT_DRAIN)
+            await net.within(pump, OUTPUT_DRAIN)
         except asyncio.TimeoutError:
             # a process that left the group (setsid) still holds the output pipe
             self.log.line("[the step's output is still open after it ended; stopped reading it]")

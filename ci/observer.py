@@ -296,7 +296,7 @@ class Observer:
         if self.clone.remote:
             await self.fetch()
         try:
-            plan, commits = await asyncio.to_thread(self.clone.read, dict(self.branches))
+            plan, commits = await daemon.in_thread(self.clone.read, dict(self.branches))
         except gitwatch.GitReadError as exc:
             if not self._git_failing:
                 log.warning("%s; trying again next scan", exc)
@@ -327,7 +327,7 @@ class Observer:
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})   # never wait for a password
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), FETCH_TIMEOUT)
+            _, err = await net.within(proc.communicate(), FETCH_TIMEOUT)
             problem = None if proc.returncode == 0 else (
                 err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         except asyncio.TimeoutError:

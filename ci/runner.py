@@ -364,7 +364,7 @@ async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> 
     finally:
         server.close()
         try:
-            await asyncio.wait_for(server.wait_closed(), 0.5)
+            await net.within(server.wait_closed(), 0.5)
         except asyncio.TimeoutError:
             pass
         await runner.shutdown()

@@ -298,3 +298,46 @@ def test_console_once_against_nothing_is_one_line_exit_1():
                           capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=30)
     assert done.returncode == 1
     assert done.stderr == f"tinyci: cannot reach the dispatcher at 127.0.0.1:{port} (connection refused)\n"
+
+
+def test_a_dispatcher_that_stops_answering_shows_as_disconnected():
+    """A frozen dispatcher: the watch goes silent, then every new attempt times out
+    in its greeting. The screen must stop claiming "connected"."""
+    import asyncio
+
+    from ci import net
+    from ci.console import Live
+
+    class FrozenAfterOneSnapshot:
+        addr = "127.0.0.1:9"
+        attempts = 0
+
+        def client(self, role):
+            link = self
+
+            class Client:
+                async def stream(self, msg, idle=None):
+                    link.attempts += 1
+                    if link.attempts == 1:
+                        yield {"type": "ok", **SNAPSHOT}
+                    await asyncio.sleep(0.01)       # a real attempt takes time
+                    raise net.PeerTimeout("no answer")
+
+                async def close(self):
+                    pass
+            return Client()
+
+    async def body():
+        link = FrozenAfterOneSnapshot()
+        live = Live(link, Board(link.addr), Console(record=True, width=80))
+        task = asyncio.ensure_future(live.watch())
+        deadline = asyncio.get_running_loop().time() + 10
+        while (live.board.connected or link.attempts < 2) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        live.stop.set()
+        await asyncio.wait_for(task, 10)
+        return live.board, link.attempts
+
+    board_after, attempts = asyncio.run(body())
+    assert attempts >= 2
+    assert not board_after.connected and board_after.problem == "timed out"

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from ci import net
 
-from conftest import pid_alive
+from conftest import free_port, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "runner-test-secret"
@@ -444,9 +443,7 @@ def test_result_waits_in_the_outbox_across_a_crash(project, runners, tmp_path):
         fake.close()
 
         # restart with the dispatcher away: one line about it, however many retries
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         second = await runners.start(port, "--name", "crashy", workdir=workdir, tag="two")
         await wait_until(lambda: "cannot register" in second.stderr(), "the outage to be logged")
         await asyncio.sleep(0.5)
@@ -454,8 +451,9 @@ def test_result_waits_in_the_outbox_across_a_crash(project, runners, tmp_path):
         assert f"127.0.0.1:{port}" in second.stderr()
 
         # a fresh dispatcher that lost the log: the runner resends it, then the result
-        fresh = await FakeDispatcher().start(port)
-        fresh.refuse_results = True
+        fresh = FakeDispatcher()
+        fresh.refuse_results = True         # from the first frame on, as in the first half
+        await fresh.start(port)
         try:
             # an undelivered result is still a lease: the dispatcher must not take the build back
             await wait_until(lambda: fresh.registers, "the runner to register")
@@ -464,9 +462,11 @@ def test_result_waits_in_the_outbox_across_a_crash(project, runners, tmp_path):
             result = await fresh.result(11)
             assert result["status"] == "passed"
             assert "outbox-step-output" in fresh.log_text(11)
-            await wait_until(lambda: not (workdir / "outbox" / "11-1.json").exists(),
-                             "the delivered result to leave the outbox")
-            assert not (workdir / "logs" / "11-1.log").exists()
+            entry, kept_log = workdir / "outbox" / "11-1.json", workdir / "logs" / "11-1.log"
+            # the runner unlinks the entry, then the log, in a worker thread: wait for both
+            await wait_until(lambda: not entry.exists() and not kept_log.exists(),
+                             "the delivered result and its log to leave the outbox")
+            assert not entry.exists() and not kept_log.exists()
         finally:
             fresh.close()
 
