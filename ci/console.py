@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import sys
 import time
@@ -34,12 +33,6 @@ PLAIN_EVERY = 2.0
 WATCH_LIMIT = 200           # finished builds in the first snapshot: enough for the last hour's counts
 STREAM_IDLE = 30.0          # no frame for this long: the connection may be dead, open a new one
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
-
-
-def backoff(failures: int) -> float:
-    """Seconds before reconnect attempt ``failures`` (1, 2, ...): doubling, capped, with jitter
-    so that many consoles do not all come back at the same instant."""
-    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
 def problem(exc: BaseException) -> str:
@@ -67,7 +60,7 @@ class Live:
     # ------------------------------------------------------------ feeding the board
 
     async def watch(self) -> None:
-        failures = 0
+        retry = net.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while not self.stop.is_set():
             client = self.link.client(net.READER)
             frames = client.stream({"type": "watch", "limit": WATCH_LIMIT}, idle=STREAM_IDLE)
@@ -77,7 +70,7 @@ class Live:
                     if frame["type"] == "ok":
                         got_snapshot = True
                         self.board.snapshot(frame)
-                        failures = 0
+                        retry.reset()
                         if self.once:
                             return
                     elif frame["type"] == "event":
@@ -102,12 +95,11 @@ class Live:
                 self.fatal = f"cannot reach the dispatcher at {self.link.addr} ({self.board.problem})"
                 self.stop.set()
                 return
-            failures += 1
-            await self._sleep(backoff(failures))
+            await self._sleep(retry.next())
 
     async def follow_log(self) -> None:
         """Tail the log the board says to tail; switch when that changes."""
-        failures = 0
+        retry = net.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while not self.stop.is_set():
             target = self.board.log_target()
             if target is None or (target == self.board.log_build and self.board.log_status is not None):
@@ -126,12 +118,11 @@ class Live:
                 continue
             exc = task.exception()
             if exc is None:
-                failures = 0
+                retry.reset()
             elif isinstance(exc, net.RemoteError) and exc.code == "not_found":
                 self.board.log_end(target, "not found")
             else:
-                failures += 1
-                await self._sleep(backoff(failures))
+                await self._sleep(retry.next())
 
     async def _read_log(self, build: int) -> None:
         client = self.link.client(net.READER)

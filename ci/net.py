@@ -61,6 +61,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import re
 import secrets as _secrets
 import struct
@@ -539,6 +540,22 @@ async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None
 
 
 # ---------------------------------------------------------------- client
+
+class Backoff:
+    """Capped exponential backoff with full jitter: peers restarted together
+    do not all come back at the same instant. ``next()`` gives the next pause."""
+
+    def __init__(self, start: float = 0.1, cap: float = 3.0):
+        self.start, self.cap, self.tries = start, cap, 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.start * 2 ** min(self.tries, 30))
+        self.tries += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.tries = 0
+
 
 def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
     """'host:port' (or ':port', or 'host' with a default port) -> (host, port)."""

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import signal
 from dataclasses import dataclass
@@ -364,7 +363,7 @@ class Observer:
         except net.ProtocolError as exc:
             log.error("cannot report %s: %s; skipping it", name, exc.message)
             return
-        delay = BACKOFF_START
+        retry = net.Backoff(BACKOFF_START, BACKOFF_CAP)
         while True:
             try:
                 reply = await self.client.request(msg)
@@ -388,9 +387,7 @@ class Observer:
                 log.info("reported %s: build %s%s", name, reply.get("build"),
                          " (already known)" if reply.get("duplicate") else "")
                 return
-            # jitter keeps observers restarted together from retrying in lockstep
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BACKOFF_CAP)
+            await asyncio.sleep(retry.next())
 
     def _outage(self, what: str, name: str) -> None:
         if not self._dispatcher_down:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import re
 import time
 from pathlib import Path
@@ -36,21 +35,6 @@ MAX_CHUNK = 256 * 1024
 _ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
 RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
 ACCEPTED, STALE = "accepted", "stale"
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, start: float = 0.1, cap: float = 3.0):
-        self.start, self.cap, self.tries = start, cap, 0
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.start * 2 ** min(self.tries, 30))
-        self.tries += 1
-        return random.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.tries = 0
 
 
 class Outbox:
@@ -187,7 +171,7 @@ class Delivery:
 
     async def run(self) -> str:
         """Returns ACCEPTED or STALE."""
-        backoff = Backoff()
+        backoff = net.Backoff()
         last_sent = 0.0
         while True:
             self._wake.clear()
@@ -227,7 +211,7 @@ class Delivery:
                 continue
             await self._wake.wait()
 
-    async def _send(self, msg: dict, backoff: Backoff) -> dict | str | None:
+    async def _send(self, msg: dict, backoff: net.Backoff) -> dict | str | None:
         """One request; returns the ok reply, STALE, or None after moving ``pos`` or backing off."""
         try:
             reply = await self.client.request(msg)

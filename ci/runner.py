@@ -34,7 +34,7 @@ from . import daemon, net
 from .config import Config
 from .executor import BuildLog, Execution, Job, reap_orphans
 from .models import Status
-from .outbox import STALE, Backoff, Delivery, Outbox
+from .outbox import STALE, Delivery, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class Runner:
     async def _register_loop(self) -> None:
         addr = f"{self.dispatcher[0]}:{self.dispatcher[1]}"
         rc = self.config.runner
-        backoff = Backoff()
+        backoff = net.Backoff()
         down = False
         quiet = False       # the dispatcher answers registrations but never pings: say so once
         while True:
