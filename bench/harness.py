@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from ci import net
+from ci import net, protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
@@ -275,7 +275,7 @@ class Repo:
 
 # ---------------------------------------------------------------- talking to the dispatcher
 
-def request(addr: str, msg: dict, role: str = net.READER) -> dict:
+def request(addr: str, msg: dict, role: str = protocol.READER) -> dict:
     return asyncio.run(net.call(addr, msg, role, timeout=30))
 
 
@@ -284,7 +284,7 @@ class Reader:
 
     def __init__(self, addr: str):
         self.loop = asyncio.new_event_loop()
-        self.client = net.Client(*net.parse_addr(addr), net.READER)
+        self.client = net.Client(*net.parse_addr(addr), protocol.READER)
 
     def status(self, limit: int = 50) -> dict:
         return self.loop.run_until_complete(self.client.request({"type": "status", "limit": limit}, 30))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ci import net
+from ci import protocol
 
 from .harness import FINAL, Cluster, Reader, Repo, Result, median, pct, request, wait_for
 
@@ -36,7 +36,7 @@ def recovery(tmp: Path, quick: bool) -> Result:
         reader = Reader(c.disp.addr)
         try:
             for i, sha in enumerate(shas):
-                request(c.disp.addr, _commit_msg(repo, sha), net.OBSERVER)
+                request(c.disp.addr, _commit_msg(repo, sha), protocol.OBSERVER)
                 build = wait_for("the build to run", lambda: next(
                     (b for b in reader.status(10)["builds"] if b["sha"] == sha and b["status"] == "running"), None), 30)
                 time.sleep(0.5)                       # mid-build
@@ -65,7 +65,7 @@ def recovery(tmp: Path, quick: bool) -> Result:
             repo.commit("initial")
             shas = repo.many(queued)
             for sha in shas:                          # no runner yet: they all stay queued
-                request(disp.addr, _commit_msg(repo, sha), net.OBSERVER)
+                request(disp.addr, _commit_msg(repo, sha), protocol.OBSERVER)
             disp.kill()                                # SIGKILL
             port = disp.port
             started = time.time()

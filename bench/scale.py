@@ -16,7 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from ci import net
+from ci import net, protocol
 from ci.store import SCHEMA
 
 from .harness import Cluster, Result, median, pct
@@ -63,7 +63,7 @@ class Fleet:
         self.done = 0
         self.pool = asyncio.Queue()
         for _ in range(pool):
-            self.pool.put_nowait(net.Client(*self.dispatcher, net.RUNNER))
+            self.pool.put_nowait(net.Client(*self.dispatcher, protocol.RUNNER))
         self.servers = []
         self.tasks = set()
 
@@ -72,7 +72,7 @@ class Fleet:
             name = f"fake-{i}"
             self.leases[name] = set()
             server = await net.serve(lambda conn, msg, n=name: self.handle(n, msg), "127.0.0.1", 0,
-                                     roles=frozenset({net.DISPATCHER}), name=name)
+                                     roles=frozenset({protocol.DISPATCHER}), name=name)
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
             client = await self.pool.get()
@@ -92,8 +92,8 @@ class Fleet:
             task = asyncio.ensure_future(self.finish(name, lease))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-            return net.ok()
-        return net.ok()
+            return protocol.ok()
+        return protocol.ok()
 
     async def finish(self, name: str, lease: tuple) -> None:
         client = await self.pool.get()
@@ -101,7 +101,7 @@ class Fleet:
             await client.request({"type": "result", "build": lease[0], "attempt": lease[1], "status": "passed",
                                   "exit_code": 0, "steps": 1, "duration": 0.0, "log_size": 0})
             self.done += 1
-        except (net.PeerError, net.RemoteError):
+        except (net.PeerError, protocol.RemoteError):
             pass
         finally:
             self.pool.put_nowait(client)
@@ -153,7 +153,7 @@ async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, request
     await fleet.start()
     out["registered_s"] = time.monotonic() - t0
     deadline = time.monotonic() + 300
-    client = net.Client(*net.parse_addr(c.disp.addr), net.READER)
+    client = net.Client(*net.parse_addr(c.disp.addr), protocol.READER)
     # done when the dispatcher has nothing queued or running (a result refused as stale,
     # after a runner was wrongly declared dead, is not counted by the fleet). `status`
     # lists every runner and the whole queue: asked once a second, not at every look,
@@ -182,7 +182,7 @@ async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, request
     out["idle_cpu_pct"] = (disp.cpu_seconds() - cpu0) / (time.monotonic() - t1) * 100
     out["idle_seconds"] = idle_s
     # status with the whole history in the table, the fleet still registered
-    client = net.Client(*net.parse_addr(c.disp.addr), net.READER)
+    client = net.Client(*net.parse_addr(c.disp.addr), protocol.READER)
     times = []
     try:
         for _ in range(requests):

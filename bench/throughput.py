@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ci import net
+from ci import net, protocol
 
 from .harness import FINAL, Cluster, Reader, Repo, Result, median, pct, request, wait_for
 
@@ -41,7 +41,7 @@ def _run_batch(tmp: Path, runners: int, commits: int, steps: list[str]) -> dict:
             time.sleep(0.5)
             shas = repo.many(commits)
             made = time.time()
-            request(obs.addr, {"type": "poke"}, net.OBSERVER)
+            request(obs.addr, {"type": "poke"}, protocol.OBSERVER)
             want = set(shas)
 
             def all_done():
@@ -60,7 +60,7 @@ def _run_batch(tmp: Path, runners: int, commits: int, steps: list[str]) -> dict:
 
 
 async def _read_log(addr: str, build: int) -> list[dict]:
-    client = net.Client(*net.parse_addr(addr), net.READER)
+    client = net.Client(*net.parse_addr(addr), protocol.READER)
     try:
         return [f async for f in client.stream({"type": "read_log", "build": build})]
     finally:
@@ -139,7 +139,7 @@ def breakdown(tmp: Path, repo: Repo, quick: bool) -> dict:
     async def rtt() -> list[float]:
         server = await net.serve(lambda conn, msg: _ok(), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = net.Client("127.0.0.1", port, net.READER)
+        client = net.Client("127.0.0.1", port, protocol.READER)
         times = []
         for _ in range(reps * 10):
             t = time.perf_counter()

@@ -17,9 +17,9 @@ import shutil
 import stat
 from pathlib import Path
 
+from . import patterns
 from .store import Store
 
-_SHA = re.compile(r"[0-9a-f]{40}\Z")
 _BAD = re.compile(r"[\x00-\x1f\x7f\\]")
 MAX_PATH = 1024
 
@@ -49,7 +49,7 @@ class Artifacts:
         self.root = store.dir / "artifacts"
 
     def directory(self, build_id: int, sha: str) -> Path:
-        if not _SHA.match(sha):
+        if not patterns.is_sha(sha):
             raise ArtifactError("bad_sha", f"build {build_id} has no valid sha")
         return self.root / sha / str(int(build_id))
 

@@ -19,17 +19,16 @@ parse or fit raises BuildFileError, whose text names the line.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from . import patterns
+
 FILENAME = ".ci.yaml"
 DEFAULT_JOB = ""                    # the one job of a commit without ``jobs``
 MAX_SIZE = 256 * 1024
-_NAME = re.compile(r"[\w.:@-]{1,100}\Z")             # as net.NAME: job names and labels
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
 JOB_KEYS = ("labels", "steps", "env", "timeout")
@@ -169,7 +168,7 @@ class _Checker:
         out = []
         for item in node.value:
             text = self.string(item, f"{what} item")
-            if not _NAME.match(text):
+            if not patterns.is_name(text):
                 raise self.fail(item, f"{what}: {text!r} must be 1-100 letters, digits or ._:@-")
             out.append(text)
         return tuple(out)
@@ -177,7 +176,7 @@ class _Checker:
     def env(self, node: Any, what: str) -> dict:
         out = {}
         for key, (knode, vnode) in self.mapping(node, what).items():
-            if not _ENV_NAME.match(key):
+            if not patterns.is_env_name(key):
                 raise self.fail(knode, f"{what}: {key!r} is not a valid environment variable name")
             if not isinstance(vnode, yaml.ScalarNode) or tag(vnode) == "null":
                 raise self.fail(vnode, f"{what}.{key} must be a string or a number, got {self.kind(vnode)}")
@@ -227,7 +226,7 @@ class _Checker:
         if "jobs" in keys:
             jnode = keys["jobs"][1]
             for name, (knode, vnode) in self.mapping(jnode, "jobs").items():
-                if not _NAME.match(name):
+                if not patterns.is_name(name):
                     raise self.fail(knode, f"job name {name!r} must be 1-100 letters, digits or ._:@-")
                 where = f"jobs.{name}"
                 spec = self.mapping(vnode, where, JOB_KEYS) if not (

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from . import net
+from . import net, protocol
 
 DESCRIPTION = """\
 tinyci is a small self-hosted continuous-integration system made of three
@@ -260,7 +260,7 @@ class DispatcherLink:
         from .config import ConfigError, load
         try:
             config = load(args.config)
-            self.secrets = {role: tool_secret(config, role) for role in (net.READER, net.OPERATOR)}
+            self.secrets = {role: tool_secret(config, role) for role in (protocol.READER, protocol.OPERATOR)}
             self.tls = config.client_tls()
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
@@ -275,7 +275,7 @@ class DispatcherLink:
     def client(self, role: str) -> net.Client:
         return net.Client(self.host, self.port, role, self.secrets[role], self.limits, self.tls)
 
-    def call(self, msg: dict, role: str = net.READER) -> dict:
+    def call(self, msg: dict, role: str = protocol.READER) -> dict:
         return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, ssl=self.tls))
 
     def refused(self) -> str:
@@ -289,7 +289,7 @@ class DispatcherLink:
         try:
             import asyncio      # not at the top: `tinyci notify` must not pay for it
             return asyncio.run(coro)
-        except net.RemoteError as exc:
+        except protocol.RemoteError as exc:
             if exc.code == "auth_failed":
                 raise Failure(self.refused()) from None
             raise Failure(exc.message or exc.code) from None
@@ -298,7 +298,7 @@ class DispatcherLink:
         except net.PeerError as exc:
             raise Failure(unreachable("dispatcher", self.addr, exc)
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
-        except net.ProtocolError as exc:
+        except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
 
 
@@ -365,7 +365,7 @@ def show_log(args: argparse.Namespace) -> int:
     async def read() -> str | None:
         offset = 0
         while True:
-            client = dispatcher.client(net.READER)
+            client = dispatcher.client(protocol.READER)
             request = {"type": "read_log", "build": args.build, "offset": offset, "follow": args.follow}
             frames = client.stream(request, idle=FOLLOW_IDLE if args.follow else None)
             try:
@@ -416,7 +416,7 @@ def artifacts(args: argparse.Namespace) -> int:
         return 0
 
     async def fetch(out) -> None:
-        client = dispatcher.client(net.READER)
+        client = dispatcher.client(protocol.READER)
         try:
             offset = 0
             while True:
@@ -456,12 +456,12 @@ def trigger(args: argparse.Namespace) -> int:
         msg["rev"] = args.rev
     else:
         raise Failure("trigger: say what to build: --branch NAME or a REV (e.g. tinyci trigger HEAD)", 2)
-    reply = DispatcherLink(args).call(msg, net.OPERATOR)
+    reply = DispatcherLink(args).call(msg, protocol.OPERATOR)
     return _print_builds(reply, "queued")
 
 
 def cancel(args: argparse.Namespace) -> int:
-    reply = DispatcherLink(args).call({"type": "cancel", "build": args.build, "by": _who()}, net.OPERATOR)
+    reply = DispatcherLink(args).call({"type": "cancel", "build": args.build, "by": _who()}, protocol.OPERATOR)
     return _print_builds(reply, "cancelled")
 
 
@@ -482,7 +482,7 @@ def console(args: argparse.Namespace) -> int:
 
 
 def rebuild(args: argparse.Namespace) -> int:
-    reply = DispatcherLink(args).call({"type": "rebuild", "build": args.build}, net.OPERATOR)
+    reply = DispatcherLink(args).call({"type": "rebuild", "build": args.build}, protocol.OPERATOR)
     return _print_builds(reply, "queued")
 
 
@@ -509,14 +509,14 @@ def notify(args: argparse.Namespace) -> int:
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        net.request_blocking(addr, msg, net.OBSERVER, secret, limits, ssl=tls)
+        net.request_blocking(addr, msg, protocol.OBSERVER, secret, limits, ssl=tls)
     except net.PeerAuthFailed:
         print(f"tinyci notify: the observer at {addr} refused our credentials "
               f"(auth.observer_secret / auth.secret)", file=sys.stderr)
     except net.PeerError as exc:
         print(f"tinyci notify: {unreachable('observer', addr, exc)}; it will see the commit "
               f"at its next poll if it runs", file=sys.stderr)
-    except net.RemoteError as exc:
+    except protocol.RemoteError as exc:
         print(f"tinyci notify: the observer refused the poke: {exc.message or exc.code}", file=sys.stderr)
     except Exception as exc:  # config errors, bad addresses, anything: report, never fail
         print(f"tinyci notify: {exc}", file=sys.stderr)
@@ -553,5 +553,5 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
         from .config import load
         config = load(args.config)
         return (args.observer or f"{dial_host(config.observer.host)}:{config.observer.port}",
-                tool_secret(config, net.OBSERVER, secret_file), config.client_tls())
-    return args.observer or DEFAULT_OBSERVER, tool_secret(None, net.OBSERVER, secret_file), None
+                tool_secret(config, protocol.OBSERVER, secret_file), config.client_tls())
+    return args.observer or DEFAULT_OBSERVER, tool_secret(None, protocol.OBSERVER, secret_file), None

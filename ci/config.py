@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from . import net
+from . import net, protocol
 
 
 class ConfigError(Exception):
@@ -153,7 +153,7 @@ class Config:
         return tls.client_context(self.tls)
 
 
-ROLES = net.ROLES
+ROLES = protocol.ROLES
 
 
 def _read_secret(auth: AuthConfig, key: str) -> str:
@@ -188,8 +188,8 @@ _BOUNDS = {
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
     ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
     # what goes into every `run` must pass the wire table, or each build would be refused by the runner
-    ("build", "steps"): (net.STEPS.check, f"a {net.STEPS.name}"),
-    ("build", "env"): (net.ENV.check, f"a {net.ENV.name} (names of letters, digits and _)"),
+    ("build", "steps"): (protocol.STEPS.check, f"a {protocol.STEPS.name}"),
+    ("build", "env"): (protocol.ENV.check, f"a {protocol.ENV.name} (names of letters, digits and _)"),
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
     ("net", "max_connections"): (lambda v: v >= 1, "at least 1"),
 }

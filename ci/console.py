@@ -25,7 +25,7 @@ from typing import Callable
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from . import net, tui
+from . import aio, net, protocol, tui
 from .board import Board
 
 MAX_FPS = 10
@@ -40,7 +40,7 @@ def problem(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, net.PeerTimeout):
         return "timed out"
-    if isinstance(exc, net.RemoteError):
+    if isinstance(exc, protocol.RemoteError):
         return exc.message or exc.code
     return str(exc) or type(exc).__name__
 
@@ -60,9 +60,9 @@ class Live:
     # ------------------------------------------------------------ feeding the board
 
     async def watch(self) -> None:
-        retry = net.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
+        retry = aio.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while not self.stop.is_set():
-            client = self.link.client(net.READER)
+            client = self.link.client(protocol.READER)
             frames = client.stream({"type": "watch", "limit": WATCH_LIMIT}, idle=STREAM_IDLE)
             got_snapshot = False    # this attempt reached the dispatcher
             try:
@@ -82,7 +82,7 @@ class Live:
                     continue        # silence (nothing happened) or a dead link: a fresh watch tells
                 # a connect or greeting that timed out: the picture on screen is stale
                 self.board.lost("timed out")
-            except (net.PeerError, net.RemoteError, net.ProtocolError, OSError) as exc:
+            except (net.PeerError, protocol.RemoteError, protocol.ProtocolError, OSError) as exc:
                 if isinstance(exc, net.PeerAuthFailed) or getattr(exc, "code", "") == "auth_failed":
                     self.fatal = self.link.refused()
                     self.stop.set()
@@ -99,7 +99,7 @@ class Live:
 
     async def follow_log(self) -> None:
         """Tail the log the board says to tail; switch when that changes."""
-        retry = net.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
+        retry = aio.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while not self.stop.is_set():
             target = self.board.log_target()
             if target is None or (target == self.board.log_build and self.board.log_status is not None):
@@ -119,13 +119,13 @@ class Live:
             exc = task.exception()
             if exc is None:
                 retry.reset()
-            elif isinstance(exc, net.RemoteError) and exc.code == "not_found":
+            elif isinstance(exc, protocol.RemoteError) and exc.code == "not_found":
                 self.board.log_end(target, "not found")
             else:
                 await self._sleep(retry.next())
 
     async def _read_log(self, build: int) -> None:
-        client = self.link.client(net.READER)
+        client = self.link.client(protocol.READER)
         follow = not self.once
         frames = client.stream({"type": "read_log", "build": build, "offset": self.board.log_offset,
                                 "follow": follow}, idle=STREAM_IDLE)
@@ -206,7 +206,7 @@ class Live:
                     self.board.log_start(target)
                     try:
                         await asyncio.wait_for(self._read_log(target), STREAM_IDLE)
-                    except (net.PeerError, net.RemoteError, asyncio.TimeoutError):
+                    except (net.PeerError, protocol.RemoteError, asyncio.TimeoutError):
                         pass
                 self.print_plain()
             return

@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import signal
 import sys
-import threading
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from .config import Config, ConfigError, load
@@ -126,30 +125,3 @@ def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bo
         pass
     logging.getLogger(f"ci.{name}").info("stopped")
     return 0
-
-
-async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking ``fn`` in a daemon thread.
-
-    Not asyncio.to_thread: the default executor is joined when the loop
-    ends, so a long git command would hold up Ctrl-C until it finished.
-    """
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(value: Any, exc: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(exc) if exc is not None else future.set_result(value)
-
-    def work() -> None:
-        try:
-            value, exc = fn(*args), None
-        except BaseException as error:  # handed to the awaiting task
-            value, exc = None, error
-        try:
-            loop.call_soon_threadsafe(settle, value, exc)
-        except RuntimeError:
-            pass                        # the loop is gone: nobody waits any more
-
-    threading.Thread(target=work, name=f"tinyci-{getattr(fn, '__name__', 'work')}", daemon=True).start()
-    return await future

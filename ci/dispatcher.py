@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import buildfile, daemon, net, notify
+from . import aio, buildfile, daemon, net, notify, protocol
 from .artifacts import ArtifactError, Artifacts
 from .config import Config
 from .logcap import LogCap
@@ -46,7 +46,7 @@ ARTIFACT_CHUNK = 256 * 1024
 SKIP_MARKERS = ("[skip ci]", "[ci skip]")
 DEFAULT_JOBS = [{"name": buildfile.DEFAULT_JOB, "labels": []}]
 # nobody talks to the dispatcher as the dispatcher: that secret is for what it sends runners
-ACCEPTS = frozenset({net.RUNNER, net.OBSERVER, net.OPERATOR, net.READER})
+ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, protocol.READER})
 
 
 class Dispatcher:
@@ -56,7 +56,7 @@ class Dispatcher:
         self.clock = clock
         cfg = config.dispatcher
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
-        self.secret = config.role_secret(net.DISPATCHER)      # what it proves itself with to runners
+        self.secret = config.role_secret(protocol.DISPATCHER)      # what it proves itself with to runners
         self.secrets = config.secrets()
         self.client_tls = config.client_tls()
         self.limits = config.limits()
@@ -267,7 +267,7 @@ class Dispatcher:
     def link(self, runner: Runner) -> net.Client:
         link = self.links.get(runner.name)
         if link is None or (link.host, link.port) != (runner.host, runner.port):
-            link = net.Client(runner.host, runner.port, net.DISPATCHER, self.secret, self.limits,
+            link = net.Client(runner.host, runner.port, protocol.DISPATCHER, self.secret, self.limits,
                               self.client_tls)
             self.links[runner.name] = link
         return link
@@ -294,7 +294,7 @@ class Dispatcher:
                 # the kept connection was dead (the runner restarted or stopped):
                 # one fresh attempt tells a stopped runner from a live one at once
                 await self.link(runner).request(msg)
-        except net.RemoteError as exc:
+        except protocol.RemoteError as exc:
             log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
             self.apply(self.sched.refused(build.id, attempt, f"runner {runner.name} refused it: {exc}",
                                           self.clock()))
@@ -308,7 +308,7 @@ class Dispatcher:
         try:
             await self.link(runner).request({"type": "cancel", "build": build_id, "attempt": attempt})
             log.info("cancelled build %d attempt %d on %s", build_id, attempt, runner.name)
-        except (net.PeerError, net.RemoteError) as exc:
+        except (net.PeerError, protocol.RemoteError) as exc:
             log.warning("cancelling build %d on %s: %s", build_id, runner.name, exc)
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
@@ -326,7 +326,7 @@ class Dispatcher:
                     if runner.alive and runner.name not in self.pinging:
                         self._spawn(self.ping(runner))
             try:
-                await net.within(stop.wait(), interval / 4)
+                await aio.within(stop.wait(), interval / 4)
             except asyncio.TimeoutError:
                 pass
 
@@ -343,7 +343,7 @@ class Dispatcher:
                     return
                 except net.PeerTimeout:
                     return                  # a miss: expire() decides when enough were missed
-                except (net.PeerError, net.RemoteError) as exc:
+                except (net.PeerError, protocol.RemoteError) as exc:
                     if not retry:           # a dropped connection: reconnect once at once
                         continue
                     log.debug("ping %s: %s", runner.name, exc)
@@ -364,7 +364,7 @@ class Dispatcher:
     async def handle(self, conn: net.Connection, msg: dict) -> dict | None:
         handler = getattr(self, "on_" + msg["type"], None)
         if handler is None:
-            return net.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
+            return protocol.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
         return await handler(conn, msg)
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
@@ -372,14 +372,14 @@ class Dispatcher:
         if allowed and msg["repo"] not in allowed:
             log.warning("refused a commit from %s for repository %r: not in dispatcher.repos",
                         conn.peer, msg["repo"][:200])
-            return net.error("forbidden_repo", f"this dispatcher does not build {msg['repo'][:200]!r} "
+            return protocol.error("forbidden_repo", f"this dispatcher does not build {msg['repo'][:200]!r} "
                                                f"(not in its dispatcher.repos)")
         marker = next((m for m in SKIP_MARKERS if m in (msg.get("message") or msg["subject"]).lower()), None)
         builds, created = self._queue_jobs(
             dict(repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
                  author=msg["author"], commit_time=msg["time"]),
             msg.get("jobs") or DEFAULT_JOBS, msg.get("config_error", ""), skip=marker)
-        return net.ok(build=builds[0].id, builds=[b.id for b in builds], duplicate=not created)
+        return protocol.ok(build=builds[0].id, builds=[b.id for b in builds], duplicate=not created)
 
     def _queue_jobs(self, commit: dict, jobs: list[dict], config_error: str = "", skip: str | None = None,
                     reason: str = "commit", note: str = "") -> tuple[list[Build], list[Build]]:
@@ -454,33 +454,33 @@ class Dispatcher:
                  host, msg["port"], msg["slots"], ",".join(msg["labels"]) or "-")
         self._event("runner", runner=runner.summary())
         self.apply(plan)
-        return net.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
+        return protocol.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
 
     async def on_log(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
         if not self.sched.is_current(build_id, attempt):
-            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
         have = self._attempt_size(build)
         data = msg["data"].encode()
         if msg["offset"] > have:
-            return net.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
+            return protocol.error("offset", f"log of build {build_id} has {have} bytes, not {msg['offset']}",
                              expected=have)
         skip = have - msg["offset"]
         if skip < len(data):
             self.attempt_bytes.pop(build_id, None)     # not kept if the append fails half way
             have = self.attempt_bytes[build_id] = self.logcap.append(build_id, data[skip:], build.log_base)
             self._changed()
-        return net.ok(offset=have)
+        return protocol.ok(offset=have)
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
         if not self.sched.is_current(build_id, attempt):
-            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
         build = self.sched.builds[build_id]
         have = self._attempt_size(build)
         if have < msg.get("log_size", 0):
-            return net.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
+            return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
@@ -491,42 +491,42 @@ class Dispatcher:
                                      f"{msg['duration']:.2f}s on {build.runner} ===")
             log.info("build %d %s on %s", build_id, status.value, build.runner)
         self.apply(plan)
-        return net.ok()
+        return protocol.ok()
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
         if not self.sched.is_current(build_id, attempt):
-            return net.error("stale", f"build {build_id} attempt {attempt} is not current")
+            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
         try:
             data = base64.b64decode(msg["data"], validate=True)
         except (binascii.Error, ValueError):
-            return net.error("bad_field", "artifact.data: expected base64")
+            return protocol.error("bad_field", "artifact.data: expected base64")
         build = self.sched.builds[build_id]
         try:
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
                                         self.config.dispatcher.max_artifact_bytes)
         except ArtifactError as exc:
             log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
-            return net.error(exc.code, exc.message)
+            return protocol.error(exc.code, exc.message)
         except OSError as exc:
-            return net.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
-        return net.ok(offset=size)
+            return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+        return protocol.ok(offset=size)
 
     async def on_artifacts(self, conn: net.Connection, msg: dict) -> dict:
         if self.store.get(msg["build"]) is None:
-            return net.error("not_found", f"no build {msg['build']}")
-        return net.ok(artifacts=self.artifacts.list(msg["build"]))
+            return protocol.error("not_found", f"no build {msg['build']}")
+        return protocol.ok(artifacts=self.artifacts.list(msg["build"]))
 
     async def on_fetch_artifact(self, conn: net.Connection, msg: dict) -> dict:
         build = self.store.get(msg["build"])
         if build is None:
-            return net.error("not_found", f"no build {msg['build']}")
+            return protocol.error("not_found", f"no build {msg['build']}")
         offset = msg.get("offset", 0)
         try:
             data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, ARTIFACT_CHUNK)
         except ArtifactError as exc:
-            return net.error(exc.code, exc.message)
-        return net.ok(data=base64.b64encode(data).decode(), offset=offset, size=size,
+            return protocol.error(exc.code, exc.message)
+        return protocol.ok(data=base64.b64encode(data).decode(), offset=offset, size=size,
                       eof=offset + len(data) >= size)
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
@@ -535,12 +535,12 @@ class Dispatcher:
         if plan is None:
             build = self.store.get(build_id)
             if build is None:
-                return net.error("not_found", f"no build {build_id}")
-            return net.error("finished", f"build {build_id} is already {build.status.value}")
+                return protocol.error("not_found", f"no build {build_id}")
+            return protocol.error("finished", f"build {build_id} is already {build.status.value}")
         who = f"{msg['by']} ({conn.role} at {conn.peer})" if msg.get("by") else f"{conn.role} at {conn.peer}"
         self._log_line(build_id, f"=== cancelled by {who}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===")
         self.apply(plan)
-        return net.ok(builds=[build_id])
+        return protocol.ok(builds=[build_id])
 
     async def on_status(self, conn: net.Connection, msg: dict) -> dict:
         builds = self.store.recent(msg.get("limit", 50))
@@ -553,7 +553,7 @@ class Dispatcher:
             if build.status is Status.QUEUED:
                 summary["waiting_for"] = self._waiting_for(build)
             summaries.append(summary)
-        return net.ok(runners=[r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)],
+        return protocol.ok(runners=[r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)],
                       builds=summaries, pipelines=pipelines(summaries),
                       queue=[b.id for b in self.sched.queued()])
 
@@ -571,13 +571,13 @@ class Dispatcher:
     async def on_build(self, conn: net.Connection, msg: dict) -> dict:
         build = self.sched.builds.get(msg["build"]) or self.store.get(msg["build"])
         if build is None:
-            return net.error("not_found", f"no build {msg['build']}")
-        return net.ok(build=build.summary())
+            return protocol.error("not_found", f"no build {msg['build']}")
+        return protocol.ok(build=build.summary())
 
     async def on_read_log(self, conn: net.Connection, msg: dict) -> None:
         build_id = msg["build"]
         if self.store.get(build_id) is None:
-            await conn.send(net.error("not_found", f"no build {build_id}"))
+            await conn.send(protocol.error("not_found", f"no build {build_id}"))
             return
         offset = msg.get("offset", 0)
         while True:
@@ -600,7 +600,7 @@ class Dispatcher:
                 await conn.send({"type": "end", "status": build.status.value, "offset": offset})
                 return
             try:
-                await net.within(changed.wait(), 1.0)
+                await aio.within(changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
 
@@ -627,12 +627,12 @@ class Dispatcher:
         rev = msg.get("rev") or msg.get("branch")
         repo = self.store.latest_repo()
         if not rev:
-            return net.error("bad_request", "trigger needs a branch or a revision")
+            return protocol.error("bad_request", "trigger needs a branch or a revision")
         if repo is None:
-            return net.error("not_found", "no repository known yet: no commit has been reported")
+            return protocol.error("not_found", "no repository known yet: no commit has been reported")
         found = await asyncio.to_thread(_resolve, repo, rev)
         if found is None:
-            return net.error("not_found", f"{rev!r} is not a commit in {repo}")
+            return protocol.error("not_found", f"{rev!r} is not a commit in {repo}")
         sha, author, subject = found
         branch = msg.get("branch") or "manual"
         # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push
@@ -640,12 +640,12 @@ class Dispatcher:
         builds, _ = self._queue_jobs(dict(repo=repo, branch=branch, sha=sha, author=author,
                                           subject=subject or f"triggered {rev}"),
                                      jobs, problem, reason="manual", note="manual")
-        return net.ok(builds=[b.id for b in builds])
+        return protocol.ok(builds=[b.id for b in builds])
 
     async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
         old = self.store.get(msg["build"])
         if old is None:
-            return net.error("not_found", f"no build {msg['build']}")
+            return protocol.error("not_found", f"no build {msg['build']}")
         reason = f"rebuild of {old.id}"
         jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
         if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
@@ -653,7 +653,7 @@ class Dispatcher:
         builds, _ = self._queue_jobs(dict(repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject,
                                           author=old.author),
                                      jobs, problem, reason=reason, note=reason)
-        return net.ok(builds=[b.id for b in builds])
+        return protocol.ok(builds=[b.id for b in builds])
 
 
 def pipelines(builds: list[dict]) -> list[dict]:

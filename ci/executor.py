@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import git
 
-from . import buildfile, daemon, net
+from . import aio, buildfile
 from .buildfile import BuildFile, BuildFileError, Step
 from .models import Status
 
@@ -405,7 +405,7 @@ class Execution:
         if cwd is None:
             # pin git to the checkout: never act on a repository around the workdir
             env.update(GIT_DIR=str(self.checkout / ".git"), GIT_WORK_TREE=str(self.checkout))
-        work = asyncio.ensure_future(daemon.in_thread(_git_run, args, cwd or self.checkout, env, remaining))
+        work = asyncio.ensure_future(aio.in_thread(_git_run, args, cwd or self.checkout, env, remaining))
         stopped = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -541,7 +541,7 @@ class Execution:
             how = "exit" if exited.done() else "stopped" if self._stop.is_set() else "timeout"
             # even after a clean exit: background children must not outlive their step
             await kill_group(proc.pid, self.kill_grace)
-            await net.within(asyncio.shield(exited), 5.0)
+            await aio.within(asyncio.shield(exited), 5.0)
         except BaseException:
             _signal_group(proc.pid, signal.SIGKILL)     # torn down mid-step: leave nothing behind
             pump.cancel()
@@ -550,7 +550,7 @@ class Execution:
             stopped.cancel()
             marker.unlink(missing_ok=True)
         try:
-            await net.within(pump, OUTPUT_DRAIN)
+            await aio.within(pump, OUTPUT_DRAIN)
         except asyncio.TimeoutError:
             # a process that left the group (setsid) still holds the output pipe
             self.log.line("[the step's output is still open after it ended; stopped reading it]")

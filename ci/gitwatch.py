@@ -25,7 +25,7 @@ import gitdb.exc
 
 from . import buildfile
 
-SUBJECT_MAX = 4096     # the protocol's text limit (net.TEXT)
+SUBJECT_MAX = 4096     # the protocol's text limit (protocol.TEXT)
 
 
 class GitReadError(Exception):

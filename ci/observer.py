@@ -28,12 +28,11 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import daemon, gitwatch, net
+from . import aio, daemon, gitwatch, net, patterns, protocol
 from .config import Config, ObserverConfig
 from .daemon import StartupError
 
@@ -45,7 +44,6 @@ BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
 RETRY_CODES = frozenset({"internal", "busy", "auth_failed"})
-_SHA = re.compile(r"[0-9a-f]{40}\Z")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +126,7 @@ class StateFile:
             return self._corrupt(f"not valid JSON: {exc}")
         branches = data.get("branches") if isinstance(data, dict) else None
         if not isinstance(branches, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and _SHA.match(v) for k, v in branches.items()):
+                isinstance(k, str) and patterns.is_sha(v) for k, v in branches.items()):
             return self._corrupt("expected {\"repo\": ..., \"branches\": {branch: sha}}")
         if data.get("repo") != str(self.repo):
             return self._corrupt(f"it belongs to {data.get('repo')!r}, not {self.repo}")
@@ -212,11 +210,11 @@ def check(cfg: ObserverConfig) -> Setup:
 async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> None:
     setup = check(config.observer)
     cfg = setup.config
-    accepts = frozenset({net.OBSERVER, net.OPERATOR})
+    accepts = frozenset({protocol.OBSERVER, protocol.OPERATOR})
     daemon.check_exposure("observer", cfg.host, config, sorted(accepts), insecure)
     state = StateFile(Path(os.path.abspath(Path(cfg.state_dir).expanduser())), setup.repo)
     state.lock()
-    client = net.Client(*setup.dispatcher, role=net.OBSERVER, secret=config.role_secret(net.OBSERVER),
+    client = net.Client(*setup.dispatcher, role=protocol.OBSERVER, secret=config.role_secret(protocol.OBSERVER),
                         limits=config.limits(), ssl=config.client_tls())
     try:
         observer = Observer(setup, state, client)
@@ -270,10 +268,10 @@ class Observer:
 
     async def handle(self, conn: net.Connection, msg: dict) -> dict:
         if msg["type"] != "poke":
-            return net.error("unsupported", f"the observer does not handle {msg['type']!r}")
+            return protocol.error("unsupported", f"the observer does not handle {msg['type']!r}")
         log.debug("poked by %s (%s)", conn.peer, msg.get("branch") or "any branch")
         self.wake.set()
-        return net.ok()
+        return protocol.ok()
 
     async def watch(self) -> None:
         """Scan, then wait for a poke or the interval; runs until cancelled."""
@@ -287,7 +285,7 @@ class Observer:
             except Exception:
                 log.exception("scanning %s failed; trying again next scan", self.setup.repo)
             try:
-                await net.within(self.wake.wait(), self.interval)
+                await aio.within(self.wake.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
 
@@ -295,7 +293,7 @@ class Observer:
         if self.clone.remote:
             await self.fetch()
         try:
-            plan, commits = await daemon.in_thread(self.clone.read, dict(self.branches))
+            plan, commits = await aio.in_thread(self.clone.read, dict(self.branches))
         except gitwatch.GitReadError as exc:
             if not self._git_failing:
                 log.warning("%s; trying again next scan", exc)
@@ -326,7 +324,7 @@ class Observer:
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})   # never wait for a password
         try:
-            _, err = await net.within(proc.communicate(), FETCH_TIMEOUT)
+            _, err = await aio.within(proc.communicate(), FETCH_TIMEOUT)
             problem = None if proc.returncode == 0 else (
                 err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         except asyncio.TimeoutError:
@@ -359,20 +357,20 @@ class Observer:
             msg["config_error"] = commit.config_error
         name = f"commit {commit.sha[:12]} on {commit.branch}"
         try:
-            net.validate(msg, net.OBSERVER)
-        except net.ProtocolError as exc:
+            protocol.validate(msg, protocol.OBSERVER)
+        except protocol.ProtocolError as exc:
             log.error("cannot report %s: %s; skipping it", name, exc.message)
             return
-        retry = net.Backoff(BACKOFF_START, BACKOFF_CAP)
+        retry = aio.Backoff(BACKOFF_START, BACKOFF_CAP)
         while True:
             try:
                 reply = await self.client.request(msg)
             except net.PeerAuthFailed:
                 self._outage(f"dispatcher {self.client.addr} refused our credentials; check "
                              f"auth.observer_secret / auth.secret", name)
-            except (net.PeerError, net.ProtocolError) as exc:
+            except (net.PeerError, protocol.ProtocolError) as exc:
                 self._outage(f"dispatcher {self.client.addr} is unreachable: {exc}", name)
-            except net.RemoteError as exc:
+            except protocol.RemoteError as exc:
                 if exc.code not in RETRY_CODES:
                     log.error("dispatcher %s refused %s: %s: %s; moving on",
                               self.client.addr, name, exc.code, exc.message)

@@ -26,7 +26,7 @@ import re
 import time
 from pathlib import Path
 
-from . import net
+from . import aio, net, protocol
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ class Outbox:
                     raise ValueError("missing fields")
                 if (result["build"], result["attempt"]) != (int(match[1]), int(match[2])):
                     raise ValueError("build and attempt do not match the file name")
-                net.validate({"type": "result", **{k: result[k] for k in RESULT_FIELDS}}, net.RUNNER)
-            except (OSError, ValueError, net.ProtocolError) as exc:
+                protocol.validate({"type": "result", **{k: result[k] for k in RESULT_FIELDS}}, protocol.RUNNER)
+            except (OSError, ValueError, protocol.ProtocolError) as exc:
                 bad = path.with_suffix(".bad")
                 log.error("outbox entry %s is unreadable (%s); moved it to %s", path, exc, bad.name)
                 os.replace(path, bad)
@@ -171,7 +171,7 @@ class Delivery:
 
     async def run(self) -> str:
         """Returns ACCEPTED or STALE."""
-        backoff = net.Backoff()
+        backoff = aio.Backoff()
         last_sent = 0.0
         while True:
             self._wake.clear()
@@ -181,7 +181,7 @@ class Delivery:
                 if pause > 0 and not self._ended.is_set():
                     # the end of the build cuts the pause short: its last lines go at once
                     try:
-                        await net.within(self._ended.wait(), pause)
+                        await aio.within(self._ended.wait(), pause)
                     except asyncio.TimeoutError:
                         pass
                     size = self._size()
@@ -211,11 +211,11 @@ class Delivery:
                 continue
             await self._wake.wait()
 
-    async def _send(self, msg: dict, backoff: net.Backoff) -> dict | str | None:
+    async def _send(self, msg: dict, backoff: aio.Backoff) -> dict | str | None:
         """One request; returns the ok reply, STALE, or None after moving ``pos`` or backing off."""
         try:
             reply = await self.client.request(msg)
-        except net.RemoteError as exc:
+        except protocol.RemoteError as exc:
             if exc.code == "stale":
                 return STALE
             expected = exc.reply.get("expected")
@@ -227,7 +227,7 @@ class Delivery:
                     await asyncio.sleep(backoff.next())
                 return None
             self._trouble(msg, f"the dispatcher refused it: {exc}")
-        except (net.PeerError, net.ProtocolError) as exc:
+        except (net.PeerError, protocol.ProtocolError) as exc:
             self._trouble(msg, str(exc))
         else:
             if self._failing:

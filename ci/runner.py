@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import daemon, net
+from . import aio, daemon, net, protocol
 from .config import Config
 from .executor import BuildLog, Execution, Job, reap_orphans
 from .models import Status
@@ -54,18 +54,18 @@ class Runner:
         rc = config.runner
         self.config = config
         self.stop = stop
-        self.secret = config.role_secret(net.RUNNER)      # what it proves itself with to the dispatcher
+        self.secret = config.role_secret(protocol.RUNNER)      # what it proves itself with to the dispatcher
         self.limits = config.limits()
         self.client_tls = config.client_tls()
         try:
             self.dispatcher = net.parse_addr(rc.dispatcher)
         except ValueError as exc:
             raise daemon.StartupError(f"runner.dispatcher: {exc}") from None
-        if rc.name and not net.NAME.check(rc.name):
-            raise daemon.StartupError(f"runner.name {rc.name!r} must be a {net.NAME.name}")
-        bad = [label for label in rc.labels if not net.NAME.check(label)]
+        if rc.name and not protocol.NAME.check(rc.name):
+            raise daemon.StartupError(f"runner.name {rc.name!r} must be a {protocol.NAME.name}")
+        bad = [label for label in rc.labels if not protocol.NAME.check(label)]
         if bad:
-            raise daemon.StartupError(f"runner.labels: {bad[0]!r} must be a {net.NAME.name}")
+            raise daemon.StartupError(f"runner.labels: {bad[0]!r} must be a {protocol.NAME.name}")
         self.host, self.port = rc.host, rc.port
         self.name = rc.name
         self.workdir = Path(".")
@@ -83,10 +83,10 @@ class Runner:
         """Listen, then claim the workdir and pick up what the outbox holds."""
         rc = self.config.runner
         # work comes only from the dispatcher role: whoever holds its secret can run commands here
-        daemon.check_exposure("runner", rc.host, self.config, [net.DISPATCHER], insecure)
+        daemon.check_exposure("runner", rc.host, self.config, [protocol.DISPATCHER], insecure)
         server = await daemon.listen(
             lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.config.secrets(),
-                              roles=frozenset({net.DISPATCHER}), limits=self.limits,
+                              roles=frozenset({protocol.DISPATCHER}), limits=self.limits,
                               name=f"runner {rc.name or ''}".strip(), ssl=self.config.server_tls()),
             "runner", rc.host, rc.port)
         try:
@@ -150,7 +150,7 @@ class Runner:
 
     def _client(self) -> net.Client:
         host, port = self.dispatcher
-        return net.Client(host, port, net.RUNNER, self.secret, self.limits, self.client_tls)
+        return net.Client(host, port, protocol.RUNNER, self.secret, self.limits, self.client_tls)
 
     def _spawn(self, coro, what: str) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -182,23 +182,23 @@ class Runner:
                 if job.build == msg["build"] and msg.get("attempt", job.attempt) == job.attempt:
                     log.info("build %d attempt %d: cancelled by %s", job.build, job.attempt, conn.role)
                     active.execution.stop("cancelled")
-            return net.ok()
-        return net.error("unsupported", f"runner {self.name} does not handle {kind!r}")
+            return protocol.ok()
+        return protocol.error("unsupported", f"runner {self.name} does not handle {kind!r}")
 
     def _run(self, msg: dict) -> dict:
         build, attempt = key = (msg["build"], msg["attempt"])
         rc = self.config.runner
         if self.outbox is None or self.stop.is_set():
-            return net.error("busy", f"runner {self.name} is starting or stopping")
+            return protocol.error("busy", f"runner {self.name} is starting or stopping")
         if key in self.deliveries:
             # the dispatcher resends `run` when its connection broke mid-request:
             # the lease is ours already, so say yes again rather than "busy"
-            return net.ok()
+            return protocol.ok()
         if any(a.execution.job.build == build for a in self.active.values()):
-            return net.error("busy", f"runner {self.name} is already running build {build}")
+            return protocol.error("busy", f"runner {self.name} is already running build {build}")
         free = [slot for slot in range(rc.slots) if slot not in self.active]
         if not free:
-            return net.error("busy", f"all {rc.slots} slot(s) of runner {self.name} are busy")
+            return protocol.error("busy", f"all {rc.slots} slot(s) of runner {self.name} are busy")
         slot = free[0]
         timeout = msg["timeout"] if msg["timeout"] > 0 else self.config.build.timeout
         job = Job(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
@@ -209,7 +209,7 @@ class Runner:
         try:
             buildlog = BuildLog(path, delivery.wake)
         except OSError as exc:
-            return net.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
+            return protocol.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
         execution = Execution(job, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
                               upload=lambda rel, file: self._upload(build, attempt, rel, file))
@@ -217,7 +217,7 @@ class Runner:
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.active[slot] = Active(execution, task)
         log.info("build %d attempt %d: running %s on slot %d", build, attempt, job.sha[:12], slot)
-        return net.ok()
+        return protocol.ok()
 
     # ------------------------------------------------------------ builds and deliveries
 
@@ -283,14 +283,14 @@ class Runner:
                         try:
                             await client.request(msg)
                             break
-                        except (net.PeerError, net.ProtocolError) as exc:
+                        except (net.PeerError, protocol.ProtocolError) as exc:
                             if attempt_no == ARTIFACT_TRIES - 1:
                                 raise ValueError(f"the dispatcher is unreachable: {exc}") from None
                             await asyncio.sleep(0.5 * (attempt_no + 1))
                     offset += len(data)
                     if eof:
                         return
-        except net.RemoteError as exc:
+        except protocol.RemoteError as exc:
             raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
         finally:
             await client.close()
@@ -322,7 +322,7 @@ class Runner:
     async def _register_loop(self) -> None:
         addr = f"{self.dispatcher[0]}:{self.dispatcher[1]}"
         rc = self.config.runner
-        backoff = net.Backoff()
+        backoff = aio.Backoff()
         down = False
         quiet = False       # the dispatcher answers registrations but never pings: say so once
         while True:
@@ -330,7 +330,7 @@ class Runner:
                    "labels": list(rc.labels), "slots": rc.slots, "running": self.leases()}
             try:
                 reply = await self._registrar.request(msg)
-            except (net.PeerError, net.ProtocolError, net.RemoteError) as exc:
+            except (net.PeerError, protocol.ProtocolError, protocol.RemoteError) as exc:
                 if not down:
                     log.warning("cannot register with the dispatcher at %s: %s; "
                                 "retrying in the background until it answers", addr, exc)
@@ -364,7 +364,7 @@ async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> 
     finally:
         server.close()
         try:
-            await net.within(server.wait_closed(), 0.5)
+            await aio.within(server.wait_closed(), 0.5)
         except asyncio.TimeoutError:
             pass
         await runner.shutdown()

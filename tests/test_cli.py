@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from ci import cli, net, tui, up
+from ci import cli, net, protocol, tui, up
 
 from conftest import child_env, free_port, pid_alive, tinyci
 
@@ -177,10 +177,10 @@ class StandIn:
         self.received.append(msg)
         kind = msg["type"]
         if kind == "status":
-            return net.ok(**SNAPSHOT, queue=[])
+            return protocol.ok(**SNAPSHOT, queue=[])
         if kind == "read_log":
             if msg["build"] not in LOGS:
-                return net.error("not_found", f"no build {msg['build']}")
+                return protocol.error("not_found", f"no build {msg['build']}")
             status, chunks = LOGS[msg["build"]]
             offset = 0
             for data in chunks:
@@ -190,14 +190,14 @@ class StandIn:
             await conn.send({"type": "end", "status": status, "offset": offset})
             return None
         if kind == "trigger":
-            return net.ok(builds=[8])
+            return protocol.ok(builds=[8])
         if kind == "rebuild":
-            return net.ok(builds=[9])
+            return protocol.ok(builds=[9])
         if kind == "cancel":
-            return net.error("finished", f"build {msg['build']} is already passed")
+            return protocol.error("finished", f"build {msg['build']} is already passed")
         if kind == "poke":
-            return net.ok()
-        return net.error("unexpected", kind)
+            return protocol.ok()
+        return protocol.error("unexpected", kind)
 
     def __enter__(self) -> "StandIn":
         self.thread.start()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ci import net
+from ci import net, protocol
 
 from conftest import finished
 
@@ -90,7 +90,7 @@ def broken(draw):
     """A message of a known type that is certainly invalid (so never does anything)."""
     kind = draw(st.sampled_from(sorted(TEMPLATES)))
     msg = {"type": kind, **TEMPLATES[kind]}
-    required = [k for k in net.MESSAGES[kind].required]
+    required = [k for k in protocol.MESSAGES[kind].required]
     how = draw(st.sampled_from(["drop", "unknown", "retype", "type"] if required else ["unknown", "type"]))
     if how == "drop":
         del msg[draw(st.sampled_from(required))]
@@ -115,7 +115,7 @@ def nested(depth: int, kind: str) -> bytes:
 def frames_for(target: str):
     harmful = TARGETS[target]["harmful"]
     valid = st.sampled_from(sorted(set(TEMPLATES) - harmful)).map(lambda k: encode({"type": k, **TEMPLATES[k]}))
-    unknown = st.text(min_size=1, max_size=30).filter(lambda t: t not in net.MESSAGES).map(
+    unknown = st.text(min_size=1, max_size=30).filter(lambda t: t not in protocol.MESSAGES).map(
         lambda t: encode({"type": t}))
     return st.one_of(
         valid,                                                          # allowed, or wrong role

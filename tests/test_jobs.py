@@ -91,13 +91,13 @@ steps:
 
 ESCAPE = """\
 import asyncio, base64, os
-from ci import net          # the runner's PYTHONPATH reaches the step
+from ci import net          # the runner's PYTHONPATH reaches the step, protocol
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
        "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
 try:
     asyncio.run(net.call(open("dispatcher.addr").read().strip(), msg, "runner"))
     print("escape accepted")
-except net.RemoteError as exc:
+except protocol.RemoteError as exc:
     print("escape refused:", exc.code)
 """
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from ci import net
+from ci import net, protocol
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 COMMIT = {"type": "commit", "repo": "/r", "branch": "main", "sha": SHA, "author": "A <a@x>",
@@ -15,10 +15,10 @@ COMMIT = {"type": "commit", "repo": "/r", "branch": "main", "sha": SHA, "author"
 
 
 def test_encode_decode_round_trip():
-    frame = net.encode({"type": "ping"})
+    frame = protocol.encode({"type": "ping"})
     (length,) = struct.unpack(">I", frame[:4])
     assert length == len(frame) - 4
-    assert net.decode(frame[4:]) == {"type": "ping"}
+    assert protocol.decode(frame[4:]) == {"type": "ping"}
 
 
 @pytest.mark.parametrize("body, code", [
@@ -26,8 +26,8 @@ def test_encode_decode_round_trip():
     (b"{not json", "bad_frame"),
 ])
 def test_decode_rejects_bad_payloads(body, code):
-    with pytest.raises(net.ProtocolError) as err:
-        net.decode(body)
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.decode(body)
     assert err.value.code == code
 
 
@@ -45,17 +45,17 @@ def test_decode_rejects_bad_payloads(body, code):
 ] + [({k: v for k, v in COMMIT.items() if k != name}, "missing_field", name)
      for name in ("repo", "branch", "sha", "author", "subject", "time")])
 def test_validate_names_the_problem(msg, code, words):
-    with pytest.raises(net.ProtocolError) as err:
-        net.validate(msg, net.OBSERVER)
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.validate(msg, protocol.OBSERVER)
     assert err.value.code == code
     assert words in err.value.message
 
 
 def test_validate_accepts_a_good_commit_and_roles_are_enforced():
-    assert net.validate(dict(COMMIT), net.OBSERVER)["sha"] == SHA
-    with pytest.raises(net.ProtocolError):
-        net.validate(dict(COMMIT), net.READER)
-    assert net.validate({"type": "status"}, net.OPERATOR)     # operators may read too
+    assert protocol.validate(dict(COMMIT), protocol.OBSERVER)["sha"] == SHA
+    with pytest.raises(protocol.ProtocolError):
+        protocol.validate(dict(COMMIT), protocol.READER)
+    assert protocol.validate({"type": "status"}, protocol.OPERATOR)     # operators may read too
 
 
 def test_parse_addr():
@@ -69,7 +69,7 @@ def test_parse_addr():
 # ---------------------------------------------------------------- live server
 
 async def echo(conn, msg):
-    return net.ok(got=msg["type"], role=conn.role)
+    return protocol.ok(got=msg["type"], role=conn.role)
 
 
 def run(coro):
@@ -171,12 +171,12 @@ def test_client_reports_refused_and_reconnects_when_the_server_is_back():
 
 def test_error_reply_raises_remote_error():
     async def handler(conn, msg):
-        return net.error("stale", "build 1 attempt 1 is not current")
+        return protocol.error("stale", "build 1 attempt 1 is not current")
 
     async def body():
         server = await net.serve(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        with pytest.raises(net.RemoteError) as err:
+        with pytest.raises(protocol.RemoteError) as err:
             await net.call(f"127.0.0.1:{port}", {"type": "status"}, "reader")
         assert err.value.code == "stale"
         server.close()
@@ -192,7 +192,7 @@ def test_blocking_request_speaks_the_same_protocol():
         assert reply == {"type": "ok", "got": "poke", "role": "observer"}
         with pytest.raises(net.PeerAuthFailed):
             await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "wrong")
-        with pytest.raises(net.RemoteError) as err:       # not for this role: an error reply
+        with pytest.raises(protocol.RemoteError) as err:       # not for this role: an error reply
             await asyncio.to_thread(net.request_blocking, addr, {"type": "ping"}, "observer", "s3cret")
         assert err.value.code == "forbidden"
         server.close()
@@ -204,12 +204,12 @@ def test_blocking_request_speaks_the_same_protocol():
 
 def test_a_reply_too_big_for_a_frame_is_answered_with_an_error_and_the_connection_kept():
     async def handler(conn, msg):
-        return net.ok(data="x" * (10_000 if msg["type"] == "status" else 1))
+        return protocol.ok(data="x" * (10_000 if msg["type"] == "status" else 1))
 
     async def body():
         server = await net.serve(handler, "127.0.0.1", 0, limits=net.Limits(max_frame=4096))
         client = net.Client("127.0.0.1", server.sockets[0].getsockname()[1], "reader")
-        with pytest.raises(net.RemoteError) as err:
+        with pytest.raises(protocol.RemoteError) as err:
             await client.request({"type": "status"})
         assert err.value.code == "too_large" and "4096" in err.value.message
         assert (await client.request({"type": "build", "build": 1}))["data"] == "x"   # same connection

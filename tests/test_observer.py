@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import gitwatch, net, observer
+from ci import gitwatch, net, observer, protocol
 from ci.config import ObserverConfig
 from ci.daemon import StartupError
 
@@ -152,9 +152,9 @@ def test_long_subject_is_cut_to_the_protocol_limit(tmp_path):
     commit(repo, "x" * 5000)
     _, found = read(repo, {})
     assert len(found[0].subject) == 4096
-    net.validate({"type": "commit", "repo": str(repo), "branch": "main", "sha": found[0].sha,
+    protocol.validate({"type": "commit", "repo": str(repo), "branch": "main", "sha": found[0].sha,
                   "author": found[0].author, "subject": found[0].subject, "time": found[0].time},
-                 net.OBSERVER)
+                 protocol.OBSERVER)
 
 
 # ---------------------------------------------------------------- the saved position
@@ -199,10 +199,10 @@ def test_dispatcher_replies_busy_is_retried_and_refusal_is_skipped(tmp_path):
     async def handler(conn, msg):
         seen.append(msg["sha"])
         if len(seen) <= 2:
-            return net.error("busy", "queue full")
+            return protocol.error("busy", "queue full")
         if msg["sha"] == rejected:
-            return net.error("bad_repo", "not a repository we build")
-        return net.ok(build=len(seen), duplicate=False)
+            return protocol.error("bad_repo", "not a repository we build")
+        return protocol.ok(build=len(seen), duplicate=False)
 
     async def scenario():
         server = await net.serve(handler, "127.0.0.1", 0)
@@ -211,7 +211,7 @@ def test_dispatcher_replies_busy_is_retried_and_refusal_is_skipped(tmp_path):
         setup = observer.check(cfg)
         state = observer.StateFile(tmp_path / "s", setup.repo)
         state.save({"main": start})
-        client = net.Client("127.0.0.1", port, net.OBSERVER)
+        client = net.Client("127.0.0.1", port, protocol.OBSERVER)
         obs = observer.Observer(setup, state, client)
         try:
             await asyncio.wait_for(obs.scan(), WAIT)
@@ -244,14 +244,14 @@ class FakeDispatcher:
     async def _handle(self, conn, msg):
         self._writers.add(conn.writer)
         if msg["type"] != "commit":
-            return net.error("unsupported", msg["type"])
+            return protocol.error("unsupported", msg["type"])
         if self.delay:
             await asyncio.sleep(self.delay)
         with self._lock:
             duplicate = any(m["sha"] == msg["sha"] for m in self.received)
             self.received.append(msg)
             build = len(self.received)
-        return net.ok(build=build, duplicate=duplicate)
+        return protocol.ok(build=build, duplicate=duplicate)
 
     def start(self) -> "FakeDispatcher":
         self._server = asyncio.run_coroutine_threadsafe(
@@ -331,7 +331,7 @@ class Observer:
 
     def poke(self, branch: str = "main") -> dict:
         return asyncio.run(net.call(f"127.0.0.1:{self.port}", {"type": "poke", "branch": branch},
-                                    role=net.OPERATOR, timeout=WAIT))
+                                    role=protocol.OPERATOR, timeout=WAIT))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import net
+from ci import net, protocol
 
 from conftest import free_port, pid_alive
 
@@ -87,7 +87,7 @@ class FakeDispatcher:
 
     async def start(self, port: int = 0) -> "FakeDispatcher":
         self.server = await net.serve(self.handle, "127.0.0.1", port, secret=SECRET,
-                                      roles=frozenset({net.RUNNER}), name="fake dispatcher")
+                                      roles=frozenset({protocol.RUNNER}), name="fake dispatcher")
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -102,28 +102,28 @@ class FakeDispatcher:
         kind = msg["type"]
         if kind == "register":
             self.registers.append(msg)
-            return net.ok(heartbeat_interval=self.heartbeat)
+            return protocol.ok(heartbeat_interval=self.heartbeat)
         key = (msg["build"], msg["attempt"])
         have = self.logs.setdefault(key, bytearray())
         if kind == "log":
             data = msg["data"].encode()
             if msg["offset"] > len(have):
-                return net.error("offset", "gap in the log", expected=len(have))
+                return protocol.error("offset", "gap in the log", expected=len(have))
             overlap = len(have) - msg["offset"]
             have.extend(data[overlap:])
             marker = self.stale_at.get(msg["build"])
             if marker and marker.encode() in have:
-                return net.error("stale", "given to another runner")
-            return net.ok(offset=len(have))
+                return protocol.error("stale", "given to another runner")
+            return protocol.ok(offset=len(have))
         if kind == "result":
             self.result_tries.append(msg)
             if self.refuse_results:
-                return net.error("internal", "the test refuses results for now")
+                return protocol.error("internal", "the test refuses results for now")
             if msg.get("log_size", 0) > len(have):
-                return net.error("offset", "log incomplete", expected=len(have))
+                return protocol.error("offset", "log incomplete", expected=len(have))
             self.results[msg["build"]] = msg
-            return net.ok()
-        return net.error("unsupported", kind)
+            return protocol.ok()
+        return protocol.error("unsupported", kind)
 
     async def result(self, build: int, timeout: float = 15.0) -> dict:
         await wait_until(lambda: build in self.results, f"the result of build {build}", timeout)
@@ -138,7 +138,7 @@ class RunnerProcess:
     workdir: Path
     stderr_path: Path
 
-    def client(self, role: str = net.DISPATCHER, secret: str = SECRET) -> net.Client:
+    def client(self, role: str = protocol.DISPATCHER, secret: str = SECRET) -> net.Client:
         return net.Client("127.0.0.1", self.port, role, secret)
 
     def stderr(self) -> str:
@@ -393,10 +393,10 @@ def test_cancel_kills_a_running_build_and_busy_when_full(project, runners, tmp_p
                 step = f"sleep 1000 & echo $! > {pid_file}; wait"
                 assert (await client.request(run_msg(build, path, sha, [step])))["type"] == "ok"
             await wait_until(lambda: all(read_pid(p) for p in pid_files), "both builds to start")
-            with pytest.raises(net.RemoteError) as full:
+            with pytest.raises(protocol.RemoteError) as full:
                 await client.request(run_msg(22, path, sha, ["true"]))
             assert full.value.code == "busy"
-            with pytest.raises(net.RemoteError) as again:
+            with pytest.raises(protocol.RemoteError) as again:
                 await client.request(run_msg(20, path, sha, ["true"], attempt=2))
             assert again.value.code == "busy"
             # a resent `run` for a lease it holds is acknowledged, not run twice
@@ -566,7 +566,7 @@ def test_registration_and_authentication(project, runners):
             # nobody pings it: it takes itself for forgotten and registers again
             await wait_until(lambda: len(fake.registers) >= 2, "a second registration")
 
-            for role, secret in ((net.OPERATOR, SECRET), (net.RUNNER, SECRET), (net.DISPATCHER, "wrong")):
+            for role, secret in ((protocol.OPERATOR, SECRET), (protocol.RUNNER, SECRET), (protocol.DISPATCHER, "wrong")):
                 intruder = runner.client(role, secret)
                 try:
                     with pytest.raises(net.PeerError, match="authentication failed"):

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from ci import daemon, net, tls, up
+from ci import daemon, net, protocol, tls, up
 from ci.config import ConfigError, TLSConfig, load
 
 from conftest import READY, Repo, child_env, finished, tinyci
@@ -92,10 +92,10 @@ def test_is_loopback():
 
 def test_repo_field_can_never_be_taken_for_a_git_option():
     for repo in ("-uevil", "--upload-pack=touch x", "/a\nb", ""):
-        with pytest.raises(net.ProtocolError) as err:
-            net.validate({**COMMIT, "repo": repo}, net.OBSERVER)
+        with pytest.raises(protocol.ProtocolError) as err:
+            protocol.validate({**COMMIT, "repo": repo}, protocol.OBSERVER)
         assert err.value.code == "bad_field" and "commit.repo" in err.value.message
-    assert net.validate({**COMMIT, "repo": "https://example.com/x.git"}, net.OBSERVER)
+    assert protocol.validate({**COMMIT, "repo": "https://example.com/x.git"}, protocol.OBSERVER)
 
 
 def test_up_keeps_its_secret_owner_only_and_reuses_it(tmp_path):
@@ -110,7 +110,7 @@ def test_up_keeps_its_secret_owner_only_and_reuses_it(tmp_path):
 # ---------------------------------------------------------------- handshake, in process
 
 async def echo(conn, msg):
-    return net.ok(role=conn.role)
+    return protocol.ok(role=conn.role)
 
 
 def test_each_role_proves_itself_with_its_own_secret():
@@ -216,7 +216,7 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
             assert rest == b""
         # a reader reads but cannot trigger; its secret does not make it an operator
         assert (await ask(d_addr, "reader", keys["reader"], {"type": "status"}))["builds"]
-        with pytest.raises(net.RemoteError) as err:
+        with pytest.raises(protocol.RemoteError) as err:
             await ask(d_addr, "reader", keys["reader"], {"type": "trigger", "branch": "main"})
         assert err.value.code == "forbidden"
         with pytest.raises(net.PeerAuthFailed):
@@ -226,7 +226,7 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
                     "slots": 1}
         with pytest.raises(net.PeerAuthFailed):
             await ask(d_addr, "runner", keys["observer"], register)
-        with pytest.raises(net.RemoteError) as err:
+        with pytest.raises(protocol.RemoteError) as err:
             await ask(d_addr, "observer", keys["observer"], register)
         assert err.value.code == "forbidden"
         # nobody is the dispatcher at the dispatcher
@@ -333,7 +333,7 @@ def test_mutual_tls_cluster_builds_and_tools_need_a_certificate(cluster, repo, p
 def test_commit_for_a_repository_not_in_the_allow_list_is_refused(cluster):
     c = cluster(repos=["/allowed/repo"])
     c.dispatcher()
-    with pytest.raises(net.RemoteError) as err:
+    with pytest.raises(protocol.RemoteError) as err:
         c.request({**COMMIT, "repo": "/elsewhere/repo"}, role="observer")
     assert err.value.code == "forbidden_repo" and "/elsewhere/repo" in err.value.message
     assert c.builds() == []

@@ -1,0 +1,87 @@
+"""Small asyncio helpers every daemon and tool shares: a timeout that never
+swallows a cancel, blocking work in a daemon thread, and reconnect backoff.
+
+``asyncio`` itself is imported at first use: `tinyci notify` runs inside every
+git commit's hook and uses none of this.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+from typing import Any, Awaitable, Callable
+
+
+class LazyAsyncio:
+    """Stands for ``asyncio`` in a module's globals until first used, then
+    replaces itself there with the real module. `tinyci notify` runs inside
+    every git commit's hook and needs only ``net.request_blocking``;
+    importing asyncio would cost it some 40 ms a commit."""
+
+    def __init__(self, namespace: dict):
+        self._namespace = namespace
+
+    def __getattr__(self, name: str) -> Any:
+        import asyncio as module
+        self._namespace["asyncio"] = module     # later lookups skip this proxy
+        return getattr(module, name)
+
+
+asyncio: Any = LazyAsyncio(globals())
+
+
+
+if sys.version_info >= (3, 11):
+    async def within(aw: Awaitable, timeout: float | None) -> Any:
+        """``asyncio.wait_for`` without its flaw before Python 3.12: a cancel that
+        lands just as the inner await completes is swallowed there, so a daemon
+        told to stop could hang on a connection whose reply arrived at that moment."""
+        async with asyncio.timeout(timeout):
+            return await aw
+else:  # 3.10 has no asyncio.timeout; it keeps the flaw
+    async def within(aw: Awaitable, timeout: float | None) -> Any:
+        return await asyncio.wait_for(aw, timeout)
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking ``fn`` in a daemon thread.
+
+    Not asyncio.to_thread: the default executor is joined when the loop
+    ends, so a long git command would hold up Ctrl-C until it finished.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(exc) if exc is not None else future.set_result(value)
+
+    def work() -> None:
+        try:
+            value, exc = fn(*args), None
+        except BaseException as error:  # handed to the awaiting task
+            value, exc = None, error
+        try:
+            loop.call_soon_threadsafe(settle, value, exc)
+        except RuntimeError:
+            pass                        # the loop is gone: nobody waits any more
+
+    threading.Thread(target=work, name=f"tinyci-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return await future
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: peers restarted together
+    do not all come back at the same instant. ``next()`` gives the next pause."""
+
+    def __init__(self, start: float = 0.1, cap: float = 3.0):
+        self.start, self.cap, self.tries = start, cap, 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.start * 2 ** min(self.tries, 30))
+        self.tries += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.tries = 0

@@ -1,0 +1,72 @@
+"""Files that must survive a crash or be held by one process: atomic writes
+and the exclusive lock a daemon takes on its working directory.
+
+Both are the standard recipe written once: write to a temporary file beside
+the target, fsync it, rename it over the target, fsync the directory (so the
+rename itself survives a power cut); and ``flock`` on a lock file that stays
+open for the life of the process (the kernel drops it when the process dies,
+however it dies).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class LockedError(Exception):
+    """Another process holds the lock; the message names the lock file."""
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a reader (or a restart after a
+    crash) sees either the old content or the new, never a mix. Raises OSError."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_dir(path.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """fsync a directory, so renames and creations in it are durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirLock:
+    """An exclusive, non-blocking ``flock`` on ``path``, held until ``release``
+    or the end of the process."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock. Raises LockedError when another process holds it,
+        OSError when the lock file cannot be made."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockedError(f"{self.path} is locked by another process") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
