@@ -109,3 +109,29 @@ class Runner:
         return {"name": self.name, "host": self.host, "port": self.port, "labels": list(self.labels),
                 "slots": self.slots, "state": self.state.value,
                 "running": sorted(b for b, _ in self.running), "last_seen": self.last_seen}
+
+
+def can_take(runner_labels, build_labels) -> bool:
+    """True when a runner offering ``runner_labels`` may run a build that needs ``build_labels``."""
+    return set(build_labels) <= set(runner_labels)
+
+
+def why_waiting(build_labels, runners) -> str:
+    """Why a queued build needing ``build_labels`` has not started, from the
+    runners as their summaries show them (name, state, labels, running,
+    slots). The one explanation used by ``tinyci status``, the console and
+    any other view, so they never explain the same wait differently."""
+    alive = [r for r in runners if r.get("state") != "dead"]
+    if not alive:
+        return "no runner alive"
+    able = [r for r in alive if can_take(r.get("labels") or (), build_labels)]
+    if not able:
+        missing = set(build_labels) - {label for r in alive for label in r.get("labels") or ()}
+        if len(missing) == 1:
+            return f"no runner with label {missing.pop()}"
+        return f"no runner with labels {', '.join(sorted(missing or build_labels))}"
+    if all(len(r.get("running") or ()) >= r.get("slots", 1) for r in able):
+        if len(able) == 1:
+            return f"runner {able[0]['name']} busy"
+        return f"all {len(able)} runners busy"
+    return "starting"
