@@ -8,6 +8,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import re
 import signal
 import sys
 from typing import Any, Awaitable, Callable, Iterable, Mapping
@@ -87,9 +88,19 @@ def setup_logging(name: str, verbose: bool) -> None:
         format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
+READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
+
+
 def announce(name: str, host: str, port: int, extra: str = "") -> None:
-    """The one ready line tests and `tinyci up` wait for."""
+    """The one ready line `tinyci up`, the tests and the benchmarks wait for
+    (``parse_ready`` reads it back)."""
     print(f"tinyci {name} listening on {host}:{port}{extra}", flush=True)
+
+
+def parse_ready(line: str) -> tuple[str, str, int] | None:
+    """(daemon, host, port) from a daemon's ready line, or None for any other line."""
+    match = READY.search(line)
+    return (match.group(1), match.group(2), int(match.group(3))) if match else None
 
 
 async def listen(start: Callable[[], Awaitable[Any]], what: str, host: str, port: int) -> Any:

@@ -35,7 +35,7 @@ from .artifacts import ArtifactError, Artifacts
 from .config import Config
 from .logcap import LogCap
 from .models import Build, Runner, Status, pipeline_status
-from .outbox import utf8_boundary
+from .text import utf8_boundary
 from .scheduler import Plan, Scheduler
 from .store import Store, StoreError
 

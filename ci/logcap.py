@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .outbox import utf8_boundary
+from .text import utf8_boundary
 
 
 def _size(path: Path) -> int:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from . import aio, net, protocol
+from .text import utf8_boundary
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +120,6 @@ class Outbox:
             if len(parts) == 2 and all(p.isdigit() for p in parts) and \
                     (int(parts[0]), int(parts[1])) not in keep:
                 path.unlink(missing_ok=True)
-
-
-def utf8_boundary(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` that does not end inside a UTF-8 character."""
-    end = len(data)
-    for back in range(1, min(4, end) + 1):
-        byte = data[end - back]
-        if byte & 0xC0 != 0x80:         # a lead byte or ASCII: the character starts here
-            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else \
-                4 if byte >> 3 == 0b11110 else 1
-            return end if back >= need else end - back
-    return end
 
 
 class Delivery:
