@@ -29,6 +29,13 @@ from . import patterns
 FILENAME = ".ci.yaml"
 DEFAULT_JOB = ""                    # the one job of a commit without ``jobs``
 MAX_SIZE = 256 * 1024
+MAX_JOBS = 100                      # what one commit may fan out into (the wire's limit too)
+MAX_SECONDS = 7 * 24 * 3600         # a time limit longer than a week is no limit
+# Values the checker may look at, counting each use of an alias again: YAML
+# aliases let a small file name the same big node thousands of times over
+# (jobs -> *steps -> *step -> *env), and checking it would take minutes.
+# A real file, even a large one, stays far below this.
+MAX_VALUES = 50_000
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
 JOB_KEYS = ("labels", "steps", "env", "timeout")
@@ -117,6 +124,15 @@ def tag(node: Any) -> str:
 class _Checker:
     def __init__(self, loader: yaml.SafeLoader):
         self.loader = loader
+        self.budget = MAX_VALUES
+
+    def spend(self, node: Any, count: int) -> None:
+        """Count ``count`` values looked at under ``node``; refuse a file whose
+        aliases expand past MAX_VALUES before the work gets out of hand."""
+        self.budget -= count
+        if self.budget < 0:
+            raise self.fail(node, f"expands to more than {MAX_VALUES} values once its aliases (*name) "
+                                  f"are followed; write it out or use fewer aliases")
 
     @staticmethod
     def fail(node: Any, problem: str) -> BuildFileError:
@@ -129,6 +145,7 @@ class _Checker:
         """{key: (key node, value node)}, checking keys are unique strings (and known)."""
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node, f"{what} must be a mapping, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
         out: dict = {}
         for knode, vnode in node.value:
             key = self.scalar(knode) if isinstance(knode, yaml.ScalarNode) else None
@@ -157,14 +174,16 @@ class _Checker:
 
     def seconds(self, node: Any, what: str) -> float:
         value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
-        if tag(node) not in ("int", "float") or not value > 0:
+        if tag(node) not in ("int", "float") or not 0 < value <= MAX_SECONDS:
             got = repr(value) if tag(node) in ("int", "float") else self.kind(node)
-            raise self.fail(node, f"{what} must be a positive number of seconds, got {got}")
+            raise self.fail(node, f"{what} must be a positive number of seconds, at most {MAX_SECONDS} "
+                                  f"(a week), got {got}")
         return float(value)
 
     def names(self, node: Any, what: str) -> tuple:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"{what} must be a list, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
         out = []
         for item in node.value:
             text = self.string(item, f"{what} item")
@@ -189,6 +208,7 @@ class _Checker:
             raise self.fail(node, f"{what} must be a list of shell commands, got {self.kind(node)}")
         if not node.value:
             raise self.fail(node, f"{what} is empty")
+        self.spend(node, len(node.value) + 1)
         out = []
         for number, item in enumerate(node.value, 1):
             where = f"{what}[{number}]"
@@ -208,6 +228,7 @@ class _Checker:
     def artifacts(self, node: Any) -> tuple:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"artifacts must be a list of glob patterns, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
         out = []
         for item in node.value:
             pattern = self.string(item, "artifacts item")
@@ -225,7 +246,11 @@ class _Checker:
         jobs: dict = {}
         if "jobs" in keys:
             jnode = keys["jobs"][1]
-            for name, (knode, vnode) in self.mapping(jnode, "jobs").items():
+            declared = self.mapping(jnode, "jobs")
+            if len(declared) > MAX_JOBS:
+                raise self.fail(jnode, f"jobs: {len(declared)} jobs, more than the {MAX_JOBS} one commit "
+                                       f"may have")
+            for name, (knode, vnode) in declared.items():
                 if not patterns.is_name(name):
                     raise self.fail(knode, f"job name {name!r} must be 1-100 letters, digits or ._:@-")
                 where = f"jobs.{name}"

@@ -55,7 +55,7 @@ def test_without_jobs_one_default_job():
     ("steps: [make\n", 2, "not valid YAML"),
     ("steps:\n  - make\n  - run: 3\n", 3, "steps[2].run must be a non-empty string"),
     ("steps: [make]\ntimout: 5\n", 2, "unknown key 'timout'"),
-    ("steps: [make]\ntimeout: -1\n", 2, "positive number of seconds, got -1"),
+    ("steps: [make]\ntimeout: -1\n", 2, "positive number of seconds, at most 604800 (a week), got -1"),
     ("steps:\n  - make\n  - {name: x}\n", 3, "needs 'run'"),
     ("env: {A: 1}\n", 1, "needs 'steps'"),
     ("steps: [make]\njobs:\n  a:\n    labels: [has space]\n", 4, "'has space'"),
@@ -63,6 +63,11 @@ def test_without_jobs_one_default_job():
     ("steps: [make]\nartifacts: [../secrets]\n", 2, "inside the checkout"),
     ("steps: [a]\nsteps: [b]\n", 2, "appears twice"),
     ("- make\n", 1, "top level must be a mapping"),
+    ("steps: [make]\ntimeout: .inf\n", 2, "at most 604800"),
+    ("steps: [make]\ntimeout: 1e308\n", 2, "at most 604800"),
+    ("steps:\n  - {run: make, timeout: .inf}\n", 2, "at most 604800"),
+    ("steps: [make]\njobs:\n" + "".join(f"  j{i}: {{}}\n" for i in range(101)), 3,
+     "101 jobs, more than the 100"),
 ])
 def test_broken_files_name_the_line(text, line, words):
     with pytest.raises(BuildFileError) as err:
@@ -147,3 +152,25 @@ def test_log_cap_keeps_head_and_tail_and_exact_offsets(tmp_path):
     head, rest = text.split("\n[... ", 1)
     cut, tail = int(rest.split(" bytes")[0]), rest.split("...]\n", 1)[1]
     assert len(head) + cut + len(tail) == sent                     # says exactly how much is missing
+
+
+def alias_bomb(jobs: int, steps: int, keys: int) -> str:
+    """A small file whose aliases fan out: every job names the same steps, every
+    step the same env (jobs -> *steps -> *step -> *env)."""
+    env = "env: &e {" + ", ".join(f"K{i}: v" for i in range(keys)) + "}\n"
+    shared = "steps: &ss [&s {run: 'true', env: *e}" + ", *s" * (steps - 1) + "]\n"
+    return env + shared + "jobs:\n" + "".join(f"  j{i}: {{steps: *ss, env: *e}}\n" for i in range(jobs))
+
+
+def test_aliases_that_fan_out_are_refused_not_followed():
+    text = alias_bomb(jobs=100, steps=200, keys=100)
+    assert len(text) < 10_000            # a few KB that would expand to two million values
+    with pytest.raises(BuildFileError) as err:
+        buildfile.parse(text)
+    assert "more than 50000 values once its aliases" in str(err.value)
+
+
+def test_a_few_aliases_are_fine():
+    spec = buildfile.parse(alias_bomb(jobs=3, steps=2, keys=2))
+    steps, _, env = spec.plan("j1")
+    assert len(steps) == 2 and steps[0].env == {"K0": "v", "K1": "v"} and env == {"K0": "v", "K1": "v"}
