@@ -355,7 +355,10 @@ def main(args: argparse.Namespace) -> int:
         except StoreError as exc:
             raise daemon.StartupError(str(exc)) from None
         try:
-            dispatcher = Dispatcher(settings, store)
+            try:
+                dispatcher = Dispatcher(settings, store)
+            except OSError as exc:      # the logs directory beside the database
+                raise daemon.StartupError(f"cannot use data dir {store.dir}: {exc}") from None
             dispatcher.recover()
             await dispatcher.serve(stop, args.insecure)
         finally:

@@ -57,12 +57,15 @@ class Queries:
         # reading both keeps one source for each)
         builds = [self.sched.builds.get(b.id, b) for b in self.store.recent(msg.get("limit", 50))]
         runners = [r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)]
+        waits: dict[tuple, tuple] = {}         # by label set: queued builds mostly share a few
         summaries = []
         for build in builds:
             summary = build.summary()
             if build.status is Status.QUEUED:
-                summary["waiting"] = why_waiting(build.labels, runners)
-                summary["waiting_for"] = waiting_for(build.labels, self.sched.runners.values())
+                if build.labels not in waits:
+                    waits[build.labels] = (why_waiting(build.labels, runners),
+                                           waiting_for(build.labels, self.sched.runners.values()))
+                summary["waiting"], summary["waiting_for"] = waits[build.labels]
             summaries.append(summary)
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
                            queue=[b.id for b in self.sched.queued()])
