@@ -140,6 +140,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     what = trigger.add_mutually_exclusive_group()
     what.add_argument("--branch", metavar="NAME", help="build the head of this branch")
     what.add_argument("rev", nargs="?", metavar="REV", help="commit to build (sha, tag or branch)")
+    trigger.add_argument("--repo", metavar="REPO",
+                         help="the repository to build in, as the dispatcher knows it (needed when REV "
+                              "is a commit in more than one)")
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running build",
                             description="Cancel a queued or running build.")
@@ -456,6 +459,8 @@ def trigger(args: argparse.Namespace) -> int:
         msg["rev"] = args.rev
     else:
         raise Failure("trigger: say what to build: --branch NAME or a REV (e.g. tinyci trigger HEAD)", 2)
+    if args.repo:
+        msg["repo"] = args.repo
     reply = DispatcherLink(args).call(msg, protocol.OPERATOR)
     return _print_builds(reply, "queued")
 

@@ -82,3 +82,16 @@ def top_level(path: Path, timeout: float = 30.0) -> str | None:
     which = "--absolute-git-dir" if bare.out.strip() == "true" else "--show-toplevel"
     found = run(["rev-parse", which], path, timeout=timeout)
     return found.out.strip() if found.ok else None
+
+
+# ---------------------------------------------------------------- the dispatcher's reads (trigger)
+
+def commit_info(repo: str | os.PathLike, sha: str, timeout: float = 10.0) -> tuple[str, str]:
+    """(author name, subject) of commit ``sha`` in ``repo``; ("", "") when git cannot tell."""
+    found = run(["log", "-1", "--format=%an%x00%s", sha], repo, timeout=timeout)
+    if not found.ok:
+        return "", ""
+    # GitPython decodes with surrogateescape; a build record must be valid UTF-8
+    text = found.out.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    author, _, subject = text.rstrip("\n").partition("\0")
+    return author[:200], subject[:4000]

@@ -84,7 +84,9 @@ class RunnerState(str, enum.Enum):
 
 
 @dataclass
-class Runner:
+class RunnerRecord:
+    """The dispatcher's record of a runner (the daemon itself is ci.runner.Runner)."""
+
     name: str
     host: str
     port: int

@@ -223,7 +223,7 @@ MESSAGES: dict[str, Spec] = {
     "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
     "artifacts": _spec(TOOLS, {"build": BUILD_ID}),
     "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT}),
-    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255)}),
+    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO}),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}),
     # git hook -> observer
     "poke": _spec({OBSERVER, OPERATOR}, {}, {"branch": BRANCH}),

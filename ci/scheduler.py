@@ -15,19 +15,19 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from .models import Build, Runner, Status
+from .models import Build, RunnerRecord, Status, can_take
 
 
 @dataclass
 class Plan:
     """What must happen after an event, in this order: persist, then send."""
 
-    assign: list[tuple[Build, Runner]] = field(default_factory=list)   # send `run`
-    requeued: list[tuple[Build, str]] = field(default_factory=list)    # (build, why): log line
-    errored: list[tuple[Build, str]] = field(default_factory=list)     # gave up: final `error`
-    cancel: list[tuple[Runner, int, int]] = field(default_factory=list)  # send `cancel` (runner, build, attempt)
-    dead: list[Runner] = field(default_factory=list)                  # runners now dead
-    finished: list[Build] = field(default_factory=list)               # builds now final
+    assign: list[tuple[Build, RunnerRecord]] = field(default_factory=list)     # send `run`
+    requeued: list[tuple[Build, str]] = field(default_factory=list)            # (build, why): log line
+    errored: list[tuple[Build, str]] = field(default_factory=list)             # gave up: final `error`
+    cancel: list[tuple[RunnerRecord, int, int]] = field(default_factory=list)  # send `cancel` (runner, build, attempt)
+    dead: list[RunnerRecord] = field(default_factory=list)                     # runners now dead
+    finished: list[Build] = field(default_factory=list)                        # builds now final
 
     def __iadd__(self, other: "Plan") -> "Plan":
         for name in self.__dataclass_fields__:
@@ -45,15 +45,15 @@ class Scheduler:
         self.heartbeat_misses = heartbeat_misses
         self.max_attempts = max_attempts
         self.builds: dict[int, Build] = {}          # active builds by id
-        self.runners: dict[str, Runner] = {}
+        self.runners: dict[str, RunnerRecord] = {}
         self._queue: list[int] = []                 # heap of build ids; stale entries skipped
         # live runners with a free slot, the one free the longest first: a hand-out
         # looks here rather than at every runner. Kept by _slots_changed.
-        self._free: dict[str, Runner] = {}
+        self._free: dict[str, RunnerRecord] = {}
 
     # ------------------------------------------------------------ state
 
-    def load(self, builds: list[Build], runners: list[Runner], now: float) -> Plan:
+    def load(self, builds: list[Build], runners: list[RunnerRecord], now: float) -> Plan:
         """Restore after a restart. Runners get a full heartbeat window to answer
         before they count as dead; their running builds stay theirs until a
         `pong` says otherwise."""
@@ -101,7 +101,7 @@ class Scheduler:
         runner = self.runners.get(name)
         plan = Plan()
         if runner is None:
-            runner = Runner(name, host, port, tuple(labels), slots, registered_at=now)
+            runner = RunnerRecord(name, host, port, tuple(labels), slots, registered_at=now)
             self.runners[name] = runner
         runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
         runner.alive, runner.last_seen, runner.registered_at = True, now, now
@@ -228,8 +228,7 @@ class Scheduler:
             elif build.labels in blocked:
                 runner = None
             else:
-                need = set(build.labels)
-                runner = next((r for r in free.values() if need <= set(r.labels)), None)
+                runner = next((r for r in free.values() if can_take(r.labels, build.labels)), None)
             if runner is None:
                 blocked.add(build.labels)
                 waiting.append(build_id)
@@ -264,7 +263,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ internals
 
-    def _reconcile(self, runner: Runner, reported: set, since: float) -> Plan:
+    def _reconcile(self, runner: RunnerRecord, reported: set, since: float) -> Plan:
         plan = Plan()
         reported = {tuple(lease) for lease in reported}
         for build_id, attempt in sorted(runner.running - reported):
@@ -277,7 +276,7 @@ class Scheduler:
             plan.cancel.append((runner, build_id, attempt))
         return plan
 
-    def _take_back(self, runner: Runner, build_id: int, attempt: int, why: str) -> Plan:
+    def _take_back(self, runner: RunnerRecord, build_id: int, attempt: int, why: str) -> Plan:
         runner.running.discard((build_id, attempt))
         self._slots_changed(runner)
         build = self.builds.get(build_id)
@@ -304,7 +303,7 @@ class Scheduler:
         plan.requeued.append((build, f"attempt {attempt} taken back: {why}"))
         return plan
 
-    def _slots_changed(self, runner: Runner) -> None:
+    def _slots_changed(self, runner: RunnerRecord) -> None:
         """Call after a runner's leases, slots or liveness change. A runner that
         gains a free slot goes to the back of the line of free runners."""
         if runner.free > 0:

@@ -1,8 +1,7 @@
-"""The dispatcher's durable state: builds and runners in SQLite (WAL), build
-logs as files beside it.
+"""The dispatcher's durable state: builds, runners and finished artifact
+uploads in SQLite (WAL), ``<data_dir>/ci.db``. The build logs beside it are
+``buildlogs``'s.
 
-Layout under the data dir: ``ci.db`` and ``logs/<build>.log``. File names are
-made only from build numbers (integers), never from strings a peer sent.
 Build numbers are SQLite AUTOINCREMENT keys: unique, increasing, never reused,
 even across restarts and deletions.
 """
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .models import Build, Runner, Status
+from .models import Build, RunnerRecord, Status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -64,9 +63,8 @@ class StoreError(Exception):
 class Store:
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
-        self.logs = self.dir / "logs"
         try:
-            self.logs.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.dir / "ci.db", isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (SIGKILL); only a
@@ -133,13 +131,13 @@ class Store:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds ORDER BY id DESC LIMIT ?", (limit,))
         return [_build(r) for r in rows]
 
-    def latest_repo(self) -> str | None:
-        row = self.db.execute("SELECT repo FROM builds ORDER BY id DESC LIMIT 1").fetchone()
-        return row[0] if row else None
+    def repos(self) -> list[str]:
+        """Every repository a build was ever recorded for."""
+        return [row[0] for row in self.db.execute("SELECT DISTINCT repo FROM builds ORDER BY repo")]
 
     # ------------------------------------------------------------ runners
 
-    def save_runners(self, runners: Iterable[Runner]) -> None:
+    def save_runners(self, runners: Iterable[RunnerRecord]) -> None:
         self.db.executemany(
             "INSERT INTO runners (name, host, port, labels, slots, alive, last_seen, registered_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET host = excluded.host, "
@@ -148,42 +146,11 @@ class Store:
             [(r.name, r.host, r.port, json.dumps(list(r.labels)), r.slots, int(r.alive), r.last_seen,
               r.registered_at) for r in runners])
 
-    def runners(self) -> list[Runner]:
+    def runners(self) -> list[RunnerRecord]:
         rows = self.db.execute(
             "SELECT name, host, port, labels, slots, alive, last_seen, registered_at FROM runners ORDER BY name")
-        return [Runner(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered)
+        return [RunnerRecord(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered)
                 for name, host, port, labels, slots, alive, last_seen, registered in rows]
-
-    # ------------------------------------------------------------ logs
-
-    def log_path(self, build_id: int) -> Path:
-        return self.logs / f"{int(build_id)}.log"
-
-    def log_size(self, build_id: int) -> int:
-        try:
-            return self.log_path(build_id).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def append_line(self, build_id: int, text: str) -> int:
-        """Append ``text`` as a line of its own (after a newline if the log does
-        not end with one) with a single open; returns the log's new size."""
-        with open(self.log_path(build_id), "a+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write((text + "\n").encode())
-            return f.tell()
-
-    def read_log(self, build_id: int, offset: int, limit: int) -> bytes:
-        try:
-            with open(self.log_path(build_id), "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
 
 
 def _build(row: tuple) -> Build:

@@ -9,7 +9,7 @@ import pytest
 from ci import buildfile
 from ci.artifacts import ArtifactError, Artifacts
 from ci.buildfile import BuildFileError, Step
-from ci.logcap import LogCap
+from ci.buildlogs import LogCap
 from ci.models import pipeline_status
 from ci.store import Store
 

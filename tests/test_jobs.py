@@ -1,6 +1,6 @@
 """.ci.yaml end to end with the real daemons: jobs on labelled runners and the
 commit's pipeline status, broken files, artifacts, [skip ci], supersede, the
-log cap and notify.on_finish."""
+log cap and the notify.on_finish commands."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_two_jobs_run_on_the_runners_with_their_labels_and_the_commit_passes(clu
     data = json.loads(tinyci("status", "--json", "--dispatcher", c.disp.addr).stdout)
     pipeline = next(p for p in data["pipelines"] if p["sha"] == sha)
     assert pipeline["status"] == "running"
-    assert next(b for b in data["builds"] if b["job"] == "beta")["waiting_for"] == ["beta"]
+    beta = next(b for b in data["builds"] if b["job"] == "beta")
+    assert (beta["waiting_for"], beta["waiting"]) == (["beta"], "no runner with label beta")
 
     c.runner("rb", "--labels", "beta")
     builds = of(c.wait_builds(lambda b: finished(of(b, sha)), "beta to run"), sha)
@@ -91,7 +92,7 @@ steps:
 
 ESCAPE = """\
 import asyncio, base64, os
-from ci import net, protocol  # the runner's PYTHONPATH reaches the step
+from ci import net, protocol      # the runner's PYTHONPATH reaches the step
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
        "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
 try:

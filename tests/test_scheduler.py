@@ -1,6 +1,6 @@
 """The dispatcher's rules without sockets, disk or sleeping: time is passed in."""
 
-from ci.models import Build, Runner, Status
+from ci.models import Build, RunnerRecord, Status
 from ci.scheduler import Scheduler
 
 SHA = "a" * 40
@@ -159,8 +159,8 @@ def test_cancel_queued_build_leaves_the_queue():
 
 def test_load_after_restart_keeps_running_builds_with_live_runners():
     s = sched()
-    r1 = Runner("r1", "h", 1, alive=True)
-    gone = Runner("gone", "h", 2, alive=False)
+    r1 = RunnerRecord("r1", "h", 1, alive=True)
+    gone = RunnerRecord("gone", "h", 2, alive=False)
     running = build(1)
     running.status, running.attempt, running.runner = Status.RUNNING, 1, "r1"
     orphan = build(2)
@@ -281,7 +281,7 @@ def test_restart_with_a_dead_runners_build_still_honours_max_attempts():
     s = Scheduler(heartbeat_interval=1.0, heartbeat_misses=3, max_attempts=3)
     spent = build(1)
     spent.status, spent.attempt, spent.runner = Status.RUNNING, 3, "gone"
-    plan = s.load([spent], [Runner("gone", "h", 1, alive=False), Runner("r2", "h", 2)], now=10)
+    plan = s.load([spent], [RunnerRecord("gone", "h", 1, alive=False), RunnerRecord("r2", "h", 2)], now=10)
     assert [(b.id, b.status) for b in plan.finished] == [(1, Status.ERROR)]
     assert "runner lost" in plan.errored[0][1]
     assert not plan.assign

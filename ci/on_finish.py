@@ -1,5 +1,6 @@
-"""``notify.on_finish``: shell commands the dispatcher runs when a build ends
-(passed, failed, error, cancelled), e.g. to post to chat or send mail.
+"""The ``notify.on_finish`` commands: shell commands the dispatcher runs when
+a build ends (passed, failed, error, cancelled), e.g. to post to chat or
+send mail. (Not ``tinyci notify``, the git hook's poke to the observer.)
 
 Each runs in its own process group with ``TINYCI_BUILD``, ``TINYCI_STATUS``,
 ``TINYCI_SHA``, ``TINYCI_BRANCH``, ``TINYCI_JOB`` and ``TINYCI_LOG`` (the log

@@ -1,0 +1,230 @@
+"""Build logs on the dispatcher's disk, ``<data_dir>/logs/<build>.log``, in
+one place: the runner's ``log`` frames (the offset rule), each attempt's byte
+count, the size cap, the dispatcher's own lines, and reads for ``read_log``.
+File names are made only from build numbers, never from strings a peer sent.
+
+The offset rule: a runner counts only its own bytes of the current attempt.
+A frame starting past what the attempt has is refused with the size
+expected (``LogGap``); bytes already held are skipped, so a resent frame
+never doubles a line.
+
+The cap (``dispatcher.max_log_bytes``, ``LogCap``): past it, a build log keeps
+its head and its tail and says how much was cut in between. Files beside the
+log: ``<build>.tail`` holds the newest output while the log is over the cap
+(trimmed to half the cap whenever it reaches the whole cap), ``<build>.cut``
+the number of bytes dropped so far. When the dispatcher next writes a line of
+its own (the attempt ended, was taken back or cancelled), the tail is joined
+to the log after a line saying what was cut. Everything is on disk, so a
+restarted dispatcher carries on, and the byte count of the attempt (what the
+runner's offsets are checked against) stays exact: head + tail + cut.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .models import Build
+from .text import utf8_boundary
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+class LogCap:
+    """The cap's files for each build (see the module docstring)."""
+
+    def __init__(self, logs: Path, limit: int):
+        self.logs = logs
+        self.limit = limit
+        self.keep = max(1, limit // 2)
+
+    def _paths(self, build_id: int) -> tuple[Path, Path, Path]:
+        stem = self.logs / str(int(build_id))
+        return stem.with_suffix(".log"), stem.with_suffix(".tail"), stem.with_suffix(".cut")
+
+    def _cut(self, path: Path) -> int:
+        try:
+            return int(path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def size(self, build_id: int, base: int) -> int:
+        """Bytes the current attempt (which began at ``base`` in the log) has sent."""
+        main, tail, cut = self._paths(build_id)
+        return _size(main) - base + _size(tail) + self._cut(cut)
+
+    def append(self, build_id: int, data: bytes, base: int) -> int:
+        """Add the attempt's output; returns ``size`` afterwards."""
+        main, tail, cut = self._paths(build_id)
+        if not tail.exists():
+            have = _size(main)
+            if have + len(data) <= self.limit:
+                with open(main, "ab") as f:
+                    f.write(data)
+                return have + len(data) - base
+            # over the cap: keep the head (never what earlier attempts left), move the rest to the tail
+            head = max(self.keep, base)
+            moved = b""
+            if have < head:
+                fill = utf8_boundary(data[:head - have])
+                with open(main, "ab") as f:
+                    f.write(data[:fill])
+                data = data[fill:]
+            elif have > head:
+                with open(main, "r+b") as f:
+                    f.seek(max(0, head - 4))
+                    edge = f.read(head - max(0, head - 4))
+                    head = max(0, head - 4) + utf8_boundary(edge)
+                    f.seek(head)
+                    moved = f.read()
+                    f.truncate(head)
+            with open(tail, "wb") as f:
+                f.write(moved)
+        with open(tail, "ab") as f:
+            f.write(data)
+            held = f.tell()
+        if held > self.limit:
+            with open(tail, "rb") as f:
+                f.seek(held - self.keep)
+                newest = f.read()
+            dropped = self._cut(cut) + held - len(newest)
+            tmp = tail.with_suffix(".tail-new")
+            tmp.write_bytes(newest)
+            cut.write_text(str(dropped))
+            os.replace(tmp, tail)
+        return self.size(build_id, base)
+
+    def close(self, build_id: int) -> None:
+        """Join a held tail to the log, after a line saying how much was cut."""
+        main, tail, cut = self._paths(build_id)
+        if not tail.exists():
+            return
+        data = tail.read_bytes()
+        dropped = self._cut(cut) + max(0, len(data) - self.keep)
+        data = data[-self.keep:]
+        # start the tail at a character, and if one is near, a line
+        start = 0
+        while start < len(data) and data[start] & 0xC0 == 0x80:
+            start += 1
+        newline = data.find(b"\n", start, start + 1024)
+        if newline >= 0:
+            start = newline + 1
+        dropped += start
+        marker = (f"\n[... {dropped} bytes cut here: the log went over its limit of {self.limit} bytes "
+                  f"(dispatcher.max_log_bytes); its head and tail are kept ...]\n").encode()
+        with open(main, "ab") as f:
+            f.write(marker + data[start:])
+        tail.unlink()
+        cut.unlink(missing_ok=True)
+
+
+class LogGap(Exception):
+    """A ``log`` frame starts past the bytes the attempt has: ``expected`` is where it must start."""
+
+    def __init__(self, expected: int):
+        super().__init__(f"expected offset {expected}")
+        self.expected = expected
+
+
+class BuildLogs:
+    def __init__(self, directory: Path, limit: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cap = LogCap(self.dir, limit)
+        # bytes the current attempt of a running build has logged (LogCap.size), kept
+        # so each `log` frame and `result` need not stat the files; dropped whenever
+        # the dispatcher writes a line of its own, and rebuilt from disk when missing
+        self.sizes: dict[int, int] = {}
+
+    def path(self, build_id: int) -> Path:
+        return self.dir / f"{int(build_id)}.log"
+
+    def size(self, build_id: int) -> int:
+        """The log file's size."""
+        return _size(self.path(build_id))
+
+    def read(self, build_id: int, offset: int, limit: int, whole: bool = True) -> bytes:
+        """Up to ``limit`` bytes from ``offset``; with ``whole``, never the first
+        part of a character whose rest may still come."""
+        try:
+            with open(self.path(build_id), "rb") as f:
+                f.seek(offset)
+                data = f.read(limit)
+        except FileNotFoundError:
+            return b""
+        return data[:utf8_boundary(data)] if whole else data
+
+    # ------------------------------------------------------------ the runner's bytes
+
+    def attempt_size(self, build: Build) -> int:
+        """Bytes the current attempt of ``build`` has sent."""
+        have = self.sizes.get(build.id)
+        if have is None:
+            have = self.sizes[build.id] = self.cap.size(build.id, build.log_base)
+        return have
+
+    def append(self, build: Build, offset: int, data: bytes) -> tuple[int, bool]:
+        """The runner's ``data`` at ``offset`` of the current attempt: (the
+        attempt's size after, whether anything new was written). Raises
+        LogGap when ``offset`` is past what the attempt has."""
+        have = self.attempt_size(build)
+        if offset > have:
+            raise LogGap(have)
+        skip = have - offset
+        if skip >= len(data):
+            return have, False
+        self.sizes.pop(build.id, None)         # not kept if the append fails half way
+        have = self.sizes[build.id] = self.cap.append(build.id, data[skip:], build.log_base)
+        return have, True
+
+    def begin(self, build: Build, size: int) -> None:
+        """The build's new attempt starts where its log is ``size`` bytes long."""
+        build.log_base = size
+        self.sizes[build.id] = 0
+
+    # ------------------------------------------------------------ the dispatcher's lines
+
+    def line(self, build_id: int, text: str, sending: Build | None = None) -> int:
+        """Append a line of the dispatcher's own, on a line of its own (after the
+        tail of an attempt's log that went over the cap); returns the log's size.
+
+        ``sending``: the build, when its current attempt may still send log
+        frames (a cancel, whose runner has not stopped yet). The runner's
+        offsets count only its own bytes, so the attempt's base moves past
+        this line and its count stays what it was."""
+        before = self.attempt_size(sending) if sending is not None else None
+        self.cap.close(build_id)
+        self.sizes.pop(build_id, None)
+        size = self._append_line(build_id, text)
+        if sending is not None:
+            sending.log_base = size - before
+            self.sizes[build_id] = before
+        return size
+
+    def first_lines(self, lines: list[tuple[int, str]]) -> dict[int, int]:
+        """Each build's line, as ``line`` writes it for a build that is not
+        sending; the log's size after it, by build. Safe in a thread (a
+        hand-out's dearest step is creating the log files): it touches files
+        only, never the kept sizes."""
+        sizes = {}
+        for build_id, text in lines:
+            self.cap.close(build_id)
+            sizes[build_id] = self._append_line(build_id, text)
+        return sizes
+
+    def _append_line(self, build_id: int, text: str) -> int:
+        """``text`` as a line of its own (after a newline if the log does not
+        end with one) with a single open; returns the log's new size."""
+        with open(self.path(build_id), "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write((text + "\n").encode())
+            return f.tell()

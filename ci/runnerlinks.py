@@ -1,0 +1,211 @@
+"""The dispatcher's side of talking to runners: hand-outs, cancels, and the
+heartbeat.
+
+Sends ``run`` (a hand-out), ``cancel`` and ``ping``; reads their replies
+(``ok``, ``error`` busy, ``pong`` {running}). What a reply teaches (a runner
+refused a build, a runner is gone, what a runner runs) goes to the
+scheduler, and the plan that comes back to the dispatcher's ``apply``. One
+kept connection per runner, made again when the runner moves.
+
+Hand-outs go in batches: each attempt's first log line is written in a
+thread (creating a log file is the dearest step of a hand-out), then one
+transaction for the whole batch, then the ``run``s. A lease that ended in
+the meantime (cancelled, its runner lost) is dropped, never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from . import aio, net, protocol
+from .artifacts import Artifacts
+from .buildlogs import BuildLogs
+from .models import Build, RunnerRecord
+from .scheduler import Plan, Scheduler
+from .settings import Settings
+from .store import Store
+from .watchers import Watchers
+
+log = logging.getLogger(__name__)
+
+
+class RunnerLinks:
+    def __init__(self, settings: Settings, sched: Scheduler, store: Store, logs: BuildLogs,
+                 artifacts: Artifacts, watchers: Watchers, *, apply: Callable[[Plan | None], None],
+                 spawn: Callable, clock: Callable[[], float],
+                 dial: Callable[[RunnerRecord], net.Client] | None = None):
+        self.config = settings.config
+        self.settings = settings
+        self.sched, self.store, self.logs = sched, store, logs
+        self.artifacts, self.watchers = artifacts, watchers
+        self.apply, self.spawn, self.clock = apply, spawn, clock
+        self.dial = dial or self._dial
+        self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
+        self.pinging: set[str] = set()
+        self.outgoing: list[tuple[Build, RunnerRecord, int]] = []   # assigned, not yet persisted and sent
+        self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
+        self.handing_out: asyncio.Task | None = None
+
+    def _dial(self, runner: RunnerRecord) -> net.Client:
+        return net.Client(runner.host, runner.port, protocol.DISPATCHER, self.settings.secret(protocol.DISPATCHER),
+                          self.settings.limits, self.settings.client_tls)
+
+    def link(self, runner: RunnerRecord) -> net.Client:
+        link = self.links.get(runner.name)
+        if link is None or (link.host, link.port) != (runner.host, runner.port):
+            link = self.links[runner.name] = self.dial(runner)
+        return link
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            await link.close()
+
+    # ------------------------------------------------------------ hand-outs
+
+    def assign(self, assignments: list[tuple[Build, RunnerRecord]]) -> None:
+        """A plan's assignments: persisted and sent by hand_out, a moment later."""
+        self.outgoing += [(build, runner, build.attempt) for build, runner in assignments]
+        for build, runner in assignments:
+            self.unsent.setdefault(runner.name, set()).add((build.id, build.attempt))
+        if self.handing_out is None:
+            self.handing_out = self.spawn(self.hand_out())
+
+    def is_unsent(self, build_id: int) -> bool:
+        """True while an assignment of the build waits to be sent."""
+        return any(build_id == held for leases in self.unsent.values() for held, _ in leases)
+
+    async def hand_out(self) -> None:
+        """Persist and send the assignments waiting in ``outgoing``, batch by batch."""
+        try:
+            while self.outgoing:
+                batch, self.outgoing = self.outgoing, []
+                try:
+                    await self._hand_out(batch)
+                except Exception:       # the builds stay leased in memory: the runner's next pong takes them back
+                    log.exception("handing out %d build(s) failed", len(batch))
+                finally:
+                    for build, runner, attempt in batch:
+                        leases = self.unsent.get(runner.name)
+                        if leases is not None:
+                            leases.discard((build.id, attempt))
+                            if not leases:
+                                del self.unsent[runner.name]
+        finally:
+            self.handing_out = None
+
+    async def _hand_out(self, batch: list[tuple[Build, RunnerRecord, int]]) -> None:
+        stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+        lines = [(build.id, f"=== attempt {attempt} on {runner.name} ({runner.host}:{runner.port}) at {stamp} ===")
+                 for build, runner, attempt in batch if self.sched.is_leased(build.id, attempt)]
+        sizes = await asyncio.to_thread(self.logs.first_lines, lines)
+        now = self.clock()
+        # started now, in the same step as the `run` is queued on the runner's link:
+        # a ping that goes out before it cannot take the build back (see Scheduler.heartbeat)
+        batch = [(build, runner, attempt) for build, runner, attempt in batch
+                 if build.id in sizes and self.sched.sending(build.id, attempt, now)]
+        for build, _, _ in batch:
+            self.logs.begin(build, sizes[build.id])
+        with self.store.transaction():
+            self.store.save(build for build, _, _ in batch)
+        for build, runner, attempt in batch:
+            log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
+            if attempt > 1:
+                self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
+            self.spawn(self.send_run(build, runner, attempt))
+        if self.watchers.active:
+            for build, _, _ in batch:
+                self.watchers.event("build", build=build.summary())
+        self.watchers.touch()
+
+    async def send_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
+        # the lease is pinned when the send is decided: should the build be taken
+        # back and handed to someone else before this task runs, sending
+        # build.attempt here would give one lease to two runners
+        if not self.sched.is_leased(build.id, attempt) or build.runner != runner.name:
+            return
+        cfg = self.config.build
+        msg = {"type": "run", "build": build.id, "attempt": attempt, "repo": build.repo,
+               "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
+               "timeout": cfg.timeout, "env": dict(cfg.env), "job": build.job,
+               "artifacts_limit": self.config.dispatcher.max_artifact_bytes}
+        try:
+            try:
+                await self.link(runner).request(msg)
+            except net.PeerError as exc:
+                if isinstance(exc, (net.PeerRefused, net.PeerTimeout)) or not self.sched.is_leased(build.id, attempt):
+                    raise
+                # the kept connection was dead (the runner restarted or stopped):
+                # one fresh attempt tells a stopped runner from a live one at once
+                await self.link(runner).request(msg)
+        except protocol.RemoteError as exc:
+            log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
+            self.apply(self.sched.refused(build.id, attempt, f"runner {runner.name} refused it: {exc}",
+                                          self.clock()))
+        except net.PeerRefused as exc:
+            self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+        except net.PeerError as exc:
+            # unknown whether it arrived: the next pong tells
+            log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
+
+    def cancel(self, runner: RunnerRecord, build_id: int, attempt: int) -> None:
+        self.spawn(self.send_cancel(runner, build_id, attempt))
+
+    async def send_cancel(self, runner: RunnerRecord, build_id: int, attempt: int) -> None:
+        try:
+            await self.link(runner).request({"type": "cancel", "build": build_id, "attempt": attempt})
+            log.info("cancelled build %d attempt %d on %s", build_id, attempt, runner.name)
+        except (net.PeerError, protocol.RemoteError) as exc:
+            log.warning("cancelling build %d on %s: %s", build_id, runner.name, exc)
+
+    # ------------------------------------------------------------ heartbeat
+
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Ping every live runner each heartbeat_interval, and sweep for the
+        silent ones four times as often, so a frozen runner is declared dead
+        close to the deadline rather than up to a whole interval after it."""
+        interval = self.config.dispatcher.heartbeat_interval
+        next_ping = 0.0
+        while not stop.is_set():
+            now = self.clock()
+            self.apply(self.sched.expire(now))
+            if now >= next_ping:
+                next_ping = now + interval
+                for runner in list(self.sched.runners.values()):
+                    if runner.alive and runner.name not in self.pinging:
+                        self.spawn(self.ping(runner))
+            try:
+                await aio.within(stop.wait(), interval / 4)
+            except asyncio.TimeoutError:
+                pass
+
+    async def ping(self, runner: RunnerRecord) -> None:
+        self.pinging.add(runner.name)
+        try:
+            for retry in (False, True):
+                sent_at = self.clock()
+                try:
+                    reply = await self.link(runner).request(
+                        {"type": "ping"}, timeout=self.config.dispatcher.heartbeat_interval)
+                except net.PeerRefused as exc:
+                    self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+                    return
+                except net.PeerTimeout:
+                    return                  # a miss: expire() decides when enough were missed
+                except (net.PeerError, protocol.RemoteError) as exc:
+                    if not retry:           # a dropped connection: reconnect once at once
+                        continue
+                    log.debug("ping %s: %s", runner.name, exc)
+                    return
+                leases = {tuple(lease) for lease in reply["running"]}
+                # what it was given but not yet sent, it cannot report: not a reason to take it back
+                leases |= self.unsent.get(runner.name, set()) & runner.running
+                self.apply(self.sched.heartbeat(runner.name, leases, sent_at, self.clock()))
+                # one small frame per runner per interval, so a console's "last seen" stays true
+                if self.watchers.active and runner.alive:
+                    self.watchers.event("runner", runner=runner.summary())
+                return
+        finally:
+            self.pinging.discard(runner.name)

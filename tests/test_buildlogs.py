@@ -1,0 +1,98 @@
+"""Build logs: the offset rule, per-attempt sizes, the dispatcher's own lines, the cap, reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from ci.buildlogs import BuildLogs, LogGap
+from ci.models import Build, Status
+
+SHA = "d" * 40
+
+
+@pytest.fixture
+def logs(tmp_path):
+    return BuildLogs(tmp_path / "logs", 1 << 20)
+
+
+def running(n=1, attempt=1):
+    return Build(n, "/repo", "main", SHA, status=Status.RUNNING, attempt=attempt, runner="r1")
+
+
+def started(logs, build, first="=== attempt 1 ==="):
+    """As a hand-out does it: the first line, then the attempt begins after it."""
+    sizes = logs.first_lines([(build.id, first)])
+    logs.begin(build, sizes[build.id])
+    return build
+
+
+def test_offsets_count_only_the_runners_bytes_of_the_attempt(logs):
+    build = started(logs, running())
+    assert logs.append(build, 0, b"one\n") == (4, True)
+    with pytest.raises(LogGap) as gap:
+        logs.append(build, 9, b"later\n")
+    assert gap.value.expected == 4
+    assert logs.append(build, 2, b"e\ntwo\n") == (8, True)        # the overlap is skipped
+    assert logs.append(build, 0, b"one\n") == (8, False)          # nothing new
+    assert logs.path(1).read_text() == "=== attempt 1 ===\none\ntwo\n"
+
+
+def test_sizes_are_kept_in_memory_and_rebuilt_from_disk(tmp_path, logs):
+    build = started(logs, running())
+    logs.append(build, 0, b"abc")
+    assert logs.sizes == {1: 3}
+    again = BuildLogs(tmp_path / "logs", 1 << 20)     # a restarted dispatcher
+    assert again.attempt_size(build) == 3
+    assert again.append(build, 3, b"def") == (6, True)
+
+
+def test_a_line_of_the_dispatchers_own_ends_the_runners_unfinished_line(logs):
+    build = started(logs, running())
+    logs.append(build, 0, b"no newline")
+    size = logs.line(1, "=== passed ===")
+    assert logs.path(1).read_text().endswith("no newline\n=== passed ===\n")
+    assert size == logs.size(1)
+
+
+def test_a_line_written_while_the_attempt_sends_moves_its_base(logs):
+    build = started(logs, running())
+    logs.append(build, 0, b"step one\n")
+    logs.line(1, "=== cancelled by ada ===", sending=build)
+    # the runner goes on from its own count, unaware of the line
+    assert logs.attempt_size(build) == 9
+    assert logs.append(build, 9, b"killed\n") == (16, True)
+    assert logs.path(1).read_text() == "=== attempt 1 ===\nstep one\n=== cancelled by ada ===\nkilled\n"
+    # and the count stays exact when read back from disk
+    logs.sizes.clear()
+    assert logs.attempt_size(build) == 16
+
+
+def test_a_new_attempt_starts_after_what_the_earlier_one_left(logs):
+    build = started(logs, running())
+    logs.append(build, 0, b"first try\n")
+    logs.line(1, "--- taken back; queued again ---")
+    build.attempt = 2
+    started(logs, build, "=== attempt 2 ===")
+    assert logs.attempt_size(build) == 0
+    assert logs.append(build, 0, b"second\n") == (7, True)
+
+
+def test_over_the_cap_the_count_stays_exact_and_the_line_joins_the_tail(tmp_path):
+    logs = BuildLogs(tmp_path, 2000)
+    build = started(logs, running())
+    sent = 0
+    for n in range(500):
+        line = f"output line {n:04d}\n".encode()
+        sent = logs.append(build, sent, line)[0]
+    assert sent == 500 * 17
+    logs.line(1, "=== passed ===")
+    text = logs.path(1).read_text()
+    assert "output line 0000" in text and "output line 0499" in text and "output line 0250" not in text
+    assert "bytes cut here" in text and text.endswith("=== passed ===\n")
+
+
+def test_reads_never_end_inside_a_character_unless_asked(logs):
+    logs.path(1).write_bytes("añb".encode()[:2])       # 'a' and the first byte of 'ñ'
+    assert logs.read(1, 0, 100) == b"a"
+    assert logs.read(1, 0, 100, whole=False) == b"a\xc3"
+    assert logs.read(2, 0, 100) == b"" and logs.size(2) == 0

@@ -1,0 +1,422 @@
+"""The dispatcher's handlers fed messages directly: no sockets, no daemons.
+
+Each test builds a Dispatcher over a Store in tmp_path, with a clock it
+moves by hand and runners that answer in memory, then calls
+``dispatcher.handle(conn, msg)`` and asserts the reply and what was stored.
+Every message is first checked against the protocol table, as the server
+would."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+
+from ci import config, protocol, settings
+from ci.dispatcher import Dispatcher
+from ci.models import Status
+from ci.store import Store
+from conftest import Repo
+
+SHA = "a" * 40
+SHA2 = "b" * 40
+
+
+def scenario(test):
+    """Run an async test in a loop of its own, bounded in time."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
+    return run
+
+
+class Conn:
+    """What a handler sees of a connection: the peer's role and address, and what a stream sends."""
+
+    def __init__(self, role: str, peer: str = "127.0.0.1:40000"):
+        self.role, self.peer, self.sent = role, peer, []
+
+    async def send(self, msg: dict) -> None:
+        self.sent.append(msg)
+
+
+class MemoryRunner:
+    """A runner's end of the dispatcher's link, in memory: keeps what it is
+    sent; `run` and `cancel` get ok, `ping` a pong with what it runs."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.got, self.running = host, port, [], set()
+
+    async def request(self, msg: dict, timeout: float | None = None) -> dict:
+        self.got.append(msg)
+        if msg["type"] == "run":
+            self.running.add((msg["build"], msg["attempt"]))
+        if msg["type"] == "ping":
+            return {"type": "pong", "running": [list(lease) for lease in sorted(self.running)]}
+        return {"type": "ok"}
+
+    async def close(self) -> None:
+        pass
+
+    def sent(self, kind: str) -> list[dict]:
+        return [m for m in self.got if m["type"] == kind]
+
+
+class Harness:
+    def __init__(self, tmp_path, **dispatcher):
+        cfg = config.load(None, env={}, overrides={"dispatcher": {"data_dir": str(tmp_path / "data"),
+                                                                  **dispatcher}})
+        self.store = Store(tmp_path / "data")
+        self.now = 1000.0
+        self.runners: dict[str, MemoryRunner] = {}
+        self.d = Dispatcher(settings.resolve(cfg), self.store, clock=lambda: self.now, dial=self._dial)
+        self.d.recover()
+
+    def _dial(self, runner) -> MemoryRunner:
+        return self.runners.setdefault(runner.name, MemoryRunner(runner.host, runner.port))
+
+    async def call(self, msg: dict, role: str = protocol.OPERATOR) -> dict:
+        protocol.validate(msg, role)
+        reply = await self.d.handle(Conn(role), msg)
+        protocol.validate(reply, protocol.SERVER)
+        return reply
+
+    async def stream(self, msg: dict, role: str = protocol.READER) -> list[dict]:
+        conn = Conn(role)
+        protocol.validate(msg, role)
+        assert await self.d.handle(conn, msg) is None
+        return conn.sent
+
+    async def settle(self) -> None:
+        """Wait until the hand-outs and sends the last call started are done."""
+        for _ in range(50):
+            pending = [task for task in self.d.tasks if not task.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending, timeout=10)
+        raise AssertionError("the dispatcher's tasks never settled")
+
+    async def commit(self, sha: str = SHA, repo: str = "/repo", branch: str = "main", **extra) -> dict:
+        msg = {"type": "commit", "repo": repo, "branch": branch, "sha": sha, "author": "Ada",
+               "subject": extra.pop("subject", "a change"), "time": 1.0, **extra}
+        return await self.call(msg, protocol.OBSERVER)
+
+    async def register(self, name: str = "r1", labels: tuple = (), slots: int = 1) -> dict:
+        reply = await self.call({"type": "register", "name": name, "host": "127.0.0.1", "port": 9000,
+                                 "labels": list(labels), "slots": slots}, protocol.RUNNER)
+        await self.settle()
+        return reply
+
+    async def log(self, build: int, offset: int, data: str, attempt: int = 1) -> dict:
+        return await self.call({"type": "log", "build": build, "attempt": attempt, "offset": offset,
+                                "data": data}, protocol.RUNNER)
+
+    async def result(self, build: int, attempt: int = 1, status: str = "passed", **extra) -> dict:
+        return await self.call({"type": "result", "build": build, "attempt": attempt, "status": status,
+                                "exit_code": 0 if status == "passed" else 1, "steps": 1, "duration": 0.5,
+                                **extra}, protocol.RUNNER)
+
+    def build(self, build_id: int):
+        return self.store.get(build_id)
+
+    def text(self, build_id: int) -> str:
+        return self.d.logs.path(build_id).read_text() if self.d.logs.path(build_id).exists() else ""
+
+    async def status(self) -> dict:
+        return await self.call({"type": "status"}, protocol.READER)
+
+
+@pytest.fixture
+def make(tmp_path):
+    made: list[Harness] = []
+
+    def build(**dispatcher) -> Harness:
+        h = Harness(tmp_path, **dispatcher)
+        made.append(h)
+        return h
+
+    yield build
+    for h in made:
+        h.store.close()
+
+
+def codes(reply: dict) -> tuple:
+    return reply["type"], reply.get("code")
+
+
+# ---------------------------------------------------------------- commits
+
+@scenario
+async def test_a_commit_becomes_one_queued_build_per_job(make):
+    h = make()
+    reply = await h.commit(jobs=[{"name": "lint", "labels": []}, {"name": "gpu", "labels": ["cuda"]}])
+    assert reply == {"type": "ok", "build": 1, "builds": [1, 2], "duplicate": False}
+    builds = [h.build(1), h.build(2)]
+    assert [(b.job, b.labels, b.status, b.reason) for b in builds] == [
+        ("lint", (), Status.QUEUED, "commit"), ("gpu", ("cuda",), Status.QUEUED, "commit")]
+    assert (await h.status())["queue"] == [1, 2]
+
+
+@scenario
+async def test_a_commit_reported_again_is_a_duplicate(make):
+    h = make()
+    first = await h.commit()
+    again = await h.commit()
+    assert again == {**first, "duplicate": True}
+    assert [b.id for b in h.store.recent(10)] == [1]
+
+
+@scenario
+async def test_a_skip_marker_records_one_skipped_build_never_queued(make):
+    h = make()
+    reply = await h.commit(subject="docs", message="docs\n\nnothing to test [CI Skip]",
+                           jobs=[{"name": "a", "labels": []}, {"name": "b", "labels": []}])
+    assert reply["builds"] == [1]
+    assert h.build(1).status is Status.SKIPPED and h.build(1).finished_at == h.now
+    assert "skipped: the commit message says [ci skip]" in h.text(1)
+    assert (await h.status())["queue"] == []
+
+
+@scenario
+async def test_a_broken_ci_yaml_is_one_error_build_whose_log_says_why(make):
+    h = make()
+    await h.register()
+    reply = await h.commit(config_error=".ci.yaml line 3: steps[2].run must be a non-empty string")
+    await h.settle()
+    build = h.build(reply["build"])
+    assert (build.status, build.runner) == (Status.ERROR, None)
+    assert "=== build error: .ci.yaml line 3: steps[2].run must be a non-empty string ===" in h.text(build.id)
+    assert "r1" not in h.runners             # nothing was ever sent to it
+
+
+@scenario
+async def test_a_repository_not_in_dispatcher_repos_is_refused(make):
+    h = make(repos=["/allowed"])
+    reply = await h.commit(repo="/elsewhere")
+    assert codes(reply) == ("error", "forbidden_repo") and "/elsewhere" in reply["message"]
+    assert h.store.recent(10) == []
+    assert (await h.commit(repo="/allowed"))["builds"] == [1]
+
+
+@scenario
+async def test_supersede_cancels_the_queued_builds_of_that_branch_only(make):
+    h = make(supersede=["feat*"])
+    await h.commit(sha="1" * 40, branch="feat")
+    await h.commit(sha="2" * 40, branch="main")
+    await h.commit(sha="3" * 40, branch="feat")
+    assert [h.build(n).status for n in (1, 2, 3)] == [Status.CANCELLED, Status.QUEUED, Status.QUEUED]
+    assert "superseded by build 3, a newer commit (333333333333) of feat" in h.text(1)
+
+
+# ---------------------------------------------------------------- runners, logs, results
+
+@scenario
+async def test_register_hands_out_the_queued_build_and_records_the_runner(make):
+    h = make(heartbeat_interval=2.0)
+    await h.commit()
+    reply = await h.register("r1")
+    assert reply == {"type": "ok", "heartbeat_interval": 2.0}
+    assert [(r.name, r.port) for r in h.store.runners()] == [("r1", 9000)]
+    run = h.runners["r1"].sent("run")
+    assert [(m["build"], m["attempt"], m["sha"], m["repo"]) for m in run] == [(1, 1, SHA, "/repo")]
+    build = h.build(1)
+    assert (build.status, build.runner, build.attempt) == (Status.RUNNING, "r1", 1)
+    assert h.text(1).startswith("=== attempt 1 on r1 (127.0.0.1:9000)")
+    assert build.log_base == len(h.text(1).encode())
+
+
+@scenario
+async def test_log_frames_follow_the_offset_rule(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    assert await h.log(1, 0, "hello\n") == {"type": "ok", "offset": 6}
+    gap = await h.log(1, 10, "later\n")
+    assert codes(gap) == ("error", "offset") and gap["expected"] == 6
+    assert await h.log(1, 3, "lo\nworld\n") == {"type": "ok", "offset": 12}     # the overlap is skipped
+    assert await h.log(1, 6, "world\n") == {"type": "ok", "offset": 12}         # all of it held already
+    assert codes(await h.log(1, 12, "x", attempt=2)) == ("error", "stale")
+    assert codes(await h.log(99, 0, "x")) == ("error", "stale")
+    assert h.text(1).endswith("===\nhello\nworld\n")
+
+
+@scenario
+async def test_a_result_needs_the_whole_log_and_the_current_attempt(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    await h.log(1, 0, "ran\n")
+    short = await h.result(1, log_size=10)
+    assert codes(short) == ("error", "offset") and short["expected"] == 4
+    assert codes(await h.result(1, attempt=2)) == ("error", "stale")
+    assert await h.result(1, log_size=4) == {"type": "ok"}
+    build = h.build(1)
+    assert (build.status, build.exit_code, build.finished_at) == (Status.PASSED, 0, h.now)
+    assert h.text(1).endswith("ran\n=== passed (exit 0) in 0.50s on r1 ===\n")
+    assert codes(await h.result(1, log_size=4)) == ("error", "stale")      # once only
+
+
+@scenario
+async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    h.now += 10
+    h.d.apply(h.d.sched.expire(h.now))
+    assert h.build(1).status is Status.QUEUED
+    assert "runner r1 lost" in h.text(1)
+    await h.register("r2")
+    assert (h.build(1).runner, h.build(1).attempt) == ("r2", 2)
+    assert codes(await h.log(1, 0, "old attempt\n", attempt=1)) == ("error", "stale")
+    assert await h.log(1, 0, "second\n", attempt=2) == {"type": "ok", "offset": 7}
+
+
+# ---------------------------------------------------------------- cancel
+
+@scenario
+async def test_cancel_a_queued_build(make):
+    h = make()
+    await h.commit()
+    reply = await h.call({"type": "cancel", "build": 1, "by": "ada@box"})
+    assert reply == {"type": "ok", "builds": [1]}
+    assert h.build(1).status is Status.CANCELLED
+    assert "cancelled by ada@box (operator at 127.0.0.1:40000)" in h.text(1)
+    assert (await h.status())["queue"] == []
+
+
+@scenario
+async def test_cancel_a_running_build_keeps_the_runners_offsets_right(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    await h.log(1, 0, "step one\n")
+    assert await h.call({"type": "cancel", "build": 1}) == {"type": "ok", "builds": [1]}
+    await h.settle()
+    assert [(m["build"], m["attempt"]) for m in h.runners["r1"].sent("cancel")] == [(1, 1)]
+    # the runner goes on counting its own bytes: the dispatcher's line does not shift them
+    assert await h.log(1, 9, "killed\n") == {"type": "ok", "offset": 16}
+    assert await h.result(1, status="failed", log_size=16) == {"type": "ok"}
+    assert h.build(1).status is Status.CANCELLED
+    text = h.text(1)
+    assert "step one\n=== cancelled by operator at 127.0.0.1:40000" in text
+    assert text.endswith("killed\n=== cancelled (the runner reported failed as it stopped) ===\n")
+
+
+@scenario
+async def test_cancel_a_finished_or_unknown_build_is_an_error(make):
+    h = make()
+    await h.commit(subject="[skip ci]")
+    assert codes(await h.call({"type": "cancel", "build": 1})) == ("error", "finished")
+    assert codes(await h.call({"type": "cancel", "build": 7})) == ("error", "not_found")
+
+
+# ---------------------------------------------------------------- reads
+
+@scenario
+async def test_status_says_why_a_queued_build_waits(make):
+    h = make()
+    await h.commit(jobs=[{"name": "gpu", "labels": ["cuda"]}, {"name": "any", "labels": []}])
+    waits = {b["job"]: (b["waiting"], b["waiting_for"]) for b in (await h.status())["builds"]}
+    assert waits == {"gpu": ("no runner alive", ["cuda"]), "any": ("no runner alive", [])}
+    await h.register("r1", labels=("linux",))
+    await h.commit(sha=SHA2)
+    waits = {(b["sha"], b["job"]): (b.get("waiting"), b.get("waiting_for")) for b in (await h.status())["builds"]}
+    assert waits == {(SHA, "gpu"): ("no runner with label cuda", ["cuda"]),
+                     (SHA, "any"): (None, None),                          # running on r1
+                     (SHA2, ""): ("runner r1 busy", None)}
+    pipeline = next(p for p in (await h.status())["pipelines"] if p["sha"] == SHA)
+    assert pipeline["status"] == "running" and [j["job"] for j in pipeline["jobs"]] == ["any", "gpu"]
+
+
+@scenario
+async def test_read_log_sends_the_log_in_chunks_then_the_end(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    await h.log(1, 0, "héllo\n")
+    await h.result(1)
+    frames = await h.stream({"type": "read_log", "build": 1})
+    text = "".join(f["data"] for f in frames if f["type"] == "chunk")
+    assert text == h.text(1) and "héllo\n" in text
+    assert frames[-1] == {"type": "end", "status": "passed", "offset": len(text.encode())}
+    assert codes((await h.stream({"type": "read_log", "build": 5}))[0]) == ("error", "not_found")
+
+
+@scenario
+async def test_watch_sends_a_snapshot_then_each_change(make):
+    h = make()
+    conn = Conn(protocol.READER)
+    watch = asyncio.ensure_future(h.d.handle(conn, {"type": "watch"}))
+    while not conn.sent:
+        await asyncio.sleep(0)
+    assert conn.sent[0]["type"] == "ok" and conn.sent[0]["builds"] == []
+    await h.commit()
+    while len(conn.sent) < 2:
+        await asyncio.sleep(0)
+    assert conn.sent[1]["event"] == "build" and conn.sent[1]["build"]["id"] == 1
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    assert not h.d.watchers.active
+
+
+# ---------------------------------------------------------------- trigger and rebuild
+
+@pytest.fixture
+def two_repos(tmp_path):
+    one, two = Repo(tmp_path / "one"), Repo(tmp_path / "two")
+    shas = {"one": one.commit("first of one"), "two": two.commit("first of two")}
+    shas["only-two"] = two.commit("only in two", {".ci.yaml": "jobs:\n  a: {steps: [echo a]}\n  b: {steps: [echo b]}\n"})
+    return one, two, shas
+
+
+@scenario
+async def test_trigger_builds_in_the_repository_where_the_revision_is(make, two_repos):
+    one, two, shas = two_repos
+    h = make()
+    assert codes(await h.call({"type": "trigger", "branch": "main"})) == ("error", "not_found")   # none known
+    await h.commit(repo=str(one.path), sha=shas["one"])
+    await h.commit(repo=str(two.path), sha=shas["two"])          # the newest build is in two
+
+    reply = await h.call({"type": "trigger", "rev": shas["one"][:10]})
+    build = h.build(reply["builds"][0])
+    assert (build.repo, build.sha, build.reason, build.subject) == (str(one.path), shas["one"], "manual",
+                                                                    "first of one")
+    assert build.author == "Ada Tester" and build.branch == "manual"
+
+    # in both: ambiguous, until --repo says which
+    both = await h.call({"type": "trigger", "branch": "main"})
+    assert codes(both) == ("error", "ambiguous")
+    assert str(one.path) in both["message"] and str(two.path) in both["message"] and "--repo" in both["message"]
+    reply = await h.call({"type": "trigger", "branch": "main", "repo": str(two.path)})
+    built = [h.build(n) for n in reply["builds"]]
+    assert [(b.repo, b.sha, b.branch, b.job) for b in built] == [
+        (str(two.path), shas["only-two"], "main", "a"), (str(two.path), shas["only-two"], "main", "b")]
+
+    unknown = await h.call({"type": "trigger", "branch": "main", "repo": "/not/known"})
+    assert codes(unknown) == ("error", "not_found") and "/not/known" in unknown["message"]
+    missing = await h.call({"type": "trigger", "rev": "no-such-rev"})
+    assert codes(missing) == ("error", "not_found") and "no-such-rev" in missing["message"]
+
+
+@scenario
+async def test_trigger_knows_the_configured_repositories_before_any_commit(make, two_repos):
+    one, two, shas = two_repos
+    h = make(repos=[str(one.path), str(two.path)])
+    reply = await h.call({"type": "trigger", "rev": shas["two"]})
+    assert h.build(reply["builds"][0]).repo == str(two.path)
+    assert "=== manual ===" in h.text(reply["builds"][0])
+
+
+@scenario
+async def test_rebuild_queues_the_same_commit_and_job_again(make):
+    h = make()
+    await h.commit(jobs=[{"name": "gpu", "labels": ["cuda"]}])
+    await h.call({"type": "cancel", "build": 1})
+    reply = await h.call({"type": "rebuild", "build": 1})
+    assert reply == {"type": "ok", "builds": [2]}
+    old, new = h.build(1), h.build(2)
+    assert (new.repo, new.sha, new.job, new.labels, new.status) == (old.repo, old.sha, "gpu", ("cuda",),
+                                                                    Status.QUEUED)
+    assert new.reason == "rebuild of 1" and "=== rebuild of 1 ===" in h.text(2)
+    assert codes(await h.call({"type": "rebuild", "build": 9})) == ("error", "not_found")

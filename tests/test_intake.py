@@ -1,0 +1,112 @@
+"""Commit intake as plain code: what a commit, a trigger or a rebuild turns into."""
+
+from __future__ import annotations
+
+import pytest
+
+from ci import intake
+from ci.intake import Request
+from ci.models import Build, Status
+
+SHA = "c" * 40
+
+
+def build(n, status=Status.QUEUED, branch="feat", repo="/repo", reason="commit", job="", labels=()):
+    return Build(n, repo, branch, SHA, subject="s", status=status, reason=reason, job=job, labels=labels)
+
+
+def test_skip_markers_in_any_case_anywhere_in_the_message():
+    assert intake.skip_marker("docs [Skip CI]") == "[skip ci]"
+    assert intake.skip_marker("typo\n\nbody [ci skip]") == "[ci skip]"
+    assert intake.skip_marker("skip ci, please") is None
+
+
+def test_jobs_from_the_ci_yaml_text():
+    assert intake.jobs_from(None) == (intake.DEFAULT_JOBS, "")
+    jobs, problem = intake.jobs_from(b"jobs:\n  a: {labels: [x], steps: [make]}\n  b: {steps: [make]}\n")
+    assert (jobs, problem) == ([{"name": "a", "labels": ["x"]}, {"name": "b", "labels": []}], "")
+    jobs, problem = intake.jobs_from(b"steps:\n  - run: [1]\n")
+    assert jobs == intake.DEFAULT_JOBS and problem.startswith(".ci.yaml line 2")
+    assert intake.jobs_from(b"steps: [\xff]") == (intake.DEFAULT_JOBS, ".ci.yaml: is not UTF-8 text")
+
+
+def test_one_row_per_job_or_one_final_build():
+    jobs = [{"name": "a", "labels": ["x"]}, {"name": "b", "labels": []}]
+    rows = Request("/repo", "main", SHA, jobs=jobs).rows()
+    assert [(r["job"], r["labels"], r["status"]) for r in rows] == [("a", ("x",), Status.QUEUED),
+                                                                   ("b", (), Status.QUEUED)]
+    skipped = Request("/repo", "main", SHA, jobs=jobs, skip="[skip ci]").rows()
+    assert [(r["job"], r["status"]) for r in skipped] == [("", Status.SKIPPED)]
+    broken = Request("/repo", "main", SHA, jobs=jobs, config_error="bad").rows()
+    assert [(r["job"], r["status"]) for r in broken] == [("", Status.ERROR)]
+    # skip wins over a broken file: nothing is built either way
+    assert Request("/r", "main", SHA, skip="[ci skip]", config_error="bad").status is Status.SKIPPED
+
+
+def test_the_lines_a_new_build_starts_with():
+    new = build(4)
+    assert Request("/r", "main", SHA).lines(new) == []
+    assert Request("/r", "main", SHA, note="manual").lines(new) == ["=== manual ==="]
+    assert Request("/r", "main", SHA, config_error="bad").lines(new) == ["=== build error: bad ==="]
+    skipped = Request("/r", "main", SHA, skip="[skip ci]", note="rebuild of 3").lines(new)
+    assert skipped[0] == "=== rebuild of 3 ===" and f"`tinyci trigger {SHA[:12]}`" in skipped[1]
+
+
+def test_admit_queues_the_new_builds_and_reports_the_broken():
+    queued = Request("/r", "feat", SHA)
+    out = intake.admit(queued, [build(5), build(6)], [], supersede=[])
+    assert [b.id for b in out.queue] == [5, 6] and out.failed == [] and out.lines == []
+    broken = Request("/r", "feat", SHA, config_error="bad")
+    failed = build(7, status=Status.ERROR)
+    out = intake.admit(broken, [failed], [], supersede=[])
+    assert out.queue == [] and out.failed == [failed] and out.lines == [(7, "=== build error: bad ===")]
+    assert intake.admit(queued, [], [build(1)], supersede=["*"]).supersede == []     # a duplicate: nothing new
+
+
+def test_supersede_takes_only_older_queued_commit_builds_of_the_branch_and_repo():
+    active = [build(1), build(2, status=Status.RUNNING), build(3, branch="main"), build(4, repo="/other"),
+              build(5, reason="manual"), build(0)]
+    out = intake.admit(Request("/repo", "feat", SHA), [build(9)], active, supersede=["fe*"])
+    assert [old.id for old, _ in out.supersede] == [0, 1]
+    assert out.supersede[0][1] == f"=== cancelled: superseded by build 9, a newer commit ({SHA[:12]}) of feat ==="
+    assert intake.admit(Request("/repo", "feat", SHA), [build(9)], active, supersede=["main"]).supersede == []
+    manual = Request("/repo", "feat", SHA, reason="manual")
+    assert intake.admit(manual, [build(9)], active, supersede=["*"]).supersede == []
+
+
+def test_pipelines_roll_up_the_newest_build_of_each_job():
+    summaries = [b.summary() for b in (build(3, job="a", status=Status.PASSED),
+                                       build(2, job="b", status=Status.FAILED),
+                                       build(1, job="a", status=Status.ERROR))]
+    (pipeline,) = intake.pipelines(summaries)
+    assert pipeline["status"] == "failed"
+    assert [(j["job"], j["build"], j["status"]) for j in pipeline["jobs"]] == [("a", 3, "passed"),
+                                                                              ("b", 2, "failed")]
+
+
+REPOS = {"/one": {"main": "1" * 40, "v1": "2" * 40}, "/two": {"main": "3" * 40}}
+
+
+def resolve(repo, rev):
+    return REPOS.get(repo, {}).get(rev)
+
+
+def test_choose_repo_finds_the_one_repository_a_revision_is_in():
+    assert intake.choose_repo("v1", None, ["/one", "/two"], resolve) == ("/one", "2" * 40)
+    assert intake.choose_repo("main", "/two", ["/one", "/two"], resolve) == ("/two", "3" * 40)
+    assert intake.choose_repo("main", None, ["/two"], resolve) == ("/two", "3" * 40)
+
+
+@pytest.mark.parametrize("rev, wanted, known, code, words", [
+    ("main", None, ["/one", "/two"], "ambiguous", ["/one", "/two", "--repo"]),
+    ("main", "/three", ["/one", "/two"], "not_found", ["/three", "known: /one, /two"]),
+    ("nope", None, ["/one", "/two"], "not_found", ["'nope'", "any of /one, /two"]),
+    ("v1", "/two", ["/one", "/two"], "not_found", ["'v1'", "/two"]),
+    ("main", None, [], "not_found", ["no repository known yet"]),
+])
+def test_choose_repo_says_why_it_cannot(rev, wanted, known, code, words):
+    with pytest.raises(intake.RevisionError) as err:
+        intake.choose_repo(rev, wanted, known, resolve)
+    assert err.value.code == code
+    for word in words:
+        assert word in err.value.message
