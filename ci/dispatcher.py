@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import aio, buildfile, daemon, net, notify, protocol
 from .artifacts import ArtifactError, Artifacts
-from .config import Config
+from .settings import Settings
 from .logcap import LogCap
 from .models import Build, Runner, Status, pipeline_status
 from .text import utf8_boundary
@@ -50,16 +50,17 @@ ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, prot
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time):
-        self.config = config
+    def __init__(self, settings: Settings, store: Store, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.config = config = settings.config
         self.store = store
         self.clock = clock
         cfg = config.dispatcher
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
-        self.secret = config.role_secret(protocol.DISPATCHER)      # what it proves itself with to runners
-        self.secrets = config.secrets()
-        self.client_tls = config.client_tls()
-        self.limits = config.limits()
+        self.secret = settings.secret(protocol.DISPATCHER)      # what it proves itself with to runners
+        self.secrets = settings.secrets
+        self.client_tls = settings.client_tls
+        self.limits = settings.limits
         self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
         self.tasks: set[asyncio.Task] = set()
         self.pinging: set[str] = set()
@@ -91,10 +92,10 @@ class Dispatcher:
 
     async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
         cfg = self.config.dispatcher
-        daemon.check_exposure("dispatcher", cfg.host, self.config, ACCEPTS, insecure)
+        daemon.check_exposure("dispatcher", cfg.host, self.settings, ACCEPTS, insecure)
         server = await daemon.listen(
             lambda: net.serve(self.handle, cfg.host, cfg.port, secrets=self.secrets, roles=ACCEPTS,
-                              limits=self.limits, name="dispatcher", ssl=self.config.server_tls()),
+                              limits=self.limits, name="dispatcher", ssl=self.settings.server_tls),
             "dispatcher", cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
@@ -722,13 +723,13 @@ def main(args: argparse.Namespace) -> int:
     overrides = {"dispatcher": {"host": args.host, "port": args.port, "data_dir": args.data}}
 
     async def body(stop: asyncio.Event) -> None:
-        config = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides)
         try:
-            store = Store(Path(config.dispatcher.data_dir))
+            store = Store(Path(settings.config.dispatcher.data_dir))
         except StoreError as exc:
             raise daemon.StartupError(str(exc)) from None
         try:
-            dispatcher = Dispatcher(config, store)
+            dispatcher = Dispatcher(settings, store)
             dispatcher.recover()
             await dispatcher.serve(stop, args.insecure)
         finally:

@@ -54,7 +54,7 @@ def commits(repo: Path, n: int, prefix: str = "change") -> list[str]:
     return [commit(repo, f"{prefix} {i}") for i in range(n)]
 
 
-def read(repo: Path, saved: dict, **kw) -> tuple[gitwatch.Plan, list[gitwatch.Commit]]:
+def read(repo: Path, saved: dict, **kw) -> tuple[gitwatch.ScanPlan, list[gitwatch.Commit]]:
     return gitwatch.Clone(repo, **kw).read(saved)
 
 
