@@ -89,6 +89,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if command == name:
             _daemon_module(name).add_arguments(daemon)
 
+    _reader_commands(sub)
+    _operator_commands(sub)
+    _hook_commands(sub)
+    return parser
+
+
+def _reader_commands(sub) -> None:
+    """Commands that only read from the dispatcher (role reader)."""
     status = sub.add_parser(
         "status", help="show runners and recent builds",
         description="Show the runners the dispatcher knows and its most recent builds.")
@@ -132,6 +140,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     artifacts.add_argument("--get", metavar="PATH", help="fetch this artifact (a path from the list)")
     artifacts.add_argument("-o", "--output", metavar="FILE", help="with --get: write it to FILE")
 
+
+
+def _operator_commands(sub) -> None:
+    """Commands that change what the dispatcher builds (role operator)."""
     trigger = sub.add_parser(
         "trigger", help="queue a build of a branch head or a commit",
         description="Queue a build of a branch's head (--branch) or of a commit (REV), "
@@ -151,6 +163,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _tool_arguments(rebuild)
     rebuild.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
 
+
+
+def _hook_commands(sub) -> None:
+    """The git hooks' side: poking the observer, and installing the hooks that do."""
     notify = sub.add_parser(
         "notify", help="tell the observer to look for new commits now (for git hooks)",
         description="Tell the observer to look for new commits now instead of at its next poll. "
@@ -179,7 +195,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     hook.add_argument("--secret-file", metavar="FILE",
                       help=f"file holding the observer secret, read by the hooks at each commit "
                            f"(default: {LOCAL_SECRET} from `tinyci up`, when it exists here)")
-    return parser
 
 
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
