@@ -121,7 +121,7 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
     known = None if runners is None else list(runners)
-    waits = [f"#{b.get('id')} waits: {models.why_waiting(b.get('labels') or (), known)}"
+    waits = [f"#{b.get('id')} waits: {_why_waiting(b, known)}"
              for b in builds if known is not None and b.get("status") == "queued"]
     if waits:
         return Group(table, Text("\n".join(waits), style="cyan"))
@@ -138,6 +138,12 @@ def _subject(build: dict) -> Text:
     text = Text(f"{reason}: ", style="italic", no_wrap=True, overflow="ellipsis")
     text.append(subject)
     return text
+
+
+def _why_waiting(build: dict, runners: list[dict]) -> str:
+    """The dispatcher's own explanation when the reply carries one (it sees every
+    runner), else the same rule applied to the runners in the snapshot."""
+    return build.get("waiting") or models.why_waiting(build.get("labels") or (), runners)
 
 
 def _line(text: str) -> Text:

@@ -329,6 +329,8 @@ def test_status_says_why_each_queued_build_waits_in_the_consoles_words():
     assert "#8 waits: starting" in text           # runner-1 has a free slot of two
     assert len(re.findall(r"waits:", text)) == 2            # running and finished builds do not wait
     assert "waits" not in render(tui.render_status(SNAPSHOT, NOW))
+    told = dict(snapshot, builds=[{**queued(9, ["gpu"]), "waiting": "runner runner-9 busy"}])
+    assert "#9 waits: runner runner-9 busy" in render(tui.render_status(told, NOW))   # the dispatcher's word
 
 
 def test_empty_snapshot_says_what_to_do():

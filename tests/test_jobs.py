@@ -91,7 +91,7 @@ steps:
 
 ESCAPE = """\
 import asyncio, base64, os
-from ci import net          # the runner's PYTHONPATH reaches the step, protocol
+from ci import net, protocol      # the runner's PYTHONPATH reaches the step
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
        "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
 try:
