@@ -89,6 +89,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if command == name:
             _daemon_module(name).add_arguments(daemon)
 
+    _reader_commands(sub)
+    _operator_commands(sub)
+    _hook_commands(sub)
+    return parser
+
+
+def _reader_commands(sub) -> None:
+    """Commands that only read from the dispatcher (role reader)."""
     status = sub.add_parser(
         "status", help="show runners and recent builds",
         description="Show the runners the dispatcher knows and its most recent builds.")
@@ -132,6 +140,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     artifacts.add_argument("--get", metavar="PATH", help="fetch this artifact (a path from the list)")
     artifacts.add_argument("-o", "--output", metavar="FILE", help="with --get: write it to FILE")
 
+
+
+def _operator_commands(sub) -> None:
+    """Commands that change what the dispatcher builds (role operator)."""
     trigger = sub.add_parser(
         "trigger", help="queue a build of a branch head or a commit",
         description="Queue a build of a branch's head (--branch) or of a commit (REV), "
@@ -154,6 +166,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _tool_arguments(rebuild)
     rebuild.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
 
+
+
+def _hook_commands(sub) -> None:
+    """The git hooks' side: poking the observer, and installing the hooks that do."""
     notify = sub.add_parser(
         "notify", help="tell the observer to look for new commits now (for git hooks)",
         description="Tell the observer to look for new commits now instead of at its next poll. "
@@ -182,7 +198,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     hook.add_argument("--secret-file", metavar="FILE",
                       help=f"file holding the observer secret, read by the hooks at each commit "
                            f"(default: {LOCAL_SECRET} from `tinyci up`, when it exists here)")
-    return parser
 
 
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,17 +272,22 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- tools
 
 class DispatcherLink:
-    """What a tool needs to reach the dispatcher: address, secret, limits."""
+    """What a tool needs to reach the dispatcher: address, secrets, limits, TLS,
+    resolved once from the configuration (``settings.resolve``)."""
+
+    ROLES = (protocol.READER, protocol.OPERATOR)
 
     def __init__(self, args: argparse.Namespace):
         from .config import ConfigError, load
+        from .settings import resolve
         try:
-            config = load(args.config)
-            self.secrets = {role: tool_secret(config, role) for role in (protocol.READER, protocol.OPERATOR)}
-            self.tls = config.client_tls()
+            settings = resolve(load(args.config), roles=self.ROLES, listens=False)
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
-        self.limits = config.limits()
+        config = settings.config
+        self.secrets = {role: tool_secret(settings, role) for role in self.ROLES}
+        self.tls = settings.client_tls
+        self.limits = settings.limits
         addr = args.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
         try:
             self.host, self.port = net.parse_addr(addr)
@@ -305,11 +325,11 @@ class DispatcherLink:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
 
 
-def tool_secret(config, role: str, secret_file: str | None = None) -> str:
+def tool_secret(settings, role: str, secret_file: str | None = None) -> str:
     """The secret a tool uses for ``role``: an explicit --secret-file first, then the
-    configured one, then the secret `tinyci up` made in .tinyci/. ``config`` may be None."""
+    configured one (``settings``, may be None), then the secret `tinyci up` made in .tinyci/."""
     if not secret_file:
-        secret = config.role_secret(role) if config is not None else ""
+        secret = settings.secret(role) if settings is not None else ""
         if secret:
             return secret
     try:
@@ -556,7 +576,10 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     secret_file = getattr(args, "secret_file", None)
     if args.config or any(name.startswith("TINYCI_") for name in os.environ):
         from .config import load
-        config = load(args.config)
-        return (args.observer or f"{dial_host(config.observer.host)}:{config.observer.port}",
-                tool_secret(config, protocol.OBSERVER, secret_file), config.client_tls())
+        from .settings import resolve
+        # an explicit --secret-file wins: the configured secret is then not read at all
+        settings = resolve(load(args.config), roles=[] if secret_file else [protocol.OBSERVER], listens=False)
+        observer = settings.config.observer
+        return (args.observer or f"{dial_host(observer.host)}:{observer.port}",
+                tool_secret(settings, protocol.OBSERVER, secret_file), settings.client_tls)
     return args.observer or DEFAULT_OBSERVER, tool_secret(None, protocol.OBSERVER, secret_file), None

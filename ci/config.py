@@ -5,6 +5,10 @@ Precedence: command-line flag > ``TINYCI_<SECTION>_<KEY>`` environment
 variable > file > built-in default. Every default works on one machine with
 no file at all. An unknown key or a wrong type is a ConfigError naming the
 file (or variable) and the key, raised at start-up.
+
+A leaf: this module only parses and checks values. Reading the secret files
+it names, building TLS contexts and checking values against the wire table
+are ``settings.resolve``'s job, done once at start-up.
 """
 
 from __future__ import annotations
@@ -18,20 +22,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from . import net, protocol
+from .limits import Limits
 
 
 class ConfigError(Exception):
     """A configuration problem, worded for the person who has to fix it."""
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    max_frame: int = 1 << 20
-    connect_timeout: float = 5.0
-    read_timeout: float = 10.0
-    idle_timeout: float = 300.0
-    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -117,60 +112,20 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
-    net: NetConfig = field(default_factory=NetConfig)
+    net: Limits = field(default_factory=Limits)     # the transport's bounds, as they are
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = "built-in defaults"
+    # where each key that is not a default came from (a file, "environment",
+    # "command line"), for errors found after loading; not part of equality
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def secret(self) -> str:
-        """The shared secret, read from ``secret_file`` when one is named."""
-        return _read_secret(self.auth, "secret")
-
-    def role_secret(self, role: str) -> str:
-        """The secret ``role`` authenticates with: its own (``<role>_secret_file``,
-        then ``<role>_secret``), else the shared one."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}")
-        return _read_secret(self.auth, f"{role}_secret") or self.secret
-
-    def secrets(self) -> dict[str, str]:
-        """Every role's secret, for a server checking what clients claim."""
-        shared = self.secret        # read once, not once per role
-        return {role: _read_secret(self.auth, f"{role}_secret") or shared for role in ROLES}
-
-    def limits(self) -> net.Limits:
-        return net.Limits(**{f.name: getattr(self.net, f.name) for f in fields(NetConfig)})
-
-    def server_tls(self):
-        """An ssl.SSLContext for listening, or None without ``tls.cert``."""
-        from . import tls
-        return tls.server_context(self.tls)
-
-    def client_tls(self):
-        """An ssl.SSLContext for connecting, or None when TLS is not configured."""
-        from . import tls
-        return tls.client_context(self.tls)
+    def origin(self, section: str, key: str) -> str:
+        """Where ``section.key`` was set, for an error message naming it."""
+        return self.origins.get(f"{section}.{key}", "built-in defaults")
 
 
-ROLES = protocol.ROLES
-
-
-def _read_secret(auth: AuthConfig, key: str) -> str:
-    """``auth.<key>_file``'s content (stripped) when set, else ``auth.<key>``.
-    Errors name the key and the file, never the secret."""
-    path_text = getattr(auth, f"{key}_file")
-    if path_text:
-        path = Path(path_text).expanduser()
-        try:
-            return path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or "not a text file"
-            raise ConfigError(f"auth.{key}_file: cannot read {path}: {why}") from None
-    return getattr(auth, key)
-
-
-SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "source"}
+SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name not in ("source", "origins")}
 
 # Bounds checked after types: (section, key) -> (test, what it must be)
 _BOUNDS = {
@@ -187,9 +142,7 @@ _BOUNDS = {
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
     ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
-    # what goes into every `run` must pass the wire table, or each build would be refused by the runner
-    ("build", "steps"): (protocol.STEPS.check, f"a {protocol.STEPS.name}"),
-    ("build", "env"): (protocol.ENV.check, f"a {protocol.ENV.name} (names of letters, digits and _)"),
+    # build.steps and build.env are checked against the wire table by settings.resolve
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
     ("net", "max_connections"): (lambda v: v >= 1, "at least 1"),
 }
@@ -215,7 +168,8 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         base = factory()
         changes = {key: _check(section, key, value, origin, base) for key, (value, origin) in values[section].items()}
         built[section] = replace(base, **changes)
-    return Config(**built, source=source)
+    origins = {f"{section}.{key}": origin for section, keys in values.items() for key, (_, origin) in keys.items()}
+    return Config(**built, source=source, origins=origins)
 
 
 def _read_file(path: Path) -> Any:

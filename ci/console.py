@@ -1,10 +1,11 @@
-"""``tinyci console`` and ``tinyci status --watch``: live views driven by the
-dispatcher's ``watch`` stream.
+"""The live loop of ``tinyci console`` and ``tinyci status --watch``: it reads
+the dispatcher's ``watch`` stream into the view model
+(``console_state.ConsoleState``) and redraws it with the renderer (``tui``).
 
 Sends to the dispatcher (role reader): ``watch {limit}`` (a snapshot, then
 events, until either side closes) and, for the console, ``read_log {build,
-offset, follow}`` for the tail of one build's log. Two tasks feed a
-``board.Board``; a third draws it, at most ``MAX_FPS`` times a second and
+offset, follow}`` for the tail of one build's log. Two tasks feed the
+state; a third draws it, at most ``MAX_FPS`` times a second and
 only when something changed (or once a second, for ages), so a burst of
 events costs one redraw. A lost dispatcher is retried with capped, jittered
 backoff while the last picture stays on screen, marked disconnected.
@@ -26,7 +27,7 @@ from rich.console import Console, RenderableType
 from rich.text import Text
 
 from . import aio, net, protocol, tui
-from .board import Board
+from .console_state import ConsoleState
 
 MAX_FPS = 10
 PLAIN_EVERY = 2.0
@@ -48,16 +49,16 @@ def problem(exc: BaseException) -> str:
 class Live:
     """One running view: ``link`` reaches the dispatcher (``cli.DispatcherLink``)."""
 
-    def __init__(self, link, board: Board, console: Console, view: str = "console", once: bool = False):
+    def __init__(self, link, state: ConsoleState, console: Console, view: str = "console", once: bool = False):
         self.link = link
-        self.board = board
+        self.state = state
         self.console = console
         self.view = view            # "console" or "status"
         self.once = once
         self.stop = asyncio.Event()
         self.fatal: str | None = None
 
-    # ------------------------------------------------------------ feeding the board
+    # ------------------------------------------------------------ feeding the state
 
     async def watch(self) -> None:
         retry = aio.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
@@ -69,46 +70,46 @@ class Live:
                 async for frame in frames:
                     if frame["type"] == "ok":
                         got_snapshot = True
-                        self.board.snapshot(frame)
+                        self.state.snapshot(frame)
                         retry.reset()
                         if self.once:
                             return
                     elif frame["type"] == "event":
-                        self.board.event(frame)
+                        self.state.event(frame)
                     elif frame["type"] == "end":
-                        self.board.lost(frame.get("reason") or "the dispatcher ended the stream")
+                        self.state.lost(frame.get("reason") or "the dispatcher ended the stream")
             except net.PeerTimeout:
-                if self.board.connected and got_snapshot:
+                if self.state.connected and got_snapshot:
                     continue        # silence (nothing happened) or a dead link: a fresh watch tells
                 # a connect or greeting that timed out: the picture on screen is stale
-                self.board.lost("timed out")
+                self.state.lost("timed out")
             except (net.PeerError, protocol.RemoteError, protocol.ProtocolError, OSError) as exc:
                 if isinstance(exc, net.PeerAuthFailed) or getattr(exc, "code", "") == "auth_failed":
                     self.fatal = self.link.refused()
                     self.stop.set()
                     return
-                self.board.lost(problem(exc))
+                self.state.lost(problem(exc))
             finally:
                 await frames.aclose()
                 await client.close()
             if self.once:
-                self.fatal = f"cannot reach the dispatcher at {self.link.addr} ({self.board.problem})"
+                self.fatal = f"cannot reach the dispatcher at {self.link.addr} ({self.state.problem})"
                 self.stop.set()
                 return
             await self._sleep(retry.next())
 
     async def follow_log(self) -> None:
-        """Tail the log the board says to tail; switch when that changes."""
+        """Tail the log the state says to tail; switch when that changes."""
         retry = aio.Backoff(BACKOFF_FIRST, BACKOFF_CAP)
         while not self.stop.is_set():
-            target = self.board.log_target()
-            if target is None or (target == self.board.log_build and self.board.log_status is not None):
+            target = self.state.log_target()
+            if target is None or (target == self.state.log_build and self.state.log_status is not None):
                 await self._sleep(0.2)          # nothing to tail, or its log has ended
                 continue
-            self.board.log_start(target)
+            self.state.log_start(target)
             task = asyncio.ensure_future(self._read_log(target))
             try:
-                while not task.done() and self.board.log_target() == target and not self.stop.is_set():
+                while not task.done() and self.state.log_target() == target and not self.stop.is_set():
                     await asyncio.wait({task}, timeout=0.2)
             finally:
                 if not task.done():
@@ -120,22 +121,22 @@ class Live:
             if exc is None:
                 retry.reset()
             elif isinstance(exc, protocol.RemoteError) and exc.code == "not_found":
-                self.board.log_end(target, "not found")
+                self.state.log_end(target, "not found")
             else:
                 await self._sleep(retry.next())
 
     async def _read_log(self, build: int) -> None:
         client = self.link.client(protocol.READER)
         follow = not self.once
-        frames = client.stream({"type": "read_log", "build": build, "offset": self.board.log_offset,
+        frames = client.stream({"type": "read_log", "build": build, "offset": self.state.log_offset,
                                 "follow": follow}, idle=STREAM_IDLE)
         try:
             async for frame in frames:
                 if frame["type"] == "chunk":
-                    self.board.log_chunk(build, frame["offset"], frame["data"])
+                    self.state.log_chunk(build, frame["offset"], frame["data"])
                 elif frame["type"] == "end":
                     if follow:
-                        self.board.log_end(build, frame.get("status"))
+                        self.state.log_end(build, frame.get("status"))
         except net.PeerTimeout:
             pass                                # a quiet build: the caller opens a fresh stream
         finally:
@@ -146,10 +147,10 @@ class Live:
 
     def render(self, now: float, width: int, height: int) -> RenderableType:
         if self.view == "status":
-            header = tui.render_header(self.board, now, width)
+            header = tui.render_header(self.state, now, width)
             from rich.console import Group
-            return Group(header, Text(""), tui.render_status(self.board.status_snapshot(max(height - 12, 5)), now))
-        return tui.render_console(self.board, now, width, height)
+            return Group(header, Text(""), tui.render_status(self.state.status_snapshot(max(height - 12, 5)), now))
+        return tui.render_console(self.state, now, width, height)
 
     async def draw_live(self) -> None:
         from rich.live import Live as RichLive
@@ -159,8 +160,8 @@ class Live:
                       redirect_stderr=False) as live:
             while not self.stop.is_set():
                 now = time.time()
-                if self.board.version != drawn or now - last >= 1.0:
-                    drawn, last = self.board.version, now
+                if self.state.version != drawn or now - last >= 1.0:
+                    drawn, last = self.state.version, now
                     started = time.perf_counter()
                     width, height = self.console.size
                     live.update(self.render(now, width, height), refresh=True)
@@ -172,8 +173,8 @@ class Live:
         drawn = 0
         while not self.stop.is_set():
             # the log tail and heartbeats alone do not make a new snapshot worth printing
-            if self.board.news != drawn:
-                drawn = self.board.news
+            if self.state.news != drawn:
+                drawn = self.state.news
                 self.print_plain()
             await self._sleep(PLAIN_EVERY)
 
@@ -201,9 +202,9 @@ class Live:
         if self.once:
             await self.watch()
             if self.fatal is None:
-                target = self.board.log_target() if self.view == "console" else None
+                target = self.state.log_target() if self.view == "console" else None
                 if target is not None:
-                    self.board.log_start(target)
+                    self.state.log_start(target)
                     try:
                         await asyncio.wait_for(self._read_log(target), STREAM_IDLE)
                     except (net.PeerError, protocol.RemoteError, asyncio.TimeoutError):
@@ -233,8 +234,8 @@ def _env_int(name: str, default: int) -> int:
 def main(link, follow: int | None = None, view: str = "console", once: bool = False) -> int:
     """Run until Ctrl-C (or, with ``once``, print one snapshot). Returns the exit code."""
     console = Console()
-    board = Board(link.addr, follow=follow)
-    live = Live(link, board, console, view=view, once=once)
+    state = ConsoleState(link.addr, follow=follow)
+    live = Live(link, state, console, view=view, once=once)
     try:
         asyncio.run(live.run())
     except KeyboardInterrupt:       # a Ctrl-C before the handlers were in place

@@ -1,4 +1,5 @@
-"""What every daemon shares: common flags, logging, the ready line, signal
+"""What every daemon shares: common flags, the configuration resolved once
+(``load_config`` -> ``settings.Settings``), logging, the ready line, signal
 handling, and start-up errors printed as one line instead of a traceback."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import signal
 import sys
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-from .config import Config, ConfigError, load
+from .config import ConfigError, load
+from .settings import Settings, resolve
 
 
 class StartupError(Exception):
@@ -32,14 +34,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
 
-def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
+def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
+    """The configuration (file, environment, then ``overrides`` from flags),
+    resolved: secret and TLS files are read now, so a bad one fails at start-up."""
     try:
-        config = load(args.config, overrides=overrides)
-        # read secret files and TLS files now, so a bad one fails at start-up
-        config.secrets()
-        config.server_tls()
-        config.client_tls()
-        return config
+        return resolve(load(args.config, overrides=overrides))
     except ConfigError as exc:
         raise StartupError(f"configuration error: {exc}") from None
 
@@ -62,12 +61,12 @@ def is_loopback(host: str) -> bool:
         return False        # a name, or "" (every interface): assume it is reachable from outside
 
 
-def check_exposure(what: str, host: str, config: Config, roles: Iterable[str], insecure: bool) -> None:
+def check_exposure(what: str, host: str, settings: Settings, roles: Iterable[str], insecure: bool) -> None:
     """Refuse a non-loopback address while a role this daemon accepts has no
     secret, unless ``insecure``; then only warn, saying what is exposed."""
     if is_loopback(host):
         return
-    open_roles = sorted(role for role in roles if not config.role_secret(role))
+    open_roles = sorted(role for role in roles if not settings.secret(role))
     if not open_roles:
         return
     who = ", ".join(open_roles)

@@ -34,7 +34,7 @@ from .models import Build, RunnerRecord, Status
 from .queries import Queries
 from .runnerlinks import RunnerLinks
 from .scheduler import Plan, Scheduler
-from .settings import Settings, resolve
+from .settings import Settings
 from .store import Store, StoreError
 from .watchers import Watchers
 
@@ -86,7 +86,7 @@ class Dispatcher:
 
     async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
         cfg, settings = self.config.dispatcher, self.settings
-        daemon.check_exposure("dispatcher", cfg.host, self.config, ACCEPTS, insecure)
+        daemon.check_exposure("dispatcher", cfg.host, settings, ACCEPTS, insecure)
         server = await daemon.listen(
             lambda: net.serve(self.handle, cfg.host, cfg.port, secrets=settings.secrets, roles=ACCEPTS,
                               limits=settings.limits, name="dispatcher", ssl=settings.server_tls),
@@ -348,10 +348,9 @@ def main(args: argparse.Namespace) -> int:
     overrides = {"dispatcher": {"host": args.host, "port": args.port, "data_dir": args.data}}
 
     async def body(stop: asyncio.Event) -> None:
-        config = daemon.load_config(args, overrides)
-        settings = resolve(config)
+        settings = daemon.load_config(args, overrides)
         try:
-            store = Store(Path(config.dispatcher.data_dir))
+            store = Store(Path(settings.config.dispatcher.data_dir))
         except StoreError as exc:
             raise daemon.StartupError(str(exc)) from None
         try:

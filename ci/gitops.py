@@ -9,11 +9,18 @@ when git could not be started or took too long), and callers decide.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import git
+import gitdb.exc
+
+from . import aio
 
 # git must never stop to ask for a user name or password: nobody is there to answer
 QUIET_ENV = {"GIT_TERMINAL_PROMPT": "0"}
@@ -95,3 +102,157 @@ def commit_info(repo: str | os.PathLike, sha: str, timeout: float = 10.0) -> tup
     text = found.out.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     author, _, subject = text.rstrip("\n").partition("\0")
     return author[:200], subject[:4000]
+
+
+# ---------------------------------------------------------------- the observer's reads, a cancellable command (h-config)
+
+class GitReadError(Exception):
+    """A repository could not be read just now (a lock, a gc, a broken ref); try again later."""
+
+
+def is_repository(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a git repository (a work tree's top or a bare one)."""
+    try:
+        git.Repo(path).close()
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class CommitFacts:
+    """What the observer reports about one commit, read from the object database."""
+
+    sha: str
+    message: str            # the whole message; undecodable bytes replaced
+    author: str             # "Name <email>"
+    time: int               # committer time, epoch seconds
+    file: bytes | None      # the asked-for file at this commit; None when it is absent or not a file
+    file_kind: str          # "" absent, "blob" a file, else what is there instead ("tree", "commit")
+
+
+class RepoReader:
+    """One repository opened for one batch of reads (a scan of the observer),
+    closed by ``with``. GitPython's ``Repo`` reads commits and trees through
+    one long-lived ``git cat-file --batch`` instead of a process per commit:
+    that is what keeps a scan cheap. Opened afresh for each batch, so a gc or
+    a repack between scans never leaves stale handles. Every failure is a
+    GitReadError naming the repository and git's own reason."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.repo = git.Repo(path)
+        except git.NoSuchPathError:
+            raise GitReadError(f"{path} does not exist (any more)") from None
+        except git.InvalidGitRepositoryError:
+            raise GitReadError(f"{path} is not a git repository (any more)") from None
+        except (git.GitError, OSError) as exc:
+            raise GitReadError(f"cannot open {path}: {why(exc)}") from None
+
+    def __enter__(self) -> "RepoReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.repo.close()
+
+    def refs(self, prefix: str) -> list[tuple[str, str]]:
+        """(ref name, sha) of every ref under ``prefix`` (e.g. ``refs/heads/``)."""
+        with self._reading():
+            out = self.repo.git.for_each_ref("--format=%(objectname) %(refname)", prefix)
+        return [(ref, sha) for sha, _, ref in (line.partition(" ") for line in out.splitlines())]
+
+    def has_commit(self, sha: str) -> bool:
+        try:
+            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
+            return True
+        except git.GitCommandError:
+            return False
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        with self._reading():
+            return self.repo.is_ancestor(old, new)
+
+    def commits_between(self, old: str, new: str) -> list[str]:
+        """``old..new``, oldest first; --topo-order: parents before children even when clocks disagree."""
+        with self._reading():
+            return self.repo.git.rev_list("--reverse", "--topo-order", f"{old}..{new}").split()
+
+    def commit(self, sha: str, path: str) -> CommitFacts:
+        """The commit ``sha`` and the content of ``path`` in its tree."""
+        with self._reading():
+            commit = self.repo.commit(sha)
+            message = commit.message
+            if isinstance(message, bytes):     # GitPython leaves undecodable messages as bytes
+                message = message.decode("utf-8", "replace")
+            try:
+                entry = commit.tree / path
+            except KeyError:
+                entry = None
+            kind = "" if entry is None else entry.type
+            data = entry.data_stream.read() if kind == "blob" else None
+            return CommitFacts(sha=sha, message=message, author=f"{commit.author.name} <{commit.author.email}>",
+                               time=int(commit.committed_date), file=data, file_kind=kind)
+
+    def remote_url(self, remote: str) -> str:
+        """The fetch URL of ``remote``, as configured (maybe relative to the repository)."""
+        try:
+            return self.repo.git.remote("get-url", remote)
+        except git.GitError as exc:
+            raise GitReadError(f"{self.path} has no remote {remote!r}: {why(exc)}") from None
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except (git.GitError, gitdb.exc.ODBError, OSError, ValueError) as exc:
+            raise GitReadError(f"cannot read {self.path}: {why(exc)}") from None
+
+
+def why(exc: Exception) -> str:
+    """The useful line of a git error (GitPython's own text repeats the whole command)."""
+    stderr = str(getattr(exc, "stderr", "") or "").strip()
+    if stderr.startswith("stderr: '") and stderr.endswith("'"):     # how GitPython wraps it
+        stderr = stderr[len("stderr: '"):-1]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    return (errors or lines or [str(exc) or type(exc).__name__])[-1 if errors else 0]
+
+
+async def run_cancellable(args: list[str], cwd: str | os.PathLike, *, env: dict | None = None,
+                          timeout: float = 60.0) -> GitResult:
+    """``run`` for an event loop, for commands that may take long (a fetch):
+    git runs in a session of its own, waited on in a daemon thread, and
+    cancelling the awaiting task kills that whole session at once (git's ssh
+    or credential helper too), so a daemon told to stop does not wait for it."""
+    if not os.path.isdir(cwd):
+        return GitResult(-1, "", f"{cwd}: no such directory")
+    try:
+        handle = git.Git(str(cwd)).execute(["git", *args], as_process=True, env={**QUIET_ENV, **(env or {})},
+                                           start_new_session=True)
+    except (git.GitError, OSError) as exc:
+        return GitResult(-1, "", str(exc))
+    # ours from here: GitPython's wrapper would close the pipes under the waiting thread when collected
+    proc, handle.proc = handle.proc, None
+    try:
+        return await aio.in_thread(_wait, proc, timeout)
+    finally:
+        if proc.returncode is None:         # cancelled while git runs; the thread then reaps it
+            _kill_session(proc)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> GitResult:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        out, _ = proc.communicate()
+        return GitResult(-1, out.decode(errors="replace"), f"no answer after {timeout:g}s")
+    return GitResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,6 +1,7 @@
 """The observer's git side: read a clone's branch heads and decide which
 commits to report. No sockets, no asyncio: the observer runs these blocking
-calls in a worker thread, and tests call them directly.
+calls in a worker thread, and tests call them directly. Git itself is read
+through ``gitops.RepoReader``; this module holds only the decisions.
 
 ``plan`` is the whole decision, written against a tiny ``History`` interface
 so the rules read in one place:
@@ -20,16 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol
 
-import git
-import gitdb.exc
-
-from . import buildfile
+from . import buildfile, gitops
 
 SUBJECT_MAX = 4096     # the protocol's text limit (protocol.TEXT)
-
-
-class GitReadError(Exception):
-    """The clone could not be read just now (a lock, a gc, a broken ref); try again later."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,9 @@ class Commit:
 
 
 @dataclass
-class Plan:
+class ScanPlan:
+    """What one scan reports, and what it noticed on the way."""
+
     report: list[tuple[str, str]] = field(default_factory=list)        # (branch, sha) in sending order
     forced: list[tuple[str, str, str]] = field(default_factory=list)   # (branch, saved, new head)
     dropped: list[tuple[str, str]] = field(default_factory=list)       # (branch, saved)
@@ -59,9 +55,9 @@ class History(Protocol):
     def commits_between(self, old: str, new: str) -> list[str]: ...   # old..new, oldest first
 
 
-def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -> Plan:
+def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -> ScanPlan:
     """What to report, given the last acknowledged commit per branch and the current heads."""
-    result = Plan()
+    result = ScanPlan()
     for branch in sorted(saved.keys() - heads.keys()):
         result.dropped.append((branch, saved[branch]))
     for branch in sorted(heads):
@@ -82,26 +78,6 @@ def matches(branch: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
 
 
-class _RepoHistory:
-    def __init__(self, repo: git.Repo):
-        self.repo = repo
-
-    def has_commit(self, sha: str) -> bool:
-        try:
-            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
-            return True
-        except git.GitCommandError:
-            return False
-
-    def is_ancestor(self, old: str, new: str) -> bool:
-        return self.repo.is_ancestor(old, new)
-
-    def commits_between(self, old: str, new: str) -> list[str]:
-        # --topo-order: parents always before children even when clocks disagree
-        out = self.repo.git.rev_list("--reverse", "--topo-order", f"{old}..{new}")
-        return out.split()
-
-
 class Clone:
     """One watched clone (bare or not); every method opens it afresh, so a
     gc or a repack between scans never leaves us holding stale handles."""
@@ -118,51 +94,31 @@ class Clone:
             return f"{path} does not exist"
         if not path.is_dir():
             return f"{path} is not a directory, so not a git repository"
-        try:
-            git.Repo(path).close()
-        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        if not gitops.is_repository(path):
             return f"{path} is not a git repository"
         return None
 
     def remote_url(self) -> str:
         """The fetch URL of the watched remote, absolute when it names a local directory."""
-        with self._open() as repo:
-            try:
-                url = repo.git.remote("get-url", self.remote)
-            except git.GitError as exc:
-                raise GitReadError(f"{self.path} has no remote {self.remote!r}: {_why(exc)}") from None
+        with gitops.RepoReader(self.path) as repo:
+            url = repo.remote_url(self.remote)
         if "://" in url or ":" in url.split("/", 1)[0]:
             return url                       # a URL or scp-like host:path
         local = Path(url) if os.path.isabs(url) else self.path / url
         return str(local.resolve())
 
-    def read(self, saved: Mapping[str, str]) -> tuple[Plan, list[Commit]]:
-        """The plan for ``saved`` against the current heads, and the commits it reports."""
-        with self._open() as repo:
-            try:
-                heads = self._heads(repo)
-                result = plan(saved, heads, _RepoHistory(repo))
-                commits = [_describe(repo, branch, sha) for branch, sha in result.report]
-            except (git.GitError, gitdb.exc.ODBError, OSError, ValueError) as exc:
-                raise GitReadError(f"cannot read {self.path}: {_why(exc)}") from None
+    def read(self, saved: Mapping[str, str]) -> tuple[ScanPlan, list[Commit]]:
+        """The plan for ``saved`` against the current heads, and the commits it reports.
+        Raises GitReadError when the clone cannot be read just now."""
+        with gitops.RepoReader(self.path) as repo:
+            result = plan(saved, self._heads(repo), repo)
+            commits = [_describe(repo.commit(sha, buildfile.FILENAME), branch) for branch, sha in result.report]
         return result, commits
 
-    def _open(self) -> git.Repo:
-        try:
-            return git.Repo(self.path)
-        except git.NoSuchPathError:
-            raise GitReadError(f"{self.path} does not exist (any more)") from None
-        except git.InvalidGitRepositoryError:
-            raise GitReadError(f"{self.path} is not a git repository (any more)") from None
-        except (git.GitError, OSError) as exc:
-            raise GitReadError(f"cannot open {self.path}: {_why(exc)}") from None
-
-    def _heads(self, repo: git.Repo) -> dict[str, str]:
+    def _heads(self, repo: gitops.RepoReader) -> dict[str, str]:
         prefix = f"refs/remotes/{self.remote}/" if self.remote else "refs/heads/"
-        out = repo.git.for_each_ref("--format=%(objectname) %(refname)", prefix)
         heads = {}
-        for line in out.splitlines():
-            sha, _, ref = line.partition(" ")
+        for ref, sha in repo.refs(prefix):
             branch = ref[len(prefix):]
             if self.remote and branch == "HEAD":
                 continue           # the remote's default-branch pointer, not a branch
@@ -171,37 +127,19 @@ class Clone:
         return heads
 
 
-def _describe(repo: git.Repo, branch: str, sha: str) -> Commit:
-    commit = repo.commit(sha)
-    message = commit.message
-    if isinstance(message, bytes):     # gitpython leaves undecodable messages as bytes
-        message = message.decode("utf-8", "replace")
+def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
+    message = facts.message
     subject = message.split("\n", 1)[0].rstrip("\r")
-    author = f"{commit.author.name} <{commit.author.email}>"
     jobs, problem = None, ""
-    try:
-        blob = commit.tree / buildfile.FILENAME
-    except KeyError:
-        blob = None
-    if blob is not None and blob.type != "blob":
+    if facts.file_kind and facts.file_kind != "blob":
         problem = f"{buildfile.FILENAME}: is not a file"
-    elif blob is not None:
+    elif facts.file is not None:
         try:
-            jobs = buildfile.parse(blob.data_stream.read().decode("utf-8")).job_list()
+            jobs = buildfile.parse(facts.file.decode("utf-8")).job_list()
         except UnicodeDecodeError:
             problem = f"{buildfile.FILENAME}: is not UTF-8 text"
         except buildfile.BuildFileError as exc:
             problem = str(exc)[:SUBJECT_MAX]
-    return Commit(branch=branch, sha=sha, author=author[:SUBJECT_MAX],
-                  subject=subject[:SUBJECT_MAX], time=int(commit.committed_date),
+    return Commit(branch=branch, sha=facts.sha, author=facts.author[:SUBJECT_MAX],
+                  subject=subject[:SUBJECT_MAX], time=facts.time,
                   message=message[:SUBJECT_MAX], jobs=jobs, config_error=problem)
-
-
-def _why(exc: Exception) -> str:
-    """The useful line of a git error (gitpython's own text repeats the whole command)."""
-    stderr = str(getattr(exc, "stderr", "") or "").strip()
-    if stderr.startswith("stderr: '") and stderr.endswith("'"):     # how gitpython wraps it
-        stderr = stderr[len("stderr: '"):-1]
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("fatal:", "error:"))]
-    return (errors or lines or [str(exc) or type(exc).__name__])[-1 if errors else 0]

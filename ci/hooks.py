@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
-import subprocess
 import sys
 from pathlib import Path
+
+from . import files, gitops
 
 HOOKS = ("post-commit", "post-receive")
 MARKER = "# tinyci-hook: installed by `tinyci install-hook`"
@@ -32,14 +32,14 @@ class HookError(Exception):
 
 def hooks_dir(repo: Path) -> Path:
     """Where git looks for this clone's hooks (honours core.hooksPath; bare repositories too)."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--git-path", "hooks"],
-                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HookError(f"cannot run git in {repo}: {exc}") from None
-    if out.returncode != 0:
+    if not repo.is_dir():
         raise HookError(f"{repo} is not a git repository")
-    path = Path(out.stdout.strip())
+    found = gitops.run(["rev-parse", "--git-path", "hooks"], repo, timeout=30)
+    if found.status < 0:        # git could not run, or never answered
+        raise HookError(f"cannot run git in {repo}: {found.err.strip()}")
+    if not found.ok:
+        raise HookError(f"{repo} is not a git repository")
+    path = Path(found.out.strip())
     return path if path.is_absolute() else (repo / path)
 
 
@@ -91,10 +91,8 @@ def install(repo: Path, observer: str, config: str | None = None,
                     kept = f" (the existing hook now runs first, from {aside.name})"
                 else:
                     kept = " (updated)"
-            tmp = path.with_name(hook + ".tinyci-tmp")
-            tmp.write_text(script(hook, observer, config, secret_file))
-            tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-            os.replace(tmp, path)
+            # never a half-written hook: git may run it at any moment
+            files.atomic_write(path, script(hook, observer, config, secret_file).encode(), mode=0o755)
             done.append(f"installed {path}{kept}")
     except OSError as exc:
         raise HookError(f"cannot write hooks in {directory}: {exc.strerror or exc}") from None

@@ -25,10 +25,10 @@ import hashlib
 import hmac
 import logging
 import secrets as _secrets
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import LazyAsyncio, within
+from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (HEADER, PROTOCOL_VERSION, ROLES, SERVER, FatalProtocolError, ProtocolError,
                        RemoteError, decode, encode, error, ok, validate)
 
@@ -55,17 +55,6 @@ class PeerAuthFailed(PeerError):
 
 
 # ---------------------------------------------------------------- framing
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds for one connection; every wait on a peer has one."""
-
-    max_frame: int = 1 << 20
-    connect_timeout: float = 5.0
-    read_timeout: float = 10.0      # a frame, once started, must arrive within this
-    idle_timeout: float = 300.0     # a server drops a client silent for this long
-    max_connections: int = 512
-
 
 class Connection:
     """One framed, authenticated stream. Not safe for concurrent requests: callers serialise."""

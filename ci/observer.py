@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import aio, daemon, gitwatch, net, patterns, protocol
-from .config import Config, ObserverConfig
+from . import aio, daemon, files, gitops, gitwatch, net, patterns, protocol
+from .config import ObserverConfig
 from .daemon import StartupError
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def body(stop: asyncio.Event) -> None:
         # loaded in here so a configuration error is a one-line StartupError too
-        config = daemon.load_config(args, overrides)
-        await serve(config, stop, args.insecure)
+        settings = daemon.load_config(args, overrides)
+        await serve(settings, stop, args.insecure)
 
     return daemon.run("observer", body, args.verbose)
 
@@ -89,28 +88,20 @@ class StateFile:
         self.directory = directory
         self.repo = repo
         self.path = directory / f"{digest}.json"
-        self._lock_path = directory / f"{digest}.lock"
-        self._lock_fd: int | None = None
+        self._lock = files.DirLock(directory / f"{digest}.lock")
         self._save_failing = False
 
     def lock(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock.acquire()
+        except files.LockedError:
+            raise StartupError(f"another observer is already watching {self.repo} "
+                               f"(it holds {self._lock.path})") from None
         except OSError as exc:
             raise StartupError(f"cannot use state directory {self.directory}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StartupError(f"another observer is already watching {self.repo} "
-                               f"(it holds {self._lock_path})") from None
-        self._lock_fd = fd
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def load(self) -> dict[str, str]:
         """The saved branches; a missing file is a fresh start, a corrupt one is set aside."""
@@ -144,21 +135,12 @@ class StateFile:
         return {}
 
     def save(self, branches: dict[str, str]) -> None:
-        """Write atomically (tmp + fsync + rename); a failure is logged, not fatal:
+        """Write atomically (files.atomic_write); a failure is logged, not fatal:
         the worst outcome is re-reporting after a restart, which is harmless."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = json.dumps({"repo": str(self.repo), "branches": branches}, indent=1, sort_keys=True)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)     # someone may have removed it
-            with open(tmp, "w") as out:
-                json.dump({"repo": str(self.repo), "branches": branches}, out, indent=1, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)       # make the rename itself survive a power cut
-            finally:
-                os.close(dir_fd)
+            files.atomic_write(self.path, data.encode())
         except OSError as exc:
             if not self._save_failing:
                 log.error("cannot save state file %s: %s (will re-report after a restart)",
@@ -202,26 +184,26 @@ def check(cfg: ObserverConfig) -> Setup:
         # remote-tracking refs are not cloned by runners, so let them build from the remote itself
         try:
             repo_url = gitwatch.Clone(repo, remote=cfg.remote).remote_url()
-        except gitwatch.GitReadError as exc:
+        except gitops.GitReadError as exc:
             raise StartupError(f"observer.fetch is on but {exc} (set observer.remote)") from None
     return Setup(cfg, repo, repo_url or str(repo), dispatcher)
 
 
-async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> None:
-    setup = check(config.observer)
+async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:
+    setup = check(settings.config.observer)
     cfg = setup.config
     accepts = frozenset({protocol.OBSERVER, protocol.OPERATOR})
-    daemon.check_exposure("observer", cfg.host, config, sorted(accepts), insecure)
+    daemon.check_exposure("observer", cfg.host, settings, sorted(accepts), insecure)
     state = StateFile(Path(os.path.abspath(Path(cfg.state_dir).expanduser())), setup.repo)
     state.lock()
-    client = net.Client(*setup.dispatcher, role=protocol.OBSERVER, secret=config.role_secret(protocol.OBSERVER),
-                        limits=config.limits(), ssl=config.client_tls())
+    client = net.Client(*setup.dispatcher, role=protocol.OBSERVER, secret=settings.secret(protocol.OBSERVER),
+                        limits=settings.limits, ssl=settings.client_tls)
     try:
         observer = Observer(setup, state, client)
         server = await daemon.listen(
-            lambda: net.serve(observer.handle, cfg.host, cfg.port, secrets=config.secrets(),
-                              roles=accepts, limits=config.limits(), name="observer",
-                              ssl=config.server_tls()),
+            lambda: net.serve(observer.handle, cfg.host, cfg.port, secrets=settings.secrets,
+                              roles=accepts, limits=settings.limits, name="observer",
+                              ssl=settings.server_tls),
             "observer", cfg.host, cfg.port)
         port = server.sockets[0].getsockname()[1]
         log.info("state in %s (%d branches known); reporting to %s", state.path,
@@ -294,7 +276,7 @@ class Observer:
             await self.fetch()
         try:
             plan, commits = await aio.in_thread(self.clone.read, dict(self.branches))
-        except gitwatch.GitReadError as exc:
+        except gitops.GitReadError as exc:
             if not self._git_failing:
                 log.warning("%s; trying again next scan", exc)
             self._git_failing = True
@@ -318,25 +300,10 @@ class Observer:
 
     async def fetch(self) -> None:
         remote = self.clone.remote
-        proc = await asyncio.create_subprocess_exec(
-            "git", "-C", str(self.setup.repo), "fetch", "--prune", "--quiet", remote,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})   # never wait for a password
-        try:
-            _, err = await aio.within(proc.communicate(), FETCH_TIMEOUT)
-            problem = None if proc.returncode == 0 else (
-                err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        except asyncio.TimeoutError:
-            problem = f"no answer after {FETCH_TIMEOUT:g}s"
-        finally:
-            if proc.returncode is None:
-                # git may have an ssh child: end the whole session it leads
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
+        # cancellable: stopping the observer mid-fetch ends git and its ssh child at once
+        done = await gitops.run_cancellable(["fetch", "--prune", "--quiet", remote], self.setup.repo,
+                                            timeout=FETCH_TIMEOUT)
+        problem = None if done.ok else (done.err.strip().splitlines() or [f"exit code {done.status}"])[-1]
         if problem:
             if not self._fetch_failing:
                 log.warning("git fetch %s in %s failed: %s; watching the branches as last fetched",

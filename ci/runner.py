@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import aio, daemon, net, protocol
-from .config import Config
+from .settings import Settings
 from .executor import BuildLog, Execution, Job, reap_orphans
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
@@ -50,13 +50,14 @@ class Active:
 
 
 class Runner:
-    def __init__(self, config: Config, stop: asyncio.Event):
-        rc = config.runner
-        self.config = config
+    def __init__(self, settings: Settings, stop: asyncio.Event):
+        rc = settings.config.runner
+        self.settings = settings
+        self.config = settings.config
         self.stop = stop
-        self.secret = config.role_secret(protocol.RUNNER)      # what it proves itself with to the dispatcher
-        self.limits = config.limits()
-        self.client_tls = config.client_tls()
+        self.secret = settings.secret(protocol.RUNNER)      # what it proves itself with to the dispatcher
+        self.limits = settings.limits
+        self.client_tls = settings.client_tls
         try:
             self.dispatcher = net.parse_addr(rc.dispatcher)
         except ValueError as exc:
@@ -83,11 +84,11 @@ class Runner:
         """Listen, then claim the workdir and pick up what the outbox holds."""
         rc = self.config.runner
         # work comes only from the dispatcher role: whoever holds its secret can run commands here
-        daemon.check_exposure("runner", rc.host, self.config, [protocol.DISPATCHER], insecure)
+        daemon.check_exposure("runner", rc.host, self.settings, [protocol.DISPATCHER], insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.config.secrets(),
+            lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.settings.secrets,
                               roles=frozenset({protocol.DISPATCHER}), limits=self.limits,
-                              name=f"runner {rc.name or ''}".strip(), ssl=self.config.server_tls()),
+                              name=f"runner {rc.name or ''}".strip(), ssl=self.settings.server_tls),
             "runner", rc.host, rc.port)
         try:
             self.port = server.sockets[0].getsockname()[1]
@@ -355,8 +356,8 @@ class Runner:
             quiet = not pinged
 
 
-async def serve(config: Config, stop: asyncio.Event, insecure: bool = False) -> None:
-    runner = Runner(config, stop)
+async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:
+    runner = Runner(settings, stop)
     server = await runner.start(insecure)
     daemon.announce("runner", runner.host, runner.port, f" as {runner.name}")
     try:
@@ -390,11 +391,11 @@ def main(args: argparse.Namespace) -> int:
         "labels": None if labels is None else [x.strip() for x in labels.split(",") if x.strip()],
     }}
     try:
-        config = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides)
     except daemon.StartupError as exc:
         print(f"tinyci runner: {exc}", file=sys.stderr, flush=True)
         return 2
-    return daemon.run("runner", lambda stop: serve(config, stop, getattr(args, "insecure", False)),
+    return daemon.run("runner", lambda stop: serve(settings, stop, getattr(args, "insecure", False)),
                       getattr(args, "verbose", False))
 
 

@@ -1,9 +1,13 @@
-"""Rich rendering of the dispatcher's ``status`` snapshot.
+"""The renderer: Rich tables and screens for `tinyci status` and the live
+console. (``console`` is the loop that redraws; ``console_state`` the view
+model it redraws from.)
 
-Pure functions: they take the snapshot dict (``{"runners": [Runner.summary()
-...], "builds": [Build.summary() ...]}``) and the current time, and return
+Pure functions: they take the ``status`` snapshot dict (``{"runners":
+[Runner.summary() ...], "builds": [Build.summary() ...]}``) or a
+``console_state.ConsoleState``, and the current time, and return
 renderables; nothing here talks to the network or reads the clock, so tests
-render into a recording Console.
+render into a recording Console. Why a queued build waits is
+``models.why_waiting``, in the same words everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from . import models
+
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
                 "failed": "red", "error": "bold magenta", "cancelled": "dim", "skipped": "dim"}
@@ -22,8 +28,8 @@ SUBJECT_WIDTH = 40
 
 
 def render_status(snapshot: dict, now: float) -> RenderableType:
-    parts = [render_runners(snapshot.get("runners", []), now), Text(""),
-             render_builds(snapshot.get("builds", []), now)]
+    runners = snapshot.get("runners", [])
+    parts = [render_runners(runners, now), Text(""), render_builds(snapshot.get("builds", []), now, runners)]
     if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
         parts += [Text(""), render_pipelines(snapshot["pipelines"])]
     return Group(*parts)
@@ -78,7 +84,8 @@ def render_runners(runners: Iterable[dict], now: float) -> Table:
     return table
 
 
-def render_builds(builds: Iterable[dict], now: float) -> RenderableType:
+def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | None = None) -> RenderableType:
+    """The builds table; given the ``runners``, a line under it says why each queued build waits."""
     builds = list(builds)
     table = Table(title="Builds", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   collapse_padding=True)
@@ -113,7 +120,9 @@ def render_builds(builds: Iterable[dict], now: float) -> RenderableType:
         table.add_row(*cells)
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
-    waits = [f"#{b.get('id')} waits for {_waiting(b)}" for b in builds if b.get("waiting_for") is not None]
+    known = None if runners is None else list(runners)
+    waits = [f"#{b.get('id')} waits: {_why_waiting(b, known)}"
+             for b in builds if known is not None and b.get("status") == "queued"]
     if waits:
         return Group(table, Text("\n".join(waits), style="cyan"))
     return table
@@ -131,14 +140,10 @@ def _subject(build: dict) -> Text:
     return text
 
 
-def _waiting(build: dict) -> str:
-    """For a queued build no live runner can take: what it waits for."""
-    need = build.get("waiting_for") or []
-    if not need:
-        return "a runner: none is alive"
-    if len(need) == 1:
-        return f"label {need[0]}: no live runner has it"
-    return f"labels {', '.join(need)}: no live runner has them all"
+def _why_waiting(build: dict, runners: list[dict]) -> str:
+    """The dispatcher's own explanation when the reply carries one (it sees every
+    runner), else the same rule applied to the runners in the snapshot."""
+    return build.get("waiting") or models.why_waiting(build.get("labels") or (), runners)
 
 
 def _line(text: str) -> Text:
@@ -185,13 +190,13 @@ def _took(build: dict, now: float) -> str:
 
 # ---------------------------------------------------------------- the live console
 
-def render_console(board, now: float, width: int, height: int) -> RenderableType:
-    """The whole ``tinyci console`` screen for a ``board.Board``, cut to
+def render_console(state, now: float, width: int, height: int) -> RenderableType:
+    """The whole ``tinyci console`` screen for a ``console_state.ConsoleState``, cut to
     ``width`` x ``height``: header, runners, queue, recent builds, and the
     followed log in whatever room is left (at least a quarter of it)."""
     from rich.layout import Layout
-    runners = sorted(board.runners.values(), key=lambda r: r["name"])
-    queue = board.queue()
+    runners = sorted(state.runners.values(), key=lambda r: r["name"])
+    queue = state.queue()
     header_h = 1
     shown_runners = min(len(runners), max(1, (height - 1) // 5))
     runners_h = 3 + max(shown_runners, 1) + (len(runners) > shown_runners)
@@ -199,7 +204,7 @@ def render_console(board, now: float, width: int, height: int) -> RenderableType
     queue_h = 1 + shown_queue + (len(queue) > shown_queue)
     log_min = max(3, height // 4)
     room = height - header_h - runners_h - queue_h - log_min - 3
-    recent = board.recent(max(room, 0), queued=False)
+    recent = state.recent(max(room, 0), queued=False)
     builds_h = 3 + (len(recent) or 1)
     log_h = max(height - header_h - runners_h - queue_h - builds_h, 1)
 
@@ -211,26 +216,26 @@ def render_console(board, now: float, width: int, height: int) -> RenderableType
     build_table.title = "Recent builds"
     layout = Layout()
     layout.split_column(
-        Layout(render_header(board, now, width), size=header_h),
+        Layout(render_header(state, now, width), size=header_h),
         Layout(runner_table, size=runners_h),
-        Layout(render_queue(board, queue[:shown_queue], len(queue)), size=queue_h),
+        Layout(render_queue(state, queue[:shown_queue], len(queue)), size=queue_h),
         Layout(build_table, size=builds_h),
-        Layout(render_log(board, log_h - 1), size=log_h),
+        Layout(render_log(state, log_h - 1), size=log_h),
     )
     return layout
 
 
-def render_header(board, now: float, width: int | None = None) -> Text:
+def render_header(state, now: float, width: int | None = None) -> Text:
     wide = width is None or width >= 90
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("tinyci " if wide else "", style="bold")
-    text.append(board.address, style="bold")
-    if board.connected:
+    text.append(state.address, style="bold")
+    if state.connected:
         text.append(" ● connected", style="green")
     else:
-        text.append(f" ● disconnected, retrying ({board.problem})" if board.problem != "connecting"
+        text.append(f" ● disconnected, retrying ({state.problem})" if state.problem != "connecting"
                     else " ● connecting", style="bold red")
-    counts = board.counts(now)
+    counts = state.counts(now)
     text.append(" │ ")
     for i, name in enumerate(("queued", "running", "passed", "failed", "error")):
         if name == "error" and not counts[name]:
@@ -241,7 +246,7 @@ def render_header(board, now: float, width: int | None = None) -> Text:
     return text
 
 
-def render_queue(board, shown: list[dict], total: int) -> RenderableType:
+def render_queue(state, shown: list[dict], total: int) -> RenderableType:
     if not total:
         return Text("Queue: empty", no_wrap=True)
     grid = Table.grid(padding=(0, 1))
@@ -252,22 +257,22 @@ def render_queue(board, shown: list[dict], total: int) -> RenderableType:
     grid.add_column(no_wrap=True)
     for build in shown:
         grid.add_row(f"#{build['id']}", _line(build.get("branch", "")), (build.get("sha") or "")[:7],
-                     _subject(build), Text(f"waits: {board.why_waiting(build)}", style="yellow"))
+                     _subject(build), Text(f"waits: {state.why_waiting(build)}", style="yellow"))
     parts: list[RenderableType] = [Text(f"Queue ({total})", no_wrap=True), grid]
     if total > len(shown):
         parts.append(Text(f"… and {total - len(shown)} more", style="dim"))
     return Group(*parts)
 
 
-def render_log(board, lines: int) -> RenderableType:
-    build_id = board.log_build
+def render_log(state, lines: int) -> RenderableType:
+    build_id = state.log_build
     if build_id is None:
         return Text("Log: no build has run yet", style="dim")
-    build = board.builds.get(build_id, {})
-    status = board.log_status or build.get("status", "")
+    build = state.builds.get(build_id, {})
+    status = state.log_status or build.get("status", "")
     title = Text(f"Log of #{build_id} ", style="bold", no_wrap=True, overflow="ellipsis")
     if build:
         title.append(f"{build.get('branch', '')} {(build.get('sha') or '')[:7]} ")
     title.append(status, style=BUILD_STYLES.get(status, ""))
-    tail = [Text(line, no_wrap=True, overflow="crop") for line in board.log_tail(lines)]
+    tail = [Text(line, no_wrap=True, overflow="crop") for line in state.log_tail(lines)]
     return Group(title, *tail)

@@ -22,19 +22,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files, gitops
+from .config import ConfigError, load
+from .daemon import parse_ready
+from .settings import resolve
+
 READY_TIMEOUT = 15.0     # seconds a child gets to print its ready line
 STOP_GRACE = 5.0         # seconds between SIGTERM and SIGKILL on shutdown
 LOG_TAIL = 15            # lines of a failed child's log to show
-READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
+GIT_TIMEOUT = 30.0       # seconds git gets to answer about the repository
 MAX_RUNNERS = 64
 
 
@@ -73,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(Supervisor(plan).run())
 
 
-# ---------------------------------------------------------------- the plan
+# ---------------------------------------------------------------- what to start
 
 @dataclass
 class Child:
@@ -90,7 +95,11 @@ class Child:
 
 
 @dataclass
-class Plan:
+class UpPlan:
+    """What `tinyci up` starts, decided before anything starts: the clone, the
+    data directory, the ports and how many runners, and the children's flags
+    and environment."""
+
     repo: Path
     data: Path
     port: int
@@ -103,7 +112,7 @@ class Plan:
     secret_file: Path | None = None
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace) -> UpPlan:
     if not 1 <= args.runners <= MAX_RUNNERS:
         raise UpError(f"--runners must be between 1 and {MAX_RUNNERS}, got {args.runners}")
     if args.port != 0 and not 2 <= args.port <= 65535 - args.runners:
@@ -116,10 +125,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.config:
         config = str(Path(args.config).resolve())
     # fail on a broken configuration here, once, instead of in every child
-    from .config import ConfigError, load
     try:
-        loaded = load(config)
-        configured = any(loaded.secrets().values())
+        configured = any(resolve(load(config)).secrets.values())
     except ConfigError as exc:
         raise UpError(f"configuration error: {exc}") from None
     data = Path(args.data).resolve()
@@ -138,7 +145,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         secret_file = data / "secret"
         env = {**os.environ, "TINYCI_AUTH_SECRET": local_secret(secret_file)}
     common = (["--config", config] if config else []) + (["-v"] if args.verbose else [])
-    return Plan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
+    return UpPlan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
                 interval=args.interval, config=config, demo=demo, env=env, secret_file=secret_file)
 
 
@@ -155,13 +162,9 @@ def local_secret(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise UpError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     secret = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
-        os.replace(tmp, path)
+        files.atomic_write(path, (secret + "\n").encode(), mode=0o600)
     except OSError as exc:
         raise UpError(f"cannot write the daemons' secret to {path}: {exc.strerror or exc}") from None
     return secret
@@ -169,24 +172,27 @@ def local_secret(path: Path) -> str:
 
 def git_dir(path: Path) -> str | None:
     """The repository's top (or, for a bare one, its git dir), or None when path is in no repository."""
-    try:
-        bare = _git(path, "rev-parse", "--is-bare-repository")
-        if bare is None:
-            return None
-        if bare == "true":
-            return _git(path, "rev-parse", "--absolute-git-dir")
-        return _git(path, "rev-parse", "--show-toplevel")
-    except FileNotFoundError:
-        raise UpError("git is not installed (or not on PATH); tinyci needs it") from None
+    bare = _git(path, "rev-parse", "--is-bare-repository")
+    if bare is None:
+        return None
+    if bare == "true":
+        return _git(path, "rev-parse", "--absolute-git-dir")
+    return _git(path, "rev-parse", "--show-toplevel")
 
 
 def _git(path: Path, *argv: str) -> str | None:
-    try:
-        done = subprocess.run(["git", "-C", str(path), *argv], capture_output=True, text=True,
-                              timeout=30, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise UpError(f"git took too long to answer about {path}") from None
-    return done.stdout.strip() if done.returncode == 0 else None
+    """git's output, or None when it says no; UpError when git cannot run at all."""
+    done = _run_git(path, list(argv))
+    return done.out.strip() if done.ok else None
+
+
+def _run_git(path: Path, argv: list[str]) -> gitops.GitResult:
+    done = gitops.run(argv, path, timeout=GIT_TIMEOUT)
+    if done.status < 0 and path.is_dir():       # git never answered (gitops.run reports it as < 0)
+        if shutil.which("git") is None:
+            raise UpError("git is not installed (or not on PATH); tinyci needs it")
+        raise UpError(f"git took too long to answer about {path} ({done.err.strip() or 'killed'})")
+    return done
 
 
 def find_repo(path: Path, what: str) -> Path:
@@ -230,14 +236,10 @@ def make_demo(path: Path) -> Path:
              ["-c", "user.name=tinyci demo", "-c", "user.email=demo@tinyci.invalid",
               "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", "Add calc and its test"]]
     for argv in steps:
-        try:
-            done = subprocess.run(["git", "-C", str(path), *argv], capture_output=True, text=True,
-                                  timeout=30, stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise UpError("git is not installed (or not on PATH); tinyci needs it") from None
-        if done.returncode != 0:
+        done = _run_git(path, argv)
+        if not done.ok:
             raise UpError(f"cannot create the demo repository at {path}: git {argv[-1]}: "
-                          f"{done.stderr.strip().splitlines()[-1:] or ['failed']}")
+                          f"{done.err.strip().splitlines()[-1:] or ['failed']}")
     # later commits by the user need an identity too; lend the demo one only when git has none
     if _git(path, "config", "user.email") is None:
         _git(path, "config", "user.name", "tinyci demo")
@@ -255,7 +257,7 @@ class ChildFailed(Exception):
 
 
 class Supervisor:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: UpPlan):
         self.plan = plan
         self.children: list[Child] = []
         self.logs = plan.data / "logs"
@@ -355,9 +357,9 @@ class Supervisor:
                 except asyncio.TimeoutError:
                     raise ChildFailed(child, "it closed its output without saying it was ready") from None
                 raise ChildFailed(child, f"exit status {code}")
-            match = READY.search(line.decode(errors="replace"))
-            if match and match.group(1) == child.daemon:
-                child.addr = f"{match.group(2)}:{match.group(3)}"
+            ready = parse_ready(line.decode(errors="replace"))
+            if ready and ready[0] == child.daemon:
+                child.addr = f"{ready[1]}:{ready[2]}"
                 self.drains.add(asyncio.create_task(_drain(child.proc.stdout)))
                 return
 

@@ -178,8 +178,9 @@ class Cluster:
     def credentials(self, role: str) -> tuple[str, object]:
         """(secret, TLS context) a tool in ``role`` uses with this cluster's configuration."""
         from ci.config import load
-        config = load(self.config, env=self.env)
-        return config.role_secret(role), config.client_tls()
+        from ci.settings import resolve
+        settings = resolve(load(self.config, env=self.env), roles=[role], listens=False)
+        return settings.secret(role), settings.client_tls
 
     def _start(self, kind: str, name: str, args: list[str], port: int = 0) -> Daemon:
         logs = self.tmp / "logs"

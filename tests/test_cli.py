@@ -320,6 +320,19 @@ def test_status_rendering_colours_states():
     assert "\x1b[1;31mdead" in styled and "\x1b[31mfailed" in styled
 
 
+def test_status_says_why_each_queued_build_waits_in_the_consoles_words():
+    queued = lambda id, labels: {**SNAPSHOT["builds"][1], "id": id, "status": "queued", "attempt": 0,
+                                 "runner": None, "labels": labels, "duration": None}
+    snapshot = dict(SNAPSHOT, builds=[queued(9, ["gpu"]), queued(8, ["linux"]), *SNAPSHOT["builds"]])
+    text = render(tui.render_status(snapshot, NOW))
+    assert "#9 waits: no runner with label gpu" in text
+    assert "#8 waits: starting" in text           # runner-1 has a free slot of two
+    assert len(re.findall(r"waits:", text)) == 2            # running and finished builds do not wait
+    assert "waits" not in render(tui.render_status(SNAPSHOT, NOW))
+    told = dict(snapshot, builds=[{**queued(9, ["gpu"]), "waiting": "runner runner-9 busy"}])
+    assert "#9 waits: runner runner-9 busy" in render(tui.render_status(told, NOW))   # the dispatcher's word
+
+
 def test_empty_snapshot_says_what_to_do():
     text = render(tui.render_status({"runners": [], "builds": []}, NOW))
     assert "tinyci runner" in text and "tinyci trigger" in text

@@ -19,7 +19,7 @@ import time
 from rich.console import Console
 
 from ci import tui
-from ci.board import Board, clean
+from ci.console_state import ConsoleState, clean
 from conftest import ROOT, child_env, free_port
 
 NOW = 1_700_000_000.0
@@ -59,8 +59,8 @@ SNAPSHOT = {
 }
 
 
-def board(snapshot=SNAPSHOT, **kw) -> Board:
-    b = Board("127.0.0.1:8888", **kw)
+def state(snapshot=SNAPSHOT, **kw) -> ConsoleState:
+    b = ConsoleState("127.0.0.1:8888", **kw)
     b.snapshot(snapshot)
     return b
 
@@ -76,7 +76,7 @@ def screen(renderable, width=80, height=24, styles=False) -> str:
 # ---------------------------------------------------------------- the state model
 
 def test_why_each_queued_build_waits():
-    b = board()
+    b = state()
     assert [x["id"] for x in b.queue()] == [42, 43, 44]
     why = {x["id"]: b.why_waiting(x) for x in b.queue()}
     # beta is idle, so unlabelled builds are about to start; only gamma had "gpu" and it is dead
@@ -89,7 +89,7 @@ def test_why_each_queued_build_waits():
 
 
 def test_events_keep_runners_slots_in_step_with_builds():
-    b = board()
+    b = state()
     b.event({"type": "event", "event": "build", "build": build(43, "running", "beta", age=3)})
     assert b.runners["beta"]["running"] == [43] and b.runners["beta"]["state"] == "busy"
     b.event({"type": "event", "event": "build", "build": build(41, "passed", "alpha", age=20, took=19)})
@@ -102,7 +102,7 @@ def test_events_keep_runners_slots_in_step_with_builds():
 
 
 def test_log_tail_follows_newest_running_build_and_skips_resent_bytes():
-    b = board()
+    b = state()
     assert b.log_target() == 41
     b.log_start(41)
     b.log_chunk(41, 0, "$ make\ncompiling")
@@ -113,12 +113,12 @@ def test_log_tail_follows_newest_running_build_and_skips_resent_bytes():
     assert len(b.log_tail(10)) == 4
     b.event({"type": "event", "event": "build", "build": build(45, "running", "beta", age=1)})
     assert b.log_target() == 45
-    assert board(follow=40).log_target() == 40
+    assert state(follow=40).log_target() == 40
     assert clean("a\tb\x07\x1b]0;title\x07c") == "a   bc"
 
 
 def test_lost_connection_keeps_what_is_known():
-    b = board()
+    b = state()
     b.lost("connection refused")
     assert not b.connected and b.problem == "connection refused" and len(b.runners) == 3
     text = screen(tui.render_header(b, NOW))
@@ -128,7 +128,7 @@ def test_lost_connection_keeps_what_is_known():
 # ---------------------------------------------------------------- screens
 
 def test_console_screen_at_80x24_shows_what_an_operator_looks_for():
-    b = board()
+    b = state()
     b.log_start(41)
     b.log_chunk(41, 0, "".join(f"test {i} ok\n" for i in range(40)) + "AssertionError: boom\n")
     text = screen(tui.render_console(b, NOW, 80, 24))
@@ -148,7 +148,7 @@ def test_console_screen_at_80x24_shows_what_an_operator_looks_for():
 def test_console_uses_a_bigger_terminal():
     many = dict(SNAPSHOT, builds=SNAPSHOT["builds"] + [build(i, "passed", "alpha", age=500 + i, took=3)
                                                        for i in range(1, 38)])
-    b = board(many)
+    b = state(many)
     small, big = screen(tui.render_console(b, NOW, 80, 24)), screen(tui.render_console(b, NOW, 160, 60), 160, 60)
     rows = lambda text: len(re.findall(r"^\s*\d+\s+main\s", text, re.M))
     assert rows(big) > rows(small) + 10
@@ -156,7 +156,7 @@ def test_console_uses_a_bigger_terminal():
 
 
 def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
-    b = board()
+    b = state()
     b.lost("connection refused")
     styled = screen(tui.render_console(b, NOW, 100, 30), 100, 30, styles=True)
     assert "\x1b[1;31mdead" in styled and "\x1b[31mfailed" in styled and "\x1b[33mrunning" in styled
@@ -164,7 +164,7 @@ def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
 
 
 def test_empty_console_says_what_to_do():
-    b = Board("127.0.0.1:8888")
+    b = ConsoleState("127.0.0.1:8888")
     text = screen(tui.render_console(b, NOW, 80, 24))
     assert "connecting" in text and "tinyci runner" in text and "Queue: empty" in text
 
@@ -329,15 +329,15 @@ def test_a_dispatcher_that_stops_answering_shows_as_disconnected():
 
     async def body():
         link = FrozenAfterOneSnapshot()
-        live = Live(link, Board(link.addr), Console(record=True, width=80))
+        live = Live(link, ConsoleState(link.addr), Console(record=True, width=80))
         task = asyncio.ensure_future(live.watch())
         deadline = asyncio.get_running_loop().time() + 10
-        while (live.board.connected or link.attempts < 2) and asyncio.get_running_loop().time() < deadline:
+        while (live.state.connected or link.attempts < 2) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         live.stop.set()
         await asyncio.wait_for(task, 10)
-        return live.board, link.attempts
+        return live.state, link.attempts
 
-    board_after, attempts = asyncio.run(body())
+    state_after, attempts = asyncio.run(body())
     assert attempts >= 2
-    assert not board_after.connected and board_after.problem == "timed out"
+    assert not state_after.connected and state_after.problem == "timed out"

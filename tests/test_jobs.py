@@ -39,7 +39,7 @@ def test_two_jobs_run_on_the_runners_with_their_labels_and_the_commit_passes(clu
     c.wait_builds(lambda b: [x["status"] for x in of(b, sha)] == ["passed", "queued"], "alpha to pass")
     # beta has no runner yet: status says which label it waits for
     table = tinyci("status", "--dispatcher", c.disp.addr)
-    assert table.returncode == 0 and "waits for label beta" in table.stdout, table.stdout
+    assert table.returncode == 0 and "waits: no runner with label beta" in table.stdout, table.stdout
     data = json.loads(tinyci("status", "--json", "--dispatcher", c.disp.addr).stdout)
     pipeline = next(p for p in data["pipelines"] if p["sha"] == sha)
     assert pipeline["status"] == "running"

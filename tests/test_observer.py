@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ci import gitwatch, net, observer, protocol
+from ci import gitops, gitwatch, net, observer, protocol
 from ci.config import ObserverConfig
 from ci.daemon import StartupError
 
@@ -54,7 +54,7 @@ def commits(repo: Path, n: int, prefix: str = "change") -> list[str]:
     return [commit(repo, f"{prefix} {i}") for i in range(n)]
 
 
-def read(repo: Path, saved: dict, **kw) -> tuple[gitwatch.Plan, list[gitwatch.Commit]]:
+def read(repo: Path, saved: dict, **kw) -> tuple[gitwatch.ScanPlan, list[gitwatch.Commit]]:
     return gitwatch.Clone(repo, **kw).read(saved)
 
 
@@ -502,3 +502,58 @@ def test_startup_errors_are_one_line_and_exit_2(tmp_path, spawn, case):
     assert len(err.splitlines()) == 1, err
     assert expected in err and err.startswith("tinyci observer: ")
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- a fetch that hangs
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _hang(pidfile: Path) -> list[str]:
+    """A git command that never ends on its own: git starts a shell that becomes `sleep`
+    (standing in for a fetch's ssh child) after writing its pid."""
+    return ["-c", f"alias.hang=!echo $$ > '{pidfile}'; exec sleep 120", "hang"]
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + WAIT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not _alive(pid)
+
+
+def test_a_git_command_cancelled_midway_is_killed_with_its_children(tmp_path):
+    pidfile = tmp_path / "pid"
+
+    async def body() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(gitops.run_cancellable(_hang(pidfile), tmp_path, timeout=120))
+        deadline = loop.time() + WAIT
+        while not (pidfile.exists() and pidfile.read_text().strip()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        pid = int(pidfile.read_text())
+        started = loop.time()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pid, loop.time() - started
+
+    pid, took = asyncio.run(asyncio.wait_for(body(), 2 * WAIT))
+    assert took < 2.0               # the daemon stopping does not wait for git
+    assert _gone(pid), f"git's child {pid} outlived the cancel"
+
+
+def test_a_git_command_that_does_not_answer_in_time_is_killed(tmp_path):
+    pidfile = tmp_path / "pid"
+    done = asyncio.run(gitops.run_cancellable(_hang(pidfile), tmp_path, timeout=0.5))
+    assert done.status == -1 and done.err == "no answer after 0.5s" and not done.ok
+    assert _gone(int(pidfile.read_text()))
+
+
+def test_git_that_cannot_run_is_a_result_not_an_exception(tmp_path):
+    done = asyncio.run(gitops.run_cancellable(["status"], tmp_path / "absent"))
+    assert done.status == -1 and "no such directory" in done.err

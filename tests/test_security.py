@@ -14,13 +14,14 @@ import subprocess
 import sys
 
 import pytest
+import trustme
 
 from ci import daemon, net, protocol, tls, up
-from ci.config import ConfigError, TLSConfig, load
+from ci.config import ConfigError, load
+from ci.settings import resolve
 
-from conftest import READY, Repo, child_env, finished, tinyci
+from conftest import Repo, child_env, finished, tinyci
 
-trustme = pytest.importorskip("trustme")
 
 ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -67,9 +68,9 @@ def test_role_secret_falls_back_to_the_shared_one_and_files_win(tmp_path):
     config = load(None, env={"TINYCI_AUTH_SECRET": "shared", "TINYCI_AUTH_READER_SECRET": "r",
                              "TINYCI_AUTH_RUNNER_SECRET": "ignored",
                              "TINYCI_AUTH_RUNNER_SECRET_FILE": str(secret_file)})
-    assert config.secrets() == {"dispatcher": "shared", "runner": "from-file", "observer": "shared",
-                                "operator": "shared", "reader": "r"}
-    assert load(None, env={}).secrets() == dict.fromkeys(ROLES, "")
+    assert resolve(config).secrets == {"dispatcher": "shared", "runner": "from-file", "observer": "shared",
+                                       "operator": "shared", "reader": "r"}
+    assert resolve(load(None, env={})).secrets == dict.fromkeys(ROLES, "")
 
 
 def test_a_secret_never_appears_in_a_configuration_error(tmp_path):
@@ -79,7 +80,7 @@ def test_a_secret_never_appears_in_a_configuration_error(tmp_path):
         load(path, env={})
     assert "auth.operator_secret" in str(err.value) and "918273645" not in str(err.value)
     with pytest.raises(ConfigError) as err:
-        load(None, env={"TINYCI_AUTH_READER_SECRET_FILE": str(tmp_path / "absent")}).secrets()
+        resolve(load(None, env={"TINYCI_AUTH_READER_SECRET_FILE": str(tmp_path / "absent")}))
     assert "auth.reader_secret_file" in str(err.value) and "absent" in str(err.value)
 
 
@@ -156,12 +157,12 @@ def pki(tmp_path_factory):
 
 
 def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certificate(pki):
-    plain_server = tls.server_context(TLSConfig(cert=pki["server"], key=pki["server_key"]))
-    mutual_server = tls.server_context(TLSConfig(cert=pki["server"], key=pki["server_key"], ca=pki["ca"]))
-    trusting = tls.client_context(TLSConfig(ca=pki["ca"]))
-    with_cert = tls.client_context(TLSConfig(cert=pki["client"], key=pki["client_key"], ca=pki["ca"]))
-    rogue_cert = tls.client_context(TLSConfig(cert=pki["rogue"], key=pki["rogue_key"], ca=pki["ca"]))
-    distrusting = tls.client_context(TLSConfig(ca=pki["other_ca"]))
+    plain_server = tls.server_context(cert=pki["server"], key=pki["server_key"])
+    mutual_server = tls.server_context(cert=pki["server"], key=pki["server_key"], ca=pki["ca"])
+    trusting = tls.client_context(ca=pki["ca"])
+    with_cert = tls.client_context(cert=pki["client"], key=pki["client_key"], ca=pki["ca"])
+    rogue_cert = tls.client_context(cert=pki["rogue"], key=pki["rogue_key"], ca=pki["ca"])
+    distrusting = tls.client_context(ca=pki["other_ca"])
 
     async def body():
         plain = await net.serve(echo, "127.0.0.1", 0, ssl=plain_server)
@@ -182,14 +183,14 @@ def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certif
     run(body())
 
 
-def test_tls_configuration_errors_name_the_key(tmp_path, pki):
-    with pytest.raises(ConfigError, match="tls.cert"):
-        tls.server_context(TLSConfig(cert=str(tmp_path / "absent.pem")))
-    with pytest.raises(ConfigError, match="tls.key is set"):
-        tls.server_context(TLSConfig(key=pki["server_key"]))
+def test_tls_errors_name_the_key(tmp_path, pki):
+    with pytest.raises(tls.TLSError, match="tls.cert"):
+        tls.server_context(cert=str(tmp_path / "absent.pem"))
+    with pytest.raises(tls.TLSError, match="tls.key is set"):
+        tls.server_context(key=pki["server_key"])
     (tmp_path / "junk.pem").write_text("not a certificate")
-    with pytest.raises(ConfigError, match="tls.ca"):
-        tls.client_context(TLSConfig(ca=str(tmp_path / "junk.pem")))
+    with pytest.raises(tls.TLSError, match="tls.ca"):
+        tls.client_context(ca=str(tmp_path / "junk.pem"))
 
 
 # ---------------------------------------------------------------- the real daemons
@@ -300,7 +301,7 @@ def test_non_loopback_with_a_secret_or_insecure(tmp_path, how):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
-        assert READY.search(line), proc.stderr.read() if proc.poll() is not None else line
+        assert daemon.parse_ready(line), proc.stderr.read() if proc.poll() is not None else line
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(10)
@@ -323,7 +324,7 @@ def test_mutual_tls_cluster_builds_and_tools_need_a_certificate(cluster, repo, p
     assert [b["status"] for b in builds] == ["passed"]
     status = tinyci("status", "--json", "--config", str(c.config), "--dispatcher", c.disp.addr)
     assert status.returncode == 0, status.stderr
-    no_cert = tls.client_context(TLSConfig(ca=pki["ca"]))
+    no_cert = tls.client_context(ca=pki["ca"])
     with pytest.raises(net.PeerError):
         run(ask(c.disp.addr, "reader", "tls-and-secret", {"type": "status"}, no_cert))
     with pytest.raises(net.PeerError):             # nor plain TCP

@@ -1,17 +1,22 @@
-"""The console's picture of the dispatcher, kept up to date from the ``watch`` stream.
+"""The console's view model: its picture of the dispatcher, kept up to date
+from the ``watch`` stream. (``console`` is the live loop that feeds it and
+redraws; ``tui`` renders it.)
 
 A plain class with no sockets, clock or rendering: ``snapshot()`` takes the
 first frame of a watch (``ok {runners, builds, queue}``), ``event()`` each
 ``event`` frame after it (``{event: "build", build}`` or ``{event: "runner",
 runner}``), and ``log_*()`` the chunks of the followed build's log. The
 answers a screen needs (what waits and why, counts, which log to tail) are
-derived here, so tests can feed recorded frames and check them.
+derived here, so tests can feed recorded frames and check them; why a
+build waits is ``models.why_waiting``, the same words `tinyci status` uses.
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
+
+from . import models
 
 ACTIVE = ("queued", "running")
 HOUR = 3600.0
@@ -20,7 +25,9 @@ HOUR = 3600.0
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
-class Board:
+class ConsoleState:
+    """What the console knows: runners and builds by id, the connection, and the followed log."""
+
     def __init__(self, address: str, follow: int | None = None, keep: int = 500, log_lines: int = 500):
         self.address = address
         self.follow = follow                # build chosen with --follow; None: the newest running one
@@ -110,21 +117,7 @@ class Board:
 
     def why_waiting(self, build: dict) -> str:
         """Why a queued build has not started, from what the runners look like."""
-        labels = set(build.get("labels") or [])
-        alive = [r for r in self.runners.values() if r.get("state") != "dead"]
-        if not alive:
-            return "no runner alive"
-        able = [r for r in alive if labels <= set(r.get("labels") or [])]
-        if not able:
-            missing = labels - {label for r in alive for label in r.get("labels") or []}
-            if len(missing) == 1:
-                return f"no runner with label {missing.pop()}"
-            return f"no runner with labels {', '.join(sorted(missing or labels))}"
-        if all(len(r.get("running") or []) >= r.get("slots", 1) for r in able):
-            if len(able) == 1:
-                return f"runner {able[0]['name']} busy"
-            return f"all {len(able)} runners busy"
-        return "starting"
+        return models.why_waiting(build.get("labels") or (), list(self.runners.values()))
 
     def counts(self, now: float) -> dict[str, int]:
         """Builds queued and running now, and passed/failed/error/cancelled in the last hour."""
