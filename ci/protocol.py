@@ -19,7 +19,7 @@ frames that say where they end. Any request may be answered by an ``error``
 {code, message, expected?} instead (the codes are in ``ERRORS``); an error
 also ends a stream::
 
-    from -> to                 type       fields                                   reply
+    from -> to                 type       fields ([optional])                     reply
     observer -> dispatcher     commit     repo branch sha author subject time     ok {build builds duplicate}
                                           [message jobs config_error]
     runner -> dispatcher       register   name host port labels slots [running]   ok {heartbeat_interval}
@@ -41,7 +41,8 @@ also ends a stream::
                                                                                   event {event [build runner]}...
                                                                                   until end {reason}
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
-    reader -> dispatcher       fetch_artifact build path [offset]             ok {data offset size eof}
+    reader -> dispatcher       fetch_artifact                                     ok {data offset size eof}
+                                          build path [offset]
     operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     observer, operator -> obs. poke       [branch]                                ok
@@ -231,7 +232,8 @@ OBJECT = Kind("object", lambda v: isinstance(v, dict))
 OBJECTS = Kind("list of objects", lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v))
 CODE = _str(64)
 MESSAGE = _str(1 << 16)         # an error's text may quote a repository path and a revision
-EVENT = Kind("event kind (build, runner)", lambda v: v in ("build", "runner"))
+# "build" or "runner", with that field; a viewer skips kinds it does not know (a newer dispatcher's)
+EVENT = Kind("event kind (1-64 characters)", lambda v: isinstance(v, str) and 0 < len(v) <= 64)
 
 
 # ---------------------------------------------------------------- the table

@@ -349,7 +349,13 @@ def test_a_stream_keeps_its_order():
                                        {"type": "chunk", "offset": 0, "data": ""}]).code == "bad_reply"
     err = answer_refused("read_log", [{"type": "event", "event": "build"}])
     assert err.message.startswith("'read_log' is answered by chunk or end or error")
-    assert answer_refused("watch", [snapshot, {"type": "event", "event": "weather"}]).code == "bad_field"
+    # a kind of event this client does not know is passed on (a viewer skips it), a field it does not know is not
+    assert answer_refused("watch", [snapshot, {"type": "event", "event": "pipeline", "pipeline": {}}]).code \
+        == "unknown_field"
+    answers = protocol.Answers("watch")
+    answers.check(snapshot)
+    assert answers.check({"type": "event", "event": "pipeline"})["event"] == "pipeline"
+    assert answer_refused("watch", [snapshot, {"type": "event", "event": ""}]).code == "bad_field"
 
 
 def test_a_plain_request_gets_one_frame_only():
