@@ -116,6 +116,7 @@ ERRORS: Mapping[str, str] = {
     "offset": "log/result: the offset does not follow what the dispatcher has (expected: what it has); "
               "artifact: a chunk out of order",
     "not_found": "no such build, artifact, repository or revision",
+    "ambiguous": "trigger: the revision is a commit in more than one repository; say which (repo)",
     "finished": "cancel: the build has already ended",
     "forbidden_repo": "commit: the repository is not in the dispatcher's dispatcher.repos",
     "bad_request": "trigger: neither a branch nor a revision",

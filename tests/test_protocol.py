@@ -385,7 +385,8 @@ def test_a_heartbeat_interval_must_be_above_zero():
 # ---------------------------------------------------------------- error codes
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_USES = re.compile(r"""(?:\berror|ProtocolError|ArtifactError)\(\s*["'](\w+)["']|\bcode\s*[!=]=\s*["'](\w+)["']""")
+# error("code", ...), SomeError("code", ...), code == "code"
+CODE_USES = re.compile(r"""(?:\berror|\b[A-Z]\w*Error)\(\s*["'](\w+)["']|\bcode\s*[!=]=\s*["'](\w+)["']""")
 
 
 def test_every_error_code_the_daemons_use_is_declared_once_with_its_meaning():
