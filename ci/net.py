@@ -17,6 +17,12 @@ Each role has its own secret (config ``auth.<role>_secret``, falling back to
 A malformed payload, an unknown type or a bad field is answered with an
 ``error`` naming it and the connection stays usable; an oversized length
 prefix closes the connection, because the stream cannot be trusted after it.
+
+Exactly one reply per request, from the table (``protocol.MESSAGES``): the
+server sends what a handler returns only when the table allows it for the
+request, and a handler that returns nothing, or something else, is a bug
+answered with an ``internal`` error (and logged). Stream handlers send their
+frames themselves. The clients check every reply against the same table.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import LazyAsyncio, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
-from .protocol import (HEADER, PROTOCOL_VERSION, ROLES, SERVER, FatalProtocolError, ProtocolError,
-                       RemoteError, decode, encode, error, ok, validate)
+from .protocol import (HEADER, PROTOCOL_VERSION, ROLES, SERVER, Answers, FatalProtocolError,
+                       ProtocolError, RemoteError, check_reply, decode, encode, error, is_stream, ok,
+                       validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -66,6 +73,7 @@ class Connection:
         self.limits = limits
         self.peer = peer
         self.role = ""
+        self.sent = 0           # frames sent: tells the server whether a stream handler answered
 
     async def recv_raw(self, idle: float | None = None) -> Any:
         """Read one frame and decode its JSON (unvalidated).
@@ -100,6 +108,7 @@ class Connection:
         if len(data) - 4 > self.limits.max_frame:
             raise ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte {msg.get('type')!r} frame")
         self.writer.write(data)
+        self.sent += 1
         try:
             await within(self.writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
@@ -122,7 +131,8 @@ def mac(secret: str, nonce: str, role: str) -> str:
 # ---------------------------------------------------------------- server
 
 # A handler gets the connection (for streams) and one validated request, and
-# returns the reply, or None when it already answered on the connection itself.
+# returns the reply the table declares for it. A stream handler sends its
+# frames on the connection itself and returns None (or returns an error).
 Handler = Callable[[Connection, dict], Awaitable[dict | None]]
 
 
@@ -224,8 +234,9 @@ async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None
         if msg["type"] in ("hello", "auth"):
             await conn.send(error("bad_message", f"{msg['type']!r} is only for the handshake"))
             continue
+        sent = conn.sent
         try:
-            reply = await handler(conn, msg)
+            reply = _allowed(await handler(conn, msg), msg, conn, sent, name)
         except ProtocolError as exc:
             reply = error(exc.code, exc.message)
         except (ConnectionError, PeerError):
@@ -243,6 +254,26 @@ async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None
             except ProtocolError:       # nothing was written: the request still gets its one reply
                 await conn.send(error("too_large", f"the reply to {msg['type']!r} would exceed the "
                                                    f"{conn.limits.max_frame}-byte frame limit; ask for less"))
+
+
+def _allowed(reply: Any, msg: dict, conn: Connection, sent: int, name: str) -> dict | None:
+    """What goes back for ``msg``: the handler's ``reply`` when the table allows
+    it, None when a stream handler has answered on the connection, and
+    otherwise an ``internal`` error naming the bug (which is logged)."""
+    kind = msg["type"]
+    if reply is None:
+        if is_stream(kind) and conn.sent > sent:
+            return None
+        problem = "its handler returned no reply"
+    elif is_stream(kind) and not (isinstance(reply, dict) and reply.get("type") == "error"):
+        problem = "its handler returned a reply; a stream's handler sends its frames itself"
+    else:
+        try:
+            return check_reply(kind, reply)
+        except ProtocolError as exc:
+            problem = f"its handler's reply is not one the table allows: {exc.message}"
+    log.error("%s: bug: %r from %s: %s", name, kind, conn.peer, problem)
+    return error("internal", f"{name} failed to answer {kind!r}: {problem}")
 
 
 # ---------------------------------------------------------------- client
@@ -297,7 +328,7 @@ class Client:
                 raise ProtocolError("bad_message", f"{self.addr} did not greet with 'hello'")
             await conn.send({"type": "auth", "role": self.role,
                              "mac": mac(self.secret, hello["nonce"], self.role)})
-            reply = await conn.recv()
+            reply = check_reply("auth", await conn.recv())
             if reply["type"] == "error":
                 if reply.get("code") == "auth_failed":
                     raise PeerAuthFailed(f"{self.addr} refused our credentials as {self.role!r}: "
@@ -315,7 +346,12 @@ class Client:
         return conn
 
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
-        """Send one request and return its reply; an ``error`` reply raises RemoteError."""
+        """Send one request and return its reply, which has the fields the table
+        declares for it. An ``error`` reply raises RemoteError; a reply the table
+        does not allow raises ProtocolError (and drops the connection: it may be
+        out of step). Streams go through ``stream``."""
+        if is_stream(msg["type"]):
+            raise ValueError(f"{msg['type']!r} is answered by a stream: use Client.stream")
         async with self._lock:
             reply = await self._exchange(msg, timeout)
         if reply["type"] == "error":
@@ -328,7 +364,7 @@ class Client:
                 self._conn = await self._connect()
             conn = self._conn
             await conn.send(msg)
-            return await conn.recv(idle=timeout or self.limits.read_timeout)
+            return check_reply(msg["type"], await conn.recv(idle=timeout or self.limits.read_timeout))
         except (ConnectionError, OSError) as exc:
             await self._drop()
             raise PeerError(f"lost connection to {self.addr}: {exc}") from None
@@ -338,19 +374,21 @@ class Client:
             raise
 
     async def stream(self, msg: dict, idle: float | None = None) -> AsyncIterator[dict]:
-        """Send a request whose answer is a stream; yields frames up to and including ``end``."""
+        """Send a request whose answer is a stream; yields its frames, each checked
+        against the table, up to and including ``end`` (for a plain request: its
+        one reply). An ``error`` frame raises RemoteError, a frame the table does
+        not allow there ProtocolError."""
+        answers = Answers(msg["type"])
         async with self._lock:
             try:
                 if self._conn is None:
                     self._conn = await self._connect()
                 await self._conn.send(msg)
-                while True:
-                    frame = await self._conn.recv(idle=idle)
+                while not answers.done:
+                    frame = answers.check(await self._conn.recv(idle=idle))
                     if frame["type"] == "error":
                         raise RemoteError(frame)
                     yield frame
-                    if frame["type"] == "end":
-                        return
             except (ConnectionError, OSError) as exc:
                 await self._drop()
                 raise PeerError(f"lost connection to {self.addr}: {exc}") from None
@@ -385,6 +423,8 @@ def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: 
     frames, table and handshake as ``Client``, for `tinyci notify` in git hooks."""
     import socket
 
+    if is_stream(msg["type"]):
+        raise ValueError(f"{msg['type']!r} is answered by a stream, which needs a Client")
     host, port = parse_addr(addr)
     try:
         sock = socket.create_connection((host, port), timeout=limits.connect_timeout)
@@ -418,13 +458,13 @@ def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: 
         if hello["type"] != "hello":
             raise ProtocolError("bad_message", f"{host}:{port} did not greet with 'hello'")
         sock.sendall(encode({"type": "auth", "role": role, "mac": mac(secret, hello["nonce"], role)}))
-        welcome = recv()
+        welcome = check_reply("auth", recv())
         if welcome["type"] == "error":
             if welcome.get("code") == "auth_failed":
                 raise PeerAuthFailed(f"{host}:{port} refused our credentials")
             raise PeerError(f"handshake with {host}:{port} failed: {welcome.get('message', '')}")
         sock.sendall(encode(msg))
-        reply = recv()
+        reply = check_reply(msg["type"], recv())
     except socket.timeout:
         raise PeerTimeout(f"{host}:{port} did not answer in time") from None
     except ProtocolError as exc:

@@ -2,7 +2,6 @@
 table of every message and its reply, validation, error codes, and the JSON
 encoding of one frame.
 
-
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON: one
 object with a string ``type``. On connect the server speaks first::
 
@@ -15,44 +14,58 @@ Each role has its own secret (config ``auth.<role>_secret``, falling back to
 ``auth_failed`` "authentication failed" and the connection closes. With
 ``tls`` configured, all of this runs inside TLS (``serve``/``Client`` ``ssl=``).
 
-then requests follow, each with exactly one reply (``ok``, ``error``,
-``pong``), except the two streams, which send ``chunk``/``event`` frames and
-say where they end with ``end``.
+Then requests follow. Each gets exactly one reply, or, for the two streams,
+frames that say where they end. Any request may be answered by an ``error``
+{code, message, expected?} instead (the codes are in ``ERRORS``); an error
+also ends a stream::
 
-    from -> to                 type       fields                                   answer
-    observer -> dispatcher     commit     repo branch sha author subject time     ok {build, builds, duplicate}
+    from -> to                 type       fields ([optional])                     reply
+    observer -> dispatcher     commit     repo branch sha author subject time     ok {build builds duplicate}
                                           [message jobs config_error]
-    runner -> dispatcher       register   name host port labels slots running     ok {heartbeat_interval}
-    runner -> dispatcher       log        build attempt offset data               ok {offset} | error offset/stale
-    runner -> dispatcher       result     build attempt status exit_code steps    ok | error stale
-                                          duration log_size
+    runner -> dispatcher       register   name host port labels slots [running]   ok {heartbeat_interval}
+    runner -> dispatcher       log        build attempt offset data               ok {offset}
+                                                                                  | error offset {expected} / stale
+    runner -> dispatcher       result     build attempt status exit_code steps    ok
+                                          duration [log_size]                     | error offset {expected} / stale
+    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset}
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit]
-    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error
     dispatcher -> runner       ping       -                                       pong {running}
-    dispatcher, operator -> *  cancel     build attempt? by?                      ok
-    reader -> dispatcher       status     limit                                   ok {runners, builds}
+    dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
+    reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue}
     reader -> dispatcher       build      build                                   ok {build}
-    reader -> dispatcher       read_log   build offset follow                     chunk... end {status}
-    reader -> dispatcher       watch      limit                                   ok {runners, builds, queue},
-                                                                                then event... (until closed)
+    reader -> dispatcher       read_log   build [offset follow]                   stream: chunk {offset data}...
+                                                                                  then end {status offset}
+    reader -> dispatcher       watch      [limit]                                 stream: ok {runners builds
+                                                                                  pipelines queue} once, then
+                                                                                  event {event [build runner]}...
+                                                                                  until end {reason}
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
-    reader -> dispatcher       fetch_artifact build path offset                   ok {data offset size eof}
-    operator -> dispatcher     trigger    branch | rev                            ok {builds}
+    reader -> dispatcher       fetch_artifact                                     ok {data offset size eof}
+                                          build path [offset]
+    operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
-    observer, operator -> obs. poke       branch                                  ok
+    observer, operator -> obs. poke       [branch]                                ok
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
 ([{name, labels}]; absent: one default job), ``config_error`` the reason that
 file is unusable. ``run.job`` names the job whose steps the runner takes from
 the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
+``trigger.repo`` says which repository ``branch`` or ``rev`` is in.
 
 ``operator`` may send everything ``reader`` may. DESIGN.md names the
 tools' log request ``log``; it is ``read_log`` here because the runner's
 ``log`` frame already has that name with other fields.
 
-Every message is declared once, in ``MESSAGES`` below, with who may send it.
-Only this module turns bytes into messages; ``net`` moves them.
+Every message is declared once, in ``MESSAGES`` below: who may send it, its
+fields, and for a request the reply it gets (``Spec.reply``) or the frames of
+its stream (``Spec.stream``). The server (``net``) sends only replies the
+table allows, and clients check every reply against it (``Answers``), so a
+caller may rely on a reply's declared fields. Only this module turns bytes
+into messages; ``net`` moves them.
+
+To add a message: one entry in ``MESSAGES`` (and its reply), a handler in
+the daemon that receives it, and a case in tests/test_protocol.py.
 """
 
 from __future__ import annotations
@@ -78,6 +91,41 @@ TOOLS = frozenset({READER, OPERATOR})
 
 
 # ---------------------------------------------------------------- errors
+
+# Every ``code`` an error reply carries, and what it means. Clients branch on
+# a few of them (stale, offset, busy, not_found, auth_failed, internal).
+ERRORS: Mapping[str, str] = {
+    # any request (net, protocol)
+    "bad_frame": "the frame is not UTF-8 JSON",
+    "bad_message": "not a JSON object with a string type, or hello/auth after the handshake",
+    "unknown_type": "no message of that type in the table",
+    "forbidden": "the sender's role may not send that type",
+    "missing_field": "a required field is absent (the message names it)",
+    "bad_field": "a field's value is not of its kind (the message names the field and the kind)",
+    "unknown_field": "a field the table does not declare for that type",
+    "unsupported": "a valid message this daemon does not handle (e.g. status sent to the observer)",
+    "internal": "the daemon failed to answer: a bug or a disk error, logged there; try again later",
+    "too_large": "the reply would not fit in a frame; or an artifact over the build's limit",
+    "frame_too_large": "a length prefix over the frame limit; the connection closes after it",
+    "busy": "the daemon has too many connections; or the runner's slots are full, or it starts or stops",
+    # the handshake
+    "auth_required": "the first frame after hello was not auth; the connection closes",
+    "auth_failed": "a wrong role, or a wrong or missing MAC (one answer for all); the connection closes",
+    # particular requests
+    "stale": "log/result/artifact: that build attempt is no longer this runner's",
+    "offset": "log/result: the offset does not follow what the dispatcher has (expected: what it has); "
+              "artifact: a chunk out of order",
+    "not_found": "no such build, artifact, repository or revision",
+    "ambiguous": "trigger: the revision is a commit in more than one repository; say which (repo)",
+    "finished": "cancel: the build has already ended",
+    "forbidden_repo": "commit: the repository is not in the dispatcher's dispatcher.repos",
+    "bad_request": "trigger: neither a branch nor a revision",
+    "bad_path": "artifact, fetch_artifact: not a safe relative path inside the build's artifacts",
+    "bad_sha": "artifact: the build has no valid sha to file its artifacts under",
+    # raised by a client, never sent
+    "bad_reply": "a reply the table does not allow for the request (its type, or a frame after the end)",
+}
+
 
 class ProtocolError(Exception):
     """A peer sent something the protocol does not allow; ``code`` goes on the wire."""
@@ -142,6 +190,11 @@ def _list(item: Kind, max_len: int) -> Kind:
                 lambda v: isinstance(v, list) and len(v) <= max_len and all(item.check(i) for i in v))
 
 
+def _number(v: Any) -> bool:
+    # also refuses NaN and infinity, which JSON parsing lets in
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and -1e15 < v < 1e15
+
+
 BUILD_ID = _int(1, 2**62)
 ATTEMPT = _int(0, 10_000)
 COUNT = _int(0, 2**62)
@@ -156,8 +209,8 @@ REPO = Kind("repository path or URL (1-4096 characters, no control characters, n
             lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and not v.startswith("-")
             and re.search(r"[\x00-\x1f\x7f]", v) is None)
 DATA = _str(1 << 20)
-NUMBER = Kind("finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and -1e15 < v < 1e15)    # also refuses NaN and infinity, which JSON parsing lets in
+NUMBER = Kind("finite number", _number)
+POSITIVE = Kind("finite number above 0", lambda v: _number(v) and v > 0)
 BOOL = Kind("boolean", lambda v: isinstance(v, bool))
 STEPS = _list(_str(16384), 200)
 LABELS = _list(NAME, 50)
@@ -174,62 +227,116 @@ JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) 
     isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
     for j in v))
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
+# in replies, which only our own daemons send: bounded by the frame, not by a count
+BUILD_IDS = Kind("list of build ids", lambda v: isinstance(v, list) and all(BUILD_ID.check(i) for i in v))
+OBJECT = Kind("object", lambda v: isinstance(v, dict))
+OBJECTS = Kind("list of objects", lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v))
+CODE = _str(64)
+MESSAGE = _str(1 << 16)         # an error's text may quote a repository path and a revision
+# "build" or "runner", with that field; a viewer skips kinds it does not know (a newer dispatcher's)
+EVENT = Kind("event kind (1-64 characters)", lambda v: isinstance(v, str) and 0 < len(v) <= 64)
 
 
 # ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Shape:
+    """One frame of an answer: its type and the fields it carries."""
+
+    type: str
+    required: Mapping[str, Kind] = field(default_factory=dict)
+    optional: Mapping[str, Kind] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A request answered by many frames: ``first`` once (when given), then
+    any number of ``each``, then ``end``. An ``error`` may end it at any point."""
+
+    each: Shape
+    end: Shape
+    first: Shape | None = None
+
 
 @dataclass(frozen=True)
 class Spec:
     senders: frozenset
     required: Mapping[str, Kind] = field(default_factory=dict)
     optional: Mapping[str, Kind] = field(default_factory=dict)
-    open: bool = False          # replies may carry any further fields
+    open: bool = False          # the fields depend on the request answered (checked by its Shape)
+    reply: Shape | None = None  # a request: its one reply (or an error)
+    stream: Stream | None = None    # a stream request: the frames that answer it
+
+    @property
+    def is_request(self) -> bool:
+        return self.reply is not None or self.stream is not None
 
 
-def _spec(senders, required=None, optional=None, open=False) -> Spec:
+def _spec(senders, required=None, optional=None, open=False, reply=None, stream=None) -> Spec:
     if isinstance(senders, str):
         senders = {senders}
-    return Spec(frozenset(senders), required or {}, optional or {}, open)
+    return Spec(frozenset(senders), required or {}, optional or {}, open, reply, stream)
 
+
+def _ok(required=None, optional=None) -> Shape:
+    return Shape("ok", required or {}, optional or {})
+
+
+ERROR = Shape("error", {"code": CODE, "message": MESSAGE}, {"expected": COUNT})
+SNAPSHOT = _ok({"runners": OBJECTS, "builds": OBJECTS, "pipelines": OBJECTS, "queue": BUILD_IDS})
+QUEUED = _ok({"builds": BUILD_IDS})
 
 MESSAGES: dict[str, Spec] = {
     # handshake
     "hello": _spec(SERVER, {"version": _int(1, 1000), "nonce": _str(128)}),
-    "auth": _spec(ROLES, {"role": ROLE, "mac": _str(128)}),
+    "auth": _spec(ROLES, {"role": ROLE, "mac": _str(128)}, reply=_ok({"role": ROLE})),
     # observer -> dispatcher
     "commit": _spec(OBSERVER, {"repo": REPO, "branch": BRANCH, "sha": SHA, "author": TEXT,
                                "subject": TEXT, "time": NUMBER},
-                      {"message": TEXT, "jobs": JOBS, "config_error": TEXT}),
+                    {"message": TEXT, "jobs": JOBS, "config_error": TEXT},
+                    reply=_ok({"build": BUILD_ID, "builds": BUILD_IDS, "duplicate": BOOL})),
     # runner -> dispatcher
     "register": _spec(RUNNER, {"name": NAME, "host": _str(255), "port": PORT, "labels": LABELS,
-                               "slots": _int(1, 256)}, {"running": LEASES}),
-    "log": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "offset": COUNT, "data": DATA}),
+                               "slots": _int(1, 256)}, {"running": LEASES},
+                      reply=_ok({"heartbeat_interval": POSITIVE})),
+    "log": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "offset": COUNT, "data": DATA},
+                 reply=_ok({"offset": COUNT})),
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
-                             "duration": NUMBER}, {"log_size": COUNT}),
+                             "duration": NUMBER}, {"log_size": COUNT},
+                    reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
-                               "data": DATA, "eof": BOOL}),
+                               "data": DATA, "eof": BOOL},
+                      reply=_ok({"offset": COUNT})),
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
-                {"job": JOB, "artifacts_limit": COUNT}),
-    "ping": _spec(DISPATCHER),
-    # by: who asked (user@host), for the build's log
-    "cancel": _spec({DISPATCHER, OPERATOR}, {"build": BUILD_ID}, {"attempt": ATTEMPT, "by": _str(200)}),
+                 {"job": JOB, "artifacts_limit": COUNT},
+                 reply=_ok()),
+    "ping": _spec(DISPATCHER, reply=Shape("pong", {"running": LEASES})),
+    # by: who asked (user@host), for the build's log; the dispatcher says which builds it cancelled
+    "cancel": _spec({DISPATCHER, OPERATOR}, {"build": BUILD_ID}, {"attempt": ATTEMPT, "by": _str(200)},
+                    reply=_ok(optional={"builds": BUILD_IDS})),
     # tools -> dispatcher
-    "status": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
-    "build": _spec(TOOLS, {"build": BUILD_ID}),
-    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL}),
-    "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}),
-    "artifacts": _spec(TOOLS, {"build": BUILD_ID}),
-    "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT}),
-    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO}),
-    "rebuild": _spec(OPERATOR, {"build": BUILD_ID}),
+    "status": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}, reply=SNAPSHOT),
+    "build": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"build": OBJECT})),
+    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL},
+                      stream=Stream(each=Shape("chunk", {"offset": COUNT, "data": DATA}),
+                                    end=Shape("end", {"status": STATUS, "offset": COUNT}))),
+    "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)},
+                   stream=Stream(first=SNAPSHOT,
+                                 each=Shape("event", {"event": EVENT}, {"build": OBJECT, "runner": OBJECT}),
+                                 end=Shape("end", {"reason": TEXT}))),
+    "artifacts": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"artifacts": OBJECTS})),
+    "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
+                            reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),
+    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO}, reply=QUEUED),
+    "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),
     # git hook -> observer
-    "poke": _spec({OBSERVER, OPERATOR}, {}, {"branch": BRANCH}),
-    # replies and stream frames
+    "poke": _spec({OBSERVER, OPERATOR}, {}, {"branch": BRANCH}, reply=_ok()),
+    # replies and stream frames: their fields are checked against the request they answer
     "ok": _spec(SERVER, open=True),
-    "error": _spec(SERVER, {"code": _str(64), "message": TEXT}, open=True),
+    "error": _spec(SERVER, ERROR.required, ERROR.optional),
     "pong": _spec(SERVER, {"running": LEASES}),
     "chunk": _spec(SERVER, {"offset": COUNT, "data": DATA}),
     "event": _spec(SERVER, {"event": _str(64)}, open=True),
@@ -249,18 +356,70 @@ def validate(msg: Any, sender: str) -> dict:
         raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
     if sender not in spec.senders:
         raise ProtocolError("forbidden", f"role {sender!r} may not send {kind!r}")
-    for name, fkind in spec.required.items():
+    return _fields(msg, kind, spec.required, spec.optional, spec.open)
+
+
+def _fields(msg: dict, where: str, required: Mapping[str, Kind], optional: Mapping[str, Kind],
+            open: bool = False) -> dict:
+    for name, fkind in required.items():
         if name not in msg:
-            raise ProtocolError("missing_field", f"{kind}: missing field {name!r}")
-        fkind.validate(msg[name], f"{kind}.{name}")
-    for name, fkind in spec.optional.items():
+            raise ProtocolError("missing_field", f"{where}: missing field {name!r}")
+        fkind.validate(msg[name], f"{where}.{name}")
+    for name, fkind in optional.items():
         if name in msg:
-            fkind.validate(msg[name], f"{kind}.{name}")
-    if not spec.open:
-        extra = set(msg) - {"type"} - set(spec.required) - set(spec.optional)
+            fkind.validate(msg[name], f"{where}.{name}")
+    if not open:
+        extra = set(msg) - {"type"} - set(required) - set(optional)
         if extra:
-            raise ProtocolError("unknown_field", f"{kind}: unknown field {sorted(extra)[0][:40]!r}")
+            raise ProtocolError("unknown_field", f"{where}: unknown field {sorted(extra)[0][:40]!r}")
     return msg
+
+
+def is_stream(kind: str) -> bool:
+    spec = MESSAGES.get(kind)
+    return spec is not None and spec.stream is not None
+
+
+class Answers:
+    """Follows the frames that answer one request of type ``request`` and
+    checks each against the table: ``check`` returns the frame or raises
+    ProtocolError (``bad_reply``, or the field's ``missing_field``,
+    ``bad_field``, ``unknown_field``); ``done`` once the answer is complete.
+    Something that is not a request in the table may be answered only by an error."""
+
+    def __init__(self, request: str):
+        spec = MESSAGES.get(request)
+        self.request = request
+        self.reply = spec.reply if spec is not None else None
+        self.stream = spec.stream if spec is not None else None
+        self.frames = 0
+        self.done = False
+
+    def expected(self) -> tuple[Shape, ...]:
+        if self.stream is not None:
+            if self.frames == 0 and self.stream.first is not None:
+                return (self.stream.first,)
+            return (self.stream.each, self.stream.end)
+        return (self.reply,) if self.reply is not None else ()
+
+    def check(self, frame: Any) -> dict:
+        if self.done:
+            raise ProtocolError("bad_reply", f"a frame after the answer to {self.request!r} was complete")
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        shapes = {s.type: s for s in (*self.expected(), ERROR)}
+        shape = shapes.get(kind)
+        if shape is None:
+            raise ProtocolError("bad_reply", f"{self.request!r} is answered by {' or '.join(shapes)}, "
+                                             f"not {_short(kind if kind is not None else frame)}")
+        _fields(frame, f"{self.request} reply {kind}", shape.required, shape.optional)
+        self.frames += 1
+        self.done = self.stream is None or shape is ERROR or shape is self.stream.end
+        return frame
+
+
+def check_reply(request: str, reply: Any) -> dict:
+    """Check the one reply to a request of type ``request``; returns it or raises ProtocolError."""
+    return Answers(request).check(reply)
 
 
 def error(code: str, message: str, **extra: Any) -> dict:
@@ -286,5 +445,3 @@ def decode(body: bytes) -> Any:
         raise ProtocolError("bad_frame", "frame is not valid UTF-8") from None
     except (ValueError, RecursionError):
         raise ProtocolError("bad_frame", "frame is not valid JSON") from None
-
-

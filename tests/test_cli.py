@@ -177,7 +177,7 @@ class StandIn:
         self.received.append(msg)
         kind = msg["type"]
         if kind == "status":
-            return protocol.ok(**SNAPSHOT, queue=[])
+            return protocol.ok(**SNAPSHOT, pipelines=[], queue=[])
         if kind == "read_log":
             if msg["build"] not in LOGS:
                 return protocol.error("not_found", f"no build {msg['build']}")

@@ -1,6 +1,11 @@
-"""Hostile input against the real daemons: a property-based fuzz of more than
-10,000 random and mutated frames at a live dispatcher, runner and observer, and
-a slow-loris crowd that must not stop a commit from being built."""
+"""Hostile input: a property-based fuzz of random and mutated frames, first at
+an in-process server answering from the table (fast), then, more than 10,000
+of them, at a live dispatcher, runner and observer; and a slow-loris crowd
+that must not stop a commit from being built.
+
+Every well-framed request frame, however broken its content, gets exactly
+the answer the table gives it (one reply, or a stream to its end; an error
+for anything invalid), in order, and the connection stays usable after."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import pytest
 from ci import net, protocol
 
 from conftest import finished
+from test_protocol import ANSWERS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
@@ -26,8 +32,9 @@ KEYS = {role: f"fuzz-{role}-secret" for role in ROLES}
 MAX_FRAME = 65536
 SHA = "0123456789abcdef0123456789abcdef01234567"
 FRAMES_WANTED = 10_000
+ONLY_AN_ERROR = ""          # Answers for what is not a valid request: an error and nothing else
 
-# One valid example of every message type (but `watch`, a stream that stops reading requests).
+# One valid example of every message type.
 TEMPLATES = {
     "hello": {"version": 1, "nonce": "abc"},
     "auth": {"role": "reader", "mac": "00"},
@@ -35,6 +42,7 @@ TEMPLATES = {
     "register": {"name": "fuzz", "host": "127.0.0.1", "port": 1, "labels": ["x"], "slots": 1, "running": []},
     "log": {"build": 1, "attempt": 1, "offset": 0, "data": "x"},
     "result": {"build": 1, "attempt": 1, "status": "passed", "exit_code": 0, "steps": 1, "duration": 1.0},
+    "artifact": {"build": 1, "attempt": 1, "path": "a.txt", "offset": 0, "data": "eA==", "eof": True},
     "run": {"build": 77, "attempt": 1, "repo": "/tmp/repo", "sha": SHA, "branch": "main",
             "steps": ["true"], "timeout": 5.0, "env": {"A": "b"}},
     "ping": {},
@@ -42,6 +50,9 @@ TEMPLATES = {
     "status": {"limit": 3},
     "build": {"build": 1},
     "read_log": {"build": 1, "offset": 0, "follow": False},
+    "watch": {"limit": 3},
+    "artifacts": {"build": 1},
+    "fetch_artifact": {"build": 1, "path": "a.txt"},
     "trigger": {"branch": "main"},
     "rebuild": {"build": 1},
     "poke": {"branch": "main"},
@@ -53,12 +64,13 @@ TEMPLATES = {
     "end": {},
 }
 # What each daemon lets the fuzzer in as (with the right secret), chosen so that
-# no valid message it may send changes a build; and the valid messages that
-# would do real work there, which are only ever sent broken.
+# no valid message it may send changes a build; the valid messages that would
+# do real work there, only ever sent broken; and a request that must still be
+# answered after the fuzz, on the same connection.
 TARGETS = {
-    "dispatcher": {"roles": ["reader"], "harmful": set()},
-    "runner": {"roles": ["dispatcher"], "harmful": {"run"}},
-    "observer": {"roles": ["observer", "operator"], "harmful": set()},
+    "dispatcher": {"roles": ["reader"], "harmful": {"watch"}, "probe": {"type": "status", "limit": 1}},
+    "runner": {"roles": ["dispatcher"], "harmful": {"run"}, "probe": {"type": "ping"}},
+    "observer": {"roles": ["observer", "operator"], "harmful": set(), "probe": {"type": "poke"}},
 }
 
 
@@ -112,8 +124,8 @@ def nested(depth: int, kind: str) -> bytes:
     return b'{"type":"status","limit":' + b"[" * depth + b"]" * depth + b"}"
 
 
-def frames_for(target: str):
-    harmful = TARGETS[target]["harmful"]
+def frames_for(harmful: set):
+    """Well-framed frames (under MAX_FRAME) with any content at all."""
     valid = st.sampled_from(sorted(set(TEMPLATES) - harmful)).map(lambda k: encode({"type": k, **TEMPLATES[k]}))
     unknown = st.text(min_size=1, max_size=30).filter(lambda t: t not in protocol.MESSAGES).map(
         lambda t: encode({"type": t}))
@@ -125,16 +137,16 @@ def frames_for(target: str):
         st.binary(max_size=300).map(frame),                             # random bytes
         st.binary(max_size=100).map(lambda b: frame(b"\xff\xfe" + b)),  # not UTF-8
         st.builds(lambda o: frame(json.dumps(o).encode("utf-16")), json_values),
-        st.builds(lambda d, k: frame(nested(d, k)), st.integers(1, 20_000),
+        st.builds(lambda d, k: frame(nested(d, k)), st.integers(1, 10_000),
                   st.sampled_from(["list", "object", "field"])),         # deeply nested
     )
 
 
-def mutants(base: list[bytes], rng: random.Random, count: int, target: str) -> list[bytes]:
+def mutants(base: list[bytes], rng: random.Random, count: int, harmful: set) -> list[bytes]:
     """Byte-level mutations of the generated frames, cheap enough to make thousands: flips,
     insertions, deletions, duplications, truncations and splices of the JSON, each re-framed."""
-    # a mutated `run` could turn valid again, and a runner would run it: never mutate one there
-    bodies = [f[4:] for f in base if not (target == "runner" and b'"run"' in f)] or [b"{}"]
+    # a mutated harmful frame could turn valid again (a runner would run a `run`): never mutate one
+    bodies = [f[4:] for f in base if not any(f'"{k}"'.encode() in f for k in harmful)] or [b"{}"]
     out = []
     for _ in range(count):
         body = bytearray(rng.choice(bodies))
@@ -187,6 +199,52 @@ def read_frame(sock: socket.socket):
     return json.loads(body)
 
 
+def answers_for(data: bytes, role: str) -> protocol.Answers:
+    """What the table says a daemon answers to one well-framed frame from ``role``."""
+    try:
+        msg = protocol.validate(protocol.decode(data[4:]), role)
+    except protocol.ProtocolError:
+        return protocol.Answers(ONLY_AN_ERROR)
+    return protocol.Answers(msg["type"])        # hello and auth: an error (bad_message), which it allows
+
+
+def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], probe: dict,
+                    harmful: set = frozenset()) -> int:
+    """Authenticate, pipeline the well-framed ``frames`` and then ``probe``, and read
+    the table's answer to each, in order: exactly one reply per request (a stream to
+    its end), an error for anything invalid. The probe's reply proves the connection
+    still usable; after it the daemon, seeing our end, closes with nothing more to say.
+    Frames that are valid ``harmful`` requests are not sent. Returns the frames sent."""
+    plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME]
+    plan = [(data, answers) for data, answers in plan if answers.request not in harmful]
+    with socket.create_connection(addr, timeout=10) as sock:
+        hello = read_frame(sock)
+        sock.sendall(encode({"type": "auth", "role": role, "mac": net.mac(secret, hello["nonce"], role)}))
+        assert read_frame(sock) == {"type": "ok", "role": role}
+
+        def send() -> None:         # while we read: a daemon that cannot write its replies stops reading
+            try:
+                sock.sendall(b"".join(data for data, _ in plan) + encode(probe))
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass                # the reads below say what went wrong
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            for data, answers in plan:
+                while not answers.done:
+                    try:
+                        answers.check(read_frame(sock))
+                    except (protocol.ProtocolError, ConnectionError) as exc:
+                        raise AssertionError(f"the answer to {data[:120]!r}: {exc}") from None
+            reply = read_frame(sock)
+            assert protocol.check_reply(probe["type"], reply)["type"] != "error", reply
+            assert sock.recv(65536) == b"", "a frame after the last answer"
+        finally:
+            sender.join(10)
+    return len(plan) + 1
+
+
 def session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], first_is_auth: bool) -> int:
     """Authenticate (or not), pipeline the frames, read until the daemon closes.
     Returns how many frames the daemon was in a position to read."""
@@ -215,6 +273,64 @@ def session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], 
     return sent
 
 
+# ---------------------------------------------------------------- in process, from the table
+
+class TableServer:
+    """net.serve in a thread of its own, answering every request with the
+    table's example answer (test_protocol.ANSWERS), streams included."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def handle(self, conn, msg):
+        frames = [dict(f) for f in ANSWERS[msg["type"]]]
+        if not protocol.is_stream(msg["type"]):
+            return frames[0]
+        for f in frames:
+            await conn.send(f)
+        return None
+
+    def __enter__(self) -> "TableServer":
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(net.serve(
+            self.handle, "127.0.0.1", 0, secrets=KEYS, limits=net.Limits(max_frame=MAX_FRAME, read_timeout=2.0)),
+            self.loop).result(10)
+        self.addr = ("127.0.0.1", self.server.sockets[0].getsockname()[1])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        async def close():
+            self.server.close()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+# a request each role may send, to show the connection still usable after the fuzz
+PROBES = {"dispatcher": {"type": "ping"}, "runner": {"type": "log", **TEMPLATES["log"]},
+          "observer": {"type": "poke"}, "operator": {"type": "status"}, "reader": {"type": "status"}}
+
+
+@pytest.fixture(scope="module")
+def table_server():
+    with TableServer() as server:
+        yield server
+
+
+def test_every_request_frame_gets_exactly_the_answer_the_table_gives_it(table_server):
+    @settings(max_examples=40, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
+              suppress_health_check=list(HealthCheck))
+    @given(role=st.sampled_from(ROLES), base=st.lists(frames_for(set()), min_size=1, max_size=12),
+           seed=st.integers(0, 2**32 - 1))
+    def fuzz(role, base, seed):
+        frames = base + mutants(base, random.Random(seed), 20, set())
+        checked_session(table_server.addr, role, KEYS[role], frames, PROBES[role])
+    fuzz()
+
+
+# ---------------------------------------------------------------- the real daemons
+
 @pytest.mark.slow
 def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster, repo, tmp_path):
     c = cluster(extra={"auth": {f"{role}_secret": key for role, key in KEYS.items()},
@@ -229,19 +345,22 @@ def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster
 
     for target, d in daemons.items():
         addr = net.parse_addr(d.addr)
-        good = TARGETS[target]["roles"]
+        good, harmful, probe = (TARGETS[target][k] for k in ("roles", "harmful", "probe"))
 
         @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                   suppress_health_check=list(HealthCheck))
         @given(who=st.one_of(st.sampled_from(good).map(lambda r: (r, KEYS[r], True)),
                              st.sampled_from(ROLES).map(lambda r: (r, "wrong", True)),
                              st.just(("reader", "", False))),
-               base=st.lists(frames_for(target), min_size=4, max_size=12), seed=st.integers(0, 2**32 - 1),
+               base=st.lists(frames_for(harmful), min_size=4, max_size=12), seed=st.integers(0, 2**32 - 1),
                last=terminal)
         def fuzz(who, base, seed, last):
             role, secret, first_is_auth = who
-            frames = base + mutants(base, random.Random(seed), 40, target) + [last]
-            counts[target] += session(addr, role, secret, frames, first_is_auth)
+            frames = base + mutants(base, random.Random(seed), 120, harmful)
+            if secret == KEYS.get(role):
+                counts[target] += checked_session(addr, role, secret, frames, probe, harmful)
+                frames = frames[:2]       # then a stream that ends badly, on a connection of its own
+            counts[target] += session(addr, role, secret, frames + [last], first_is_auth)
             assert d.alive(), f"the {target} died:\n{d.log()}"
 
         deadline = time.monotonic() + 60

@@ -1,83 +1,58 @@
-"""The wire protocol: framing, validation against the one table, the handshake,
-and a live server that answers bad input with an error and keeps serving."""
+"""The transport: a live server that answers bad input with an error and keeps
+serving, the handshake, exactly one reply per request (the table's), and
+clients that hold the peer to the same table. What the messages mean is in
+test_protocol.py."""
 
 import asyncio
 import json
+import logging
 import struct
 
 import pytest
 
 from ci import net, protocol
 
+from test_protocol import ANSWERS, example
+
 SHA = "0123456789abcdef0123456789abcdef01234567"
-COMMIT = {"type": "commit", "repo": "/r", "branch": "main", "sha": SHA, "author": "A <a@x>",
-          "subject": "s", "time": 1.5}
-
-
-def test_encode_decode_round_trip():
-    frame = protocol.encode({"type": "ping"})
-    (length,) = struct.unpack(">I", frame[:4])
-    assert length == len(frame) - 4
-    assert protocol.decode(frame[4:]) == {"type": "ping"}
-
-
-@pytest.mark.parametrize("body, code", [
-    (b"\xff\xfe", "bad_frame"),
-    (b"{not json", "bad_frame"),
-])
-def test_decode_rejects_bad_payloads(body, code):
-    with pytest.raises(protocol.ProtocolError) as err:
-        protocol.decode(body)
-    assert err.value.code == code
-
-
-@pytest.mark.parametrize("msg, code, words", [
-    ([1, 2], "bad_message", "JSON object"),
-    ({"kind": "x"}, "bad_message", "'type'"),
-    ({"type": "launch"}, "unknown_type", "launch"),
-    ({"type": "run"}, "forbidden", "run"),
-    ({**COMMIT, "extra": 1}, "unknown_field", "extra"),
-    ({**COMMIT, "sha": "xyz"}, "bad_field", "commit.sha"),
-    ({**COMMIT, "sha": SHA.upper()}, "bad_field", "commit.sha"),
-    ({**COMMIT, "branch": "a..b"}, "bad_field", "commit.branch"),
-    ({**COMMIT, "branch": "-rf"}, "bad_field", "commit.branch"),
-    ({**COMMIT, "time": True}, "bad_field", "commit.time"),
-] + [({k: v for k, v in COMMIT.items() if k != name}, "missing_field", name)
-     for name in ("repo", "branch", "sha", "author", "subject", "time")])
-def test_validate_names_the_problem(msg, code, words):
-    with pytest.raises(protocol.ProtocolError) as err:
-        protocol.validate(msg, protocol.OBSERVER)
-    assert err.value.code == code
-    assert words in err.value.message
-
-
-def test_validate_accepts_a_good_commit_and_roles_are_enforced():
-    assert protocol.validate(dict(COMMIT), protocol.OBSERVER)["sha"] == SHA
-    with pytest.raises(protocol.ProtocolError):
-        protocol.validate(dict(COMMIT), protocol.READER)
-    assert protocol.validate({"type": "status"}, protocol.OPERATOR)     # operators may read too
+COMMIT = example("commit")
 
 
 def test_parse_addr():
     assert net.parse_addr("127.0.0.1:8888") == ("127.0.0.1", 8888)
     assert net.parse_addr(":9") == ("127.0.0.1", 9)
     assert net.parse_addr("host", 7) == ("host", 7)
-    with pytest.raises(ValueError):
-        net.parse_addr("host:x")
+    assert net.parse_addr("[::1]:7") == ("::1", 7)
+    for bad in ("host:x", "host:0", "host:65536", "host"):
+        with pytest.raises(ValueError):
+            net.parse_addr(bad)
 
 
 # ---------------------------------------------------------------- live server
 
-async def echo(conn, msg):
-    return protocol.ok(got=msg["type"], role=conn.role)
+class Table:
+    """A handler that answers every request with the table's example answer
+    and remembers who asked."""
+
+    def __init__(self):
+        self.roles: list[str] = []
+
+    async def __call__(self, conn, msg):
+        self.roles.append(conn.role)
+        frames = [dict(f) for f in ANSWERS[msg["type"]]]
+        if not protocol.is_stream(msg["type"]):
+            return frames[0]
+        for frame in frames:
+            await conn.send(frame)
+        return None
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-async def start(secret="", limits=net.Limits(read_timeout=1.0, max_frame=4096)):
-    server = await net.serve(echo, "127.0.0.1", 0, secret=secret, limits=limits)
+async def start(handler=None, secret="", limits=net.Limits(read_timeout=1.0, max_frame=4096)):
+    server = await net.serve(handler or Table(), "127.0.0.1", 0, secret=secret, limits=limits)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -96,12 +71,13 @@ def test_handshake_then_requests_and_errors_keep_the_connection_usable():
         assert welcome == {"type": "ok", "role": "observer"}
         for bad, code in [(b"{oops", "bad_frame"), (b"\xff", "bad_frame"), (b"[]", "bad_message"),
                           (json.dumps({"type": "nope"}).encode(), "unknown_type"),
-                          (json.dumps({**COMMIT, "sha": "zz"}).encode(), "bad_field")]:
+                          (json.dumps({**COMMIT, "sha": "zz"}).encode(), "bad_field"),
+                          (json.dumps({"type": "auth", "role": "reader", "mac": ""}).encode(), "bad_message")]:
             conn.writer.write(struct.pack(">I", len(bad)) + bad)
             reply = await conn.recv()
             assert (reply["type"], reply["code"]) == ("error", code)
         await conn.send(dict(COMMIT))
-        assert await conn.recv() == {"type": "ok", "got": "commit", "role": "observer"}
+        assert await conn.recv() == ANSWERS["commit"][0]
         await conn.close()
         server.close()
     run(body())
@@ -116,7 +92,7 @@ def test_oversized_frame_is_refused_and_connection_closed_but_server_serves_othe
         assert reply["code"] == "frame_too_large"
         assert await conn.reader.read() == b""          # closed
         other = net.Client("127.0.0.1", port, "reader")
-        assert (await other.request({"type": "status"}))["got"] == "status"
+        assert await other.request({"type": "status"}) == ANSWERS["status"][0]
         await other.close()
         server.close()
     run(body())
@@ -129,7 +105,7 @@ def test_silent_and_half_frame_peers_are_dropped_without_blocking_others():
         half, _ = await raw_session(port)
         half.writer.write(struct.pack(">I", 100) + b"{")   # and then nothing
         client = net.Client("127.0.0.1", port, "reader")
-        assert (await client.request({"type": "status"}))["got"] == "status"
+        assert await client.request({"type": "status"}) == ANSWERS["status"][0]
         # both are dropped after the read timeout (1 s here)
         assert await asyncio.wait_for(half.reader.read(), 5) == b""     # closed, no frame
         await silent[0].read()                                # hello, then EOF
@@ -141,11 +117,13 @@ def test_silent_and_half_frame_peers_are_dropped_without_blocking_others():
 
 def test_wrong_secret_fails_authentication_without_detail():
     async def body():
-        server, port = await start(secret="s3cret")
+        table = Table()
+        server, port = await start(table, secret="s3cret")
         conn, reply = await raw_session(port, secret="wrong")
         assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}
         good = net.Client("127.0.0.1", port, "reader", secret="s3cret")
-        assert (await good.request({"type": "status"}))["role"] == "reader"
+        await good.request({"type": "status"})
+        assert table.roles == ["reader"]
         bad = net.Client("127.0.0.1", port, "reader", secret="")
         with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
             await bad.request({"type": "status"})
@@ -162,23 +140,38 @@ def test_client_reports_refused_and_reconnects_when_the_server_is_back():
         client = net.Client("127.0.0.1", port, "reader", limits=net.Limits(connect_timeout=2))
         with pytest.raises(net.PeerRefused, match=f"127.0.0.1:{port}"):
             await client.request({"type": "status"})
-        server = await net.serve(echo, "127.0.0.1", port)
-        assert (await client.request({"type": "status"}))["got"] == "status"
+        server = await net.serve(Table(), "127.0.0.1", port)
+        assert await client.request({"type": "status"}) == ANSWERS["status"][0]
         await client.close()
         server.close()
     run(body())
 
 
-def test_error_reply_raises_remote_error():
+def test_error_reply_raises_remote_error_with_its_declared_extras():
     async def handler(conn, msg):
-        return protocol.error("stale", "build 1 attempt 1 is not current")
+        return protocol.error("offset", "log of build 1 has 3 bytes, not 9", expected=3)
 
     async def body():
         server = await net.serve(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(protocol.RemoteError) as err:
-            await net.call(f"127.0.0.1:{port}", {"type": "status"}, "reader")
-        assert err.value.code == "stale"
+            await net.call(f"127.0.0.1:{port}", example("log"), "runner")
+        assert (err.value.code, err.value.reply["expected"]) == ("offset", 3)
+        server.close()
+    run(body())
+
+
+def test_a_stream_yields_its_frames_up_to_its_end():
+    async def body():
+        server, port = await start()
+        client = net.Client("127.0.0.1", port, "reader")
+        for kind in ("read_log", "watch"):
+            assert [f async for f in client.stream(example(kind))] == ANSWERS[kind]
+        assert [f async for f in client.stream({"type": "status"})] == ANSWERS["status"]    # one frame
+        assert await client.request({"type": "status"}) == ANSWERS["status"][0]            # still in step
+        with pytest.raises(ValueError, match="stream"):
+            await client.request(example("read_log"))
+        await client.close()
         server.close()
     run(body())
 
@@ -189,7 +182,7 @@ def test_blocking_request_speaks_the_same_protocol():
         server, port = await start(secret="s3cret")
         addr = f"127.0.0.1:{port}"
         reply = await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
-        assert reply == {"type": "ok", "got": "poke", "role": "observer"}
+        assert reply == {"type": "ok"}
         with pytest.raises(net.PeerAuthFailed):
             await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "wrong")
         with pytest.raises(protocol.RemoteError) as err:       # not for this role: an error reply
@@ -204,15 +197,163 @@ def test_blocking_request_speaks_the_same_protocol():
 
 def test_a_reply_too_big_for_a_frame_is_answered_with_an_error_and_the_connection_kept():
     async def handler(conn, msg):
-        return protocol.ok(data="x" * (10_000 if msg["type"] == "status" else 1))
+        size = 10_000 if msg["build"] == 1 else 1
+        return protocol.ok(build={"subject": "x" * size})
 
     async def body():
         server = await net.serve(handler, "127.0.0.1", 0, limits=net.Limits(max_frame=4096))
         client = net.Client("127.0.0.1", server.sockets[0].getsockname()[1], "reader")
         with pytest.raises(protocol.RemoteError) as err:
-            await client.request({"type": "status"})
+            await client.request({"type": "build", "build": 1})
         assert err.value.code == "too_large" and "4096" in err.value.message
-        assert (await client.request({"type": "build", "build": 1}))["data"] == "x"   # same connection
+        assert (await client.request({"type": "build", "build": 2}))["build"] == {"subject": "x"}  # same connection
         await client.close()
         server.close()
+    run(body())
+
+
+# ---------------------------------------------------------------- exactly one reply, the table's
+
+async def exchange(port, requests, role="reader"):
+    """Pipeline ``requests`` on one connection, then read one frame per request."""
+    conn, _ = await raw_session(port, role)
+    for msg in requests:
+        await conn.send(msg)
+    replies = [await conn.recv() for _ in requests]
+    await conn.close()
+    return replies
+
+
+def buggy(bug):
+    """A handler that answers `build` with ``bug`` and everything else from the table."""
+    table = Table()
+
+    async def handler(conn, msg):
+        if msg["type"] == "build":
+            return bug(conn) if callable(bug) else bug
+        return await table(conn, msg)
+    return handler
+
+
+@pytest.mark.parametrize("bug, words", [
+    (None, "its handler returned no reply"),
+    ({"type": "pong", "running": []}, "'build' is answered by ok or error, not str \"pong\""),
+    ({"type": "ok"}, "build reply ok: missing field 'build'"),
+    ({"type": "ok", "build": []}, "build reply ok.build: expected object"),
+    ({"type": "ok", "build": {}, "extra": 1}, "build reply ok: unknown field 'extra'"),
+    ({"type": "error", "code": "x"}, "build reply error: missing field 'message'"),
+    ("ok", "not str \"ok\""),
+])
+def test_a_handler_bug_gets_exactly_one_internal_error_and_the_connection_stays_usable(bug, words, caplog):
+    async def body():
+        server, port = await start(buggy(bug))
+        replies = await exchange(port, [{"type": "build", "build": 1}, {"type": "status"}])
+        server.close()
+        return replies
+
+    with caplog.at_level(logging.ERROR, logger="ci.net"):
+        bad, after = run(body())
+    assert (bad["type"], bad["code"]) == ("error", "internal")
+    assert bad["message"].startswith("server failed to answer 'build': ") and words in bad["message"]
+    assert after == ANSWERS["status"][0]          # the next reply is the next request's: exactly one each
+    assert any("bug" in r.message and "'build'" in r.message and words in r.message for r in caplog.records)
+
+
+def test_a_stream_handler_answers_on_the_connection_and_may_return_an_error():
+    async def handler(conn, msg):
+        if msg["type"] == "read_log" and msg["build"] == 1:
+            return None                                  # a bug: sent nothing
+        if msg["type"] == "read_log" and msg["build"] == 2:
+            return protocol.ok()                         # a bug: streams send their own frames
+        if msg["type"] == "read_log":
+            return protocol.error("not_found", "no build 3")
+        return await Table()(conn, msg)
+
+    async def body():
+        server, port = await start(handler)
+        replies = await exchange(port, [{"type": "read_log", "build": b} for b in (1, 2, 3)] + [{"type": "status"}])
+        client = net.Client("127.0.0.1", port, "reader")
+        assert [f async for f in client.stream(example("watch"))] == ANSWERS["watch"]
+        await client.close()
+        server.close()
+        return replies
+
+    none, ok, not_found, status = run(body())
+    assert (none["code"], ok["code"]) == ("internal", "internal")
+    assert "returned no reply" in none["message"] and "sends its frames itself" in ok["message"]
+    assert not_found["code"] == "not_found"
+    assert status == ANSWERS["status"][0]
+
+
+# ---------------------------------------------------------------- clients check replies
+
+class Liar:
+    """A server that does the handshake, then answers every request with the
+    next of ``frames`` (a list per request), whatever was asked."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.connections = 0
+
+    async def on_connect(self, reader, writer):
+        self.connections += 1
+        conn = net.Connection(reader, writer, net.Limits(), "client")
+        await conn.send({"type": "hello", "version": 1, "nonce": "n"})
+        auth = await conn.recv_raw()
+        await conn.send({"type": "ok", "role": auth["role"]})
+        try:
+            while self.answers:
+                await conn.recv_raw(idle=5)
+                for frame in self.answers.pop(0):
+                    await conn.send(frame)
+        except (ConnectionError, net.PeerError):
+            pass
+        await conn.close()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.on_connect, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+
+def test_a_client_refuses_a_reply_the_table_does_not_allow_and_reconnects():
+    async def body():
+        liar = Liar([[{"type": "ok"}],                                   # log: no offset
+                     [{"type": "pong", "running": []}],                  # log answered by a pong
+                     [{"type": "ok", "offset": 3}]])                     # right at last
+        port = await liar.start()
+        client = net.Client("127.0.0.1", port, "runner")
+        with pytest.raises(protocol.ProtocolError) as err:
+            await client.request(example("log"))
+        assert (err.value.code, err.value.message) == ("missing_field", "log reply ok: missing field 'offset'")
+        with pytest.raises(protocol.ProtocolError) as err:
+            await client.request(example("log"))
+        assert err.value.code == "bad_reply"
+        assert (await client.request(example("log")))["offset"] == 3
+        assert liar.connections == 3        # each refused reply dropped the connection
+        await client.close()
+        liar.server.close()
+    run(body())
+
+
+def test_a_client_stream_refuses_frames_out_of_order():
+    async def body():
+        liar = Liar([[{"type": "event", "event": "build", "build": {}}]])       # an event before the snapshot
+        port = await liar.start()
+        client = net.Client("127.0.0.1", port, "reader")
+        with pytest.raises(protocol.ProtocolError) as err:
+            async for _ in client.stream(example("watch")):
+                pass
+        assert err.value.code == "bad_reply"
+        await client.close()
+        liar.server.close()
+    run(body())
+
+
+def test_the_blocking_client_refuses_a_reply_the_table_does_not_allow():
+    async def body():
+        liar = Liar([[{"type": "ok", "surprise": 1}]])
+        port = await liar.start()
+        with pytest.raises(net.PeerError, match="unknown field 'surprise'"):
+            await asyncio.to_thread(net.request_blocking, f"127.0.0.1:{port}", {"type": "poke"}, "observer")
+        liar.server.close()
     run(body())

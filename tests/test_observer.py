@@ -202,7 +202,7 @@ def test_dispatcher_replies_busy_is_retried_and_refusal_is_skipped(tmp_path):
             return protocol.error("busy", "queue full")
         if msg["sha"] == rejected:
             return protocol.error("bad_repo", "not a repository we build")
-        return protocol.ok(build=len(seen), duplicate=False)
+        return protocol.ok(build=len(seen), builds=[len(seen)], duplicate=False)
 
     async def scenario():
         server = await net.serve(handler, "127.0.0.1", 0)
@@ -229,7 +229,7 @@ def test_dispatcher_replies_busy_is_retried_and_refusal_is_skipped(tmp_path):
 # ---------------------------------------------------------------- the real daemon
 
 class FakeDispatcher:
-    """Records `commit` frames and answers ok {build, duplicate}, on its own loop thread."""
+    """Records `commit` frames and answers ok {build, builds, duplicate}, on its own loop thread."""
 
     def __init__(self, port: int = 0, delay: float = 0.0):
         self.port, self.delay = port, delay
@@ -251,7 +251,7 @@ class FakeDispatcher:
             duplicate = any(m["sha"] == msg["sha"] for m in self.received)
             self.received.append(msg)
             build = len(self.received)
-        return protocol.ok(build=build, duplicate=duplicate)
+        return protocol.ok(build=build, builds=[build], duplicate=duplicate)
 
     def start(self) -> "FakeDispatcher":
         self._server = asyncio.run_coroutine_threadsafe(

@@ -111,7 +111,10 @@ def test_up_keeps_its_secret_owner_only_and_reuses_it(tmp_path):
 # ---------------------------------------------------------------- handshake, in process
 
 async def echo(conn, msg):
-    return protocol.ok(role=conn.role)
+    # the table's reply to status (naming the role the server saw) and to poke
+    if msg["type"] == "status":
+        return protocol.ok(runners=[{"role": conn.role}], builds=[], pipelines=[], queue=[])
+    return protocol.ok()
 
 
 def test_each_role_proves_itself_with_its_own_secret():
@@ -120,8 +123,8 @@ def test_each_role_proves_itself_with_its_own_secret():
     async def body():
         server = await net.serve(echo, "127.0.0.1", 0, secrets=keys, secret="shared")
         addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        assert (await ask(addr, "reader", "r-secret", {"type": "status"}))["role"] == "reader"
-        assert (await ask(addr, "observer", "shared", {"type": "poke"}))["role"] == "observer"
+        assert (await ask(addr, "reader", "r-secret", {"type": "status"}))["runners"][0]["role"] == "reader"
+        assert await ask(addr, "observer", "shared", {"type": "poke"}) == {"type": "ok"}
         for role, secret in [("operator", "r-secret"), ("reader", "shared"), ("operator", "")]:
             with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
                 await ask(addr, role, secret, {"type": "status"})
@@ -169,12 +172,12 @@ def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certif
         mutual = await net.serve(echo, "127.0.0.1", 0, ssl=mutual_server)
         p_addr = f"127.0.0.1:{plain.sockets[0].getsockname()[1]}"
         m_addr = f"127.0.0.1:{mutual.sockets[0].getsockname()[1]}"
-        assert (await ask(p_addr, "reader", "", {"type": "status"}, trusting))["role"] == "reader"
+        assert (await ask(p_addr, "reader", "", {"type": "status"}, trusting))["runners"][0]["role"] == "reader"
         with pytest.raises(net.PeerError):          # the server's certificate is not from our CA
             await ask(p_addr, "reader", "", {"type": "status"}, distrusting)
         with pytest.raises(net.PeerError):          # plain TCP to a TLS port gets nowhere
             await ask(p_addr, "reader", "", {"type": "status"}, timeout=0.5)
-        assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["role"] == "reader"
+        assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["runners"][0]["role"] == "reader"
         for ctx in (trusting, rogue_cert):          # no client certificate, or one from another CA
             with pytest.raises(net.PeerError):
                 await ask(m_addr, "reader", "", {"type": "status"}, ctx)
