@@ -82,3 +82,17 @@ def top_level(path: Path, timeout: float = 30.0) -> str | None:
     which = "--absolute-git-dir" if bare.out.strip() == "true" else "--show-toplevel"
     found = run(["rev-parse", which], path, timeout=timeout)
     return found.out.strip() if found.ok else None
+
+
+# ---------------------------------------------------------------- the runner's working clones
+
+def origin_url(clone: str | os.PathLike) -> str | None:
+    """The clone's ``remote.origin.url`` as GitPython reads ``.git/config``, in
+    process (a git command less per build); None when it cannot say for sure."""
+    try:
+        url = git.GitConfigParser(os.path.join(clone, ".git", "config"), read_only=True).get(
+            'remote "origin"', "url")
+    except Exception:       # a configparser error, an unreadable file: the caller asks git itself
+        return None
+    # GitPython keeps git's quoting and escapes: trust only values that have none
+    return url if isinstance(url, str) and not any(c in url for c in '"\\;#') else None
