@@ -256,3 +256,17 @@ def _kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# ---------------------------------------------------------------- the runner's working clones
+
+def origin_url(clone: str | os.PathLike) -> str | None:
+    """The clone's ``remote.origin.url`` as GitPython reads ``.git/config``, in
+    process (a git command less per build); None when it cannot say for sure."""
+    try:
+        url = git.GitConfigParser(os.path.join(clone, ".git", "config"), read_only=True).get(
+            'remote "origin"', "url")
+    except Exception:       # a configparser error, an unreadable file: the caller asks git itself
+        return None
+    # GitPython keeps git's quoting and escapes: trust only values that have none
+    return url if isinstance(url, str) and not any(c in url for c in '"\\;#') else None

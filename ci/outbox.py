@@ -26,7 +26,7 @@ import re
 import time
 from pathlib import Path
 
-from . import aio, net, protocol
+from . import aio, files, net, protocol
 from .text import utf8_boundary
 
 log = logging.getLogger(__name__)
@@ -55,28 +55,15 @@ class Outbox:
 
     def save(self, result: dict) -> None:
         """Write one result so that a crash leaves either the whole file or none."""
-        path = self._path(result["build"], result["attempt"])
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)            # make the rename itself durable
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        files.atomic_write(self._path(result["build"], result["attempt"]),
+                           json.dumps(result).encode("utf-8"))
 
     def load(self) -> list[dict]:
         """Pending results, oldest build first; half-written or unreadable files are set aside."""
         results = []
         for path in sorted(self.dir.iterdir()):
             if path.suffix == ".tmp":
-                path.unlink(missing_ok=True)        # a crash before os.replace: never promised
+                path.unlink(missing_ok=True)        # a crash before the rename: never promised
                 continue
             match = _ENTRY.match(path.name)
             if not match:

@@ -1,5 +1,5 @@
 """The runner daemon: listens for work from the dispatcher, runs each build in
-one of its slots (``executor.py``), and delivers logs and results through its
+one of its slots (``execution.py``), and delivers logs and results through its
 durable outbox (``outbox.py``).
 
 Receives, from role ``dispatcher`` only:
@@ -8,9 +8,9 @@ Receives, from role ``dispatcher`` only:
     ping                                                          -> pong {running}
     cancel {build, attempt?}                                      -> ok
 Sends to the dispatcher:
-    register {name, host, port, labels, slots, running}           -> ok {heartbeat_interval}
+    register (see registration.py)
     log, result (see outbox.py)
-    artifact {build, attempt, path, offset, data, eof}            -> ok {offset} | error
+    artifact (see artifact_upload.py)
 
 ``running`` always lists every lease (build, attempt) this runner holds: the
 builds it runs and those whose result is still in its outbox, so the
@@ -21,73 +21,60 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import fcntl
 import logging
-import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import aio, daemon, net, protocol
-from .settings import Settings
-from .executor import BuildLog, Execution, Job, reap_orphans
+from . import aio, artifact_upload, daemon, files, net, patterns, protocol
+from .attempt import RunRequest
+from .buildlog import BuildLog
+from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
+from .procgroup import reap_orphans
+from .registration import Registration
+from .settings import Settings
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_TRIES = 3
-FORGOTTEN_AFTER = 5         # heartbeat intervals without a ping before registering again
 SHUTDOWN_GRACE = 1.0        # at shutdown, SIGKILL a step this soon after SIGTERM
-
-
-@dataclass
-class Active:
-    execution: Execution
-    task: asyncio.Task
 
 
 class Runner:
     def __init__(self, settings: Settings, stop: asyncio.Event):
         rc = settings.config.runner
         self.settings = settings
-        self.config = settings.config
         self.stop = stop
-        self.secret = settings.secret(protocol.RUNNER)      # what it proves itself with to the dispatcher
-        self.limits = settings.limits
-        self.client_tls = settings.client_tls
         try:
             self.dispatcher = net.parse_addr(rc.dispatcher)
         except ValueError as exc:
             raise daemon.StartupError(f"runner.dispatcher: {exc}") from None
-        if rc.name and not protocol.NAME.check(rc.name):
-            raise daemon.StartupError(f"runner.name {rc.name!r} must be a {protocol.NAME.name}")
-        bad = [label for label in rc.labels if not protocol.NAME.check(label)]
+        if rc.name and not patterns.is_name(rc.name):
+            raise daemon.StartupError(f"runner.name {rc.name!r} must be a {patterns.NAME_RULE}")
+        bad = [label for label in rc.labels if not patterns.is_name(label)]
         if bad:
-            raise daemon.StartupError(f"runner.labels: {bad[0]!r} must be a {protocol.NAME.name}")
+            raise daemon.StartupError(f"runner.labels: {bad[0]!r} must be a {patterns.NAME_RULE}")
         self.host, self.port = rc.host, rc.port
         self.name = rc.name
         self.workdir = Path(".")
         self.outbox: Outbox | None = None
-        self.active: dict[int, Active] = {}             # by slot
+        self.slots = Slots(rc.slots)
         self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
         self.tasks: set[asyncio.Task] = set()
-        self.last_ping = time.monotonic()
-        self._lock_fd: int | None = None
-        self._registrar = self._client()
+        self.registration = Registration(self._client(), self._register_message)
+        self._lock: files.DirLock | None = None
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self, insecure: bool = False) -> asyncio.AbstractServer:
         """Listen, then claim the workdir and pick up what the outbox holds."""
-        rc = self.config.runner
+        rc = self.settings.config.runner
         # work comes only from the dispatcher role: whoever holds its secret can run commands here
         daemon.check_exposure("runner", rc.host, self.settings, [protocol.DISPATCHER], insecure)
         server = await daemon.listen(
             lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.settings.secrets,
-                              roles=frozenset({protocol.DISPATCHER}), limits=self.limits,
+                              roles=frozenset({protocol.DISPATCHER}), limits=self.settings.limits,
                               name=f"runner {rc.name or ''}".strip(), ssl=self.settings.server_tls),
             "runner", rc.host, rc.port)
         try:
@@ -114,44 +101,41 @@ class Runner:
             key = (result["build"], result["attempt"])
             log.info("build %d attempt %d: result %s is still in the outbox; delivering it",
                      *key, result["status"])
-            self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.limits.max_frame,
+            self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.settings.limits.max_frame,
                                    start=result["log_size"], result=result))
         return server
 
     def _claim_workdir(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = files.DirLock(self.workdir / ".lock")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            lock.acquire()
+        except files.LockedError:
             raise daemon.StartupError(f"runner workdir {self.workdir} is in use by another runner "
                                       f"(give each runner its own --workdir or --name)") from None
-        self._lock_fd = fd
+        self._lock = lock
 
     async def serve(self) -> None:
         """Register and stay registered until the stop event is set."""
-        self._spawn(self._register_loop(), "registration")
+        self._spawn(self.registration.run(), "registration")
         await self.stop.wait()
 
     async def shutdown(self) -> None:
         """Kill running builds (the dispatcher requeues them) and stop within a second or two."""
-        jobs = [a.task for a in self.active.values()]
-        for active in self.active.values():
-            active.execution.stop("shutdown", grace=SHUTDOWN_GRACE)
-        if jobs:
-            await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE + 0.5)
+        builds = self.slots.stop_all("shutdown", SHUTDOWN_GRACE)
+        if builds:
+            await asyncio.wait(builds, timeout=SHUTDOWN_GRACE + 0.5)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=1.0)
-        await self._registrar.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        await self.registration.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def _client(self) -> net.Client:
         host, port = self.dispatcher
-        return net.Client(host, port, protocol.RUNNER, self.secret, self.limits, self.client_tls)
+        return net.Client(host, port, protocol.RUNNER, self.settings.secret(protocol.RUNNER),
+                          self.settings.limits, self.settings.client_tls)
 
     def _spawn(self, coro, what: str) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -168,64 +152,67 @@ class Runner:
     def leases(self) -> list[list[int]]:
         return [list(key) for key in sorted(self.deliveries)][:1000]
 
+    def _register_message(self) -> dict:
+        rc = self.settings.config.runner
+        return {"type": "register", "name": self.name, "host": self.host, "port": self.port,
+                "labels": list(rc.labels), "slots": rc.slots, "running": self.leases()}
+
     # ------------------------------------------------------------ requests
 
     async def handle(self, conn: net.Connection, msg: dict) -> dict:
         kind = msg["type"]
         if kind == "ping":
-            self.last_ping = time.monotonic()
+            self.registration.pinged()
             return {"type": "pong", "running": self.leases()}
         if kind == "run":
             return self._run(msg)
         if kind == "cancel":
-            for active in self.active.values():
-                job = active.execution.job
-                if job.build == msg["build"] and msg.get("attempt", job.attempt) == job.attempt:
-                    log.info("build %d attempt %d: cancelled by %s", job.build, job.attempt, conn.role)
-                    active.execution.stop("cancelled")
+            for execution in self.slots.find(msg["build"], msg.get("attempt")):
+                log.info("build %d attempt %d: cancelled by %s",
+                         execution.request.build, execution.request.attempt, conn.role)
+                execution.stop("cancelled")
             return protocol.ok()
         return protocol.error("unsupported", f"runner {self.name} does not handle {kind!r}")
 
     def _run(self, msg: dict) -> dict:
         build, attempt = key = (msg["build"], msg["attempt"])
-        rc = self.config.runner
+        rc = self.settings.config.runner
         if self.outbox is None or self.stop.is_set():
             return protocol.error("busy", f"runner {self.name} is starting or stopping")
         if key in self.deliveries:
             # the dispatcher resends `run` when its connection broke mid-request:
             # the lease is ours already, so say yes again rather than "busy"
             return protocol.ok()
-        if any(a.execution.job.build == build for a in self.active.values()):
+        if self.slots.runs_build(build):
             return protocol.error("busy", f"runner {self.name} is already running build {build}")
-        free = [slot for slot in range(rc.slots) if slot not in self.active]
-        if not free:
+        slot = self.slots.free()
+        if slot is None:
             return protocol.error("busy", f"all {rc.slots} slot(s) of runner {self.name} are busy")
-        slot = free[0]
-        timeout = msg["timeout"] if msg["timeout"] > 0 else self.config.build.timeout
-        job = Job(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
-                  float(timeout), dict(msg["env"]), msg.get("job", ""),
-                  msg.get("artifacts_limit", Job.artifacts_limit))
+        timeout = msg["timeout"] if msg["timeout"] > 0 else self.settings.config.build.timeout
+        request = RunRequest(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
+                             float(timeout), dict(msg["env"]), msg.get("job", ""),
+                             msg.get("artifacts_limit", RunRequest.artifacts_limit))
         path = self.outbox.log_path(build, attempt)
-        delivery = Delivery(self._client(), build, attempt, path, self.limits.max_frame)
+        delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_frame)
         try:
             buildlog = BuildLog(path, delivery.wake)
         except OSError as exc:
             return protocol.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
-        execution = Execution(job, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
+        execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
                               upload=lambda rel, file: self._upload(build, attempt, rel, file))
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
-        self.active[slot] = Active(execution, task)
-        log.info("build %d attempt %d: running %s on slot %d", build, attempt, job.sha[:12], slot)
+        self.slots.take(slot, execution, task)
+        log.info("build %d attempt %d: running %s on slot %d", build, attempt, request.sha[:12], slot)
         return protocol.ok()
 
     # ------------------------------------------------------------ builds and deliveries
 
     async def _execute(self, slot: int, execution: Execution, delivery: Delivery,
                        buildlog: BuildLog) -> None:
-        job = execution.job
-        key = (job.build, job.attempt)
+        request = execution.request
+        key = (request.build, request.attempt)
         try:
             try:
                 outcome = await execution.run()
@@ -239,7 +226,7 @@ class Runner:
                 return      # stale, or lost with the shutdown: the dispatcher decides what happens
             # the log is complete: its last lines go now, while the disk syncs it and the result
             delivery.ended()
-            result = {"build": job.build, "attempt": job.attempt, "status": outcome.status.value,
+            result = {"build": request.build, "attempt": request.attempt, "status": outcome.status.value,
                       "exit_code": outcome.exit_code, "steps": outcome.steps,
                       "duration": outcome.duration, "log_size": buildlog.size}
             # off the event loop: the fsyncs take milliseconds that other slots and pings can use
@@ -255,8 +242,7 @@ class Runner:
             lingering = execution.lingering
             if lingering is not None and not lingering.done() and not self.stop.is_set():
                 await asyncio.wait([lingering])     # git still works in this slot's clone
-            if self.active.get(slot) is not None and self.active[slot].execution is execution:
-                del self.active[slot]
+            self.slots.release(slot, execution)
 
     def _keep(self, buildlog: BuildLog, result: dict) -> None:
         """Sync the log, then write the outbox entry that promises it (in a worker thread)."""
@@ -268,31 +254,9 @@ class Runner:
                       "the result is only in memory", result["build"], result["attempt"], exc)
 
     async def _upload(self, build: int, attempt: int, rel: str, file: Path) -> None:
-        """Send one artifact in chunks; raises ValueError saying why it did not arrive."""
-        chunk = max(1024, min(256 * 1024, (self.limits.max_frame - 1024) * 3 // 4))
         client = self._client()
         try:
-            with open(file, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                offset = 0
-                while True:
-                    data = f.read(chunk)
-                    eof = offset + len(data) >= size or not data
-                    msg = {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
-                           "offset": offset, "data": base64.b64encode(data).decode(), "eof": eof}
-                    for attempt_no in range(ARTIFACT_TRIES):
-                        try:
-                            await client.request(msg)
-                            break
-                        except (net.PeerError, protocol.ProtocolError) as exc:
-                            if attempt_no == ARTIFACT_TRIES - 1:
-                                raise ValueError(f"the dispatcher is unreachable: {exc}") from None
-                            await asyncio.sleep(0.5 * (attempt_no + 1))
-                    offset += len(data)
-                    if eof:
-                        return
-        except protocol.RemoteError as exc:
-            raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
+            await artifact_upload.upload(client, self.settings.limits.max_frame, build, attempt, rel, file)
         finally:
             await client.close()
 
@@ -308,52 +272,14 @@ class Runner:
             await delivery.client.close()
         if outcome == STALE:
             log.warning("build %d attempt %d is stale (given to another runner); dropping it", *key)
-            for active in self.active.values():
-                if (active.execution.job.build, active.execution.job.attempt) == key:
-                    active.execution.stop(STALE)
+            for execution in self.slots.find(*key):
+                execution.stop(STALE)
         else:
             log.info("build %d attempt %d: result delivered", *key)
         if self.deliveries.get(key) is delivery:
             del self.deliveries[key]
             # off the event loop (unlinks can take milliseconds): the next `run` comes right now
             await asyncio.get_running_loop().run_in_executor(None, self.outbox.discard, *key)
-
-    # ------------------------------------------------------------ registration
-
-    async def _register_loop(self) -> None:
-        addr = f"{self.dispatcher[0]}:{self.dispatcher[1]}"
-        rc = self.config.runner
-        backoff = aio.Backoff()
-        down = False
-        quiet = False       # the dispatcher answers registrations but never pings: say so once
-        while True:
-            msg = {"type": "register", "name": self.name, "host": self.host, "port": self.port,
-                   "labels": list(rc.labels), "slots": rc.slots, "running": self.leases()}
-            try:
-                reply = await self._registrar.request(msg)
-            except (net.PeerError, protocol.ProtocolError, protocol.RemoteError) as exc:
-                if not down:
-                    log.warning("cannot register with the dispatcher at %s: %s; "
-                                "retrying in the background until it answers", addr, exc)
-                down = True
-                await asyncio.sleep(backoff.next())
-                continue
-            interval = reply.get("heartbeat_interval")
-            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
-                interval = 1.0
-            (log.debug if quiet else log.info)(
-                "registered with the dispatcher at %s as %s (%d slot(s), %d lease(s) held)",
-                addr, self.name, rc.slots, len(self.deliveries))
-            down = False
-            backoff.reset()
-            registered = self.last_ping = time.monotonic()
-            limit = FORGOTTEN_AFTER * interval
-            while (silent := time.monotonic() - self.last_ping) < limit:
-                await asyncio.sleep(limit - silent + 0.01)
-            pinged = self.last_ping > registered
-            (log.debug if quiet else log.warning)(
-                "no ping from the dispatcher at %s for %.1fs; registering again", addr, silent)
-            quiet = not pinged
 
 
 async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:

@@ -78,7 +78,7 @@ def test_notify_does_not_load_git_yaml_rich_asyncio_or_the_daemons():
     # the git hook runs notify on every commit: it must stay quick to start
     code = ("import sys\nfrom ci import cli\ncli.main(['notify', '--observer', '127.0.0.1:1'])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('git', 'rich', 'yaml', 'asyncio') or m in "
-            "('ci.dispatcher', 'ci.runner', 'ci.observer', 'ci.config', 'ci.executor', 'importlib.metadata')))")
+            "('ci.dispatcher', 'ci.runner', 'ci.observer', 'ci.config', 'ci.execution', 'importlib.metadata')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=30, env=child_env())
     assert "cannot reach the observer" in done.stderr

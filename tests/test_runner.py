@@ -1,7 +1,8 @@
 """The runner daemon, end to end: a real runner process driven over real
 sockets by a test acting as the dispatcher, with a fake dispatcher (made with
 net.serve) receiving its registrations, logs and results, and real git
-repositories in tmp_path."""
+repositories in tmp_path. What one piece does alone is tested beside it:
+test_execution, test_checkout, test_procgroup, test_outbox, test_registration."""
 
 from __future__ import annotations
 
@@ -11,123 +12,36 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ci import net, protocol
+from ci import daemon, net, protocol, settings
+from ci.config import load
+from ci.runner import Runner
 
-from conftest import free_port, pid_alive
+from conftest import Repo, free_port, pid_alive
+from runner_support import SECRET, FakeDispatcher, read_pid, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "runner-test-secret"
 # Not `-m ci.runner`: keeps these tests independent of ci/cli.py.
 RUNNER = ("import sys, argparse; from ci import runner; p=argparse.ArgumentParser(); "
           "runner.add_arguments(p); sys.exit(runner.main(p.parse_args(sys.argv[1:])))")
-GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
 # ---------------------------------------------------------------- helpers
 
-def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
-                          text=True, timeout=30)
-    return done.stdout.strip()
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[Path, str]:
-    path = tmp_path / "repo"
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    (path / "README").write_text("a project without tests\n")
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "first")
-    return path, git(path, "rev-parse", "HEAD")
-
-
-async def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
+    repo = Repo(tmp_path / "repo")
+    return repo.path, repo.commit("first", {"README": "a project without tests\n"})
 
 
 def run_msg(build: int, repo: Path, sha: str, steps: list[str], timeout: float = 30,
             attempt: int = 1) -> dict:
     return {"type": "run", "build": build, "attempt": attempt, "repo": str(repo), "sha": sha,
             "branch": "main", "steps": steps, "timeout": timeout, "env": {"EXTRA": "from-run"}}
-
-
-class FakeDispatcher:
-    """Records what a runner sends and answers like the real dispatcher would."""
-
-    def __init__(self, heartbeat: float = 60.0):
-        self.heartbeat = heartbeat
-        self.registers: list[dict] = []
-        self.logs: dict[tuple, bytearray] = {}
-        self.results: dict[int, dict] = {}
-        self.result_tries: list[dict] = []
-        self.refuse_results = False
-        self.stale_at: dict[int, str] = {}    # build -> log text after which its lease is stale
-        self.server = None
-        self.port = 0
-
-    async def start(self, port: int = 0) -> "FakeDispatcher":
-        self.server = await net.serve(self.handle, "127.0.0.1", port, secret=SECRET,
-                                      roles=frozenset({protocol.RUNNER}), name="fake dispatcher")
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-    def log_text(self, build: int, attempt: int = 1) -> str:
-        return bytes(self.logs.get((build, attempt), b"")).decode()
-
-    async def handle(self, conn: net.Connection, msg: dict) -> dict:
-        kind = msg["type"]
-        if kind == "register":
-            self.registers.append(msg)
-            return protocol.ok(heartbeat_interval=self.heartbeat)
-        key = (msg["build"], msg["attempt"])
-        have = self.logs.setdefault(key, bytearray())
-        if kind == "log":
-            data = msg["data"].encode()
-            if msg["offset"] > len(have):
-                return protocol.error("offset", "gap in the log", expected=len(have))
-            overlap = len(have) - msg["offset"]
-            have.extend(data[overlap:])
-            marker = self.stale_at.get(msg["build"])
-            if marker and marker.encode() in have:
-                return protocol.error("stale", "given to another runner")
-            return protocol.ok(offset=len(have))
-        if kind == "result":
-            self.result_tries.append(msg)
-            if self.refuse_results:
-                return protocol.error("internal", "the test refuses results for now")
-            if msg.get("log_size", 0) > len(have):
-                return protocol.error("offset", "log incomplete", expected=len(have))
-            self.results[msg["build"]] = msg
-            return protocol.ok()
-        return protocol.error("unsupported", kind)
-
-    async def result(self, build: int, timeout: float = 15.0) -> dict:
-        await wait_until(lambda: build in self.results, f"the result of build {build}", timeout)
-        return self.results[build]
 
 
 @dataclass
@@ -249,7 +163,7 @@ def test_passing_build_streams_its_log_and_leaves_no_process(project, runners, t
     asyncio.run(scenario())
 
 
-def test_failing_step_skips_the_rest(project, runners):
+def test_the_default_workdir_is_under_the_runners_own_directory(project, runners):
     path, sha = project
 
     async def scenario():
@@ -257,12 +171,8 @@ def test_failing_step_skips_the_rest(project, runners):
         runner = await runners.start(fake.port, default_workdir=True)
         client = runner.client()
         try:
-            await client.request(run_msg(3, path, sha, ["echo first", "exit 3", "echo SKIPPED-STEP"]))
-            result = await fake.result(3)
-            text = fake.log_text(3)
-            assert (result["status"], result["exit_code"], result["steps"]) == ("failed", 3, 2), text
-            assert "$ exit 3\n[exit 3 after " in text
-            assert "SKIPPED-STEP" not in text
+            await client.request(run_msg(3, path, sha, ["true"]))
+            assert (await fake.result(3))["status"] == "passed", fake.log_text(3)
             assert (runner.workdir / "checkouts" / "0" / "README").exists()   # the default workdir
         finally:
             await client.close()
@@ -271,113 +181,33 @@ def test_failing_step_skips_the_rest(project, runners):
     asyncio.run(scenario())
 
 
-def test_step_sources_and_checkout_errors(project, runners):
-    path, sha = project
-    (path / ".ci.yaml").write_text("steps:\n  - echo steps-from-ci-yaml\n")
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "add .ci.yaml")
-    with_yaml = git(path, "rev-parse", "HEAD")
+def test_one_workdir_one_runner_and_names_checked(tmp_path):
+    def make(**runner) -> Runner:
+        config = load(None, env={}, overrides={"runner": {"port": 0, "workdir": str(tmp_path / "work"),
+                                                          **runner}})
+        return Runner(settings.resolve(config), asyncio.Event())
 
     async def scenario():
-        fake = await FakeDispatcher().start()
-        runner = await runners.start(fake.port)
-        client = runner.client()
+        first, second = make(name="one"), make(name="two")
+        server = await first.start()
         try:
-            # the repository's .ci.yaml wins over the dispatcher's steps
-            await client.request(run_msg(1, path, with_yaml, ["echo from-dispatcher"]))
-            assert (await fake.result(1))["status"] == "passed"
-            assert "steps-from-ci-yaml" in fake.log_text(1)
-            assert "from-dispatcher" not in fake.log_text(1)
-            # no steps anywhere and no tests: an error that says what to do (same clone, fetched again)
-            await client.request(run_msg(2, path, sha, []))
-            assert (await fake.result(2))["status"] == "error"
-            assert "no build steps: set build.steps" in fake.log_text(2)
-            assert not (runner.workdir / "checkouts" / "0" / ".ci.yaml").exists()
-            # a commit the repository does not have
-            await client.request(run_msg(4, path, "0123456789abcdef0123456789abcdef01234567", ["true"]))
-            result = await fake.result(4)
-            assert (result["status"], result["exit_code"]) == ("error", -1)
-            assert "checkout failed: commit 0123456789abcdef" in fake.log_text(4)
-            # a clone a crash left damaged is made again, not failed on forever
-            clone = runner.workdir / "checkouts" / "0" / ".git"
-            (clone / "index.lock").write_text("")
-            (clone / "HEAD").write_text("garbage\n")
-            await client.request(run_msg(6, path, sha, ["echo recovered"]))
-            assert (await fake.result(6))["status"] == "passed", fake.log_text(6)
-            assert "is damaged; cloning it again" in fake.log_text(6)
+            with pytest.raises(daemon.StartupError, match=f"runner workdir {tmp_path / 'work'} is in use by "
+                               r"another runner \(give each runner its own --workdir or --name\)"):
+                await second.start()
         finally:
-            await client.close()
-            fake.close()
+            server.close()
+            await first.shutdown()
+        server = await second.start()       # free again once the first let go
+        server.close()
+        await second.shutdown()
 
     asyncio.run(scenario())
-
-
-def test_the_clone_is_reused_and_follows_the_repository(project, runners, tmp_path):
-    path, sha = project
-    moved = tmp_path / "moved"
-    git(tmp_path, "clone", "-q", str(path), str(moved))
-    (moved / "new.txt").write_text("only in the moved repository\n")
-    git(moved, "add", "-A")
-    git(moved, "commit", "-q", "-m", "second")
-    second = git(moved, "rev-parse", "HEAD")
-
-    async def scenario():
-        fake = await FakeDispatcher().start()
-        runner = await runners.start(fake.port)
-        client = runner.client()
-        clone = runner.workdir / "checkouts" / "0"
-        try:
-            await client.request(run_msg(1, path, sha, ["touch left-behind"]))
-            assert (await fake.result(1))["status"] == "passed", fake.log_text(1)
-            assert "$ git clone" in fake.log_text(1)
-            # the commit is in the clone already: no fetch, and the step's leftovers are gone
-            await client.request(run_msg(2, path, sha, ["test ! -e left-behind"]))
-            assert (await fake.result(2))["status"] == "passed", fake.log_text(2)
-            assert "git fetch" not in fake.log_text(2) and "git clone" not in fake.log_text(2)
-            # another address with a commit the clone lacks: origin follows, then it fetches
-            await client.request(run_msg(3, moved, second, ["cat new.txt"]))
-            assert (await fake.result(3))["status"] == "passed", fake.log_text(3)
-            text = fake.log_text(3)
-            assert f"$ git remote set-url origin {moved}" in text and "$ git fetch" in text
-            assert git(clone, "config", "--get", "remote.origin.url") == str(moved)
-            # back to the first address, commit present: origin set back, still no fetch
-            await client.request(run_msg(4, path, sha, ["test ! -e new.txt"]))
-            assert (await fake.result(4))["status"] == "passed", fake.log_text(4)
-            assert "git fetch" not in fake.log_text(4)
-            assert git(clone, "config", "--get", "remote.origin.url") == str(path)
-        finally:
-            await client.close()
-            fake.close()
-
-    asyncio.run(scenario())
-
-
-def test_timeout_kills_the_whole_process_tree(project, runners, tmp_path):
-    path, sha = project
-    stubborn = tmp_path / "stubborn.pid"
-    shell = tmp_path / "shell.pid"
-
-    async def scenario():
-        fake = await FakeDispatcher().start()
-        runner = await runners.start(fake.port)
-        client = runner.client()
-        try:
-            # a grandchild that ignores SIGTERM, so only the SIGKILL after kill_grace ends it
-            step = (f"echo $$ > {shell}; sh -c 'trap \"\" TERM; sleep 1000' & echo $! > {stubborn}; "
-                    f"echo started; sleep 1000")
-            await client.request(run_msg(5, path, sha, [step, "echo NEVER-RUN"], timeout=1))
-            result = await fake.result(5)
-            text = fake.log_text(5)
-            assert (result["status"], result["exit_code"]) == ("failed", -1), text
-            assert "timed out after 1 s" in text
-            assert "NEVER-RUN" not in text
-            pids = [read_pid(shell), read_pid(stubborn)]
-            assert all(pids) and not any(pid_alive(p) for p in pids), "a process of the step survived"
-        finally:
-            await client.close()
-            fake.close()
-
-    asyncio.run(scenario())
+    with pytest.raises(daemon.StartupError, match="runner.name 'no spaces' must be a name of 1-100"):
+        make(name="no spaces")
+    with pytest.raises(daemon.StartupError, match="runner.labels: 'a/b' must be a name of 1-100"):
+        make(labels=["linux", "a/b"])
+    with pytest.raises(daemon.StartupError, match="runner.dispatcher: "):
+        make(dispatcher="nowhere")
 
 
 def test_cancel_kills_a_running_build_and_busy_when_full(project, runners, tmp_path):
@@ -442,13 +272,22 @@ def test_result_waits_in_the_outbox_across_a_crash(project, runners, tmp_path):
         first.proc.wait(10)
         fake.close()
 
-        # restart with the dispatcher away: one line about it, however many retries
+        # restart with the dispatcher away (it hangs up at once): one line about it, however many retries
         port = free_port()
+        tries = []
+
+        def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            tries.append(1)
+            writer.close()
+
+        away = await asyncio.start_server(hang_up, "127.0.0.1", port)
         second = await runners.start(port, "--name", "crashy", workdir=workdir, tag="two")
         await wait_until(lambda: "cannot register" in second.stderr(), "the outage to be logged")
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: len(tries) >= 3, "the runner to try again")
         assert second.stderr().count("cannot register") == 1, second.stderr()
         assert f"127.0.0.1:{port}" in second.stderr()
+        away.close()
+        await away.wait_closed()
 
         # a fresh dispatcher that lost the log: the runner resends it, then the result
         fresh = FakeDispatcher()

@@ -1,0 +1,47 @@
+"""Sends one build artifact from the runner to the dispatcher, in chunks
+(``artifact_find.py`` chooses the files; the dispatcher's half, which checks
+and stores them, is ``artifacts.py``).
+
+Sends, to the dispatcher:
+    artifact {build, attempt, path, offset, data (base64), eof}  -> ok {offset} | error
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from pathlib import Path
+
+from . import net, protocol
+
+TRIES = 3                   # sends of one chunk before the dispatcher counts as unreachable
+
+
+async def upload(client: net.Client, max_frame: int, build: int, attempt: int, rel: str,
+                 file: Path) -> None:
+    """Send one artifact in chunks; raises ValueError saying why it did not arrive.
+    A chunk whose send fails is sent again (the dispatcher takes it by offset)."""
+    chunk = max(1024, min(256 * 1024, (max_frame - 1024) * 3 // 4))     # base64 makes 4 of 3
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while True:
+                data = f.read(chunk)
+                eof = offset + len(data) >= size or not data
+                msg = {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
+                       "offset": offset, "data": base64.b64encode(data).decode(), "eof": eof}
+                for attempt_no in range(TRIES):
+                    try:
+                        await client.request(msg)
+                        break
+                    except (net.PeerError, protocol.ProtocolError) as exc:
+                        if attempt_no == TRIES - 1:
+                            raise ValueError(f"the dispatcher is unreachable: {exc}") from None
+                        await asyncio.sleep(0.5 * (attempt_no + 1))
+                offset += len(data)
+                if eof:
+                    return
+    except protocol.RemoteError as exc:
+        raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None

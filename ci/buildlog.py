@@ -1,0 +1,56 @@
+"""The log file of one build attempt on a runner, as the steps and the runner
+write it: UTF-8, flushed on every write so the outbox's ``Delivery`` can
+send it while it grows, and synced to disk when the attempt ends (the outbox
+entry written next promises every byte of it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class BuildLog:
+    """The attempt's log file; ``on_write`` is called after every write (it wakes the sender)."""
+
+    def __init__(self, path: Path, on_write: Callable[[], None] = lambda: None):
+        self.path = path
+        self.size = 0
+        self._on_write = on_write
+        self._file: Any = open(path, "wb")
+        self._line_start = True
+
+    def write(self, text: str) -> None:
+        if not text or self._file is None:
+            return
+        data = text.encode("utf-8", "replace")
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except OSError as exc:
+            # a full disk must not kill the build; the log simply stops here
+            log.error("cannot write build log %s: %s; the rest of this log is lost", self.path, exc)
+            self._file = None
+            return
+        self.size += len(data)
+        self._line_start = text.endswith("\n")
+        self._on_write()
+
+    def line(self, text: str) -> None:
+        """Write one line of our own, starting it on a fresh line."""
+        self.write(("" if self._line_start else "\n") + text + "\n")
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())   # the outbox entry written next promises this log
+        except OSError as exc:
+            log.error("cannot sync build log %s: %s", self.path, exc)
+        self._file.close()
+        self._file = None

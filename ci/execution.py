@@ -1,0 +1,298 @@
+"""Runs one build attempt on a runner: the checkout (``checkout.py``), then
+each step in its own process group under the build's time limit, its output
+into the attempt's ``BuildLog``, then the artifacts.
+
+The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
+one source of truth for a repository that has the file), else the ``steps``
+of the ``run`` request, else ``python -m pytest -q`` for a repository with
+tests. After the steps (passed or failed) the files matching the file's
+``artifacts`` globs are handed to ``upload``.
+
+It knows nothing about the network: ``runner.py`` turns a ``run`` request
+into a ``RunRequest``, gives it a ``BuildLog`` whose writes wake the log
+sender and an ``upload`` coroutine for artifacts, and reports the
+``Outcome``. ``Execution.stop`` ends it from outside (cancel, a stale lease,
+shutdown) by killing the running step's whole process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import aio, artifact_find, buildfile, procgroup
+from .attempt import Outcome, RunRequest, Stopped
+from .buildfile import BuildFile, BuildFileError, Step
+from .buildlog import BuildLog
+from .checkout import Checkout, CheckoutError
+from .models import Status
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEST_STEP = "python -m pytest -q"
+NO_STEPS = "no build steps: set build.steps in the dispatcher's config or add .ci.yaml with steps"
+READ_SIZE = 1 << 16
+OUTPUT_DRAIN = 2.0      # after a step ends, how long to wait for the last of its output
+
+
+def has_tests(root: Path) -> bool:
+    if (root / "tests").is_dir() or (root / "test").is_dir():
+        return True
+    return any(p.is_file() and (p.name.startswith("test_") or p.name.endswith("_test.py"))
+               for p in root.glob("*.py"))
+
+
+def read_buildfile(root: Path) -> BuildFile | None:
+    """The checkout's ``.ci.yaml``; None without one. Raises BuildFileError when it is unusable."""
+    path = root / buildfile.FILENAME
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise BuildFileError(0, "is not a regular file")
+    if not path.exists():
+        return None
+    try:
+        return buildfile.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildFileError(0, f"cannot be read: {exc}") from None
+
+
+def build_env(request: RunRequest, base: dict | None = None) -> dict:
+    """The environment a step sees."""
+    base = dict(os.environ if base is None else base)
+    # the runner's own settings (a TINYCI_AUTH_SECRET above all) are not the build's business
+    env = {k: v for k, v in base.items() if not k.startswith("TINYCI_")}
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH") or os.defpath])
+    env.update(CI="true", CI_BUILD=str(request.build), CI_COMMIT=request.sha, CI_BRANCH=request.branch,
+               CI_ATTEMPT=str(request.attempt), PYTHONUNBUFFERED="1")
+    env.update(request.env)
+    return env
+
+
+class Execution:
+    """One attempt in progress in one slot's checkout."""
+
+    def __init__(self, request: RunRequest, checkout: Path, buildlog: BuildLog, kill_grace: float,
+                 header: str = "", upload: Callable[[str, Path], Any] | None = None):
+        self.request = request
+        self.upload = upload        # async (relative path, file) -> None; raises OSError/ValueError to refuse
+        self.checkout = checkout.absolute()
+        self.log = buildlog
+        self.kill_grace = kill_grace
+        self.header = header
+        self.stop_reason: str | None = None
+        self.limit = request.timeout            # seconds: the run's, or the .ci.yaml's once read
+        self.steps_run = 0
+        self._stop = asyncio.Event()
+        self._clone = Checkout(self.checkout, buildlog, self._stop, request.timeout)
+        self._started = self._deadline = 0.0
+
+    @property
+    def lingering(self) -> asyncio.Future | None:
+        """A git command still running after a stop: the slot is not free until it ends."""
+        return self._clone.lingering
+
+    def stop(self, reason: str, grace: float | None = None) -> None:
+        """End the attempt: ``reason`` is "cancelled", "stale" or "shutdown"."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if grace is not None:
+            self.kill_grace = min(self.kill_grace, grace)
+        self._stop.set()
+
+    async def run(self) -> Outcome:
+        request = self.request
+        self._started = time.monotonic()
+        self._deadline = self._started + request.timeout
+        self.log.line(f"{self.header}build {request.build} attempt {request.attempt}: "
+                      f"commit {request.sha} on {request.branch} from {request.repo}")
+        try:
+            return await self._attempt()
+        except Stopped as exc:
+            if not exc.args:            # a step already said how it ended
+                self.log.line(f"[{self.stop_reason}]")
+            return self._outcome(Status.CANCELLED)
+        except Exception as exc:  # a runner bug must still end the build with a result
+            log.exception("build %d attempt %d: runner failure", request.build, request.attempt)
+            self.log.line(f"runner failure: {type(exc).__name__}: {exc}")
+            return self._outcome(Status.ERROR)
+
+    def _outcome(self, status: Status, code: int = -1) -> Outcome:
+        return Outcome(status, code, self.steps_run, round(time.monotonic() - self._started, 3))
+
+    async def _attempt(self) -> Outcome:
+        try:
+            await self._clone.run(self.request.repo, self.request.sha, self._deadline)
+        except CheckoutError as exc:
+            self.log.line(f"checkout failed: {exc}")
+            return self._outcome(Status.ERROR)
+        try:
+            steps, source, env, spec = self._choose_steps()
+        except BuildFileError as exc:
+            self.log.line(f"build error: {exc}")
+            return self._outcome(Status.ERROR)
+        if not steps:
+            self.log.line(NO_STEPS)
+            return self._outcome(Status.ERROR)
+        self.log.line(f"{len(steps)} step(s) from {source}")
+        status, code = Status.PASSED, 0
+        for number, step in enumerate(steps, 1):
+            self.steps_run = number
+            if step.name:
+                self.log.line(f"--- step {number}: {step.name} ---")
+            step_deadline, why = self._deadline, f"{self.limit:g} s (the build's time limit)"
+            if step.timeout is not None and time.monotonic() + step.timeout < self._deadline:
+                step_deadline, why = time.monotonic() + step.timeout, f"{step.timeout:g} s (the step's time limit)"
+            how, code = await self._step(step.run, {**env, **step.env}, step_deadline, why)
+            if how == "error":
+                return self._outcome(Status.ERROR)
+            if how == "timeout" or code != 0:
+                if number < len(steps):
+                    self.log.line(f"[step {number} failed; skipping {len(steps) - number} more]")
+                status = Status.FAILED
+                break
+        if spec is not None and spec.artifacts:
+            await self._artifacts(spec.artifacts)
+        return self._outcome(status, code)
+
+    def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
+        """The steps, where they come from, their environment and the ``.ci.yaml``
+        (None without one); a ``.ci.yaml`` time limit replaces the run's.
+        Raises BuildFileError."""
+        request = self.request
+        env = build_env(request)
+        spec = read_buildfile(self.checkout)
+        if spec is not None:
+            steps, timeout, file_env = spec.plan(request.job)
+            env.update(file_env)
+            if timeout is not None:
+                self._deadline, self.limit = self._started + timeout, timeout
+            source = buildfile.FILENAME + (f" (job {request.job})" if request.job else "")
+        elif request.job:
+            raise BuildFileError(0, f"is missing, but this build is its job {request.job!r}")
+        else:
+            steps, source = tuple(Step(command) for command in request.steps), "the dispatcher's build.steps"
+        if not steps and has_tests(self.checkout):
+            steps, source = (Step(DEFAULT_TEST_STEP),), "the default for a repository with tests"
+        return steps, source, env, spec
+
+    async def _artifacts(self, patterns: tuple) -> None:
+        """Send the files the patterns match; a refusal is noted in the log, never fails the build."""
+        files, notes = await asyncio.get_running_loop().run_in_executor(
+            None, artifact_find.find, self.checkout, patterns, self.request.artifacts_limit)
+        for note in notes:
+            self.log.line(f"[artifacts: {note}]")
+        if self.upload is None:
+            return
+        for rel, path, size in files:
+            if self._stop.is_set():
+                raise Stopped()
+            try:
+                await self.upload(rel, path)
+                self.log.line(f"[artifact {rel} ({size} bytes) sent]")
+            except (OSError, ValueError) as exc:
+                self.log.line(f"[artifact {rel} not sent: {exc}]")
+
+    async def _step(self, command: str, env: dict, deadline: float, why: str = "") -> tuple[str, int]:
+        """Run one step; returns ("exit", code), ("timeout", -1) or ("error", -1); raises Stopped."""
+        if self._stop.is_set():
+            raise Stopped()
+        self.log.line(f"$ {command}")
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            # asyncio.create_subprocess_shell, but with a protocol that says when the shell exits
+            transport, protocol = await loop.subprocess_shell(
+                lambda: _StepProtocol(loop), command, cwd=self.checkout, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True)     # its own process group, so the whole tree can be killed
+        except OSError as exc:
+            self.log.line(f"[cannot start the step: {exc}]")
+            return "error", -1
+        proc = asyncio.subprocess.Process(transport, protocol, loop)
+        marker = procgroup.mark_group(self.checkout, proc.pid)
+        pump = asyncio.ensure_future(self._pump(proc.stdout))
+        exited = asyncio.ensure_future(_exit_of(proc, protocol))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({exited, stopped}, timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            how = "exit" if exited.done() else "stopped" if self._stop.is_set() else "timeout"
+            # even after a clean exit: background children must not outlive their step
+            await procgroup.kill_group(proc.pid, self.kill_grace)
+            await aio.within(asyncio.shield(exited), 5.0)
+        except BaseException:
+            procgroup.signal_group(proc.pid, signal.SIGKILL)    # torn down mid-step: leave nothing behind
+            pump.cancel()
+            raise
+        finally:
+            stopped.cancel()
+            marker.unlink(missing_ok=True)
+        try:
+            await aio.within(pump, OUTPUT_DRAIN)
+        except asyncio.TimeoutError:
+            # a process that left the group (setsid) still holds the output pipe
+            self.log.line("[the step's output is still open after it ended; stopped reading it]")
+        finally:
+            transport.close()       # the shell has exited: this only closes a pipe still open
+        return self._ended(how, proc.returncode, why, time.monotonic() - started)
+
+    def _ended(self, how: str, returncode: int | None, why: str, elapsed: float) -> tuple[str, int]:
+        """Log how a step ended; the step's result, as ``_step`` returns it."""
+        if how == "timeout":
+            self.log.line(f"[timed out after {why or f'{self.request.timeout:g} s'}; "
+                          f"the step's processes were killed]")
+            return "timeout", -1
+        if how == "stopped":
+            self.log.line(f"[{self.stop_reason} after {elapsed:.2f}s; the step's processes were killed]")
+            raise Stopped("logged")
+        code = returncode if returncode is not None else -1
+        if code < 0:
+            self.log.line(f"[killed by signal {-code} after {elapsed:.2f}s]")
+        else:
+            self.log.line(f"[exit {code} after {elapsed:.2f}s]")
+        return "exit", code
+
+    async def _pump(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
+            chunk = await stream.read(READ_SIZE)
+            if not chunk:
+                break
+            self.log.write(decoder.decode(chunk))
+        self.log.write(decoder.decode(b"", final=True))
+
+
+class _StepProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol for a subprocess with streams, plus a future done when
+    the process exits (its output may still be open)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(limit=READ_SIZE, loop=loop)
+        self.exited = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exit_of(proc: asyncio.subprocess.Process, protocol: _StepProtocol) -> int:
+    """The step's exit status as soon as its shell exits.
+
+    Not proc.wait(): that also waits for the output pipe to close, which a
+    background child holding it would put off forever. Not a poll of
+    ``returncode`` either: every build would end up to a poll interval late.
+    """
+    await protocol.exited
+    while proc.returncode is None:      # set before process_exited is called; a safety net only
+        await asyncio.sleep(0.02)
+    return proc.returncode

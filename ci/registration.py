@@ -1,0 +1,70 @@
+"""Keeps a runner registered with the dispatcher: registers at start-up, and
+again whenever the dispatcher's pings stop for ``FORGOTTEN_AFTER`` heartbeat
+intervals (it restarted, or forgot the runner). Never gives up on an absent
+dispatcher: it retries with backoff and says so once per outage.
+
+Sends, to the dispatcher:
+    register {name, host, port, labels, slots, running}   -> ok {heartbeat_interval}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from . import aio, net, protocol
+
+log = logging.getLogger(__name__)
+
+FORGOTTEN_AFTER = 5         # heartbeat intervals without a ping before registering again
+
+
+class Registration:
+    """``message()`` builds each ``register`` afresh (the leases held change)."""
+
+    def __init__(self, client: net.Client, message: Callable[[], dict]):
+        self.client = client
+        self.message = message
+        self.last_ping = time.monotonic()
+
+    def pinged(self) -> None:
+        """The dispatcher pinged: it knows this runner."""
+        self.last_ping = time.monotonic()
+
+    async def run(self) -> None:
+        addr = self.client.addr
+        backoff = aio.Backoff()
+        down = False
+        quiet = False       # the dispatcher answers registrations but never pings: say so once
+        while True:
+            msg = self.message()
+            try:
+                reply = await self.client.request(msg)
+            except (net.PeerError, protocol.ProtocolError, protocol.RemoteError) as exc:
+                if not down:
+                    log.warning("cannot register with the dispatcher at %s: %s; "
+                                "retrying in the background until it answers", addr, exc)
+                down = True
+                await asyncio.sleep(backoff.next())
+                continue
+            interval = reply.get("heartbeat_interval")
+            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+                interval = 1.0
+            (log.debug if quiet else log.info)(
+                "registered with the dispatcher at %s as %s (%d slot(s), %d lease(s) held)",
+                addr, msg["name"], msg["slots"], len(msg["running"]))
+            down = False
+            backoff.reset()
+            registered = self.last_ping = time.monotonic()
+            limit = FORGOTTEN_AFTER * interval
+            while (silent := time.monotonic() - self.last_ping) < limit:
+                await asyncio.sleep(limit - silent + 0.01)
+            pinged = self.last_ping > registered
+            (log.debug if quiet else log.warning)(
+                "no ping from the dispatcher at %s for %.1fs; registering again", addr, silent)
+            quiet = not pinged
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,43 @@
+"""One artifact sent in chunks (each within the frame limit, the last marked
+eof) to a fake dispatcher in this process, and a refusal reported."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+
+import pytest
+
+from ci import artifact_upload
+
+from runner_support import FakeDispatcher
+
+
+def test_upload_sends_a_file_in_chunks_and_reports_a_refusal(tmp_path):
+    data = os.urandom(10_000)
+    (tmp_path / "big.bin").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        client = fake.client()
+        try:
+            await artifact_upload.upload(client, 4096, 5, 2, "dist/big.bin", tmp_path / "big.bin")
+            chunks = [m for m in fake.artifacts if m["path"] == "dist/big.bin"]
+            assert len(chunks) == 5, "the frame size bounds a chunk"
+            assert [m["offset"] for m in chunks] == [0, 2304, 4608, 6912, 9216]
+            assert [m["eof"] for m in chunks] == [False] * 4 + [True]
+            assert {(m["build"], m["attempt"]) for m in chunks} == {(5, 2)}
+            assert b"".join(base64.b64decode(m["data"]) for m in chunks) == data
+            await artifact_upload.upload(client, 4096, 5, 2, "empty", tmp_path / "empty")
+            assert [(m["offset"], m["data"], m["eof"]) for m in fake.artifacts if m["path"] == "empty"] \
+                == [(0, "", True)]
+            fake.refuse_artifacts = "artifact over the limit"
+            with pytest.raises(ValueError, match="the dispatcher refused it: artifact over the limit"):
+                await artifact_upload.upload(client, 4096, 5, 2, "dist/big.bin", tmp_path / "big.bin")
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())

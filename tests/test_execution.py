@@ -1,0 +1,216 @@
+"""One build attempt, run directly (no daemon, no network) in a slot's clone
+of a real git repository: where the steps come from, failing and timed-out
+steps, a stop from outside, the step's exit seen before its output closes,
+output left open by an escaped process, and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ci.attempt import Outcome, RunRequest
+from ci.buildlog import BuildLog
+from ci.execution import DEFAULT_TEST_STEP, NO_STEPS, OUTPUT_DRAIN, Execution, build_env
+from ci.models import Status
+
+from conftest import Repo, pid_alive
+from runner_support import read_pid, wait_until
+
+KILL_GRACE = 0.3
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Repo:
+    repo = Repo(tmp_path / "repo")
+    repo.commit("first", {"README": "a project without tests\n"})
+    return repo
+
+
+class Slot:
+    """Runs attempts one after another in one slot's clone, as a runner would."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.clone = tmp_path / "checkouts" / "0"
+        self.uploaded: dict[str, bytes] = {}
+        self.refuse: dict[str, str] = {}        # artifact -> why the "dispatcher" refuses it
+        self.build = 0
+
+    def request(self, repo: Repo, sha: str | None = None, steps=(), **fields) -> RunRequest:
+        self.build += 1
+        return RunRequest(self.build, 1, str(repo.path), sha or repo.head(), "main", tuple(steps),
+                          fields.pop("timeout", 30.0), fields.pop("env", {"EXTRA": "from-run"}), **fields)
+
+    async def upload(self, rel: str, path: Path) -> None:
+        if rel in self.refuse:
+            raise ValueError(self.refuse[rel])
+        self.uploaded[rel] = path.read_bytes()
+
+    def execution(self, request: RunRequest) -> Execution:
+        buildlog = BuildLog(self.tmp / f"{request.build}-{request.attempt}.log")
+        return Execution(request, self.clone, buildlog, KILL_GRACE, header="test slot 0: ",
+                         upload=self.upload)
+
+    async def run(self, execution: Execution) -> tuple[Outcome, str]:
+        try:
+            outcome = await execution.run()
+        finally:
+            execution.log.close()
+        return outcome, execution.log.path.read_text()
+
+    def __call__(self, repo: Repo, steps=(), sha: str | None = None, **fields) -> tuple[Outcome, str]:
+        return asyncio.run(self.run(self.execution(self.request(repo, sha, steps, **fields))))
+
+
+@pytest.fixture
+def slot(tmp_path: Path) -> Slot:
+    return Slot(tmp_path)
+
+
+def test_steps_run_in_order_with_the_build_environment(project, slot):
+    outcome, text = slot(project, [
+        "echo hello-from-step",
+        "echo build=$CI_BUILD commit=$CI_COMMIT branch=$CI_BRANCH ci=$CI extra=$EXTRA",
+        "python -c \"print('héllo', 'wörld')\"",
+    ])
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.PASSED, 0, 3), text
+    assert text.startswith(f"test slot 0: build 1 attempt 1: commit {project.head()} on main from {project.path}\n")
+    assert "3 step(s) from the dispatcher's build.steps" in text
+    assert "$ echo hello-from-step\nhello-from-step\n[exit 0 after " in text
+    assert f"build=1 commit={project.head()} branch=main ci=true extra=from-run" in text
+    assert "héllo wörld" in text
+
+
+def test_the_build_environment_drops_the_runners_own_settings():
+    request = RunRequest(7, 2, "repo", "a" * 40, "main", env={"EXTRA": "x", "CI": "overridden"})
+    env = build_env(request, {"TINYCI_AUTH_SECRET": "s3cret", "HOME": "/home/ci", "PATH": "/bin"})
+    assert "TINYCI_AUTH_SECRET" not in env and env["HOME"] == "/home/ci"
+    assert env["PATH"].endswith(os.pathsep + "/bin")
+    assert (env["CI_BUILD"], env["CI_ATTEMPT"], env["CI_COMMIT"], env["CI_BRANCH"]) == ("7", "2", "a" * 40, "main")
+    assert (env["EXTRA"], env["CI"], env["PYTHONUNBUFFERED"]) == ("x", "overridden", "1")
+
+
+def test_failing_step_skips_the_rest(project, slot):
+    outcome, text = slot(project, ["echo first", "exit 3", "echo SKIPPED-STEP"])
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.FAILED, 3, 2), text
+    assert "$ exit 3\n[exit 3 after " in text
+    assert "[step 2 failed; skipping 1 more]" in text
+    assert "SKIPPED-STEP" not in text
+
+
+def test_step_sources(project, slot):
+    no_yaml = project.head()
+    with_yaml = project.commit("add .ci.yaml", {".ci.yaml": "steps:\n  - echo steps-from-ci-yaml\n"})
+    # the repository's .ci.yaml wins over the dispatcher's steps
+    outcome, text = slot(project, ["echo from-dispatcher"], sha=with_yaml)
+    assert outcome.status == Status.PASSED, text
+    assert "1 step(s) from .ci.yaml" in text
+    assert "steps-from-ci-yaml" in text
+    assert "from-dispatcher" not in text
+    # a job the build asks for, in a commit without .ci.yaml
+    outcome, text = slot(project, ["true"], sha=no_yaml, job="lint")
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.ERROR, -1, 0)
+    assert "build error: .ci.yaml" in text and "is missing, but this build is its job 'lint'" in text
+    # no steps anywhere and no tests: an error that says what to do (same clone)
+    outcome, text = slot(project, [], sha=no_yaml)
+    assert outcome.status == Status.ERROR
+    assert NO_STEPS in text and "no build steps: set build.steps" in text
+    assert not (slot.clone / ".ci.yaml").exists()
+
+
+def test_a_repository_with_tests_and_no_steps_gets_the_default_test_step(project, slot):
+    project.commit("tests", {"tests/test_ok.py": "def test_ok():\n    pass\n"})
+    outcome, text = slot(project, [])
+    assert outcome.status == Status.PASSED, text
+    assert "1 step(s) from the default for a repository with tests" in text
+    assert f"$ {DEFAULT_TEST_STEP}\n" in text
+
+
+def test_a_failed_checkout_is_an_error(project, slot):
+    outcome, text = slot(project, ["true"], sha="0123456789abcdef0123456789abcdef01234567")
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.ERROR, -1, 0)
+    assert "checkout failed: commit 0123456789abcdef" in text
+
+
+def test_timeout_kills_the_whole_process_tree(project, slot, tmp_path):
+    stubborn = tmp_path / "stubborn.pid"
+    shell = tmp_path / "shell.pid"
+    # a grandchild that ignores SIGTERM, so only the SIGKILL after kill_grace ends it
+    step = (f"echo $$ > {shell}; sh -c 'trap \"\" TERM; sleep 1000' & echo $! > {stubborn}; "
+            f"echo started; sleep 1000")
+    outcome, text = slot(project, [step, "echo NEVER-RUN"], timeout=1)
+    assert (outcome.status, outcome.exit_code) == (Status.FAILED, -1), text
+    assert "timed out after 1 s" in text
+    assert "NEVER-RUN" not in text
+    pids = [read_pid(shell), read_pid(stubborn)]
+    assert all(pids) and not any(pid_alive(p) for p in pids), "a process of the step survived"
+    assert not list((tmp_path / "checkouts").glob("*.pgid")), "the step's marker outlived it"
+
+
+def test_a_steps_own_time_limit(project, slot):
+    project.commit("limits", {".ci.yaml": "steps:\n  - {name: slow, run: sleep 1000, timeout: 0.5}\n"})
+    outcome, text = slot(project, [])
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.FAILED, -1, 1), text
+    assert "--- step 1: slow ---" in text
+    assert "[timed out after 0.5 s (the step's time limit); the step's processes were killed]" in text
+
+
+def test_stop_kills_the_running_step(project, slot, tmp_path):
+    bg_pid = tmp_path / "bg.pid"
+
+    async def scenario() -> tuple[Outcome, str]:
+        execution = slot.execution(slot.request(project, steps=[f"sleep 1000 & echo $! > {bg_pid}; wait",
+                                                                "echo NEVER-RUN"]))
+        task = asyncio.ensure_future(slot.run(execution))
+        await wait_until(lambda: read_pid(bg_pid), "the step to start")
+        execution.stop("cancelled")
+        execution.stop("stale")         # the first reason is the one told
+        return await asyncio.wait_for(task, 10)
+
+    outcome, text = asyncio.run(scenario())
+    assert (outcome.status, outcome.exit_code, outcome.steps) == (Status.CANCELLED, -1, 1), text
+    assert "[cancelled after " in text and "the step's processes were killed]" in text
+    assert "NEVER-RUN" not in text
+    assert not pid_alive(read_pid(bg_pid))
+
+
+def test_the_exit_is_seen_before_the_output_closes(project, slot):
+    # the background sleep holds the output pipe: the build must not wait for it to close
+    started = time.monotonic()
+    outcome, text = slot(project, ["sleep 30 & echo started"])
+    assert outcome.status == Status.PASSED, text
+    assert time.monotonic() - started < 15, "the build waited for its step's output to close"
+    assert "started\n[exit 0 after " in text
+
+
+def test_output_a_process_that_left_the_group_holds_open(project, slot, tmp_path):
+    escaped = tmp_path / "escaped.pid"
+    try:
+        outcome, text = slot(project, [f"setsid sh -c 'echo $$ > {escaped}; exec sleep 30' & "
+                                       f"while [ ! -s {escaped} ]; do sleep 0.01; done"])
+        assert outcome.status == Status.PASSED, text
+        assert outcome.duration >= OUTPUT_DRAIN
+        assert "[the step's output is still open after it ended; stopped reading it]" in text
+    finally:
+        pid = read_pid(escaped)
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_artifacts_are_sent_after_the_steps_and_refusals_noted(project, slot):
+    project.commit("artifacts", {".ci.yaml": "steps:\n  - mkdir -p out && echo one > out/a.txt && "
+                                             "echo two > out/b.txt\n  - exit 1\n"
+                                             "artifacts: [out/*.txt, nothing/*]\n"})
+    slot.refuse["out/b.txt"] = "the dispatcher refused it: over the limit"
+    outcome, text = slot(project, [])
+    # sent even after a failed step
+    assert (outcome.status, outcome.exit_code) == (Status.FAILED, 1), text
+    assert slot.uploaded == {"out/a.txt": b"one\n"}
+    assert "[artifacts: nothing/*: matched nothing]" in text
+    assert "[artifact out/a.txt (4 bytes) sent]" in text
+    assert "[artifact out/b.txt not sent: the dispatcher refused it: over the limit]" in text

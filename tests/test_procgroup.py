@@ -1,0 +1,119 @@
+"""Process groups with real processes: alive or not (zombies are dead), the
+whole tree killed (SIGTERM, then SIGKILL after the grace), a stopped group
+resumed so it sees SIGTERM, and the orphans a killed runner left reaped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ci import procgroup
+
+from conftest import pid_alive
+from runner_support import read_pid
+
+
+class Groups:
+    """Starts shell commands each in its own process group; kills those groups at the end."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, command: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["sh", "-c", command], start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # the group we made: pgid = its leader's pid
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+
+@pytest.fixture
+def groups():
+    made = Groups()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def test_a_group_is_alive_until_its_last_member_is_dead_or_a_zombie(groups):
+    proc = groups.start("exec sleep 1000")
+    assert procgroup.group_alive(proc.pid)
+    assert procgroup.group_members(proc.pid) == [proc.pid]
+    os.kill(proc.pid, signal.SIGKILL)
+    # not waited for yet: a zombie, which killpg still reaches, but dead
+    wait_for(lambda: not pid_alive(proc.pid), "the process to die")
+    assert not procgroup.group_alive(proc.pid)
+    proc.wait(10)
+    assert not procgroup.group_alive(proc.pid)
+    assert not procgroup.signal_group(proc.pid, signal.SIGTERM)
+
+
+def test_kill_group_ends_the_whole_tree_even_a_child_that_ignores_sigterm(groups, tmp_path):
+    stubborn = tmp_path / "stubborn.pid"
+    # a grandchild that ignores SIGTERM (sleep inherits the ignore), so only the SIGKILL ends it
+    proc = groups.start(f"sh -c 'trap \"\" TERM; echo $$ > {stubborn}; exec sleep 1000' & sleep 1000")
+    pid = wait_for(lambda: read_pid(stubborn), "the stubborn child to start")
+    started = time.monotonic()
+    asyncio.run(procgroup.kill_group(proc.pid, 0.3))
+    assert time.monotonic() - started >= 0.3, "SIGKILL came before the grace was over"
+    assert not procgroup.group_alive(proc.pid)
+    assert not pid_alive(pid) and not pid_alive(proc.pid)
+    assert proc.wait(10) == -signal.SIGTERM         # the shell itself went at the SIGTERM
+
+
+def test_kill_group_resumes_a_stopped_group(groups):
+    proc = groups.start("exec sleep 1000")     # one process: a vfork half done would not show "T"
+    os.killpg(proc.pid, signal.SIGSTOP)
+    wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "T",
+             "the process to stop")
+    asyncio.run(procgroup.kill_group(proc.pid, 30))
+    # it saw the SIGTERM at once, long before the grace ran out
+    assert proc.wait(10) == -signal.SIGTERM
+
+
+def test_kill_group_of_a_group_already_gone_does_nothing(groups):
+    proc = groups.start("exit 0")
+    proc.wait(10)
+    asyncio.run(procgroup.kill_group(proc.pid, 30))
+
+
+def test_reap_orphans_kills_only_the_groups_marked_in_this_boot(groups, tmp_path):
+    checkouts = tmp_path / "checkouts"
+    checkouts.mkdir()
+    orphan = groups.start("sleep 1000")
+    spared = groups.start("sleep 1000")
+    marker = procgroup.mark_group(checkouts / "0", orphan.pid)
+    assert marker == checkouts / "0.pgid"
+    assert marker.read_text() == f"{orphan.pid} {procgroup.boot_id()}\n"
+    # a marker from before a reboot: that group id may be anyone's now
+    (checkouts / "1.pgid").write_text(f"{spared.pid} another-boot\n")
+    (checkouts / "2.pgid").write_text("garbage\n")
+    (checkouts / "3.pgid").write_text(f"1 {procgroup.boot_id()}\n")
+    assert procgroup.reap_orphans(checkouts) == [orphan.pid]
+    assert orphan.wait(10) == -signal.SIGKILL
+    assert procgroup.group_alive(spared.pid)
+    assert not list(checkouts.glob("*.pgid")), "every marker is removed"
+    assert procgroup.reap_orphans(checkouts) == []
