@@ -1,6 +1,7 @@
-"""What every scenario shares: real daemons started as a user starts them
-(``python -m ci.<daemon>`` on 127.0.0.1 port 0 in a temp dir), real git
-repositories, a dispatcher client, statistics and the machine's facts.
+"""What every scenario shares: real daemons started by the tests' launcher
+(tests/daemons.py: ``python -m ci <daemon>`` on 127.0.0.1 port 0 in a temp
+dir), real git repositories, a dispatcher client, statistics and the
+machine's facts.
 
 Every wait is bounded; every process is stopped by its PID.
 """
@@ -11,30 +12,18 @@ import asyncio
 import datetime
 import os
 import platform
-import queue
-import re
-import signal
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ci import net, protocol
+from tests import daemons
+from tests.daemons import GIT_ENV, Cluster, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
-GIT_ENV = {"GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
-           "GIT_CONFIG_NOSYSTEM": "1"}
-
-
-class BenchError(Exception):
-    """A scenario could not be measured (a daemon failed, a wait ran out)."""
+__all__ = ["GIT_ENV", "Cluster", "Figure", "Result", "Repo", "Reader", "FINAL", "cluster", "cpu_seconds",
+           "machine", "median", "pct", "request", "rss_mb", "wait_for"]
 
 
 # ---------------------------------------------------------------- figures
@@ -95,167 +84,44 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- processes
 
-def child_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+def profile_dir() -> Path | None:
+    """BENCH_PROFILE=<dir>: profile the dispatcher and runners with cProfile there."""
+    where = os.environ.get("BENCH_PROFILE")
+    return Path(where) if where else None
 
 
-class Daemon:
-    """One daemon process; ``argv`` after ``python``."""
-
-    def __init__(self, kind: str, argv: list[str], cwd: Path, log: Path, env: dict):
-        self.kind, self.argv, self.cwd, self.log_path, self.env = kind, argv, cwd, log, env
-        self.start()
-
-    def start(self) -> None:
-        self.lines: queue.Queue = queue.Queue()
-        self.stderr = open(self.log_path, "ab")
-        self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, *self.argv], cwd=self.cwd, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, stdin=subprocess.DEVNULL, env=self.env, text=True)
-        self.pid = self.proc.pid
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None or time.monotonic() > deadline:
-                self.kill()
-                raise BenchError(f"{self.kind} did not start:\n{self.log()}")
-            match = READY.search(line)
-            if match:
-                self.ready = time.time()
-                self.host, self.port = match.group(2), int(match.group(3))
-                self.addr = f"{self.host}:{self.port}"
-                return
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.stderr.close()
-
-    def stop(self) -> None:
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.stderr.close()
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process so far, from /proc/<pid>/stat."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+def cluster(tmp: Path, steps: list[str], dispatcher: dict | None = None, net_cfg: dict | None = None) -> Cluster:
+    """Real daemons under ``tmp`` (the shared launcher's Cluster), profiled when BENCH_PROFILE asks."""
+    return Cluster(tmp, steps=steps, dispatcher_keys=dispatcher or {},
+                   sections={"net": net_cfg} if net_cfg else {}, profile=profile_dir())
 
 
-class Cluster:
-    """Real daemons under one temp dir, configured by one config.yaml."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, tmp: Path, steps: list[str], dispatcher: dict | None = None, net_cfg: dict | None = None):
-        self.tmp = tmp
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.daemons: list[Daemon] = []
-        self.config = tmp / "config.yaml"
-        cfg = {"dispatcher": dispatcher or {}, "build": {"steps": steps, "timeout": 120}}
-        if net_cfg:
-            cfg["net"] = net_cfg
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.env = child_env()
-        (tmp / "logs").mkdir(parents=True, exist_ok=True)
-        self.disp: Daemon | None = None
 
-    def start(self, kind: str, name: str, args: list[str], module: list[str] | None = None) -> Daemon:
-        argv = (module or ["-m", f"ci.{kind}"]) + ["--config", str(self.config), *args]
-        profile = os.environ.get("BENCH_PROFILE")       # a directory: profile the daemons with cProfile
-        if profile and kind in ("dispatcher", "runner"):
-            Path(profile).mkdir(parents=True, exist_ok=True)
-            out = Path(profile) / f"{self.tmp.name}-{name}-{len(self.daemons)}.prof"
-            argv = ["-m", "cProfile", "-o", str(out), *argv]
-        d = Daemon(kind, argv, self.tmp, self.tmp / "logs" / f"{name}.log", self.env)
-        self.daemons.append(d)
-        return d
-
-    def dispatcher(self, port: int = 0, data: str = "dispatcher") -> Daemon:
-        self.disp = self.start("dispatcher", "dispatcher", ["--port", str(port), "--data", str(self.tmp / data)])
-        return self.disp
-
-    def runner(self, name: str, *args: str) -> Daemon:
-        return self.start("runner", name, ["--port", "0", "--dispatcher", self.disp.addr, "--name", name,
-                                           "--workdir", str(self.tmp / "runners" / name), *args])
-
-    def observer(self, repo: "Repo", interval: float, module: list[str] | None = None) -> Daemon:
-        return self.start("observer", "observer", ["--port", "0", "--repo", str(repo.path),
-                                                   "--dispatcher", self.disp.addr,
-                                                   "--state", str(self.tmp / "observer"),
-                                                   "--interval", str(interval)], module)
-
-    def stop_all(self) -> None:
-        for d in self.daemons:
-            try:
-                # SIGTERM when profiling, so cProfile writes its file as the daemon exits
-                (d.stop if os.environ.get("BENCH_PROFILE") else d.kill)() if d.alive() else None
-            except Exception:
-                pass
-
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_all()
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # ---------------------------------------------------------------- git
 
-class Repo:
-    def __init__(self, path: Path):
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
-        self.git("init", "-q", "-b", "main")
-        self.env = {**os.environ, **GIT_ENV}
+class Repo(daemons.Repo):
+    """The launcher's repository, plus timed commits and commits in bulk."""
 
-    def git(self, *args: str, input: str | None = None) -> str:
-        out = subprocess.run(["git", "-C", str(self.path), *args], capture_output=True, text=True,
-                             env={**os.environ, **GIT_ENV}, timeout=60, input=input)
-        if out.returncode:
-            raise BenchError(f"git {' '.join(args)} failed: {out.stderr}")
-        return out.stdout.strip()
-
-    def commit(self, message: str, env: dict | None = None) -> tuple[str, float, float]:
+    def timed_commit(self, message: str, env: dict | None = None) -> tuple[str, float, float]:
         """Commit a change; returns (sha, time before, time after `git commit` returned)."""
         (self.path / "file.txt").write_text(f"{message}\n{time.time()}\n")
         self.git("add", "-A")
         before = time.time()
-        out = subprocess.run(["git", "-C", str(self.path), "commit", "-q", "-m", message],
-                             capture_output=True, text=True, env=env or self.env, timeout=60)
+        self.git("commit", "-q", "-m", message, env=env)
         after = time.time()
-        if out.returncode:
-            raise BenchError(f"git commit failed: {out.stderr}")
-        return self.git("rev-parse", "HEAD"), before, after
+        return self.head(), before, after
 
     def many(self, count: int, branch: str = "main") -> list[str]:
         """``count`` commits on ``branch`` at once (git fast-import); returns their shas, oldest first."""
@@ -295,17 +161,8 @@ class Reader:
 
 
 def wait_for(what: str, predicate, timeout: float, every: float = 0.01):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (net.PeerError, OSError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(every)
-    raise BenchError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
+    """``wait_until`` riding out a dispatcher that refuses connections for a moment."""
+    return wait_until(predicate, timeout, what, every=every, tolerate=(net.PeerError, OSError))
 
 
 FINAL = ("passed", "failed", "error", "cancelled")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .harness import FINAL, GIT_ENV, Cluster, Reader, Repo, Result, median, pct, wait_for
+from .harness import FINAL, GIT_ENV, Reader, Repo, cluster, Result, median, pct, wait_for
 
 
 def _built(reader: Reader, sha: str):
@@ -24,6 +24,11 @@ def _built(reader: Reader, sha: str):
     return check
 
 
+def _idle(reader: Reader) -> bool:
+    runners = reader.status(1)["runners"]
+    return bool(runners) and all(r["state"] == "idle" for r in runners)
+
+
 def _bare_env(home: Path) -> dict:
     """A committing shell without tinyci on PATH and without PYTHONPATH."""
     return {"PATH": "/usr/bin:/bin", "HOME": str(home), **GIT_ENV}
@@ -32,12 +37,12 @@ def _bare_env(home: Path) -> dict:
 def latency_push(tmp: Path, quick: bool) -> Result:
     trials = 3 if quick else 20
     res = Result("latency-push")
-    with Cluster(tmp, ["true"]) as c:
+    with cluster(tmp, ["true"]) as c:
         c.dispatcher()
         c.runner("r1")
         repo = Repo(tmp / "repo")
         repo.commit("initial")
-        obs = c.observer(repo, 300)          # polling out of the way: only the hook's poke counts
+        obs = c.observer(repo, interval=300)          # polling out of the way: only the hook's poke counts
         reader = Reader(c.disp.addr)
         try:
             wait_for("the initial build", _built(reader, repo.git("rev-parse", "HEAD")), 30)
@@ -47,7 +52,7 @@ def latency_push(tmp: Path, quick: bool) -> Result:
             bare = _bare_env(tmp)
             without = []
             for i in range(trials):
-                _, before, after = plain.commit(f"plain {i}", env=bare)
+                _, before, after = plain.timed_commit(f"plain {i}", env=bare)
                 without.append(after - before)
             done = subprocess.run([sys.executable, "-m", "ci", "install-hook", "--repo", str(repo.path),
                                    "--observer", obs.addr], capture_output=True, text=True, env=c.env, timeout=60)
@@ -55,8 +60,8 @@ def latency_push(tmp: Path, quick: bool) -> Result:
                 raise RuntimeError(f"install-hook failed: {done.stderr}")
             running, recorded, with_hook, from_start = [], [], [], []
             for i in range(trials):
-                time.sleep(0.1)
-                sha, before, after = repo.commit(f"trial {i}", env=bare)
+                wait_for("r1 to be idle again", lambda: _idle(reader), 15, every=0.02)
+                sha, before, after = repo.timed_commit(f"trial {i}", env=bare)
                 build = wait_for(f"trial {i} to be built", _built(reader, sha), 15, every=0.02)
                 with_hook.append(after - before)
                 running.append(build["started_at"] - after)
@@ -85,20 +90,20 @@ def latency_poll(tmp: Path, quick: bool) -> Result:
     interval = 1.0
     res = Result("latency-poll")
     scans = tmp / "scans.txt"
-    with Cluster(tmp, ["true"]) as c:
+    with cluster(tmp, ["true"]) as c:
         c.env["BENCH_SCAN_LOG"] = str(scans)
         c.dispatcher()
         c.runner("r1")
         repo = Repo(tmp / "repo")
         repo.commit("initial")
-        c.observer(repo, interval, module=["-m", "bench.observer_probe"])
+        c.observer(repo, interval=interval, module="bench.observer_probe")
         reader = Reader(c.disp.addr)
         try:
             wait_for("the initial build", _built(reader, repo.git("rev-parse", "HEAD")), 30)
             waits, overheads, running, recorded = [], [], [], []
             for i in range(trials):
                 time.sleep(random.uniform(0, interval))     # commit at a random phase of the poll
-                sha, before, after = repo.commit(f"trial {i}")
+                sha, before, after = repo.timed_commit(f"trial {i}")
                 build = wait_for(f"trial {i} to be built", _built(reader, sha), 15, every=0.02)
                 starts = [float(x) for x in scans.read_text().split()]
                 # the scan that reported it: the last one to start before the dispatcher stored it

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ci import protocol
 
-from .harness import FINAL, Cluster, Reader, Repo, Result, median, pct, request, wait_for
+from .harness import FINAL, Reader, Repo, cluster, Result, median, pct, request, wait_for
 
 
 def _commit_msg(repo: Repo, sha: str) -> dict:
@@ -27,7 +27,7 @@ def recovery(tmp: Path, quick: bool) -> Result:
     res = Result("recovery")
     # ---- runner killed mid-build
     regain = []
-    with Cluster(tmp / "runner-kill", ["sleep 4"]) as c:
+    with cluster(tmp / "runner-kill", ["sleep 4"]) as c:
         c.dispatcher()
         runners = {f"r{i}": c.runner(f"r{i}") for i in (1, 2)}
         repo = Repo(tmp / "repo")
@@ -39,7 +39,7 @@ def recovery(tmp: Path, quick: bool) -> Result:
                 request(c.disp.addr, _commit_msg(repo, sha), protocol.OBSERVER)
                 build = wait_for("the build to run", lambda: next(
                     (b for b in reader.status(10)["builds"] if b["sha"] == sha and b["status"] == "running"), None), 30)
-                time.sleep(0.5)                       # mid-build
+                wait_for("the step to be under way", lambda: "$ sleep 4" in c.log(build["id"]), 30, every=0.05)
                 victim = build["runner"]
                 killed = time.time()
                 runners.pop(victim).kill()
@@ -59,7 +59,7 @@ def recovery(tmp: Path, quick: bool) -> Result:
     # ---- dispatcher killed with builds queued
     serving, drained, exact = [], [], True
     for t in range(trials if not quick else 1):
-        with Cluster(tmp / f"dispatcher-kill-{t}", ["true"]) as c:
+        with cluster(tmp / f"dispatcher-kill-{t}", ["true"]) as c:
             disp = c.dispatcher()
             repo = Repo(c.tmp / "repo")
             repo.commit("initial")

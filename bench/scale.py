@@ -19,7 +19,7 @@ from pathlib import Path
 from ci import net, protocol
 from ci.store import SCHEMA
 
-from .harness import Cluster, Result, median, pct
+from .harness import Cluster, Result, cluster, cpu_seconds, median, pct, rss_mb
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -125,7 +125,7 @@ def dispatcher_scale(tmp: Path, quick: bool) -> Result:
     for n in counts:
         run = tmp / f"runners-{n}"
         seed(run / "dispatcher", history, queued)
-        with Cluster(run, ["true"], net_cfg={"max_connections": 4096}) as c:
+        with cluster(run, ["true"], net_cfg={"max_connections": 4096}) as c:
             disp = c.dispatcher()
             figures = asyncio.run(_measure(c, disp, n, queued, idle_s, 20 if quick else 100))
         res.data["runs"][n] = figures
@@ -143,7 +143,7 @@ def dispatcher_scale(tmp: Path, quick: bool) -> Result:
 
 
 async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, requests: int) -> dict:
-    out = {"rss_start_mb": disp.rss_mb()}
+    out = {"rss_start_mb": rss_mb(disp.pid)}
     loop = asyncio.get_running_loop()
     # the fleet's connection handlers are cancelled when this loop ends: not worth a traceback
     loop.set_exception_handler(lambda lp, ctx: None if isinstance(ctx.get("exception"), asyncio.CancelledError)
@@ -177,9 +177,9 @@ async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, request
     await client.close()
     # idle: every build done, n runners answering a ping each heartbeat_interval (1 s by default)
     await asyncio.sleep(1.0)
-    cpu0, t1 = disp.cpu_seconds(), time.monotonic()
+    cpu0, t1 = cpu_seconds(disp.pid), time.monotonic()
     await asyncio.sleep(idle_s)
-    out["idle_cpu_pct"] = (disp.cpu_seconds() - cpu0) / (time.monotonic() - t1) * 100
+    out["idle_cpu_pct"] = (cpu_seconds(disp.pid) - cpu0) / (time.monotonic() - t1) * 100
     out["idle_seconds"] = idle_s
     # status with the whole history in the table, the fleet still registered
     client = net.Client(*net.parse_addr(c.disp.addr), protocol.READER)
@@ -192,6 +192,6 @@ async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, request
     finally:
         await client.close()
     out["status"] = {"p50": median(times), "p95": pct(times, 95), "count": requests, "limit": 20}
-    out["rss_mb"] = disp.rss_mb()
+    out["rss_mb"] = rss_mb(disp.pid)
     await fleet.close()
     return out

@@ -21,24 +21,25 @@ from pathlib import Path
 
 from ci import net, protocol
 
-from .harness import FINAL, Cluster, Reader, Repo, Result, median, pct, request, wait_for
+from .harness import FINAL, Reader, Repo, cluster, Result, median, pct, request, wait_for
 
 DURATION = re.compile(r"=== passed \(exit 0\) in ([0-9.]+)s on ")
 
 
 def _run_batch(tmp: Path, runners: int, commits: int, steps: list[str]) -> dict:
     """Commit ``commits`` at once and wait for all builds; returns the builds and times."""
-    with Cluster(tmp, steps) as c:
+    with cluster(tmp, steps) as c:
         c.dispatcher()
         for i in range(runners):
             c.runner(f"r{i + 1}")
         repo = Repo(tmp / "repo")
         repo.commit("initial")
-        obs = c.observer(repo, 1.0)
+        obs = c.observer(repo, interval=1.0)
         reader = Reader(c.disp.addr)
         try:
             wait_for("the initial build", lambda: any(b["status"] in FINAL for b in reader.status(5)["builds"]), 60)
-            time.sleep(0.5)
+            wait_for(f"{runners} idle runners", lambda: (lambda rs: len(rs) == runners and all(
+                r["state"] == "idle" for r in rs))(reader.status(1)["runners"]), 30)
             shas = repo.many(commits)
             made = time.time()
             request(obs.addr, {"type": "poke"}, protocol.OBSERVER)
@@ -50,21 +51,12 @@ def _run_batch(tmp: Path, runners: int, commits: int, steps: list[str]) -> dict:
             builds = wait_for(f"{commits} builds", all_done, 60 + commits * 2, every=0.25)
             logs = {}
             for b in builds[: min(len(builds), 60)]:
-                text = "".join(f.get("data", "") for f in asyncio.run(_read_log(c.disp.addr, b["id"])))
-                m = DURATION.search(text)
+                m = DURATION.search(c.log(b["id"]))
                 if m:
                     logs[b["id"]] = float(m.group(1))
         finally:
             reader.close()
         return {"builds": builds, "made": made, "runner_exec": logs, "repo": repo, "tmp": tmp}
-
-
-async def _read_log(addr: str, build: int) -> list[dict]:
-    client = net.Client(*net.parse_addr(addr), protocol.READER)
-    try:
-        return [f async for f in client.stream({"type": "read_log", "build": build})]
-    finally:
-        await client.close()
 
 
 def throughput(tmp: Path, quick: bool) -> Result:

@@ -15,12 +15,12 @@ import pytest
 
 from conftest import Repo, finished, free_port
 
+pytestmark = pytest.mark.slow
 BRANCHES = ["main", "feature", "fix"]
 COMMITS = 33
 KILLS = 12
 
 
-@pytest.mark.slow
 def test_chaos_kills_lose_nothing_and_run_nothing_twice(cluster, tmp_path):
     seed = int(os.environ.get("TINYCI_CHAOS_SEED", random.randrange(1 << 30)))
     print(f"chaos seed: {seed} (replay with TINYCI_CHAOS_SEED={seed})")
@@ -61,6 +61,8 @@ def test_chaos_kills_lose_nothing_and_run_nothing_twice(cluster, tmp_path):
     kinds += [rng.choice(["dispatcher", "observer", "runner", "runner"]) for _ in range(KILLS - len(kinds))]
     rng.shuffle(kinds)
     kills = Counter()
+    # the sleeps here and in the commit stream are the chaos schedule (random
+    # moments, random downtimes), not waits for something to happen
     for kind in kinds:
         time.sleep(rng.uniform(0.3, 2.0))
         victim = {"dispatcher": disp, "observer": obs}.get(kind) or rng.choice(runners)

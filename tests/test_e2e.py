@@ -5,8 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, by_sha, child_env, finished, tinyci
 
+pytestmark = pytest.mark.slow
 FAIL = "echo running tests; echo 'AssertionError: expected 4, got 5' >&2; exit 3\n"
 
 
