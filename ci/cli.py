@@ -404,7 +404,7 @@ def show_log(args: argparse.Namespace) -> int:
                             out.flush()
                         offset = max(offset, frame["offset"] + len(frame["data"].encode()))
                     elif frame["type"] == "end":
-                        return frame.get("status")
+                        return frame["status"]
                 return None
             except net.PeerTimeout:
                 if not args.follow:
@@ -431,7 +431,7 @@ def artifacts(args: argparse.Namespace) -> int:
     if args.output and not args.get:
         raise Failure("artifacts: -o FILE goes with --get PATH", 2)
     if not args.get:
-        listed = dispatcher.call({"type": "artifacts", "build": args.build}).get("artifacts") or []
+        listed = dispatcher.call({"type": "artifacts", "build": args.build})["artifacts"]
         if not listed:
             print(f"build {args.build} has no artifacts")
         for item in listed:
@@ -445,10 +445,10 @@ def artifacts(args: argparse.Namespace) -> int:
             while True:
                 reply = await client.request({"type": "fetch_artifact", "build": args.build,
                                               "path": args.get, "offset": offset})
-                data = base64.b64decode(reply.get("data", ""))
+                data = base64.b64decode(reply["data"])
                 out.write(data)
                 offset += len(data)
-                if reply.get("eof") or not data:
+                if reply["eof"] or not data:
                     return
         finally:
             await client.close()

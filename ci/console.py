@@ -136,7 +136,7 @@ class Live:
                     self.state.log_chunk(build, frame["offset"], frame["data"])
                 elif frame["type"] == "end":
                     if follow:
-                        self.state.log_end(build, frame.get("status"))
+                        self.state.log_end(build, frame["status"])
         except net.PeerTimeout:
             pass                                # a quiet build: the caller opens a fresh stream
         finally:

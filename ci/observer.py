@@ -349,8 +349,8 @@ class Observer:
                 if self._dispatcher_down:
                     log.info("dispatcher %s is reachable again", self.client.addr)
                 self._dispatcher_down = False
-                log.info("reported %s: build %s%s", name, reply.get("build"),
-                         " (already known)" if reply.get("duplicate") else "")
+                log.info("reported %s: build %s%s", name, reply["build"],
+                         " (already known)" if reply["duplicate"] else "")
                 return
             await asyncio.sleep(retry.next())
 

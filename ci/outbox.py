@@ -170,13 +170,11 @@ class Delivery:
                 if reply == STALE:
                     return STALE
                 if reply is not None:
-                    got = reply.get("offset")
-                    if not isinstance(got, int) or isinstance(got, bool):
-                        got = frame["offset"] + len(frame["data"].encode("utf-8"))
+                    got = reply["offset"]           # the table checks it is a count
                     if got <= self.pos:
                         # the dispatcher did not take the chunk: do not spin on it
                         await asyncio.sleep(backoff.next())
-                    self.pos = min(max(got, 0), size)
+                    self.pos = min(got, size)
                 continue
             if self.result is not None:
                 reply = await self._send({"type": "result", **self.result}, backoff)
@@ -194,10 +192,11 @@ class Delivery:
         except protocol.RemoteError as exc:
             if exc.code == "stale":
                 return STALE
+            # `expected` (a count, checked by the table) comes with a log's offset error, not an artifact's
             expected = exc.reply.get("expected")
-            if exc.code == "offset" and isinstance(expected, int) and not isinstance(expected, bool):
+            if exc.code == "offset" and expected is not None:
                 log.debug("%r: dispatcher has %d bytes of the log; resending from there", self, expected)
-                self.pos = min(max(expected, 0), self._size())
+                self.pos = min(expected, self._size())
                 if msg["type"] == "result" and expected > self.pos:
                     # it has more than we ever wrote: nothing left to send, avoid a tight loop
                     await asyncio.sleep(backoff.next())

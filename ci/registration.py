@@ -49,9 +49,7 @@ class Registration:
                 down = True
                 await asyncio.sleep(backoff.next())
                 continue
-            interval = reply.get("heartbeat_interval")
-            if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
-                interval = 1.0
+            interval = reply["heartbeat_interval"]         # the table checks it is a positive number
             (log.debug if quiet else log.info)(
                 "registered with the dispatcher at %s as %s (%d slot(s), %d lease(s) held)",
                 addr, msg["name"], msg["slots"], len(msg["running"]))

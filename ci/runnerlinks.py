@@ -146,8 +146,8 @@ class RunnerLinks:
                                           self.clock()))
         except net.PeerRefused as exc:
             self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
-        except net.PeerError as exc:
-            # unknown whether it arrived: the next pong tells
+        except (net.PeerError, protocol.ProtocolError) as exc:
+            # unknown whether it arrived (or the runner answered outside the protocol): the next pong tells
             log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
 
     def cancel(self, runner: RunnerRecord, build_id: int, attempt: int) -> None:
@@ -157,7 +157,7 @@ class RunnerLinks:
         try:
             await self.link(runner).request({"type": "cancel", "build": build_id, "attempt": attempt})
             log.info("cancelled build %d attempt %d on %s", build_id, attempt, runner.name)
-        except (net.PeerError, protocol.RemoteError) as exc:
+        except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
             log.warning("cancelling build %d on %s: %s", build_id, runner.name, exc)
 
     # ------------------------------------------------------------ heartbeat
@@ -194,7 +194,7 @@ class RunnerLinks:
                     return
                 except net.PeerTimeout:
                     return                  # a miss: expire() decides when enough were missed
-                except (net.PeerError, protocol.RemoteError) as exc:
+                except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
                     if not retry:           # a dropped connection: reconnect once at once
                         continue
                     log.debug("ping %s: %s", runner.name, exc)
