@@ -24,7 +24,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     crash) sees either the old content or the new, never a mix. Raises OSError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # a leftover from a crash is removed, not reused: reusing it would keep its
+    # permissions, and a secret meant to be 0600 could end up readable
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
