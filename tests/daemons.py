@@ -123,6 +123,7 @@ class Daemon:
     module: str = ""                    # run ``python -m <module> <flags>`` instead of ``-m ci <kind>``
     profile: Path | None = None         # write a cProfile of the process here (stop it with stop())
     start_timeout: float = START_TIMEOUT
+    wait_ready: bool = True             # False: do not wait (a daemon expected to refuse to start)
 
     def __post_init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -143,6 +144,8 @@ class Daemon:
         self.pid = self.proc.pid
         # read stdout to its end, so that the daemon never blocks on a full pipe
         threading.Thread(target=self._pump, args=(self.proc, lines), daemon=True).start()
+        if not self.wait_ready:
+            return
         deadline = self.started_at + self.start_timeout
         while True:
             try:

@@ -6,13 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import queue
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +18,10 @@ from ci.config import ObserverConfig
 from ci.daemon import StartupError
 
 from conftest import free_port
+from daemons import Daemon, WaitTimeout, child_env, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=Ada Lovelace", "-c", "user.email=ada@example.com",
        "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]
-LAUNCH = ("import sys, argparse; from ci import observer; p=argparse.ArgumentParser(); "
-          "observer.add_arguments(p); sys.exit(observer.main(p.parse_args(sys.argv[1:])))")
 WAIT = 15.0      # bound on every wait; generous because CI machines are noisy
 
 
@@ -268,14 +262,11 @@ class FakeDispatcher:
             return [m["sha"] for m in self.received]
 
     def wait_for(self, shas: list[str], timeout: float = WAIT) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def got_all() -> list[str] | None:
             got = self.shas()
-            if all(sha in got for sha in shas):
-                return got
-            time.sleep(0.02)
-        missing = [sha[:12] for sha in shas if sha not in self.shas()]
-        raise AssertionError(f"dispatcher never received {missing}; got {[s[:12] for s in self.shas()]}")
+            return got if all(sha in got for sha in shas) else None
+        return wait_until(got_all, timeout, f"the fake dispatcher to receive {[s[:12] for s in shas]}",
+                          every=0.02, details=lambda: f"got {[s[:12] for s in self.shas()]}")
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -298,36 +289,23 @@ class FakeDispatcher:
 
 
 class Observer:
-    """One observer process; the ready line gives its port."""
+    """One observer process (tests/daemons.py's Daemon) and what these tests ask of it."""
 
-    def __init__(self, proc: subprocess.Popen, log_path: Path):
-        self.proc, self.log_path = proc, log_path
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.port = None
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.proc = daemon.proc
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_ready(self) -> "Observer":
-        try:
-            line = self.lines.get(timeout=WAIT)
-        except queue.Empty:
-            raise AssertionError(f"observer printed no ready line; its log:\n{self.log()}") from None
-        assert line.startswith("tinyci observer listening on "), line + self.log()
-        self.port = int(line.split()[4].rsplit(":", 1)[1])
-        return self
+    @property
+    def port(self) -> int:
+        return self.daemon.port
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        return self.daemon.log_path.read_text(errors="replace")
 
     def wait_log(self, text: str) -> None:
-        deadline = time.monotonic() + WAIT
-        while text not in self.log():
-            assert time.monotonic() < deadline, f"observer never logged {text!r}; its log:\n{self.log()}"
-            assert self.proc.poll() is None, f"observer exited early; its log:\n{self.log()}"
-            time.sleep(0.02)
+        wait_until(lambda: text in self.log() or self.proc.poll() is not None, WAIT,
+                   f"the observer to log {text!r}", details=self.log)
+        assert text in self.log(), f"observer exited early; its log:\n{self.log()}"
 
     def poke(self, branch: str = "main") -> dict:
         return asyncio.run(net.call(f"127.0.0.1:{self.port}", {"type": "poke", "branch": branch},
@@ -336,28 +314,18 @@ class Observer:
 
 @pytest.fixture
 def spawn(tmp_path):
-    started: list[subprocess.Popen] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
-    env["PYTHONPATH"] = str(ROOT)
+    started: list[Daemon] = []
 
     def start(*args: str, ready: bool = True) -> Observer:
-        log_path = tmp_path / f"observer-{len(started)}.log"
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--port", "0", *args], cwd=tmp_path,
-                                    env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
-        started.append(proc)
-        obs = Observer(proc, log_path)
-        return obs.wait_ready() if ready else obs
+        daemon = Daemon("observer", ["--port", "0", *args], tmp_path, tmp_path / f"observer-{len(started)}.log",
+                        child_env(), wait_ready=ready)
+        started.append(daemon)
+        return Observer(daemon)
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(WAIT)
+    for daemon in started:
+        if daemon.alive():
+            daemon.stop(WAIT)
 
 
 @pytest.fixture
@@ -448,9 +416,7 @@ def test_fetch_mode_reports_the_remote_branches(tmp_path, spawn, dispatcher):
     new = commits(upstream, 2)
     git(upstream, "branch", "topic")
     fake.wait_for(new)
-    deadline = time.monotonic() + WAIT
-    while not any(m["branch"] == "topic" for m in fake.received) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: any(m["branch"] == "topic" for m in fake.received), WAIT, "the topic branch reported")
     assert [m["sha"] for m in fake.received if m["branch"] == "main"] == [head, *new]
     assert [(m["branch"], m["sha"]) for m in fake.received if m["branch"] != "main"] == [("topic", new[-1])]
     assert {m["repo"] for m in fake.received} == {str(upstream)}     # runners clone the remote itself
@@ -520,10 +486,10 @@ def _hang(pidfile: Path) -> list[str]:
 
 
 def _gone(pid: int) -> bool:
-    deadline = time.monotonic() + WAIT
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return not _alive(pid)
+    try:
+        return wait_until(lambda: not _alive(pid), WAIT, f"process {pid} to end", every=0.01)
+    except WaitTimeout:
+        return False
 
 
 def test_a_git_command_cancelled_midway_is_killed_with_its_children(tmp_path):
