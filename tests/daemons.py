@@ -158,6 +158,7 @@ class Daemon:
             if ready:
                 break
         name, self.host, self.port = ready
+        self.ready_line = line.strip()
         if name != self.kind:
             self._fail(f"announced itself as {name!r}")
         self.ready_after = time.monotonic() - self.started_at

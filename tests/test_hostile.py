@@ -18,14 +18,13 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from ci import net, protocol
 
 from conftest import finished
 from test_protocol import ANSWERS
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st  # noqa: E402
 
 ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
 KEYS = {role: f"fuzz-{role}-secret" for role in ROLES}

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,9 @@ from ci.config import load
 from ci.runner import Runner
 
 from conftest import Repo, free_port, pid_alive
+from daemons import Daemon, child_env
 from runner_support import SECRET, FakeDispatcher, read_pid, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-# Not `-m ci.runner`: keeps these tests independent of ci/cli.py.
-RUNNER = ("import sys, argparse; from ci import runner; p=argparse.ArgumentParser(); "
-          "runner.add_arguments(p); sys.exit(runner.main(p.parse_args(sys.argv[1:])))")
 
 
 # ---------------------------------------------------------------- helpers
@@ -46,25 +42,31 @@ def run_msg(build: int, repo: Path, sha: str, steps: list[str], timeout: float =
 
 @dataclass
 class RunnerProcess:
-    proc: subprocess.Popen
-    port: int
+    daemon: Daemon
     name: str
     workdir: Path
-    stderr_path: Path
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.daemon.proc
+
+    @property
+    def port(self) -> int:
+        return self.daemon.port
 
     def client(self, role: str = protocol.DISPATCHER, secret: str = SECRET) -> net.Client:
         return net.Client("127.0.0.1", self.port, role, secret)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.daemon.log_path.read_text(errors="replace")
 
 
 class Runners:
-    """Starts runner processes and kills every one of them, by PID, at the end."""
+    """Starts runner processes (tests/daemons.py's Daemon) and kills every one of them, by PID, at the end."""
 
     def __init__(self, tmp_path: Path):
         self.tmp = tmp_path
-        self.procs: list[subprocess.Popen] = []
+        self.daemons: list[Daemon] = []
         config = tmp_path / "tinyci.yaml"
         config.write_text(f"auth:\n  secret: {SECRET}\nrunner:\n  kill_grace: 0.3\n")
         self.config = config
@@ -75,33 +77,19 @@ class Runners:
         workdir = workdir or self.tmp / f"work-{tag}"
         if not default_workdir:
             args = ("--workdir", str(workdir), *args)
-        stderr_path = self.tmp / f"runner-{tag}-{len(self.procs)}.err"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
-        env["PYTHONPATH"] = str(ROOT)
-        with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", RUNNER, "--config", str(self.config), "--port", "0",
-                 "--dispatcher", f"127.0.0.1:{dispatcher_port}", *args],
-                cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        self.procs.append(proc)
-        try:
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
-        except asyncio.TimeoutError:
-            proc.kill()         # unblocks the reading thread
-            raise AssertionError(f"runner printed no ready line: {stderr_path.read_text()}")
-        assert line.startswith("tinyci runner listening on 127.0.0.1:"), \
-            f"unexpected ready line {line!r}; stderr: {stderr_path.read_text()}"
-        address, _, name = line.strip().partition(" as ")
+        flags = ["--config", str(self.config), "--port", "0", "--dispatcher", f"127.0.0.1:{dispatcher_port}", *args]
+        log = self.tmp / f"runner-{tag}-{len(self.daemons)}.err"
+        # in a thread: the fake dispatcher answering its registration runs on this loop
+        runner = await asyncio.to_thread(Daemon, "runner", flags, self.tmp, log, child_env())
+        self.daemons.append(runner)
+        name = runner.ready_line.partition(" as ")[2]
         if default_workdir:
             workdir = self.tmp / ".tinyci" / "runners" / name
-        return RunnerProcess(proc, int(address.rsplit(":", 1)[1]), name, workdir, stderr_path)
+        return RunnerProcess(runner, name, workdir)
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            proc.stdout.close()
+        for runner in self.daemons:
+            runner.kill()
         for err in sorted(self.tmp.glob("runner-*.err")):
             print(f"---- {err.name}\n{err.read_text(errors='replace')}")   # shown when a test fails
         # builds write the pids of what they start to tmp_path/*.pid: none may outlive a failed test
