@@ -8,39 +8,24 @@ pipelines, queue}; ``build`` -> ok {build}; ``read_log`` -> chunk... end
 
 Active builds are read from the scheduler (authoritative in memory),
 finished ones from the store. A queued build in ``status`` says why it
-waits: ``waiting`` (models.why_waiting, the one explanation every view
-gives) and ``waiting_for`` (the labels no live runner offers; None when some
-live runner could take it).
+waits in ``waiting``: models.why_waiting, the one explanation every view gives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Iterable
-
 from . import aio, net, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs
 from .intake import pipelines
-from .models import Build, RunnerRecord, Status, can_take, why_waiting
+from .models import Build, Status, why_waiting
 from .scheduler import Scheduler
 from .store import Store
 from .watchers import Watchers
 
 LOG_CHUNK = 256 * 1024
 ARTIFACT_CHUNK = 256 * 1024
-
-
-def waiting_for(labels: tuple, runners: Iterable[RunnerRecord]) -> list[str] | None:
-    """None when some live runner has every label a build needs; else the
-    labels no live runner offers (all of them when each is offered somewhere,
-    but never together; [] for a build that needs none, when no runner is alive)."""
-    live = [r for r in runners if r.alive]
-    if any(can_take(r.labels, labels) for r in live):
-        return None
-    offered = set().union(*(set(r.labels) for r in live))
-    return sorted(set(labels) - offered) or sorted(set(labels))
 
 
 class Queries:
@@ -57,15 +42,14 @@ class Queries:
         # reading both keeps one source for each)
         builds = [self.sched.builds.get(b.id, b) for b in self.store.recent(msg.get("limit", 50))]
         runners = [r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)]
-        waits: dict[tuple, tuple] = {}         # by label set: queued builds mostly share a few
+        waits: dict[tuple, str] = {}           # by label set: queued builds mostly share a few
         summaries = []
         for build in builds:
             summary = build.summary()
             if build.status is Status.QUEUED:
                 if build.labels not in waits:
-                    waits[build.labels] = (why_waiting(build.labels, runners),
-                                           waiting_for(build.labels, self.sched.runners.values()))
-                summary["waiting"], summary["waiting_for"] = waits[build.labels]
+                    waits[build.labels] = why_waiting(build.labels, runners)
+                summary["waiting"] = waits[build.labels]
             summaries.append(summary)
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
                            queue=[b.id for b in self.sched.queued()])
