@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+
 from . import aio, net, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs
