@@ -18,13 +18,17 @@ from __future__ import annotations
 import re
 
 # ESC-introduced sequences: CSI (ESC [ ... final), OSC/DCS/SOS/PM/APC strings
-# (ESC ] ... BEL or ST), and two-character escapes. Unterminated strings run
-# to the end of the text, as a terminal would swallow them.
+# (ESC ] ... BEL or ST), and two-character escapes. An unterminated string is
+# removed to the end of its line, no further: a terminal would swallow the
+# rest, but here it must not take the lines after it (the dispatcher's) along.
+# A string's body also ends at the introducer of another sequence, so that no
+# sequence holds another (see _complete).
 _CSI = r"\x1b\[[0-?]*[ -/]*[@-~]"
-_STRING = r"\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\|\Z)"
+_BODY = r"[^\x07\x1b\x90\x98\x9b-\x9f\r\n]*"
+_STRING = rf"\x1b[\]PX^_]{_BODY}(?:\x07|\x1b\\|\x9c)?"
 _ESC2 = r"\x1b[ -~]?"
 # the same as single C1 characters (U+009B is CSI, U+009D is OSC ...)
-_C1_STRING = r"[\x90\x98\x9d\x9e\x9f][^\x07\x9c\x1b]*(?:\x07|\x9c|\Z)"
+_C1_STRING = rf"[\x90\x98\x9d\x9e\x9f]{_BODY}(?:\x07|\x1b\\|\x9c)?"
 _C1_CSI = r"\x9b[0-?]*[ -/]*[@-~]"
 _BIDI = "\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c"
 _SEQUENCES = re.compile("|".join((_CSI, _STRING, _C1_STRING, _C1_CSI, _ESC2)))
@@ -44,8 +48,7 @@ RESET = "\x1b[0m"
 # What may be the start of a sequence cut off by the end of a piece of a log:
 # an introducer and whatever may follow it before the sequence is complete.
 _INTRODUCERS = "\x1b\x9b\x90\x98\x9d\x9e\x9f"
-_PARTIAL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|[\]PX^_][^\x07\x1b]*)?|\x9b[0-?]*[ -/]*"
-                      r"|[\x90\x98\x9d\x9e\x9f][^\x07\x9c\x1b]*")
+_PARTIAL = re.compile(rf"\x1b(?:\[[0-?]*[ -/]*|[\]PX^_]{_BODY})?|\x9b[0-?]*[ -/]*|[\x90\x98\x9d\x9e\x9f]{_BODY}")
 # A longer unfinished sequence is not held back: cleaned as it is, the rest of
 # it shows as harmless text when it comes.
 HOLD = 4096
@@ -138,7 +141,9 @@ class LogStream:
 
 def _complete(text: str) -> int:
     """Where the part of ``text`` that can be cleaned now ends: before a final
-    CR (a CR LF may be cut in two) or an unfinished sequence."""
+    CR (a CR LF may be cut in two) or an unfinished sequence. No sequence
+    holds an introducer but at its start (or in its closing ESC \\), so an
+    unfinished one starts at the last introducer."""
     if text.endswith("\r"):
         return len(text) - 1
     start = max(text.rfind(c, max(0, len(text) - HOLD)) for c in _INTRODUCERS)

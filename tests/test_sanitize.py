@@ -103,3 +103,9 @@ def sgr_codes(params: str) -> list[str]:
 
 def test_plain_leaves_no_markup_to_parse_but_keeps_its_text():
     assert plain("[link=file:///etc/passwd]x") == "[link=file:///etc/passwd]x"   # rich Text shows it as is
+
+
+def test_an_unterminated_string_takes_only_the_rest_of_its_line():
+    # a terminal would swallow all that follows; the dispatcher's verdict must still show
+    assert log_text("FAILED \x1b]0;title\n=== failed (exit 1) ===\n") == "FAILED \n=== failed (exit 1) ===\n"
+    assert log_text("x\x9d8;;file:///etc/passwd\r\n=== failed ===") == "x\n=== failed ==="
