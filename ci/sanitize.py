@@ -15,6 +15,7 @@ and its colours (SGR) only when the caller renders them safely.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # ESC-introduced sequences: CSI (ESC [ ... final), OSC/DCS/SOS/PM/APC strings
@@ -116,27 +117,38 @@ class LogStream:
         return "".join(out)
 
     def _sgr(self, params: str) -> str:
-        """The safe codes of one SGR sequence, as a sequence again ('' if none)."""
-        codes = params.split(";")
-        kept: list[str] = []
-        i = 0
-        while i < len(codes):
-            # an empty code is 0; a long one is no code we keep (and int() would refuse 5000 digits)
-            code = int(codes[i] or 0) if len(codes[i]) <= 3 else -1
-            if code in (38, 48):
-                args = {"5": 1, "2": 3}.get(codes[i + 1] if i + 1 < len(codes) else "")
-                colour = codes[i + 2:i + 2 + args] if args else []
-                if not args or len(colour) < args or not all(c.isdigit() and len(c) <= 3 and int(c) < 256 for c in colour):
-                    break           # a malformed colour: what follows it cannot be read either
-                kept += [str(code), codes[i + 1], *(str(int(c)) for c in colour)]
-                self.coloured = True
-                i += 2 + args
-                continue
-            if code in _SAFE_SGR:
-                kept.append(str(code))
-                self.coloured = code != 0
-            i += 1
-        return f"\x1b[{';'.join(kept)}m" if kept else ""
+        sequence, coloured = _safe_sgr(params)
+        if coloured is not None:
+            self.coloured = coloured
+        return sequence
+
+
+@functools.lru_cache(maxsize=256)       # a log repeats a few colours many times
+def _safe_sgr(params: str) -> tuple[str, bool | None]:
+    """The safe codes of one SGR sequence, as a sequence again ('' if none),
+    and whether a colour is on after it (None: it changes nothing)."""
+    codes = params.split(";")
+    kept: list[str] = []
+    coloured = None
+    i = 0
+    while i < len(codes):
+        # an empty code is 0; a long one is no code we keep (and int() would refuse 5000 digits)
+        code = int(codes[i] or 0) if len(codes[i]) <= 3 else -1
+        if code in (38, 48):
+            args = {"5": 1, "2": 3}.get(codes[i + 1] if i + 1 < len(codes) else "")
+            colour = codes[i + 2:i + 2 + args] if args else []
+            if not args or len(colour) < args or not all(c.isdigit() and len(c) <= 3 and int(c) < 256
+                                                         for c in colour):
+                break               # a malformed colour: what follows it cannot be read either
+            kept += [str(code), codes[i + 1], *(str(int(c)) for c in colour)]
+            coloured = True
+            i += 2 + args
+            continue
+        if code in _SAFE_SGR:
+            kept.append(str(code))
+            coloured = code != 0
+        i += 1
+    return (f"\x1b[{';'.join(kept)}m" if kept else ""), coloured
 
 
 def _complete(text: str) -> int:
