@@ -10,12 +10,18 @@ Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
 ``rebuild`` (role operator); to the
 observer: ``poke`` (role observer). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
+
+What a peer sent reaches the terminal only through ``sanitize``: build logs
+without control characters or escape sequences (colour kept on a terminal;
+``log --raw`` gives the stored bytes), names, paths and error messages as
+plain text.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import importlib
 import json
 import os
@@ -23,6 +29,7 @@ import sys
 from typing import Any
 
 from . import net, protocol
+from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
 tinyci is a small self-hosted continuous-integration system made of three
@@ -130,11 +137,16 @@ def _reader_commands(sub) -> None:
     log.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     log.add_argument("-f", "--follow", action="store_true",
                      help="keep printing until the build finishes; exit 0 only if it passed")
+    log.add_argument("--raw", action="store_true",
+                     help="print the log's bytes exactly as the dispatcher stored them, escape sequences "
+                          "and all (by default control characters and escape sequences are removed, "
+                          "colours kept only on a terminal)")
 
     artifacts = sub.add_parser(
         "artifacts", help="list a build's artifacts, or fetch one",
         description="List the files a build uploaded (the .ci.yaml `artifacts` globs), or fetch one "
-                    "with --get PATH (to stdout, or to FILE with -o).")
+                    "with --get PATH (to stdout, or to FILE with -o). On a terminal, a fetched file is "
+                    "shown as text without control characters; piped or with -o, it is the exact bytes.")
     _tool_arguments(artifacts)
     artifacts.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     artifacts.add_argument("--get", metavar="PATH", help="fetch this artifact (a path from the list)")
@@ -263,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return TOOLS[args.command](args)
     except Failure as exc:
-        print(f"tinyci: {exc}", file=sys.stderr)
+        # the message may quote a peer (an error it sent): one plain line
+        print(f"tinyci: {plain(str(exc))}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
@@ -381,9 +394,35 @@ def status(args: argparse.Namespace) -> int:
 FOLLOW_IDLE = 60.0
 
 
+class TerminalOut:
+    """Where a peer's text goes: ``raw``, its exact bytes; else through a
+    ``sanitize.LogStream``, keeping colour only on a terminal (and not with
+    NO_COLOR). ``close`` writes what the stream held back."""
+
+    def __init__(self, out, raw: bool = False):
+        self.out = out
+        self.raw = raw
+        colour = out.isatty() and not os.environ.get("NO_COLOR")
+        self.stream = None if raw else LogStream(keep_colour=colour)
+        # a character cut in two between pieces is decoded whole
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data: bytes) -> None:
+        if self.raw:
+            self.out.buffer.write(data)
+        else:
+            self.out.write(self.stream.feed(self.decoder.decode(data)))
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.out.write(self.stream.feed(self.decoder.decode(b"", final=True)) + self.stream.end())
+        self.out.flush()
+
+
 def show_log(args: argparse.Namespace) -> int:
     dispatcher = DispatcherLink(args)
-    out = sys.stdout
+    out = TerminalOut(sys.stdout, args.raw)
 
     async def read() -> str | None:
         offset = 0
@@ -394,15 +433,12 @@ def show_log(args: argparse.Namespace) -> int:
             try:
                 async for frame in frames:
                     if frame["type"] == "chunk":
-                        data = frame["data"]
+                        data = frame["data"].encode()
                         # the dispatcher may resend from an earlier offset: print only what is new
-                        skip = offset - frame["offset"]
-                        if skip > 0:
-                            data = data.encode()[skip:].decode(errors="replace")
-                        if data:
-                            out.write(data)
-                            out.flush()
-                        offset = max(offset, frame["offset"] + len(frame["data"].encode()))
+                        skip = max(0, offset - frame["offset"])
+                        if data[skip:]:
+                            out.write(data[skip:])
+                        offset = max(offset, frame["offset"] + len(data))
                     elif frame["type"] == "end":
                         return frame["status"]
                 return None
@@ -415,13 +451,16 @@ def show_log(args: argparse.Namespace) -> int:
                 await client.close()
 
     try:
-        final = dispatcher.run(read())
+        try:
+            final = dispatcher.run(read())
+        finally:
+            out.close()         # a colour the log left on is reset, even on Ctrl-C
     except BrokenPipeError:  # `tinyci log 3 | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.follow:
         if final != "passed":
-            print(f"tinyci: build {args.build} {final or 'ended without a status'}", file=sys.stderr)
+            print(f"tinyci: build {args.build} {plain(final or 'ended without a status')}", file=sys.stderr)
         return 0 if final == "passed" else 1
     return 0
 
@@ -435,7 +474,7 @@ def artifacts(args: argparse.Namespace) -> int:
         if not listed:
             print(f"build {args.build} has no artifacts")
         for item in listed:
-            print(f"{item['size']:>12}  {item['path']}")
+            print(f"{item['size']:>12}  {plain(str(item['path']))}")
         return 0
 
     async def fetch(out) -> None:
@@ -466,8 +505,11 @@ def artifacts(args: argparse.Namespace) -> int:
                 os.unlink(tmp)
         print(f"build {args.build}: {args.get} -> {args.output}")
     else:
-        dispatcher.run(fetch(sys.stdout.buffer))
-        sys.stdout.flush()
+        out = TerminalOut(sys.stdout, raw=not sys.stdout.isatty())
+        try:
+            dispatcher.run(fetch(out))
+        finally:
+            out.close()
     return 0
 
 
@@ -516,7 +558,7 @@ def _print_builds(reply: dict, verb: str) -> int:
     if not builds:
         print(f"no build {verb}")
     for build in builds:
-        print(f"build {build} {verb}")
+        print(f"build {plain(str(build))} {verb}")
     return 0
 
 

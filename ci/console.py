@@ -12,6 +12,7 @@ backoff while the last picture stays on screen, marked disconnected.
 
 When standard output is not a terminal there are no escape codes: each
 change (at most every ``PLAIN_EVERY`` seconds) prints a plain snapshot.
+Whatever the dispatcher sent is drawn as plain text (``tui``, ``sanitize``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rich.text import Text
 
 from . import aio, net, protocol, tui
 from .console_state import ConsoleState
+from .sanitize import plain
 
 MAX_FPS = 10
 PLAIN_EVERY = 2.0
@@ -241,6 +243,6 @@ def main(link, follow: int | None = None, view: str = "console", once: bool = Fa
     except KeyboardInterrupt:       # a Ctrl-C before the handlers were in place
         return 130
     if live.fatal:
-        print(f"tinyci: {live.fatal}", file=sys.stderr)
+        print(f"tinyci: {plain(live.fatal)}", file=sys.stderr)
         return 1
     return 0

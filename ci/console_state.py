@@ -13,16 +13,13 @@ build waits is ``models.why_waiting``, the same words `tinyci status` uses.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 
 from . import models
+from .sanitize import log_text
 
 ACTIVE = ("queued", "running")
 HOUR = 3600.0
-# CSI/OSC escape sequences and other control characters a build may print;
-# they would move the cursor inside the console's screen
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class ConsoleState:
@@ -188,9 +185,12 @@ class ConsoleState:
 
 
 def clean(line: str) -> str:
-    """A log line as a terminal would leave it: what follows the last carriage
-    return (progress bars), without escape sequences; tabs become spaces."""
+    """One log line for the console's screen: what follows its last carriage
+    return (a progress bar shows its last state; a build's line can only
+    overwrite itself, since every line of the dispatcher's own starts a line),
+    without escape sequences or control characters (``sanitize.log_text``,
+    no colour); tabs become spaces."""
     line = line.rstrip("\r")
     if "\r" in line:
         line = line.rsplit("\r", 1)[1]
-    return _ESCAPES.sub("", line).expandtabs(4)
+    return log_text(line).expandtabs(4)

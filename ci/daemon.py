@@ -1,6 +1,7 @@
 """What every daemon shares: common flags, the configuration resolved once
-(``load_config`` -> ``settings.Settings``), logging, the ready line, signal
-handling, and start-up errors printed as one line instead of a traceback."""
+(``load_config`` -> ``settings.Settings``), logging (every record made plain
+text: ``PlainRecords``), the ready line, signal handling, and start-up
+errors printed as one line instead of a traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from .config import ConfigError, load
+from .sanitize import log_text, plain
 from .settings import Settings, resolve
 
 
@@ -81,10 +83,35 @@ def check_exposure(what: str, host: str, settings: Settings, roles: Iterable[str
         "can %s", host or "every interface", who, EXPOSES[what])
 
 
+class PlainRecords(logging.Filter):
+    """Log records as plain text: a message often quotes a peer (a subject,
+    a branch, a runner's host, an error it sent), and an escape sequence in it
+    would reach whoever reads the log in a terminal, a newline would forge a
+    line of its own. So each message is ``sanitize.plain`` (one line, no
+    controls); a traceback keeps its lines, without control characters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = plain(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # formatted here, as the handler's formatter would, so that it can be cleaned
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = log_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = log_text(record.stack_info)
+        return True
+
+
 def setup_logging(name: str, verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
         format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    # on the handler, not a logger: a handler's filters see every logger's records
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(PlainRecords())
 
 
 READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
@@ -129,7 +156,7 @@ def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bo
     try:
         asyncio.run(main())
     except StartupError as exc:
-        print(f"tinyci {name}: {exc}", file=sys.stderr, flush=True)
+        print(f"tinyci {name}: {plain(str(exc))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         pass

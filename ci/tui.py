@@ -8,6 +8,12 @@ Pure functions: they take the ``status`` snapshot dict (``{"runners":
 renderables; nothing here talks to the network or reads the clock, so tests
 render into a recording Console. Why a queued build waits is
 ``models.why_waiting``, in the same words everywhere.
+
+Every string in a snapshot came from a peer (subjects, branches, runner
+names and hosts, labels, the dispatcher's words), so every cell is a rich
+``Text`` made by ``_cell``/``_line`` from ``sanitize.plain``: never a markup
+string (``[link=file:///etc/passwd]`` shows as those characters) and never a
+control character.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import models
+from .sanitize import plain
 
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
@@ -49,10 +56,9 @@ def render_pipelines(pipelines: Iterable[dict]) -> Table:
         for job in pipeline.get("jobs") or []:
             if jobs:
                 jobs.append("  ")
-            jobs.append(f"{job.get('job') or 'default'} #{job.get('build')} ")
-            jobs.append(job.get("status", ""), style=BUILD_STYLES.get(job.get("status", ""), ""))
-        table.add_row((pipeline.get("sha") or "")[:7], _line(pipeline.get("branch", "")),
-                      Text(status, style=BUILD_STYLES.get(status, "")), jobs)
+            jobs.append(plain(f"{job.get('job') or 'default'} #{job.get('build')} "))
+            jobs.append(_status(job.get("status", "")))
+        table.add_row(_sha(pipeline), _line(pipeline.get("branch", "")), _status(status), jobs)
     return table
 
 
@@ -71,13 +77,13 @@ def render_runners(runners: Iterable[dict], now: float) -> Table:
         state = runner.get("state", "")
         running = runner.get("running") or []
         table.add_row(
-            runner.get("name", ""),
-            f"{runner.get('host', '')}:{runner.get('port', '')}",
-            ", ".join(runner.get("labels") or []) or "-",
-            Text(state, style=RUNNER_STYLES.get(state, "")),
-            f"{len(running)}/{runner.get('slots', 0)}",
-            ", ".join(f"#{build}" for build in running) or "-",
-            _ago(runner.get("last_seen"), now),
+            _cell(runner.get("name", "")),
+            _cell(f"{runner.get('host', '')}:{runner.get('port', '')}"),
+            _cell(", ".join(map(str, runner.get("labels") or [])) or "-"),
+            _cell(state, RUNNER_STYLES.get(state, "")),
+            _cell(f"{len(running)}/{runner.get('slots', 0)}"),
+            _cell(", ".join(f"#{build}" for build in running) or "-"),
+            _cell(_ago(runner.get("last_seen"), now)),
         )
     if not runners:
         table.caption = "no runners registered yet (start one with `tinyci runner`)"
@@ -106,16 +112,16 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
     for build in builds:
         status = build.get("status", "")
         cells = [
-            str(build.get("id", "")),
+            _cell(build.get("id", "")),
             _line(build.get("branch", "")),
-            (build.get("sha") or "")[:7],
+            _sha(build),
             _subject(build),
-            Text(status, style=BUILD_STYLES.get(status, "")),
-            str(build.get("attempt", "")),
+            _status(status),
+            _cell(build.get("attempt", "")),
             *([_line(build.get("job") or "-")] if jobs else []),
             _line(build.get("runner") or "-"),
-            _took(build, now),
-            _ago(build.get("created_at"), now),
+            _cell(_took(build, now)),
+            _cell(_ago(build.get("created_at"), now)),
         ]
         table.add_row(*cells)
     if not builds:
@@ -124,15 +130,15 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
     waits = [f"#{b.get('id')} waits: {_why_waiting(b, known)}"
              for b in builds if known is not None and b.get("status") == "queued"]
     if waits:
-        return Group(table, Text("\n".join(waits), style="cyan"))
+        return Group(table, Text("\n".join(plain(wait) for wait in waits), style="cyan"))
     return table
 
 
 def _subject(build: dict) -> Text:
     """The subject, after the reason for builds not started by a commit
     ("manual", "rebuild of 3")."""
-    subject = truncate(build.get("subject") or "", SUBJECT_WIDTH)
-    reason = build.get("reason") or "commit"
+    subject = truncate(plain(_first_line(build.get("subject"))), SUBJECT_WIDTH)
+    reason = plain(str(build.get("reason") or "commit"))
     if reason == "commit":
         return _line(subject)
     text = Text(f"{reason}: ", style="italic", no_wrap=True, overflow="ellipsis")
@@ -146,8 +152,28 @@ def _why_waiting(build: dict, runners: list[dict]) -> str:
     return build.get("waiting") or models.why_waiting(build.get("labels") or (), runners)
 
 
-def _line(text: str) -> Text:
-    return Text(text, no_wrap=True, overflow="ellipsis")
+def _cell(value: object, style: str = "") -> Text:
+    """A table cell: plain text, never markup."""
+    return Text(plain(str(value)), style=style)
+
+
+def _line(value: object) -> Text:
+    """A cell that stays one line, cut with an ellipsis."""
+    return Text(plain(str(value)), no_wrap=True, overflow="ellipsis")
+
+
+def _status(status: object) -> Text:
+    return _cell(status, BUILD_STYLES.get(status, "") if isinstance(status, str) else "")
+
+
+def _sha(build: dict) -> Text:
+    return _cell(str(build.get("sha") or "")[:7])
+
+
+def _first_line(text: object) -> str:
+    """The first line of a commit message, as the subject column shows it."""
+    lines = str(text or "").splitlines()
+    return lines[0] if lines else ""
 
 
 def truncate(text: str, width: int) -> str:
@@ -229,11 +255,11 @@ def render_header(state, now: float, width: int | None = None) -> Text:
     wide = width is None or width >= 90
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("tinyci " if wide else "", style="bold")
-    text.append(state.address, style="bold")
+    text.append(plain(state.address), style="bold")
     if state.connected:
         text.append(" ● connected", style="green")
     else:
-        text.append(f" ● disconnected, retrying ({state.problem})" if state.problem != "connecting"
+        text.append(f" ● disconnected, retrying ({plain(state.problem)})" if state.problem != "connecting"
                     else " ● connecting", style="bold red")
     counts = state.counts(now)
     text.append(" │ ")
@@ -256,8 +282,8 @@ def render_queue(state, shown: list[dict], total: int) -> RenderableType:
     grid.add_column(ratio=1, no_wrap=True)
     grid.add_column(no_wrap=True)
     for build in shown:
-        grid.add_row(f"#{build['id']}", _line(build.get("branch", "")), (build.get("sha") or "")[:7],
-                     _subject(build), Text(f"waits: {state.why_waiting(build)}", style="yellow"))
+        grid.add_row(_cell(f"#{build['id']}"), _line(build.get("branch", "")), _sha(build),
+                     _subject(build), _cell(f"waits: {state.why_waiting(build)}", "yellow"))
     parts: list[RenderableType] = [Text(f"Queue ({total})", no_wrap=True), grid]
     if total > len(shown):
         parts.append(Text(f"… and {total - len(shown)} more", style="dim"))
@@ -272,7 +298,7 @@ def render_log(state, lines: int) -> RenderableType:
     status = state.log_status or build.get("status", "")
     title = Text(f"Log of #{build_id} ", style="bold", no_wrap=True, overflow="ellipsis")
     if build:
-        title.append(f"{build.get('branch', '')} {(build.get('sha') or '')[:7]} ")
-    title.append(status, style=BUILD_STYLES.get(status, ""))
+        title.append(plain(f"{build.get('branch', '')} {str(build.get('sha') or '')[:7]} "))
+    title.append(_status(status))
     tail = [Text(line, no_wrap=True, overflow="crop") for line in state.log_tail(lines)]
     return Group(title, *tail)

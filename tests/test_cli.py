@@ -4,6 +4,7 @@ stand-in dispatcher, the status tables, and `tinyci up`'s start-up checks."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import json
 import os
@@ -161,7 +162,11 @@ SNAPSHOT = {
     ],
 }
 LOGS = {1: ("passed", ["=== build 1 ===\n", "1 passed in 0.01s\n"]),
-        2: ("failed", ["=== build 2 ===\n", "AssertionError: ünïcode\n"])}
+        2: ("failed", ["=== build 2 ===\n", "AssertionError: ünïcode\n"]),
+        # escapes and a CR LF cut between chunks, as a log may arrive
+        3: ("failed", ["ok\r", "\nFAILED\r=== passed ===\n\x1b]52;c;", "eA==\x07\x1b[3", "1mred\x1b[0m\n"])}
+HOSTILE = "\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1A"
+ARTIFACT = b"\x1b]52;c;eA==\x07report \x1b[1A\xc2\x9b2Jok\n"
 
 
 class StandIn:
@@ -191,8 +196,14 @@ class StandIn:
             return None
         if kind == "trigger":
             return protocol.ok(builds=[8])
+        if kind == "rebuild" and msg["build"] == 66:
+            return protocol.error("not_found", f"{HOSTILE}no build 66\nat all")
         if kind == "rebuild":
             return protocol.ok(builds=[9])
+        if kind == "artifacts":
+            return protocol.ok(artifacts=[{"path": f"{HOSTILE}report.txt", "size": len(ARTIFACT)}])
+        if kind == "fetch_artifact":
+            return protocol.ok(data=base64.b64encode(ARTIFACT).decode(), offset=0, size=len(ARTIFACT), eof=True)
         if kind == "cancel":
             return protocol.error("finished", f"build {msg['build']} is already passed")
         if kind == "poke":
@@ -245,6 +256,30 @@ def test_log_prints_chunks_and_follow_exit_code(standin, capsys):
     assert captured.out.endswith("AssertionError: ünïcode\n")
     assert "build 2 failed" in captured.err
     assert cli.main(["log", "#2", "--dispatcher", standin.addr]) == 0    # not following: exit 0
+
+
+def test_log_is_cleaned_as_it_streams_and_raw_is_the_bytes(standin, capsys):
+    assert cli.main(["log", "3", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out == "ok\nFAILED\n=== passed ===\nred\n"     # no terminal: no colour either
+    assert cli.main(["log", "3", "--raw", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out == "".join(LOGS[3][1])
+
+
+def test_what_a_peer_says_is_printed_as_plain_text(standin, capsys):
+    assert cli.main(["rebuild", "66", "--dispatcher", standin.addr]) == 1
+    assert capsys.readouterr().err == "tinyci: no build 66 at all\n"
+    assert cli.main(["artifacts", "5", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out == f"{len(ARTIFACT):>12}  report.txt\n"
+
+
+def test_an_artifact_is_its_bytes_in_a_pipe_and_plain_text_on_a_terminal(standin):
+    from test_terminal import in_pty, screen_text
+    piped = subprocess.run([sys.executable, "-m", "ci", "artifacts", "5", "--get", "report.txt",
+                            "--dispatcher", standin.addr], capture_output=True, env=child_env(), cwd=ROOT,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    assert piped.returncode == 0 and piped.stdout == ARTIFACT
+    code, out = in_pty(["artifacts", "5", "--get", "report.txt", "--dispatcher", standin.addr])
+    assert code == 0 and screen_text(out, colour=True) == "report ok\n"
 
 
 def test_log_of_unknown_build_is_the_dispatchers_message(standin, capsys):

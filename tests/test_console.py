@@ -163,6 +163,24 @@ def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
     assert "disconnected, retrying" in styled
 
 
+def test_nothing_a_peer_sent_is_drawn_as_markup_or_a_control():
+    hostile = dict(SNAPSHOT,
+                   runners=[{**runner("alpha", "busy", [41], labels=["[i]gpu"]), "host": "[link=file:///etc/passwd]x"}],
+                   builds=[build(41, "running", "alpha", subject="[bold red]x[/] \x1b[2Jy\x9b1A", branch="b\u202er"),
+                           build(42, "queued", attempt=0, reason="[u]manual", subject="\x1b]52;c;eA==\x07q")])
+    b = state(hostile)
+    b.log_start(41)
+    b.log_chunk(41, 0, "[red]log[/] \x1b]8;;file:///etc/passwd\x1b\\link\n")
+    b.lost("\x1b]0;title\x07refused [blink]now[/]")
+    styled = screen(tui.render_console(b, NOW, 120, 30), width=120, height=30, styles=True)
+    assert "\x1b]" not in styled and "\x1b" not in re.sub(r"\x1b\[[0-9;]*m", "", styled)
+    text = screen(tui.render_console(b, NOW, 120, 30), width=120, height=30)
+    for literal in ("[link=file:///etc/passwd]x:8889", "[i]gpu", "[bold red]x[/] y", "[u]manual: q",
+                    "retrying (refused [blink]now[/])", "[red]log[/] link", "Log of #41 br"):
+        assert literal in text, literal
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text)
+
+
 def test_empty_console_says_what_to_do():
     b = ConsoleState("127.0.0.1:8888")
     text = screen(tui.render_console(b, NOW, 80, 24))

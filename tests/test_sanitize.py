@@ -6,7 +6,7 @@ import re
 
 from hypothesis import given, settings, strategies as st
 
-from ci.sanitize import log_text, plain
+from ci.sanitize import HOLD, LogStream, log_text, plain
 
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 HOSTILE = [
@@ -46,3 +46,66 @@ def test_nothing_survives_but_text(text):
     assert not CONTROL.search(log_text(text).replace("\n", "").replace("\t", ""))
     kept = log_text(text, keep_colour=True)
     assert not CONTROL.search(re.sub(r"\x1b\[[0-9;]*m", "", kept).replace("\n", "").replace("\t", ""))
+
+
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def test_colour_is_kept_but_never_conceals_and_ends_with_its_line():
+    text = "\x1b[8mhidden\x1b[5mblink\x1b[38;5;196mred\x1b[48;2;0;0;0mblack\n=== failed ===\n"
+    out = log_text(text, keep_colour=True)
+    assert out == "hiddenblink\x1b[38;5;196mred\x1b[48;2;0;0;0mblack\x1b[0m\n=== failed ===\n"
+    # a line that reset its colour itself gets no second reset; a colour left on at the end is reset
+    assert log_text("\x1b[1;31mx\x1b[0m\ny\x1b[32mz", keep_colour=True) == "\x1b[1;31mx\x1b[0m\ny\x1b[32mz\x1b[0m"
+    # malformed or huge parameters keep nothing that could be misread
+    assert log_text("\x1b[38;5mx\x1b[38;2;1;2;300my\x1b[" + "9" * 5000 + "mz", keep_colour=True) == "xyz"
+
+
+def test_a_log_in_pieces_reads_as_the_whole_log():
+    text = "ok\r\n" + "".join(HOSTILE) + "\x1b[31mred\x1b[0m\r\nbar 10%\rbar 100%\n"
+    for keep in (False, True):
+        whole = log_text(text, keep_colour=keep)
+        for cut in range(len(text) + 1):
+            stream = LogStream(keep)
+            assert stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.end() == whole, (keep, cut)
+
+
+def test_an_unfinished_sequence_is_held_only_so_long():
+    stream = LogStream()
+    assert stream.feed("a\x1b]52;c;") == "a"                   # may still end with BEL: held
+    assert stream.feed("x" * HOLD) == ""                      # swallowed, as a terminal would
+    assert stream.feed("tail\x07b") == "tail" + "b"            # its rest is plain text; nothing is lost twice
+    assert stream.end() == ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="\x1b[]P\\\x07\r\n;0123458m:a \x9b\x9d\x9c"), st.integers(min_value=0, max_value=60),
+       st.booleans())
+def test_any_cut_gives_what_the_whole_gives(text, cut, keep):
+    stream = LogStream(keep)
+    pieces = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.end()
+    assert pieces == log_text(text, keep_colour=keep)
+    for params in SGR.findall(pieces):
+        assert not {"5", "8"} & set(sgr_codes(params))         # never blink, never conceal
+
+
+def sgr_codes(params: str) -> list[str]:
+    """The codes of an SGR, without the arguments of 38/48 (colours)."""
+    codes, out, i = params.split(";"), [], 0
+    while i < len(codes):
+        if codes[i] in ("38", "48"):
+            i += 3 if codes[i + 1] == "5" else 5
+            continue
+        out.append(codes[i])
+        i += 1
+    return out
+
+
+def test_plain_leaves_no_markup_to_parse_but_keeps_its_text():
+    assert plain("[link=file:///etc/passwd]x") == "[link=file:///etc/passwd]x"   # rich Text shows it as is
+
+
+def test_an_unterminated_string_takes_only_the_rest_of_its_line():
+    # a terminal would swallow all that follows; the dispatcher's verdict must still show
+    assert log_text("FAILED \x1b]0;title\n=== failed (exit 1) ===\n") == "FAILED \n=== failed (exit 1) ===\n"
+    assert log_text("x\x9d8;;file:///etc/passwd\r\n=== failed ===") == "x\n=== failed ==="
