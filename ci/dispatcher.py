@@ -40,7 +40,7 @@ from .watchers import Watchers
 
 log = logging.getLogger(__name__)
 
-# nobody talks to the dispatcher as the dispatcher: that secret is for what it sends runners
+# nobody talks to the dispatcher as the dispatcher: it proves itself to runners with their keys
 ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, protocol.READER})
 
 
@@ -55,6 +55,7 @@ class Dispatcher:
         cfg = config.dispatcher
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
         self.tasks: set[asyncio.Task] = set()
+        self.registering: dict[str, asyncio.Lock] = {}     # runner name -> held while it registers
         self.watchers = Watchers()
         self.artifacts = Artifacts(store)
         self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes)
@@ -88,8 +89,9 @@ class Dispatcher:
         cfg, settings = self.config.dispatcher, self.settings
         daemon.check_exposure("dispatcher", cfg.host, settings, ACCEPTS, insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, cfg.host, cfg.port, secrets=settings.secrets, roles=ACCEPTS,
-                              limits=settings.limits, name="dispatcher", ssl=settings.server_tls),
+            lambda: net.serve(self.handle, cfg.host, cfg.port, keys=settings.key, roles=ACCEPTS,
+                              identity=protocol.DISPATCHER_ID, limits=settings.limits, name="dispatcher",
+                              ssl=settings.server_tls),
             "dispatcher", cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
@@ -219,11 +221,23 @@ class Dispatcher:
 
     async def on_register(self, conn: net.Connection, msg: dict) -> dict:
         name = msg["name"]
+        if name != conn.id:
+            return protocol.error("not_yours", f"this connection authenticated as runner {conn.id!r}; "
+                                               f"it cannot register as {name!r}")
         # a runner that registers from 0.0.0.0 is reached at the address it came from
         host = msg["host"] if msg["host"] not in ("", "0.0.0.0", "::") else conn.peer.rsplit(":", 1)[0]
-        known = name in self.sched.runners
-        plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
-                                   {tuple(x) for x in msg.get("running", [])}, self.clock())
+        # one registration of a name at a time, since the check that nobody else holds it pings
+        # (a lock per name, kept as long as the scheduler keeps the name's record: for ever)
+        async with self.registering.setdefault(name, asyncio.Lock()):
+            holder = await self.links.taken_by(name, host, msg["port"])
+            if holder:
+                log.warning("refused runner %s registering from %s:%d: a live runner at %s holds the name",
+                            name, host, msg["port"], holder)
+                return protocol.error("name_taken", f"runner name {name!r} is held by a live runner at "
+                                                    f"{holder}; give this runner another name")
+            known = name in self.sched.runners
+            plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
+                                       {tuple(x) for x in msg.get("running", [])}, self.clock())
         runner = self.sched.runners[name]
         with self.store.transaction():
             self.store.save_runners([runner])
@@ -234,9 +248,10 @@ class Dispatcher:
         return protocol.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
 
     async def on_log(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build_id = msg["build"]
+        refused = self._not_held(conn, msg)
+        if refused:
+            return refused
         try:
             have, grew = self.logs.append(self.sched.builds[build_id], msg["offset"], msg["data"].encode())
         except LogGap as gap:
@@ -248,8 +263,9 @@ class Dispatcher:
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        refused = self._not_held(conn, msg)
+        if refused:
+            return refused
         build = self.sched.builds[build_id]
         have = self.logs.attempt_size(build)
         if have < msg.get("log_size", 0):
@@ -267,9 +283,10 @@ class Dispatcher:
         return protocol.ok()
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build_id = msg["build"]
+        refused = self._not_held(conn, msg)
+        if refused:
+            return refused
         try:
             data = base64.b64decode(msg["data"], validate=True)
         except (binascii.Error, ValueError):
@@ -284,6 +301,21 @@ class Dispatcher:
         except OSError as exc:
             return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
         return protocol.ok(offset=size)
+
+    def _not_held(self, conn: net.Connection, msg: dict) -> dict | None:
+        """The error refusing a log, result or artifact, or None when the
+        connection is the runner holding that build attempt: ``stale`` for an
+        attempt that is not current (its sender stops it), ``not_yours`` for
+        the current attempt sent by another runner than the one holding it."""
+        build_id, attempt = msg["build"], msg["attempt"]
+        if not self.sched.is_current(build_id, attempt):
+            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        holder = self.sched.builds[build_id].runner
+        if holder != conn.id:
+            log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
+                        msg["type"], build_id, conn.peer, conn.id or "-", holder)
+            return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
+        return None
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -348,7 +380,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = {"dispatcher": {"host": args.host, "port": args.port, "data_dir": args.data}}
 
     async def body(stop: asyncio.Event) -> None:
-        settings = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides, ACCEPTS)
         try:
             store = Store(Path(settings.config.dispatcher.data_dir))
         except StoreError as exc:

@@ -53,7 +53,8 @@ class RunnerProcess:
     stderr_path: Path
 
     def client(self, role: str = protocol.DISPATCHER, secret: str = SECRET) -> net.Client:
-        return net.Client("127.0.0.1", self.port, role, secret)
+        return net.Client("127.0.0.1", self.port, role, secret, id=self.name if role == protocol.RUNNER else "",
+                          to=protocol.runner_identity(self.name))
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 import trustme
@@ -23,7 +24,7 @@ from ci.settings import resolve
 from conftest import Repo, child_env, finished, tinyci
 
 
-ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+ROLES = ("runner", "observer", "operator", "reader")       # the dispatcher proves itself with runners' keys
 SHA = "0123456789abcdef0123456789abcdef01234567"
 COMMIT = {"type": "commit", "repo": "/allowed/repo", "branch": "main", "sha": SHA, "author": "A <a@x>",
           "subject": "s", "time": 1.5}
@@ -37,23 +38,34 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def raw_auth(addr: str, auth: dict, tls_ctx=None) -> tuple[dict, bytes]:
-    """Send one hand-made ``auth`` frame; return the reply and whatever follows it before EOF."""
+def forged(role: str, secret: str, id: str = "", to: str = "dispatcher", **fields) -> Callable[[dict], dict]:
+    """An ``auth`` for a server's hello, its MAC made with ``secret``, then ``fields`` laid over it."""
+    def make(hello: dict) -> dict:
+        nc = net.nonce()
+        mac = net.client_mac(secret, hello["nonce"], nc, role, id, to)
+        return {"role": role, "id": id, "nonce": nc, "to": to, "mac": mac, **fields}
+    return make
+
+
+async def raw_auth(addr: str, auth: Callable[[dict], dict], tls_ctx=None) -> tuple[dict, bytes]:
+    """Send one hand-made ``auth`` frame (``auth(hello)``); return the reply and whatever follows it before EOF."""
     host, port = net.parse_addr(addr)
     reader, writer = await asyncio.open_connection(host, port, ssl=tls_ctx,
                                                    server_hostname=host if tls_ctx else None)
     conn = net.Connection(reader, writer, net.Limits(read_timeout=5), addr)
     hello = await conn.recv()
-    await conn.send({"type": "auth", **{k: v(hello["nonce"]) if callable(v) else v for k, v in auth.items()}})
+    await conn.send({"type": "auth", **auth(hello)})
     reply = await conn.recv()
     rest = await asyncio.wait_for(reader.read(), 5)
     await conn.close()
     return reply, rest
 
 
-async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5) -> dict:
+async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5, id: str = "",
+              to: str = "dispatcher") -> dict:
     host, port = net.parse_addr(addr)
-    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx)
+    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx,
+                        id=id, to=to)
     try:
         return await client.request(msg)
     finally:
@@ -68,7 +80,7 @@ def test_role_secret_falls_back_to_the_shared_one_and_files_win(tmp_path):
     config = load(None, env={"TINYCI_AUTH_SECRET": "shared", "TINYCI_AUTH_READER_SECRET": "r",
                              "TINYCI_AUTH_RUNNER_SECRET": "ignored",
                              "TINYCI_AUTH_RUNNER_SECRET_FILE": str(secret_file)})
-    assert resolve(config).secrets == {"dispatcher": "shared", "runner": "from-file", "observer": "shared",
+    assert resolve(config).secrets == {"runner": "from-file", "observer": "shared",
                                        "operator": "shared", "reader": "r"}
     assert resolve(load(None, env={})).secrets == dict.fromkeys(ROLES, "")
 
@@ -129,9 +141,9 @@ def test_each_role_proves_itself_with_its_own_secret():
             with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
                 await ask(addr, role, secret, {"type": "status"})
         # a missing, malformed, non-ASCII or wrong MAC, or an unknown role: the same answer, then close
-        for auth in [{"role": "reader"}, {"role": "reader", "mac": 7}, {"role": "reader", "mac": "é" * 64},
-                     {"role": "reader", "mac": lambda nonce: net.mac("wrong", nonce, "reader")},
-                     {"role": "root", "mac": lambda nonce: net.mac("r-secret", nonce, "root")}]:
+        for auth in [lambda hello: {"role": "reader"}, forged("reader", "r-secret", mac=7),
+                     forged("reader", "r-secret", mac="é" * 64), forged("reader", "wrong"),
+                     forged("root", "r-secret")]:
             reply, rest = await raw_auth(addr, auth)
             assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}, auth
             assert rest == b""
@@ -203,8 +215,6 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
     keys = role_secrets()
     c = cluster(steps=["env", "sh build.sh"], extra={"auth": {
         f"{role}_secret": keys[role] for role in ("runner", "observer", "operator", "reader")}})
-    # the dispatcher's own secret reaches every daemon through the environment, as an operator might
-    c.env["TINYCI_AUTH_DISPATCHER_SECRET"] = keys["dispatcher"]
     c.dispatcher()
     runner = c.runner("r1", "-v")
     c.observer(repo, "-v")
@@ -214,7 +224,7 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
 
     async def probes():
         # wrong or missing MAC: "authentication failed", nothing more, and the connection closes
-        for auth in ({"role": "reader", "mac": "0" * 64}, {"role": "reader"}):
+        for auth in (forged("reader", "0" * 64), lambda hello: {"role": "reader"}):
             reply, rest = await raw_auth(d_addr, auth)
             assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}
             assert rest == b""
@@ -235,16 +245,19 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
         assert err.value.code == "forbidden"
         # nobody is the dispatcher at the dispatcher
         with pytest.raises(net.PeerAuthFailed):
-            await ask(d_addr, "dispatcher", keys["dispatcher"], {"type": "status"})
-        # only the dispatcher role, with its own secret, may talk to a runner
+            await ask(d_addr, "dispatcher", keys["runner"], {"type": "status"})
+        # only the dispatcher role, with the runner's key and meaning this runner, may talk to a runner
         run_msg = {"type": "run", "build": 99, "attempt": 1, "repo": str(repo.path), "sha": SHA,
                    "branch": "main", "steps": ["touch pwned"], "timeout": 5, "env": {}}
         for role in ("operator", "runner", "observer", "reader"):
             with pytest.raises(net.PeerAuthFailed):
-                await ask(runner.addr, role, keys[role], run_msg)
+                await ask(runner.addr, role, keys[role], run_msg, id="r1" if role == "runner" else "", to="runner:r1")
         with pytest.raises(net.PeerAuthFailed):
-            await ask(runner.addr, "dispatcher", keys["operator"], run_msg)
-        assert (await ask(runner.addr, "dispatcher", keys["dispatcher"], {"type": "ping"}))["type"] == "pong"
+            await ask(runner.addr, "dispatcher", keys["operator"], run_msg, to="runner:r1")
+        with pytest.raises(net.PeerNotProven, match="is runner:r1, not runner:r2"):     # not the one meant
+            await ask(runner.addr, "dispatcher", keys["runner"], run_msg, to="runner:r2")
+        pong = await ask(runner.addr, "dispatcher", keys["runner"], {"type": "ping"}, to="runner:r1")
+        assert pong["type"] == "pong"
     run(probes())
     assert [b["id"] for b in c.builds()] == [builds[0]["id"]]         # nothing was queued by the probes
 
@@ -284,7 +297,7 @@ def test_without_secrets_daemons_refuse_non_loopback_addresses(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ci.dispatcher", "--host", "0.0.0.0", "--port", "0",
                            "--data", str(tmp_path / "d")], capture_output=True, text=True, timeout=30,
                           env=child_env(TINYCI_AUTH_READER_SECRET="r"))
-    assert done.returncode == 2 and "role(s) observer, operator, runner," in done.stderr
+    assert done.returncode == 2 and "role(s) observer, operator, runner have no secret" in done.stderr
 
 
 needs_netns = pytest.mark.skipif(
