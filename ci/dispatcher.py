@@ -55,7 +55,6 @@ class Dispatcher:
         cfg = config.dispatcher
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
         self.tasks: set[asyncio.Task] = set()
-        self.registering: dict[str, asyncio.Lock] = {}     # runner name -> held while it registers
         self.watchers = Watchers()
         self.artifacts = Artifacts(store)
         self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes)
@@ -226,18 +225,16 @@ class Dispatcher:
                                                f"it cannot register as {name!r}")
         # a runner that registers from 0.0.0.0 is reached at the address it came from
         host = msg["host"] if msg["host"] not in ("", "0.0.0.0", "::") else conn.peer.rsplit(":", 1)[0]
-        # one registration of a name at a time, since the check that nobody else holds it pings
-        # (a lock per name, kept as long as the scheduler keeps the name's record: for ever)
-        async with self.registering.setdefault(name, asyncio.Lock()):
-            holder = await self.links.taken_by(name, host, msg["port"])
-            if holder:
-                log.warning("refused runner %s registering from %s:%d: a live runner at %s holds the name",
-                            name, host, msg["port"], holder)
-                return protocol.error("name_taken", f"runner name {name!r} is held by a live runner at "
-                                                    f"{holder}; give this runner another name")
-            known = name in self.sched.runners
-            plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
-                                       {tuple(x) for x in msg.get("running", [])}, self.clock())
+        holder = await self.links.taken_by(name, host, msg["port"])
+        if holder:
+            log.warning("refused runner %s registering from %s:%d: a live runner at %s holds the name",
+                        name, host, msg["port"], holder)
+            return protocol.error("name_taken", f"runner name {name!r} is held by a live runner at "
+                                                f"{holder}; give this runner another name")
+        # no await since taken_by: nobody else registers the name in between
+        known = name in self.sched.runners
+        plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
+                                   {tuple(x) for x in msg.get("running", [])}, self.clock())
         runner = self.sched.runners[name]
         with self.store.transaction():
             self.store.save_runners([runner])
@@ -249,7 +246,7 @@ class Dispatcher:
 
     async def on_log(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
-        refused = self._not_held(conn, msg)
+        refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
         try:
@@ -263,7 +260,7 @@ class Dispatcher:
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
-        refused = self._not_held(conn, msg)
+        refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
         build = self.sched.builds[build_id]
@@ -284,7 +281,7 @@ class Dispatcher:
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
-        refused = self._not_held(conn, msg)
+        refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
         try:
@@ -301,21 +298,6 @@ class Dispatcher:
         except OSError as exc:
             return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
         return protocol.ok(offset=size)
-
-    def _not_held(self, conn: net.Connection, msg: dict) -> dict | None:
-        """The error refusing a log, result or artifact, or None when the
-        connection is the runner holding that build attempt: ``stale`` for an
-        attempt that is not current (its sender stops it), ``not_yours`` for
-        the current attempt sent by another runner than the one holding it."""
-        build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
-        holder = self.sched.builds[build_id].runner
-        if holder != conn.id:
-            log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
-                        msg["type"], build_id, conn.peer, conn.id or "-", holder)
-            return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
-        return None
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -361,6 +343,22 @@ class Dispatcher:
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))
         return protocol.ok(builds=[b.id for b in builds])
+
+
+def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
+    """The error refusing a log, result or artifact, or None when the
+    connection is the runner holding that build attempt: ``stale`` for an
+    attempt that is not current (its sender stops it), ``not_yours`` for
+    the current attempt sent by another runner than the one holding it."""
+    build_id, attempt = msg["build"], msg["attempt"]
+    if not sched.is_current(build_id, attempt):
+        return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+    holder = sched.builds[build_id].runner
+    if holder != conn.id:
+        log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
+                    msg["type"], build_id, conn.peer, conn.id or "-", holder)
+        return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
+    return None
 
 
 def _commit_at(repo: str, sha: str) -> tuple[tuple[str, str], bytes | None]:

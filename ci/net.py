@@ -192,6 +192,8 @@ class Greeting:
             hello = validate(hello, SERVER)
         except ProtocolError as exc:
             raise PeerError(f"handshake with {self.addr} failed: {exc.message}") from None
+        if hello["type"] == "error":        # e.g. busy: it has too many connections
+            raise PeerError(f"{self.addr} refused the connection: {hello['code']}: {hello['message']}")
         if hello["type"] != "hello":
             raise PeerError(f"handshake with {self.addr} failed: it did not greet with 'hello'")
         if hello["name"] != self.to:

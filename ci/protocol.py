@@ -31,11 +31,14 @@ also ends a stream::
     observer -> dispatcher     commit     repo branch sha author subject time     ok {build builds duplicate}
                                           [message jobs config_error]
     runner -> dispatcher       register   name host port labels slots [running]   ok {heartbeat_interval}
+                                                                                  | error name_taken / not_yours
     runner -> dispatcher       log        build attempt offset data               ok {offset}
                                                                                   | error offset {expected} / stale
+                                                                                  / not_yours
     runner -> dispatcher       result     build attempt status exit_code steps    ok
                                           duration [log_size]                     | error offset {expected} / stale
-    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset}
+                                                                                  / not_yours
+    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit]
     dispatcher -> runner       ping       -                                       pong {running}
@@ -54,6 +57,10 @@ also ends a stream::
     operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     observer, operator -> obs. poke       [branch]                                ok
+
+A runner's frames are its own: ``register`` names the runner the connection
+authenticated as, and ``log``, ``result`` and ``artifact`` are for builds
+that runner holds.
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
 ([{name, labels}]; absent: one default job), ``config_error`` the reason that

@@ -52,6 +52,7 @@ class RunnerLinks:
         self.dial = dial or self._dial
         self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
         self.pinging: set[str] = set()
+        self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
         self.outgoing: list[tuple[Build, RunnerRecord, int]] = []   # assigned, not yet persisted and sent
         self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
         self.handing_out: asyncio.Task | None = None
@@ -236,6 +237,13 @@ class RunnerLinks:
         interval, it is declared lost here (its builds queue again) and the
         name is free, so a runner that restarted elsewhere takes its name back
         at once, and nobody takes over a live runner's name."""
+        # one claim of a name at a time: two at once would both find the old holder gone and
+        # both take the name. The caller registers before its next await, so before the next
+        # claim runs. A lock per name, kept as long as the scheduler keeps the name: for ever
+        async with self.claims.setdefault(name, asyncio.Lock()):
+            return await self._taken_by(name, host, port)
+
+    async def _taken_by(self, name: str, host: str, port: int) -> str:
         old = self.sched.runners.get(name)
         if old is None or not old.alive or (old.host, old.port) == (host, port):
             return ""

@@ -212,6 +212,23 @@ def test_another_protocol_version_is_named():
     run(body())
 
 
+def test_a_server_that_refuses_the_connection_at_once_is_quoted():
+    async def busy(reader, writer):
+        writer.write(protocol.encode(protocol.error("busy", "dispatcher has 512 connections open")))
+        await writer.drain()
+        writer.close()
+
+    async def body():
+        server = await asyncio.start_server(busy, "127.0.0.1", 0)
+        addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        with pytest.raises(net.PeerError, match=f"{addr} refused the connection: busy: dispatcher has 512"):
+            await net.call(addr, {"type": "status"}, "reader")
+        with pytest.raises(net.PeerError, match="refused the connection: busy"):
+            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
+        server.close()
+    run(body())
+
+
 def test_with_no_secret_at_all_the_proofs_are_empty_and_it_works_as_before():
     async def body():
         server = await net.serve(lambda conn, msg: _ok(), "127.0.0.1", 0)
