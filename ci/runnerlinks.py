@@ -234,9 +234,11 @@ class RunnerLinks:
         """The address of the live runner at another host:port that holds
         ``name``, or "" when there is none. The holder is pinged once, at once,
         on a connection of its own: when it does not answer within a heartbeat
-        interval, it is declared lost here (its builds queue again) and the
-        name is free, so a runner that restarted elsewhere takes its name back
-        at once, and nobody takes over a live runner's name."""
+        interval, the name is free, so a runner that restarted elsewhere takes
+        its name back at once, and nobody takes over a live runner's name.
+        (The registration that follows takes back the builds the newcomer does
+        not report, as for a restart in place, and keeps those it does: its
+        outbox may hold their results.)"""
         # one claim of a name at a time: two at once would both find the old holder gone and
         # both take the name. The caller registers before its next await, so before the next
         # claim runs. A lock per name, kept as long as the scheduler keeps the name: for ever
@@ -253,9 +255,7 @@ class RunnerLinks:
             return ""
         if not why:
             return holder
-        log.warning("runner %s registers from %s:%d; its old address %s %s", name, host, port, holder, why)
-        self.apply(self.sched.lost(name, f"registered again from {host}:{port}; the old address {holder} {why}",
-                                   self.clock()))
+        log.info("runner %s registers from %s:%d; its old address %s %s", name, host, port, holder, why)
         return ""
 
     async def _probe(self, runner: RunnerRecord) -> str:
