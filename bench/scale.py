@@ -2,7 +2,8 @@
 light fake runners living in the bench process. Each fake runner is a real
 server on its own loopback port speaking the real protocol: it registers,
 answers ``ping`` with its leases, accepts ``run`` and at once reports
-``result`` passed (over a shared pool of connections, as the outbox would).
+``result`` passed, over a connection of its own (a result is accepted only
+from the runner holding the build).
 
 History and the queue are seeded straight into the SQLite file before the
 dispatcher starts (it recovers the queue on start-up, exactly as after a
@@ -54,16 +55,14 @@ def create_files(where: Path, count: int) -> float:
 
 
 class Fleet:
-    """``count`` fake runners, their servers, and a pool of result connections."""
+    """``count`` fake runners, their servers, and each one's connection to the dispatcher."""
 
-    def __init__(self, dispatcher: str, count: int, pool: int = 16):
+    def __init__(self, dispatcher: str, count: int):
         self.dispatcher = net.parse_addr(dispatcher)
         self.count = count
         self.leases: dict[str, set] = {}
         self.done = 0
-        self.pool = asyncio.Queue()
-        for _ in range(pool):
-            self.pool.put_nowait(net.Client(*self.dispatcher, protocol.RUNNER))
+        self.clients: dict[str, net.Client] = {}
         self.servers = []
         self.tasks = set()
 
@@ -72,15 +71,13 @@ class Fleet:
             name = f"fake-{i}"
             self.leases[name] = set()
             server = await net.serve(lambda conn, msg, n=name: self.handle(n, msg), "127.0.0.1", 0,
-                                     roles=frozenset({protocol.DISPATCHER}), name=name)
+                                     roles=frozenset({protocol.DISPATCHER}), name=name,
+                                     identity=protocol.runner_identity(name))
             self.servers.append(server)
             port = server.sockets[0].getsockname()[1]
-            client = await self.pool.get()
-            try:
-                await client.request({"type": "register", "name": name, "host": "127.0.0.1", "port": port,
-                                      "labels": [], "slots": 1, "running": []})
-            finally:
-                self.pool.put_nowait(client)
+            client = self.clients[name] = net.Client(*self.dispatcher, protocol.RUNNER, id=name)
+            await client.request({"type": "register", "name": name, "host": "127.0.0.1", "port": port,
+                                  "labels": [], "slots": 1, "running": []})
         await asyncio.gather(*(one(i) for i in range(self.count)))
 
     async def handle(self, name: str, msg: dict) -> dict:
@@ -96,22 +93,21 @@ class Fleet:
         return protocol.ok()
 
     async def finish(self, name: str, lease: tuple) -> None:
-        client = await self.pool.get()
         try:
-            await client.request({"type": "result", "build": lease[0], "attempt": lease[1], "status": "passed",
-                                  "exit_code": 0, "steps": 1, "duration": 0.0, "log_size": 0})
+            await self.clients[name].request({"type": "result", "build": lease[0], "attempt": lease[1],
+                                              "status": "passed", "exit_code": 0, "steps": 1, "duration": 0.0,
+                                              "log_size": 0})
             self.done += 1
         except (net.PeerError, protocol.RemoteError):
             pass
         finally:
-            self.pool.put_nowait(client)
             self.leases[name].discard(lease)
 
     async def close(self) -> None:
         for s in self.servers:
             s.close()
-        while not self.pool.empty():
-            await self.pool.get_nowait().close()
+        for client in self.clients.values():
+            await client.close()
 
 
 def dispatcher_scale(tmp: Path, quick: bool) -> Result:

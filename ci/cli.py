@@ -286,19 +286,21 @@ def main(argv: list[str] | None = None) -> int:
 
 class DispatcherLink:
     """What a tool needs to reach the dispatcher: address, secrets, limits, TLS,
-    resolved once from the configuration (``settings.resolve``)."""
+    resolved once from the configuration (``settings.resolve``) for the role
+    the command speaks as: a reader's machine needs no operator secret."""
 
-    ROLES = (protocol.READER, protocol.OPERATOR)
+    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild"})
 
     def __init__(self, args: argparse.Namespace):
         from .config import ConfigError, load
         from .settings import resolve
+        roles = [protocol.OPERATOR if args.command in self.OPERATOR_COMMANDS else protocol.READER]
         try:
-            settings = resolve(load(args.config), roles=self.ROLES, listens=False)
+            settings = resolve(load(args.config), roles=roles, listens=False)
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
         config = settings.config
-        self.secrets = {role: tool_secret(settings, role) for role in self.ROLES}
+        self.secrets = {role: tool_secret(settings, role) for role in roles}
         self.tls = settings.client_tls
         self.limits = settings.limits
         addr = args.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
@@ -309,12 +311,17 @@ class DispatcherLink:
         self.addr = f"{self.host}:{self.port}"
 
     def client(self, role: str) -> net.Client:
-        return net.Client(self.host, self.port, role, self.secrets[role], self.limits, self.tls)
+        return net.Client(self.host, self.port, role, self.secrets[role], self.limits, self.tls,
+                          to=protocol.DISPATCHER_ID)
 
     def call(self, msg: dict, role: str = protocol.READER) -> dict:
-        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, ssl=self.tls))
+        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, ssl=self.tls,
+                                 to=protocol.DISPATCHER_ID))
 
-    def refused(self) -> str:
+    def refused(self, exc: Exception | None = None) -> str:
+        if isinstance(exc, net.PeerNotProven):
+            # it answered, but without our key: another daemon, or something posing as the dispatcher
+            return (f"{exc} — check --dispatcher, and that its secret for this role is the one configured here")
         return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
                 f"(TINYCI_AUTH_SECRET) or the role's own (auth.reader_secret, auth.operator_secret) "
                 f"matches the dispatcher's; for `tinyci up`'s daemons, run this where its "
@@ -329,8 +336,8 @@ class DispatcherLink:
             if exc.code == "auth_failed":
                 raise Failure(self.refused()) from None
             raise Failure(exc.message or exc.code) from None
-        except net.PeerAuthFailed:
-            raise Failure(self.refused()) from None
+        except net.PeerAuthFailed as exc:
+            raise Failure(self.refused(exc)) from None
         except net.PeerError as exc:
             raise Failure(unreachable("dispatcher", self.addr, exc)
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
@@ -576,10 +583,9 @@ def notify(args: argparse.Namespace) -> int:
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        net.request_blocking(addr, msg, protocol.OBSERVER, secret, limits, ssl=tls)
-    except net.PeerAuthFailed:
-        print(f"tinyci notify: the observer at {addr} refused our credentials "
-              f"(auth.observer_secret / auth.secret)", file=sys.stderr)
+        net.request_blocking(addr, msg, protocol.OBSERVER, secret, limits, ssl=tls, to=protocol.OBSERVER_ID)
+    except net.PeerAuthFailed as exc:
+        print(f"tinyci notify: the observer {exc} (auth.observer_secret / auth.secret)", file=sys.stderr)
     except net.PeerError as exc:
         print(f"tinyci notify: {unreachable('observer', addr, exc)}; it will see the commit "
               f"at its next poll if it runs", file=sys.stderr)

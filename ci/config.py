@@ -86,8 +86,10 @@ class NotifyConfig:
 class AuthConfig:
     secret: str = ""              # shared: used by every role without a secret of its own
     secret_file: str = ""
-    dispatcher_secret: str = ""
-    dispatcher_secret_file: str = ""
+    # the dispatcher's: each runner's own credential, name -> secret (and/or a YAML file of them)
+    runners: dict = field(default_factory=dict)
+    runners_file: str = ""
+    # a runner's own credential (else `secret`); on the dispatcher: for runners not in `runners`
     runner_secret: str = ""
     runner_secret_file: str = ""
     observer_secret: str = ""
@@ -126,6 +128,13 @@ class Config:
 
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name not in ("source", "origins")}
+
+# Keys that are gone, with what replaces them: a configuration that still sets one is refused
+RETIRED = {
+    ("auth", "dispatcher_secret"): "the dispatcher now proves itself to each runner with that runner's own "
+                                   "secret (auth.runners on the dispatcher, auth.runner_secret on the runner)",
+}
+RETIRED[("auth", "dispatcher_secret_file")] = RETIRED[("auth", "dispatcher_secret")]
 
 # Bounds checked after types: (section, key) -> (test, what it must be)
 _BOUNDS = {
@@ -200,6 +209,7 @@ def _merge(values: dict, data: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys")
         known = {f.name for f in fields(SECTIONS[section]())}
         for key, value in keys.items():
+            _refuse_retired(section, key, origin)
             if key not in known:
                 raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
             values[section][key] = (value, origin)
@@ -214,15 +224,22 @@ def _from_env(env: Mapping[str, str]) -> dict:
             if not name.startswith(prefix):
                 continue
             key = name[len(prefix):].lower()
+            _refuse_retired(section, key, f"environment variable {name}")
             hints = typing.get_type_hints(factory)
             if key not in hints:
                 raise ConfigError(f"environment variable {name}: no key {section}.{key} "
                                   f"(known: {', '.join(sorted(hints))})")
-            data.setdefault(section, {})[key] = _parse_env(name, text, hints[key])
+            data.setdefault(section, {})[key] = _parse_env(name, text, hints[key], _is_secret(section, key))
     return data
 
 
-def _parse_env(name: str, text: str, kind: Any) -> Any:
+def _refuse_retired(section: str, key: str, origin: str) -> None:
+    why = RETIRED.get((section, key))
+    if why:
+        raise ConfigError(f"{origin}: {section}.{key} is no longer used: {why}; remove it")
+
+
+def _parse_env(name: str, text: str, kind: Any, hidden: bool = False) -> Any:
     try:
         if kind is bool:
             lowered = text.strip().lower()
@@ -241,8 +258,9 @@ def _parse_env(name: str, text: str, kind: Any) -> Any:
             return json.loads(text)
         return text
     except ValueError:
-        raise ConfigError(f"environment variable {name}: {text!r} is not a valid "
-                          f"{getattr(kind, '__name__', kind)}") from None
+        shown = "(value hidden)" if hidden else repr(text)
+        raise ConfigError(f"environment variable {name}: {shown} is not a valid "
+                          f"{'JSON mapping' if kind is dict else getattr(kind, '__name__', kind)}") from None
 
 
 def _is_secret(section: str, key: str) -> bool:

@@ -36,11 +36,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
 
-def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
+def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]],
+                roles: Iterable[str]) -> Settings:
     """The configuration (file, environment, then ``overrides`` from flags),
-    resolved: secret and TLS files are read now, so a bad one fails at start-up."""
+    resolved for a daemon that accepts or uses ``roles``: secret and TLS files
+    are read now, so a bad one fails at start-up."""
     try:
-        return resolve(load(args.config, overrides=overrides))
+        return resolve(load(args.config, overrides=overrides), roles=roles)
     except ConfigError as exc:
         raise StartupError(f"configuration error: {exc}") from None
 
@@ -68,7 +70,7 @@ def check_exposure(what: str, host: str, settings: Settings, roles: Iterable[str
     secret, unless ``insecure``; then only warn, saying what is exposed."""
     if is_loopback(host):
         return
-    open_roles = sorted(role for role in roles if not settings.secret(role))
+    open_roles = sorted(role for role in roles if settings.is_open(role))
     if not open_roles:
         return
     who = ", ".join(open_roles)

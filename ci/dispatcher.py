@@ -40,7 +40,7 @@ from .watchers import Watchers
 
 log = logging.getLogger(__name__)
 
-# nobody talks to the dispatcher as the dispatcher: that secret is for what it sends runners
+# nobody talks to the dispatcher as the dispatcher: it proves itself to runners with their keys
 ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, protocol.READER})
 
 
@@ -88,8 +88,9 @@ class Dispatcher:
         cfg, settings = self.config.dispatcher, self.settings
         daemon.check_exposure("dispatcher", cfg.host, settings, ACCEPTS, insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, cfg.host, cfg.port, secrets=settings.secrets, roles=ACCEPTS,
-                              limits=settings.limits, name="dispatcher", ssl=settings.server_tls),
+            lambda: net.serve(self.handle, cfg.host, cfg.port, keys=settings.key, roles=ACCEPTS,
+                              identity=protocol.DISPATCHER_ID, limits=settings.limits, name="dispatcher",
+                              ssl=settings.server_tls),
             "dispatcher", cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
@@ -219,8 +220,18 @@ class Dispatcher:
 
     async def on_register(self, conn: net.Connection, msg: dict) -> dict:
         name = msg["name"]
+        if name != conn.id:
+            return protocol.error("not_yours", f"this connection authenticated as runner {conn.id!r}; "
+                                               f"it cannot register as {name!r}")
         # a runner that registers from 0.0.0.0 is reached at the address it came from
         host = msg["host"] if msg["host"] not in ("", "0.0.0.0", "::") else conn.peer.rsplit(":", 1)[0]
+        holder = await self.links.taken_by(name, host, msg["port"])
+        if holder:
+            log.warning("refused runner %s registering from %s:%d: a live runner at %s holds the name",
+                        name, host, msg["port"], holder)
+            return protocol.error("name_taken", f"runner name {name!r} is held by a live runner at "
+                                                f"{holder}; give this runner another name")
+        # no await since taken_by: nobody else registers the name in between
         known = name in self.sched.runners
         plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
                                    {tuple(x) for x in msg.get("running", [])}, self.clock())
@@ -234,9 +245,10 @@ class Dispatcher:
         return protocol.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
 
     async def on_log(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build_id = msg["build"]
+        refused = _not_held(self.sched, conn, msg)
+        if refused:
+            return refused
         try:
             have, grew = self.logs.append(self.sched.builds[build_id], msg["offset"], msg["data"].encode())
         except LogGap as gap:
@@ -248,8 +260,9 @@ class Dispatcher:
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        refused = _not_held(self.sched, conn, msg)
+        if refused:
+            return refused
         build = self.sched.builds[build_id]
         have = self.logs.attempt_size(build)
         if have < msg.get("log_size", 0):
@@ -267,9 +280,10 @@ class Dispatcher:
         return protocol.ok()
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        if not self.sched.is_current(build_id, attempt):
-            return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+        build_id = msg["build"]
+        refused = _not_held(self.sched, conn, msg)
+        if refused:
+            return refused
         try:
             data = base64.b64decode(msg["data"], validate=True)
         except (binascii.Error, ValueError):
@@ -331,6 +345,22 @@ class Dispatcher:
         return protocol.ok(builds=[b.id for b in builds])
 
 
+def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
+    """The error refusing a log, result or artifact, or None when the
+    connection is the runner holding that build attempt: ``stale`` for an
+    attempt that is not current (its sender stops it), ``not_yours`` for
+    the current attempt sent by another runner than the one holding it."""
+    build_id, attempt = msg["build"], msg["attempt"]
+    if not sched.is_current(build_id, attempt):
+        return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+    holder = sched.builds[build_id].runner
+    if holder != conn.id:
+        log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
+                    msg["type"], build_id, conn.peer, conn.id or "-", holder)
+        return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
+    return None
+
+
 def _commit_at(repo: str, sha: str) -> tuple[tuple[str, str], bytes | None]:
     """(author, subject) of a commit and its .ci.yaml (None: none); blocking git reads."""
     return gitops.commit_info(repo, sha), gitops.file_at(repo, sha, buildfile.FILENAME)
@@ -348,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = {"dispatcher": {"host": args.host, "port": args.port, "data_dir": args.data}}
 
     async def body(stop: asyncio.Event) -> None:
-        settings = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides, ACCEPTS)
         try:
             store = Store(Path(settings.config.dispatcher.data_dir))
         except StoreError as exc:

@@ -3,16 +3,28 @@ every daemon runs and the clients every daemon and tool uses.
 
 What the frames mean (the message table, roles, field kinds, validation)
 is in ``protocol``; this module only moves frames and proves who sends them.
-On connect the server speaks first::
+On connect the server speaks first (protocol v2)::
 
-    server: {"type": "hello", "version": 1, "nonce": N}
-    client: {"type": "auth", "role": R, "mac": HMAC-SHA256(secret of R, N + ":" + R)}
-    server: {"type": "ok", "role": R}            (or an error, then close)
+    server: hello {version, nonce: Ns, name: S}           S: the server's identity
+    client: auth  {role: R, id: I, nonce: Nc, to: T, mac: client_mac(K, Ns, Nc, R, I, T)}
+    server: ok    {role: R, mac: server_mac(K, Ns, Nc, R, I, T)}   (or auth_failed, then close)
 
-Each role has its own secret (config ``auth.<role>_secret``, falling back to
-``auth.secret``); a wrong role, or a wrong or missing MAC, gets the one answer
-``auth_failed`` "authentication failed" and the connection closes. With
-``tls`` configured, all of this runs inside TLS (``serve``/``Client`` ``ssl=``).
+Each MAC is HMAC-SHA256 keyed with K, the key for (R, I), over both nonces,
+the role, the client's id and T, the identity the client meant to reach (its
+own expectation, never copied from the hello). So a MAC is good on one
+connection only: a relay that hands one peer's nonce to another gets a MAC
+for the wrong nonce pair, or for the wrong target, which the server refuses
+(``to`` must be its own identity). The client checks the server's MAC in
+turn: a server that does not hold K cannot answer, so a client never takes a
+stranger for the daemon it meant to reach (PeerNotProven).
+
+Keys: the server asks ``keys(role, id)`` (None: refuse); the daemons pass
+``Settings.key``. With no secret anywhere the keys are "" and the MACs
+empty: the loopback-only default. A wrong role, id, target, or a wrong or
+missing MAC gets the one answer ``auth_failed`` "authentication failed" and
+the connection closes. With ``tls`` configured, all of this runs inside TLS
+(``serve``/``Client`` ``ssl=``); after the handshake, plain TCP frames are
+neither secret nor protected from someone on the path.
 
 A malformed payload, an unknown type or a bad field is answered with an
 ``error`` naming it and the connection stays usable; an oversized length
@@ -35,9 +47,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import LazyAsyncio, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
-from .protocol import (HEADER, PROTOCOL_VERSION, ROLES, SERVER, Answers, FatalProtocolError,
-                       ProtocolError, RemoteError, check_reply, decode, encode, error, is_stream, ok,
-                       validate)
+from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
+                       FatalProtocolError, ProtocolError, RemoteError, check_reply, decode, encode, error,
+                       is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -58,7 +70,14 @@ class PeerTimeout(PeerError):
 
 
 class PeerAuthFailed(PeerError):
-    """The peer refused our credentials in the handshake (wrong secret or role)."""
+    """The handshake failed on credentials: the peer refused ours (wrong secret,
+    role or target), or it could not prove it holds the key (not the daemon we
+    meant to reach)."""
+
+
+class PeerNotProven(PeerAuthFailed):
+    """The peer could not prove it holds the key, or said it is another daemon:
+    not the one we meant to reach."""
 
 
 # ---------------------------------------------------------------- framing
@@ -73,6 +92,7 @@ class Connection:
         self.limits = limits
         self.peer = peer
         self.role = ""
+        self.id = ""            # the authenticated client's id: a runner's name for role runner
         self.sent = 0           # frames sent: tells the server whether a stream handler answered
 
     async def recv_raw(self, idle: float | None = None) -> Any:
@@ -122,10 +142,96 @@ class Connection:
             pass
 
 
-def mac(secret: str, nonce: str, role: str) -> str:
-    if not secret:
+# ---------------------------------------------------------------- the handshake's proofs
+
+def _mac(side: str, key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
+    if not key:
         return ""
-    return hmac.new(secret.encode(), f"{nonce}:{role}".encode(), hashlib.sha256).hexdigest()
+    # NUL between the parts: the protocol's kinds keep every part free of it, so no two
+    # different handshakes give the same text
+    text = "\0".join((f"tinyci/{PROTOCOL_VERSION} {side}", ns, nc, role, id, to))
+    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def client_mac(key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
+    """What a client proves itself with: bound to both nonces, its role and id, and its target."""
+    return _mac("client", key, ns, nc, role, id, to)
+
+
+def server_mac(key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
+    """What a server proves itself with, in its ``ok``: the same parts, another label."""
+    return _mac("server", key, ns, nc, role, id, to)
+
+
+def _same(a: str, b: str) -> bool:
+    # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def nonce() -> str:
+    return _secrets.token_hex(16)
+
+
+class Greeting:
+    """The client's side of one handshake: ``auth`` answers the server's
+    hello, ``check`` the server's reply to it. Pure: the async Client and
+    request_blocking share it, and the tests drive it without sockets."""
+
+    def __init__(self, addr: str, role: str, key: str, id: str = "", to: str = DISPATCHER_ID):
+        self.addr, self.role, self.key, self.id, self.to = addr, role, key, id, to
+        self.ns = self.nc = ""
+
+    def auth(self, hello: Any) -> dict:
+        """The ``auth`` frame for the server's ``hello`` (raw, as decoded).
+        Raises PeerError for a hello of another protocol version or one that is
+        not a hello, PeerNotProven when the server says it is someone else."""
+        if isinstance(hello, dict) and hello.get("type") == "hello" and hello.get("version") != PROTOCOL_VERSION:
+            raise PeerError(f"{self.addr} speaks tinyci protocol version {_version(hello)}, this is version "
+                            f"{PROTOCOL_VERSION}: run the same tinyci version everywhere")
+        try:
+            hello = validate(hello, SERVER)
+        except ProtocolError as exc:
+            raise PeerError(f"handshake with {self.addr} failed: {exc.message}") from None
+        if hello["type"] == "error":        # e.g. busy: it has too many connections
+            raise PeerError(f"{self.addr} refused the connection: {hello['code']}: {hello['message']}")
+        if hello["type"] != "hello":
+            raise PeerError(f"handshake with {self.addr} failed: it did not greet with 'hello'")
+        if hello["name"] != self.to:
+            # its word only (a hello proves nothing), but enough not to send it a proof at all
+            raise PeerNotProven(f"{self.addr} is {hello['name']}, not {self.to} "
+                                 f"(not the daemon you meant to reach?)")
+        self.ns, self.nc = hello["nonce"], nonce()
+        return {"type": "auth", "role": self.role, "id": self.id, "nonce": self.nc, "to": self.to,
+                "mac": client_mac(self.key, self.ns, self.nc, self.role, self.id, self.to)}
+
+    def check(self, reply: Any) -> None:
+        """Accept the server's answer to our ``auth``, or raise: PeerAuthFailed
+        when it refused us, PeerNotProven when it could not prove it holds the
+        key, PeerError else."""
+        try:
+            reply = check_reply("auth", reply)
+        except ProtocolError as exc:
+            raise PeerError(f"handshake with {self.addr} failed: {exc.message}") from None
+        if reply["type"] == "error":
+            if reply["code"] == "auth_failed":
+                raise PeerAuthFailed(f"{self.addr} refused our credentials as {self.role!r}: authentication failed")
+            raise PeerError(f"handshake with {self.addr} failed: {reply['code']}: {reply['message']}")
+        expected = server_mac(self.key, self.ns, self.nc, self.role, self.id, self.to)
+        if reply["role"] != self.role or not _same(reply["mac"], expected):
+            raise PeerNotProven(f"{self.addr} could not prove it holds the {self._key_name()} "
+                                 f"(not the daemon you meant to reach?)")
+
+    def _key_name(self) -> str:
+        if self.to.startswith(RUNNER_PREFIX):
+            return f"secret of runner {self.to[len(RUNNER_PREFIX):]}"
+        if self.role == RUNNER:
+            return f"secret of runner {self.id}"
+        return f"{self.role} secret"
+
+
+def _version(hello: dict) -> str:
+    version = hello.get("version")
+    return str(version) if isinstance(version, int) and not isinstance(version, bool) else "unknown"
 
 
 # ---------------------------------------------------------------- server
@@ -136,17 +242,27 @@ def mac(secret: str, nonce: str, role: str) -> str:
 Handler = Callable[[Connection, dict], Awaitable[dict | None]]
 
 
+Keys = Callable[[str, str], "str | None"]
+
+
 async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
                 roles: frozenset = frozenset(ROLES), limits: Limits = Limits(),
                 name: str = "server", secrets: Mapping[str, str] | None = None,
-                ssl: Any = None) -> asyncio.Server:
+                ssl: Any = None, identity: str | Callable[[], str] = DISPATCHER_ID,
+                keys: Keys | None = None) -> asyncio.Server:
     """Start a framed server; each connection does the handshake, then request/reply.
 
-    A client claiming a role proves it with that role's entry in ``secrets``
-    (``secret`` for roles without one). ``ssl`` is an SSLContext to listen with TLS.
+    ``identity`` is who this server is (``dispatcher``, ``observer``,
+    ``runner:<name>``; a callable when known only once listening): a client
+    must have meant to reach it. A client claiming one of ``roles`` proves
+    it with ``keys(role, id)`` (None: refused); without ``keys``, with that
+    role's entry in ``secrets``, else ``secret``. ``ssl`` is an SSLContext
+    to listen with TLS.
     """
     slots = asyncio.Semaphore(limits.max_connections)
-    keys = {role: (secrets or {}).get(role) or secret for role in ROLES}
+    if keys is None:
+        keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
+    who = identity if callable(identity) else (lambda: identity)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
@@ -162,7 +278,7 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
             return
         async with slots:
             try:
-                if await _handshake(conn, keys, roles):
+                if await _handshake(conn, keys, roles, who()):
                     await _serve_requests(conn, handler, name)
             except (ConnectionError, PeerError) as exc:
                 log.debug("%s: %s: %s", name, peer, exc)
@@ -188,9 +304,13 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)
 
 
-async def _handshake(conn: Connection, keys: Mapping[str, str], roles: frozenset) -> bool:
-    nonce = _secrets.token_hex(16)
-    await conn.send({"type": "hello", "version": PROTOCOL_VERSION, "nonce": nonce})
+def _role_keys(by_role: Mapping[str, str]) -> Keys:
+    return lambda role, id: by_role.get(role)
+
+
+async def _handshake(conn: Connection, keys: Keys, roles: frozenset, identity: str) -> bool:
+    ns = nonce()
+    await conn.send({"type": "hello", "version": PROTOCOL_VERSION, "nonce": ns, "name": identity})
     try:
         raw = await conn.recv_raw(idle=conn.limits.read_timeout)
         if not isinstance(raw, dict) or raw.get("type") != "auth":
@@ -202,20 +322,38 @@ async def _handshake(conn: Connection, keys: Mapping[str, str], roles: frozenset
         return False
     role = raw.get("role")
     try:
-        validate(raw, role if role in ROLES else ROLES[0])
-        # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
-        good = role in roles and hmac.compare_digest(raw["mac"].encode(), mac(keys[role], nonce, role).encode())
+        auth: dict | None = validate(raw, role if role in ROLES else ROLES[0])
     except ProtocolError:
-        good = False
-    if not good:
-        # one answer for a wrong role, a wrong, missing or malformed MAC: no hint which it was
-        log.warning("authentication failed for %s (claimed role %s)", conn.peer,
-                    role if role in ROLES else "unknown")
+        auth = None
+    key = _proven_key(auth, keys, roles, identity, ns)
+    if auth is None or key is None:
+        # one answer for a wrong role, id, target or MAC, or a malformed auth: no hint which it was.
+        # The log names the claim, once the table has checked its parts are plain names
+        claim = "" if auth is None else (f" as runner {auth['id']}" if auth["id"] else "") + (
+            f", meant for {auth['to']}" if auth["to"] != identity else "")
+        log.warning("authentication failed for %s (claimed role %s%s)", conn.peer,
+                    role if role in ROLES else "unknown", claim)
         await conn.send(error("auth_failed", "authentication failed"))
         return False
-    conn.role = role
-    await conn.send(ok(role=role))
+    conn.role, conn.id = role, auth["id"]
+    await conn.send(ok(role=role, mac=server_mac(key, ns, auth["nonce"], role, auth["id"], auth["to"])))
     return True
+
+
+def _proven_key(auth: dict | None, keys: Keys, roles: frozenset, identity: str, ns: str) -> str | None:
+    """The key a validated ``auth`` proves it holds, or None: a role this server
+    does not accept, an id where none belongs (only a runner names itself), a
+    target other than this server, or a MAC that is not the one for this
+    connection's nonces."""
+    if auth is None:
+        return None
+    role, id, nc, to = auth["role"], auth["id"], auth["nonce"], auth["to"]
+    if role not in roles or (role == RUNNER) != bool(id) or to != identity:
+        return None
+    key = keys(role, id)
+    if key is None or not _same(auth["mac"], client_mac(key, ns, nc, role, id, to)):
+        return None
+    return key
 
 
 async def _serve_requests(conn: Connection, handler: Handler, name: str) -> None:
@@ -301,9 +439,11 @@ class Client:
     """
 
     def __init__(self, host: str, port: int, role: str, secret: str = "",
-                 limits: Limits = Limits(), ssl: Any = None):
+                 limits: Limits = Limits(), ssl: Any = None, *, id: str = "", to: str = DISPATCHER_ID):
+        """``id``: this client's name (a runner's, for role runner); ``to``: the
+        identity it means to reach, which must prove it holds ``secret`` too."""
         self.host, self.port, self.role, self.secret, self.limits = host, port, role, secret, limits
-        self.ssl = ssl
+        self.ssl, self.id, self.to = ssl, id, to
         self.addr = f"{host}:{port}"
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
@@ -322,19 +462,11 @@ class Client:
         except OSError as exc:
             raise PeerError(f"cannot connect to {self.addr}: {exc.strerror or exc}") from None
         conn = Connection(reader, writer, self.limits, self.addr)
+        greeting = Greeting(self.addr, self.role, self.secret, self.id, self.to)
         try:
-            hello = await conn.recv()
-            if hello["type"] != "hello":
-                raise ProtocolError("bad_message", f"{self.addr} did not greet with 'hello'")
-            await conn.send({"type": "auth", "role": self.role,
-                             "mac": mac(self.secret, hello["nonce"], self.role)})
-            reply = check_reply("auth", await conn.recv())
-            if reply["type"] == "error":
-                if reply.get("code") == "auth_failed":
-                    raise PeerAuthFailed(f"{self.addr} refused our credentials as {self.role!r}: "
-                                         f"authentication failed")
-                raise ProtocolError(reply.get("code", "error"), reply.get("message", ""))
-        except PeerAuthFailed:
+            await conn.send(greeting.auth(await conn.recv_raw()))
+            greeting.check(await conn.recv_raw())
+        except PeerError:
             await conn.close()
             raise
         except (ConnectionError, ProtocolError) as exc:
@@ -407,10 +539,10 @@ class Client:
 
 
 async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
-               timeout: float | None = None, ssl: Any = None) -> dict:
+               timeout: float | None = None, ssl: Any = None, *, id: str = "", to: str = DISPATCHER_ID) -> dict:
     """One request on a fresh connection (for command-line tools)."""
     host, port = parse_addr(addr)
-    client = Client(host, port, role, secret, limits, ssl)
+    client = Client(host, port, role, secret, limits, ssl, id=id, to=to)
     try:
         return await client.request(msg, timeout)
     finally:
@@ -418,7 +550,7 @@ async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits
 
 
 def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
-                     ssl: Any = None) -> dict:
+                     ssl: Any = None, *, to: str = DISPATCHER_ID) -> dict:
     """One request on a fresh blocking socket, without an event loop: the same
     frames, table and handshake as ``Client``, for `tinyci notify` in git hooks."""
     import socket
@@ -448,23 +580,17 @@ def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: 
                 data += part
             return data
 
-        def recv() -> dict:
+        def recv() -> Any:
             (length,) = HEADER.unpack(exactly(4))
             if length > limits.max_frame:
                 raise FatalProtocolError("frame_too_large", f"{host}:{port} sent a {length}-byte frame")
-            return validate(decode(exactly(length)), SERVER)
+            return decode(exactly(length))
 
-        hello = recv()
-        if hello["type"] != "hello":
-            raise ProtocolError("bad_message", f"{host}:{port} did not greet with 'hello'")
-        sock.sendall(encode({"type": "auth", "role": role, "mac": mac(secret, hello["nonce"], role)}))
-        welcome = check_reply("auth", recv())
-        if welcome["type"] == "error":
-            if welcome.get("code") == "auth_failed":
-                raise PeerAuthFailed(f"{host}:{port} refused our credentials")
-            raise PeerError(f"handshake with {host}:{port} failed: {welcome.get('message', '')}")
+        greeting = Greeting(f"{host}:{port}", role, secret, to=to)
+        sock.sendall(encode(greeting.auth(recv())))
+        greeting.check(recv())
         sock.sendall(encode(msg))
-        reply = check_reply(msg["type"], recv())
+        reply = check_reply(msg["type"], validate(recv(), SERVER))
     except socket.timeout:
         raise PeerTimeout(f"{host}:{port} did not answer in time") from None
     except ProtocolError as exc:

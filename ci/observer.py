@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8887
 BACKOFF_START = 0.2
+# the roles it serves (poke); it uses observer towards the dispatcher
+ACCEPTS = frozenset({protocol.OBSERVER, protocol.OPERATOR})
 BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
@@ -70,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def body(stop: asyncio.Event) -> None:
         # loaded in here so a configuration error is a one-line StartupError too
-        settings = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides, ACCEPTS)
         await serve(settings, stop, args.insecure)
 
     return daemon.run("observer", body, args.verbose)
@@ -192,18 +194,18 @@ def check(cfg: ObserverConfig) -> Setup:
 async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:
     setup = check(settings.config.observer)
     cfg = setup.config
-    accepts = frozenset({protocol.OBSERVER, protocol.OPERATOR})
+    accepts = ACCEPTS
     daemon.check_exposure("observer", cfg.host, settings, sorted(accepts), insecure)
     state = StateFile(Path(os.path.abspath(Path(cfg.state_dir).expanduser())), setup.repo)
     state.lock()
     client = net.Client(*setup.dispatcher, role=protocol.OBSERVER, secret=settings.secret(protocol.OBSERVER),
-                        limits=settings.limits, ssl=settings.client_tls)
+                        limits=settings.limits, ssl=settings.client_tls, to=protocol.DISPATCHER_ID)
     try:
         observer = Observer(setup, state, client)
         server = await daemon.listen(
-            lambda: net.serve(observer.handle, cfg.host, cfg.port, secrets=settings.secrets,
+            lambda: net.serve(observer.handle, cfg.host, cfg.port, keys=settings.key,
                               roles=accepts, limits=settings.limits, name="observer",
-                              ssl=settings.server_tls),
+                              identity=protocol.OBSERVER_ID, ssl=settings.server_tls),
             "observer", cfg.host, cfg.port)
         port = server.sockets[0].getsockname()[1]
         log.info("state in %s (%d branches known); reporting to %s", state.path,
@@ -332,9 +334,8 @@ class Observer:
         while True:
             try:
                 reply = await self.client.request(msg)
-            except net.PeerAuthFailed:
-                self._outage(f"dispatcher {self.client.addr} refused our credentials; check "
-                             f"auth.observer_secret / auth.secret", name)
+            except net.PeerAuthFailed as exc:
+                self._outage(f"dispatcher {exc}; check auth.observer_secret / auth.secret", name)
             except (net.PeerError, protocol.ProtocolError) as exc:
                 self._outage(f"dispatcher {self.client.addr} is unreachable: {exc}", name)
             except protocol.RemoteError as exc:

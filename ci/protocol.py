@@ -3,16 +3,24 @@ table of every message and its reply, validation, error codes, and the JSON
 encoding of one frame.
 
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON: one
-object with a string ``type``. On connect the server speaks first::
+object with a string ``type``. On connect the server speaks first (the
+handshake, done by ``net``; K is the key for the client's role and id)::
 
-    server: {"type": "hello", "version": 1, "nonce": N}
-    client: {"type": "auth", "role": R, "mac": HMAC-SHA256(secret of R, N + ":" + R)}
-    server: {"type": "ok", "role": R}            (or an error, then close)
+    server: hello {version: 2, nonce: Ns, name: S}
+    client: auth  {role: R, id: I, nonce: Nc, to: T,
+                   mac: HMAC-SHA256(K, "tinyci/2 client" NUL Ns NUL Nc NUL R NUL I NUL T)}
+    server: ok    {role: R, mac: HMAC-SHA256(K, "tinyci/2 server" NUL Ns NUL Nc NUL R NUL I NUL T)}
+                  (or error auth_failed, then close)
 
-Each role has its own secret (config ``auth.<role>_secret``, falling back to
-``auth.secret``); a wrong role, or a wrong or missing MAC, gets the one answer
-``auth_failed`` "authentication failed" and the connection closes. With
-``tls`` configured, all of this runs inside TLS (``serve``/``Client`` ``ssl=``).
+S and T are identities: ``dispatcher``, ``observer`` or ``runner:<name>``;
+T is whom the client meant to reach, and a server refuses any T but its own
+S. I is the runner's name for role ``runner``, else empty. Keys: a runner's
+own credential (``auth.runners``, else the shared runner secret) for role
+``runner`` with that id, and for role ``dispatcher`` dialling that runner;
+``auth.<role>_secret`` (else ``auth.secret``) for the other roles. A wrong
+role, id, target or MAC gets the one answer ``auth_failed`` "authentication
+failed" and the connection closes. With ``tls`` configured, all of this runs
+inside TLS (``serve``/``Client`` ``ssl=``).
 
 Then requests follow. Each gets exactly one reply, or, for the two streams,
 frames that say where they end. Any request may be answered by an ``error``
@@ -23,11 +31,14 @@ also ends a stream::
     observer -> dispatcher     commit     repo branch sha author subject time     ok {build builds duplicate}
                                           [message jobs config_error]
     runner -> dispatcher       register   name host port labels slots [running]   ok {heartbeat_interval}
+                                                                                  | error name_taken / not_yours
     runner -> dispatcher       log        build attempt offset data               ok {offset}
                                                                                   | error offset {expected} / stale
+                                                                                  / not_yours
     runner -> dispatcher       result     build attempt status exit_code steps    ok
                                           duration [log_size]                     | error offset {expected} / stale
-    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset}
+                                                                                  / not_yours
+    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit]
     dispatcher -> runner       ping       -                                       pong {running}
@@ -46,6 +57,10 @@ also ends a stream::
     operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     observer, operator -> obs. poke       [branch]                                ok
+
+A runner's frames are its own: ``register`` names the runner the connection
+authenticated as, and ``log``, ``result`` and ``artifact`` are for builds
+that runner holds.
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
 ([{name, labels}]; absent: one default job), ``config_error`` the reason that
@@ -78,7 +93,7 @@ from typing import Any, Callable, Mapping
 
 from . import patterns
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 
 # Roles a client authenticates as. Runners accept work only from "dispatcher".
@@ -87,6 +102,12 @@ DISPATCHER, RUNNER, OBSERVER, OPERATOR, READER = (
 ROLES = (DISPATCHER, RUNNER, OBSERVER, OPERATOR, READER)
 SERVER = "server"          # pseudo-sender of replies and stream frames
 TOOLS = frozenset({READER, OPERATOR})
+# What a server is in the handshake (hello.name) and whom a client means to reach (auth.to)
+DISPATCHER_ID, OBSERVER_ID, RUNNER_PREFIX = "dispatcher", "observer", "runner:"
+
+
+def runner_identity(name: str) -> str:
+    return RUNNER_PREFIX + name
 
 
 
@@ -110,9 +131,13 @@ ERRORS: Mapping[str, str] = {
     "busy": "the daemon has too many connections; or the runner's slots are full, or it starts or stops",
     # the handshake
     "auth_required": "the first frame after hello was not auth; the connection closes",
-    "auth_failed": "a wrong role, or a wrong or missing MAC (one answer for all); the connection closes",
+    "auth_failed": "a wrong role, id or target, or a wrong or missing MAC (one answer for all); "
+                   "the connection closes",
     # particular requests
     "stale": "log/result/artifact: that build attempt is no longer this runner's",
+    "not_yours": "log/result/artifact: the build is held by another runner than the one this connection "
+                 "authenticated as; register: a name other than the authenticated one",
+    "name_taken": "register: a live runner at another address holds that name (the message names it)",
     "offset": "log/result: the offset does not follow what the dispatcher has (expected: what it has); "
               "artifact: a chunk out of order",
     "not_found": "no such build, artifact, repository or revision",
@@ -227,6 +252,13 @@ JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) 
     isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
     for j in v))
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
+# the handshake's parts are joined with NUL for the MAC: none of these can hold one
+NONCE = Kind("16-64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16,64}", v) is not None)
+CLIENT_ID = Kind("'' or a runner " + patterns.NAME_RULE, lambda v: v == "" or patterns.is_name(v))
+IDENTITY = Kind("identity (dispatcher, observer or runner:<name>)",
+                lambda v: v in (DISPATCHER_ID, OBSERVER_ID)
+                or (isinstance(v, str) and v.startswith(RUNNER_PREFIX) and patterns.is_name(v[len(RUNNER_PREFIX):])))
+MAC = Kind("'' or 64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"([0-9a-f]{64})?", v) is not None)
 # in replies, which only our own daemons send: bounded by the frame, not by a count
 BUILD_IDS = Kind("list of build ids", lambda v: isinstance(v, list) and all(BUILD_ID.check(i) for i in v))
 OBJECT = Kind("object", lambda v: isinstance(v, dict))
@@ -288,8 +320,9 @@ QUEUED = _ok({"builds": BUILD_IDS})
 
 MESSAGES: dict[str, Spec] = {
     # handshake
-    "hello": _spec(SERVER, {"version": _int(1, 1000), "nonce": _str(128)}),
-    "auth": _spec(ROLES, {"role": ROLE, "mac": _str(128)}, reply=_ok({"role": ROLE})),
+    "hello": _spec(SERVER, {"version": _int(1, 1000), "nonce": NONCE, "name": IDENTITY}),
+    "auth": _spec(ROLES, {"role": ROLE, "id": CLIENT_ID, "nonce": NONCE, "to": IDENTITY, "mac": MAC},
+                  reply=_ok({"role": ROLE, "mac": MAC})),
     # observer -> dispatcher
     "commit": _spec(OBSERVER, {"repo": REPO, "branch": BRANCH, "sha": SHA, "author": TEXT,
                                "subject": TEXT, "time": NUMBER},

@@ -5,6 +5,10 @@ dispatcher: it retries with backoff and says so once per outage.
 
 Sends, to the dispatcher:
     register {name, host, port, labels, slots, running}   -> ok {heartbeat_interval}
+                                                             | error name_taken (a live runner holds the name)
+
+The connection authenticates as this runner (role runner, id = its name):
+the name registered is that one, or the dispatcher refuses it.
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ class Registration:
                 reply = await self.client.request(msg)
             except (net.PeerError, protocol.ProtocolError, protocol.RemoteError) as exc:
                 if not down:
-                    log.warning("cannot register with the dispatcher at %s: %s; "
-                                "retrying in the background until it answers", addr, exc)
+                    if isinstance(exc, protocol.RemoteError) and exc.code == "name_taken":
+                        log.error("the dispatcher at %s refused the name %s: %s; retrying in the background "
+                                  "in case that runner stops", addr, msg["name"], exc.message)
+                    else:
+                        log.warning("cannot register with the dispatcher at %s: %s; "
+                                    "retrying in the background until it answers", addr, exc)
                 down = True
                 await asyncio.sleep(backoff.next())
                 continue

@@ -2,7 +2,9 @@
 one of its slots (``execution.py``), and delivers logs and results through its
 durable outbox (``outbox.py``).
 
-Receives, from role ``dispatcher`` only:
+Receives, from role ``dispatcher`` only, proven with this runner's own key
+(``Settings.runner_key``: its ``auth.runners`` entry, else the shared runner
+secret) and meant for this runner (``runner:<name>``):
     run {build, attempt, repo, sha, branch, steps, timeout, env, job?, artifacts_limit?}
                                                                   -> ok | error busy
     ping                                                          -> pong {running}
@@ -62,7 +64,7 @@ class Runner:
         self.slots = Slots(rc.slots)
         self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
         self.tasks: set[asyncio.Task] = set()
-        self.registration = Registration(self._client(), self._register_message)
+        self.registration: Registration | None = None      # once the name is known
         self._lock: files.DirLock | None = None
 
     # ------------------------------------------------------------ life cycle
@@ -73,13 +75,19 @@ class Runner:
         # work comes only from the dispatcher role: whoever holds its secret can run commands here
         daemon.check_exposure("runner", rc.host, self.settings, [protocol.DISPATCHER], insecure)
         server = await daemon.listen(
-            lambda: net.serve(self.handle, rc.host, rc.port, secrets=self.settings.secrets,
+            lambda: net.serve(self.handle, rc.host, rc.port, keys=self._keys,
                               roles=frozenset({protocol.DISPATCHER}), limits=self.settings.limits,
+                              identity=lambda: protocol.runner_identity(self.name),
                               name=f"runner {rc.name or ''}".strip(), ssl=self.settings.server_tls),
             "runner", rc.host, rc.port)
         try:
             self.port = server.sockets[0].getsockname()[1]
             self.name = self.name or f"runner-{self.port}"
+            if self.settings.runner_key(self.name) is None:
+                raise daemon.StartupError(
+                    f"runner {self.name} has no secret: set auth.runner_secret (or _file) to its own "
+                    f"credential, the one the dispatcher holds for it in auth.runners")
+            self.registration = Registration(self._client(), self._register_message)
             # absolute: git runs inside the checkouts, where a relative path would mean something else
             self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
             self._claim_workdir()
@@ -128,14 +136,19 @@ class Runner:
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=1.0)
-        await self.registration.close()
+        if self.registration is not None:
+            await self.registration.close()
         if self._lock is not None:
             self._lock.release()
 
     def _client(self) -> net.Client:
         host, port = self.dispatcher
-        return net.Client(host, port, protocol.RUNNER, self.settings.secret(protocol.RUNNER),
-                          self.settings.limits, self.settings.client_tls)
+        return net.Client(host, port, protocol.RUNNER, self.settings.runner_key(self.name) or "",
+                          self.settings.limits, self.settings.client_tls, id=self.name, to=protocol.DISPATCHER_ID)
+
+    def _keys(self, role: str, id: str) -> str | None:
+        """The dispatcher proves itself with this runner's own key: no other role is served."""
+        return self.settings.runner_key(self.name) if role == protocol.DISPATCHER else None
 
     def _spawn(self, coro, what: str) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -162,7 +175,8 @@ class Runner:
     async def handle(self, conn: net.Connection, msg: dict) -> dict:
         kind = msg["type"]
         if kind == "ping":
-            self.registration.pinged()
+            if self.registration is not None:
+                self.registration.pinged()
             return {"type": "pong", "running": self.leases()}
         if kind == "run":
             return self._run(msg)
@@ -317,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
         "labels": None if labels is None else [x.strip() for x in labels.split(",") if x.strip()],
     }}
     try:
-        settings = daemon.load_config(args, overrides)
+        settings = daemon.load_config(args, overrides, [protocol.RUNNER])
     except daemon.StartupError as exc:
         print(f"tinyci runner: {exc}", file=sys.stderr, flush=True)
         return 2

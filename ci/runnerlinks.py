@@ -5,7 +5,14 @@ Sends ``run`` (a hand-out), ``cancel`` and ``ping``; reads their replies
 (``ok``, ``error`` busy, ``pong`` {running}). What a reply teaches (a runner
 refused a build, a runner is gone, what a runner runs) goes to the
 scheduler, and the plan that comes back to the dispatcher's ``apply``. One
-kept connection per runner, made again when the runner moves.
+kept connection per runner, made again when the runner moves. Each proves
+the dispatcher to that runner with the runner's own key, for that runner's
+identity only (``runner:<name>``), and the runner must prove it holds the key
+too: a runner at the address that cannot is declared lost.
+
+A registration of a live runner's name from another address asks
+``taken_by``: the holder is pinged once at once, and keeps its name only if
+it answers.
 
 Hand-outs go in batches: each attempt's first log line is written in a
 thread (creating a log file is the dearest step of a hand-out), then one
@@ -45,13 +52,16 @@ class RunnerLinks:
         self.dial = dial or self._dial
         self.links: dict[str, net.Client] = {}      # runner name -> connection for run/ping/cancel
         self.pinging: set[str] = set()
+        self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
         self.outgoing: list[tuple[Build, RunnerRecord, int]] = []   # assigned, not yet persisted and sent
         self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
         self.handing_out: asyncio.Task | None = None
 
     def _dial(self, runner: RunnerRecord) -> net.Client:
-        return net.Client(runner.host, runner.port, protocol.DISPATCHER, self.settings.secret(protocol.DISPATCHER),
-                          self.settings.limits, self.settings.client_tls)
+        # no key for it (it could not have registered): the handshake fails, and says so
+        key = self.settings.runner_key(runner.name) or ""
+        return net.Client(runner.host, runner.port, protocol.DISPATCHER, key, self.settings.limits,
+                          self.settings.client_tls, to=protocol.runner_identity(runner.name))
 
     def link(self, runner: RunnerRecord) -> net.Client:
         link = self.links.get(runner.name)
@@ -144,8 +154,8 @@ class RunnerLinks:
             log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
             self.apply(self.sched.refused(build.id, attempt, f"runner {runner.name} refused it: {exc}",
                                           self.clock()))
-        except net.PeerRefused as exc:
-            self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+        except (net.PeerRefused, net.PeerAuthFailed) as exc:    # the run never reached runner.name
+            self._lost(runner, exc)
         except (net.PeerError, protocol.ProtocolError) as exc:
             # unknown whether it arrived (or the runner answered outside the protocol): the next pong tells
             log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
@@ -189,8 +199,8 @@ class RunnerLinks:
                 try:
                     reply = await self.link(runner).request(
                         {"type": "ping"}, timeout=self.config.dispatcher.heartbeat_interval)
-                except net.PeerRefused as exc:
-                    self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+                except (net.PeerRefused, net.PeerAuthFailed) as exc:
+                    self._lost(runner, exc)
                     return
                 except net.PeerTimeout:
                     return                  # a miss: expire() decides when enough were missed
@@ -209,3 +219,55 @@ class RunnerLinks:
                 return
         finally:
             self.pinging.discard(runner.name)
+
+    def _lost(self, runner: RunnerRecord, exc: net.PeerError) -> None:
+        """Nothing listens at its address, or what does is not that runner (it
+        cannot prove it holds the runner's key: another process took the port,
+        or a relay)."""
+        if isinstance(exc, net.PeerAuthFailed) and runner.alive:
+            log.warning("runner %s: %s", runner.name, exc)
+        self.apply(self.sched.lost(runner.name, str(exc), self.clock()))
+
+    # ------------------------------------------------------------ names
+
+    async def taken_by(self, name: str, host: str, port: int) -> str:
+        """The address of the live runner at another host:port that holds
+        ``name``, or "" when there is none. The holder is pinged once, at once,
+        on a connection of its own: when it does not answer within a heartbeat
+        interval, the name is free, so a runner that restarted elsewhere takes
+        its name back at once, and nobody takes over a live runner's name.
+        (The registration that follows takes back the builds the newcomer does
+        not report, as for a restart in place, and keeps those it does: its
+        outbox may hold their results.)"""
+        # one claim of a name at a time: two at once would both find the old holder gone and
+        # both take the name. The caller registers before its next await, so before the next
+        # claim runs. A lock per name, kept as long as the scheduler keeps the name: for ever
+        async with self.claims.setdefault(name, asyncio.Lock()):
+            return await self._taken_by(name, host, port)
+
+    async def _taken_by(self, name: str, host: str, port: int) -> str:
+        old = self.sched.runners.get(name)
+        if old is None or not old.alive or (old.host, old.port) == (host, port):
+            return ""
+        holder = f"{old.host}:{old.port}"
+        why = await self._probe(old)
+        if not old.alive:           # the heartbeat gave it up meanwhile
+            return ""
+        if not why:
+            return holder
+        log.info("runner %s registers from %s:%d; its old address %s %s", name, host, port, holder, why)
+        return ""
+
+    async def _probe(self, runner: RunnerRecord) -> str:
+        """"" when the runner answers a ping within a heartbeat interval, else why not."""
+        interval = self.config.dispatcher.heartbeat_interval
+        client = self.dial(runner)
+        try:
+            await aio.within(client.request({"type": "ping"}, timeout=interval), interval)
+            return ""
+        except asyncio.TimeoutError:
+            return f"did not answer a ping within {interval:g}s"
+        except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
+            return f"did not answer a ping ({exc})"
+        finally:
+            await client.close()

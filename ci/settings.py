@@ -1,8 +1,17 @@
 """The configuration resolved once, at start-up, into what the daemons and
-tools use: every role's secret read from its file, the connection limits,
-the TLS contexts made, and the build defaults checked against the wire
-table. Built by ``resolve`` and handed down; nothing below reads a secret
-file or builds a context again.
+tools use: every role's secret read from its file, the runners' own
+credentials, the connection limits, the TLS contexts made, and the build
+defaults checked against the wire table. Built by ``resolve`` and handed
+down; nothing below reads a secret file or builds a context again.
+
+Keys (``Settings.key``): a runner proves itself, and the dispatcher proves
+itself to that runner, with the runner's own credential (``auth.runners`` /
+``auth.runners_file`` on the dispatcher, ``auth.runner_secret`` on the
+runner), else the shared runner secret (``auth.runner_secret``, else
+``auth.secret``: the one-secret setup of `tinyci up`). Every other role
+uses ``auth.<role>_secret``, else ``auth.secret``. Once any secret is set,
+every role a daemon accepts or a tool uses must have one: ``resolve``
+refuses to start otherwise, naming the open roles.
 
 It sits above both ``config`` (plain values) and ``protocol``/``tls`` (what
 the values must satisfy), which is why those checks live here and not in
@@ -12,13 +21,18 @@ the configuration's own loader.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from . import protocol, tls
+import yaml
+
+from . import patterns, protocol, tls
 from .config import AuthConfig, Config, ConfigError
 from .limits import Limits
+
+# The roles that have secrets of their own: the dispatcher proves itself with each runner's
+ROLES = tuple(role for role in protocol.ROLES if role != protocol.DISPATCHER)
 
 
 @dataclass(frozen=True)
@@ -28,24 +42,54 @@ class Settings:
     limits: Limits
     server_tls: ssl.SSLContext | None   # None: listen without TLS
     client_tls: ssl.SSLContext | None   # None: connect without TLS
+    runners: Mapping[str, str] = field(default_factory=dict, repr=False)    # runner name -> its own secret
+    secured: bool = False               # some secret is set: a key that is empty refuses, never opens
 
     def secret(self, role: str) -> str:
-        """The secret ``role`` authenticates with."""
+        """The secret ``role`` authenticates with (role runner: the shared runner secret)."""
         return self.secrets[role]
 
+    def runner_key(self, name: str) -> str | None:
+        """The key of runner ``name``: what it proves itself with, and what the
+        dispatcher proves itself to it with. Its own credential, else the shared
+        runner secret; "" when no secret is set at all (loopback, unauthenticated);
+        None when secrets are set but this runner has none (refuse it)."""
+        key = self.runners.get(name) or self.secrets.get(protocol.RUNNER, "")
+        return key if key or not self.secured else None
 
-def resolve(config: Config, *, roles: Iterable[str] = protocol.ROLES, listens: bool = True) -> Settings:
+    def key(self, role: str, id: str = "") -> str | None:
+        """The key a server checks a client of ``role`` (and ``id``) with; None: refuse it."""
+        if role == protocol.RUNNER:
+            return self.runner_key(id)
+        key = self.secrets.get(role, "")
+        return key if key or not self.secured else None
+
+    def is_open(self, role: str) -> bool:
+        """True when ``role`` connects without a secret: only when none is set at
+        all, since ``resolve`` refuses a configuration that leaves a role open."""
+        return not self.secured
+
+
+def resolve(config: Config, *, roles: Iterable[str] = ROLES, listens: bool = True) -> Settings:
     """Read and build everything the configuration names. Raises ConfigError
     naming the key and file at fault (a secret file that cannot be read, a
-    certificate that does not load, build steps the runner would refuse).
+    runners file that is not a mapping of names to secrets, a certificate that
+    does not load, build steps the runner would refuse, a role left without a
+    secret while another has one).
 
-    A tool passes the ``roles`` it speaks as and ``listens=False``: it reads
-    only its own secrets and builds no server context, so a daemon-only file
-    it cannot see (another role's secret, a server key) does not stop it."""
+    ``roles``: those the program accepts or uses (a daemon's and a tool's
+    differ); only their secrets are read, and each must have one once any
+    secret is set. A tool passes its own and ``listens=False``: it builds no
+    server context, so a daemon-only file it cannot see (another role's
+    secret, the runners file, a server key) does not stop it."""
     _check_build(config)
-    return Settings(config=config, secrets=_secrets(config.auth, roles), limits=config.net,
+    roles = [role for role in roles if role != protocol.DISPATCHER]
+    secrets = _secrets(config.auth, roles)
+    runners = _runners(config) if protocol.RUNNER in roles else {}
+    secured = _check_roles(config, roles, secrets, runners)
+    return Settings(config=config, secrets=secrets, limits=config.net,
                     server_tls=_tls(config, listening=True) if listens else None,
-                    client_tls=_tls(config, listening=False))
+                    client_tls=_tls(config, listening=False), runners=runners, secured=secured)
 
 
 def _secrets(auth: AuthConfig, roles: Iterable[str]) -> dict[str, str]:
@@ -59,13 +103,72 @@ def _read_secret(auth: AuthConfig, key: str) -> str:
     Errors name the key and the file, never the secret."""
     path_text = getattr(auth, f"{key}_file")
     if path_text:
-        path = Path(path_text).expanduser()
-        try:
-            return path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or "not a text file"
-            raise ConfigError(f"auth.{key}_file: cannot read {path}: {why}") from None
+        return _read_file(f"auth.{key}_file", path_text).strip()
     return getattr(auth, key)
+
+
+def _read_file(key: str, path_text: str) -> str:
+    path = Path(path_text).expanduser()
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not a text file"
+        raise ConfigError(f"{key}: cannot read {path}: {why}") from None
+
+
+def _runners(config: Config) -> dict[str, str]:
+    """The runners' own credentials: ``auth.runners`` and the file
+    ``auth.runners_file`` (a YAML mapping of runner names to secrets). A name
+    in both is refused rather than one silently winning."""
+    auth = config.auth
+    runners = _credentials(f"{config.origin('auth', 'runners')}: auth.runners", auth.runners)
+    if auth.runners_file:
+        path = Path(auth.runners_file).expanduser()
+        text = _read_file("auth.runners_file", auth.runners_file)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"auth.runners_file: {path}{where} is not valid YAML") from None
+        from_file = _credentials(f"auth.runners_file {path}", {} if data is None else data)
+        both = sorted(set(runners) & set(from_file))
+        if both:
+            raise ConfigError(f"auth.runners_file {path}: runner {both[0]!r} is also in auth.runners "
+                              f"({config.origin('auth', 'runners')}); keep each runner in one place")
+        runners.update(from_file)
+    return runners
+
+
+def _credentials(where: str, data: object) -> dict[str, str]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of runner names to secrets")
+    found = {}
+    for name, secret in data.items():
+        if not patterns.is_name(name):
+            raise ConfigError(f"{where}: entry {str(name)[:100]!r} is not a runner {patterns.NAME_RULE}")
+        if isinstance(secret, bool) or not isinstance(secret, (str, int)) or not str(secret).strip():
+            raise ConfigError(f"{where}: entry {name!r}: the secret must be a non-empty string")
+        found[name] = str(secret).strip()
+    return found
+
+
+def _check_roles(config: Config, roles: list[str], secrets: Mapping[str, str], runners: Mapping) -> bool:
+    """True when any secret is set; then every one of ``roles`` must have one
+    (runners: the shared runner secret or their own credentials), or a
+    ConfigError names the open ones. Whether a secret is set is read from
+    the keys, not the files: a tool does not read the files of other roles."""
+    auth = config.auth
+    set_keys = [f.name for f in fields(AuthConfig) if getattr(auth, f.name)]
+    if not set_keys:
+        return False
+    open_roles = sorted(role for role in roles if not secrets[role] and not (role == protocol.RUNNER and runners))
+    if open_roles:
+        raise ConfigError(
+            f"{config.origin('auth', set_keys[0])}: auth.{set_keys[0]} is set, but role(s) "
+            f"{', '.join(open_roles)} have no secret: once any secret is set, every role must have one "
+            f"(auth.secret for all, or auth.<role>_secret for each)")
+    return True
 
 
 def _tls(config: Config, listening: bool) -> ssl.SSLContext | None:

@@ -12,7 +12,9 @@ Unless the configuration sets a secret, the daemons authenticate with a random
 one made on first start and kept in DATA/secret (mode 0600). Children get it
 in their environment (TINYCI_AUTH_SECRET), never on a command line, where any
 local user could read it; tools run from the same directory find it in
-.tinyci/secret.
+.tinyci/secret. It is the one-secret setup: every role, every runner and the
+dispatcher towards them prove themselves with it, which is sound only when
+they all run on one machine as one user (SECURITY.md).
 
 This module speaks no protocol itself; it only starts and watches processes.
 """
@@ -126,7 +128,7 @@ def make_plan(args: argparse.Namespace) -> UpPlan:
         config = str(Path(args.config).resolve())
     # fail on a broken configuration here, once, instead of in every child
     try:
-        configured = any(resolve(load(config)).secrets.values())
+        configured = resolve(load(config)).secured
     except ConfigError as exc:
         raise UpError(f"configuration error: {exc}") from None
     data = Path(args.data).resolve()

@@ -59,7 +59,7 @@ class FakeDispatcher:
 
     def client(self) -> net.Client:
         """A client as the runner makes them, to this fake."""
-        return net.Client("127.0.0.1", self.port, protocol.RUNNER, SECRET)
+        return net.Client("127.0.0.1", self.port, protocol.RUNNER, SECRET, id="r1")
 
     def log_text(self, build: int, attempt: int = 1) -> str:
         return bytes(self.logs.get((build, attempt), b"")).decode()

@@ -172,8 +172,8 @@ ARTIFACT = b"\x1b]52;c;eA==\x07report \x1b[1A\xc2\x9b2Jok\n"
 class StandIn:
     """A dispatcher (and observer) made of net.serve and canned answers, in a thread."""
 
-    def __init__(self, secret: str = ""):
-        self.secret = secret
+    def __init__(self, secret: str = "", identity: str = protocol.DISPATCHER_ID):
+        self.secret, self.identity = secret, identity
         self.received: list[dict] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -213,7 +213,8 @@ class StandIn:
     def __enter__(self) -> "StandIn":
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(
-            net.serve(self.handle, "127.0.0.1", 0, secret=self.secret), self.loop).result(10)
+            net.serve(self.handle, "127.0.0.1", 0, secret=self.secret, identity=self.identity),
+            self.loop).result(10)
         self.addr = "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
         return self
 
@@ -304,9 +305,10 @@ def test_trigger_needs_something_to_build(standin, capsys):
     assert standin.received == []
 
 
-def test_notify_pokes_the_observer(standin, capsys):
-    assert cli.main(["notify", "--observer", standin.addr, "--branch", "main"]) == 0
-    assert standin.received == [{"type": "poke", "branch": "main"}]
+def test_notify_pokes_the_observer(capsys):
+    with StandIn(identity=protocol.OBSERVER_ID) as observer:
+        assert cli.main(["notify", "--observer", observer.addr, "--branch", "main"]) == 0
+        assert observer.received == [{"type": "poke", "branch": "main"}]
     assert capsys.readouterr().err == ""
 
 

@@ -176,3 +176,28 @@ def test_build_timeout_out_of_range_names_the_key(tmp_path):
         load(path, env={})
     # build.steps and build.env are checked against the wire table by settings.resolve
     # (tests/test_settings.py); loading alone accepts them
+
+
+# ---------------------------------------------------------------- auth
+
+def test_the_dispatcher_secret_is_gone_and_a_config_that_sets_it_is_told_why(tmp_path):
+    for key in ("dispatcher_secret", "dispatcher_secret_file"):
+        path = write(tmp_path, f"auth:\n  {key}: x\n")
+        with pytest.raises(ConfigError) as err:
+            load(path, env={})
+        assert str(err.value).startswith(f"{path}: auth.{key} is no longer used: the dispatcher now proves "
+                                         f"itself to each runner with that runner's own secret (auth.runners "
+                                         f"on the dispatcher, auth.runner_secret on the runner)")
+    with pytest.raises(ConfigError, match="^environment variable TINYCI_AUTH_DISPATCHER_SECRET: auth.dispatcher_secret "
+                                          "is no longer used"):
+        load(None, env={"TINYCI_AUTH_DISPATCHER_SECRET": "x"})
+
+
+def test_runners_credentials_from_file_and_environment_never_shown_in_errors(tmp_path):
+    path = write(tmp_path, "auth:\n  runners:\n    r1: one\n    r2: 12345\n")
+    assert load(path, env={}).auth.runners == {"r1": "one", "r2": "12345"}
+    assert load(None, env={"TINYCI_AUTH_RUNNERS": '{"r1": "one"}'}).auth.runners == {"r1": "one"}
+    for env in ({"TINYCI_AUTH_RUNNERS": '{"r1": "s3cret-value"'}, {"TINYCI_AUTH_RUNNERS": '["s3cret-value"]'}):
+        with pytest.raises(ConfigError) as err:
+            load(None, env=env)
+        assert "auth" in str(err.value).lower() and "s3cret-value" not in str(err.value), err.value

@@ -32,10 +32,11 @@ def scenario(test):
 
 
 class Conn:
-    """What a handler sees of a connection: the peer's role and address, and what a stream sends."""
+    """What a handler sees of a connection: the peer's role, id (a runner's name) and
+    address, and what a stream sends."""
 
-    def __init__(self, role: str, peer: str = "127.0.0.1:40000"):
-        self.role, self.peer, self.sent = role, peer, []
+    def __init__(self, role: str, peer: str = "127.0.0.1:40000", id: str = ""):
+        self.role, self.peer, self.id, self.sent = role, peer, id, []
 
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
@@ -76,9 +77,9 @@ class Harness:
     def _dial(self, runner) -> MemoryRunner:
         return self.runners.setdefault(runner.name, MemoryRunner(runner.host, runner.port))
 
-    async def call(self, msg: dict, role: str = protocol.OPERATOR) -> dict:
+    async def call(self, msg: dict, role: str = protocol.OPERATOR, id: str = "") -> dict:
         protocol.validate(msg, role)
-        reply = await self.d.handle(Conn(role), msg)
+        reply = await self.d.handle(Conn(role, id=id), msg)
         return protocol.check_reply(msg["type"], reply)     # the reply the table allows, as net.serve checks
 
     async def stream(self, msg: dict, role: str = protocol.READER) -> list[dict]:
@@ -106,18 +107,19 @@ class Harness:
 
     async def register(self, name: str = "r1", labels: tuple = (), slots: int = 1) -> dict:
         reply = await self.call({"type": "register", "name": name, "host": "127.0.0.1", "port": 9000,
-                                 "labels": list(labels), "slots": slots}, protocol.RUNNER)
+                                 "labels": list(labels), "slots": slots}, protocol.RUNNER, id=name)
         await self.settle()
         return reply
 
-    async def log(self, build: int, offset: int, data: str, attempt: int = 1) -> dict:
+    async def log(self, build: int, offset: int, data: str, attempt: int = 1, runner: str = "r1") -> dict:
         return await self.call({"type": "log", "build": build, "attempt": attempt, "offset": offset,
-                                "data": data}, protocol.RUNNER)
+                                "data": data}, protocol.RUNNER, id=runner)
 
-    async def result(self, build: int, attempt: int = 1, status: str = "passed", **extra) -> dict:
+    async def result(self, build: int, attempt: int = 1, status: str = "passed", runner: str = "r1",
+                     **extra) -> dict:
         return await self.call({"type": "result", "build": build, "attempt": attempt, "status": status,
                                 "exit_code": 0 if status == "passed" else 1, "steps": 1, "duration": 0.5,
-                                **extra}, protocol.RUNNER)
+                                **extra}, protocol.RUNNER, id=runner)
 
     def build(self, build_id: int):
         return self.store.get(build_id)
@@ -271,7 +273,7 @@ async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
     await h.register("r2")
     assert (h.build(1).runner, h.build(1).attempt) == ("r2", 2)
     assert codes(await h.log(1, 0, "old attempt\n", attempt=1)) == ("error", "stale")
-    assert await h.log(1, 0, "second\n", attempt=2) == {"type": "ok", "offset": 7}
+    assert await h.log(1, 0, "second\n", attempt=2, runner="r2") == {"type": "ok", "offset": 7}
 
 
 # ---------------------------------------------------------------- cancel

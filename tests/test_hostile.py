@@ -27,7 +27,8 @@ from test_protocol import ANSWERS
 
 
 ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
-KEYS = {role: f"fuzz-{role}-secret" for role in ROLES}
+KEYS = {role: f"fuzz-{role}-secret" for role in ROLES if role != "dispatcher"}
+KEYS["dispatcher"] = KEYS["runner"]     # the dispatcher proves itself to a runner with the runner's key
 MAX_FRAME = 65536
 SHA = "0123456789abcdef0123456789abcdef01234567"
 FRAMES_WANTED = 10_000
@@ -35,8 +36,8 @@ ONLY_AN_ERROR = ""          # Answers for what is not a valid request: an error 
 
 # One valid example of every message type.
 TEMPLATES = {
-    "hello": {"version": 1, "nonce": "abc"},
-    "auth": {"role": "reader", "mac": "00"},
+    "hello": {"version": 2, "nonce": "ab" * 16, "name": "dispatcher"},
+    "auth": {"role": "reader", "id": "", "nonce": "cd" * 16, "to": "dispatcher", "mac": ""},
     "commit": {"repo": "/tmp/repo", "branch": "main", "sha": SHA, "author": "A", "subject": "s", "time": 1.0},
     "register": {"name": "fuzz", "host": "127.0.0.1", "port": 1, "labels": ["x"], "slots": 1, "running": []},
     "log": {"build": 1, "attempt": 1, "offset": 0, "data": "x"},
@@ -67,9 +68,11 @@ TEMPLATES = {
 # do real work there, only ever sent broken; and a request that must still be
 # answered after the fuzz, on the same connection.
 TARGETS = {
-    "dispatcher": {"roles": ["reader"], "harmful": {"watch"}, "probe": {"type": "status", "limit": 1}},
-    "runner": {"roles": ["dispatcher"], "harmful": {"run"}, "probe": {"type": "ping"}},
-    "observer": {"roles": ["observer", "operator"], "harmful": set(), "probe": {"type": "poke"}},
+    "dispatcher": {"roles": ["reader"], "harmful": {"watch"}, "probe": {"type": "status", "limit": 1},
+                   "to": "dispatcher"},
+    "runner": {"roles": ["dispatcher"], "harmful": {"run"}, "probe": {"type": "ping"}, "to": "runner:r1"},
+    "observer": {"roles": ["observer", "operator"], "harmful": set(), "probe": {"type": "poke"},
+                 "to": "observer"},
 }
 
 
@@ -207,8 +210,15 @@ def answers_for(data: bytes, role: str) -> protocol.Answers:
     return protocol.Answers(msg["type"])        # hello and auth: an error (bad_message), which it allows
 
 
+def authenticate(sock: socket.socket, role: str, secret: str, to: str) -> tuple[dict, net.Greeting]:
+    """The handshake, as a client does it: the daemon's answer to our auth, and the greeting to check it."""
+    greeting = net.Greeting("daemon", role, secret, id="fuzz" if role == "runner" else "", to=to)
+    sock.sendall(encode(greeting.auth(read_frame(sock))))
+    return read_frame(sock), greeting
+
+
 def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], probe: dict,
-                    harmful: set = frozenset()) -> int:
+                    harmful: set = frozenset(), to: str = "dispatcher") -> int:
     """Authenticate, pipeline the well-framed ``frames`` and then ``probe``, and read
     the table's answer to each, in order: exactly one reply per request (a stream to
     its end), an error for anything invalid. The probe's reply proves the connection
@@ -217,9 +227,8 @@ def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[
     plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME]
     plan = [(data, answers) for data, answers in plan if answers.request not in harmful]
     with socket.create_connection(addr, timeout=10) as sock:
-        hello = read_frame(sock)
-        sock.sendall(encode({"type": "auth", "role": role, "mac": net.mac(secret, hello["nonce"], role)}))
-        assert read_frame(sock) == {"type": "ok", "role": role}
+        welcome, greeting = authenticate(sock, role, secret, to)
+        greeting.check(welcome)         # the daemon proved it holds the key too
 
         def send() -> None:         # while we read: a daemon that cannot write its replies stops reading
             try:
@@ -244,17 +253,17 @@ def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[
     return len(plan) + 1
 
 
-def session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], first_is_auth: bool) -> int:
+def session(addr: tuple[str, int], role: str, secret: str, frames: list[bytes], first_is_auth: bool,
+            to: str = "dispatcher") -> int:
     """Authenticate (or not), pipeline the frames, read until the daemon closes.
     Returns how many frames the daemon was in a position to read."""
     sent = 0
     with socket.create_connection(addr, timeout=10) as sock:
-        hello = read_frame(sock)
         if first_is_auth:
-            sock.sendall(encode({"type": "auth", "role": role, "mac": net.mac(secret, hello["nonce"], role)}))
-            welcome = read_frame(sock)
+            welcome, _ = authenticate(sock, role, secret, to)
             authenticated = welcome.get("type") == "ok"
         else:
+            read_frame(sock)                # the hello
             authenticated = False           # the first frame takes the place of the auth
         for data in frames:
             try:
@@ -332,7 +341,7 @@ def test_every_request_frame_gets_exactly_the_answer_the_table_gives_it(table_se
 
 @pytest.mark.slow
 def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster, repo, tmp_path):
-    c = cluster(extra={"auth": {f"{role}_secret": key for role, key in KEYS.items()},
+    c = cluster(extra={"auth": {f"{role}_secret": key for role, key in KEYS.items() if role != "dispatcher"},
                        "net": {"max_frame": MAX_FRAME, "read_timeout": 2.0}})
     c.dispatcher()
     runner = c.runner("r1")
@@ -344,7 +353,7 @@ def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster
 
     for target, d in daemons.items():
         addr = net.parse_addr(d.addr)
-        good, harmful, probe = (TARGETS[target][k] for k in ("roles", "harmful", "probe"))
+        good, harmful, probe, to = (TARGETS[target][k] for k in ("roles", "harmful", "probe", "to"))
 
         @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                   suppress_health_check=list(HealthCheck))
@@ -357,9 +366,9 @@ def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster
             role, secret, first_is_auth = who
             frames = base + mutants(base, random.Random(seed), 120, harmful)
             if secret == KEYS.get(role):
-                counts[target] += checked_session(addr, role, secret, frames, probe, harmful)
+                counts[target] += checked_session(addr, role, secret, frames, probe, harmful, to)
                 frames = frames[:2]       # then a stream that ends badly, on a connection of its own
-            counts[target] += session(addr, role, secret, frames + [last], first_is_auth)
+            counts[target] += session(addr, role, secret, frames + [last], first_is_auth, to)
             assert d.alive(), f"the {target} died:\n{d.log()}"
 
         deadline = time.monotonic() + 60
@@ -370,10 +379,11 @@ def test_fuzzed_frames_leave_every_daemon_alive_and_the_builds_unchanged(cluster
     # every daemon is alive and answering, and no build record changed
     assert all(d.alive() for d in daemons.values())
     assert c.builds() == before
-    pong = asyncio.run(net.call(runner.addr, {"type": "ping"}, "dispatcher", KEYS["dispatcher"], timeout=10))
+    pong = asyncio.run(net.call(runner.addr, {"type": "ping"}, "dispatcher", KEYS["dispatcher"], timeout=10,
+                                to="runner:r1"))
     assert pong["type"] == "pong"
     assert asyncio.run(net.call(observer.addr, {"type": "poke"}, "observer", KEYS["observer"],
-                                timeout=10))["type"] == "ok"
+                                timeout=10, to="observer"))["type"] == "ok"
     # and they still work together: a new commit is built
     repo.commit("after the fuzz")
     after = c.wait_builds(lambda b: len(b) == 2 and finished(b), "a commit built after the fuzz")

@@ -96,7 +96,7 @@ from ci import net, protocol      # the runner's PYTHONPATH reaches the step
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
        "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
 try:
-    asyncio.run(net.call(open("dispatcher.addr").read().strip(), msg, "runner"))
+    asyncio.run(net.call(open("dispatcher.addr").read().strip(), msg, "runner", id="r1"))   # the build's runner
     print("escape accepted")
 except protocol.RemoteError as exc:
     print("escape refused:", exc.code)

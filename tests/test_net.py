@@ -59,8 +59,8 @@ async def start(handler=None, secret="", limits=net.Limits(read_timeout=1.0, max
 async def raw_session(port, role="observer", secret=""):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = net.Connection(reader, writer, net.Limits(read_timeout=2.0), "server")
-    hello = await conn.recv()
-    await conn.send({"type": "auth", "role": role, "mac": net.mac(secret, hello["nonce"], role)})
+    greeting = net.Greeting("server", role, secret, id="r1" if role == "runner" else "")
+    await conn.send(greeting.auth(await conn.recv()))
     return conn, await conn.recv()
 
 
@@ -68,11 +68,12 @@ def test_handshake_then_requests_and_errors_keep_the_connection_usable():
     async def body():
         server, port = await start()
         conn, welcome = await raw_session(port)
-        assert welcome == {"type": "ok", "role": "observer"}
+        assert welcome == {"type": "ok", "role": "observer", "mac": ""}      # no secret: no proof
         for bad, code in [(b"{oops", "bad_frame"), (b"\xff", "bad_frame"), (b"[]", "bad_message"),
                           (json.dumps({"type": "nope"}).encode(), "unknown_type"),
                           (json.dumps({**COMMIT, "sha": "zz"}).encode(), "bad_field"),
-                          (json.dumps({"type": "auth", "role": "reader", "mac": ""}).encode(), "bad_message")]:
+                          (json.dumps({"type": "auth", "role": "reader", "id": "", "nonce": "ab" * 16,
+                                       "to": "dispatcher", "mac": ""}).encode(), "bad_message")]:
             conn.writer.write(struct.pack(">I", len(bad)) + bad)
             reply = await conn.recv()
             assert (reply["type"], reply["code"]) == ("error", code)
@@ -155,7 +156,7 @@ def test_error_reply_raises_remote_error_with_its_declared_extras():
         server = await net.serve(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(protocol.RemoteError) as err:
-            await net.call(f"127.0.0.1:{port}", example("log"), "runner")
+            await net.call(f"127.0.0.1:{port}", example("log"), "runner", id="r1")
         assert (err.value.code, err.value.reply["expected"]) == ("offset", 3)
         server.close()
     run(body())
@@ -298,9 +299,10 @@ class Liar:
     async def on_connect(self, reader, writer):
         self.connections += 1
         conn = net.Connection(reader, writer, net.Limits(), "client")
-        await conn.send({"type": "hello", "version": 1, "nonce": "n"})
+        await conn.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "nonce": net.nonce(),
+                         "name": protocol.DISPATCHER_ID})
         auth = await conn.recv_raw()
-        await conn.send({"type": "ok", "role": auth["role"]})
+        await conn.send({"type": "ok", "role": auth["role"], "mac": ""})     # no secret: an empty proof
         try:
             while self.answers:
                 await conn.recv_raw(idle=5)

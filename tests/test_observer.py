@@ -309,7 +309,7 @@ class Observer:
 
     def poke(self, branch: str = "main") -> dict:
         return asyncio.run(net.call(f"127.0.0.1:{self.port}", {"type": "poke", "branch": branch},
-                                    role=protocol.OPERATOR, timeout=WAIT))
+                                    role=protocol.OPERATOR, timeout=WAIT, to=protocol.OBSERVER_ID))
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ REPO = "/srv/git/app"
 
 # One valid example of every message in the table, with every optional field, and who sends it.
 EXAMPLES: dict[str, tuple[str, dict]] = {
-    "hello": (SERVER, {"version": 1, "nonce": "f00d"}),
-    "auth": (READER, {"role": "reader", "mac": "00ff"}),
+    "hello": (SERVER, {"version": 2, "nonce": "f00d" * 8, "name": "runner:r1"}),
+    "auth": (RUNNER, {"role": "runner", "id": "r1", "nonce": "beef" * 8, "to": "dispatcher", "mac": "0f" * 32}),
     "commit": (OBSERVER, {"repo": REPO, "branch": "main", "sha": SHA, "author": "Ada <ada@example.com>",
                           "subject": "Fix the build", "time": 1.5, "message": "Fix the build\n\nfor good",
                           "jobs": [{"name": "test", "labels": ["linux"]}], "config_error": ""}),
@@ -56,7 +56,7 @@ SNAPSHOT = {"type": "ok", "runners": [{"name": "r1", "state": "idle"}], "builds"
             "pipelines": [{"sha": SHA, "status": "passed", "jobs": []}], "queue": [2]}
 # The whole answer to every request, frame by frame, with every optional field.
 ANSWERS: dict[str, list[dict]] = {
-    "auth": [{"type": "ok", "role": "reader"}],
+    "auth": [{"type": "ok", "role": "runner", "mac": "f0" * 32}],
     "commit": [{"type": "ok", "build": 1, "builds": [1, 2], "duplicate": False}],
     "register": [{"type": "ok", "heartbeat_interval": 1.0}],
     "log": [{"type": "ok", "offset": 6}],
@@ -313,7 +313,7 @@ def test_what_answers_each_request():
         return s.type, sorted(s.required), sorted(s.optional)
     replies = {k: shape(protocol.MESSAGES[k].reply) for k in REQUESTS if k not in STREAMS}
     assert replies == {
-        "auth": ("ok", ["role"], []),
+        "auth": ("ok", ["mac", "role"], []),
         "commit": ("ok", ["build", "builds", "duplicate"], []),
         "register": ("ok", ["heartbeat_interval"], []),
         "log": ("ok", ["offset"], []),

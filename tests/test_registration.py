@@ -59,7 +59,8 @@ def test_an_absent_dispatcher_is_reported_once_and_retried(caplog):
             writer.close()
 
         away = await asyncio.start_server(hang_up, "127.0.0.1", port)
-        registration = Registration(net.Client("127.0.0.1", port, protocol.RUNNER, SECRET), messages([(3, 1)]))
+        registration = Registration(net.Client("127.0.0.1", port, protocol.RUNNER, SECRET, id="r1"),
+                                    messages([(3, 1)]))
         task = asyncio.ensure_future(registration.run())
         fake = FakeDispatcher()
         try:

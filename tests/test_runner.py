@@ -55,7 +55,8 @@ class RunnerProcess:
         return self.daemon.port
 
     def client(self, role: str = protocol.DISPATCHER, secret: str = SECRET) -> net.Client:
-        return net.Client("127.0.0.1", self.port, role, secret)
+        return net.Client("127.0.0.1", self.port, role, secret, id=self.name if role == protocol.RUNNER else "",
+                          to=protocol.runner_identity(self.name))
 
     def stderr(self) -> str:
         return self.daemon.log_path.read_text(errors="replace")

@@ -5,6 +5,7 @@ logs, tool output and error messages."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -12,18 +13,22 @@ import signal
 import stat
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 import trustme
+import yaml
 
 from ci import daemon, net, protocol, tls, up
 from ci.config import ConfigError, load
 from ci.settings import resolve
 
+from ci.models import Status
 from conftest import Repo, child_env, finished, tinyci
+from test_dispatcher import Harness, codes, scenario
 
 
-ROLES = ("dispatcher", "runner", "observer", "operator", "reader")
+ROLES = ("runner", "observer", "operator", "reader")       # the dispatcher proves itself with runners' keys
 SHA = "0123456789abcdef0123456789abcdef01234567"
 COMMIT = {"type": "commit", "repo": "/allowed/repo", "branch": "main", "sha": SHA, "author": "A <a@x>",
           "subject": "s", "time": 1.5}
@@ -37,23 +42,34 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def raw_auth(addr: str, auth: dict, tls_ctx=None) -> tuple[dict, bytes]:
-    """Send one hand-made ``auth`` frame; return the reply and whatever follows it before EOF."""
+def forged(role: str, secret: str, id: str = "", to: str = "dispatcher", **fields) -> Callable[[dict], dict]:
+    """An ``auth`` for a server's hello, its MAC made with ``secret``, then ``fields`` laid over it."""
+    def make(hello: dict) -> dict:
+        nc = net.nonce()
+        mac = net.client_mac(secret, hello["nonce"], nc, role, id, to)
+        return {"role": role, "id": id, "nonce": nc, "to": to, "mac": mac, **fields}
+    return make
+
+
+async def raw_auth(addr: str, auth: Callable[[dict], dict], tls_ctx=None) -> tuple[dict, bytes]:
+    """Send one hand-made ``auth`` frame (``auth(hello)``); return the reply and whatever follows it before EOF."""
     host, port = net.parse_addr(addr)
     reader, writer = await asyncio.open_connection(host, port, ssl=tls_ctx,
                                                    server_hostname=host if tls_ctx else None)
     conn = net.Connection(reader, writer, net.Limits(read_timeout=5), addr)
     hello = await conn.recv()
-    await conn.send({"type": "auth", **{k: v(hello["nonce"]) if callable(v) else v for k, v in auth.items()}})
+    await conn.send({"type": "auth", **auth(hello)})
     reply = await conn.recv()
     rest = await asyncio.wait_for(reader.read(), 5)
     await conn.close()
     return reply, rest
 
 
-async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5) -> dict:
+async def ask(addr: str, role: str, secret: str, msg: dict, tls_ctx=None, timeout: float = 5, id: str = "",
+              to: str = "dispatcher") -> dict:
     host, port = net.parse_addr(addr)
-    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx)
+    client = net.Client(host, port, role, secret, net.Limits(connect_timeout=5, read_timeout=timeout), tls_ctx,
+                        id=id, to=to)
     try:
         return await client.request(msg)
     finally:
@@ -68,7 +84,7 @@ def test_role_secret_falls_back_to_the_shared_one_and_files_win(tmp_path):
     config = load(None, env={"TINYCI_AUTH_SECRET": "shared", "TINYCI_AUTH_READER_SECRET": "r",
                              "TINYCI_AUTH_RUNNER_SECRET": "ignored",
                              "TINYCI_AUTH_RUNNER_SECRET_FILE": str(secret_file)})
-    assert resolve(config).secrets == {"dispatcher": "shared", "runner": "from-file", "observer": "shared",
+    assert resolve(config).secrets == {"runner": "from-file", "observer": "shared",
                                        "operator": "shared", "reader": "r"}
     assert resolve(load(None, env={})).secrets == dict.fromkeys(ROLES, "")
 
@@ -129,14 +145,99 @@ def test_each_role_proves_itself_with_its_own_secret():
             with pytest.raises(net.PeerAuthFailed, match="authentication failed"):
                 await ask(addr, role, secret, {"type": "status"})
         # a missing, malformed, non-ASCII or wrong MAC, or an unknown role: the same answer, then close
-        for auth in [{"role": "reader"}, {"role": "reader", "mac": 7}, {"role": "reader", "mac": "é" * 64},
-                     {"role": "reader", "mac": lambda nonce: net.mac("wrong", nonce, "reader")},
-                     {"role": "root", "mac": lambda nonce: net.mac("r-secret", nonce, "root")}]:
+        for auth in [lambda hello: {"role": "reader"}, forged("reader", "r-secret", mac=7),
+                     forged("reader", "r-secret", mac="é" * 64), forged("reader", "wrong"),
+                     forged("root", "r-secret")]:
             reply, rest = await raw_auth(addr, auth)
             assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}, auth
             assert rest == b""
         server.close()
     run(body())
+
+
+# ---------------------------------------------------------------- leases belong to identities, in process
+
+class Silent:
+    """A runner's address that does not answer as that runner: nothing listens (refused), or it never answers."""
+
+    def __init__(self, runner, hang: bool = False):
+        self.host, self.port, self.hang = runner.host, runner.port, hang
+
+    async def request(self, msg: dict, timeout: float | None = None) -> dict:
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise net.PeerRefused(f"nothing listens on {self.host}:{self.port} (connection refused)")
+
+    async def close(self) -> None:
+        pass
+
+
+def test_log_result_and_artifact_come_only_from_the_runner_holding_the_build(tmp_path):
+    # a build on r2 that read the shared runner secret connects as runner r2 and reports on r1's build
+    @scenario
+    async def body():
+        h = Harness(tmp_path)
+        await h.commit()
+        await h.register("r1")
+        await h.register("r2")
+        assert h.build(1).runner == "r1" and h.build(1).status is Status.RUNNING
+        forged = await h.result(1, runner="r2", log_size=0)
+        assert forged == {"type": "error", "code": "not_yours", "message": "build 1 is not held by runner 'r2'"}
+        assert codes(await h.log(1, 0, "=== passed ===\n", runner="r2")) == ("error", "not_yours")
+        artifact = {"type": "artifact", "build": 1, "attempt": 1, "path": "a.txt", "offset": 0, "data": "eA==",
+                    "eof": True}
+        assert codes(await h.call(artifact, protocol.RUNNER, id="r2")) == ("error", "not_yours")
+        assert (h.build(1).status, h.text(1).count("passed")) == (Status.RUNNING, 0)      # unchanged
+        # nor may a connection register under another name than the one it proved
+        taken = await h.call({"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9100, "labels": [],
+                              "slots": 1}, protocol.RUNNER, id="r2")
+        assert codes(taken) == ("error", "not_yours")
+        # the holder's own frames still go through; an old attempt still hears "stale", to stop it
+        assert await h.log(1, 0, "ran\n") == {"type": "ok", "offset": 4}
+        assert await h.result(1, status="failed", log_size=4) == {"type": "ok"}
+        assert h.build(1).status is Status.FAILED
+        assert codes(await h.result(1, runner="r2")) == ("error", "stale")
+        h.store.close()
+    body()
+
+
+def test_a_live_runners_name_cannot_be_taken_over_from_another_address(tmp_path):
+    @scenario
+    async def body():
+        h = Harness(tmp_path)
+        await h.commit()
+        await h.register("r1")          # at 127.0.0.1:9000; answers pings
+        register = {"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9100, "labels": [], "slots": 1}
+        taken = await h.call(register, protocol.RUNNER, id="r1")
+        assert taken == {"type": "error", "code": "name_taken", "message": "runner name 'r1' is held by a live "
+                         "runner at 127.0.0.1:9000; give this runner another name"}
+        assert (h.build(1).runner, h.build(1).attempt, h.d.sched.runners["r1"].port) == ("r1", 1, 9000)
+        # the same address re-registers as before (a restart in place)
+        assert (await h.register("r1"))["type"] == "ok"
+        h.store.close()
+    body()
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["refused", "silent"])
+def test_a_runner_that_restarted_elsewhere_takes_its_name_back_at_once(tmp_path, hang):
+    @scenario
+    async def body():
+        h = Harness(tmp_path, heartbeat_interval=0.2)
+        await h.commit()
+        await h.register("r1")
+        dial = h.d.links.dial
+        h.d.links.dial = lambda runner: Silent(runner, hang) if runner.port == 9000 else dial(runner)
+        register = {"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9100, "labels": [], "slots": 1}
+        h.now += 5                      # it restarted a while after it was given the build
+        started = asyncio.get_running_loop().time()
+        assert (await h.call(register, protocol.RUNNER, id="r1"))["type"] == "ok"
+        assert asyncio.get_running_loop().time() - started < 2.0        # one ping, bounded by the interval
+        await h.settle()
+        # the newcomer is not running the old one's build: it was queued again and went to the new address
+        assert (h.build(1).runner, h.build(1).attempt, h.d.sched.runners["r1"].port) == ("r1", 2, 9100)
+        assert "runner r1 is not running it" in h.text(1)
+        h.store.close()
+    body()
 
 
 # ---------------------------------------------------------------- TLS, in process
@@ -203,8 +304,6 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
     keys = role_secrets()
     c = cluster(steps=["env", "sh build.sh"], extra={"auth": {
         f"{role}_secret": keys[role] for role in ("runner", "observer", "operator", "reader")}})
-    # the dispatcher's own secret reaches every daemon through the environment, as an operator might
-    c.env["TINYCI_AUTH_DISPATCHER_SECRET"] = keys["dispatcher"]
     c.dispatcher()
     runner = c.runner("r1", "-v")
     c.observer(repo, "-v")
@@ -214,7 +313,7 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
 
     async def probes():
         # wrong or missing MAC: "authentication failed", nothing more, and the connection closes
-        for auth in ({"role": "reader", "mac": "0" * 64}, {"role": "reader"}):
+        for auth in (forged("reader", "0" * 64), lambda hello: {"role": "reader"}):
             reply, rest = await raw_auth(d_addr, auth)
             assert reply == {"type": "error", "code": "auth_failed", "message": "authentication failed"}
             assert rest == b""
@@ -235,16 +334,19 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
         assert err.value.code == "forbidden"
         # nobody is the dispatcher at the dispatcher
         with pytest.raises(net.PeerAuthFailed):
-            await ask(d_addr, "dispatcher", keys["dispatcher"], {"type": "status"})
-        # only the dispatcher role, with its own secret, may talk to a runner
+            await ask(d_addr, "dispatcher", keys["runner"], {"type": "status"})
+        # only the dispatcher role, with the runner's key and meaning this runner, may talk to a runner
         run_msg = {"type": "run", "build": 99, "attempt": 1, "repo": str(repo.path), "sha": SHA,
                    "branch": "main", "steps": ["touch pwned"], "timeout": 5, "env": {}}
         for role in ("operator", "runner", "observer", "reader"):
             with pytest.raises(net.PeerAuthFailed):
-                await ask(runner.addr, role, keys[role], run_msg)
+                await ask(runner.addr, role, keys[role], run_msg, id="r1" if role == "runner" else "", to="runner:r1")
         with pytest.raises(net.PeerAuthFailed):
-            await ask(runner.addr, "dispatcher", keys["operator"], run_msg)
-        assert (await ask(runner.addr, "dispatcher", keys["dispatcher"], {"type": "ping"}))["type"] == "pong"
+            await ask(runner.addr, "dispatcher", keys["operator"], run_msg, to="runner:r1")
+        with pytest.raises(net.PeerNotProven, match="is runner:r1, not runner:r2"):     # not the one meant
+            await ask(runner.addr, "dispatcher", keys["runner"], run_msg, to="runner:r2")
+        pong = await ask(runner.addr, "dispatcher", keys["runner"], {"type": "ping"}, to="runner:r1")
+        assert pong["type"] == "pong"
     run(probes())
     assert [b["id"] for b in c.builds()] == [builds[0]["id"]]         # nothing was queued by the probes
 
@@ -266,6 +368,94 @@ def test_roles_are_separated_and_secrets_never_shown(cluster, repo, tmp_path):
         assert not any(secret in text for text in shown), f"the {role} secret leaked"
 
 
+# A build on runner r2 that read r2's own secret (builds run as the runner's user) and now
+# tries to report on r1's build, as r2 and as r1. It prints what the dispatcher said.
+ATTACK = """\
+import asyncio, json, os
+from ci import net, protocol      # the runner's PYTHONPATH reaches the step
+target = json.load(open("target.json"))
+key = open(target["secret_file"]).read().strip()
+mine = int(os.environ["CI_BUILD"])
+victim = [b for b in (1, 2) if b != mine][0]
+
+def send(msg, id):
+    try:
+        asyncio.run(net.call(target["dispatcher"], msg, "runner", key, id=id, timeout=10))
+        return "accepted"
+    except protocol.RemoteError as exc:
+        return exc.code
+    except net.PeerAuthFailed:
+        return "auth_failed"
+
+result = {"type": "result", "build": victim, "attempt": 1, "status": "passed", "exit_code": 0, "steps": 1,
+          "duration": 0.1}
+print("forged result as r2:", send(result, "r2"))
+print("forged log as r2:", send({"type": "log", "build": victim, "attempt": 1, "offset": 0,
+                                 "data": "=== passed ===\\n"}, "r2"))
+print("forged result as r1:", send(result, "r1"))
+print("register as r1:", send({"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9,
+                               "labels": [], "slots": 1}, "r1"))
+"""
+
+
+@pytest.mark.slow
+def test_a_build_holding_its_runners_secret_cannot_report_on_another_runners_build(cluster, repo, tmp_path):
+    keys = {name: secrets.token_hex(16) for name in ("r1", "r2", "observer", "operator", "reader")}
+    c = cluster(extra={"auth": {"runners": {"r1": keys["r1"], "r2": keys["r2"]},
+                                **{f"{role}_secret": keys[role] for role in ("observer", "operator", "reader")}}})
+    c.dispatcher()
+    # each runner holds only its own credential, in a file, as SECURITY.md says to deploy them
+    for name in ("r1", "r2"):
+        (tmp_path / f"{name}.secret").write_text(keys[name] + "\n")
+        (tmp_path / f"{name}.yaml").write_text(f"auth:\n  runner_secret_file: {tmp_path / f'{name}.secret'}\n")
+    done = tmp_path / "victim-may-finish"
+    ci_yaml = yaml.safe_dump({"jobs": {
+        "victim": {"labels": ["one"], "steps": [f"while [ ! -f {done} ]; do sleep 0.1; done; echo failing; exit 1"]},
+        "attacker": {"labels": ["two"], "steps": ["python attack.py"]}}})
+    target = {"dispatcher": c.disp.addr, "secret_file": str(tmp_path / "r2.secret")}
+    repo.commit("two jobs", {".ci.yaml": ci_yaml, "attack.py": ATTACK, "target.json": json.dumps(target)})
+    c.runner("r1", "--labels", "one", "--config", str(tmp_path / "r1.yaml"))
+    c.runner("r2", "--labels", "two", "--config", str(tmp_path / "r2.yaml"))
+    c.observer(repo)
+    by_job = lambda builds: {b["job"]: b for b in builds}        # noqa: E731
+    builds = c.wait_builds(lambda b: by_job(b).get("attacker", {}).get("status") == "passed"
+                           and by_job(b)["victim"]["status"] == "running", "the attacker's build to end")
+    attack_log = c.log(by_job(builds)["attacker"]["id"])
+    assert "forged result as r2: not_yours" in attack_log, attack_log
+    assert "forged log as r2: not_yours" in attack_log
+    assert "forged result as r1: auth_failed" in attack_log        # r2's secret does not make it r1
+    assert "register as r1: auth_failed" in attack_log
+    victim = by_job(builds)["victim"]
+    assert victim["status"] == "running" and "=== passed" not in c.log(victim["id"])
+    done.write_text("")
+    builds = c.wait_builds(lambda b: by_job(b)["victim"]["status"] not in ("queued", "running"), "the victim's end")
+    assert by_job(builds)["victim"]["status"] == "failed"         # its own result, not the forged one
+    assert "refused result for build" in c.disp.log() and "the build is runner r1's" in c.disp.log()
+
+
+@pytest.mark.slow
+def test_a_live_runners_name_is_not_taken_over_and_a_restart_elsewhere_gets_it_back(cluster, repo, tmp_path):
+    c = cluster(extra={"auth": {"secret": "one-for-all"}}, heartbeat_interval=0.5, heartbeat_misses=20)
+    c.dispatcher()
+    r1 = c.runner("r1")
+    c.wait("r1 registered", lambda: c.runner_state("r1") == "idle")
+    register = {"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9, "labels": [], "slots": 1}
+    with pytest.raises(protocol.RemoteError) as err:        # with the shared secret anyone may claim the name r1
+        asyncio.run(net.call(c.disp.addr, register, "runner", "one-for-all", id="r1", timeout=10))
+    assert err.value.code == "name_taken" and f"held by a live runner at {r1.addr}" in err.value.message
+    assert [r["port"] for r in c.status()["runners"]] == [r1.port]
+    # frozen (alive to the heartbeat for 20 missed intervals yet), and another r1 started elsewhere:
+    # the old one misses the one ping its name's new claim sends, and the new one has the name at once
+    os.kill(r1.pid, signal.SIGSTOP)
+    try:
+        again = c.runner("r1", "--workdir", str(tmp_path / "r1-again"))
+        c.wait("r1 at its new address", lambda: [(r["port"], r["state"]) for r in c.status()["runners"]]
+               == [(again.port, "idle")], timeout=5)
+    finally:
+        r1.kill()
+    assert f"its old address {r1.addr} did not answer a ping" in c.disp.log()
+
+
 def test_without_secrets_daemons_refuse_non_loopback_addresses(tmp_path):
     repo = Repo(tmp_path / "repo")
     repo.commit("initial")
@@ -284,7 +474,32 @@ def test_without_secrets_daemons_refuse_non_loopback_addresses(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ci.dispatcher", "--host", "0.0.0.0", "--port", "0",
                            "--data", str(tmp_path / "d")], capture_output=True, text=True, timeout=30,
                           env=child_env(TINYCI_AUTH_READER_SECRET="r"))
-    assert done.returncode == 2 and "role(s) observer, operator, runner," in done.stderr
+    assert done.returncode == 2 and "role(s) observer, operator, runner have no secret" in done.stderr
+
+
+def test_one_secret_set_and_the_others_open_stops_daemons_and_tools_naming_the_open_roles(tmp_path):
+    repo = Repo(tmp_path / "repo")
+    repo.commit("initial")
+    env = {"TINYCI_AUTH_READER_SECRET": "only-the-reader"}
+    daemons = {     # on loopback, where no secret at all would be allowed
+        "dispatcher": (["--data", str(tmp_path / "d")], "observer, operator, runner"),
+        "runner": (["--workdir", str(tmp_path / "w")], "runner"),
+        "observer": (["--repo", str(repo.path), "--state", str(tmp_path / "o")], "observer, operator"),
+    }
+    for kind, (args, open_roles) in daemons.items():
+        done = subprocess.run([sys.executable, "-m", "ci", kind, "--port", "0", *args], capture_output=True,
+                              text=True, timeout=30, cwd=tmp_path, env=child_env(**env))
+        assert done.returncode == 2 and done.stdout == "", (kind, done.stderr)
+        assert done.stderr == (f"tinyci {kind}: configuration error: environment: auth.reader_secret is set, but "
+                               f"role(s) {open_roles} have no secret: once any secret is set, every role must have "
+                               f"one (auth.secret for all, or auth.<role>_secret for each)\n"), done.stderr
+    trigger = tinyci("trigger", "main", cwd=tmp_path, **env)
+    assert trigger.returncode == 2 and "role(s) operator have no secret" in trigger.stderr
+    notify = tinyci("notify", cwd=tmp_path, **env)          # a hook never fails a commit, but says why
+    assert notify.returncode == 0 and "role(s) observer have no secret" in notify.stderr
+    # a tool that only reads needs only the reader's secret
+    status = tinyci("status", "--dispatcher", "127.0.0.1:9", cwd=tmp_path, **env)
+    assert status.returncode == 1 and "configuration error" not in status.stderr, status.stderr
 
 
 needs_netns = pytest.mark.skipif(

@@ -39,17 +39,20 @@ def pem(tmp_path_factory) -> dict[str, str]:
 
 def test_defaults_resolve_to_no_secrets_the_default_limits_and_no_tls():
     settings = resolve(load(None, env={}))
-    assert settings.secrets == dict.fromkeys(protocol.ROLES, "")
+    # the dispatcher has no secret of its own: it proves itself with each runner's
+    assert settings.secrets == dict.fromkeys(["runner", "observer", "operator", "reader"], "")
+    assert not settings.secured and settings.key("reader") == "" and settings.runner_key("any") == ""
     assert settings.limits == Limits()
     assert settings.server_tls is None and settings.client_tls is None
 
 
-def test_every_role_has_its_own_secret_keys_in_the_auth_section():
+def test_every_role_but_the_dispatcher_has_its_own_secret_keys_in_the_auth_section():
     roles = {f.name[:-len("_secret")] for f in fields(AuthConfig)
              if f.name.endswith("_secret") and f.name != "secret"}
-    assert roles == set(protocol.ROLES)
+    assert roles == set(protocol.ROLES) - {protocol.DISPATCHER}
     assert {f.name for f in fields(AuthConfig)} == {
-        "secret", "secret_file", *(f"{role}_secret" for role in roles), *(f"{role}_secret_file" for role in roles)}
+        "secret", "secret_file", "runners", "runners_file",
+        *(f"{role}_secret" for role in roles), *(f"{role}_secret_file" for role in roles)}
 
 
 def test_secret_from_env_and_from_file(tmp_path):
@@ -125,3 +128,79 @@ def test_build_settings_the_runner_would_refuse_fail_at_start_up(tmp_path):
         assert str(err.value).startswith(f"{path}: {key} must be a "), err.value
     with pytest.raises(ConfigError, match="^environment: build.env must be"):
         resolve(load(None, env={"TINYCI_BUILD_ENV": '{"A B": "1"}'}))
+
+
+# ---------------------------------------------------------------- runners' own credentials
+
+def test_each_runner_has_its_own_key_and_the_shared_runner_secret_covers_the_others(tmp_path):
+    runners = tmp_path / "runners.yaml"
+    runners.write_text("r2: from-file\n")
+    path = write(tmp_path, f"auth:\n  secret: shared\n  runners: {{r1: one}}\n  runners_file: {runners}\n")
+    settings = resolve(load(path, env={}))
+    assert settings.runners == {"r1": "one", "r2": "from-file"}
+    assert [settings.runner_key(name) for name in ("r1", "r2", "r3")] == ["one", "from-file", "shared"]
+    assert settings.key("runner", "r1") == "one" and settings.key("reader") == "shared"
+    # without a shared runner secret, a runner that is not listed has no key: it is refused, never let in
+    only_listed = resolve(load(None, env={"TINYCI_AUTH_RUNNERS": '{"r1": "one"}', "TINYCI_AUTH_OBSERVER_SECRET": "o",
+                                          "TINYCI_AUTH_OPERATOR_SECRET": "p", "TINYCI_AUTH_READER_SECRET": "q"}))
+    assert only_listed.runner_key("r1") == "one" and only_listed.runner_key("r3") is None
+    assert only_listed.key("runner", "r3") is None
+
+
+def test_a_runner_needs_only_its_own_secret(tmp_path):
+    # a runner machine's whole configuration: its own credential, nothing of the other roles
+    settings = resolve(load(None, env={"TINYCI_AUTH_RUNNER_SECRET": "mine"}), roles=[protocol.RUNNER])
+    assert settings.secrets == {"runner": "mine"} and settings.runner_key("r7") == "mine"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("r1: [a, b]\n", "entry 'r1': the secret must be a non-empty string"),
+    ("r1: ''\n", "entry 'r1': the secret must be a non-empty string"),
+    ("'bad name': s3cret-value\n", "entry 'bad name' is not a runner name of"),
+    ("- r1\n", "expected a mapping of runner names to secrets"),
+    ("r1: [unclosed\n", "is not valid YAML"),
+])
+def test_a_runners_file_that_is_not_a_mapping_of_names_to_secrets_names_the_file_and_entry(tmp_path, text, words):
+    runners = tmp_path / "runners.yaml"
+    runners.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        resolve(load(None, env={"TINYCI_AUTH_SECRET": "s", "TINYCI_AUTH_RUNNERS_FILE": str(runners)}))
+    message = str(err.value)
+    assert message.startswith("auth.runners_file") and str(runners) in message and words in message, message
+    assert "s3cret-value" not in message and len(message.splitlines()) == 1
+
+
+def test_a_runner_in_both_the_map_and_the_file_is_refused_and_an_unreadable_file_named(tmp_path):
+    runners = tmp_path / "runners.yaml"
+    runners.write_text("r1: two\n")
+    env = {"TINYCI_AUTH_SECRET": "s", "TINYCI_AUTH_RUNNERS": '{"r1": "one"}', "TINYCI_AUTH_RUNNERS_FILE": str(runners)}
+    with pytest.raises(ConfigError, match="runner 'r1' is also in auth.runners"):
+        resolve(load(None, env=env))
+    absent = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as err:
+        resolve(load(None, env={"TINYCI_AUTH_SECRET": "s", "TINYCI_AUTH_RUNNERS_FILE": str(absent)}))
+    assert str(err.value) == f"auth.runners_file: cannot read {absent}: No such file or directory"
+    # a tool never reads it: it is the dispatcher's
+    assert resolve(load(None, env={"TINYCI_AUTH_SECRET": "s", "TINYCI_AUTH_RUNNERS_FILE": str(absent)}),
+                   roles=[protocol.READER], listens=False).secret("reader") == "s"
+
+
+# ---------------------------------------------------------------- once one secret is set, all are
+
+def test_one_role_with_a_secret_leaves_no_other_open(tmp_path):
+    path = write(tmp_path, "auth:\n  reader_secret: r\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(load(path, env={}))
+    assert str(err.value) == (
+        f"{path}: auth.reader_secret is set, but role(s) observer, operator, runner have no secret: once any "
+        f"secret is set, every role must have one (auth.secret for all, or auth.<role>_secret for each)")
+    # only the roles a program accepts or uses count
+    assert resolve(load(path, env={}), roles=[protocol.READER], listens=False).secured
+    with pytest.raises(ConfigError, match="role.s. operator have no secret"):
+        resolve(load(path, env={}), roles=[protocol.OPERATOR], listens=False)
+    with pytest.raises(ConfigError, match="role.s. runner have no secret"):
+        resolve(load(path, env={}), roles=[protocol.RUNNER])
+    # a runners map is the runner role's secret on the dispatcher; the shared secret covers the rest
+    env = {"TINYCI_AUTH_RUNNERS": '{"r1": "one"}', "TINYCI_AUTH_SECRET": "shared"}
+    assert resolve(load(path, env=env)).secrets == {"runner": "shared", "observer": "shared",
+                                                    "operator": "shared", "reader": "r"}
