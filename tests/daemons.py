@@ -317,10 +317,10 @@ class Cluster:
         settings = resolve(load(self.config, env=self.env), roles=[role], listens=False)
         return settings.secret(role), settings.client_tls
 
-    def request(self, msg: dict, role: str = "reader", addr: str | None = None) -> dict:
-        """One request to the dispatcher (or ``addr``) and its reply."""
+    def request(self, msg: dict, role: str = "reader", addr: str | None = None, id: str = "") -> dict:
+        """One request to the dispatcher (or ``addr``) and its reply; ``id``: the runner named, for role runner."""
         secret, tls = self.credentials(role)
-        return asyncio.run(net.call(addr or self.disp.addr, msg, role, secret, timeout=10, ssl=tls))
+        return asyncio.run(net.call(addr or self.disp.addr, msg, role, secret, timeout=10, ssl=tls, id=id))
 
     def status(self, limit: int = 500) -> dict:
         return self.request({"type": "status", "limit": limit})

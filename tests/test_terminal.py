@@ -137,7 +137,7 @@ def scene(cluster, tmp_path):
     assert build["branch"] == BRANCH and build["subject"] == SUBJECT      # the dispatcher holds them as sent
     for name, host in (("hostile", MARKUP_HOST), ("hostile-2", ESCAPE_HOST)):
         c.request({"type": "register", "name": name, "host": host, "port": 1, "labels": [], "slots": 1},
-                  role="runner")
+                  role="runner", id=name)
     return c, build["id"]
 
 
