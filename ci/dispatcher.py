@@ -67,7 +67,9 @@ class Dispatcher:
             "trigger": self.on_trigger, "rebuild": self.on_rebuild,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
-            "fetch_artifact": queries.fetch_artifact,
+            "fetch_artifact": queries.fetch_artifact, "history": queries.history,
+            "branch_status": queries.branch_status, "log_window": queries.log_window,
+            "counts": queries.counts,
         }
 
     # ------------------------------------------------------------ lifecycle
