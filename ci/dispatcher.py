@@ -258,6 +258,7 @@ class Dispatcher:
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
+        self.store.save_steps(build_id, msg.get("step_results"))
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")

@@ -26,7 +26,7 @@ also ends a stream::
     runner -> dispatcher       log        build attempt offset data               ok {offset}
                                                                                   | error offset {expected} / stale
     runner -> dispatcher       result     build attempt status exit_code steps    ok
-                                          duration [log_size]                     | error offset {expected} / stale
+                                          duration [log_size step_results]        | error offset {expected} / stale
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset}
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit]
@@ -253,6 +253,13 @@ MESSAGE = _str(1 << 16)         # an error's text may quote a repository path an
 # "build" or "runner", with that field; a viewer skips kinds it does not know (a newer dispatcher's)
 SHA_PREFIX = Kind("1-40 lowercase hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{1,40}", v)
                   is not None)
+# a result's steps, as the runner ran them: the web page shows each with its exit and duration
+STEP_RESULTS = Kind("list of at most 200 {name, run, exit_code, duration}", lambda v: isinstance(v, list)
+                    and len(v) <= 200 and all(
+                        isinstance(s, dict) and set(s) == {"name", "run", "exit_code", "duration"}
+                        and _str(200).check(s["name"]) and _str(16384).check(s["run"])
+                        and (s["exit_code"] is None or _int(-1000, 1000).check(s["exit_code"]))
+                        and _number(s["duration"]) for s in v))
 BADGE = Kind("branch status", lambda v: v in ("passed", "failed", "error", "running", "unknown"))
 LOG_WINDOW_MAX = 128 * 1024     # bytes: a window of control characters, JSON-escaped six-fold, still fits a frame
 EVENT = Kind("event kind (1-64 characters)", lambda v: isinstance(v, str) and 0 < len(v) <= 64)
@@ -324,7 +331,7 @@ MESSAGES: dict[str, Spec] = {
                  reply=_ok({"offset": COUNT})),
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
-                             "duration": NUMBER}, {"log_size": COUNT},
+                             "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS},
                     reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
                                "data": DATA, "eof": BOOL},

@@ -83,7 +83,8 @@ class Queries:
         build = self._build(msg["build"])
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
-        return protocol.ok(build=build.summary())
+        steps = self.store.steps(build.id) if build.status.final else None
+        return protocol.ok(build={**build.summary(), **({"steps": steps} if steps else {})})
 
     async def read_log(self, conn: net.Connection, msg: dict) -> None:
         build_id = msg["build"]

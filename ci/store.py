@@ -56,6 +56,8 @@ MIGRATIONS = (
     (None, "CREATE INDEX IF NOT EXISTS builds_job ON builds(job, id)"),
     (None, "CREATE INDEX IF NOT EXISTS builds_sha ON builds(sha)"),
     (None, "CREATE INDEX IF NOT EXISTS builds_finished ON builds(finished_at)"),
+    # each step of the last attempt as the runner reported it (JSON), for the web page; NULL: not reported
+    ("step_results", "ALTER TABLE builds ADD COLUMN step_results TEXT"),
 )
 
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
@@ -177,6 +179,14 @@ class Store:
         rows = self.db.execute("SELECT status, count(*) FROM builds WHERE finished_at >= ? GROUP BY status",
                                (since,))
         return {status: n for status, n in rows}
+
+    def save_steps(self, build_id: int, steps: list[dict] | None) -> None:
+        self.db.execute("UPDATE builds SET step_results = ? WHERE id = ?",
+                        (json.dumps(steps) if steps is not None else None, build_id))
+
+    def steps(self, build_id: int) -> list[dict] | None:
+        row = self.db.execute("SELECT step_results FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def repos(self) -> list[str]:
         """Every repository a build was ever recorded for."""

@@ -65,7 +65,8 @@ def test_the_json_api_matches_the_pages(site):
     assert listed["older"] is False and listed["next"] is None
     build = listed["builds"][0]
     one = s.json(f"/api/builds/{build['id']}")
-    assert one["build"] == build
+    assert one["build"] == {**build, "steps": [{"name": "", "run": "sh build.sh", "exit_code": 0,
+                                                "duration": one["build"]["steps"][0]["duration"]}]}
     assert one["log"]["url"] == f"/builds/{build['id']}/log" and one["log"]["status"] == "passed"
     assert one["log"]["data"].endswith(f"=== passed (exit 0) in {one['log']['data'].rsplit(' in ', 1)[1]}")
     assert s.json("/api/queue") == {"queue": [], "queued": 0}
@@ -118,6 +119,7 @@ def test_a_build_page_links_artifacts_and_the_plain_log(site):
     build = next(b for b in builds_of(c, 2) if b["sha"] == sha)
     page = s.ok(f"/builds/{build['id']}").text
     assert f'href="/builds/{build["id"]}/artifacts/out/report.txt"' in page
+    assert page.count('<li class="step">') == 2 and "&gt; out/page.html</code>" in page and "exit 0" in page
     got = s.get(f"/builds/{build['id']}/artifacts/out/report.txt")
     assert got.status == 200 and got.text == "report"
     assert got.headers["content-disposition"] == "attachment; filename*=UTF-8''report.txt"
@@ -297,3 +299,39 @@ def test_login_session_token_and_csrf(cluster, repo):
     assert s.request("/logout", {"csrf": "forged"}).status == 403
     assert s.request("/logout", {"csrf": out_token}).status == 303
     assert s.get("/").status == 303
+
+
+# ---------------------------------------------------------------- tinyci up
+
+@pytest.mark.slow
+def test_up_starts_the_web_page_with_the_reader_secret_only(tmp_path):
+    from test_cli import Up
+    run = Up(tmp_path, "--demo", "--port", "0", "--runners", "1", "--interval", "0.2")
+    try:
+        run.read_until("Press Ctrl-C")
+        children = run.children()
+        url, pid = children["web"]
+        assert run.lines[0] == f"tinyci is up: {url}\n"
+        environ = dict(item.split("=", 1) for item in
+                       open(f"/proc/{pid}/environ").read().split("\0") if "=" in item)
+        assert "TINYCI_AUTH_SECRET" not in environ
+        assert environ["TINYCI_AUTH_READER_SECRET"] == (tmp_path / "data" / "secret").read_text().strip()
+        site = Site(url)
+        builds = wait_until(lambda: [b for b in site.json("/api/builds")["builds"] if b["status"] == "passed"],
+                            90, "the demo's first build passed, seen on the web page")
+        assert builds[0]["subject"] == "Add calc and its test"
+    finally:
+        assert run.stop() == 0
+
+
+def test_up_without_the_web_page(tmp_path):
+    from ci import up
+    from ci.cli import build_parser
+    args = build_parser("up").parse_args(["up", "--demo", "--data", str(tmp_path), "--no-web"])
+    assert up.make_plan(args).web_port is None
+    args = build_parser("up").parse_args(["up", "--demo", "--data", str(tmp_path)])
+    assert up.make_plan(args).web_port == 8080
+    args = build_parser("up").parse_args(["up", "--demo", "--data", str(tmp_path), "--port", "0"])
+    assert up.make_plan(args).web_port == 0                  # free ports for all, the page too
+    done = tinyci("up", "--demo", "--data", str(tmp_path), "--web-port", "70000", cwd=tmp_path)
+    assert done.returncode == 2 and "--web-port must be a port 0-65535" in done.stderr

@@ -212,3 +212,24 @@ async def test_counts_of_builds_finished_since(tmp_path):
         assert reply["counts"] == {"failed": 1}
     finally:
         h.store.close()
+
+
+@scenario
+async def test_a_results_steps_are_kept_and_shown_with_the_build(tmp_path):
+    h = Harness(tmp_path)
+    try:
+        await h.commit()
+        await h.register()
+        steps = [{"name": "lint", "run": "make lint", "exit_code": 0, "duration": 1.5},
+                 {"name": "", "run": "make test", "exit_code": None, "duration": 60.0}]
+        running = await h.call({"type": "build", "build": 1}, protocol.READER)
+        assert "steps" not in running["build"]
+        await h.result(1, status="failed", step_results=steps)
+        reply = await h.call({"type": "build", "build": 1}, protocol.READER)
+        assert reply["build"]["steps"] == steps and reply["build"]["status"] == "failed"
+        h.store.close()
+        again = Store(tmp_path / "data")                     # kept on disk
+        assert again.steps(1) == steps and again.steps(99) is None
+        again.close()
+    finally:
+        h.store.close()
