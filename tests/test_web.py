@@ -82,6 +82,8 @@ def test_history_filters_and_keyset_paging(site):
     for n in range(3):
         shas[f"main{n}"] = repo.commit(f"main change {n}", {"build.sh": "exit 0\n"})
     bob = {**repo.env, "GIT_AUTHOR_NAME": "Bob Builder", "GIT_AUTHOR_EMAIL": "bob@example.com"}
+    # main's commits recorded first: a new branch dev shows its head, which would otherwise race them
+    c.wait_builds(lambda b: shas["main2"] in {x["sha"] for x in b}, "main's commits")
     repo.git("checkout", "-q", "-b", "dev")
     shas["dev"] = repo.commit("dev fails", {"build.sh": "exit 3\n"}, env=bob)
     builds_of(c, 5)

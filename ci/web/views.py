@@ -69,6 +69,12 @@ def query(params: dict, **changes) -> str:
     return "?" + urlencode(pairs) if pairs else ""
 
 
+def person(author: str) -> str:
+    """The name of "Name <email>" (the whole text when it has no e-mail part)."""
+    name, sep, _ = author.partition(" <")
+    return name if sep and name else author
+
+
 def label_list(labels) -> str:
     return ", ".join(labels) if labels else "-"
 
@@ -77,6 +83,6 @@ def environment() -> Environment:
     env = Environment(loader=PackageLoader("ci.web", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(age=age, duration=duration, iso=iso, clock=clock, short=short, path=path_part,
-                       labels=label_list)
+                       labels=label_list, person=person)
     env.globals.update(query=query, STATUS_WORDS=STATUS_WORDS)
     return env

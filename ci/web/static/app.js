@@ -124,8 +124,22 @@
     location.replace(location.pathname + "?line=" + m[1] + location.hash);
   }
 
+  // Filters left empty stay out of the URL: /builds?status=failed, not ?branch=&status=failed&...
+  function tidyFilters() {
+    var forms = document.querySelectorAll("form.filters");
+    for (var i = 0; i < forms.length; i++) {
+      forms[i].addEventListener("submit", function (e) {
+        var fields = e.target.querySelectorAll("input[name], select[name]");
+        for (var j = 0; j < fields.length; j++) {
+          if (!fields[j].value) fields[j].disabled = true;
+        }
+      });
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     jumpToLine();
+    tidyFilters();
     ages();
     setInterval(ages, 5000);
     watchPage();
