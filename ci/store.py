@@ -148,19 +148,22 @@ class Store:
         Keyset paging: a page costs the same at build 100 as at build 100,000,
         and a build that arrives meanwhile does not shift the pages."""
         where, args = _filter(filters)
+        # a sha prefix matches a handful of builds: walk its index, never the ids (``+id`` keeps
+        # SQLite from taking "id > X" for the cheaper path, which is a scan of every newer build)
+        key = "+id" if "sha" in filters else "id"
         if after is not None:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND id > ? "
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND {key} > ? "
                                    f"ORDER BY id ASC LIMIT ?", (*args, after, limit + 1)).fetchall()
             newer = len(rows) > limit
             builds = [_build(r) for r in rows[:limit][::-1]]
-            older = self._exists(f"{where} AND id < ?", (*args, builds[-1].id if builds else after + 1))
+            older = self._exists(f"{where} AND {key} < ?", (*args, builds[-1].id if builds else after + 1))
         else:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND id < ? "
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND {key} < ? "
                                    f"ORDER BY id DESC LIMIT ?", (*args, before or 2**62, limit + 1)).fetchall()
             older = len(rows) > limit
             builds = [_build(r) for r in rows[:limit]]
             edge = builds[0].id if builds else before
-            newer = edge is not None and self._exists(f"{where} AND id > ?", (*args, edge))
+            newer = edge is not None and self._exists(f"{where} AND {key} > ?", (*args, edge))
         return builds, older, newer
 
     def _exists(self, where: str, args: tuple) -> bool:
@@ -176,7 +179,9 @@ class Store:
 
     def counts(self, since: float) -> dict[str, int]:
         """Builds that finished at ``since`` or later, by status."""
-        rows = self.db.execute("SELECT status, count(*) FROM builds WHERE finished_at >= ? GROUP BY status",
+        # INDEXED BY: left to itself, SQLite walks the status index through the whole history
+        rows = self.db.execute("SELECT status, count(*) FROM builds INDEXED BY builds_finished "
+                               "WHERE finished_at >= ? GROUP BY status",
                                (since,))
         return {status: n for status, n in rows}
 
