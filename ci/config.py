@@ -114,6 +114,7 @@ class WebConfig:
     token: str = ""               # a bearer token for scripts (API, metrics)
     token_file: str = ""
     session_hours: float = 12.0
+    actions: bool = False         # rebuild, cancel, trigger for logged-in users (needs the operator secret)
 
 
 @dataclass(frozen=True)

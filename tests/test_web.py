@@ -337,3 +337,78 @@ def test_up_without_the_web_page(tmp_path):
     assert up.make_plan(args).web_port == 0                  # free ports for all, the page too
     done = tinyci("up", "--demo", "--data", str(tmp_path), "--web-port", "70000", cwd=tmp_path)
     assert done.returncode == 2 and "--web-port must be a port 0-65535" in done.stderr
+
+
+# ---------------------------------------------------------------- actions
+
+def _login(s: Site, user: str = "ada", password: str = "s3cret") -> None:
+    token = re.search(r'name="csrf" value="([^"]+)"', s.ok("/login").text)[1]
+    assert s.request("/login", {"user": user, "password": password, "csrf": token}).status == 303
+
+
+def _csrf(s: Site, path: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', s.ok(path).text)[1]
+
+
+def test_logged_in_users_rebuild_cancel_and_trigger_when_actions_are_on(cluster, repo, tmp_path):
+    from ci.web.auth import hash_password
+    c = cluster(extra={"web": {"users": {"ada": hash_password("s3cret")}, "token": "tok", "actions": True}})
+    c.dispatcher()
+    c.runner("r1")
+    c.observer(repo)
+    _, s = start_web(c)
+    builds_of(c, 1)
+    assert s.request("/builds/1/rebuild", {}).status == 401                       # nobody logged in
+    assert s.request("/builds/1/rebuild", {}, {"Authorization": "Bearer tok"}).status == 403   # a token reads only
+    _login(s)
+    page = s.ok("/builds/1").text
+    assert 'action="/builds/1/rebuild"' in page and 'action="/builds/1/cancel"' not in page
+    assert s.request("/builds/1/rebuild", {"csrf": "forged"}).status == 403
+    token = _csrf(s, "/builds/1")
+    assert s.request("/builds/1/rebuild", {"csrf": token}, {"Origin": "http://evil.example"}).status == 403
+    done = s.request("/builds/1/rebuild", {"csrf": token})
+    assert done.status == 303 and done.headers["location"] == "/builds/2"
+    assert s.json("/api/builds/2")["build"]["reason"] == "rebuild of 1"
+
+    gate = tmp_path / "go"
+    repo.commit("slow", {"build.sh": f"while [ ! -e {gate} ]; do sleep 0.05; done\n"})
+    slow = c.wait_builds(lambda b: b[0]["status"] == "running" and b[0]["subject"] == "slow", "running")[0]
+    page = s.ok(f"/builds/{slow['id']}").text
+    assert f'action="/builds/{slow["id"]}/cancel"' in page
+    assert s.request(f"/builds/{slow['id']}/cancel", {"csrf": token}).status == 303
+    c.wait_builds(lambda b: any(x["id"] == slow["id"] and x["status"] == "cancelled" for x in b), "cancelled")
+    assert "cancelled by ada@web" in c.log(slow["id"])
+    again = s.request(f"/builds/{slow['id']}/cancel", {"csrf": token})
+    assert again.status == 409 and "already cancelled" in again.text
+    gate.touch()
+
+    made = s.request("/branches/main/trigger", {"csrf": _csrf(s, "/branches/main")})
+    assert made.status == 303
+    new = s.json("/api/" + made.headers["location"].lstrip("/"))["build"]
+    assert new["reason"] == "manual" and new["branch"] == "main"
+
+
+def test_actions_need_users_and_are_off_by_default(cluster, repo, tmp_path):
+    from ci.web.auth import hash_password
+    config = tmp_path / "web.yaml"
+    config.write_text("web: {actions: true}\n")
+    done = tinyci("web", "--port", "0", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2 and "web.actions needs web.users" in done.stderr
+    c = cluster(extra={"web": {"users": {"ada": hash_password("s3cret")}}})
+    c.dispatcher()
+    _, s = start_web(c)
+    _login(s)
+    assert s.request("/branches/main/trigger", {"csrf": _csrf(s, "/")}).status == 404
+    assert "/trigger" not in s.ok("/branches/main").text
+
+
+def test_every_page_renders_before_anything_happened(cluster):
+    c = cluster()
+    c.dispatcher()
+    _, s = start_web(c)
+    for path in ("/", "/builds", "/runners", "/branches/main", "/api/builds", "/api/runners", "/api/queue",
+                 "/badge/main.svg", "/metrics", "/builds?status=failed&before=5"):
+        assert s.get(path).status == 200, path
+    assert "No runner has registered yet" in s.ok("/").text
+    assert s.get("/commits/abc").status == 404 and s.get("/builds/1").status == 404
+    assert s.get("/login").status == 404                 # no users: nothing to log in to

@@ -16,15 +16,14 @@ import hashlib
 import logging
 import secrets
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .. import aio, daemon, net, protocol
 from ..config import ConfigError, load
 from ..settings import resolve
-from . import pages, streams
-from .auth import COOKIE, LOGIN_CSRF_COOKIE, Gate, well_formed
+from . import actions, pages, streams
+from .auth import COOKIE, LOGIN_CSRF_COOKIE, Gate, same_origin, well_formed
 from .data import BadRequest, Data
 from .link import Link, Unreachable
 from .tracker import Tracker
@@ -106,12 +105,6 @@ async def gate(request: web.Request, handler) -> web.StreamResponse:
 
 # ---------------------------------------------------------------- login
 
-def _same_origin(request: web.Request) -> bool:
-    """A form post from a page of this site: its Origin (when the browser sends one) is ours."""
-    origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
-
-
 def _next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/"
 
@@ -131,7 +124,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if request.method == "GET":
         return await login_form(request)
     form = await request.post()
-    if not _same_origin(request) or not keeper.csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE),
+    if not same_origin(request.headers.get("Origin"), request.host) or \
+            not keeper.csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE),
                                                        form.get("csrf")):
         return await login_form(request, "The form expired; try again.", 403)
     cookie = await aio.in_thread(keeper.login, str(form.get("user", ""))[:200], str(form.get("password", ""))[:1000])
@@ -146,7 +140,8 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    if not _same_origin(request) or not request.app["gate"].csrf_ok(request.cookies.get(COOKIE), form.get("csrf")):
+    if not same_origin(request.headers.get("Origin"), request.host) or \
+            not request.app["gate"].csrf_ok(request.cookies.get(COOKIE), form.get("csrf")):
         raise web.HTTPForbidden(text="the form expired; reload the page")
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE, path="/")
@@ -155,9 +150,9 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------- the application
 
-def make_app(link: Link, keeper: Gate) -> web.Application:
+def make_app(link: Link, keeper: Gate, allow_actions: bool = False) -> web.Application:
     app = web.Application(middlewares=[errors, gate])
-    app["link"], app["gate"] = link, keeper
+    app["link"], app["gate"], app["actions"] = link, keeper, allow_actions
     app["data"] = Data(link)
     app["tracker"] = Tracker()
     app["env"] = environment()
@@ -165,6 +160,7 @@ def make_app(link: Link, keeper: Gate) -> web.Application:
     app["stopping"] = asyncio.Event()
     app.add_routes(pages.routes)
     app.add_routes(streams.routes)
+    app.add_routes(actions.routes)
     app.router.add_route("*", "/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_static("/static", STATIC)
@@ -225,11 +221,16 @@ def main(args) -> int:
     async def body(stop: asyncio.Event) -> None:
         overrides = {"web": {"host": args.host, "port": args.port, "dispatcher": args.dispatcher}}
         try:
-            settings = resolve(load(args.config, overrides=overrides), roles=[protocol.READER], listens=False)
+            config = load(args.config, overrides=overrides)
+            # the reader's secret only, unless actions are on: then the operator's too
+            roles = [protocol.READER, protocol.OPERATOR] if config.web.actions else [protocol.READER]
+            settings = resolve(config, roles=roles, listens=False)
         except ConfigError as exc:
             raise daemon.StartupError(f"configuration error: {exc}") from None
-        config = settings.config
         keeper = _gate(config)
+        if config.web.actions and not keeper.users:
+            raise daemon.StartupError(f"configuration error: {config.origin('web', 'actions')}: web.actions "
+                                      f"needs web.users: only a logged-in user may rebuild, cancel or trigger")
         host, port = config.web.host, config.web.port
         _check_exposure(host, keeper, args.insecure)
         target = config.web.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
@@ -237,9 +238,10 @@ def main(args) -> int:
             dhost, dport = net.parse_addr(target)
         except ValueError as exc:
             raise daemon.StartupError(f"--dispatcher: {exc}") from None
-        link = Link(dhost, dport, {protocol.READER: tool_secret(settings, protocol.READER)}, settings.limits,
+        link = Link(dhost, dport, {role: tool_secret(settings, role) for role in roles}, settings.limits,
                     settings.client_tls)
-        runner = web.AppRunner(make_app(link, keeper), access_log=None, handle_signals=False)
+        runner = web.AppRunner(make_app(link, keeper, config.web.actions), access_log=None,
+                               handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=2.0)
         try:

@@ -53,6 +53,13 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, _unb64(digest))
 
 
+def same_origin(origin: str | None, host: str) -> bool:
+    """A form posted from a page of this site: its Origin (when the browser sends one) is ours."""
+    if origin is None:
+        return True
+    return origin.split("://", 1)[-1].rstrip("/") == host
+
+
 def well_formed(stored: str) -> bool:
     parts = stored.split("$")
     return len(parts) == 6 and parts[0] == "scrypt" and all(x.isdigit() for x in parts[1:4])

@@ -20,6 +20,7 @@ def render(request: web.Request, template: str, code: int = 200, **context) -> w
     page = app["env"].get_template(template).render(
         connected=tracker.connected, problem=tracker.problem, version=tracker.version,
         user=request.get("user"), csrf=request.get("csrf", ""), path=request.path_qs,
+        actions=app["actions"] and bool(request.get("user")),
         asset=app["asset_version"], **context)
     return web.Response(text=page, status=code, content_type="text/html")
 
