@@ -412,3 +412,20 @@ def test_every_page_renders_before_anything_happened(cluster):
     assert "No runner has registered yet" in s.ok("/").text
     assert s.get("/commits/abc").status == 404 and s.get("/builds/1").status == 404
     assert s.get("/login").status == 404                 # no users: nothing to log in to
+
+
+def test_sigterm_stops_the_web_at_once_with_pages_following(site):
+    c, s, repo = site
+    web = next(d for d in c.daemons if d.kind == "web")
+    url = urlsplit(s.base)
+    held = []
+    for path in ("/events", "/builds/1/log/live?offset=0&line=1"):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn.request("GET", path)
+        assert conn.getresponse().status == 200
+        held.append(conn)
+    started = time.monotonic()
+    assert web.stop(timeout=8) == 0
+    assert time.monotonic() - started < 4.0
+    for conn in held:
+        conn.close()

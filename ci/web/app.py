@@ -177,7 +177,8 @@ def make_app(link: Link, keeper: Gate, allow_actions: bool = False) -> web.Appli
     app.cleanup_ctx.append(follow)
 
     async def on_shutdown(app: web.Application) -> None:
-        app["stopping"].set()           # ends the open event streams
+        app["stopping"].set()           # ends the open event streams...
+        app["tracker"].changed.set()    # ...now, not at their next keep-alive
 
     app.on_shutdown.append(on_shutdown)
     return app

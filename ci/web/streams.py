@@ -100,7 +100,10 @@ async def log_live(request: web.Request) -> web.StreamResponse:
                             return response
             except net.PeerTimeout:
                 await response.write(b": keepalive\n\n")      # a quiet build: follow again from here
-            except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
+            except protocol.RemoteError as exc:                 # no such build: nothing to follow
+                await response.write(_sse("end", {"html": "", "status": exc.message or exc.code}))
+                return response
+            except (net.PeerError, protocol.ProtocolError) as exc:
                 await response.write(_sse("problem", {"message": str(exc)}))
                 await asyncio.sleep(2.0)
     except (ConnectionResetError, asyncio.CancelledError):
