@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import latency, recovery, scale, throughput
+from . import latency, recovery, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -25,6 +25,7 @@ SCENARIOS = {
     "dispatcher-scale": scale.dispatcher_scale,
     "recovery": recovery.recovery,
     "overhead": throughput.overhead,
+    "web": web.web_pages,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

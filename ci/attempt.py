@@ -33,6 +33,7 @@ class Outcome:
     exit_code: int          # the failing step's exit code; 0 passed; -1 error/timeout/cancel
     steps: int              # steps started
     duration: float
+    step_results: tuple = ()    # each step that ended: {name, run, exit_code, duration} (protocol.STEP_RESULTS)
 
 
 class Stopped(Exception):

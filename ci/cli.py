@@ -46,6 +46,7 @@ DAEMONS = {
     "dispatcher": "run the dispatcher: the queue, build records, logs and runner registry",
     "runner": "run a runner: registers with the dispatcher and runs the builds it is given",
     "observer": "run the observer: watches a git clone and reports new commits",
+    "web": "run the web page: live builds and logs, history, badges, a JSON API and metrics",
 }
 
 DEFAULT_OBSERVER = "127.0.0.1:8887"

@@ -108,6 +108,18 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    dispatcher: str = ""          # HOST:PORT; empty: dispatcher.host and port
+    users: dict = field(default_factory=dict)   # name -> scrypt hash (tinyci web --hash-password)
+    token: str = ""               # a bearer token for scripts (API, metrics)
+    token_file: str = ""
+    session_hours: float = 12.0
+    actions: bool = False         # rebuild, cancel, trigger for logged-in users (needs the operator secret)
+
+
+@dataclass(frozen=True)
 class Config:
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
@@ -117,6 +129,7 @@ class Config:
     net: Limits = field(default_factory=Limits)     # the transport's bounds, as they are
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = "built-in defaults"
     # where each key that is not a default came from (a file, "environment",
     # "command line"), for errors found after loading; not part of equality
@@ -141,6 +154,8 @@ _BOUNDS = {
     ("dispatcher", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
     ("observer", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
     ("runner", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
+    ("web", "port"): (lambda v: 0 <= v <= 65535, "a port 0-65535"),
+    ("web", "session_hours"): (lambda v: v > 0, "greater than 0"),
     ("dispatcher", "heartbeat_interval"): (lambda v: v > 0, "greater than 0"),
     ("dispatcher", "heartbeat_misses"): (lambda v: v >= 1, "at least 1"),
     ("dispatcher", "max_attempts"): (lambda v: v >= 1, "at least 1"),
@@ -264,7 +279,8 @@ def _parse_env(name: str, text: str, kind: Any, hidden: bool = False) -> Any:
 
 
 def _is_secret(section: str, key: str) -> bool:
-    return section == "auth" and not key.endswith("_file")
+    return (section == "auth" and not key.endswith("_file")) or (section, key) in (("web", "token"),
+                                                                                   ("web", "users"))
 
 
 def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:

@@ -67,7 +67,9 @@ class Dispatcher:
             "trigger": self.on_trigger, "rebuild": self.on_rebuild,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
-            "fetch_artifact": queries.fetch_artifact,
+            "fetch_artifact": queries.fetch_artifact, "history": queries.history,
+            "branch_status": queries.branch_status, "log_window": queries.log_window,
+            "counts": queries.counts,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -269,6 +271,7 @@ class Dispatcher:
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
+        self.store.save_steps(build_id, msg.get("step_results"))
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")

@@ -88,6 +88,7 @@ class Execution:
         self.stop_reason: str | None = None
         self.limit = request.timeout            # seconds: the run's, or the .ci.yaml's once read
         self.steps_run = 0
+        self.step_results: list[dict] = []
         self._stop = asyncio.Event()
         self._clone = Checkout(self.checkout, buildlog, self._stop, request.timeout)
         self._started = self._deadline = 0.0
@@ -123,7 +124,8 @@ class Execution:
             return self._outcome(Status.ERROR)
 
     def _outcome(self, status: Status, code: int = -1) -> Outcome:
-        return Outcome(status, code, self.steps_run, round(time.monotonic() - self._started, 3))
+        return Outcome(status, code, self.steps_run, round(time.monotonic() - self._started, 3),
+                       tuple(self.step_results))
 
     async def _attempt(self) -> Outcome:
         try:
@@ -148,7 +150,12 @@ class Execution:
             step_deadline, why = self._deadline, f"{self.limit:g} s (the build's time limit)"
             if step.timeout is not None and time.monotonic() + step.timeout < self._deadline:
                 step_deadline, why = time.monotonic() + step.timeout, f"{step.timeout:g} s (the step's time limit)"
+            began = time.monotonic()
             how, code = await self._step(step.run, {**env, **step.env}, step_deadline, why)
+            # what the web page shows per step; exit_code None: it timed out or could not start
+            self.step_results.append({"name": step.name[:200], "run": step.run, "duration":
+                                      round(time.monotonic() - began, 3),
+                                      "exit_code": code if how == "exit" else None})
             if how == "error":
                 return self._outcome(Status.ERROR)
             if how == "timeout" or code != 0:

@@ -74,7 +74,7 @@ class Outbox:
                     raise ValueError("missing fields")
                 if (result["build"], result["attempt"]) != (int(match[1]), int(match[2])):
                     raise ValueError("build and attempt do not match the file name")
-                protocol.validate({"type": "result", **{k: result[k] for k in RESULT_FIELDS}}, protocol.RUNNER)
+                protocol.validate({"type": "result", **result}, protocol.RUNNER)
             except (OSError, ValueError, protocol.ProtocolError) as exc:
                 bad = path.with_suffix(".bad")
                 log.error("outbox entry %s is unreadable (%s); moved it to %s", path, exc, bad.name)

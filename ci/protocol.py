@@ -36,7 +36,7 @@ also ends a stream::
                                                                                   | error offset {expected} / stale
                                                                                   / not_yours
     runner -> dispatcher       result     build attempt status exit_code steps    ok
-                                          duration [log_size]                     | error offset {expected} / stale
+                                          duration [log_size step_results]        | error offset {expected} / stale
                                                                                   / not_yours
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
@@ -51,6 +51,11 @@ also ends a stream::
                                                                                   pipelines queue} once, then
                                                                                   event {event [build runner]}...
                                                                                   until end {reason}
+    reader -> dispatcher       history    [repo branch status author job sha      ok {builds older newer}
+                                          before after limit]
+    reader -> dispatcher       branch_status branch [repo]                        ok {status [sha builds]}
+    reader -> dispatcher       log_window build [offset line limit]               ok {data offset line size status}
+    reader -> dispatcher       counts     since                                   ok {counts}
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
     reader -> dispatcher       fetch_artifact                                     ok {data offset size eof}
                                           build path [offset]
@@ -67,6 +72,18 @@ that runner holds.
 file is unusable. ``run.job`` names the job whose steps the runner takes from
 the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in.
+
+``history`` pages through every build, newest first (keyset paging: the
+builds below ``before``, or just above ``after``), filtered by exact repo,
+branch, status and job, part of the author, and a prefix of the sha;
+``older``/``newer`` say whether more pages exist. ``branch_status`` is the
+status of a branch's newest finished pipeline (a commit's jobs, by the
+pipeline rule): passed, failed or error; ``running`` when none has finished
+but one is under way; ``unknown`` with no builds. ``log_window`` reads at most
+``limit`` bytes of a log: from ``offset``, from the start of ``line``
+(1-based), or, with neither, its tail, starting at a line; ``line`` in the
+reply numbers its first line, ``size`` is the whole log's. ``counts`` are the
+builds finished since a time, by status.
 
 ``operator`` may send everything ``reader`` may. DESIGN.md names the
 tools' log request ``log``; it is ``read_log`` here because the runner's
@@ -266,6 +283,17 @@ OBJECTS = Kind("list of objects", lambda v: isinstance(v, list) and all(isinstan
 CODE = _str(64)
 MESSAGE = _str(1 << 16)         # an error's text may quote a repository path and a revision
 # "build" or "runner", with that field; a viewer skips kinds it does not know (a newer dispatcher's)
+SHA_PREFIX = Kind("1-40 lowercase hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{1,40}", v)
+                  is not None)
+# a result's steps, as the runner ran them: the web page shows each with its exit and duration
+STEP_RESULTS = Kind("list of at most 200 {name, run, exit_code, duration}", lambda v: isinstance(v, list)
+                    and len(v) <= 200 and all(
+                        isinstance(s, dict) and set(s) == {"name", "run", "exit_code", "duration"}
+                        and _str(200).check(s["name"]) and _str(16384).check(s["run"])
+                        and (s["exit_code"] is None or _int(-1000, 1000).check(s["exit_code"]))
+                        and _number(s["duration"]) for s in v))
+BADGE = Kind("branch status", lambda v: v in ("passed", "failed", "error", "running", "unknown"))
+LOG_WINDOW_MAX = 128 * 1024     # bytes: a window of control characters, JSON-escaped six-fold, still fits a frame
 EVENT = Kind("event kind (1-64 characters)", lambda v: isinstance(v, str) and 0 < len(v) <= 64)
 
 
@@ -336,7 +364,7 @@ MESSAGES: dict[str, Spec] = {
                  reply=_ok({"offset": COUNT})),
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
-                             "duration": NUMBER}, {"log_size": COUNT},
+                             "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS},
                     reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
                                "data": DATA, "eof": BOOL},
@@ -360,6 +388,17 @@ MESSAGES: dict[str, Spec] = {
                    stream=Stream(first=SNAPSHOT,
                                  each=Shape("event", {"event": EVENT}, {"build": OBJECT, "runner": OBJECT}),
                                  end=Shape("end", {"reason": TEXT}))),
+    "history": _spec(TOOLS, {}, {"repo": REPO, "branch": BRANCH, "status": STATUS, "author": _str(200),
+                                 "job": JOB, "sha": SHA_PREFIX, "before": BUILD_ID, "after": BUILD_ID,
+                                 "limit": _int(1, 500)},
+                     reply=_ok({"builds": OBJECTS, "older": BOOL, "newer": BOOL})),
+    "branch_status": _spec(TOOLS, {"branch": BRANCH}, {"repo": REPO},
+                           reply=_ok({"status": BADGE}, {"sha": SHA, "builds": BUILD_IDS})),
+    "log_window": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "line": _int(1, 2**62),
+                                                     "limit": _int(1, LOG_WINDOW_MAX)},
+                        reply=_ok({"data": DATA, "offset": COUNT, "line": _int(1, 2**62), "size": COUNT,
+                                   "status": STATUS})),
+    "counts": _spec(TOOLS, {"since": NUMBER}, reply=_ok({"counts": OBJECT})),
     "artifacts": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"artifacts": OBJECTS})),
     "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
                             reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),

@@ -4,7 +4,12 @@ Receives (role reader or operator): ``status`` -> ok {runners, builds,
 pipelines, queue}; ``build`` -> ok {build}; ``read_log`` -> chunk... end
 {status, offset}; ``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
-{artifacts}; ``fetch_artifact`` -> ok {data, offset, size, eof}.
+{artifacts}; ``fetch_artifact`` -> ok {data, offset, size, eof};
+``history`` -> ok {builds, older, newer}; ``branch_status`` -> ok {status,
+[sha, builds]}; ``log_window`` -> ok {data, offset, line, size, status};
+``counts`` -> ok {counts}. The last four are what the web page needs: a page
+of any filter over any amount of history, a badge, and a window of a log of
+any size.
 
 Active builds are read from the scheduler (authoritative in memory),
 finished ones from the store. A queued build in ``status`` says why it
@@ -20,13 +25,16 @@ from . import aio, net, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs
 from .intake import pipelines
-from .models import Build, Status, why_waiting
+from .logwindow import LogLines
+from .models import Build, Status, pipeline_status, why_waiting
 from .scheduler import Scheduler
-from .store import Store
+from .store import HISTORY_FILTERS, Store
 from .watchers import Watchers
 
 LOG_CHUNK = 256 * 1024
 ARTIFACT_CHUNK = 256 * 1024
+LOG_WINDOW = 64 * 1024
+BADGE_SCAN = 500            # a branch's newest builds searched for a finished pipeline
 
 
 class Queries:
@@ -34,6 +42,7 @@ class Queries:
                  watchers: Watchers):
         self.store, self.sched, self.logs = store, sched, logs
         self.artifacts, self.watchers = artifacts, watchers
+        self.lines = LogLines()
 
     def _build(self, build_id: int) -> Build | None:
         return self.sched.builds.get(build_id) or self.store.get(build_id)
@@ -59,7 +68,8 @@ class Queries:
         build = self._build(msg["build"])
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
-        return protocol.ok(build=build.summary())
+        steps = self.store.steps(build.id) if build.status.final else None
+        return protocol.ok(build={**build.summary(), **({"steps": steps} if steps else {})})
 
     async def read_log(self, conn: net.Connection, msg: dict) -> None:
         build_id = msg["build"]
@@ -117,3 +127,41 @@ class Queries:
             return protocol.error(exc.code, exc.message)
         return protocol.ok(data=base64.b64encode(data).decode(), offset=offset, size=size,
                            eof=offset + len(data) >= size)
+
+    async def history(self, conn: net.Connection, msg: dict) -> dict:
+        filters = {name: msg[name] for name in HISTORY_FILTERS if name in msg}
+        builds, older, newer = self.store.history(filters, msg.get("before"), msg.get("after"),
+                                                  msg.get("limit", 50))
+        return protocol.ok(builds=[self.sched.builds.get(b.id, b).summary() for b in builds],
+                           older=older, newer=newer)
+
+    async def branch_status(self, conn: net.Connection, msg: dict) -> dict:
+        """The newest finished pipeline of the branch among its last BADGE_SCAN
+        builds; skipped and cancelled ones say nothing about the code, so the
+        search goes on past them."""
+        builds = [self.sched.builds.get(b.id, b)
+                  for b in self.store.branch_builds(msg["branch"], msg.get("repo"), limit=BADGE_SCAN)]
+        commits: dict[tuple, dict[str, Build]] = {}     # newest commit first, by its first build here
+        for build in reversed(builds):
+            jobs = commits.setdefault((build.repo, build.sha), {})
+            jobs[build.job] = build                      # ascending ids: the newest of each job wins
+        under_way = False
+        for (repo, sha), jobs in reversed(commits.items()):
+            status = pipeline_status([b.status.value for b in jobs.values()])
+            if status in ("passed", "failed", "error"):
+                return protocol.ok(status=status, sha=sha, builds=sorted(b.id for b in jobs.values()))
+            under_way = under_way or status in ("running", "queued")
+        return protocol.ok(status="running" if under_way else "unknown")
+
+    async def log_window(self, conn: net.Connection, msg: dict) -> dict:
+        build = self._build(msg["build"])
+        if build is None:
+            return protocol.error("not_found", f"no build {msg['build']}")
+        final = build.status.final and build.id not in self.sched.builds
+        window = await aio.in_thread(self.lines.read, self.logs.path(build.id), build.id,
+                                     msg.get("limit", LOG_WINDOW), final, msg.get("offset"), msg.get("line"))
+        return protocol.ok(data=window.data.decode(errors="replace"), offset=window.offset, line=window.line,
+                           size=window.size, status=build.status.value)
+
+    async def counts(self, conn: net.Connection, msg: dict) -> dict:
+        return protocol.ok(counts=self.store.counts(msg["since"]))

@@ -243,6 +243,8 @@ class Runner:
             result = {"build": request.build, "attempt": request.attempt, "status": outcome.status.value,
                       "exit_code": outcome.exit_code, "steps": outcome.steps,
                       "duration": outcome.duration, "log_size": buildlog.size}
+            if outcome.step_results:
+                result["step_results"] = list(outcome.step_results)
             # off the event loop: the fsyncs take milliseconds that other slots and pings can use
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._keep, buildlog, result)

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from .models import Build, RunnerRecord, Status
 
@@ -50,6 +50,14 @@ MIGRATIONS = (
     # one build per commit and job; manual triggers and rebuilds may repeat a sha
     (None, "CREATE UNIQUE INDEX IF NOT EXISTS builds_commit_job ON builds(repo, sha, job) "
            "WHERE reason = 'commit'"),
+    # the history's filters, each walked newest first (keyset paging by id), and the last hour's counts
+    (None, "CREATE INDEX IF NOT EXISTS builds_branch ON builds(branch, id)"),
+    (None, "CREATE INDEX IF NOT EXISTS builds_status ON builds(status, id)"),
+    (None, "CREATE INDEX IF NOT EXISTS builds_job ON builds(job, id)"),
+    (None, "CREATE INDEX IF NOT EXISTS builds_sha ON builds(sha)"),
+    (None, "CREATE INDEX IF NOT EXISTS builds_finished ON builds(finished_at)"),
+    # each step of the last attempt as the runner reported it (JSON), for the web page; NULL: not reported
+    ("step_results", "ALTER TABLE builds ADD COLUMN step_results TEXT"),
 )
 
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
@@ -131,6 +139,60 @@ class Store:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds ORDER BY id DESC LIMIT ?", (limit,))
         return [_build(r) for r in rows]
 
+    def history(self, filters: Mapping[str, str], before: int | None = None, after: int | None = None,
+                limit: int = 50) -> tuple[list[Build], bool, bool]:
+        """One page of builds matching ``filters`` (HISTORY_FILTERS), newest
+        first: those below ``before``, else those just above ``after``, else
+        the newest. Returns (builds, older ones exist, newer ones exist).
+
+        Keyset paging: a page costs the same at build 100 as at build 100,000,
+        and a build that arrives meanwhile does not shift the pages."""
+        where, args = _filter(filters)
+        # a sha prefix matches a handful of builds: walk its index, never the ids (``+id`` keeps
+        # SQLite from taking "id > X" for the cheaper path, which is a scan of every newer build)
+        key = "+id" if "sha" in filters else "id"
+        if after is not None:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND {key} > ? "
+                                   f"ORDER BY id ASC LIMIT ?", (*args, after, limit + 1)).fetchall()
+            newer = len(rows) > limit
+            builds = [_build(r) for r in rows[:limit][::-1]]
+            older = self._exists(f"{where} AND {key} < ?", (*args, builds[-1].id if builds else after + 1))
+        else:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND {key} < ? "
+                                   f"ORDER BY id DESC LIMIT ?", (*args, before or 2**62, limit + 1)).fetchall()
+            older = len(rows) > limit
+            builds = [_build(r) for r in rows[:limit]]
+            edge = builds[0].id if builds else before
+            newer = edge is not None and self._exists(f"{where} AND {key} > ?", (*args, edge))
+        return builds, older, newer
+
+    def _exists(self, where: str, args: tuple) -> bool:
+        return self.db.execute(f"SELECT EXISTS (SELECT 1 FROM builds WHERE {where})", args).fetchone()[0] == 1
+
+    def branch_builds(self, branch: str, repo: str | None = None, before: int | None = None,
+                      limit: int = 200) -> list[Build]:
+        """A branch's builds below ``before``, newest first."""
+        where, args = _filter({"branch": branch, **({"repo": repo} if repo else {})})
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE {where} AND id < ? ORDER BY id DESC LIMIT ?",
+                               (*args, before or 2**62, limit))
+        return [_build(r) for r in rows]
+
+    def counts(self, since: float) -> dict[str, int]:
+        """Builds that finished at ``since`` or later, by status."""
+        # INDEXED BY: left to itself, SQLite walks the status index through the whole history
+        rows = self.db.execute("SELECT status, count(*) FROM builds INDEXED BY builds_finished "
+                               "WHERE finished_at >= ? GROUP BY status",
+                               (since,))
+        return {status: n for status, n in rows}
+
+    def save_steps(self, build_id: int, steps: list[dict] | None) -> None:
+        self.db.execute("UPDATE builds SET step_results = ? WHERE id = ?",
+                        (json.dumps(steps) if steps is not None else None, build_id))
+
+    def steps(self, build_id: int) -> list[dict] | None:
+        row = self.db.execute("SELECT step_results FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
     def repos(self) -> list[str]:
         """Every repository a build was ever recorded for."""
         return [row[0] for row in self.db.execute("SELECT DISTINCT repo FROM builds ORDER BY repo")]
@@ -151,6 +213,31 @@ class Store:
             "SELECT name, host, port, labels, slots, alive, last_seen, registered_at FROM runners ORDER BY name")
         return [RunnerRecord(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered)
                 for name, host, port, labels, slots, alive, last_seen, registered in rows]
+
+
+# what the history may be filtered by: the value's test in SQL (sha is a prefix)
+HISTORY_FILTERS = ("repo", "branch", "status", "author", "job", "sha")
+
+
+def _filter(filters: Mapping[str, str]) -> tuple[str, tuple]:
+    """A WHERE clause (never empty) and its arguments for the history's filters."""
+    where, args = ["1"], []
+    for name in HISTORY_FILTERS:
+        value = filters.get(name)
+        if value is None:
+            continue
+        if name == "sha":
+            # a prefix as a range the index can walk: hex digits sort below 'g'
+            where.append("sha >= ? AND sha < ?")
+            args += [value, value + "g"]
+        elif name == "author":
+            # part of the name or e-mail, any case (LIKE is case-insensitive for ASCII)
+            where.append("author LIKE ? ESCAPE '\\'")
+            args.append("%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        else:
+            where.append(f"{name} = ?")
+            args.append(value)
+    return " AND ".join(where), tuple(args)
 
 
 def _build(row: tuple) -> Build:

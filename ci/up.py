@@ -1,8 +1,9 @@
-"""`tinyci up`: a dispatcher, an observer and N runners on this machine.
+"""`tinyci up`: a dispatcher, an observer, N runners and the web page on this machine.
 
 Each daemon is its own process (``python -m ci.<daemon> ...``), started in
-order: the dispatcher first (the others need its address), then the observer
-and the runners. A child counts as started when it prints its ready line
+order: the dispatcher first (the others need its address), then the observer,
+the runners and `tinyci web` (unless ``--no-web``), whose address is the
+first thing the summary prints. A child counts as started when it prints its ready line
 ("tinyci <daemon> listening on HOST:PORT") on stdout; its stderr, the
 daemon's log, goes to DATA/logs/<name>.log. If any child fails to start or
 dies later, the others are stopped and the end of its log is shown. Ctrl-C or
@@ -43,6 +44,7 @@ STOP_GRACE = 5.0         # seconds between SIGTERM and SIGKILL on shutdown
 LOG_TAIL = 15            # lines of a failed child's log to show
 GIT_TIMEOUT = 30.0       # seconds git gets to answer about the repository
 MAX_RUNNERS = 64
+WEB_PORT = 8080
 
 
 class UpError(Exception):
@@ -60,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8888,
                         help="dispatcher port (default 8888); the observer listens on PORT-1 and the "
                              "runners on PORT+1, PORT+2, ...; 0 picks free ports for all of them")
+    parser.add_argument("--web-port", type=int, metavar="PORT",
+                        help="port of the web page, on 127.0.0.1 (default 8080; with --port 0, a free one); "
+                             "0 picks a free one")
+    parser.add_argument("--no-web", action="store_true", help="do not start the web page (tinyci web)")
     parser.add_argument("--data", metavar="DIR", default=".tinyci",
                         help="where state, working clones and logs go (default .tinyci)")
     parser.add_argument("--interval", type=float, metavar="S",
@@ -112,6 +118,7 @@ class UpPlan:
     demo: bool = False
     env: dict | None = None       # children's environment when it carries a secret we made
     secret_file: Path | None = None
+    web_port: int | None = WEB_PORT   # None: no web page
 
 
 def make_plan(args: argparse.Namespace) -> UpPlan:
@@ -121,6 +128,10 @@ def make_plan(args: argparse.Namespace) -> UpPlan:
         raise UpError(f"--port {args.port} leaves no room for the observer (PORT-1) and "
                       f"{args.runners} runner(s) (PORT+1...); pick one between 2 and "
                       f"{65535 - args.runners}, or 0 for free ports")
+    web_port = None if args.no_web else (args.web_port if args.web_port is not None
+                                         else 0 if args.port == 0 else WEB_PORT)
+    if web_port is not None and not 0 <= web_port <= 65535:
+        raise UpError(f"--web-port must be a port 0-65535 (0 for a free one), got {web_port}")
     if args.interval is not None and not args.interval > 0:
         raise UpError(f"--interval must be greater than 0, got {args.interval:g}")
     config = None
@@ -148,7 +159,8 @@ def make_plan(args: argparse.Namespace) -> UpPlan:
         env = {**os.environ, "TINYCI_AUTH_SECRET": local_secret(secret_file)}
     common = (["--config", config] if config else []) + (["-v"] if args.verbose else [])
     return UpPlan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
-                interval=args.interval, config=config, demo=demo, env=env, secret_file=secret_file)
+                interval=args.interval, config=config, demo=demo, env=env, secret_file=secret_file,
+                web_port=web_port)
 
 
 def local_secret(path: Path) -> str:
@@ -312,9 +324,13 @@ class Supervisor:
             "--host", "127.0.0.1", "--port", str(port(n)), "--dispatcher", dispatcher.addr,
             "--name", f"runner-{n}", "--workdir", str(plan.data / "runners" / f"runner-{n}")])
             for n in range(1, plan.runners + 1)]
-        for child in (observer, *runners):
+        others = [observer, *runners]
+        if plan.web_port is not None:
+            others.append(self.child("web", "web", ["--host", "127.0.0.1", "--port", str(plan.web_port),
+                                                    "--dispatcher", dispatcher.addr]))
+        for child in others:
             await self.start(child)
-        waits = [asyncio.create_task(self.ready(child)) for child in (observer, *runners)]
+        waits = [asyncio.create_task(self.ready(child)) for child in others]
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -335,12 +351,23 @@ class Supervisor:
                 log.write(f"--- tinyci up: {shlex.join(child.argv())}\n".encode())
                 log.flush()
                 child.proc = await asyncio.create_subprocess_exec(
-                    *child.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.plan.env,
+                    *child.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.env(child),
                     # its own session: Ctrl-C reaches only us, and we stop the children in order
                     start_new_session=True)
         except OSError as exc:
             raise ChildFailed(child, f"cannot start it: {exc.strerror or exc}") from None
         self.children.append(child)
+
+    def env(self, child: Child) -> dict | None:
+        """A child's environment. The web page reads builds and nothing more: it
+        gets the secret as the reader's only (one secret here, so the same value,
+        but a configuration with a reader secret of its own keeps it apart)."""
+        env = self.plan.env
+        if env is None or child.daemon != "web" or "TINYCI_AUTH_SECRET" not in env:
+            return env
+        env = dict(env)
+        env["TINYCI_AUTH_READER_SECRET"] = env.pop("TINYCI_AUTH_SECRET")
+        return env
 
     async def ready(self, child: Child) -> None:
         """Wait for the child's ready line; then keep draining its stdout so it never blocks."""
@@ -405,16 +432,24 @@ class Supervisor:
             print(f"Last lines of its log, {_show(child.log_path)}:", file=sys.stderr)
             for line in tail:
                 print(f"  {line}", file=sys.stderr)
-        if self.plan.port and any("already in use" in line for line in tail):
+        if child.daemon == "web" and any("already in use" in line for line in tail):
+            print("Choose another port for the web page with --web-port (0 for a free one), or --no-web.",
+                  file=sys.stderr)
+        elif self.plan.port and any("already in use" in line for line in tail):
             print(f"tinyci up uses ports {self.plan.port - 1} to {self.plan.port + self.plan.runners}; "
                   f"choose others with --port, or --port 0 for free ones.", file=sys.stderr)
 
     def print_summary(self) -> None:
         plan = self.plan
         dispatcher = self.children[0]
-        print(f"tinyci is up, watching {_show(plan.repo)}")
+        web = next((c for c in self.children if c.daemon == "web"), None)
+        if web is not None:
+            print(f"tinyci is up: {web.addr}")
+            print(f"watching {_show(plan.repo)}")
+        else:
+            print(f"tinyci is up, watching {_show(plan.repo)}")
         for child in self.children:
-            print(f"  {child.name:<12} {child.addr:<21} pid {child.proc.pid:<8} log {_show(child.log_path)}")
+            print(f"  {child.name:<12} {child.addr:<22} pid {child.proc.pid:<8} log {_show(child.log_path)}")
         flags = ""
         if dispatcher.addr != "127.0.0.1:8888":
             flags += f" --dispatcher {dispatcher.addr}"

@@ -473,7 +473,8 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
     try:
         run.read_until("Press Ctrl-C")
         children = run.children()
-        assert sorted(children) == ["dispatcher", "observer", "runner-1", "runner-2"]
+        assert sorted(children) == ["dispatcher", "observer", "runner-1", "runner-2", "web"]
+        assert run.lines[0].startswith(f"tinyci is up: {children['web'][0]}")    # the page's address first
         addr = children["dispatcher"][0]
         # up made a secret for its daemons: owner-only, never on a command line, needed by tools
         secret_file = tmp_path / "data" / "secret"

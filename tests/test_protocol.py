@@ -27,7 +27,9 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
                           "running": [[1, 1]]}),
     "log": (RUNNER, {"build": 1, "attempt": 1, "offset": 0, "data": "hello\n"}),
     "result": (RUNNER, {"build": 1, "attempt": 1, "status": "passed", "exit_code": 0, "steps": 2,
-                        "duration": 1.5, "log_size": 6}),
+                        "duration": 1.5, "log_size": 6,
+                        "step_results": [{"name": "", "run": "make", "exit_code": 0, "duration": 1.2},
+                                         {"name": "t", "run": "sleep 9", "exit_code": None, "duration": 0.1}]}),
     "artifact": (RUNNER, {"build": 1, "attempt": 1, "path": "dist/app.tar", "offset": 0, "data": "aGVsbG8=",
                           "eof": True}),
     "run": (DISPATCHER, {"build": 1, "attempt": 1, "repo": REPO, "sha": SHA, "branch": "main",
@@ -39,6 +41,11 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "build": (READER, {"build": 1}),
     "read_log": (READER, {"build": 1, "offset": 0, "follow": True}),
     "watch": (READER, {"limit": 50}),
+    "history": (READER, {"repo": REPO, "branch": "main", "status": "failed", "author": "ada", "job": "test",
+                         "sha": "0123ab", "before": 100, "after": 50, "limit": 50}),
+    "branch_status": (READER, {"branch": "main", "repo": REPO}),
+    "log_window": (READER, {"build": 1, "offset": 0, "line": 120, "limit": 65536}),
+    "counts": (READER, {"since": 1700000000.0}),
     "artifacts": (READER, {"build": 1}),
     "fetch_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
     "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO}),
@@ -72,6 +79,11 @@ ANSWERS: dict[str, list[dict]] = {
     "watch": [SNAPSHOT, {"type": "event", "event": "build", "build": {"id": 3}},
               {"type": "event", "event": "runner", "runner": {"name": "r1"}},
               {"type": "end", "reason": "watcher too slow"}],
+    "history": [{"type": "ok", "builds": [{"id": 3, "status": "failed"}], "older": True, "newer": False}],
+    "branch_status": [{"type": "ok", "status": "passed", "sha": SHA, "builds": [3, 4]}],
+    "log_window": [{"type": "ok", "data": "line 120\n", "offset": 4000, "line": 120, "size": 9000,
+                    "status": "running"}],
+    "counts": [{"type": "ok", "counts": {"passed": 3, "failed": 1}}],
     "artifacts": [{"type": "ok", "artifacts": [{"path": "dist/app.tar", "size": 5}]}],
     "fetch_artifact": [{"type": "ok", "data": "aGVsbG8=", "offset": 0, "size": 5, "eof": True}],
     "trigger": [{"type": "ok", "builds": [3]}],
@@ -174,7 +186,8 @@ def test_who_may_send_what():
     assert senders["cancel"] == {DISPATCHER, OPERATOR}
     assert senders["poke"] == {OBSERVER, OPERATOR}
     assert senders["trigger"] == senders["rebuild"] == {OPERATOR}
-    for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact"):
+    for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact", "history",
+                 "branch_status", "log_window", "counts"):
         assert senders[kind] == {READER, OPERATOR}, kind        # operators may read too
     for kind in ("register", "log", "result", "artifact"):
         assert senders[kind] == {RUNNER}, kind
@@ -325,6 +338,10 @@ def test_what_answers_each_request():
         "status": ("ok", ["builds", "pipelines", "queue", "runners"], []),
         "build": ("ok", ["build"], []),
         "artifacts": ("ok", ["artifacts"], []),
+        "history": ("ok", ["builds", "newer", "older"], []),
+        "branch_status": ("ok", ["status"], ["builds", "sha"]),
+        "log_window": ("ok", ["data", "line", "offset", "size", "status"], []),
+        "counts": ("ok", ["counts"], []),
         "fetch_artifact": ("ok", ["data", "eof", "offset", "size"], []),
         "trigger": ("ok", ["builds"], []),
         "rebuild": ("ok", ["builds"], []),
