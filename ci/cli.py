@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from . import net, protocol
+from .local import LOCAL_SECRET, dial_host, tool_secret
 from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
@@ -52,7 +53,6 @@ DAEMONS = {
 DEFAULT_OBSERVER = "127.0.0.1:8887"
 # `tinyci up` writes the secret it made for its daemons here (under its default --data);
 # tools run from the same directory use it when no secret is configured
-LOCAL_SECRET = os.path.join(".tinyci", "secret")
 NOTIFY_TIMEOUT = 3.0        # a git hook must not hold up a commit for long
 
 
@@ -344,24 +344,6 @@ class DispatcherLink:
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
-
-
-def tool_secret(settings, role: str, secret_file: str | None = None) -> str:
-    """The secret a tool uses for ``role``: an explicit --secret-file first, then the
-    configured one (``settings``, may be None), then the secret `tinyci up` made in .tinyci/."""
-    if not secret_file:
-        secret = settings.secret(role) if settings is not None else ""
-        if secret:
-            return secret
-    try:
-        return open(secret_file or LOCAL_SECRET).read().strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-
-
-def dial_host(host: str) -> str:
-    """A daemon listening on every interface is reached on loopback."""
-    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def unreachable(what: str, addr: str, exc: Exception) -> str:

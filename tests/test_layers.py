@@ -11,7 +11,7 @@ from pathlib import Path
 CI = Path(__file__).resolve().parents[1] / "ci"
 
 # Modules that only start or talk to daemons: nothing below them may import them.
-DAEMONS = {"dispatcher", "runner", "observer", "cli", "up", "console", "__main__"}
+DAEMONS = {"dispatcher", "runner", "observer", "cli", "up", "console", "web", "__main__"}
 # The bottom layers: plain rules, values and helpers. Each may import only the
 # ci modules listed (the stdlib and third-party packages do not count).
 LEAVES = {
@@ -24,6 +24,7 @@ LEAVES = {
     "protocol": {"patterns"},
     "config": {"limits"},
     "tls": set(),
+    "local": set(),
 }
 
 
@@ -44,12 +45,20 @@ def _nodes(tree: ast.AST):
             yield from _nodes(child)
 
 
-def imports_of(path: Path) -> set[str]:
-    """The ci modules ``path`` imports, anywhere in it (but its ``__main__`` guard)."""
+def imports_of(path: Path, depth: int = 1) -> set[str]:
+    """The ci modules ``path`` imports, anywhere in it (but its ``__main__`` guard).
+    ``depth`` 2 is a module of a subpackage (ci/web/): ``..x`` is a ci module there,
+    and its imports of its own package's modules are not counted."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
     for node in _nodes(tree):
-        if isinstance(node, ast.ImportFrom):
+        if isinstance(node, ast.ImportFrom) and depth == 2:
+            if node.level == 2:
+                found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif node.level == 0 and node.module and node.module.split(".")[0] == "ci":
+                rest = node.module.split(".")[1:]
+                found.update(rest[:1] or [alias.name for alias in node.names])
+        elif isinstance(node, ast.ImportFrom):
             if node.level == 1 and node.module:             # from .x import y
                 found.add(node.module.split(".")[0])
             elif node.level == 1:                           # from . import x, y
@@ -66,8 +75,15 @@ def imports_of(path: Path) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
+    """ci modules, and each subpackage (ci/web) as one node, with the ci modules each imports."""
     modules = {path.stem: path for path in CI.glob("*.py") if path.stem != "__init__"}
-    return {name: imports_of(path) & modules.keys() - {name} for name, path in modules.items()}
+    packages = {path.parent.name: path.parent for path in CI.glob("*/__init__.py")}
+    names = modules.keys() | packages.keys()
+    edges = {name: imports_of(path) & names - {name} for name, path in modules.items()}
+    for name, folder in packages.items():
+        parts = [p for p in folder.glob("*.py") if p.stem != "__main__"]      # the entry point, like a main guard
+        edges[name] = set().union(*(imports_of(p, depth=2) for p in parts)) & names - {name}
+    return edges
 
 
 def cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -100,6 +116,7 @@ def test_the_reader_sees_function_local_imports():
     assert "console" in edges["cli"]        # `from . import console as live`, inside a function
     assert "up" in edges["cli"]
     assert "cli" not in edges["observer"]   # only in its `if __name__ == "__main__":`
+    assert {"net", "protocol", "settings"} <= edges["web"]   # ci/web/*.py, `from .. import net, protocol`
 
 
 def test_the_cycle_finder_finds_one():

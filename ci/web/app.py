@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .. import aio, daemon, net, protocol
 from ..config import ConfigError, load
+from ..local import dial_host, tool_secret
 from ..settings import resolve
 from . import actions, pages, streams
 from .auth import COOKIE, LOGIN_CSRF_COOKIE, Gate, same_origin, well_formed
@@ -217,7 +218,6 @@ def _check_exposure(host: str, keeper: Gate, insecure: bool) -> None:
 
 
 def main(args) -> int:
-    from ..cli import dial_host, tool_secret
 
     async def body(stop: asyncio.Event) -> None:
         overrides = {"web": {"host": args.host, "port": args.port, "dispatcher": args.dispatcher}}
