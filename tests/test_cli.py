@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
 import os
 import re
@@ -58,8 +57,6 @@ def test_top_level_help_describes_tinyci():
     ("runner", ["--dispatcher", "--port"]),
 ])
 def test_each_command_has_help(command, flags):
-    if command in cli.DAEMONS and importlib.util.find_spec(f"ci.{command}") is None:
-        pytest.skip(f"ci/{command}.py is not written yet")
     done = tinyci(command, "--help")
     assert done.returncode == 0, done.stderr
     for flag in flags:
@@ -404,6 +401,7 @@ def test_up_rejects_bad_numbers(tmp_path, argv, word):
     assert done.returncode == 2 and word in one_line(done.stderr)
 
 
+@pytest.mark.slow
 def test_demo_repository_has_a_passing_test_and_is_made_once(tmp_path):
     repo = up.make_demo(tmp_path / "demo")
     log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s", "main"], capture_output=True, text=True)
@@ -419,9 +417,7 @@ def test_demo_repository_has_a_passing_test_and_is_made_once(tmp_path):
 
 # ---------------------------------------------------------------- tinyci up: real daemons
 
-needs_daemons = pytest.mark.skipif(
-    any(importlib.util.find_spec(f"ci.{name}") is None for name in cli.DAEMONS),
-    reason="the dispatcher, runner and observer modules are not all written yet")
+needs_daemons = pytest.mark.slow       # `tinyci up` starts real daemons
 
 
 class Up:
@@ -541,6 +537,7 @@ def test_up_with_a_runners_port_taken_names_that_runner_and_exits_1(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_up_with_the_port_taken_shows_why_and_exits_1(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

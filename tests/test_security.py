@@ -25,6 +25,7 @@ from ci.settings import resolve
 
 from ci.models import Status
 from conftest import Repo, child_env, finished, tinyci
+from daemons import Daemon
 from test_dispatcher import Harness, codes, scenario
 
 
@@ -456,6 +457,7 @@ def test_a_live_runners_name_is_not_taken_over_and_a_restart_elsewhere_gets_it_b
     assert f"its old address {r1.addr} did not answer a ping" in c.disp.log()
 
 
+@pytest.mark.slow
 def test_without_secrets_daemons_refuse_non_loopback_addresses(tmp_path):
     repo = Repo(tmp_path / "repo")
     repo.commit("initial")
@@ -502,28 +504,19 @@ def test_one_secret_set_and_the_others_open_stops_daemons_and_tools_naming_the_o
     assert status.returncode == 1 and "configuration error" not in status.stderr, status.stderr
 
 
-needs_netns = pytest.mark.skipif(
-    shutil.which("unshare") is None
-    or subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0,
-    reason="needs unshare -rn (a private network namespace) to listen on 0.0.0.0 safely")
-
-
-@needs_netns
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["secret", "insecure"])
 def test_non_loopback_with_a_secret_or_insecure(tmp_path, how):
     # in a network namespace of its own: 0.0.0.0 there reaches nobody
+    assert shutil.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0, \
+        "this test needs `unshare -rn` (util-linux, and user namespaces allowed) to listen on 0.0.0.0 safely"
     extra = ["--insecure"] if how == "insecure" else []
     env = child_env(TINYCI_AUTH_SECRET="s3cret-value") if how == "secret" else child_env()
-    proc = subprocess.Popen(["unshare", "-rn", sys.executable, "-m", "ci.dispatcher", "--host", "0.0.0.0",
-                             "--port", "0", "--data", str(tmp_path / "d"), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert daemon.parse_ready(line), proc.stderr.read() if proc.poll() is not None else line
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    err = proc.stderr.read()
+    dispatcher = Daemon("dispatcher", ["--host", "0.0.0.0", "--port", "0", "--data", str(tmp_path / "d"), *extra],
+                        tmp_path, tmp_path / "dispatcher.log", env, prefix=("unshare", "-rn"))
+    assert dispatcher.host == "0.0.0.0"
+    dispatcher.stop()
+    err = dispatcher.log()
     if how == "insecure":
         assert "--insecure: listening on 0.0.0.0 with no secret" in err
         assert "anyone who can reach this port can" in err
