@@ -309,8 +309,9 @@ class Dispatcher:
         except intake.RevisionError as exc:
             return protocol.error(exc.code, exc.message)
         (author, subject), text = await aio.in_thread(_commit_at, repo, sha)
-        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push
-        jobs, problem = intake.jobs_from(text)
+        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push.
+        # Checked in a thread: a file at the size cap takes up to a second or so
+        jobs, problem = await aio.in_thread(intake.jobs_from, text)
         builds, _ = self._admit(intake.Request(
             repo=repo, branch=msg.get("branch") or "manual", sha=sha, subject=subject or f"triggered {rev}",
             author=author, reason="manual", jobs=jobs, config_error=problem, note="manual"))
@@ -323,8 +324,8 @@ class Dispatcher:
         reason = f"rebuild of {old.id}"
         jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
         if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
-            jobs, problem = intake.jobs_from(
-                await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME))
+            text = await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME)
+            jobs, problem = await aio.in_thread(intake.jobs_from, text)
         builds, _ = self._admit(intake.Request(
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))

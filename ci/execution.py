@@ -132,7 +132,7 @@ class Execution:
             self.log.line(f"checkout failed: {exc}")
             return self._outcome(Status.ERROR)
         try:
-            steps, source, env, spec = self._choose_steps()
+            steps, source, env, spec = await self._choose_steps()
         except BuildFileError as exc:
             self.log.line(f"build error: {exc}")
             return self._outcome(Status.ERROR)
@@ -160,13 +160,15 @@ class Execution:
             await self._artifacts(spec.artifacts)
         return self._outcome(status, code)
 
-    def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
+    async def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
         """The steps, where they come from, their environment and the ``.ci.yaml``
         (None without one); a ``.ci.yaml`` time limit replaces the run's.
         Raises BuildFileError."""
         request = self.request
         env = build_env(request)
-        spec = read_buildfile(self.checkout)
+        # in a thread: a file at the size cap takes up to a second or so to check,
+        # and the loop must go on answering the dispatcher's pings meanwhile
+        spec = await aio.in_thread(read_buildfile, self.checkout)
         if spec is not None:
             steps, timeout, file_env = spec.plan(request.job)
             env.update(file_env)
