@@ -115,6 +115,8 @@ class Dispatcher:
     def apply(self, plan: Plan | None) -> None:
         """Persist a plan in one transaction, then start the sends it asks for.
         Assignments are persisted and sent by the hand-out, a moment later."""
+        # every attempt that ends passes here (a result, a lost runner, a cancel, a requeue)
+        self.artifacts.settle(self.sched.is_leased)
         if not plan:
             return
         for build, why in plan.requeued:
@@ -277,7 +279,7 @@ class Dispatcher:
         build = self.sched.builds[build_id]
         try:
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
-                                        self.config.dispatcher.max_artifact_bytes)
+                                        self.config.dispatcher.max_artifact_bytes, attempt)
         except ArtifactError as exc:
             log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
             return protocol.error(exc.code, exc.message)
