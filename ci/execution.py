@@ -78,8 +78,11 @@ class Execution:
     """One attempt in progress in one slot's checkout."""
 
     def __init__(self, request: RunRequest, checkout: Path, buildlog: BuildLog, kill_grace: float,
-                 header: str = "", upload: Callable[[str, Path], Any] | None = None):
+                 header: str = "", upload: Callable[[str, Path], Any] | None = None,
+                 steps: procgroup.Steps | None = None):
+        """``steps``: the steps running in this process, every slot's (the runner's one registry)."""
         self.request = request
+        self.steps = steps if steps is not None else procgroup.Steps()
         self.upload = upload        # async (relative path, file) -> None; raises OSError/ValueError to refuse
         self.checkout = checkout.absolute()
         self.log = buildlog
@@ -207,17 +210,20 @@ class Execution:
         self.log.line(f"$ {command}")
         started = time.monotonic()
         loop = asyncio.get_running_loop()
+        mark = self.steps.begin()
         try:
             # asyncio.create_subprocess_shell, but with a protocol that says when the shell exits
             transport, protocol = await loop.subprocess_shell(
-                lambda: _StepProtocol(loop), command, cwd=self.checkout, env=env,
+                lambda: _StepProtocol(loop), command, cwd=self.checkout, env={**env, procgroup.STEP_MARK: mark},
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True)     # its own process group, so the whole tree can be killed
         except OSError as exc:
+            self.steps.end(mark)
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
         proc = asyncio.subprocess.Process(transport, protocol, loop)
+        self.steps.started(mark, proc.pid)
         marker = procgroup.mark_group(self.checkout, proc.pid)
         pump = asyncio.ensure_future(self._pump(proc.stdout))
         exited = asyncio.ensure_future(_exit_of(proc, protocol))
@@ -229,20 +235,29 @@ class Execution:
             # even after a clean exit: background children must not outlive their step
             await procgroup.kill_group(proc.pid, self.kill_grace)
             await aio.within(asyncio.shield(exited), 5.0)
+            self.steps.end(mark)
+            # and those that left the group (setsid, a double fork): the runner is their reaper
+            strays_ended = await procgroup.end_strays(self.steps, self.kill_grace)
         except BaseException:
             procgroup.signal_group(proc.pid, signal.SIGKILL)    # torn down mid-step: leave nothing behind
+            self.steps.end(mark)
+            procgroup.kill_strays_now(self.steps, keep=frozenset({proc.pid}))
             pump.cancel()
             raise
         finally:
+            self.steps.end(mark)
             stopped.cancel()
             marker.unlink(missing_ok=True)
         try:
             await aio.within(pump, OUTPUT_DRAIN)
         except asyncio.TimeoutError:
-            # a process that left the group (setsid) still holds the output pipe
+            # a process that left the group, where the runner is not its reaper, still holds the output pipe
             self.log.line("[the step's output is still open after it ended; stopped reading it]")
         finally:
             transport.close()       # the shell has exited: this only closes a pipe still open
+        if strays_ended:
+            self.log.line(f"[{len(strays_ended)} process(es) the step left running outside its process group "
+                          f"were killed]")
         return self._ended(how, proc.returncode, why, time.monotonic() - started)
 
     def _ended(self, how: str, returncode: int | None, why: str, elapsed: float) -> tuple[str, int]:

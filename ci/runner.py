@@ -31,7 +31,7 @@ from .buildlog import BuildLog
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
-from .procgroup import reap_orphans
+from .procgroup import Steps, become_subreaper, reap_orphans
 from .registration import Registration
 from .settings import Settings
 from .slots import Slots
@@ -64,6 +64,7 @@ class Runner:
         self.tasks: set[asyncio.Task] = set()
         self.registration = Registration(self._client(), self._register_message)
         self._lock: files.DirLock | None = None
+        self.steps = Steps()            # the steps running in every slot, for ending their strays
 
     # ------------------------------------------------------------ life cycle
 
@@ -87,6 +88,10 @@ class Runner:
             for pgid in reap_orphans(self.workdir / "checkouts"):
                 log.warning("killed process group %d: a build step left running when this runner "
                             "last stopped", pgid)
+            # a step's process that leaves its group (setsid) is then reparented here, to be ended with it
+            if not become_subreaper():
+                log.warning("cannot become the reaper of build steps' processes (Linux only): a process "
+                            "a step starts outside its process group (setsid) may outlive the build")
             outbox = Outbox(self.workdir)
             pending = outbox.load()
             outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})
@@ -200,7 +205,8 @@ class Runner:
             return protocol.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
         execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
-                              upload=lambda rel, file: self._upload(build, attempt, rel, file))
+                              upload=lambda rel, file: self._upload(build, attempt, rel, file),
+                              steps=self.steps)
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.slots.take(slot, execution, task)

@@ -9,11 +9,27 @@ import base64
 import logging
 import os
 
+import pytest
+
 from ci import protocol
 
-from test_dispatcher import SHA, Harness, codes, make, scenario  # noqa: F401  (make: the fixture)
+from test_dispatcher import SHA, Harness, codes, scenario
 
 LIMIT = 1000
+
+
+@pytest.fixture
+def make(tmp_path):
+    """``make(**dispatcher_keys)`` -> a Harness over the data dir in tmp_path (again: a restart)."""
+    made: list[Harness] = []
+
+    def build(**dispatcher) -> Harness:
+        made.append(Harness(tmp_path, **dispatcher))
+        return made[-1]
+
+    yield build
+    for h in made:
+        h.store.close()
 
 
 async def chunk(h: Harness, path: str, offset: int, size: int, eof: bool = False, build: int = 1,

@@ -1,11 +1,15 @@
 """Bounds that hold with the real daemons: a ``.ci.yaml`` built to be costly
 to read holds up neither the observer's other branches nor the runner's
-answers to the dispatcher, and a commit with more jobs than allowed is an
-``error`` build that says why."""
+answers to the dispatcher, a commit with more jobs than allowed is an
+``error`` build that says why, and nothing a step starts outlives the build."""
 
 from __future__ import annotations
 
-from conftest import finished
+import os
+import signal
+
+from conftest import finished, pid_alive
+from runner_support import read_pid
 
 from test_buildfile import alias_bomb
 
@@ -75,3 +79,21 @@ def test_more_jobs_than_allowed_is_an_error_build_that_says_why(cluster, repo):
     builds = of(c.wait_builds(lambda b: of(b, sha) and finished(of(b, sha)), "the commit's build"), sha)
     assert [(b["status"], b["runner"]) for b in builds] == [("error", None)]
     assert ".ci.yaml line 3: jobs: 101 jobs, more than the 100 one commit may have" in c.log(builds[0]["id"])
+
+
+def test_a_process_a_step_started_in_a_session_of_its_own_does_not_outlive_the_build(cluster, repo, tmp_path):
+    pid_file = tmp_path / "escaped.pid"
+    c = cluster(steps=[f"setsid sleep 300 >/dev/null 2>&1 & echo $! > {pid_file}; echo built"])
+    c.dispatcher()
+    runner = c.runner("r1")
+    c.observer(repo)
+    build = c.wait_builds(finished, "the build")[0]
+    pid = read_pid(pid_file)
+    try:
+        assert build["status"] == "passed" and pid
+        assert not pid_alive(pid), "the step's setsid child outlived the build"
+        assert "1 process(es) the step left running outside its process group were killed" in c.log(build["id"])
+        assert "cannot become the reaper" not in runner.log()
+    finally:
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
