@@ -88,10 +88,6 @@ class Runner:
             for pgid in reap_orphans(self.workdir / "checkouts"):
                 log.warning("killed process group %d: a build step left running when this runner "
                             "last stopped", pgid)
-            # a step's process that leaves its group (setsid) is then reparented here, to be ended with it
-            if not become_subreaper():
-                log.warning("cannot become the reaper of build steps' processes (Linux only): a process "
-                            "a step starts outside its process group (setsid) may outlive the build")
             outbox = Outbox(self.workdir)
             pending = outbox.load()
             outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})
@@ -290,6 +286,11 @@ class Runner:
 
 async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:
     runner = Runner(settings, stop)
+    # the daemon's process only (not a Runner made inside another program): a step's process
+    # that leaves its group (setsid) is then reparented here, to be ended with its step
+    if not become_subreaper():
+        log.warning("cannot become the reaper of build steps' processes (Linux only): a process "
+                    "a step starts outside its process group (setsid) may outlive the build")
     server = await runner.start(insecure)
     daemon.announce("runner", runner.host, runner.port, f" as {runner.name}")
     try:
