@@ -19,10 +19,14 @@ parse or fit raises BuildFileError, whose text names the line.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from . import patterns
 
@@ -36,13 +40,35 @@ MAX_SECONDS = 7 * 24 * 3600         # a time limit longer than a week is no limi
 # (jobs -> *steps -> *step -> *env), and checking it would take minutes.
 # A real file, even a large one, stays far below this.
 MAX_VALUES = 50_000
-# libyaml where installed: some ten times faster than the pure-Python parser on
-# a file at MAX_SIZE, and it refuses nesting deeper than 1000 levels itself
-# (the pure-Python composer recurses, so deep nesting is a RecursionError there)
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
 JOB_KEYS = ("labels", "steps", "env", "timeout")
+
+
+try:
+    from yaml._yaml import CParser
+except ImportError:         # PyYAML without libyaml
+    CParser = None
+
+if CParser is not None:
+    class _Loader(CParser, Composer, SafeConstructor, Resolver):
+        """libyaml's scanner and parser (several times faster than PyYAML's own;
+        it refuses nesting deeper than 1000 levels) under PyYAML's composer in
+        Python. Not libyaml's composer: it builds the whole tree in one C call
+        that holds the GIL throughout (most of a second for a file at
+        MAX_SIZE), which stalls a daemon's event loop even from another thread."""
+
+        def __init__(self, stream: str):
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+        check_node = Composer.check_node
+        get_node = Composer.get_node
+        get_single_node = Composer.get_single_node
+else:
+    _Loader = yaml.SafeLoader
 
 
 class BuildFileError(ValueError):
@@ -102,15 +128,27 @@ class BuildFile:
         return spec.steps or self.steps, timeout, {**self.env, **spec.env}
 
 
+# One file checked at a time in a process. Daemons check files in worker
+# threads; several costly ones at once would only share the CPU among
+# themselves while outnumbering the event loop's thread for the GIL, so that
+# it could not answer a ping for a second or more.
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def parse(text: str) -> BuildFile:
     """Parse and check the file's text; raises BuildFileError naming the line."""
     if len(text) > MAX_SIZE:
         raise BuildFileError(0, f"is larger than {MAX_SIZE} bytes")
-    loader = _LOADER(text)
+    with _ONE_AT_A_TIME:
+        return _parse(text)
+
+
+def _parse(text: str) -> BuildFile:
+    loader = _Loader(text)
     try:
         try:
             root = loader.get_single_node()
-        except RecursionError:
+        except RecursionError:      # the composer recurses once per level
             raise BuildFileError(0, "nests too deeply to be read") from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark

@@ -63,7 +63,7 @@ def test_an_alias_bomb_on_one_branch_holds_up_neither_other_branches_nor_the_run
     builds = c.wait_builds(lambda b: sum(1 for x in b if x["repo"] == url and x["status"] == "error") == 4,
                            "the runner to end the four bombs")
     for build in (b for b in builds if b["repo"] == url):
-        assert build["runner"] == "r1" and build["attempt"] == 1
+        assert build["runner"] == "r1" and build["attempt"] == 1, c.logs()
         assert "build error: .ci.yaml line 1: expands to more than 50000 values" in c.log(build["id"])
     log = c.disp.log(tail=10**6)
     assert "is dead" not in log and "queued again" not in log, log[-3000:]
