@@ -165,11 +165,17 @@ def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=32)
 def _jobs_of(data: bytes) -> tuple[tuple | None, str]:
-    """(jobs as ((name, labels), ...), problem) of a ``.ci.yaml``'s bytes. Kept
-    for the last few files seen: a push of many commits mostly shares one, and
-    a costly file is then read once, not once per commit."""
+    """(jobs as ((name, labels), ...), problem) of a ``.ci.yaml``'s bytes."""
+    if len(data) > 4 * buildfile.MAX_SIZE:      # more characters than allowed, whatever they are
+        return None, str(buildfile.BuildFileError(0, f"is larger than {buildfile.MAX_SIZE} bytes"))
+    return _checked(data)
+
+
+@functools.lru_cache(maxsize=32)
+def _checked(data: bytes) -> tuple[tuple | None, str]:
+    """``_jobs_of``, kept for the last few files seen: a push of many commits
+    mostly shares one, and a costly file is then read once, not once per commit."""
     try:
         jobs = buildfile.parse(data.decode("utf-8")).job_list()
     except UnicodeDecodeError:

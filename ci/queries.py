@@ -81,7 +81,7 @@ class Queries:
         if self.store.get(build_id) is None:
             await conn.send(protocol.error("not_found", f"no build {build_id}"))
             return
-        # past the end is the end (a log never shrinks): seeking there would be an OSError
+        # an offset past the end is the end (seeking far past it would be an OSError)
         offset = min(msg.get("offset", 0), self.logs.size(build_id))
         while True:
             changed = self.watchers.changed

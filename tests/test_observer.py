@@ -174,12 +174,12 @@ def test_commits_are_read_within_a_budget_and_each_ci_yaml_once(tmp_path):
     assert plan.report == [("main", sha) for sha in new]
     first = clone.describe(plan.report, budget=0)       # a spent budget still reads one
     assert [c.sha for c in first] == new[:1]
-    before = gitwatch._jobs_of.cache_info()
+    before = gitwatch._checked.cache_info()
     rest = clone.describe(plan.report[1:])
     assert [c.sha for c in rest] == new[1:]
     assert all(c.jobs == [{"name": "unit", "labels": ["linux"]}] for c in first + rest)
     # the same file at every commit: read once, however many commits share it
-    assert gitwatch._jobs_of.cache_info().misses == before.misses
+    assert gitwatch._checked.cache_info().misses == before.misses
 
 
 # ---------------------------------------------------------------- the saved position
