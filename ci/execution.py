@@ -13,6 +13,11 @@ into a ``RunRequest``, gives it a ``BuildLog`` whose writes wake the log
 sender and an ``upload`` coroutine for artifacts, and reports the
 ``Outcome``. ``Execution.stop`` ends it from outside (cancel, a stale lease,
 shutdown) by killing the running step's whole process group.
+
+However a step ends, nothing it started outlives it: its process group is
+killed, then the processes that left the group (``procgroup.end_strays``;
+the runner is their reaper). Each step carries a mark in its environment
+(``procgroup.STEP_MARK``) so that one slot's step ending spares another's.
 """
 
 from __future__ import annotations
