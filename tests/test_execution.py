@@ -216,9 +216,11 @@ def test_processes_that_leave_the_group_are_killed_when_the_step_ends(project, s
     # a new session that holds the output open, and a double fork into a process group of its own
     regroup = (f"import os; os.setpgid(0, 0); open('{rejobbed}', 'w').write(str(os.getpid())); "
                f"os.execvp('sleep', ['sleep', '300'])")
-    outcome, text = slot(project, [f"setsid sleep 300 & echo $! > {escaped}; "
+    # each writes its pid once it has left the group; the step ends only after both have
+    outcome, text = slot(project, [f"setsid sh -c 'echo $$ > {escaped}; exec sleep 300' & "
                                    f"(python -c \"{regroup}\" >/dev/null &) & "
-                                   f"while [ ! -s {rejobbed} ]; do sleep 0.01; done; echo started",
+                                   f"while [ ! -s {rejobbed} ] || [ ! -s {escaped} ]; do sleep 0.01; done; "
+                                   f"echo started",
                                    "echo second step"])
     pids = [read_pid(escaped), read_pid(rejobbed)]
     try:

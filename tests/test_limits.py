@@ -83,7 +83,9 @@ def test_more_jobs_than_allowed_is_an_error_build_that_says_why(cluster, repo):
 
 def test_a_process_a_step_started_in_a_session_of_its_own_does_not_outlive_the_build(cluster, repo, tmp_path):
     pid_file = tmp_path / "escaped.pid"
-    c = cluster(steps=[f"setsid sleep 300 >/dev/null 2>&1 & echo $! > {pid_file}; echo built"])
+    # the pid is written once the process has its own session: the step ends only after that
+    c = cluster(steps=[f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 300' >/dev/null 2>&1 & "
+                       f"while [ ! -s {pid_file} ]; do sleep 0.01; done; echo built"])
     c.dispatcher()
     runner = c.runner("r1")
     c.observer(repo)
