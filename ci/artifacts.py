@@ -7,18 +7,30 @@ a real directory (never a symlink); the file itself is opened with
 O_NOFOLLOW. A path that fails any of this is refused with ArtifactError and
 nothing is written. The list of finished uploads is kept in the store's
 ``artifacts`` table; a file being written is not listed until its last chunk.
+
+A file being written counts against ``max_artifact_bytes`` as much as a
+finished one (a runner that never sends ``eof`` would otherwise store without
+limit). The uploads in progress are kept in memory per build and attempt
+(read back from disk at an attempt's first chunk after a restart); ``settle``
+removes them once their attempt is over (a result, the runner lost, a
+cancel, a requeue), and a refused chunk removes its own file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import patterns
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 _BAD = re.compile(r"[\x00-\x1f\x7f\\]")
 MAX_PATH = 1024
@@ -43,10 +55,20 @@ def check_path(path: str) -> tuple[str, ...]:
     return parts
 
 
+@dataclass
+class Partial:
+    """One attempt's uploads that have not had their last chunk: path -> bytes on disk."""
+
+    attempt: int
+    sha: str
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
 class Artifacts:
     def __init__(self, store: Store):
         self.store = store
         self.root = store.dir / "artifacts"
+        self.partial: dict[int, Partial] = {}       # by build
 
     def directory(self, build_id: int, sha: str) -> Path:
         if not patterns.is_sha(sha):
@@ -72,23 +94,32 @@ class Artifacts:
 
     def clear(self, build_id: int, sha: str) -> None:
         """Forget what an earlier attempt uploaded (a new attempt starts)."""
+        self.partial.pop(build_id, None)
         with self.store.transaction():
             self.store.db.execute("DELETE FROM artifacts WHERE build = ?", (build_id,))
         shutil.rmtree(self.directory(build_id, sha), ignore_errors=True)
 
     def write(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
-              limit: int) -> int:
-        """Write one chunk at ``offset`` (0 starts the file afresh); returns the file's size."""
+              limit: int, attempt: int = 1) -> int:
+        """Write one chunk of ``attempt``'s upload at ``offset`` (0 starts the file
+        afresh); returns the file's size. Finished and unfinished files together
+        stay within ``limit`` bytes."""
         parts = check_path(path)
+        partial = self._partial(build_id, sha, attempt)
         used = self.store.db.execute("SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build = ? "
                                      "AND path != ?", (build_id, path)).fetchone()[0]
+        used += sum(size for other, size in partial.sizes.items() if other != path)
         if used + offset + len(data) > limit:
+            self._remove(build_id, partial, path)       # the runner gives this file up
             raise ArtifactError("too_large", f"artifacts of build {build_id} would exceed "
                                              f"{limit} bytes (dispatcher.max_artifact_bytes)")
         folder = self._dirs(self.directory(build_id, sha), parts, create=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if offset == 0 else 0)
+        # only the first chunk makes the file: a later one finds it, or is out of step
+        flags = os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if offset == 0 else 0)
         try:
             fd = os.open(folder / parts[-1], flags, 0o644)
+        except FileNotFoundError:
+            raise ArtifactError("offset", f"artifact {path!r} has 0 bytes, not {offset}") from None
         except OSError as exc:
             raise ArtifactError("bad_path", f"cannot write artifact {path!r}: {exc.strerror}") from None
         try:
@@ -103,10 +134,62 @@ class Artifacts:
         finally:
             os.close(fd)
         if eof:
+            partial.sizes.pop(path, None)
             with self.store.transaction():
                 self.store.db.execute("INSERT OR REPLACE INTO artifacts (build, path, size) VALUES (?, ?, ?)",
                                       (build_id, path, size))
+        else:
+            partial.sizes[path] = size
         return size
+
+    def _partial(self, build_id: int, sha: str, attempt: int) -> Partial:
+        """The uploads in progress of (build, attempt); at its first chunk since
+        this dispatcher started, the unlisted files already on disk (a restart
+        came in the middle of an upload)."""
+        partial = self.partial.get(build_id)
+        if partial is not None and partial.attempt == attempt:
+            return partial
+        if partial is not None:
+            self._drop(build_id)
+        partial = self.partial[build_id] = Partial(attempt, sha)
+        listed = {row[0] for row in self.store.db.execute("SELECT path FROM artifacts WHERE build = ?",
+                                                          (build_id,))}
+        base = self.directory(build_id, sha)
+        for folder, _, names in os.walk(base):      # never into a symlinked directory
+            for name in names:
+                file = Path(folder) / name
+                rel = file.relative_to(base).as_posix()
+                if rel not in listed and file.is_file() and not file.is_symlink():
+                    partial.sizes[rel] = file.stat().st_size
+        return partial
+
+    def settle(self, is_leased: Callable[[int, int], bool]) -> None:
+        """Remove the unfinished uploads of every attempt that is over:
+        ``is_leased(build, attempt)`` is False once it ended or was cancelled."""
+        for build_id, partial in list(self.partial.items()):
+            if not is_leased(build_id, partial.attempt):
+                self._drop(build_id)
+
+    def _drop(self, build_id: int) -> None:
+        partial = self.partial.pop(build_id)
+        for path in list(partial.sizes):
+            self._remove(build_id, partial, path)
+
+    def _remove(self, build_id: int, partial: Partial, path: str) -> None:
+        """Delete one unfinished upload (and the listing of an earlier, finished
+        file of that name, which it had overwritten)."""
+        if partial.sizes.pop(path, None) is None:
+            return
+        parts = check_path(path)
+        try:
+            folder = self._dirs(self.directory(build_id, partial.sha), parts, create=False)
+            os.unlink(folder / parts[-1])
+        except (ArtifactError, FileNotFoundError):
+            pass
+        except OSError as exc:
+            log.warning("build %d: cannot remove the unfinished artifact %r: %s", build_id, path, exc.strerror)
+        with self.store.transaction():
+            self.store.db.execute("DELETE FROM artifacts WHERE build = ? AND path = ?", (build_id, path))
 
     def list(self, build_id: int) -> list[dict]:
         rows = self.store.db.execute("SELECT path, size FROM artifacts WHERE build = ? ORDER BY path",
@@ -126,6 +209,8 @@ class Artifacts:
             raise ArtifactError("not_found", f"artifact {path!r} of build {build_id}: {exc.strerror}") from None
         try:
             size = os.fstat(fd).st_size
+            if offset >= size:
+                return b"", size        # the end; no seek, which fails far past it
             os.lseek(fd, offset, os.SEEK_SET)
             return os.read(fd, limit), size
         finally:

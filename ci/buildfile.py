@@ -19,10 +19,14 @@ parse or fit raises BuildFileError, whose text names the line.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from . import patterns
 
@@ -39,6 +43,32 @@ MAX_VALUES = 50_000
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
 JOB_KEYS = ("labels", "steps", "env", "timeout")
+
+
+try:
+    from yaml._yaml import CParser
+except ImportError:         # PyYAML without libyaml
+    CParser = None
+
+if CParser is not None:
+    class _Loader(CParser, Composer, SafeConstructor, Resolver):
+        """libyaml's scanner and parser (several times faster than PyYAML's own;
+        it refuses nesting deeper than 1000 levels) under PyYAML's composer in
+        Python. Not libyaml's composer: it builds the whole tree in one C call
+        that holds the GIL throughout (most of a second for a file at
+        MAX_SIZE), which stalls a daemon's event loop even from another thread."""
+
+        def __init__(self, stream: str):
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+        check_node = Composer.check_node
+        get_node = Composer.get_node
+        get_single_node = Composer.get_single_node
+else:
+    _Loader = yaml.SafeLoader
 
 
 class BuildFileError(ValueError):
@@ -98,14 +128,28 @@ class BuildFile:
         return spec.steps or self.steps, timeout, {**self.env, **spec.env}
 
 
+# One file checked at a time in a process. Daemons check files in worker
+# threads; several costly ones at once would only share the CPU among
+# themselves while outnumbering the event loop's thread for the GIL, so that
+# it could not answer a ping for a second or more.
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def parse(text: str) -> BuildFile:
     """Parse and check the file's text; raises BuildFileError naming the line."""
     if len(text) > MAX_SIZE:
         raise BuildFileError(0, f"is larger than {MAX_SIZE} bytes")
-    loader = yaml.SafeLoader(text)
+    with _ONE_AT_A_TIME:
+        return _parse(text)
+
+
+def _parse(text: str) -> BuildFile:
+    loader = _Loader(text)
     try:
         try:
             root = loader.get_single_node()
+        except RecursionError:      # the composer recurses once per level
+            raise BuildFileError(0, "nests too deeply to be read") from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             raise BuildFileError(mark.line + 1 if mark else 0,

@@ -153,6 +153,8 @@ class BuildLogs:
         part of a character whose rest may still come."""
         try:
             with open(self.path(build_id), "rb") as f:
+                if offset >= os.fstat(f.fileno()).st_size:
+                    return b""          # and no seek: past 2**62 that is an OSError
                 f.seek(offset)
                 data = f.read(limit)
         except FileNotFoundError:

@@ -118,6 +118,8 @@ class Dispatcher:
     def apply(self, plan: Plan | None) -> None:
         """Persist a plan in one transaction, then start the sends it asks for.
         Assignments are persisted and sent by the hand-out, a moment later."""
+        # every attempt that ends passes here (a result, a lost runner, a cancel, a requeue)
+        self.artifacts.settle(self.sched.is_leased)
         if not plan:
             return
         for build, why in plan.requeued:
@@ -283,7 +285,7 @@ class Dispatcher:
         return protocol.ok()
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
-        build_id = msg["build"]
+        build_id, attempt = msg["build"], msg["attempt"]
         refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
@@ -294,7 +296,7 @@ class Dispatcher:
         build = self.sched.builds[build_id]
         try:
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
-                                        self.config.dispatcher.max_artifact_bytes)
+                                        self.config.dispatcher.max_artifact_bytes, attempt)
         except ArtifactError as exc:
             log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
             return protocol.error(exc.code, exc.message)
@@ -326,8 +328,9 @@ class Dispatcher:
         except intake.RevisionError as exc:
             return protocol.error(exc.code, exc.message)
         (author, subject), text = await aio.in_thread(_commit_at, repo, sha)
-        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push
-        jobs, problem = intake.jobs_from(text)
+        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push.
+        # Checked in a thread: a file at the size cap takes up to a second or so
+        jobs, problem = await aio.in_thread(intake.jobs_from, text)
         builds, _ = self._admit(intake.Request(
             repo=repo, branch=msg.get("branch") or "manual", sha=sha, subject=subject or f"triggered {rev}",
             author=author, reason="manual", jobs=jobs, config_error=problem, note="manual"))
@@ -340,8 +343,8 @@ class Dispatcher:
         reason = f"rebuild of {old.id}"
         jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
         if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
-            jobs, problem = intake.jobs_from(
-                await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME))
+            text = await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME)
+            jobs, problem = await aio.in_thread(intake.jobs_from, text)
         builds, _ = self._admit(intake.Request(
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))

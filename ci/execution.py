@@ -13,6 +13,11 @@ into a ``RunRequest``, gives it a ``BuildLog`` whose writes wake the log
 sender and an ``upload`` coroutine for artifacts, and reports the
 ``Outcome``. ``Execution.stop`` ends it from outside (cancel, a stale lease,
 shutdown) by killing the running step's whole process group.
+
+However a step ends, nothing it started outlives it: its process group is
+killed, then the processes that left the group (``procgroup.end_strays``;
+the runner is their reaper). Each step carries a mark in its environment
+(``procgroup.STEP_MARK``) so that one slot's step ending spares another's.
 """
 
 from __future__ import annotations
@@ -78,8 +83,11 @@ class Execution:
     """One attempt in progress in one slot's checkout."""
 
     def __init__(self, request: RunRequest, checkout: Path, buildlog: BuildLog, kill_grace: float,
-                 header: str = "", upload: Callable[[str, Path], Any] | None = None):
+                 header: str = "", upload: Callable[[str, Path], Any] | None = None,
+                 steps: procgroup.Steps | None = None):
+        """``steps``: the steps running in this process, every slot's (the runner's one registry)."""
         self.request = request
+        self.steps = steps if steps is not None else procgroup.Steps()
         self.upload = upload        # async (relative path, file) -> None; raises OSError/ValueError to refuse
         self.checkout = checkout.absolute()
         self.log = buildlog
@@ -134,7 +142,7 @@ class Execution:
             self.log.line(f"checkout failed: {exc}")
             return self._outcome(Status.ERROR)
         try:
-            steps, source, env, spec = self._choose_steps()
+            steps, source, env, spec = await self._choose_steps()
         except BuildFileError as exc:
             self.log.line(f"build error: {exc}")
             return self._outcome(Status.ERROR)
@@ -167,13 +175,15 @@ class Execution:
             await self._artifacts(spec.artifacts)
         return self._outcome(status, code)
 
-    def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
+    async def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
         """The steps, where they come from, their environment and the ``.ci.yaml``
         (None without one); a ``.ci.yaml`` time limit replaces the run's.
         Raises BuildFileError."""
         request = self.request
         env = build_env(request)
-        spec = read_buildfile(self.checkout)
+        # in a thread: a file at the size cap takes up to a second or so to check,
+        # and the loop must go on answering the dispatcher's pings meanwhile
+        spec = await aio.in_thread(read_buildfile, self.checkout)
         if spec is not None:
             steps, timeout, file_env = spec.plan(request.job)
             env.update(file_env)
@@ -212,17 +222,20 @@ class Execution:
         self.log.line(f"$ {command}")
         started = time.monotonic()
         loop = asyncio.get_running_loop()
+        mark = self.steps.begin()
         try:
             # asyncio.create_subprocess_shell, but with a protocol that says when the shell exits
             transport, protocol = await loop.subprocess_shell(
-                lambda: _StepProtocol(loop), command, cwd=self.checkout, env=env,
+                lambda: _StepProtocol(loop), command, cwd=self.checkout, env={**env, procgroup.STEP_MARK: mark},
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True)     # its own process group, so the whole tree can be killed
         except OSError as exc:
+            self.steps.end(mark)
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
         proc = asyncio.subprocess.Process(transport, protocol, loop)
+        self.steps.started(mark, proc.pid)
         marker = procgroup.mark_group(self.checkout, proc.pid)
         pump = asyncio.ensure_future(self._pump(proc.stdout))
         exited = asyncio.ensure_future(_exit_of(proc, protocol))
@@ -234,20 +247,29 @@ class Execution:
             # even after a clean exit: background children must not outlive their step
             await procgroup.kill_group(proc.pid, self.kill_grace)
             await aio.within(asyncio.shield(exited), 5.0)
+            self.steps.end(mark)
+            # and those that left the group (setsid, a double fork): the runner is their reaper
+            strays_ended = await procgroup.end_strays(self.steps, self.kill_grace)
         except BaseException:
             procgroup.signal_group(proc.pid, signal.SIGKILL)    # torn down mid-step: leave nothing behind
+            self.steps.end(mark)
+            procgroup.kill_strays_now(self.steps, keep=frozenset({proc.pid}))
             pump.cancel()
             raise
         finally:
+            self.steps.end(mark)
             stopped.cancel()
             marker.unlink(missing_ok=True)
         try:
             await aio.within(pump, OUTPUT_DRAIN)
         except asyncio.TimeoutError:
-            # a process that left the group (setsid) still holds the output pipe
+            # a process that left the group, where the runner is not its reaper, still holds the output pipe
             self.log.line("[the step's output is still open after it ended; stopped reading it]")
         finally:
             transport.close()       # the shell has exited: this only closes a pipe still open
+        if strays_ended:
+            self.log.line(f"[{len(strays_ended)} process(es) the step left running outside its process group "
+                          f"were killed]")
         return self._ended(how, proc.returncode, why, time.monotonic() - started)
 
     def _ended(self, how: str, returncode: int | None, why: str, elapsed: float) -> tuple[str, int]:

@@ -11,15 +11,22 @@ so the rules read in one place:
 - a branch whose saved commit is no longer in its history (force-push, or
   the commit was pruned) reports only its new head;
 - a branch that is gone (or no longer matches the patterns) is forgotten.
+
+Then ``interleave`` lets branches take turns and ``Clone.describe`` reads
+the commits (each with its ``.ci.yaml``, which may take up to a second or so
+to check) a time budget at a time, so one branch never holds the others back
+by more than a commit.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from . import buildfile, gitops
 
@@ -108,12 +115,30 @@ class Clone:
         return str(local.resolve())
 
     def read(self, saved: Mapping[str, str]) -> tuple[ScanPlan, list[Commit]]:
-        """The plan for ``saved`` against the current heads, and the commits it reports.
+        """The plan for ``saved`` against the current heads, and every commit it reports.
         Raises GitReadError when the clone cannot be read just now."""
+        result = self.plan(saved)
+        return result, self.describe(result.report)
+
+    def plan(self, saved: Mapping[str, str]) -> ScanPlan:
+        """The plan for ``saved`` against the current heads. Raises GitReadError."""
         with gitops.RepoReader(self.path) as repo:
-            result = plan(saved, self._heads(repo), repo)
-            commits = [_describe(repo.commit(sha, buildfile.FILENAME), branch) for branch, sha in result.report]
-        return result, commits
+            return plan(saved, self._heads(repo), repo)
+
+    def describe(self, report: Sequence[tuple[str, str]], budget: float | None = None) -> list[Commit]:
+        """The commits of ``report`` (branch, sha), in order: all of them, or with
+        ``budget`` (seconds) those read before it ran out, at least one. Each
+        reads its ``.ci.yaml``, which may cost up to a second or so (see
+        buildfile.MAX_VALUES): the budget lets the observer send what it has
+        before reading on. Raises GitReadError."""
+        deadline = None if budget is None else time.monotonic() + budget
+        out: list[Commit] = []
+        with gitops.RepoReader(self.path) as repo:
+            for branch, sha in report:
+                if out and deadline is not None and time.monotonic() >= deadline:
+                    break
+                out.append(_describe(repo.commit(sha, buildfile.FILENAME), branch))
+        return out
 
     def _heads(self, repo: gitops.RepoReader) -> dict[str, str]:
         prefix = f"refs/remotes/{self.remote}/" if self.remote else "refs/heads/"
@@ -127,6 +152,39 @@ class Clone:
         return heads
 
 
+def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``report`` taking one commit of each branch in turn, each branch's own
+    commits still oldest first: a branch with many new commits (or costly
+    ``.ci.yaml`` files) delays the others by one commit at a time, not by all of them."""
+    queues: dict[str, list[str]] = {}
+    for branch, sha in report:
+        queues.setdefault(branch, []).append(sha)
+    out: list[tuple[str, str]] = []
+    for turn in range(max((len(q) for q in queues.values()), default=0)):
+        out.extend((branch, q[turn]) for branch, q in queues.items() if turn < len(q))
+    return out
+
+
+def _jobs_of(data: bytes) -> tuple[tuple | None, str]:
+    """(jobs as ((name, labels), ...), problem) of a ``.ci.yaml``'s bytes."""
+    if len(data) > 4 * buildfile.MAX_SIZE:      # more characters than allowed, whatever they are
+        return None, str(buildfile.BuildFileError(0, f"is larger than {buildfile.MAX_SIZE} bytes"))
+    return _checked(data)
+
+
+@functools.lru_cache(maxsize=32)
+def _checked(data: bytes) -> tuple[tuple | None, str]:
+    """``_jobs_of``, kept for the last few files seen: a push of many commits
+    mostly shares one, and a costly file is then read once, not once per commit."""
+    try:
+        jobs = buildfile.parse(data.decode("utf-8")).job_list()
+    except UnicodeDecodeError:
+        return None, f"{buildfile.FILENAME}: is not UTF-8 text"
+    except buildfile.BuildFileError as exc:
+        return None, str(exc)[:SUBJECT_MAX]
+    return tuple((job["name"], tuple(job["labels"])) for job in jobs), ""
+
+
 def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
     message = facts.message
     subject = message.split("\n", 1)[0].rstrip("\r")
@@ -134,12 +192,9 @@ def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
     if facts.file_kind and facts.file_kind != "blob":
         problem = f"{buildfile.FILENAME}: is not a file"
     elif facts.file is not None:
-        try:
-            jobs = buildfile.parse(facts.file.decode("utf-8")).job_list()
-        except UnicodeDecodeError:
-            problem = f"{buildfile.FILENAME}: is not UTF-8 text"
-        except buildfile.BuildFileError as exc:
-            problem = str(exc)[:SUBJECT_MAX]
+        found, problem = _jobs_of(facts.file)
+        if found is not None:
+            jobs = [{"name": name, "labels": list(labels)} for name, labels in found]
     return Commit(branch=branch, sha=facts.sha, author=facts.author[:SUBJECT_MAX],
                   subject=subject[:SUBJECT_MAX], time=facts.time,
                   message=message[:SUBJECT_MAX], jobs=jobs, config_error=problem)

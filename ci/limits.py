@@ -18,4 +18,6 @@ class Limits:
     connect_timeout: float = 5.0
     read_timeout: float = 10.0      # a frame, once started, must arrive within this
     idle_timeout: float = 300.0     # a server drops a client silent for this long
-    max_connections: int = 512
+    max_connections: int = 512     # authenticated connections a server holds at once
+    max_handshakes: int = 64        # connections still in the handshake, all addresses together
+    max_per_peer: int = 64          # connections (either kind) from one address

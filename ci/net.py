@@ -25,6 +25,9 @@ missing MAC gets the one answer ``auth_failed`` "authentication failed" and
 the connection closes. With ``tls`` configured, all of this runs inside TLS
 (``serve``/``Client`` ``ssl=``); after the handshake, plain TCP frames are
 neither secret nor protected from someone on the path.
+Before it authenticates a peer may send frames of HANDSHAKE_FRAME bytes at
+most and must finish within ``read_timeout``; which connections a server
+holds at all (handshakes, authenticated ones, per address) is ``gate``'s rule.
 
 A malformed payload, an unknown type or a bad field is answered with an
 ``error`` naming it and the connection stays usable; an oversized length
@@ -46,6 +49,7 @@ import secrets as _secrets
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import LazyAsyncio, within
+from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, check_reply, decode, encode, error,
@@ -54,6 +58,11 @@ from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, R
 asyncio: Any = LazyAsyncio(globals())
 
 log = logging.getLogger(__name__)
+
+# The largest frame a server reads before its peer has authenticated: a
+# hello's answer is some hundred bytes, and a peer that proved nothing must
+# not make a daemon hold a megabyte for it.
+HANDSHAKE_FRAME = 4096
 
 # ---------------------------------------------------------------- errors
 
@@ -94,6 +103,7 @@ class Connection:
         self.role = ""
         self.id = ""            # the authenticated client's id: a runner's name for role runner
         self.sent = 0           # frames sent: tells the server whether a stream handler answered
+        self.max_frame = limits.max_frame   # the largest frame read; smaller until a server's peer authenticates
 
     async def recv_raw(self, idle: float | None = None) -> Any:
         """Read one frame and decode its JSON (unvalidated).
@@ -109,9 +119,9 @@ class Connection:
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} sent nothing for {timeout:g}s") from None
         (length,) = HEADER.unpack(header)
-        if length > self.limits.max_frame:
+        if length > self.max_frame:
             raise FatalProtocolError(
-                "frame_too_large", f"frame of {length} bytes exceeds the limit of {self.limits.max_frame}")
+                "frame_too_large", f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         try:
             body = await within(self.reader.readexactly(length), self.limits.read_timeout)
         except asyncio.IncompleteReadError:
@@ -257,9 +267,12 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     must have meant to reach it. A client claiming one of ``roles`` proves
     it with ``keys(role, id)`` (None: refused); without ``keys``, with that
     role's entry in ``secrets``, else ``secret``. ``ssl`` is an SSLContext
-    to listen with TLS.
+    to listen with TLS. Connections are admitted by a ``gate.Gate`` (places
+    for handshakes, for authenticated connections and per address); until it
+    authenticates, a peer's frames are at most HANDSHAKE_FRAME bytes and the
+    whole handshake must end within ``read_timeout``.
     """
-    slots = asyncio.Semaphore(limits.max_connections)
+    admission = Gate(limits, name)
     if keys is None:
         keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
     who = identity if callable(identity) else (lambda: identity)
@@ -268,37 +281,38 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "peer"
         conn = Connection(reader, writer, limits, peer)
-        if slots.locked():
-            log.warning("%s: too many connections, refusing %s", name, peer)
+        ticket, why = admission.admit(peername[0] if peername else peer, writer.transport.abort)
+        if ticket is None:
+            await _refuse(conn, name, why)
+            return
+        conn.max_frame = min(HANDSHAKE_FRAME, limits.max_frame)
+        try:
+            if await _bounded_handshake(conn, keys, roles, who()):
+                if not admission.authenticated(ticket):
+                    await _refuse(conn, name, f"{name} has {limits.max_connections} connections open")
+                    return
+                conn.max_frame = limits.max_frame
+                await _serve_requests(conn, handler, name)
+        except (ConnectionError, PeerError) as exc:
+            log.debug("%s: %s: %s", name, peer, exc)
+        except FatalProtocolError as exc:
+            log.warning("%s: dropping %s: %s", name, peer, exc.message)
             try:
-                await conn.send(error("busy", f"{name} has {limits.max_connections} connections open"))
+                await conn.send(error(exc.code, exc.message))
             except (OSError, PeerError, ProtocolError):
                 pass
-            await conn.close()
+        except asyncio.CancelledError:
+            # the daemon is stopping. This task is the outermost one for the
+            # connection: ending it normally rather than "cancelled" keeps
+            # asyncio's stream callback (3.11) from logging a traceback for it
+            conn.writer.close()
             return
-        async with slots:
-            try:
-                if await _handshake(conn, keys, roles, who()):
-                    await _serve_requests(conn, handler, name)
-            except (ConnectionError, PeerError) as exc:
-                log.debug("%s: %s: %s", name, peer, exc)
-            except FatalProtocolError as exc:
-                log.warning("%s: dropping %s: %s", name, peer, exc.message)
-                try:
-                    await conn.send(error(exc.code, exc.message))
-                except (OSError, PeerError, ProtocolError):
-                    pass
-            except asyncio.CancelledError:
-                # the daemon is stopping. This task is the outermost one for the
-                # connection: ending it normally rather than "cancelled" keeps
-                # asyncio's stream callback (3.11) from logging a traceback for it
-                conn.writer.close()
-                return
-            except Exception:  # a bug in one handler must not take the daemon down
-                log.exception("%s: connection from %s failed", name, peer)
-            finally:
-                if not conn.writer.is_closing():
-                    await conn.close()
+        except Exception:  # a bug in one handler must not take the daemon down
+            log.exception("%s: connection from %s failed", name, peer)
+        finally:
+            admission.release(ticket)
+            if not conn.writer.is_closing():
+                await conn.close()
 
     extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
     return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)
@@ -306,6 +320,26 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
 
 def _role_keys(by_role: Mapping[str, str]) -> Keys:
     return lambda role, id: by_role.get(role)
+
+
+async def _refuse(conn: Connection, name: str, why: str) -> None:
+    """Turn a connection away with ``busy`` (one log line) and close it."""
+    log.warning("%s: refusing %s: %s", name, conn.peer, why)
+    try:
+        await conn.send(error("busy", why))
+    except (OSError, PeerError, ProtocolError):
+        pass
+    await conn.close()
+
+
+async def _bounded_handshake(conn: Connection, keys: Keys, roles: frozenset, identity: str) -> bool:
+    """``_handshake`` within ``read_timeout`` as a whole: a peer sending its
+    frames a byte at a time holds a handshake place no longer than that."""
+    try:
+        return await within(_handshake(conn, keys, roles, identity), conn.limits.read_timeout)
+    except asyncio.TimeoutError:
+        raise PeerTimeout(f"{conn.peer} did not finish the handshake within "
+                          f"{conn.limits.read_timeout:g}s") from None
 
 
 async def _handshake(conn: Connection, keys: Keys, roles: frozenset, identity: str) -> bool:

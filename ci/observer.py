@@ -43,6 +43,7 @@ BACKOFF_START = 0.2
 ACCEPTS = frozenset({protocol.OBSERVER, protocol.OPERATOR})
 BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
+DESCRIBE_BUDGET = 0.5       # seconds of reading commits (and their .ci.yaml) before sending what was read
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
 RETRY_CODES = frozenset({"internal", "busy", "auth_failed"})
 
@@ -277,15 +278,11 @@ class Observer:
         if self.clone.remote:
             await self.fetch()
         try:
-            plan, commits = await aio.in_thread(self.clone.read, dict(self.branches))
+            plan = await aio.in_thread(self.clone.plan, dict(self.branches))
         except gitops.GitReadError as exc:
-            if not self._git_failing:
-                log.warning("%s; trying again next scan", exc)
-            self._git_failing = True
+            self._read_failed(exc)
             return
-        if self._git_failing:
-            log.info("%s is readable again", self.setup.repo)
-        self._git_failing = False
+        self._read_again()
         for branch, old in plan.dropped:
             log.info("branch %s is gone (or no longer watched); forgetting it (last reported %s)",
                      branch, old[:12])
@@ -295,10 +292,31 @@ class Observer:
         for branch, old, new in plan.forced:
             log.warning("branch %s was force-pushed: %s is no longer in its history; reporting only "
                         "its new head %s", branch, old[:12], new[:12])
-        for commit in commits:
-            await self.deliver(commit)
-            self.branches[commit.branch] = commit.sha
-            self.state.save(self.branches)
+        # branches take turns, and commits are read a batch at a time: a branch
+        # with many commits or a costly .ci.yaml holds the others back by one
+        # commit at a time (see gitwatch.describe), never by all of its own
+        pending = gitwatch.interleave(plan.report)
+        while pending:
+            try:
+                commits = await aio.in_thread(self.clone.describe, pending, DESCRIBE_BUDGET)
+            except gitops.GitReadError as exc:
+                self._read_failed(exc)
+                return
+            pending = pending[len(commits):]
+            for commit in commits:
+                await self.deliver(commit)
+                self.branches[commit.branch] = commit.sha
+                self.state.save(self.branches)
+
+    def _read_failed(self, exc: gitops.GitReadError) -> None:
+        if not self._git_failing:
+            log.warning("%s; trying again next scan", exc)
+        self._git_failing = True
+
+    def _read_again(self) -> None:
+        if self._git_failing:
+            log.info("%s is readable again", self.setup.repo)
+        self._git_failing = False
 
     async def fetch(self) -> None:
         remote = self.clone.remote

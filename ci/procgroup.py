@@ -4,8 +4,21 @@ groups its killed predecessor left running.
 
 Every step runs in its own session (so its own process group, id = the
 shell's pid); killing the group kills every process the step started, unless
-one left the group on purpose (setsid). Linux's /proc tells live members from
-zombies; without /proc, ``killpg(pgid, 0)`` is the best answer there is.
+one left the group on purpose (setsid, or a double fork and a new group).
+Linux's /proc tells live members from zombies; without /proc,
+``killpg(pgid, 0)`` is the best answer there is.
+
+Those that left are strays. On Linux the runner is the subreaper of its
+descendants (``become_subreaper``), so a stray whose parent exits is
+reparented to the runner rather than to init, and stays findable: after each
+step, ``end_strays`` kills every descendant of the runner that is outside
+the runner's own session (git and its helpers, which the runner starts
+itself, stay in it: a step's processes never can, a session cannot be
+joined) and that no live step owns (``Steps``: the live steps' shells, and
+the mark each step carries in its environment, so one slot's step ending
+never touches another's), then reaps them. A process that clears its
+environment loses its mark and goes at the next step's end; one that
+forges another live step's mark lives until that step ends.
 
 A marker is a file ``<checkout>.pgid`` beside the slot's checkout holding
 "<pgid> <boot id>": written when a step starts, removed when it ends. A
@@ -15,15 +28,32 @@ marker from before a reboot names nothing: its group id may belong to anyone.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".pgid"
+STEP_MARK = "TINYCI_STEP"       # in each step's environment: which live step a process belongs to
+PR_SET_CHILD_SUBREAPER = 36     # <linux/prctl.h>
+STRAY_KILL_TIME = 5.0           # after the grace: how long SIGKILL rounds may go on (a process forking on)
+
+
+def _stat(pid: str) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields follow the last ")"
+    return stat[stat.rfind(b")") + 2:].split()
 
 
 def group_members(pgid: int) -> list[int] | None:
@@ -34,16 +64,8 @@ def group_members(pgid: int) -> list[int] | None:
         return None
     members = []
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may hold spaces and parentheses: fields follow the last ")"
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields and len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
 
@@ -85,6 +107,145 @@ async def kill_group(pgid: int, grace: float) -> None:
         log.info("process group %d ignored SIGTERM for %gs; sending SIGKILL", pgid, grace)
         signal_group(pgid, signal.SIGKILL)
 
+
+# ---------------------------------------------------------------- strays
+
+def become_subreaper(on: bool = True) -> bool:
+    """Make this process the one its orphaned descendants are reparented to
+    (Linux's PR_SET_CHILD_SUBREAPER; ``on`` False undoes it); False where that
+    cannot be done."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Steps:
+    """The steps running in this process: the mark each carries in its
+    environment and, once started, its shell's pid."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, int] = {}
+
+    def begin(self) -> str:
+        """A new step's mark, to put in its environment as STEP_MARK before it starts."""
+        mark = secrets.token_hex(8)
+        self.live[mark] = 0
+        return mark
+
+    def started(self, mark: str, pid: int) -> None:
+        self.live[mark] = pid
+
+    def end(self, mark: str) -> None:
+        self.live.pop(mark, None)
+
+
+def _mark_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:
+        return None
+    prefix = STEP_MARK.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
+def strays(steps: Steps, keep: frozenset = frozenset()) -> tuple[list[int], list[int]]:
+    """(live, zombie) descendants of this process that are outside its session
+    and belong to no live step of ``steps``; only zombies that are this
+    process's own children, and not in ``keep`` (a shell asyncio still has to
+    reap), are listed. Empty without /proc."""
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return [], []
+    me, session = os.getpid(), os.getsid(0)
+    children: dict[int, list[tuple[int, list[bytes]]]] = {}
+    for entry in entries:
+        fields = _stat(entry)
+        if fields and len(fields) > 3:
+            children.setdefault(int(fields[1]), []).append((int(entry), fields))
+    owned = {pid for pid in steps.live.values() if pid}
+    live, zombies = [], []
+    todo = list(children.get(me, ()))
+    while todo:
+        pid, fields = todo.pop()
+        if int(fields[3]) == session or pid in owned:
+            continue            # the runner's own helpers, or a live step's shell and all below it
+        if fields[0] in (b"Z", b"X"):
+            if int(fields[1]) == me and pid not in keep:
+                zombies.append(pid)
+            continue
+        if _mark_of(pid) in steps.live:
+            continue            # started by a step still running (in another slot)
+        live.append(pid)
+        todo.extend(children.get(pid, ()))
+    return live, zombies
+
+
+def _reap(zombies: list[int]) -> None:
+    for pid in zombies:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def kill_strays_now(steps: Steps, keep: frozenset = frozenset()) -> None:
+    """SIGKILL the strays at once, without waiting (a step torn down mid-way)."""
+    live, zombies = strays(steps, keep)
+    for pid in live:
+        _signal(pid, signal.SIGKILL)
+    _reap(zombies)
+
+
+async def end_strays(steps: Steps, grace: float, keep: frozenset = frozenset()) -> list[int]:
+    """End the strays (see the module docstring): SIGTERM, SIGKILL whatever is
+    left after ``grace`` seconds, and reap them. Returns the pids signalled."""
+    live, zombies = strays(steps, keep)
+    _reap(zombies)
+    if not live:
+        return []
+    ended = list(live)
+    for pid in live:
+        _signal(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGCONT)        # a stopped process only sees SIGTERM once resumed
+    deadline = time.monotonic() + grace
+    while live and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        live, zombies = strays(steps, keep)
+        _reap(zombies)
+    # SIGKILL rounds: one that forked meanwhile leaves a child, which the next round finds
+    deadline = time.monotonic() + STRAY_KILL_TIME
+    while live and time.monotonic() < deadline:
+        log.info("killing %d process(es) a build step left outside its group: %s",
+                 len(live), " ".join(map(str, live[:20])))
+        ended += [pid for pid in live if pid not in ended]
+        for pid in live:
+            _signal(pid, signal.SIGKILL)
+        await asyncio.sleep(0.02)
+        live, zombies = strays(steps, keep)
+        _reap(zombies)
+    if live:
+        log.warning("%d process(es) a build step left are still alive after SIGKILL: %s",
+                    len(live), " ".join(map(str, live[:20])))
+    return ended
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---------------------------------------------------------------- markers
 
 def boot_id() -> str:
     """This boot's id ("" without /proc): group ids mean nothing across a reboot."""

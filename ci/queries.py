@@ -76,7 +76,8 @@ class Queries:
         if self.store.get(build_id) is None:
             await conn.send(protocol.error("not_found", f"no build {build_id}"))
             return
-        offset = msg.get("offset", 0)
+        # an offset past the end is the end (seeking far past it would be an OSError)
+        offset = min(msg.get("offset", 0), self.logs.size(build_id))
         while True:
             changed = self.watchers.changed
             data = self.logs.read(build_id, offset, LOG_CHUNK)     # never half a character: its rest may come

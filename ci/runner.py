@@ -33,7 +33,7 @@ from .buildlog import BuildLog
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
-from .procgroup import reap_orphans
+from .procgroup import Steps, become_subreaper, reap_orphans
 from .registration import Registration
 from .settings import Settings
 from .slots import Slots
@@ -66,6 +66,7 @@ class Runner:
         self.tasks: set[asyncio.Task] = set()
         self.registration: Registration | None = None      # once the name is known
         self._lock: files.DirLock | None = None
+        self.steps = Steps()            # the steps running in every slot, for ending their strays
 
     # ------------------------------------------------------------ life cycle
 
@@ -214,7 +215,8 @@ class Runner:
             return protocol.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
         execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
-                              upload=lambda rel, file: self._upload(build, attempt, rel, file))
+                              upload=lambda rel, file: self._upload(build, attempt, rel, file),
+                              steps=self.steps)
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.slots.take(slot, execution, task)
@@ -300,6 +302,11 @@ class Runner:
 
 async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False) -> None:
     runner = Runner(settings, stop)
+    # the daemon's process only (not a Runner made inside another program): a step's process
+    # that leaves its group (setsid) is then reparented here, to be ended with its step
+    if not become_subreaper():
+        log.warning("cannot become the reaper of build steps' processes (Linux only): a process "
+                    "a step starts outside its process group (setsid) may outlive the build")
     server = await runner.start(insecure)
     daemon.announce("runner", runner.host, runner.port, f" as {runner.name}")
     try:

@@ -174,3 +174,10 @@ def test_a_few_aliases_are_fine():
     spec = buildfile.parse(alias_bomb(jobs=3, steps=2, keys=2))
     steps, _, env = spec.plan("j1")
     assert len(steps) == 2 and steps[0].env == {"K0": "v", "K1": "v"} and env == {"K0": "v", "K1": "v"}
+
+
+def test_deep_nesting_is_an_error_not_a_crash():
+    for text in ("steps: " + "[" * 5000 + "]" * 5000, "steps: " + "{a: " * 5000 + "1" + "}" * 5000):
+        with pytest.raises(BuildFileError) as err:
+            buildfile.parse(text)
+        assert "nest" in str(err.value)

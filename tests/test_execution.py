@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ci import procgroup
 from ci.attempt import Outcome, RunRequest
 from ci.buildlog import BuildLog
 from ci.execution import DEFAULT_TEST_STEP, NO_STEPS, OUTPUT_DRAIN, Execution, build_env
@@ -200,6 +201,38 @@ def test_output_a_process_that_left_the_group_holds_open(project, slot, tmp_path
         pid = read_pid(escaped)
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def reaper():
+    """This test process as the reaper of its orphaned descendants, as the runner is; undone after."""
+    assert procgroup.become_subreaper()
+    yield
+    procgroup.become_subreaper(False)
+
+
+def test_processes_that_leave_the_group_are_killed_when_the_step_ends(project, slot, tmp_path, reaper):
+    escaped, rejobbed = tmp_path / "escaped.pid", tmp_path / "rejobbed.pid"
+    # a new session that holds the output open, and a double fork into a process group of its own
+    regroup = (f"import os; os.setpgid(0, 0); open('{rejobbed}', 'w').write(str(os.getpid())); "
+               f"os.execvp('sleep', ['sleep', '300'])")
+    # each writes its pid once it has left the group; the step ends only after both have
+    outcome, text = slot(project, [f"setsid sh -c 'echo $$ > {escaped}; exec sleep 300' & "
+                                   f"(python -c \"{regroup}\" >/dev/null &) & "
+                                   f"while [ ! -s {rejobbed} ] || [ ! -s {escaped} ]; do sleep 0.01; done; "
+                                   f"echo started",
+                                   "echo second step"])
+    pids = [read_pid(escaped), read_pid(rejobbed)]
+    try:
+        assert outcome.status == Status.PASSED, text
+        assert all(pids) and not any(pid_alive(p) for p in pids), "a process of the step survived"
+        assert "started\n[2 process(es) the step left running outside its process group were killed]\n" \
+               "[exit 0 after " in text
+        assert "still open" not in text and outcome.duration < OUTPUT_DRAIN
+    finally:
+        for pid in pids:
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_artifacts_are_sent_after_the_steps_and_refusals_noted(project, slot):

@@ -151,6 +151,31 @@ def test_long_subject_is_cut_to_the_protocol_limit(tmp_path):
                  protocol.OBSERVER)
 
 
+def test_branches_take_turns_each_still_oldest_first():
+    report = [("a", "1"), ("a", "2"), ("a", "3"), ("b", "4"), ("c", "5"), ("c", "6")]
+    assert gitwatch.interleave(report) == [("a", "1"), ("b", "4"), ("c", "5"), ("a", "2"), ("c", "6"), ("a", "3")]
+    assert gitwatch.interleave([]) == []
+
+
+def test_commits_are_read_within_a_budget_and_each_ci_yaml_once(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    saved = git(repo, "rev-parse", "HEAD")
+    (repo / ".ci.yaml").write_text("steps: [make]\njobs: {unit: {labels: [linux]}}\n")
+    git(repo, "add", ".ci.yaml")
+    new = [commit(repo, "add .ci.yaml"), *commits(repo, 3)]
+    clone = gitwatch.Clone(repo)
+    plan = clone.plan({"main": saved})
+    assert plan.report == [("main", sha) for sha in new]
+    first = clone.describe(plan.report, budget=0)       # a spent budget still reads one
+    assert [c.sha for c in first] == new[:1]
+    before = gitwatch._checked.cache_info()
+    rest = clone.describe(plan.report[1:])
+    assert [c.sha for c in rest] == new[1:]
+    assert all(c.jobs == [{"name": "unit", "labels": ["linux"]}] for c in first + rest)
+    # the same file at every commit: read once, however many commits share it
+    assert gitwatch._checked.cache_info().misses == before.misses
+
+
 # ---------------------------------------------------------------- the saved position
 
 def test_state_file_round_trip_and_corruption(tmp_path, caplog):
@@ -415,8 +440,10 @@ def test_fetch_mode_reports_the_remote_branches(tmp_path, spawn, dispatcher):
     fake.wait_for([head])
     new = commits(upstream, 2)
     git(upstream, "branch", "topic")
-    fake.wait_for(new)
-    wait_until(lambda: any(m["branch"] == "topic" for m in fake.received), WAIT, "the topic branch reported")
+    # branches take turns (gitwatch.interleave): topic's head may come before main's
+    wait_until(lambda: any(m["branch"] == "topic" for m in fake.received)
+               and len([m for m in fake.received if m["branch"] == "main"]) == 3, WAIT,
+               "the topic branch and main's two new commits reported")
     assert [m["sha"] for m in fake.received if m["branch"] == "main"] == [head, *new]
     assert [(m["branch"], m["sha"]) for m in fake.received if m["branch"] != "main"] == [("topic", new[-1])]
     assert {m["repo"] for m in fake.received} == {str(upstream)}     # runners clone the remote itself

@@ -1,13 +1,16 @@
 """Process groups with real processes: alive or not (zombies are dead), the
 whole tree killed (SIGTERM, then SIGKILL after the grace), a stopped group
-resumed so it sees SIGTERM, and the orphans a killed runner left reaped."""
+resumed so it sees SIGTERM, the orphans a killed runner left reaped, and the
+strays a step left outside its group ended by the runner as their reaper."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from ci import procgroup
 
-from conftest import pid_alive
+from conftest import child_env, pid_alive
 from runner_support import read_pid
 
 
@@ -117,3 +120,73 @@ def test_reap_orphans_kills_only_the_groups_marked_in_this_boot(groups, tmp_path
     assert procgroup.group_alive(spared.pid)
     assert not list(checkouts.glob("*.pgid")), "every marker is removed"
     assert procgroup.reap_orphans(checkouts) == []
+
+
+# ---------------------------------------------------------------- strays, in a process of their own
+
+# A stand-in runner: it becomes the subreaper, starts "steps" that leave
+# processes behind outside their group, and reports (as JSON) who is its child
+# and what end_strays did. A process of its own, so that this test process
+# never becomes anyone's reaper.
+REAPER = r"""
+import asyncio, json, os, subprocess, sys, time
+from ci import procgroup
+
+started = []
+
+def start(command, mark=None):
+    env = dict(os.environ, **({procgroup.STEP_MARK: mark} if mark else {}))
+    shell = subprocess.Popen(["sh", "-c", command], env=env, start_new_session=True, stdout=subprocess.PIPE)
+    pids = [int(p) for p in shell.stdout.read().split()]     # the shell prints them and exits
+    shell.wait()
+    started.extend(pids)
+    return pids
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+out = {"subreaper": procgroup.become_subreaper()}
+steps = procgroup.Steps()
+helper = subprocess.Popen(["sleep", "300"])     # the runner's own child, in its own session
+started.append(helper.pid)
+try:
+    other = steps.begin()                       # a step still running in another slot
+    escaped = start("setsid sleep 300 >/dev/null & echo $!")     # the issue's case: a new session
+    forked = start("(sleep 300 >/dev/null & echo $!) | cat")     # a double fork: its parent subshell is gone
+    cleared = start(f"env -u {procgroup.STEP_MARK} setsid sleep 300 >/dev/null & echo $!", mark="gone-step")
+    spared = start("setsid sleep 300 >/dev/null & echo $!", mark=other)    # the step still running's
+    out["parents"] = [parent(p) for p in escaped + forked + cleared + spared]
+    out["first"] = asyncio.run(procgroup.end_strays(steps, 0.5))
+    out["alive"] = [p for p in escaped + forked + cleared + spared + [helper.pid] if os.path.exists(f"/proc/{p}")]
+    steps.end(other)                            # that step ends too
+    out["second"] = asyncio.run(procgroup.end_strays(steps, 0.5))
+    out["spared"] = spared
+    out["ended"] = escaped + forked + cleared
+    out["helper"] = helper.pid
+    out["helper_alive"] = helper.poll() is None
+finally:
+    for pid in started:                         # whatever happened, nothing started here outlives it
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    helper.wait()
+print(json.dumps(out))
+"""
+
+
+def test_strays_outside_the_group_are_ended_unless_a_live_step_or_the_runner_owns_them():
+    done = subprocess.run([sys.executable, "-c", REAPER], capture_output=True, text=True, timeout=60,
+                          env=child_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["subreaper"] is True
+    me = out["parents"][0]
+    assert set(out["parents"]) == {me}, "each stray was reparented to the subreaper, not to init"
+    # the first sweep ends the three that no live step owns (one cleared its mark) and reaps
+    # them: gone from /proc, not zombies; the live step's process and the runner's own child stay
+    assert sorted(out["first"]) == sorted(out["ended"])
+    assert out["alive"] == [*out["spared"], out["helper"]]
+    assert out["second"] == out["spared"] and out["helper_alive"]
+    assert not any(pid_alive(p) for p in out["ended"] + out["spared"])
