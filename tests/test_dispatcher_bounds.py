@@ -36,7 +36,7 @@ async def chunk(h: Harness, path: str, offset: int, size: int, eof: bool = False
                 attempt: int = 1) -> dict:
     data = base64.b64encode(b"x" * size).decode()
     return await h.call({"type": "artifact", "build": build, "attempt": attempt, "path": path,
-                         "offset": offset, "data": data, "eof": eof}, protocol.RUNNER)
+                         "offset": offset, "data": data, "eof": eof}, protocol.RUNNER, id="r1")
 
 
 def on_disk(h: Harness, build: int = 1) -> dict[str, int]:

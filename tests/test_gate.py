@@ -135,7 +135,7 @@ def test_a_large_frame_before_authentication_is_refused_at_its_length():
                                                      "frame of 1048576 bytes exceeds the limit of 4096")
         assert await closed(reader)         # without reading the body
         # once authenticated, a client may send frames up to max_frame
-        client = net.Client("127.0.0.1", port, "runner", SECRET)
+        client = net.Client("127.0.0.1", port, "runner", SECRET, id="r1")
         big = {"type": "log", "build": 1, "attempt": 1, "offset": 0, "data": "x" * 60_000}
         assert await client.request(big) == ANSWERS["log"][0]
         await client.close()
@@ -148,7 +148,9 @@ def test_the_whole_handshake_must_end_within_the_read_timeout():
     async def body():
         server, port = await serve(net.Limits(read_timeout=2.0))
         (reader, writer), = await silent(port, 1)
-        frame = protocol.encode({"type": "auth", "role": "reader", "mac": net.mac(SECRET, "x", "reader")})
+        nc = net.nonce()
+        frame = protocol.encode({"type": "auth", "role": "reader", "id": "", "nonce": nc, "to": "dispatcher",
+                                 "mac": net.client_mac(SECRET, "x" * 32, nc, "reader", "", "dispatcher")})
         # each read in time on its own (the length by 1.5 s, the body 1.5 s after it),
         # but the handshake as a whole takes 3 s: dropped at 2 s, never answered (not even
         # with auth_failed, as this MAC of another nonce would be)
