@@ -43,6 +43,7 @@ MARKER_SUFFIX = ".pgid"
 STEP_MARK = "TINYCI_STEP"       # in each step's environment: which live step a process belongs to
 PR_SET_CHILD_SUBREAPER = 36     # <linux/prctl.h>
 STRAY_KILL_TIME = 5.0           # after the grace: how long SIGKILL rounds may go on (a process forking on)
+KILL_WAIT = 2.0                 # after SIGKILL: how long to wait for the group to be gone
 
 
 def _stat(pid: str) -> list[bytes] | None:
@@ -106,6 +107,11 @@ async def kill_group(pgid: int, grace: float) -> None:
     if group_alive(pgid):
         log.info("process group %d ignored SIGTERM for %gs; sending SIGKILL", pgid, grace)
         signal_group(pgid, signal.SIGKILL)
+        # SIGKILL is delivered, not yet done: wait (bounded) until the group is
+        # gone, so the caller may count on it (a loaded machine can take a while)
+        deadline = time.monotonic() + KILL_WAIT
+        while group_alive(pgid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- strays
