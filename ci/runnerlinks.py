@@ -131,25 +131,39 @@ class RunnerLinks:
                  for build, runner, attempt in batch if self.sched.is_leased(build.id, attempt)]
         sizes = await asyncio.to_thread(self.logs.first_lines, lines)
         now = self.clock()
-        # started now, in the same step as the `run` is queued on the runner's link:
-        # a ping that goes out before it cannot take the build back (see Scheduler.heartbeat)
+        # from here until the runner acknowledges the `run`, no pong judges the build
+        # (see Scheduler.sending): every lease not handed to send_run is released below
         batch = [(build, runner, attempt) for build, runner, attempt in batch
                  if build.id in sizes and self.sched.sending(build.id, attempt, now)]
-        for build, _, _ in batch:
-            self.logs.begin(build, sizes[build.id])
-        with self.store.transaction():
-            self.store.save(build for build, _, _ in batch)
-        for build, runner, attempt in batch:
-            log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
-            if attempt > 1:
-                self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
-            self.spawn(self.send_run(build, runner, attempt))
+        spawned: set[int] = set()
+        try:
+            for build, _, _ in batch:
+                self.logs.begin(build, sizes[build.id])
+            with self.store.transaction():
+                self.store.save(build for build, _, _ in batch)
+            for build, runner, attempt in batch:
+                log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
+                if attempt > 1:
+                    self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
+                self.spawn(self.send_run(build, runner, attempt))
+                spawned.add(build.id)
+        finally:
+            for build, _, attempt in batch:
+                if build.id not in spawned:
+                    self.sched.sent(build.id, attempt, self.clock())
         if self.watchers.active:
             for build, _, _ in batch:
                 self.watchers.event("build", build=build.summary())
         self.watchers.touch()
 
     async def send_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
+        try:
+            await self._send_run(build, runner, attempt)
+        finally:
+            # acknowledged, refused or unknown: from now on the runner's pongs tell
+            self.sched.sent(build.id, attempt, self.clock())
+
+    async def _send_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
         # the lease is pinned when the send is decided: should the build be taken
         # back and handed to someone else before this task runs, sending
         # build.attempt here would give one lease to two runners
@@ -230,20 +244,25 @@ class RunnerLinks:
         return runner
 
     async def ping(self, runner: RunnerRecord) -> None:
-        """Ping until the runner answers, refuses or is lost. A ping without an
-        answer within an interval is a miss and the next goes out at once, so a
-        frozen runner is lost about heartbeat_misses intervals after it froze."""
+        """Ping until the runner answers, refuses or is lost. After a miss the
+        next ping goes out one interval after the last one was sent (at once
+        after a timeout), so a frozen runner is lost about heartbeat_misses
+        intervals after it froze."""
+        interval = self.config.dispatcher.heartbeat_interval
         self.pinging.add(runner.name)
         try:
             while runner.alive and self.sched.runners.get(runner.name) is runner:
-                if not await self._ping_once(runner):
+                sent_at = self.clock()
+                if not await self._ping_once(runner, interval):
                     return
+                await asyncio.sleep(max(0.0, sent_at + interval - self.clock()))
         finally:
             self.pinging.discard(runner.name)
 
-    async def _ping_once(self, runner: RunnerRecord) -> bool:
-        """One ping; True when it went unanswered and another should follow at once."""
-        interval = self.config.dispatcher.heartbeat_interval
+    async def _ping_once(self, runner: RunnerRecord, interval: float) -> bool:
+        """One ping (and one reconnect at once if the kept connection was dead);
+        True when it went unanswered: a miss."""
+        why = ""
         for retry in (False, True):
             sent_at = self.clock()
             try:
@@ -255,13 +274,13 @@ class RunnerLinks:
                 self._lost(runner, exc)
                 return False
             except (net.PeerTimeout, asyncio.TimeoutError):
-                self._missed(runner, sent_at, interval)
-                return True
+                why = f"no pong within {interval:g}s"
+                break
             except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
-                if not retry:           # a dropped connection: reconnect once at once
+                why = str(exc)          # e.g. no route to the host, or a connection reset
+                if not retry:           # a dropped kept connection: reconnect once at once
                     continue
-                log.debug("ping %s: %s", runner.name, exc)
-                return False
+                break
             leases = {tuple(lease) for lease in reply["running"]}
             # what it was given but not yet sent, it cannot report: not a reason to take it back
             leases |= self.unsent.get(runner.name, set()) & runner.running
@@ -271,17 +290,19 @@ class RunnerLinks:
             if self.watchers.active and runner.alive:
                 self.watchers.event("runner", runner=runner.summary())
             return False
-        return False
+        self._missed(runner, sent_at, interval, why)
+        return True
 
-    def _missed(self, runner: RunnerRecord, sent_at: float, interval: float) -> None:
+    def _missed(self, runner: RunnerRecord, sent_at: float, interval: float, why: str) -> None:
         now = self.clock()
         if now - sent_at > interval * STALLED:
             # the timeout fired late: this process was not running (paused,
             # stopped, swapped out), so the pong may be sitting unread
-            log.info("ping to runner %s timed out %.1fs after it was sent, not %gs: this dispatcher "
+            log.info("ping to runner %s ended %.1fs after it was sent, not within %gs: this dispatcher "
                      "was not running meanwhile; not counted as a miss", runner.name, now - sent_at, interval)
             return
-        self.apply(self.sched.missed(runner.name, f"no pong within {interval:g}s", now))
+        log.debug("ping %s: %s", runner.name, why)
+        self.apply(self.sched.missed(runner.name, why, now))
 
     def _lost(self, runner: RunnerRecord, exc: net.PeerError) -> None:
         """Nothing listens at its address, or what does is not that runner (it

@@ -62,8 +62,9 @@ class Scheduler:
         self.builds: dict[int, Build] = {}          # active builds by id
         self.runners: dict[str, RunnerRecord] = {}
         self._queue: list[int] = []                 # heap of build ids; stale entries skipped
-        # build id -> monotonic time its current lease's `run` went out: a pong to
-        # a ping sent before then cannot judge it (see heartbeat)
+        # build id -> monotonic time from which a pong may judge its current lease:
+        # the hand-out, then infinity while its `run` is on its way, then the
+        # moment the runner acknowledged it (see heartbeat, sending, sent)
         self._leased_at: dict[int, float] = {}
         # live runners with a free slot, the one free the longest first: a hand-out
         # looks here rather than at every runner. Kept by _slots_changed.
@@ -138,8 +139,9 @@ class Scheduler:
         return plan
 
     def heartbeat(self, name: str, running: set, sent_at: float, now: float) -> Plan:
-        """A `pong` arrived for a ping sent at ``sent_at``. Builds handed out
-        after that moment are not judged by it: the runner could not know them."""
+        """A `pong` arrived for a ping sent at ``sent_at``. Builds whose `run`
+        the runner had not acknowledged by that moment are not judged by it:
+        the ping may have overtaken the `run` (they go on different connections)."""
         runner = self.runners.get(name)
         if runner is None or not runner.alive:
             return Plan()
@@ -236,14 +238,20 @@ class Scheduler:
         return build is not None and build.attempt == attempt and build.status is Status.RUNNING
 
     def sending(self, build_id: int, attempt: int, now: float) -> bool:
-        """The `run` for (build, attempt) goes out now: its start moves to now, so
-        a pong to a ping sent before cannot take it back. False when the lease
-        ended meanwhile (nothing to send)."""
+        """The `run` for (build, attempt) goes out now: no pong judges the build
+        until ``sent``. False when the lease ended meanwhile (nothing to send)."""
         if not self.is_leased(build_id, attempt):
             return False
-        self._leased_at[build_id] = now
+        self._leased_at[build_id] = float("inf")
         self.builds[build_id].started_at = self.wall()
         return True
+
+    def sent(self, build_id: int, attempt: int, now: float) -> None:
+        """The runner acknowledged the `run` for (build, attempt), or its send
+        ended without saying: a pong to a ping sent from ``now`` on judges it."""
+        build = self.builds.get(build_id)
+        if build is not None and build.attempt == attempt and build_id in self._leased_at:
+            self._leased_at[build_id] = now
 
     def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
         """A runner reported a result. None when the lease is stale. A cancel

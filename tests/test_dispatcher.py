@@ -46,16 +46,21 @@ class Conn:
 class MemoryRunner:
     """A runner's end of the dispatcher's link, in memory: keeps what it is
     sent; `run` and `cancel` get ok, `ping` a pong with what it runs. ``down``:
-    the exception every request raises instead (a runner frozen or gone)."""
+    the exception every request raises instead (a runner frozen or gone); a
+    timeout moves the harness's monotonic clock by the request's timeout, as
+    waiting for it would."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, elapse=lambda seconds: None):
         self.host, self.port, self.got, self.running = host, port, [], set()
         self.down: Exception | None = None
         self.before: list = []          # callables run before the next requests, one each
+        self.elapse = elapse
 
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
         if self.before:
             self.before.pop(0)()
+        if isinstance(self.down, net.PeerTimeout):
+            self.elapse(timeout or 10.0)
         if self.down is not None:
             raise self.down
         self.got.append(msg)
@@ -85,7 +90,16 @@ class Harness:
         self.d.recover()
 
     def _dial(self, runner) -> MemoryRunner:
-        return self.runners.setdefault(runner.name, MemoryRunner(runner.host, runner.port))
+        return self.runners.setdefault(runner.name, self.runner(runner.name))
+
+    def runner(self, name: str) -> MemoryRunner:
+        """The in-memory runner the dispatcher reaches as ``name`` (made now if it has not dialled it yet)."""
+        if name not in self.runners:
+            self.runners[name] = MemoryRunner("127.0.0.1", 9000, elapse=self._elapse)
+        return self.runners[name]
+
+    def _elapse(self, seconds: float) -> None:
+        self.mono += seconds
 
     async def call(self, msg: dict, role: str = protocol.OPERATOR, id: str = "") -> dict:
         protocol.validate(msg, role)
@@ -473,7 +487,7 @@ async def test_after_a_restart_a_known_runner_has_the_deadline_to_come_back(make
     assert (h.build(1).status, h.build(2).status) == (Status.RUNNING, Status.QUEUED)
     # the dispatcher restarts over the same data; r1 still starts (its port refuses)
     again = make(heartbeat_interval=1.0, heartbeat_misses=3)
-    r1 = again.runners["r1"] = MemoryRunner("127.0.0.1", 9000)
+    r1 = again.runner("r1")
     r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
     await again.ping("r1")
     again.mono += 2.9
@@ -492,7 +506,7 @@ async def test_after_a_restart_a_runner_not_back_in_time_is_lost(make):
     await h.commit()
     await h.register("r1")
     again = make(heartbeat_interval=1.0, heartbeat_misses=3)
-    r1 = again.runners["r1"] = MemoryRunner("127.0.0.1", 9000)
+    r1 = again.runner("r1")
     r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
     await again.ping("r1")
     assert again.state("r1") == "busy"
@@ -500,6 +514,19 @@ async def test_after_a_restart_a_runner_not_back_in_time_is_lost(make):
     await again.ping("r1")
     assert again.state("r1") == "dead" and again.build(1).status is Status.QUEUED
     assert "runner r1 lost: nothing listens" in again.text(1)
+
+
+@scenario
+async def test_a_ping_that_fails_otherwise_is_a_miss_too_one_interval_apart(make):
+    h = make(heartbeat_interval=0.1, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    h.runner("r1").down = net.PeerError("cannot connect to 127.0.0.1:9000: No route to host")
+    start = asyncio.get_running_loop().time()
+    await h.ping("r1")
+    assert h.state("r1") == "dead" and h.build(1).status is Status.QUEUED
+    assert "3 pings in a row unanswered (the last: cannot connect" in h.text(1)
+    assert asyncio.get_running_loop().time() - start >= 0.2       # paced, not three at once
 
 
 # ---------------------------------------------------------------- runner maintenance
@@ -535,7 +562,7 @@ async def test_a_drained_runner_stays_drained_across_a_dispatcher_restart(make):
     await h.register("r1")
     await h.call({"type": "drain", "name": "r1"})
     again = make()
-    again.runners["r1"] = MemoryRunner("127.0.0.1", 9000)
+    again.runner("r1")
     await again.ping("r1")
     await again.commit()
     await again.settle()
@@ -549,8 +576,7 @@ async def test_forget_removes_a_dead_runner_and_refuses_a_live_one(make):
     await h.register("r2")
     alive = await h.call({"type": "forget", "name": "r1"})
     assert codes(alive) == ("error", "runner_alive") and "alive" in alive["message"]
-    h.runners["r1"] = MemoryRunner("127.0.0.1", 9000)
-    h.runners["r1"].down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
+    h.runner("r1").down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
     await h.ping("r1")
     assert h.state("r1") == "dead"
     assert await h.call({"type": "forget", "name": "r1"}) == {"type": "ok"}

@@ -335,16 +335,23 @@ def test_a_slot_freed_by_a_refused_run_is_offered_again_at_the_next_pong():
     assert assigned(s.heartbeat("r1", set(), sent_at=2, now=2)) == [(1, 2, "r1")]
 
 
-def test_sending_restarts_the_lease_clock_and_refuses_a_lease_that_ended():
+def test_no_pong_judges_a_build_until_its_run_was_acknowledged_and_sending_refuses_an_ended_lease():
     s = sched()
     s.register("r1", "h", 1, (), 1, set(), now=0)
     s.add(build(1), 0)
     assert s.sending(1, 1, now=3)
-    # a ping sent at 2 (after the hand-out at 0, before the `run` went out at 3) cannot judge it
+    # pings sent at 2 and at 4 (the `run` on its way: a ping on its own connection may overtake it)
     assert not s.heartbeat("r1", set(), sent_at=2, now=3.1).requeued
-    s.cancel(1, now=4)
-    assert not s.sending(1, 1, now=5)
-    assert not s.sending(9, 1, now=5)
+    assert not s.heartbeat("r1", set(), sent_at=4, now=4.1).requeued
+    s.sent(1, 1, now=5)                                 # the runner acknowledged it at 5
+    assert not s.heartbeat("r1", set(), sent_at=4.5, now=5.1).requeued
+    plan = s.heartbeat("r1", set(), sent_at=6, now=6.1)     # sent after: the runner must report it
+    assert [(b.id, why) for b, why in plan.requeued] == [(1, "attempt 1 taken back: runner r1 is not running it")]
+    s.sent(1, 1, now=7)                                 # a late acknowledgement of an ended lease: ignored
+    assert s.builds[1].status is Status.RUNNING and s.builds[1].attempt == 2
+    s.cancel(1, now=8)
+    assert not s.sending(1, 2, now=9)
+    assert not s.sending(9, 1, now=9)
 
 
 def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
