@@ -37,7 +37,7 @@ import logging
 import time
 from typing import Callable
 
-from . import aio, net, protocol
+from . import aio, net, protocol, sanitize
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .models import Build, RunnerRecord
@@ -280,6 +280,9 @@ class RunnerLinks:
                 why = str(exc)          # e.g. no route to the host, or a connection reset
                 if not retry:           # a dropped kept connection: reconnect once at once
                     continue
+                break
+            except ValueError as exc:   # a host name the resolver refuses (UnicodeError from idna)
+                why = f"cannot reach {sanitize.plain(runner.host)!r}: {exc}"
                 break
             leases = {tuple(lease) for lease in reply["running"]}
             # what it was given but not yet sent, it cannot report: not a reason to take it back
