@@ -581,6 +581,9 @@ def runner_command(args: argparse.Namespace) -> int:
     running = ", ".join(f"#{plain(str(b))}" for b in runner.get("running") or [])
     if state == "draining":
         print(f"runner {name} draining: it finishes {running} and takes nothing new")
+    elif state == "dead":
+        print(f"runner {name} is dead; it {'stays drained' if args.command == 'drain' else 'takes work'} "
+              f"when it comes back")
     else:
         print(f"runner {name} {state}")
     return 0

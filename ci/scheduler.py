@@ -157,7 +157,8 @@ class Scheduler:
         return plan
 
     def missed(self, name: str, why: str, now: float) -> Plan:
-        """A ping went out to the runner and its timeout ran without an answer.
+        """A ping went out to the runner and got no answer within its interval
+        (a timeout, a reset, no route to the host: anything but a refusal).
         ``heartbeat_misses`` of them in a row and the runner is lost."""
         runner = self.runners.get(name)
         if runner is None or not runner.alive:

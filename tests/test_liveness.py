@@ -205,6 +205,8 @@ def test_forget_removes_a_dead_runner_refuses_a_live_one_and_the_long_dead_leave
     r2.kill()
     c.wait("both runners to be dead", lambda: [r["state"] for r in c.status()["runners"]] == ["dead", "dead"])
     dead = time.monotonic()
+    out = tool(c, "drain", "r2")
+    assert out.stdout == "runner r2 is dead; it stays drained when it comes back\n", out.stderr
     out = tool(c, "forget", "r1")
     assert (out.returncode, out.stdout) == (0, "runner r1 forgotten\n"), out.stderr
     assert [r["name"] for r in c.status()["runners"]] == ["r2"]       # r2 stays, dead, for a while
