@@ -6,8 +6,8 @@ only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast.
 
 Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
-``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel`` and
-``rebuild`` (role operator); to the
+``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
+``rebuild``, ``drain``, ``resume`` and ``forget`` (role operator); to the
 observer: ``poke`` (role observer). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 
@@ -179,6 +179,15 @@ def _operator_commands(sub) -> None:
     _tool_arguments(rebuild)
     rebuild.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
 
+    for command, text in (
+            ("drain", "take a runner out of service: it finishes what it runs and is given nothing new "
+                      "(shown as draining, then drained)"),
+            ("resume", "give a drained runner work again"),
+            ("forget", "remove a dead runner from the dispatcher's list (a live one is refused)")):
+        runner = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
+        _tool_arguments(runner)
+        runner.add_argument("name", metavar="NAME", help="the runner's name, as `tinyci status` shows it")
+
 
 
 def _hook_commands(sub) -> None:
@@ -290,7 +299,7 @@ class DispatcherLink:
     resolved once from the configuration (``settings.resolve``) for the role
     the command speaks as: a reader's machine needs no operator secret."""
 
-    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild"})
+    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget"})
 
     def __init__(self, args: argparse.Namespace):
         from .config import ConfigError, load
@@ -543,6 +552,26 @@ def rebuild(args: argparse.Namespace) -> int:
     return _print_builds(reply, "queued")
 
 
+def runner_command(args: argparse.Namespace) -> int:
+    """drain, resume, forget NAME."""
+    reply = DispatcherLink(args).call({"type": args.command, "name": args.name}, protocol.OPERATOR)
+    name = plain(args.name)
+    if args.command == "forget":
+        print(f"runner {name} forgotten")
+        return 0
+    runner = reply["runner"]
+    state = plain(str(runner.get("state", "")))
+    running = ", ".join(f"#{plain(str(b))}" for b in runner.get("running") or [])
+    if state == "draining":
+        print(f"runner {name} draining: it finishes {running} and takes nothing new")
+    elif state == "dead":
+        print(f"runner {name} is dead; it {'stays drained' if args.command == 'drain' else 'takes work'} "
+              f"when it comes back")
+    else:
+        print(f"runner {name} {state}")
+    return 0
+
+
 def _print_builds(reply: dict, verb: str) -> int:
     builds = reply.get("builds") or []
     if not builds:
@@ -553,7 +582,8 @@ def _print_builds(reply: dict, verb: str) -> int:
 
 
 TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
-         "rebuild": rebuild, "console": console}
+         "rebuild": rebuild, "console": console, "drain": runner_command, "resume": runner_command,
+         "forget": runner_command}
 
 
 # ---------------------------------------------------------------- notify

@@ -37,6 +37,7 @@ class DispatcherConfig:
     heartbeat_interval: float = 1.0
     heartbeat_misses: int = 3
     max_attempts: int = 3
+    forget_dead_after: float = 86400.0      # seconds a dead runner stays in status; 0: for ever
     max_log_bytes: int = 16 << 20
     max_artifact_bytes: int = 100 << 20     # per build
     supersede: list = field(default_factory=list)   # branch patterns
@@ -62,7 +63,7 @@ class RunnerConfig:
     host: str = "127.0.0.1"
     port: int = 8889
     dispatcher: str = "127.0.0.1:8888"
-    name: str = ""                # default: runner-<port>
+    name: str = ""                # default: <host name>-<n>, the lowest n whose workdir is free
     labels: list = field(default_factory=list)
     slots: int = 1
     workdir: str = ""             # default: .tinyci/runners/<name>
@@ -159,6 +160,7 @@ _BOUNDS = {
     ("dispatcher", "heartbeat_interval"): (lambda v: v > 0, "greater than 0"),
     ("dispatcher", "heartbeat_misses"): (lambda v: v >= 1, "at least 1"),
     ("dispatcher", "max_attempts"): (lambda v: v >= 1, "at least 1"),
+    ("dispatcher", "forget_dead_after"): (lambda v: v >= 0, "0 (never) or more seconds"),
     ("dispatcher", "max_log_bytes"): (lambda v: v >= 1024, "at least 1024"),
     ("dispatcher", "max_artifact_bytes"): (lambda v: v >= 0, "0 or more"),
     ("notify", "timeout"): (lambda v: v > 0, "greater than 0"),

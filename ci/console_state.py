@@ -4,8 +4,8 @@ redraws; ``tui`` renders it.)
 
 A plain class with no sockets, clock or rendering: ``snapshot()`` takes the
 first frame of a watch (``ok {runners, builds, queue}``), ``event()`` each
-``event`` frame after it (``{event: "build", build}`` or ``{event: "runner",
-runner}``), and ``log_*()`` the chunks of the followed build's log. The
+``event`` frame after it (``{event: "build", build}``, ``{event: "runner",
+runner}`` or ``{event: "runner_forgotten", runner: {name}}``), and ``log_*()`` the chunks of the followed build's log. The
 answers a screen needs (what waits and why, counts, which log to tail) are
 derived here, so tests can feed recorded frames and check them; why a
 build waits is ``models.why_waiting``, the same words `tinyci status` uses.
@@ -65,6 +65,9 @@ class ConsoleState:
             self.runners[runner["name"]] = runner
             if old is not None and {**old, "last_seen": 0} == {**runner, "last_seen": 0}:
                 return                      # only a heartbeat: the once-a-second redraw shows it
+        elif kind == "runner_forgotten" and isinstance(frame.get("runner"), dict):
+            if self.runners.pop(frame["runner"].get("name"), None) is None:
+                return
         else:
             return                          # an event kind from a newer dispatcher: ignore it
         self._bump()
@@ -92,6 +95,8 @@ class ConsoleState:
                 running.sort()
             if runner.get("state") in ("idle", "busy"):
                 runner["state"] = "busy" if running else "idle"
+            elif runner.get("state") in models.NOT_TAKING:
+                runner["state"] = "draining" if running else "drained"
 
     def _trim(self) -> None:
         finished = sorted((i for i, b in self.builds.items() if b["status"] not in ACTIVE), reverse=True)

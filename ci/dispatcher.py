@@ -2,10 +2,10 @@
 registry, and hands commits to runners.
 
 Receives: ``commit`` (observer); ``register``, ``log``, ``artifact``,
-``result`` (runners); ``trigger``, ``rebuild``, ``cancel`` (operator);
-``status``, ``build``, ``read_log``, ``watch``, ``artifacts``,
-``fetch_artifact`` (tools, answered by ``queries``). Sends to runners
-(``runnerlinks``): ``run``, ``ping``, ``cancel``.
+``result`` (runners); ``trigger``, ``rebuild``, ``cancel``, ``drain``,
+``resume``, ``forget`` (operator); ``status``, ``build``, ``read_log``,
+``watch``, ``artifacts``, ``fetch_artifact`` (tools, answered by
+``queries``). Sends to runners (``runnerlinks``): ``run``, ``ping``, ``cancel``.
 
 This module is the adapter: it decodes a request, asks the plain logic
 (``intake`` for what a commit becomes, ``Scheduler`` for who runs what,
@@ -14,6 +14,10 @@ committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
 only timer is the heartbeat. When a build ends, the ``notify.on_finish``
 commands run in the background (``on_finish``).
+
+Two clocks: ``clock`` (wall time) stamps what people read (created_at and
+the like); ``monotonic`` is the scheduler's ``now`` and every deadline's,
+so a step of the wall clock changes nothing.
 """
 
 from __future__ import annotations
@@ -46,25 +50,27 @@ ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, prot
 
 class Dispatcher:
     def __init__(self, settings: Settings, store: Store, clock: Callable[[], float] = time.time,
-                 dial: Callable[[RunnerRecord], net.Client] | None = None):
+                 dial: Callable[[RunnerRecord], net.Client] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic):
         """``dial`` makes the connection to a runner (default: a net.Client)."""
         self.settings = settings
         self.config = config = settings.config
         self.store = store
-        self.clock = clock
+        self.clock, self.monotonic = clock, monotonic
         cfg = config.dispatcher
-        self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
+        self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts, wall=clock)
         self.tasks: set[asyncio.Task] = set()
         self.watchers = Watchers()
         self.artifacts = Artifacts(store)
         self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes)
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
-                                 apply=self.apply, spawn=self._spawn, clock=clock, dial=dial)
+                                 apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
         queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers)
         self.handlers = {
             "commit": self.on_commit, "register": self.on_register, "log": self.on_log,
             "artifact": self.on_artifact, "result": self.on_result, "cancel": self.on_cancel,
             "trigger": self.on_trigger, "rebuild": self.on_rebuild,
+            "drain": self.on_drain, "resume": self.on_drain, "forget": self.on_forget,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
             "fetch_artifact": queries.fetch_artifact, "history": queries.history,
@@ -79,7 +85,7 @@ class Dispatcher:
         ones stay with their runner until its next pong confirms them."""
         active = self.store.active()
         runners = self.store.runners()
-        plan = self.sched.load(active, runners, self.clock())
+        plan = self.sched.load(active, runners, self.monotonic())
         running = sum(1 for b in active if b.status is Status.RUNNING)
         if active:
             log.info("recovered %d queued and %d running builds, %d known runners",
@@ -173,9 +179,9 @@ class Dispatcher:
     def _admit(self, request: intake.Request) -> tuple[list[Build], list[Build]]:
         """Store the builds a request asks for, all or none, and do what
         intake.admit says follows. Returns (builds, those newly created)."""
-        now = self.clock()
+        stamp = self.clock()
         with self.store.transaction():
-            stored = [self.store.add_build(**row, now=now) for row in request.rows()]
+            stored = [self.store.add_build(**row, now=stamp) for row in request.rows()]
         builds = [build for build, _ in stored]
         created = [build for build, duplicate in stored if not duplicate]
         then = intake.admit(request, created, self.sched.builds.values(), self.config.dispatcher.supersede)
@@ -188,13 +194,13 @@ class Dispatcher:
                 self.watchers.event("build", build=build.summary())
         plan = Plan()
         for old, text in then.supersede:
-            cancelled = self.sched.cancel(old.id, self.clock())
+            cancelled = self.sched.cancel(old.id, self.monotonic())
             if cancelled:
                 self._note(old.id, text)
                 log.info("build %d superseded by build %d on %s", old.id, then.queue[0].id, old.branch)
                 plan += cancelled
         for build in then.queue:
-            plan += self.sched.add(build, now)
+            plan += self.sched.add(build, self.monotonic())
         self.apply(plan)
         self.watchers.touch()
         return builds, created
@@ -238,7 +244,7 @@ class Dispatcher:
         # no await since taken_by: nobody else registers the name in between
         known = name in self.sched.runners
         plan = self.sched.register(name, host, msg["port"], tuple(msg["labels"]), msg["slots"],
-                                   {tuple(x) for x in msg.get("running", [])}, self.clock())
+                                   {tuple(x) for x in msg.get("running", [])}, self.monotonic())
         runner = self.sched.runners[name]
         with self.store.transaction():
             self.store.save_runners([runner])
@@ -274,7 +280,7 @@ class Dispatcher:
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
         self.store.save_steps(build_id, msg.get("step_results"))
-        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
+        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
         else:
@@ -306,7 +312,7 @@ class Dispatcher:
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
-        plan = self.sched.cancel(build_id, self.clock())
+        plan = self.sched.cancel(build_id, self.monotonic())
         if plan is None:
             build = self.store.get(build_id)
             if build is None:
@@ -349,6 +355,35 @@ class Dispatcher:
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))
         return protocol.ok(builds=[b.id for b in builds])
+
+
+    async def on_drain(self, conn: net.Connection, msg: dict) -> dict:
+        """drain: the runner finishes what it runs and takes nothing new; resume: it takes work again."""
+        name, draining = msg["name"], msg["type"] == "drain"
+        try:
+            plan = self.sched.drain(name, draining, self.monotonic())
+        except KeyError:
+            return protocol.error("not_found", f"no runner named {name!r}")
+        runner = self.sched.runners[name]
+        with self.store.transaction():
+            self.store.save_runners([runner])
+        log.info("runner %s %s by %s at %s", name, "drained" if draining else "resumed", conn.role, conn.peer)
+        self.watchers.event("runner", runner=runner.summary())
+        self.apply(plan)
+        return protocol.ok(runner=runner.summary())
+
+    async def on_forget(self, conn: net.Connection, msg: dict) -> dict:
+        name = msg["name"]
+        runner = self.sched.runners.get(name)
+        if runner is None:
+            return protocol.error("not_found", f"no runner named {name!r}")
+        if runner.alive:
+            return protocol.error("runner_alive", f"runner {name} is alive ({runner.state.value}): only a dead "
+                                                  f"runner can be forgotten; stop it first (drain it to let "
+                                                  f"its builds finish)")
+        await self.links.forget(name)
+        log.info("runner %s forgotten by %s at %s", name, conn.role, conn.peer)
+        return protocol.ok()
 
 
 def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:

@@ -80,12 +80,22 @@ def pipeline_status(statuses: list[str]) -> str:
 class RunnerState(str, enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
+    DRAINING = "draining"         # `tinyci drain`: finishes what it runs, takes nothing new
+    DRAINED = "drained"           # draining, and nothing left to finish
     DEAD = "dead"
+
+
+# states in which a runner takes no new build, though alive
+NOT_TAKING = (RunnerState.DRAINING.value, RunnerState.DRAINED.value)
 
 
 @dataclass
 class RunnerRecord:
-    """The dispatcher's record of a runner (the daemon itself is ci.runner.Runner)."""
+    """The dispatcher's record of a runner (the daemon itself is ci.runner.Runner).
+
+    ``last_seen`` and ``registered_at`` are wall-clock times, for people to
+    read; liveness is judged by the scheduler on the monotonic clock
+    (``misses``, ``grace_until``, ``died_at``), which is never stored."""
 
     name: str
     host: str
@@ -96,16 +106,26 @@ class RunnerRecord:
     last_seen: float = 0.0
     registered_at: float = 0.0
     running: set = field(default_factory=set)      # {(build, attempt)} holding a slot
+    draining: bool = False        # an operator drained it: no new builds until resumed (stored)
+    misses: int = 0               # pings in a row sent and unanswered
+    # monotonic: known from before a dispatcher restart and not heard from since;
+    # until then it is not declared lost for a refused ping, and gets no new work
+    grace_until: float = 0.0
+    died_at: float | None = None  # monotonic: when it was declared dead (for forget_dead_after)
 
     @property
     def state(self) -> RunnerState:
         if not self.alive:
             return RunnerState.DEAD
+        if self.draining:
+            return RunnerState.DRAINING if self.running else RunnerState.DRAINED
         return RunnerState.BUSY if self.running else RunnerState.IDLE
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.running) if self.alive else 0
+        if not self.alive or self.draining or self.grace_until:
+            return 0
+        return self.slots - len(self.running)
 
     def summary(self) -> dict:
         return {"name": self.name, "host": self.host, "port": self.port, "labels": list(self.labels),
@@ -132,6 +152,12 @@ def why_waiting(build_labels, runners) -> str:
         if len(missing) == 1:
             return f"no runner with label {missing.pop()}"
         return f"no runner with labels {', '.join(sorted(missing or build_labels))}"
+    taking = [r for r in able if r.get("state") not in NOT_TAKING]
+    if not taking:
+        if len(able) == 1:
+            return f"runner {able[0]['name']} {able[0]['state']}"
+        return f"all {len(able)} runners that could take it are drained or draining"
+    able = taking
     if all(len(r.get("running") or ()) >= r.get("slots", 1) for r in able):
         if len(able) == 1:
             return f"runner {able[0]['name']} busy"

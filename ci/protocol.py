@@ -61,6 +61,10 @@ also ends a stream::
                                           build path [offset]
     operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
+    operator -> dispatcher     drain      name                                    ok {runner} | error not_found
+    operator -> dispatcher     resume     name                                    ok {runner} | error not_found
+    operator -> dispatcher     forget     name                                    ok | error not_found
+                                                                                  / runner_alive
     observer, operator -> obs. poke       [branch]                                ok
 
 A runner's frames are its own: ``register`` names the runner the connection
@@ -157,7 +161,8 @@ ERRORS: Mapping[str, str] = {
     "name_taken": "register: a live runner at another address holds that name (the message names it)",
     "offset": "log/result: the offset does not follow what the dispatcher has (expected: what it has); "
               "artifact: a chunk out of order",
-    "not_found": "no such build, artifact, repository or revision",
+    "not_found": "no such build, artifact, repository, revision or runner",
+    "runner_alive": "forget: the runner is alive; only a dead runner can be forgotten",
     "ambiguous": "trigger: the revision is a commit in more than one repository; say which (repo)",
     "finished": "cancel: the build has already ended",
     "forbidden_repo": "commit: the repository is not in the dispatcher's dispatcher.repos",
@@ -404,6 +409,11 @@ MESSAGES: dict[str, Spec] = {
                             reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO}, reply=QUEUED),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),
+    # runner maintenance: a draining runner finishes what it runs and takes nothing new;
+    # only a dead runner can be forgotten
+    "drain": _spec(OPERATOR, {"name": NAME}, reply=_ok({"runner": OBJECT})),
+    "resume": _spec(OPERATOR, {"name": NAME}, reply=_ok({"runner": OBJECT})),
+    "forget": _spec(OPERATOR, {"name": NAME}, reply=_ok()),
     # git hook -> observer
     "poke": _spec({OBSERVER, OPERATOR}, {}, {"branch": BRANCH}, reply=_ok()),
     # replies and stream frames: their fields are checked against the request they answer

@@ -17,6 +17,11 @@ Sends to the dispatcher:
 ``running`` always lists every lease (build, attempt) this runner holds: the
 builds it runs and those whose result is still in its outbox, so the
 dispatcher never takes back a build whose result is merely undelivered.
+
+A runner without ``--name`` is ``<host>-<n>``: this machine's short host
+name and the lowest n whose default workdir (``.tinyci/runners/<host>-<n>``)
+no live runner holds. The lock on that workdir is the claim on the name, so
+a runner restarted in the same place gets its name (and its outbox) back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -41,6 +48,13 @@ from .slots import Slots
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 1.0        # at shutdown, SIGKILL a step this soon after SIGTERM
+DEFAULT_NAMES = 1000        # <host>-1 ... <host>-1000: how many unnamed runners one directory holds
+
+
+def host_stem() -> str:
+    """This machine's short host name, made a valid runner name (the stem of a default name)."""
+    stem = re.sub(r"[^\w.:@-]", "-", socket.gethostname().split(".")[0])[:90]
+    return stem or "runner"
 
 
 class Runner:
@@ -65,7 +79,7 @@ class Runner:
         self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
         self.tasks: set[asyncio.Task] = set()
         self.registration: Registration | None = None      # once the name is known
-        self._lock: files.DirLock | None = None
+        self._locks: list[files.DirLock] = []
         self.steps = Steps()            # the steps running in every slot, for ending their strays
 
     # ------------------------------------------------------------ life cycle
@@ -83,15 +97,17 @@ class Runner:
             "runner", rc.host, rc.port)
         try:
             self.port = server.sockets[0].getsockname()[1]
-            self.name = self.name or f"runner-{self.port}"
+            if not self.name:
+                self.name = self._claim_default_name()
+            # absolute: git runs inside the checkouts, where a relative path would mean something else
+            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
+            if not self._locks or rc.workdir:
+                self._claim_workdir()
             if self.settings.runner_key(self.name) is None:
                 raise daemon.StartupError(
                     f"runner {self.name} has no secret: set auth.runner_secret (or _file) to its own "
                     f"credential, the one the dispatcher holds for it in auth.runners")
             self.registration = Registration(self._client(), self._register_message)
-            # absolute: git runs inside the checkouts, where a relative path would mean something else
-            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
-            self._claim_workdir()
             # the workdir is ours now: end any step a killed predecessor left running in it
             for pgid in reap_orphans(self.workdir / "checkouts"):
                 log.warning("killed process group %d: a build step left running when this runner "
@@ -121,7 +137,24 @@ class Runner:
         except files.LockedError:
             raise daemon.StartupError(f"runner workdir {self.workdir} is in use by another runner "
                                       f"(give each runner its own --workdir or --name)") from None
-        self._lock = lock
+        self._locks.append(lock)
+
+    def _claim_default_name(self) -> str:
+        """<host>-<n> for the lowest n whose default workdir no live runner holds;
+        its lock stays held (with --workdir too: it is the claim on the name)."""
+        stem = host_stem()
+        for n in range(1, DEFAULT_NAMES + 1):
+            lock = files.DirLock(Path(f".tinyci/runners/{stem}-{n}/.lock").absolute())
+            try:
+                lock.acquire()
+            except files.LockedError:
+                continue
+            except OSError as exc:
+                raise daemon.StartupError(f"runner workdir {lock.path.parent}: {exc.strerror or exc}") from None
+            self._locks.append(lock)
+            return f"{stem}-{n}"
+        raise daemon.StartupError(f"runner names {stem}-1 to {stem}-{DEFAULT_NAMES} are all held by live "
+                                  f"runners in {Path('.tinyci/runners').absolute()}; give this one a --name")
 
     async def serve(self) -> None:
         """Register and stay registered until the stop event is set."""
@@ -139,8 +172,8 @@ class Runner:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         if self.registration is not None:
             await self.registration.close()
-        if self._lock is not None:
-            self._lock.release()
+        for lock in self._locks:
+            lock.release()
 
     def _client(self) -> net.Client:
         host, port = self.dispatcher
@@ -324,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     daemon.add_common_arguments(parser, 8889)
     parser.add_argument("--dispatcher", metavar="HOST:PORT",
                         help="the dispatcher to register with (default 127.0.0.1:8888)")
-    parser.add_argument("--name", help="this runner's name (default runner-<port>)")
+    parser.add_argument("--name", help="this runner's name (default <host>-<n>: the host name and the "
+                                       "lowest number no live runner in this directory holds)")
     parser.add_argument("--workdir", metavar="DIR",
                         help="checkouts, logs and outbox (default .tinyci/runners/<name>)")
     parser.add_argument("--labels", metavar="A,B", help="comma-separated labels builds can ask for")

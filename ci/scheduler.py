@@ -1,9 +1,21 @@
-"""The dispatcher's rules, as a plain class: no sockets, threads, disk or clock.
+"""The dispatcher's rules, as a plain class: no sockets, threads or disk.
 
 Each method takes the event (and ``now`` where time matters), changes the
 in-memory picture of queued and running builds and live runners, and returns
 a Plan: what the caller must persist and then send. Only active builds
 (queued or running) live here; finished ones belong to the store.
+
+Two clocks, never mixed: every rule (leases, liveness, the restart grace,
+forgetting the dead) runs on ``now``, the *monotonic* time the caller passes
+in, so a step of the wall clock (NTP after a suspend, a VM migration) changes
+nothing. ``wall``, a clock handed in, only stamps the times people read
+(started_at, finished_at, last_seen, registered_at).
+
+Liveness is judged by what runners were asked, not by how long the
+dispatcher slept: a runner is dead after ``heartbeat_misses`` pings in a
+row went out and got no answer within their timeout (``missed``), or at
+once when nothing listens at its address (``unreachable``). A pause of the
+dispatcher's own loop sends no pings, so it costs nobody anything.
 
 Leases: a build is handed out as (build, attempt) and ``attempt`` grows on
 every hand-out, so a late message from an earlier hand-out can always be told
@@ -13,7 +25,9 @@ apart and refused as stale.
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .models import Build, RunnerRecord, Status, can_take
 
@@ -40,13 +54,18 @@ class Plan:
 
 class Scheduler:
     def __init__(self, heartbeat_interval: float = 1.0, heartbeat_misses: int = 3,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, wall: Callable[[], float] = time.time):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_misses = heartbeat_misses
         self.max_attempts = max_attempts
+        self.wall = wall
         self.builds: dict[int, Build] = {}          # active builds by id
         self.runners: dict[str, RunnerRecord] = {}
         self._queue: list[int] = []                 # heap of build ids; stale entries skipped
+        # build id -> monotonic time from which a pong may judge its current lease:
+        # the hand-out, then infinity while its `run` is on its way, then the
+        # moment the runner acknowledged it (see heartbeat, sending, sent)
+        self._leased_at: dict[int, float] = {}
         # live runners with a free slot, the one free the longest first: a hand-out
         # looks here rather than at every runner. Kept by _slots_changed.
         self._free: dict[str, RunnerRecord] = {}
@@ -54,12 +73,19 @@ class Scheduler:
     # ------------------------------------------------------------ state
 
     def load(self, builds: list[Build], runners: list[RunnerRecord], now: float) -> Plan:
-        """Restore after a restart. Runners get a full heartbeat window to answer
-        before they count as dead; their running builds stay theirs until a
-        `pong` says otherwise."""
+        """Restore after a restart. Runners alive before it get a full heartbeat
+        window (interval x misses) to come back: a refused ping does not count
+        until then (a runner may still be starting, as under `tinyci up`), and
+        they get no new work until they answer. Their running builds stay
+        theirs until a `pong` or a registration says otherwise."""
+        wall = self.wall()
         for runner in runners:
             runner.running = set()
-            runner.last_seen = now
+            runner.misses = 0
+            if runner.alive:
+                runner.grace_until = now + self.deadline()
+            else:       # dead since about when it was last seen: the one wall-clock reading kept
+                runner.died_at = now - max(0.0, wall - runner.last_seen)
             self.runners[runner.name] = runner
         plan = Plan()
         for build in builds:
@@ -82,7 +108,8 @@ class Scheduler:
         return sorted((b for b in self.builds.values() if b.status is Status.QUEUED), key=lambda b: b.id)
 
     def deadline(self) -> float:
-        """How long a runner may stay silent before it is declared dead."""
+        """About how long a silent runner lasts before it is declared dead, and
+        the window a runner known from before a restart gets to come back."""
         return self.heartbeat_interval * self.heartbeat_misses
 
     # ------------------------------------------------------------ events
@@ -101,23 +128,27 @@ class Scheduler:
         runner = self.runners.get(name)
         plan = Plan()
         if runner is None:
-            runner = RunnerRecord(name, host, port, tuple(labels), slots, registered_at=now)
+            runner = RunnerRecord(name, host, port, tuple(labels), slots)
             self.runners[name] = runner
         runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
-        runner.alive, runner.last_seen, runner.registered_at = True, now, now
+        runner.last_seen = runner.registered_at = self.wall()
+        self._heard(runner)
         plan += self._reconcile(runner, set(running), since=now)
         self._slots_changed(runner)
         plan += self.assign(now)
         return plan
 
     def heartbeat(self, name: str, running: set, sent_at: float, now: float) -> Plan:
-        """A `pong` arrived for a ping sent at ``sent_at``. Builds handed out
-        after that moment are not judged by it: the runner could not know them."""
+        """A `pong` arrived for a ping sent at ``sent_at``. Builds whose `run`
+        the runner had not acknowledged by that moment are not judged by it:
+        the ping may have overtaken the `run` (they go on different connections)."""
         runner = self.runners.get(name)
         if runner is None or not runner.alive:
             return Plan()
-        runner.last_seen = now
-        if runner.running == running:
+        runner.last_seen = self.wall()
+        back = runner.grace_until != 0.0        # its first answer since a restart: it may take work now
+        self._heard(runner)
+        if runner.running == running and not back:
             # the common pong: nothing to reconcile. Only a slot freed by a
             # refused `run` can be waiting for it (see refused)
             return self.assign(now) if self._queue and self._free else Plan()
@@ -125,15 +156,36 @@ class Scheduler:
         plan += self.assign(now)
         return plan
 
+    def missed(self, name: str, why: str, now: float) -> Plan:
+        """A ping went out to the runner and got no answer within its interval
+        (a timeout, a reset, no route to the host: anything but a refusal).
+        ``heartbeat_misses`` of them in a row and the runner is lost."""
+        runner = self.runners.get(name)
+        if runner is None or not runner.alive:
+            return Plan()
+        runner.misses += 1
+        if runner.misses < self.heartbeat_misses:
+            return Plan()
+        return self.lost(name, f"{runner.misses} pings in a row unanswered (the last: {why})", now)
+
+    def unreachable(self, name: str, why: str, now: float) -> Plan:
+        """Nothing listens at the runner's address (or what does cannot prove it
+        is that runner): lost at once, unless it is known from before a restart
+        and its window to come back is still open."""
+        runner = self.runners.get(name)
+        if runner is None or not runner.alive or now < runner.grace_until:
+            return Plan()
+        return self.lost(name, why, now)
+
     def lost(self, name: str, why: str, now: float) -> Plan:
-        """The runner is gone (its port refuses connections, or it stayed silent
-        too long): its builds go back to the queue, or end `error` when they
-        ran out of attempts."""
+        """The runner is gone: its builds go back to the queue, or end `error`
+        when they ran out of attempts."""
         runner = self.runners.get(name)
         plan = Plan()
         if runner is None or not runner.alive:
             return plan
         runner.alive = False
+        runner.grace_until, runner.died_at = 0.0, now
         self._slots_changed(runner)
         plan.dead.append(runner)
         for build_id, attempt in sorted(runner.running):
@@ -141,13 +193,38 @@ class Scheduler:
         plan += self.assign(now)
         return plan
 
-    def expire(self, now: float) -> Plan:
-        """Declare dead every live runner silent for longer than the deadline."""
-        plan = Plan()
-        for runner in list(self.runners.values()):
-            if runner.alive and now - runner.last_seen > self.deadline():
-                plan += self.lost(runner.name, f"no heartbeat for {now - runner.last_seen:.1f}s", now)
-        return plan
+    def in_grace(self, name: str, now: float) -> bool:
+        """True while a runner known from before a restart has not answered and
+        its window to come back is open."""
+        runner = self.runners.get(name)
+        return runner is not None and runner.alive and now < runner.grace_until
+
+    # ------------------------------------------------------------ maintenance
+
+    def drain(self, name: str, draining: bool, now: float) -> Plan:
+        """`tinyci drain` (True) or `resume` (False): a draining runner finishes
+        what it runs and is handed nothing new. KeyError: no such runner."""
+        runner = self.runners[name]
+        runner.draining = draining
+        self._slots_changed(runner)
+        return self.assign(now) if not draining else Plan()
+
+    def forget(self, name: str) -> RunnerRecord:
+        """Remove a dead runner from the registry. KeyError: no such runner;
+        ValueError: it is alive (only the dead are forgotten)."""
+        runner = self.runners[name]
+        if runner.alive:
+            raise ValueError(name)
+        del self.runners[name]
+        self._free.pop(name, None)
+        return runner
+
+    def forgettable(self, after: float, now: float) -> list[str]:
+        """Dead runners declared dead ``after`` seconds ago or longer (none when after <= 0)."""
+        if after <= 0:
+            return []
+        return [r.name for r in self.runners.values()
+                if not r.alive and r.died_at is not None and now - r.died_at >= after]
 
     def is_current(self, build_id: int, attempt: int) -> bool:
         """True when (build, attempt) is the lease in force, or a cancelled build
@@ -162,13 +239,20 @@ class Scheduler:
         return build is not None and build.attempt == attempt and build.status is Status.RUNNING
 
     def sending(self, build_id: int, attempt: int, now: float) -> bool:
-        """The `run` for (build, attempt) goes out now: its start moves to now, so
-        a pong to a ping sent before cannot take it back. False when the lease
-        ended meanwhile (nothing to send)."""
+        """The `run` for (build, attempt) goes out now: no pong judges the build
+        until ``sent``. False when the lease ended meanwhile (nothing to send)."""
         if not self.is_leased(build_id, attempt):
             return False
-        self.builds[build_id].started_at = now
+        self._leased_at[build_id] = float("inf")
+        self.builds[build_id].started_at = self.wall()
         return True
+
+    def sent(self, build_id: int, attempt: int, now: float) -> None:
+        """The runner acknowledged the `run` for (build, attempt), or its send
+        ended without saying: a pong to a ping sent from ``now`` on judges it."""
+        build = self.builds.get(build_id)
+        if build is not None and build.attempt == attempt and build_id in self._leased_at:
+            self._leased_at[build_id] = now
 
     def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
         """A runner reported a result. None when the lease is stale. A cancel
@@ -176,6 +260,7 @@ class Scheduler:
         if not self.is_current(build_id, attempt):
             return None
         build = self.builds.pop(build_id)
+        self._leased_at.pop(build_id, None)
         runner = self.runners.get(build.runner or "")
         if runner is not None:
             runner.running.discard((build_id, attempt))
@@ -184,7 +269,7 @@ class Scheduler:
         if build.status is not Status.CANCELLED:
             build.status = status
             build.exit_code = exit_code
-            build.finished_at = now
+            build.finished_at = self.wall()
             plan.finished.append(build)
         plan += self.assign(now)
         return plan
@@ -198,16 +283,16 @@ class Scheduler:
         plan = Plan()
         was = build.status
         build.status = Status.CANCELLED
-        build.finished_at = now
+        build.finished_at = self.wall()
         plan.finished.append(build)
         if was is Status.QUEUED:
-            del self.builds[build_id]
+            self._drop(build_id)
         else:
             runner = self.runners.get(build.runner or "")
             if runner is not None and runner.alive:
                 plan.cancel.append((runner, build_id, build.attempt))
             else:
-                del self.builds[build_id]
+                self._drop(build_id)
         return plan
 
     def assign(self, now: float) -> Plan:
@@ -236,8 +321,9 @@ class Scheduler:
             build.status = Status.RUNNING
             build.attempt += 1
             build.runner = runner.name
-            build.started_at = now
+            build.started_at = self.wall()
             build.finished_at = None
+            self._leased_at[build_id] = now
             runner.running.add((build.id, build.attempt))
             self._slots_changed(runner)
             plan.assign.append((build, runner))
@@ -268,7 +354,7 @@ class Scheduler:
         reported = {tuple(lease) for lease in reported}
         for build_id, attempt in sorted(runner.running - reported):
             build = self.builds.get(build_id)
-            if build is not None and build.started_at is not None and build.started_at >= since \
+            if build is not None and self._leased_at.get(build_id, -float("inf")) >= since \
                     and build.status is Status.RUNNING:
                 continue
             plan += self._take_back(runner, build_id, attempt, f"runner {runner.name} is not running it")
@@ -290,10 +376,10 @@ class Scheduler:
         plan = Plan()
         build_id, attempt = build.id, build.attempt
         if build.status is Status.CANCELLED:
-            del self.builds[build_id]          # its runner is gone, so it has stopped
+            self._drop(build_id)               # its runner is gone, so it has stopped
             return plan
         if build.attempt >= self.max_attempts:
-            del self.builds[build_id]
+            self._drop(build_id)
             build.status = Status.ERROR
             build.exit_code = -1
             plan.errored.append((build, f"{why}; gave up after {build.attempt} attempts (runner lost)"))
@@ -311,8 +397,18 @@ class Scheduler:
         else:
             self._free.pop(runner.name, None)
 
+    def _heard(self, runner: RunnerRecord) -> None:
+        """The runner answered (a pong, a registration): alive, no misses, no grace left."""
+        runner.alive, runner.misses, runner.grace_until, runner.died_at = True, 0, 0.0, None
+        self._slots_changed(runner)
+
+    def _drop(self, build_id: int) -> None:
+        del self.builds[build_id]
+        self._leased_at.pop(build_id, None)
+
     def _requeue(self, build: Build) -> None:
         build.status = Status.QUEUED
         build.runner = None
         build.started_at = None
+        self._leased_at.pop(build.id, None)
         heapq.heappush(self._queue, build.id)

@@ -58,6 +58,8 @@ MIGRATIONS = (
     (None, "CREATE INDEX IF NOT EXISTS builds_finished ON builds(finished_at)"),
     # each step of the last attempt as the runner reported it (JSON), for the web page; NULL: not reported
     ("step_results", "ALTER TABLE builds ADD COLUMN step_results TEXT"),
+    # `tinyci drain`: a runner taking no new builds (a runners column; no builds column has its name)
+    ("draining", "ALTER TABLE runners ADD COLUMN draining INTEGER NOT NULL DEFAULT 0"),
 )
 
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
@@ -80,7 +82,8 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(builds)")}
+            columns = {row[1] for table in ("builds", "runners")
+                       for row in self.db.execute(f"PRAGMA table_info({table})")}
             for column, step in MIGRATIONS:
                 if column is None or column not in columns:
                     self.db.execute(step)
@@ -201,18 +204,24 @@ class Store:
 
     def save_runners(self, runners: Iterable[RunnerRecord]) -> None:
         self.db.executemany(
-            "INSERT INTO runners (name, host, port, labels, slots, alive, last_seen, registered_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET host = excluded.host, "
+            "INSERT INTO runners (name, host, port, labels, slots, alive, last_seen, registered_at, draining) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET host = excluded.host, "
             "port = excluded.port, labels = excluded.labels, slots = excluded.slots, "
-            "alive = excluded.alive, last_seen = excluded.last_seen, registered_at = excluded.registered_at",
+            "alive = excluded.alive, last_seen = excluded.last_seen, registered_at = excluded.registered_at, "
+            "draining = excluded.draining",
             [(r.name, r.host, r.port, json.dumps(list(r.labels)), r.slots, int(r.alive), r.last_seen,
-              r.registered_at) for r in runners])
+              r.registered_at, int(r.draining)) for r in runners])
 
     def runners(self) -> list[RunnerRecord]:
-        rows = self.db.execute(
-            "SELECT name, host, port, labels, slots, alive, last_seen, registered_at FROM runners ORDER BY name")
-        return [RunnerRecord(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered)
-                for name, host, port, labels, slots, alive, last_seen, registered in rows]
+        rows = self.db.execute("SELECT name, host, port, labels, slots, alive, last_seen, registered_at, draining "
+                               "FROM runners ORDER BY name")
+        return [RunnerRecord(name, host, port, tuple(json.loads(labels)), slots, bool(alive), last_seen, registered,
+                             draining=bool(draining))
+                for name, host, port, labels, slots, alive, last_seen, registered, draining in rows]
+
+    def forget_runners(self, names: Iterable[str]) -> None:
+        """Delete these runners' rows (dead runners an operator or forget_dead_after removed)."""
+        self.db.executemany("DELETE FROM runners WHERE name = ?", [(name,) for name in names])
 
 
 # what the history may be filtered by: the value's test in SQL (sha is a prefix)

@@ -28,7 +28,7 @@ from rich.text import Text
 from . import models
 from .sanitize import plain
 
-RUNNER_STYLES = {"idle": "green", "busy": "yellow", "dead": "bold red"}
+RUNNER_STYLES = {"idle": "green", "busy": "yellow", "draining": "magenta", "drained": "blue", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
                 "failed": "red", "error": "bold magenta", "cancelled": "dim", "skipped": "dim"}
 SUBJECT_WIDTH = 40

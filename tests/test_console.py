@@ -101,6 +101,19 @@ def test_events_keep_runners_slots_in_step_with_builds():
                              "cancelled": 1}                    # build 38 is older than an hour
 
 
+def test_a_draining_runner_shows_draining_then_drained_and_a_forgotten_one_leaves():
+    b = state()
+    b.event({"type": "event", "event": "runner", "runner": runner("alpha", "draining", [41], labels=["linux"])})
+    b.event({"type": "event", "event": "runner", "runner": runner("beta", "drained", port=8890)})
+    assert b.why_waiting(b.queue()[0]) == "all 2 runners that could take it are drained or draining"
+    b.event({"type": "event", "event": "build", "build": build(41, "passed", "alpha", age=20, took=19)})
+    assert b.runners["alpha"]["state"] == "drained"
+    text = screen(tui.render_runners(b.runners.values(), NOW), width=100)
+    assert re.search(r"alpha .* drained", text) and re.search(r"beta .* drained", text)
+    b.event({"type": "event", "event": "runner_forgotten", "runner": {"name": "gamma"}})
+    assert sorted(b.runners) == ["alpha", "beta"]
+
+
 def test_log_tail_follows_newest_running_build_and_skips_resent_bytes():
     b = state()
     assert b.log_target() == 41

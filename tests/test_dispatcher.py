@@ -1,7 +1,8 @@
 """The dispatcher's handlers fed messages directly: no sockets, no daemons.
 
-Each test builds a Dispatcher over a Store in tmp_path, with a clock it
-moves by hand and runners that answer in memory, then calls
+Each test builds a Dispatcher over a Store in tmp_path, with clocks it
+moves by hand (the wall clock ``now``, the monotonic ``mono``) and runners
+that answer in memory, then calls
 ``dispatcher.handle(conn, msg)`` and asserts the reply and what was stored.
 Every message is first checked against the protocol table, as the server
 would."""
@@ -13,7 +14,7 @@ import functools
 
 import pytest
 
-from ci import config, protocol, settings
+from ci import config, net, protocol, settings
 from ci.dispatcher import Dispatcher
 from ci.models import Status
 from ci.store import Store
@@ -44,12 +45,24 @@ class Conn:
 
 class MemoryRunner:
     """A runner's end of the dispatcher's link, in memory: keeps what it is
-    sent; `run` and `cancel` get ok, `ping` a pong with what it runs."""
+    sent; `run` and `cancel` get ok, `ping` a pong with what it runs. ``down``:
+    the exception every request raises instead (a runner frozen or gone); a
+    timeout moves the harness's monotonic clock by the request's timeout, as
+    waiting for it would."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, elapse=lambda seconds: None):
         self.host, self.port, self.got, self.running = host, port, [], set()
+        self.down: Exception | None = None
+        self.before: list = []          # callables run before the next requests, one each
+        self.elapse = elapse
 
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
+        if self.before:
+            self.before.pop(0)()
+        if isinstance(self.down, net.PeerTimeout):
+            self.elapse(timeout or 10.0)
+        if self.down is not None:
+            raise self.down
         self.got.append(msg)
         if msg["type"] == "run":
             self.running.add((msg["build"], msg["attempt"]))
@@ -69,13 +82,24 @@ class Harness:
         cfg = config.load(None, env={}, overrides={"dispatcher": {"data_dir": str(tmp_path / "data"),
                                                                   **dispatcher}})
         self.store = Store(tmp_path / "data")
-        self.now = 1000.0
+        self.now = 1000.0           # the wall clock: what people read
+        self.mono = 50.0            # the monotonic clock: every rule and deadline
         self.runners: dict[str, MemoryRunner] = {}
-        self.d = Dispatcher(settings.resolve(cfg), self.store, clock=lambda: self.now, dial=self._dial)
+        self.d = Dispatcher(settings.resolve(cfg), self.store, clock=lambda: self.now, dial=self._dial,
+                            monotonic=lambda: self.mono)
         self.d.recover()
 
     def _dial(self, runner) -> MemoryRunner:
-        return self.runners.setdefault(runner.name, MemoryRunner(runner.host, runner.port))
+        return self.runners.setdefault(runner.name, self.runner(runner.name))
+
+    def runner(self, name: str) -> MemoryRunner:
+        """The in-memory runner the dispatcher reaches as ``name`` (made now if it has not dialled it yet)."""
+        if name not in self.runners:
+            self.runners[name] = MemoryRunner("127.0.0.1", 9000, elapse=self._elapse)
+        return self.runners[name]
+
+    def _elapse(self, seconds: float) -> None:
+        self.mono += seconds
 
     async def call(self, msg: dict, role: str = protocol.OPERATOR, id: str = "") -> dict:
         protocol.validate(msg, role)
@@ -129,6 +153,14 @@ class Harness:
 
     async def status(self) -> dict:
         return await self.call({"type": "status"}, protocol.READER)
+
+    async def ping(self, name: str = "r1") -> None:
+        """One heartbeat of runner ``name``, as the heartbeat loop starts it."""
+        await self.d.links.ping(self.d.sched.runners[name])
+        await self.settle()
+
+    def state(self, name: str = "r1") -> str:
+        return self.d.sched.runners[name].state.value
 
 
 @pytest.fixture
@@ -266,10 +298,10 @@ async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
     h = make(heartbeat_interval=1.0, heartbeat_misses=3)
     await h.commit()
     await h.register("r1")
-    h.now += 10
-    h.d.apply(h.d.sched.expire(h.now))
+    h.runners["r1"].down = net.PeerTimeout("no answer")
+    await h.ping("r1")          # pings again at once after each miss, until the third
     assert h.build(1).status is Status.QUEUED
-    assert "runner r1 lost" in h.text(1)
+    assert "runner r1 lost: 3 pings in a row unanswered" in h.text(1)
     await h.register("r2")
     assert (h.build(1).runner, h.build(1).attempt) == ("r2", 2)
     assert codes(await h.log(1, 0, "old attempt\n", attempt=1)) == ("error", "stale")
@@ -424,3 +456,130 @@ async def test_rebuild_queues_the_same_commit_and_job_again(make):
                                                                     Status.QUEUED)
     assert new.reason == "rebuild of 1" and "=== rebuild of 1 ===" in h.text(2)
     assert codes(await h.call({"type": "rebuild", "build": 9})) == ("error", "not_found")
+
+
+# ---------------------------------------------------------------- liveness on the monotonic clock
+
+@scenario
+async def test_a_ping_that_timed_out_while_the_dispatcher_stood_still_is_not_a_miss(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=1)     # one counted miss would kill it
+    await h.commit()
+    await h.register("r1")
+    runner = h.runners["r1"]
+
+    def paused_then_timed_out():
+        h.mono += 30                # the dispatcher was stopped for 30 s while its ping waited
+        runner.down = net.PeerTimeout("no answer")
+
+    runner.before = [paused_then_timed_out, lambda: setattr(runner, "down", None)]
+    await h.ping("r1")              # not judged: pings again at once, and that one is answered
+    assert h.state("r1") == "busy" and h.d.sched.runners["r1"].misses == 0
+    assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 1)
+    assert len(runner.sent("ping")) == 1
+
+
+@scenario
+async def test_after_a_restart_a_known_runner_has_the_deadline_to_come_back(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    await h.commit(sha=SHA2)
+    assert (h.build(1).status, h.build(2).status) == (Status.RUNNING, Status.QUEUED)
+    # the dispatcher restarts over the same data; r1 still starts (its port refuses)
+    again = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    r1 = again.runner("r1")
+    r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
+    await again.ping("r1")
+    again.mono += 2.9
+    await again.ping("r1")
+    assert again.state("r1") == "busy" and again.build(1).attempt == 1
+    assert r1.sent("run") == []                         # no new work before it answered
+    r1.down, r1.running = None, {(1, 1)}                # back, still running build 1
+    await again.ping("r1")
+    assert (again.build(1).status, again.build(1).attempt) == (Status.RUNNING, 1)
+    assert "taken back" not in again.text(1)
+
+
+@scenario
+async def test_after_a_restart_a_runner_not_back_in_time_is_lost(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    again = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    r1 = again.runner("r1")
+    r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
+    await again.ping("r1")
+    assert again.state("r1") == "busy"
+    again.mono += 3.1
+    await again.ping("r1")
+    assert again.state("r1") == "dead" and again.build(1).status is Status.QUEUED
+    assert "runner r1 lost: nothing listens" in again.text(1)
+
+
+@scenario
+async def test_a_ping_that_fails_otherwise_is_a_miss_too_one_interval_apart(make):
+    h = make(heartbeat_interval=0.1, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    h.runner("r1").down = net.PeerError("cannot connect to 127.0.0.1:9000: No route to host")
+    start = asyncio.get_running_loop().time()
+    await h.ping("r1")
+    assert h.state("r1") == "dead" and h.build(1).status is Status.QUEUED
+    assert "3 pings in a row unanswered (the last: cannot connect" in h.text(1)
+    assert asyncio.get_running_loop().time() - start >= 0.2       # paced, not three at once
+
+
+# ---------------------------------------------------------------- runner maintenance
+
+@scenario
+async def test_drain_lets_the_build_finish_and_hands_out_nothing_new_until_resume(make):
+    h = make()
+    await h.commit()
+    await h.register("r1")
+    reply = await h.call({"type": "drain", "name": "r1"})
+    assert reply["runner"]["state"] == "draining" and reply["runner"]["running"] == [1]
+    assert [r.draining for r in h.store.runners()] == [True]
+    await h.commit(sha=SHA2)
+    await h.settle()
+    assert h.build(2).status is Status.QUEUED
+    assert next(b for b in (await h.status())["builds"] if b["id"] == 2)["waiting"] == "runner r1 draining"
+    assert await h.result(1) == {"type": "ok"}
+    assert h.state("r1") == "drained" and h.build(2).status is Status.QUEUED
+    await h.ping("r1")
+    assert h.build(2).status is Status.QUEUED           # a pong does not undo a drain
+    reply = await h.call({"type": "resume", "name": "r1"})
+    await h.settle()
+    assert reply["runner"]["state"] == "busy"
+    assert (h.build(2).status, h.build(2).runner) == (Status.RUNNING, "r1")
+    assert [r.draining for r in h.store.runners()] == [False]
+    missing = await h.call({"type": "drain", "name": "nobody"})
+    assert codes(missing) == ("error", "not_found") and "nobody" in missing["message"]
+
+
+@scenario
+async def test_a_drained_runner_stays_drained_across_a_dispatcher_restart(make):
+    h = make()
+    await h.register("r1")
+    await h.call({"type": "drain", "name": "r1"})
+    again = make()
+    again.runner("r1")
+    await again.ping("r1")
+    await again.commit()
+    await again.settle()
+    assert again.state("r1") == "drained" and again.build(1).status is Status.QUEUED
+
+
+@scenario
+async def test_forget_removes_a_dead_runner_and_refuses_a_live_one(make):
+    h = make()
+    await h.register("r1")
+    await h.register("r2")
+    alive = await h.call({"type": "forget", "name": "r1"})
+    assert codes(alive) == ("error", "runner_alive") and "alive" in alive["message"]
+    h.runner("r1").down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
+    await h.ping("r1")
+    assert h.state("r1") == "dead"
+    assert await h.call({"type": "forget", "name": "r1"}) == {"type": "ok"}
+    assert [r["name"] for r in (await h.status())["runners"]] == ["r2"]
+    assert [r.name for r in h.store.runners()] == ["r2"]
+    assert codes(await h.call({"type": "forget", "name": "r1"})) == ("error", "not_found")

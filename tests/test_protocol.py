@@ -50,6 +50,9 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "fetch_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
     "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO}),
     "rebuild": (OPERATOR, {"build": 1}),
+    "drain": (OPERATOR, {"name": "r1"}),
+    "resume": (OPERATOR, {"name": "r1"}),
+    "forget": (OPERATOR, {"name": "r1"}),
     "poke": (OBSERVER, {"branch": "main"}),
     "ok": (SERVER, {}),
     "error": (SERVER, {"code": "offset", "message": "log of build 1 has 6 bytes, not 9", "expected": 6}),
@@ -88,6 +91,9 @@ ANSWERS: dict[str, list[dict]] = {
     "fetch_artifact": [{"type": "ok", "data": "aGVsbG8=", "offset": 0, "size": 5, "eof": True}],
     "trigger": [{"type": "ok", "builds": [3]}],
     "rebuild": [{"type": "ok", "builds": [4]}],
+    "drain": [{"type": "ok", "runner": {"name": "r1", "state": "draining"}}],
+    "resume": [{"type": "ok", "runner": {"name": "r1", "state": "idle"}}],
+    "forget": [{"type": "ok"}],
     "poke": [{"type": "ok"}],
 }
 REQUESTS = sorted(k for k, spec in protocol.MESSAGES.items() if spec.is_request)
@@ -186,6 +192,7 @@ def test_who_may_send_what():
     assert senders["cancel"] == {DISPATCHER, OPERATOR}
     assert senders["poke"] == {OBSERVER, OPERATOR}
     assert senders["trigger"] == senders["rebuild"] == {OPERATOR}
+    assert senders["drain"] == senders["resume"] == senders["forget"] == {OPERATOR}
     for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact", "history",
                  "branch_status", "log_window", "counts"):
         assert senders[kind] == {READER, OPERATOR}, kind        # operators may read too
@@ -345,6 +352,9 @@ def test_what_answers_each_request():
         "fetch_artifact": ("ok", ["data", "eof", "offset", "size"], []),
         "trigger": ("ok", ["builds"], []),
         "rebuild": ("ok", ["builds"], []),
+        "drain": ("ok", ["runner"], []),
+        "resume": ("ok", ["runner"], []),
+        "forget": ("ok", [], []),
         "poke": ("ok", [], []),
     }
     read_log, watch = protocol.MESSAGES["read_log"].stream, protocol.MESSAGES["watch"].stream

@@ -18,7 +18,7 @@ import pytest
 
 from ci import daemon, net, protocol, settings
 from ci.config import load
-from ci.runner import Runner
+from ci.runner import Runner, host_stem
 
 from conftest import Repo, free_port, pid_alive
 from daemons import Daemon, child_env
@@ -386,7 +386,7 @@ def test_registration_and_authentication(project, runners):
         fake = await FakeDispatcher(heartbeat=0.1).start()
         runner = await runners.start(fake.port, "--labels", "linux, py3", "--slots", "2")
         try:
-            assert runner.name == f"runner-{runner.port}"
+            assert runner.name == f"{host_stem()}-1"         # no --name: the host name and a number
             await wait_until(lambda: fake.registers, "the first registration")
             first = fake.registers[0]
             assert (first["name"], first["host"], first["port"]) == (runner.name, "127.0.0.1", runner.port)

@@ -1,4 +1,9 @@
-"""The dispatcher's rules without sockets, disk or sleeping: time is passed in."""
+"""The dispatcher's rules without sockets, disk or sleeping: time is passed in.
+
+``now`` is the monotonic clock every rule runs on; the wall clock is a fake
+(``Wall``) the tests step forward and back to show it decides nothing."""
+
+import pytest
 
 from ci.models import Build, RunnerRecord, Status
 from ci.scheduler import Scheduler
@@ -6,12 +11,22 @@ from ci.scheduler import Scheduler
 SHA = "a" * 40
 
 
+class Wall:
+    """A wall clock the test sets (and steps, as NTP does)."""
+
+    def __init__(self, t: float = 1_700_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def build(n, labels=()):
     return Build(n, "/repo", "main", SHA, labels=tuple(labels), created_at=0.0)
 
 
-def sched(**kw):
-    return Scheduler(heartbeat_interval=1.0, heartbeat_misses=3, max_attempts=kw.pop("max_attempts", 3))
+def sched(max_attempts=3, wall=None):
+    return Scheduler(heartbeat_interval=1.0, heartbeat_misses=3, max_attempts=max_attempts, wall=wall or Wall())
 
 
 def assigned(plan):
@@ -55,21 +70,118 @@ def test_labels_route_builds_and_a_blocked_build_does_not_block_others():
     assert assigned(plan) == [(1, 1, "gpu")]
 
 
-def test_silent_runner_is_dead_after_the_deadline_and_its_build_requeued_with_next_attempt():
+def test_a_runner_is_dead_after_heartbeat_misses_unanswered_pings_in_a_row():
     s = sched()
     s.register("r1", "h", 1, (), 1, set(), now=0)
     s.register("r2", "h", 2, (), 1, set(), now=0)
     s.add(build(1), 0)
     owner = s.builds[1].runner
     other = "r2" if owner == "r1" else "r1"
-    s.heartbeat(other, set(), sent_at=2.5, now=2.5)     # the other one keeps answering
-    s.heartbeat(owner, {(1, 1)}, sent_at=0.5, now=0.5)
-    assert not s.expire(3.4)                            # 2.9 s silent: not yet
-    plan = s.expire(3.6)                                # 3.1 s silent: dead
+    assert not s.missed(owner, "no pong within 1s", now=1) and not s.missed(owner, "no pong within 1s", now=2)
+    s.heartbeat(owner, {(1, 1)}, sent_at=2.5, now=2.6)  # an answer starts the count again
+    assert not s.missed(owner, "no pong within 1s", now=4) and not s.missed(owner, "no pong within 1s", now=5)
+    assert s.runners[owner].alive and s.builds[1].attempt == 1
+    plan = s.missed(owner, "no pong within 1s", now=6)  # the third in a row
     assert [r.name for r in plan.dead] == [owner]
+    assert "3 pings in a row unanswered (the last: no pong within 1s)" in plan.requeued[0][1]
     assert [(b.id, why.startswith(f"attempt 1 taken back: runner {owner} lost")) for b, why in plan.requeued] == [(1, True)]
     assert assigned(plan) == [(1, 2, other)]
     assert s.runners[owner].state.value == "dead"
+
+
+def test_time_passing_without_pings_kills_nobody():
+    """A dispatcher paused (SIGSTOP, a VM pause) for far longer than the deadline
+    sent no pings meanwhile: it judges by the first pong after waking."""
+    s = sched()
+    s.register("r1", "h", 1, (), 1, set(), now=0)
+    s.add(build(1), now=0)
+    plan = s.heartbeat("r1", {(1, 1)}, sent_at=10_000, now=10_000.1)
+    assert not plan and s.runners["r1"].alive and s.builds[1].attempt == 1
+
+
+def test_wall_clock_steps_change_no_rule_only_the_times_people_read():
+    wall = Wall()
+    s = sched(wall=wall)
+    s.register("r1", "h", 1, (), 2, set(), now=10)
+    assert s.runners["r1"].registered_at == wall.t
+    wall.t += 30                                        # NTP steps forward
+    s.add(build(1), now=11)
+    assert s.builds[1].started_at == wall.t
+    wall.t -= 3600                                      # and back an hour
+    s.add(build(2), now=12)
+    assert s.builds[2].started_at == wall.t
+    # a ping sent at 11.5 (after build 1's hand-out at 11, before build 2's at 12) judges build 1
+    # only, though build 2's started_at is an hour "earlier" than build 1's
+    plan = s.heartbeat("r1", {(1, 1)}, sent_at=11.5, now=11.6)
+    assert not plan.requeued and s.builds[2].status is Status.RUNNING
+    assert s.runners["r1"].last_seen == wall.t
+    plan = s.finish(1, 1, Status.PASSED, 0, now=13)
+    assert plan.finished[0].finished_at == wall.t
+
+
+def test_a_runner_known_before_a_restart_gets_the_deadline_to_come_back_and_no_work_before():
+    s = sched()
+    r1 = RunnerRecord("r1", "h", 1, alive=True, last_seen=0)
+    running = build(1)
+    running.status, running.attempt, running.runner = Status.RUNNING, 1, "r1"
+    plan = s.load([running, build(2)], [r1], now=100)
+    assert not plan.assign                              # not before it answered once
+    assert s.in_grace("r1", 102.9)
+    assert not s.unreachable("r1", "connection refused", now=101)      # still starting, maybe
+    assert not s.missed("r1", "no pong", now=102)                      # one miss: counted, not fatal
+    assert s.builds[1].attempt == 1 and s.runners["r1"].alive
+    plan = s.heartbeat("r1", {(1, 1)}, sent_at=102.5, now=102.6)     # back, still running build 1
+    assert not plan.requeued and not plan.assign        # its one slot is busy
+    assert not s.in_grace("r1", 102.7)
+    # once it has answered, a refusal is fatal at once again
+    plan = s.unreachable("r1", "connection refused", now=103)
+    assert [r.name for r in plan.dead] == ["r1"] and [b.id for b, _ in plan.requeued] == [1]
+
+
+def test_a_runner_not_back_when_its_window_closes_is_lost_at_the_next_refusal():
+    s = sched()
+    running = build(1)
+    running.status, running.attempt, running.runner = Status.RUNNING, 1, "r1"
+    s.load([running], [RunnerRecord("r1", "h", 1, alive=True)], now=100)
+    assert not s.unreachable("r1", "connection refused", now=102.9)
+    plan = s.unreachable("r1", "connection refused", now=103.1)
+    assert [r.name for r in plan.dead] == ["r1"]
+    assert [(b.id, b.attempt) for b, _ in plan.requeued] == [(1, 1)]
+
+
+def test_a_draining_runner_finishes_its_build_takes_nothing_new_until_resumed():
+    s = sched()
+    s.register("r1", "h", 1, (), 2, set(), now=0)
+    s.add(build(1), now=0)
+    assert not s.drain("r1", True, now=1)
+    assert s.runners["r1"].state.value == "draining"
+    assert assigned(s.add(build(2), now=2)) == []       # a free slot, but draining
+    s.register("r1", "h", 1, (), 2, {(1, 1)}, now=3)    # registering again keeps it draining
+    assert assigned(s.add(build(3), now=3)) == []
+    plan = s.finish(1, 1, Status.PASSED, 0, now=4)
+    assert not plan.assign and s.runners["r1"].state.value == "drained"
+    plan = s.drain("r1", False, now=5)
+    assert assigned(plan) == [(2, 1, "r1"), (3, 1, "r1")]
+    with pytest.raises(KeyError):
+        s.drain("nobody", True, now=6)
+
+
+def test_only_a_dead_runner_is_forgotten_and_the_long_dead_are_forgettable():
+    wall = Wall()
+    s = sched(wall=wall)
+    s.register("r1", "h", 1, (), 1, set(), now=0)
+    with pytest.raises(ValueError):
+        s.forget("r1")
+    s.lost("r1", "connection refused", now=10)
+    assert s.forgettable(100, now=109) == [] and s.forgettable(100, now=110) == ["r1"]
+    assert s.forgettable(0, now=1e9) == []              # 0: never
+    assert s.forget("r1").name == "r1" and "r1" not in s.runners
+    with pytest.raises(KeyError):
+        s.forget("r1")
+    # after a restart, a runner dead before it counts from when it was last seen
+    t = Scheduler(1.0, 3, 3, wall=wall)
+    t.load([], [RunnerRecord("old", "h", 1, alive=False, last_seen=wall.t - 50)], now=1000)
+    assert t.forgettable(60, now=1009) == [] and t.forgettable(60, now=1010) == ["old"]
 
 
 def test_dead_runner_gets_no_work_until_it_registers_again():
@@ -171,8 +283,6 @@ def test_load_after_restart_keeps_running_builds_with_live_runners():
     assert [b.id for b in s.queued()] == [2, 3]
     # the live runner's pong confirms its build
     assert not s.heartbeat("r1", {(1, 1)}, sent_at=101, now=101).requeued
-    # and it is not declared dead before it had a full window to answer
-    assert not s.expire(102.9).dead
 
 
 def test_refused_run_puts_build_back_without_counting_a_loss():
@@ -213,7 +323,7 @@ def test_a_pong_that_changes_nothing_hands_out_nothing_and_changes_nothing():
     s.add(build(2), 0)
     plan = s.heartbeat("r1", {(1, 1)}, sent_at=5, now=5)
     assert not plan
-    assert s.runners["r1"].last_seen == 5 and s.runners["r1"].running == {(1, 1)}
+    assert s.runners["r1"].last_seen == s.wall() and s.runners["r1"].running == {(1, 1)}
     assert [b.id for b in s.queued()] == [2]
 
 
@@ -225,16 +335,23 @@ def test_a_slot_freed_by_a_refused_run_is_offered_again_at_the_next_pong():
     assert assigned(s.heartbeat("r1", set(), sent_at=2, now=2)) == [(1, 2, "r1")]
 
 
-def test_sending_restarts_the_lease_clock_and_refuses_a_lease_that_ended():
+def test_no_pong_judges_a_build_until_its_run_was_acknowledged_and_sending_refuses_an_ended_lease():
     s = sched()
     s.register("r1", "h", 1, (), 1, set(), now=0)
     s.add(build(1), 0)
     assert s.sending(1, 1, now=3)
-    # a ping sent at 2 (after the hand-out at 0, before the `run` went out at 3) cannot judge it
+    # pings sent at 2 and at 4 (the `run` on its way: a ping on its own connection may overtake it)
     assert not s.heartbeat("r1", set(), sent_at=2, now=3.1).requeued
-    s.cancel(1, now=4)
-    assert not s.sending(1, 1, now=5)
-    assert not s.sending(9, 1, now=5)
+    assert not s.heartbeat("r1", set(), sent_at=4, now=4.1).requeued
+    s.sent(1, 1, now=5)                                 # the runner acknowledged it at 5
+    assert not s.heartbeat("r1", set(), sent_at=4.5, now=5.1).requeued
+    plan = s.heartbeat("r1", set(), sent_at=6, now=6.1)     # sent after: the runner must report it
+    assert [(b.id, why) for b, why in plan.requeued] == [(1, "attempt 1 taken back: runner r1 is not running it")]
+    s.sent(1, 1, now=7)                                 # a late acknowledgement of an ended lease: ignored
+    assert s.builds[1].status is Status.RUNNING and s.builds[1].attempt == 2
+    s.cancel(1, now=8)
+    assert not s.sending(1, 2, now=9)
+    assert not s.sending(9, 1, now=9)
 
 
 def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
@@ -245,7 +362,7 @@ def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
     next_id = 1
     for step in range(3000):
         now = step * 0.1
-        event = rng.randrange(7)
+        event = rng.randrange(9)
         name = rng.choice(names)
         if event == 0:
             s.register(name, "h", 1, rng.choice([(), ("gpu",)]), rng.randint(1, 3),
@@ -270,6 +387,10 @@ def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
             b = s.builds[rng.choice(sorted(s.builds))]
             if b.status is Status.RUNNING:
                 s.refused(b.id, b.attempt, "busy", now)
+        elif event == 7 and name in s.runners:
+            s.drain(name, not s.runners[name].draining, now)
+        elif event == 8:
+            s.missed(name, "no pong", now)
         free = {r.name for r in s.runners.values() if r.free > 0}
         assert set(s._free) == free, step
         if event == 1:      # a hand-out looks at every queued build: none left that a free runner could take
@@ -278,7 +399,7 @@ def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
 
 
 def test_restart_with_a_dead_runners_build_still_honours_max_attempts():
-    s = Scheduler(heartbeat_interval=1.0, heartbeat_misses=3, max_attempts=3)
+    s = sched()
     spent = build(1)
     spent.status, spent.attempt, spent.runner = Status.RUNNING, 3, "gone"
     plan = s.load([spent], [RunnerRecord("gone", "h", 1, alive=False), RunnerRecord("r2", "h", 2)], now=10)

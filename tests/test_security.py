@@ -229,7 +229,7 @@ def test_a_runner_that_restarted_elsewhere_takes_its_name_back_at_once(tmp_path,
         dial = h.d.links.dial
         h.d.links.dial = lambda runner: Silent(runner, hang) if runner.port == 9000 else dial(runner)
         register = {"type": "register", "name": "r1", "host": "127.0.0.1", "port": 9100, "labels": [], "slots": 1}
-        h.now += 5                      # it restarted a while after it was given the build
+        h.mono += 5                     # it restarted a while after it was given the build
         started = asyncio.get_running_loop().time()
         assert (await h.call(register, protocol.RUNNER, id="r1"))["type"] == "ok"
         assert asyncio.get_running_loop().time() - started < 2.0        # one ping, bounded by the interval

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 WAIT_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-RUNNER_STATES = ("idle", "busy", "dead")
+RUNNER_STATES = ("idle", "busy", "draining", "drained", "dead")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
