@@ -495,6 +495,8 @@ class Client:
             raise PeerRefused(f"nothing listens on {self.addr} (connection refused)") from None
         except OSError as exc:
             raise PeerError(f"cannot connect to {self.addr}: {exc.strerror or exc}") from None
+        except UnicodeError:            # the resolver refuses a host name (a runner may register any text)
+            raise PeerError(f"cannot connect to {self.addr}: not a valid host name") from None
         conn = Connection(reader, writer, self.limits, self.addr)
         greeting = Greeting(self.addr, self.role, self.secret, self.id, self.to)
         try:
@@ -600,6 +602,8 @@ def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: 
         raise PeerTimeout(f"connecting to {host}:{port} timed out") from None
     except OSError as exc:
         raise PeerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise PeerError(f"cannot connect to {host}:{port}: not a valid host name") from None
     try:
         if ssl is not None:
             sock = ssl.wrap_socket(sock, server_hostname=host)

@@ -359,3 +359,11 @@ def test_the_blocking_client_refuses_a_reply_the_table_does_not_allow():
             await asyncio.to_thread(net.request_blocking, f"127.0.0.1:{port}", {"type": "poke"}, "observer")
         liar.server.close()
     run(body())
+
+
+def test_a_host_name_the_resolver_refuses_is_a_peer_error():
+    # a runner registers any text as its host; dialling it must fail as a peer, not as a bug
+    with pytest.raises(net.PeerError, match="not a valid host name"):
+        asyncio.run(net.call("a" * 300 + ".example:1", {"type": "status"}, "reader"))
+    with pytest.raises(net.PeerError, match="not a valid host name"):
+        net.request_blocking("a" * 300 + ".example:1", {"type": "poke"}, "operator", to="observer")
