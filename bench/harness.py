@@ -141,8 +141,9 @@ class Repo(daemons.Repo):
 
 # ---------------------------------------------------------------- talking to the dispatcher
 
-def request(addr: str, msg: dict, role: str = protocol.READER) -> dict:
-    return asyncio.run(net.call(addr, msg, role, timeout=30))
+def request(addr: str, msg: dict, role: str = protocol.READER, to: str = protocol.DISPATCHER_ID) -> dict:
+    """One request to ``addr``, the daemon ``to`` names (the handshake checks whom it reached)."""
+    return asyncio.run(net.call(addr, msg, role, timeout=30, to=to))
 
 
 class Reader:

@@ -42,7 +42,7 @@ def _run_batch(tmp: Path, runners: int, commits: int, steps: list[str]) -> dict:
                 r["state"] == "idle" for r in rs))(reader.status(1)["runners"]), 30)
             shas = repo.many(commits)
             made = time.time()
-            request(obs.addr, {"type": "poke"}, protocol.OBSERVER)
+            request(obs.addr, {"type": "poke"}, protocol.OBSERVER, to=protocol.OBSERVER_ID)
             want = set(shas)
 
             def all_done():

@@ -20,4 +20,4 @@ class Limits:
     idle_timeout: float = 300.0     # a server drops a client silent for this long
     max_connections: int = 512     # authenticated connections a server holds at once
     max_handshakes: int = 64        # connections still in the handshake, all addresses together
-    max_per_peer: int = 64          # connections (either kind) from one address
+    max_per_peer: int = 256         # connections (either kind) from one address: many runners may share one
