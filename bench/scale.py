@@ -121,7 +121,7 @@ def dispatcher_scale(tmp: Path, quick: bool) -> Result:
     for n in counts:
         run = tmp / f"runners-{n}"
         seed(run / "dispatcher", history, queued)
-        with cluster(run, ["true"], net_cfg={"max_connections": 4096, "max_per_peer": 4096}) as c:
+        with cluster(run, ["true"], net_cfg={"max_connections": 4096, "max_per_peer": 4096, "max_handshakes": 4096}) as c:
             disp = c.dispatcher()
             figures = asyncio.run(_measure(c, disp, n, queued, idle_s, 20 if quick else 100))
         res.data["runs"][n] = figures
