@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from . import net, protocol
-from .local import LOCAL_SECRET, dial_host, tool_secret
+from .local import LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
 from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
@@ -195,7 +195,8 @@ def _hook_commands(sub) -> None:
     notify.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in defaults)")
     notify.add_argument("--secret-file", metavar="FILE",
-                        help=f"file holding the observer secret (default: {LOCAL_SECRET} when it exists)")
+                        help=f"file holding the observer secret (default: the {LOCAL_SECRET} of a `tinyci up` run "
+                             f"in this directory or one above)")
 
     hook = sub.add_parser(
         "install-hook", help="install git hooks that run `tinyci notify` after each commit and push",
@@ -210,17 +211,19 @@ def _hook_commands(sub) -> None:
                       help="YAML configuration file the hooks read at each commit (for auth.secret)")
     hook.add_argument("--secret-file", metavar="FILE",
                       help=f"file holding the observer secret, read by the hooks at each commit "
-                           f"(default: {LOCAL_SECRET} from `tinyci up`, when it exists here)")
+                           f"(default: the {LOCAL_SECRET} of a `tinyci up` run in this directory or one above)")
 
 
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dispatcher", metavar="HOST:PORT",
-                        help="dispatcher address (default: dispatcher.host:port from the config, "
+                        help="dispatcher address (default: dispatcher.host:port from the config, else "
+                             "that of the `tinyci up` running in this directory or one above, else "
                              "127.0.0.1:8888)")
     parser.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in "
                              "defaults); its auth section's secret for the role is used to "
-                             "authenticate, else .tinyci/secret when `tinyci up` made one here")
+                             "authenticate, else the .tinyci/secret of a `tinyci up` run in this "
+                             "directory or one above")
 
 
 def _build_id(text: str) -> int:
@@ -301,10 +304,12 @@ class DispatcherLink:
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
         config = settings.config
+        self.settings = settings
         self.secrets = {role: tool_secret(settings, role) for role in roles}
         self.tls = settings.client_tls
         self.limits = settings.limits
-        addr = args.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
+            or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
         try:
             self.host, self.port = net.parse_addr(addr)
         except ValueError as exc:
@@ -323,10 +328,12 @@ class DispatcherLink:
         if isinstance(exc, net.PeerNotProven):
             # it answered, but without our key: another daemon, or something posing as the dispatcher
             return (f"{exc} — check --dispatcher, and that its secret for this role is the one configured here")
-        return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
+        role = next(iter(self.secrets))
+        return (f"the dispatcher at {self.addr} refused our credentials (we used "
+                f"{secret_source(self.settings, role)}) — check that auth.secret "
                 f"(TINYCI_AUTH_SECRET) or the role's own (auth.reader_secret, auth.operator_secret) "
-                f"matches the dispatcher's; for `tinyci up`'s daemons, run this where its "
-                f".tinyci/secret is or set TINYCI_AUTH_SECRET_FILE")
+                f"matches the dispatcher's; for `tinyci up`'s daemons, run this in or below the directory "
+                f"where it ran, or set TINYCI_AUTH_SECRET_FILE")
 
     def run(self, coro) -> Any:
         """Run one coroutine, turning every peer problem into a one-line Failure."""
@@ -344,6 +351,15 @@ class DispatcherLink:
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
+
+
+def configured_addr(config: Any, section: str) -> str | None:
+    """HOST:PORT of ``section`` when the configuration (file or environment) sets it, else None:
+    then a running `tinyci up` above this directory says where its daemon is."""
+    if f"{section}.host" in config.origins or f"{section}.port" in config.origins:
+        cfg = getattr(config, section)
+        return f"{dial_host(cfg.host)}:{cfg.port}"
+    return None
 
 
 def unreachable(what: str, addr: str, exc: Exception) -> str:
@@ -590,7 +606,10 @@ def install_hook(args: argparse.Namespace) -> int:
         return 2
     config = os.path.abspath(args.config) if args.config else None
     # hooks run inside the clone, not here: name the secret `tinyci up` made here by its full path
-    secret_file = args.secret_file or (LOCAL_SECRET if not config and os.path.exists(LOCAL_SECRET) else None)
+    secret_file = args.secret_file
+    if not secret_file and not config:
+        up = find_up()
+        secret_file = str(up.secret_path) if up is not None and up.secret else None
     secret_file = os.path.abspath(secret_file) if secret_file else None
     try:
         for line in hooks.install(Path(args.repo).absolute(), f"{host}:{port}", config, secret_file):
@@ -611,6 +630,8 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
         # an explicit --secret-file wins: the configured secret is then not read at all
         settings = resolve(load(args.config), roles=[] if secret_file else [protocol.OBSERVER], listens=False)
         observer = settings.config.observer
-        return (args.observer or f"{dial_host(observer.host)}:{observer.port}",
-                tool_secret(settings, protocol.OBSERVER, secret_file), settings.client_tls)
-    return args.observer or DEFAULT_OBSERVER, tool_secret(None, protocol.OBSERVER, secret_file), None
+        addr = args.observer or configured_addr(settings.config, "observer") or up_address("observer") \
+            or f"{dial_host(observer.host)}:{observer.port}"
+        return addr, tool_secret(settings, protocol.OBSERVER, secret_file), settings.client_tls
+    addr = args.observer or up_address("observer") or DEFAULT_OBSERVER
+    return addr, tool_secret(None, protocol.OBSERVER, secret_file), None

@@ -34,7 +34,8 @@ from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
 from .procgroup import reap_orphans
-from .registration import Registration
+from .local import DATA, find_up
+from .registration import Refused, Registration
 from .settings import Settings
 from .slots import Slots
 
@@ -89,7 +90,10 @@ class Runner:
                     f"credential, the one the dispatcher holds for it in auth.runners")
             self.registration = Registration(self._client(), self._register_message)
             # absolute: git runs inside the checkouts, where a relative path would mean something else
-            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
+            # by default beside the other runners of the `tinyci up` it was started under, if any
+            up = find_up()
+            base = up.data if up is not None else Path(DATA)
+            self.workdir = Path(rc.workdir or base / "runners" / self.name).absolute()
             self._claim_workdir()
             # the workdir is ours now: end any step a killed predecessor left running in it
             for pgid in reap_orphans(self.workdir / "checkouts"):
@@ -123,9 +127,20 @@ class Runner:
         self._lock = lock
 
     async def serve(self) -> None:
-        """Register and stay registered until the stop event is set."""
-        self._spawn(self.registration.run(), "registration")
-        await self.stop.wait()
+        """Register and stay registered until the stop event is set. A refused
+        credential ends the runner (StartupError): retrying cannot help."""
+        registering = asyncio.ensure_future(self.registration.run())
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (registering, stopping):
+                task.cancel()
+            await asyncio.gather(registering, stopping, return_exceptions=True)
+        if not registering.cancelled() and isinstance(registering.exception(), Refused):
+            raise daemon.StartupError(str(registering.exception()))
+        if not registering.cancelled() and registering.exception() is not None:
+            log.error("registration failed", exc_info=registering.exception())
 
     async def shutdown(self) -> None:
         """Kill running builds (the dispatcher requeues them) and stop within a second or two."""
