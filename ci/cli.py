@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # whoever read our output stopped (`tinyci status --watch | head -1`): that ends the command,
+        # quietly; stdout goes to /dev/null so the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # ---------------------------------------------------------------- tools
@@ -390,7 +395,8 @@ def status(args: argparse.Namespace) -> int:
     import time
     from rich.console import Console
     from . import tui
-    Console().print(tui.render_status(snapshot, time.time()))
+    console = Console()
+    console.print(tui.render_status(snapshot, time.time(), console.width))
     return 0
 
 
