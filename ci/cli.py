@@ -339,6 +339,8 @@ class DispatcherLink:
         from .config import ConfigError, load
         from .settings import resolve
         roles = [protocol.OPERATOR if args.command in self.OPERATOR_COMMANDS else protocol.READER]
+        if args.command == "run":       # queues as the operator, then waits as a reader
+            roles.append(protocol.READER)
         try:
             settings = resolve(load(args.config), roles=roles, listens=False)
         except ConfigError as exc:
