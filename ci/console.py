@@ -213,7 +213,10 @@ class Live:
                     self.state.log_start(target)
                     try:
                         await asyncio.wait_for(self._read_log(target), STREAM_IDLE)
-                    except (net.PeerError, protocol.RemoteError, asyncio.TimeoutError):
+                    except protocol.RemoteError as exc:
+                        if exc.code == "not_found":
+                            self.state.log_end(target, "not found")
+                    except (net.PeerError, asyncio.TimeoutError):
                         pass
                 self.print_plain()
             return

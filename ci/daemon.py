@@ -174,11 +174,12 @@ async def listen(start: Callable[[], Awaitable[Any]], what: str, host: str, port
         return await start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what}: port {port} on {host} is already in use "
+            # no "{what}: " prefix: `run` prints "tinyci <daemon>: " before it already
+            raise StartupError(f"port {port} on {host} is already in use "
                                f"(pick another with --port, or 0 for any free port)") from None
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
-            raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from None
-        raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc}") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bool = False) -> int:

@@ -355,6 +355,8 @@ def render_log(state, lines: int) -> RenderableType:
     build_id = state.log_build
     if build_id is None:
         return Text("Log: no build has run yet", style="dim")
+    if state.log_status == "not found":          # --follow of a build the dispatcher does not have
+        return Text(f"Log of #{build_id}: no such build", style="bold", no_wrap=True)
     build = state.builds.get(build_id, {})
     status = state.log_status or build.get("status", "")
     title = Text(f"Log of #{build_id} ", style="bold", no_wrap=True, overflow="ellipsis")

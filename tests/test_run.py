@@ -105,3 +105,20 @@ def test_log_timestamps_say_when_each_line_reached_the_dispatcher(cluster, repo)
     assert 1.0 <= (second - first) % 86400 < 10     # the sleep between them shows
     plain = tinyci("log", str(build["id"]), "--dispatcher", c.disp.addr).stdout
     assert [line.split(" ", 1)[1] for line in done.stdout.splitlines()] == plain.splitlines()
+
+
+def test_the_small_things_a_new_user_tripped_over(cluster, repo, tmp_path):
+    c = cluster()
+    c.dispatcher()
+    obs = c.observer(repo)
+    # the observer's address given as the dispatcher's: say what answered, not "refused our credentials"
+    done = tinyci("status", "--dispatcher", obs.addr)
+    assert done.returncode == 1 and f"{obs.addr} is observer, not dispatcher" in done.stderr, done.stderr
+    # a console following a build that does not exist says so
+    done = tinyci("console", "--once", "--follow", "9999", "--dispatcher", c.disp.addr)
+    assert done.returncode == 0 and "Log of #9999: no such build" in done.stdout, done.stdout + done.stderr
+    # a daemon's port taken: one line that does not repeat its name
+    done = tinyci("dispatcher", "--port", c.disp.addr.rsplit(":", 1)[1], "--data", str(tmp_path / "d2"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith(f"tinyci dispatcher: port {c.disp.port} on 127.0.0.1 is "
+                                                   f"already in use"), done.stderr
