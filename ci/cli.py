@@ -7,8 +7,10 @@ only when their subcommand runs, so ``tinyci --help`` and the git hook's
 
 Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel`` and
-``rebuild`` (role operator); to the
-observer: ``poke`` (role observer). Every failure is one line on stderr:
+``rebuild`` (role operator), ``run`` (trigger, then wait as a reader) and
+``wait`` (``waiting``); to the observer: ``poke`` (role observer). Without
+``--dispatcher`` or a configured address, a tool in or below a directory
+where `tinyci up` runs talks to its daemons, with its secret (``local``). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 
 What a peer sent reaches the terminal only through ``sanitize``: build logs
