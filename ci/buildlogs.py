@@ -17,12 +17,18 @@ its own (the attempt ended, was taken back or cancelled), the tail is joined
 to the log after a line saying what was cut. Everything is on disk, so a
 restarted dispatcher carries on, and the byte count of the attempt (what the
 runner's offsets are checked against) stays exact: head + tail + cut.
+
+Arrival times: ``<build>.times`` gets one "offset time" line per append, so
+``tinyci log --timestamps`` can say when each line reached the dispatcher
+(``times``); cheap to write, read only when asked.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 from .models import Build
 from .text import utf8_boundary
@@ -132,7 +138,8 @@ class LogGap(Exception):
 
 
 class BuildLogs:
-    def __init__(self, directory: Path, limit: int):
+    def __init__(self, directory: Path, limit: int, clock: Callable[[], float] = time.time):
+        self.clock = clock
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = LogCap(self.dir, limit)
@@ -181,6 +188,7 @@ class BuildLogs:
         if skip >= len(data):
             return have, False
         self.sizes.pop(build.id, None)         # not kept if the append fails half way
+        self._stamp(build.id, self.size(build.id))
         have = self.sizes[build.id] = self.cap.append(build.id, data[skip:], build.log_base)
         return have, True
 
@@ -229,4 +237,41 @@ class BuildLogs:
                 if f.read(1) != b"\n":
                     text = "\n" + text
             f.write((text + "\n").encode())
-            return f.tell()
+            end = f.tell()
+        self._stamp(build_id, size)
+        return end
+
+    # ------------------------------------------------------------ arrival times
+
+    def _stamp(self, build_id: int, offset: int) -> None:
+        """Note that the bytes appended at ``offset`` arrived now: one short line in
+        ``<build>.times`` per append (a log frame or a line of ours), read back
+        only when a tool asks (``tinyci log --timestamps``). While a log is over
+        its cap, its tail's bytes carry the offset where the cut will be."""
+        try:
+            with open(self.dir / f"{int(build_id)}.times", "a") as f:
+                f.write(f"{offset} {self.clock():.3f}\n")
+        except OSError:
+            pass        # the times are a convenience: never fail a log write for them
+
+    def times(self, build_id: int, start: int, end: int) -> list[list]:
+        """[offset, time] for the bytes ``start``..``end`` of the log: the append that
+        ``start`` falls in (its offset moved to ``start``), then each one after it."""
+        try:
+            lines = (self.dir / f"{int(build_id)}.times").read_text().split("\n")
+        except (OSError, UnicodeDecodeError):
+            return []
+        found: list[list] = []
+        for line in lines:
+            try:
+                offset_text, when_text = line.split()
+                offset, when = int(offset_text), float(when_text)
+            except ValueError:
+                continue
+            if offset >= end:
+                break
+            if offset <= start:
+                found = [[start, when]]
+            elif not found or offset > found[-1][0]:
+                found.append([offset, when])
+        return found

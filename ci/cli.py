@@ -7,8 +7,11 @@ only when their subcommand runs, so ``tinyci --help`` and the git hook's
 
 Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
-``rebuild``, ``drain``, ``resume`` and ``forget`` (role operator); to the
-observer: ``poke`` (role observer). Every failure is one line on stderr:
+``rebuild``, ``drain``, ``resume`` and ``forget`` (role operator), ``run``
+(trigger, then wait as a reader) and ``wait`` (``waiting``); to the observer:
+``poke`` (role observer). Without ``--dispatcher`` or a configured address, a
+tool in or below a directory where `tinyci up` runs talks to its daemons, with
+its secret (``local``). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 
 What a peer sent reaches the terminal only through ``sanitize``: build logs
@@ -29,7 +32,7 @@ import sys
 from typing import Any
 
 from . import net, protocol
-from .local import LOCAL_SECRET, dial_host, tool_secret
+from .local import LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
 from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
@@ -99,6 +102,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _reader_commands(sub)
     _operator_commands(sub)
+    _waiting_commands(sub)
     _hook_commands(sub)
     return parser
 
@@ -138,6 +142,8 @@ def _reader_commands(sub) -> None:
     log.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     log.add_argument("-f", "--follow", action="store_true",
                      help="keep printing until the build finishes; exit 0 only if it passed")
+    log.add_argument("-t", "--timestamps", action="store_true",
+                     help="put before each line the time it reached the dispatcher (HH:MM:SS.mmm, local time)")
     log.add_argument("--raw", action="store_true",
                      help="print the log's bytes exactly as the dispatcher stored them, escape sequences "
                           "and all (by default control characters and escape sequences are removed, "
@@ -190,6 +196,38 @@ def _operator_commands(sub) -> None:
 
 
 
+def _waiting_commands(sub) -> None:
+    """`run` and `wait`: what scripts and other CIs call (exit 0 passed, 1 failed, 2 otherwise)."""
+    run = sub.add_parser(
+        "run", help="build a commit now and wait for the verdict (for scripts and other CIs)",
+        description="Queue builds of a commit (all its .ci.yaml jobs, or one with --job) and wait for all "
+                    "of them, printing each one's verdict as it ends. Exit status: 0 when every build "
+                    "passed, 1 when any failed, 2 on an error, a cancel, or a dispatcher that cannot be asked.")
+    _tool_arguments(run)
+    what = run.add_mutually_exclusive_group()
+    what.add_argument("--branch", metavar="NAME", help="build the head of this branch")
+    what.add_argument("rev", nargs="?", metavar="REV",
+                      help="commit to build (sha, tag or branch; default HEAD of the watched clone)")
+    run.add_argument("--repo", metavar="REPO", help="the repository REV is in, as the dispatcher knows it")
+    run.add_argument("--job", metavar="JOB", help="only this job of the commit's .ci.yaml")
+    _waiting_arguments(run)
+
+    wait = sub.add_parser(
+        "wait", help="wait for builds already queued and print their verdicts",
+        description="Wait for a build (by number) or for the newest build of each job of a commit (by "
+                    "sha, at least 7 hex digits) to end. Exit status as for `tinyci run`.")
+    _tool_arguments(wait)
+    wait.add_argument("target", metavar="BUILD|SHA", help="a build number, or a commit's sha (7-40 hex digits)")
+    _waiting_arguments(wait)
+
+
+def _waiting_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="print each build's log as it runs (one build after the other)")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON object {"builds": [...], "exit_code": N} at the end instead of lines')
+
+
 def _hook_commands(sub) -> None:
     """The git hooks' side: poking the observer, and installing the hooks that do."""
     notify = sub.add_parser(
@@ -204,7 +242,8 @@ def _hook_commands(sub) -> None:
     notify.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in defaults)")
     notify.add_argument("--secret-file", metavar="FILE",
-                        help=f"file holding the observer secret (default: {LOCAL_SECRET} when it exists)")
+                        help=f"file holding the observer secret (default: the {LOCAL_SECRET} of a `tinyci up` run "
+                             f"in this directory or one above)")
 
     hook = sub.add_parser(
         "install-hook", help="install git hooks that run `tinyci notify` after each commit and push",
@@ -219,17 +258,19 @@ def _hook_commands(sub) -> None:
                       help="YAML configuration file the hooks read at each commit (for auth.secret)")
     hook.add_argument("--secret-file", metavar="FILE",
                       help=f"file holding the observer secret, read by the hooks at each commit "
-                           f"(default: {LOCAL_SECRET} from `tinyci up`, when it exists here)")
+                           f"(default: the {LOCAL_SECRET} of a `tinyci up` run in this directory or one above)")
 
 
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dispatcher", metavar="HOST:PORT",
-                        help="dispatcher address (default: dispatcher.host:port from the config, "
+                        help="dispatcher address (default: dispatcher.host:port from the config, else "
+                             "that of the `tinyci up` running in this directory or one above, else "
                              "127.0.0.1:8888)")
     parser.add_argument("--config", metavar="FILE",
                         help="YAML configuration file (default: $TINYCI_CONFIG, else built-in "
                              "defaults); its auth section's secret for the role is used to "
-                             "authenticate, else .tinyci/secret when `tinyci up` made one here")
+                             "authenticate, else the .tinyci/secret of a `tinyci up` run in this "
+                             "directory or one above")
 
 
 def _build_id(text: str) -> int:
@@ -290,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # whoever read our output stopped (`tinyci status --watch | head -1`): that ends the command,
+        # quietly; stdout goes to /dev/null so the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # ---------------------------------------------------------------- tools
@@ -299,21 +345,25 @@ class DispatcherLink:
     resolved once from the configuration (``settings.resolve``) for the role
     the command speaks as: a reader's machine needs no operator secret."""
 
-    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget"})
+    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run"})
 
     def __init__(self, args: argparse.Namespace):
         from .config import ConfigError, load
         from .settings import resolve
         roles = [protocol.OPERATOR if args.command in self.OPERATOR_COMMANDS else protocol.READER]
+        if args.command == "run":       # queues as the operator, then waits as a reader
+            roles.append(protocol.READER)
         try:
             settings = resolve(load(args.config), roles=roles, listens=False)
         except ConfigError as exc:
             raise Failure(f"configuration error: {exc}", 2) from None
         config = settings.config
+        self.settings = settings
         self.secrets = {role: tool_secret(settings, role) for role in roles}
         self.tls = settings.client_tls
         self.limits = settings.limits
-        addr = args.dispatcher or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
+            or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
         try:
             self.host, self.port = net.parse_addr(addr)
         except ValueError as exc:
@@ -332,10 +382,12 @@ class DispatcherLink:
         if isinstance(exc, net.PeerNotProven):
             # it answered, but without our key: another daemon, or something posing as the dispatcher
             return (f"{exc} — check --dispatcher, and that its secret for this role is the one configured here")
-        return (f"the dispatcher at {self.addr} refused our credentials — check that auth.secret "
+        role = next(iter(self.secrets))
+        return (f"the dispatcher at {self.addr} refused our credentials (we used "
+                f"{secret_source(self.settings, role)}) — check that auth.secret "
                 f"(TINYCI_AUTH_SECRET) or the role's own (auth.reader_secret, auth.operator_secret) "
-                f"matches the dispatcher's; for `tinyci up`'s daemons, run this where its "
-                f".tinyci/secret is or set TINYCI_AUTH_SECRET_FILE")
+                f"matches the dispatcher's; for `tinyci up`'s daemons, run this in or below the directory "
+                f"where it ran, or set TINYCI_AUTH_SECRET_FILE")
 
     def run(self, coro) -> Any:
         """Run one coroutine, turning every peer problem into a one-line Failure."""
@@ -353,6 +405,15 @@ class DispatcherLink:
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
+
+
+def configured_addr(config: Any, section: str) -> str | None:
+    """HOST:PORT of ``section`` when the configuration (file or environment) sets it, else None:
+    then a running `tinyci up` above this directory says where its daemon is."""
+    if f"{section}.host" in config.origins or f"{section}.port" in config.origins:
+        cfg = getattr(config, section)
+        return f"{dial_host(cfg.host)}:{cfg.port}"
+    return None
 
 
 def unreachable(what: str, addr: str, exc: Exception) -> str:
@@ -383,7 +444,8 @@ def status(args: argparse.Namespace) -> int:
     import time
     from rich.console import Console
     from . import tui
-    Console().print(tui.render_status(snapshot, time.time()))
+    console = Console()
+    console.print(tui.render_status(snapshot, time.time(), console.width))
     return 0
 
 
@@ -422,36 +484,10 @@ class TerminalOut:
 def show_log(args: argparse.Namespace) -> int:
     dispatcher = DispatcherLink(args)
     out = TerminalOut(sys.stdout, args.raw)
-
-    async def read() -> str | None:
-        offset = 0
-        while True:
-            client = dispatcher.client(protocol.READER)
-            request = {"type": "read_log", "build": args.build, "offset": offset, "follow": args.follow}
-            frames = client.stream(request, idle=FOLLOW_IDLE if args.follow else None)
-            try:
-                async for frame in frames:
-                    if frame["type"] == "chunk":
-                        data = frame["data"].encode()
-                        # the dispatcher may resend from an earlier offset: print only what is new
-                        skip = max(0, offset - frame["offset"])
-                        if data[skip:]:
-                            out.write(data[skip:])
-                        offset = max(offset, frame["offset"] + len(data))
-                    elif frame["type"] == "end":
-                        return frame["status"]
-                return None
-            except net.PeerTimeout:
-                if not args.follow:
-                    raise
-            finally:
-                # the stream holds the client's lock until it is closed
-                await frames.aclose()
-                await client.close()
-
     try:
         try:
-            final = dispatcher.run(read())
+            final = dispatcher.run(stream_log(dispatcher, args.build, args.follow, out,
+                                              getattr(args, "timestamps", False)))
         finally:
             out.close()         # a colour the log left on is reset, even on Ctrl-C
     except BrokenPipeError:  # `tinyci log 3 | head`
@@ -462,6 +498,76 @@ def show_log(args: argparse.Namespace) -> int:
             print(f"tinyci: build {args.build} {plain(final or 'ended without a status')}", file=sys.stderr)
         return 0 if final == "passed" else 1
     return 0
+
+
+async def stream_log(dispatcher: DispatcherLink, build: int, follow: bool, out: TerminalOut,
+                     timestamps: bool = False) -> str | None:
+    """Write build ``build``'s log to ``out`` (to its end with ``follow``); returns its status.
+    ``timestamps``: each line after the time it reached the dispatcher (``Stamper``)."""
+    offset = 0
+    stamper = Stamper() if timestamps else None
+    while True:
+        client = dispatcher.client(protocol.READER)
+        request = {"type": "read_log", "build": build, "offset": offset, "follow": follow}
+        if timestamps:
+            request["timestamps"] = True
+        frames = client.stream(request, idle=FOLLOW_IDLE if follow else None)
+        try:
+            async for frame in frames:
+                if frame["type"] == "chunk":
+                    data = frame["data"].encode()
+                    # the dispatcher may resend from an earlier offset: print only what is new
+                    skip = max(0, offset - frame["offset"])
+                    if data[skip:]:
+                        if stamper is not None:
+                            stamper.times(frame.get("times") or [])
+                            out.write(stamper.stamp(offset, data[skip:]))
+                        else:
+                            out.write(data[skip:])
+                    offset = max(offset, frame["offset"] + len(data))
+                elif frame["type"] == "end":
+                    return frame["status"]
+            return None
+        except net.PeerTimeout:
+            if not follow:
+                raise
+        finally:
+            # the stream holds the client's lock until it is closed
+            await frames.aclose()
+            await client.close()
+
+
+class Stamper:
+    """Puts before each log line the time its first byte reached the dispatcher,
+    from the (offset, time) pairs the dispatcher sends with each chunk."""
+
+    def __init__(self):
+        self.known: list[tuple[int, float]] = []
+        self.at_line_start = True
+
+    def times(self, pairs: list) -> None:
+        for offset, when in pairs:
+            if not self.known or offset > self.known[-1][0]:
+                self.known.append((offset, when))
+
+    def when(self, offset: int) -> float | None:
+        import bisect
+        i = bisect.bisect_right(self.known, (offset, float("inf"))) - 1
+        return self.known[i][1] if i >= 0 else None
+
+    def stamp(self, offset: int, data: bytes) -> bytes:
+        import time
+        out = bytearray()
+        for piece in data.splitlines(keepends=True):
+            if self.at_line_start:
+                when = self.when(offset)
+                stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}" \
+                    if when is not None else " " * 12
+                out += f"{stamp} ".encode()
+            out += piece
+            offset += len(piece)
+            self.at_line_start = piece.endswith(b"\n")
+        return bytes(out)
 
 
 def artifacts(args: argparse.Namespace) -> int:
@@ -581,9 +687,76 @@ def _print_builds(reply: dict, verb: str) -> int:
     return 0
 
 
+def run_builds(args: argparse.Namespace) -> int:
+    msg: dict = {"type": "trigger"}
+    if args.branch:
+        msg["branch"] = args.branch
+    else:
+        msg["rev"] = args.rev or "HEAD"
+    for key in ("repo", "job"):
+        if getattr(args, key) is not None:
+            msg[key] = getattr(args, key)
+    dispatcher = DispatcherLink(args)
+    try:
+        ids = dispatcher.call(msg, protocol.OPERATOR)["builds"]
+    except Failure as exc:
+        raise Failure(str(exc), 2) from None
+    if not args.json:
+        for build in ids:
+            print(f"build {build} queued", flush=True)
+    return _wait_for(dispatcher, ids, args)
+
+
+def wait_builds(args: argparse.Namespace) -> int:
+    from . import waiting
+    target = args.target.lstrip("#")
+    dispatcher = DispatcherLink(args)
+    if target.isdigit() and len(target) < 7:
+        ids = [int(target)]
+    elif 7 <= len(target) <= 40 and all(c in "0123456789abcdef" for c in target.lower()):
+        try:
+            ids = dispatcher.run(waiting.commit_builds(lambda: dispatcher.client(protocol.READER), target.lower()))
+        except waiting.WaitError as exc:
+            raise Failure(str(exc), 2) from None
+        except Failure as exc:
+            raise Failure(str(exc), 2) from None
+    else:
+        raise Failure(f"wait: {args.target!r} is neither a build number nor a commit's sha (7-40 hex digits)", 2)
+    return _wait_for(dispatcher, ids, args)
+
+
+def _wait_for(dispatcher: DispatcherLink, ids: list[int], args: argparse.Namespace) -> int:
+    """Wait for builds ``ids``, printing each verdict (and with --follow each log) as
+    it ends; the exit code of ``waiting.exit_code``. A failure to ask is exit 2."""
+    from . import waiting
+    if not ids:
+        raise Failure("no build was queued", 2)
+    connect = lambda: dispatcher.client(protocol.READER)     # noqa: E731
+    tell = (lambda build: None) if args.json else (lambda build: print(waiting.verdict_line(build), flush=True))
+    try:
+        if args.follow and not args.json:
+            ended = {}
+            for build in sorted(ids):
+                out = TerminalOut(sys.stdout)
+                try:
+                    dispatcher.run(stream_log(dispatcher, build, True, out))
+                finally:
+                    out.close()
+                ended.update(dispatcher.run(waiting.Waiter(connect, [build], tell).run()))
+        else:
+            ended = dispatcher.run(waiting.Waiter(connect, ids, tell).run())
+    except Failure as exc:
+        raise Failure(str(exc), 2) from None
+    code = waiting.exit_code(b["status"] for b in ended.values())
+    if args.json:
+        print(json.dumps({"builds": [ended[i] for i in sorted(ended)], "exit_code": code}, indent=2))
+    return code
+
+
 TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
          "rebuild": rebuild, "console": console, "drain": runner_command, "resume": runner_command,
          "forget": runner_command}
+TOOLS.update(run=run_builds, wait=wait_builds)
 
 
 # ---------------------------------------------------------------- notify
@@ -620,7 +793,10 @@ def install_hook(args: argparse.Namespace) -> int:
         return 2
     config = os.path.abspath(args.config) if args.config else None
     # hooks run inside the clone, not here: name the secret `tinyci up` made here by its full path
-    secret_file = args.secret_file or (LOCAL_SECRET if not config and os.path.exists(LOCAL_SECRET) else None)
+    secret_file = args.secret_file
+    if not secret_file and not config:
+        up = find_up()
+        secret_file = str(up.secret_path) if up is not None and up.secret else None
     secret_file = os.path.abspath(secret_file) if secret_file else None
     try:
         for line in hooks.install(Path(args.repo).absolute(), f"{host}:{port}", config, secret_file):
@@ -641,6 +817,8 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
         # an explicit --secret-file wins: the configured secret is then not read at all
         settings = resolve(load(args.config), roles=[] if secret_file else [protocol.OBSERVER], listens=False)
         observer = settings.config.observer
-        return (args.observer or f"{dial_host(observer.host)}:{observer.port}",
-                tool_secret(settings, protocol.OBSERVER, secret_file), settings.client_tls)
-    return args.observer or DEFAULT_OBSERVER, tool_secret(None, protocol.OBSERVER, secret_file), None
+        addr = args.observer or configured_addr(settings.config, "observer") or up_address("observer") \
+            or f"{dial_host(observer.host)}:{observer.port}"
+        return addr, tool_secret(settings, protocol.OBSERVER, secret_file), settings.client_tls
+    addr = args.observer or up_address("observer") or DEFAULT_OBSERVER
+    return addr, tool_secret(None, protocol.OBSERVER, secret_file), None

@@ -121,6 +121,17 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """Builds the dispatcher queues at set times (ci/schedule.py checks the entries)."""
+    timezone: str = ""            # IANA name (zoneinfo); empty: this machine's local zone
+    builds: list = field(default_factory=list)      # [{cron, branch, repo?, jobs?}]
+
+
+# Keys whose lists hold mappings, not strings (checked by their own module)
+STRUCTURED = {("schedule", "builds")}
+
+
+@dataclass(frozen=True)
 class Config:
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
@@ -131,6 +142,7 @@ class Config:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     source: str = "built-in defaults"
     # where each key that is not a default came from (a file, "environment",
     # "command line"), for errors found after loading; not part of equality
@@ -224,6 +236,8 @@ def _merge(values: dict, data: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
         if keys is None:
             continue
+        if section == "schedule" and isinstance(keys, list):
+            keys = {"builds": keys}         # `schedule:` given as the list of entries itself
         if not isinstance(keys, dict):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys")
         known = {f.name for f in fields(SECTIONS[section]())}
@@ -248,7 +262,8 @@ def _from_env(env: Mapping[str, str]) -> dict:
             if key not in hints:
                 raise ConfigError(f"environment variable {name}: no key {section}.{key} "
                                   f"(known: {', '.join(sorted(hints))})")
-            data.setdefault(section, {})[key] = _parse_env(name, text, hints[key], _is_secret(section, key))
+            kind = dict if (section, key) in STRUCTURED else hints[key]     # a JSON value, like build.env
+            data.setdefault(section, {})[key] = _parse_env(name, text, kind, _is_secret(section, key))
     return data
 
 
@@ -293,7 +308,7 @@ def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if ok and kind is list:
+    if ok and kind is list and (section, key) not in STRUCTURED:
         ok = all(isinstance(item, str) for item in value)
     if ok and kind is dict:
         ok = all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in value.items())

@@ -79,18 +79,18 @@ class Live:
                     elif frame["type"] == "event":
                         self.state.event(frame)
                     elif frame["type"] == "end":
-                        self.state.lost(frame.get("reason") or "the dispatcher ended the stream")
+                        self._lost(frame.get("reason") or "the dispatcher ended the stream")
             except net.PeerTimeout:
                 if self.state.connected and got_snapshot:
                     continue        # silence (nothing happened) or a dead link: a fresh watch tells
                 # a connect or greeting that timed out: the picture on screen is stale
-                self.state.lost("timed out")
+                self._lost("timed out")
             except (net.PeerError, protocol.RemoteError, protocol.ProtocolError, OSError) as exc:
                 if isinstance(exc, net.PeerAuthFailed) or getattr(exc, "code", "") == "auth_failed":
                     self.fatal = self.link.refused()
                     self.stop.set()
                     return
-                self.state.lost(problem(exc))
+                self._lost(problem(exc))
             finally:
                 await frames.aclose()
                 await client.close()
@@ -99,6 +99,9 @@ class Live:
                 self.stop.set()
                 return
             await self._sleep(retry.next())
+
+    def _lost(self, why: str) -> None:
+        self.state.lost(why, time.time())
 
     async def follow_log(self) -> None:
         """Tail the log the state says to tail; switch when that changes."""
@@ -151,7 +154,8 @@ class Live:
         if self.view == "status":
             header = tui.render_header(self.state, now, width)
             from rich.console import Group
-            return Group(header, Text(""), tui.render_status(self.state.status_snapshot(max(height - 12, 5)), now))
+            return Group(header, Text(""), tui.render_status(self.state.status_snapshot(max(height - 12, 5)), now,
+                                                             width))
         return tui.render_console(self.state, now, width, height)
 
     async def draw_live(self) -> None:
@@ -209,7 +213,10 @@ class Live:
                     self.state.log_start(target)
                     try:
                         await asyncio.wait_for(self._read_log(target), STREAM_IDLE)
-                    except (net.PeerError, protocol.RemoteError, asyncio.TimeoutError):
+                    except protocol.RemoteError as exc:
+                        if exc.code == "not_found":
+                            self.state.log_end(target, "not found")
+                    except (net.PeerError, asyncio.TimeoutError):
                         pass
                 self.print_plain()
             return

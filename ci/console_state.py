@@ -31,6 +31,7 @@ class ConsoleState:
         self.keep = keep                    # finished builds remembered
         self.connected = False
         self.problem = "connecting"         # why we are not connected
+        self.stale_since: float | None = None   # when a link that worked was lost: clocks stop there
         self.runners: dict[str, dict] = {}
         self.builds: dict[int, dict] = {}
         self.version = 0                    # grows on every change: redraw when it moved
@@ -47,7 +48,7 @@ class ConsoleState:
         """The first frame of a watch: it replaces everything known so far."""
         self.runners = {r["name"]: {**r, "running": list(r.get("running") or [])} for r in frame.get("runners", [])}
         self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
-        self.connected, self.problem = True, ""
+        self.connected, self.problem, self.stale_since = True, "", None
         self._trim()
         self._bump()
 
@@ -72,8 +73,10 @@ class ConsoleState:
             return                          # an event kind from a newer dispatcher: ignore it
         self._bump()
 
-    def lost(self, why: str) -> None:
-        """The watch broke; what we know stays on screen, marked as possibly stale."""
+    def lost(self, why: str, now: float | None = None) -> None:
+        """The watch broke (at ``now``); what we know stays on screen, marked as possibly stale."""
+        if self.connected and now is not None:
+            self.stale_since = now
         if self.connected or self.problem != why:
             self.connected, self.problem = False, why
             self._bump()

@@ -1,5 +1,6 @@
 """What every daemon shares: common flags, the configuration resolved once
-(``load_config`` -> ``settings.Settings``), logging (every record made plain
+(``load_config`` -> ``settings.Settings``; a daemon started by hand below a
+`tinyci up` takes its secret and dispatcher, ``up_defaults``), logging (every record made plain
 text: ``PlainRecords``), the ready line, signal handling, and start-up
 errors printed as one line instead of a traceback."""
 
@@ -13,9 +14,11 @@ import logging
 import re
 import signal
 import sys
+from dataclasses import fields
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
-from .config import ConfigError, load
+from . import local
+from .config import AuthConfig, Config, ConfigError, load
 from .sanitize import log_text, plain
 from .settings import Settings, resolve
 
@@ -42,9 +45,43 @@ def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, A
     resolved for a daemon that accepts or uses ``roles``: secret and TLS files
     are read now, so a bad one fails at start-up."""
     try:
-        return resolve(load(args.config, overrides=overrides), roles=roles)
+        config = load(args.config, overrides=overrides)
+        below_up = up_defaults(config)
+        if below_up:
+            config = load(args.config, overrides=_merged(below_up, overrides))
+        return resolve(config, roles=roles)
     except ConfigError as exc:
         raise StartupError(f"configuration error: {exc}") from None
+
+
+def up_defaults(config: Config) -> dict[str, dict[str, Any]]:
+    """What a daemon started by hand in (or below) a `tinyci up` directory takes
+    from it, for the keys nothing else sets: up's secret when no secret is
+    configured at all, up's dispatcher, and for a runner a free port (up's
+    runners hold the ones after the dispatcher's)."""
+    up = local.find_up()
+    if up is None:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    if up.secret and not any(getattr(config.auth, f.name) for f in fields(AuthConfig)):
+        found["auth"] = {"secret": up.secret}
+    if up.addrs.get("dispatcher"):
+        for section in ("runner", "observer"):
+            if f"{section}.dispatcher" not in config.origins:
+                found.setdefault(section, {})["dispatcher"] = up.addrs["dispatcher"]
+    if "runner.port" not in config.origins:
+        found.setdefault("runner", {})["port"] = 0
+    return found
+
+
+def _merged(low: Mapping[str, Mapping[str, Any]], high: Mapping[str, Mapping[str, Any]]) -> dict:
+    """``high`` over ``low``, key by key; a None in ``high`` (a flag not given) does not count."""
+    out = {section: dict(keys) for section, keys in low.items()}
+    for section, keys in high.items():
+        for key, value in keys.items():
+            if value is not None:
+                out.setdefault(section, {})[key] = value
+    return out
 
 
 # What anyone who reaches a daemon's port could do without secrets, for the refusal and the warning.
@@ -137,11 +174,12 @@ async def listen(start: Callable[[], Awaitable[Any]], what: str, host: str, port
         return await start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what}: port {port} on {host} is already in use "
+            # no "{what}: " prefix: `run` prints "tinyci <daemon>: " before it already
+            raise StartupError(f"port {port} on {host} is already in use "
                                f"(pick another with --port, or 0 for any free port)") from None
         if exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
-            raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror}") from None
-        raise StartupError(f"{what}: cannot listen on {host}:{port}: {exc}") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bool = False) -> int:

@@ -12,7 +12,8 @@ This module is the adapter: it decodes a request, asks the plain logic
 ``BuildLogs`` for the log bytes), persists, and sends. Every state change is
 committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
-only timer is the heartbeat. When a build ends, the ``notify.on_finish``
+only timers are the heartbeat and the schedule (``schedule``: builds at set
+times, reason ``schedule``). When a build ends, the ``notify.on_finish``
 commands run in the background (``on_finish``).
 
 Two clocks: ``clock`` (wall time) stamps what people read (created_at and
@@ -31,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol
+from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol, schedule
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs, LogGap
+from .config import ConfigError
 from .models import Build, RunnerRecord, Status
 from .queries import Queries
 from .runnerlinks import RunnerLinks
@@ -66,6 +68,7 @@ class Dispatcher:
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
         queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers)
+        self.timed: schedule.Schedules | None = None     # set by main from the configuration
         self.handlers = {
             "commit": self.on_commit, "register": self.on_register, "log": self.on_log,
             "artifact": self.on_artifact, "result": self.on_result, "cancel": self.on_cancel,
@@ -103,15 +106,53 @@ class Dispatcher:
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
         beat = asyncio.create_task(self.links.heartbeat_loop(stop))
+        timed = asyncio.create_task(self.schedule_loop(stop))
         try:
             await stop.wait()
         finally:
             server.close()
             beat.cancel()
+            timed.cancel()
             for task in list(self.tasks):
                 task.cancel()
-            await asyncio.gather(beat, *self.tasks, return_exceptions=True)
+            await asyncio.gather(beat, timed, *self.tasks, return_exceptions=True)
             await self.links.close()
+
+    # ------------------------------------------------------------ scheduled builds
+
+    def schedules(self) -> schedule.Schedules:
+        """The configured schedule with its saved fire times (ConfigError for a bad entry)."""
+        cfg = self.config.schedule
+        return schedule.Schedules(schedule.parse(cfg.builds), schedule.zone(cfg.timezone),
+                                  self.store.schedule_times(), self.store.save_schedule_time)
+
+    async def schedule_tick(self, timed: schedule.Schedules) -> float:
+        """Queue a build (reason schedule) for each entry due now; returns the seconds to the next look."""
+        now = self.clock()
+        for entry in timed.due(now):
+            for job in entry.jobs or (None,):
+                try:
+                    builds = await self.trigger(None, entry.branch, entry.repo, job, reason="schedule")
+                except intake.RevisionError as exc:
+                    log.warning("scheduled build %s not queued: %s", entry.describe(), exc.message)
+                    continue
+                log.info("scheduled %s: build(s) %s", entry.describe(), ", ".join(str(b.id) for b in builds))
+        return timed.wait(self.clock())
+
+    async def schedule_loop(self, stop: asyncio.Event) -> None:
+        timed = self.timed
+        if timed is None or not timed.entries:
+            return
+        while not stop.is_set():
+            try:
+                pause = await self.schedule_tick(timed)
+            except Exception:       # a store or git failure: log it, the next look may work
+                log.exception("scheduled builds: the check failed")
+                pause = schedule.CHECK_EVERY
+            try:
+                await aio.within(stop.wait(), pause)
+            except asyncio.TimeoutError:
+                pass
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -324,23 +365,40 @@ class Dispatcher:
         return protocol.ok(builds=[build_id])
 
     async def on_trigger(self, conn: net.Connection, msg: dict) -> dict:
-        rev = msg.get("rev") or msg.get("branch")
-        if not rev:
+        if not (msg.get("rev") or msg.get("branch")):
             return protocol.error("bad_request", "trigger needs a branch or a revision")
-        # the repositories it may build: those configured, else every one it has built
-        known = list(self.config.dispatcher.repos) or self.store.repos()
         try:
-            repo, sha = await aio.in_thread(intake.choose_repo, rev, msg.get("repo"), known, gitops.resolve)
+            builds = await self.trigger(msg.get("rev"), msg.get("branch"), msg.get("repo"), msg.get("job"))
         except intake.RevisionError as exc:
             return protocol.error(exc.code, exc.message)
+        return protocol.ok(builds=[b.id for b in builds])
+
+    async def trigger(self, rev: str | None, branch: str | None, repo: str | None = None, job: str | None = None,
+                      reason: str = "manual") -> list[Build]:
+        """Queue builds of the commit ``rev`` names, or of ``branch``'s head (all its
+        jobs, or only ``job``), even if built before. The build records the branch
+        (the one named, else one the commit is on); ``reason`` says why (manual,
+        schedule). Raises intake.RevisionError (not_found, ambiguous)."""
+        # the repositories it may build: those configured, else every one it has built
+        known = list(self.config.dispatcher.repos) or self.store.repos()
+        repo, sha = await aio.in_thread(intake.choose_repo, branch or rev, repo, known, gitops.resolve,
+                                        "branch" if branch else "commit")
         (author, subject), text = await aio.in_thread(_commit_at, repo, sha)
+        if not branch:
+            branch = intake.trigger_branch(rev, sha, *await aio.in_thread(_branches, repo, rev, sha))
         # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push.
         # Checked in a thread: a file at the size cap takes up to a second or so
         jobs, problem = await aio.in_thread(intake.jobs_from, text)
+        if job is not None and not problem:
+            names = [j["name"] for j in jobs]
+            if job not in names:
+                shown = ", ".join(n or "(the default job)" for n in names)
+                raise intake.RevisionError("not_found", f"commit {sha[:12]} has no job {job!r} (its jobs: {shown})")
+            jobs = [j for j in jobs if j["name"] == job]
         builds, _ = self._admit(intake.Request(
-            repo=repo, branch=msg.get("branch") or "manual", sha=sha, subject=subject or f"triggered {rev}",
-            author=author, reason="manual", jobs=jobs, config_error=problem, note="manual"))
-        return protocol.ok(builds=[b.id for b in builds])
+            repo=repo, branch=branch, sha=sha, subject=subject or f"triggered {rev or branch}",
+            author=author, reason=reason, jobs=jobs, config_error=problem, note=reason))
+        return builds
 
     async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
         old = self.store.get(msg["build"])
@@ -402,6 +460,12 @@ def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
     return None
 
 
+def _branches(repo: str, rev: str, sha: str) -> tuple[bool, list[str], list[str]]:
+    """(``rev`` names a local branch, branches at ``sha``, branches containing it); blocking git reads."""
+    at, containing = gitops.branches_of(repo, sha)
+    return gitops.resolve(repo, f"refs/heads/{rev}") is not None, at, containing
+
+
 def _commit_at(repo: str, sha: str) -> tuple[tuple[str, str], bytes | None]:
     """(author, subject) of a commit and its .ci.yaml (None: none); blocking git reads."""
     return gitops.commit_info(repo, sha), gitops.file_at(repo, sha, buildfile.FILENAME)
@@ -429,6 +493,10 @@ def main(args: argparse.Namespace) -> int:
                 dispatcher = Dispatcher(settings, store)
             except OSError as exc:      # the logs directory beside the database
                 raise daemon.StartupError(f"cannot use data dir {store.dir}: {exc}") from None
+            try:
+                dispatcher.timed = dispatcher.schedules()
+            except ConfigError as exc:
+                raise daemon.StartupError(f"configuration error: {exc}") from None
             dispatcher.recover()
             await dispatcher.serve(stop, args.insecure)
         finally:

@@ -5,7 +5,8 @@ into the attempt's ``BuildLog``, then the artifacts.
 The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
 one source of truth for a repository that has the file), else the ``steps``
 of the ``run`` request, else ``python -m pytest -q`` for a repository with
-tests. After the steps (passed or failed) the files matching the file's
+tests (after ``python -m pip install .`` for an installable one). They run in
+the attempt's own virtualenv, in the environment ``buildenv`` makes. After the steps (passed or failed) the files matching the file's
 ``artifacts`` globs are handed to ``upload``.
 
 It knows nothing about the network: ``runner.py`` turns a ``run`` request
@@ -25,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import aio, artifact_find, buildfile, procgroup
 from .attempt import Outcome, RunRequest, Stopped
+from .buildenv import build_env, make_venv, venv_path
 from .buildfile import BuildFile, BuildFileError, Step
 from .buildlog import BuildLog
 from .checkout import Checkout, CheckoutError
@@ -42,6 +42,8 @@ from .models import Status
 log = logging.getLogger(__name__)
 
 DEFAULT_TEST_STEP = "python -m pytest -q"
+# an installable project (pyproject.toml or setup.py) is installed into the build's virtualenv first
+DEFAULT_INSTALL_STEP = "python -m pip install --quiet --disable-pip-version-check ."
 NO_STEPS = "no build steps: set build.steps in the dispatcher's config or add .ci.yaml with steps"
 READ_SIZE = 1 << 16
 OUTPUT_DRAIN = 2.0      # after a step ends, how long to wait for the last of its output
@@ -52,6 +54,10 @@ def has_tests(root: Path) -> bool:
         return True
     return any(p.is_file() and (p.name.startswith("test_") or p.name.endswith("_test.py"))
                for p in root.glob("*.py"))
+
+
+def installable(root: Path) -> bool:
+    return (root / "pyproject.toml").is_file() or (root / "setup.py").is_file()
 
 
 def read_buildfile(root: Path) -> BuildFile | None:
@@ -65,18 +71,6 @@ def read_buildfile(root: Path) -> BuildFile | None:
         return buildfile.parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise BuildFileError(0, f"cannot be read: {exc}") from None
-
-
-def build_env(request: RunRequest, base: dict | None = None) -> dict:
-    """The environment a step sees."""
-    base = dict(os.environ if base is None else base)
-    # the runner's own settings (a TINYCI_AUTH_SECRET above all) are not the build's business
-    env = {k: v for k, v in base.items() if not k.startswith("TINYCI_")}
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH") or os.defpath])
-    env.update(CI="true", CI_BUILD=str(request.build), CI_COMMIT=request.sha, CI_BRANCH=request.branch,
-               CI_ATTEMPT=str(request.attempt), PYTHONUNBUFFERED="1")
-    env.update(request.env)
-    return env
 
 
 class Execution:
@@ -141,8 +135,9 @@ class Execution:
         except CheckoutError as exc:
             self.log.line(f"checkout failed: {exc}")
             return self._outcome(Status.ERROR)
+        venv = await self._venv()
         try:
-            steps, source, env, spec = await self._choose_steps()
+            steps, source, env, spec = await self._choose_steps(venv)
         except BuildFileError as exc:
             self.log.line(f"build error: {exc}")
             return self._outcome(Status.ERROR)
@@ -175,12 +170,20 @@ class Execution:
             await self._artifacts(spec.artifacts)
         return self._outcome(status, code)
 
-    async def _choose_steps(self) -> tuple[tuple, str, dict, BuildFile | None]:
-        """The steps, where they come from, their environment and the ``.ci.yaml``
-        (None without one); a ``.ci.yaml`` time limit replaces the run's.
+    async def _venv(self) -> Path | None:
+        """The attempt's own virtualenv (``buildenv``), made afresh; None when it cannot be."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, make_venv, venv_path(self.checkout))
+        except OSError as exc:
+            self.log.line(f"[{exc}; the steps run without a virtualenv of their own]")
+            return None
+
+    async def _choose_steps(self, venv: Path | None = None) -> tuple[tuple, str, dict, BuildFile | None]:
+        """The steps, where they come from, their environment (in ``venv``) and the
+        ``.ci.yaml`` (None without one); a ``.ci.yaml`` time limit replaces the run's.
         Raises BuildFileError."""
         request = self.request
-        env = build_env(request)
+        env = build_env(request, venv_dir=venv)
         # in a thread: a file at the size cap takes up to a second or so to check,
         # and the loop must go on answering the dispatcher's pings meanwhile
         spec = await aio.in_thread(read_buildfile, self.checkout)
@@ -196,6 +199,9 @@ class Execution:
             steps, source = tuple(Step(command) for command in request.steps), "the dispatcher's build.steps"
         if not steps and has_tests(self.checkout):
             steps, source = (Step(DEFAULT_TEST_STEP),), "the default for a repository with tests"
+            if installable(self.checkout):
+                steps = (Step(DEFAULT_INSTALL_STEP), *steps)
+                source = "the default for an installable repository with tests (installed into the build's virtualenv)"
         return steps, source, env, spec
 
     async def _artifacts(self, patterns: tuple) -> None:

@@ -104,6 +104,19 @@ def commit_info(repo: str | os.PathLike, sha: str, timeout: float = 10.0) -> tup
     return author[:200], subject[:4000]
 
 
+def branches_of(repo: str | os.PathLike, sha: str, timeout: float = 10.0) -> tuple[list[str], list[str]]:
+    """(branches whose head is ``sha``, branches that contain it): local branches,
+    else remote-tracking ones (a clone the observer fetches into), names as git shows them."""
+    found: tuple[list[str], list[str]] = ([], [])
+    for refs in ("refs/heads", "refs/remotes"):
+        for i, how in enumerate(("--points-at", "--contains")):
+            listed = run(["for-each-ref", how, sha, "--format=%(refname:short)", refs], repo, timeout=timeout)
+            found[i].extend(n for n in listed.out.split() if listed.ok and not n.endswith("/HEAD"))
+        if found[1]:
+            break
+    return found
+
+
 # ---------------------------------------------------------------- the observer's reads, a cancellable command (h-config)
 
 class GitReadError(Exception):

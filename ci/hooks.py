@@ -1,5 +1,10 @@
-"""``tinyci install-hook``: git hooks that poke the observer after each commit
-(``post-commit``) and each push into the clone (``post-receive``).
+"""``tinyci install-hook``: git hooks that poke the observer whenever a branch
+of the clone moves: a commit (``post-commit``), a merge or ``git pull``
+(``post-merge``), a rebase or amend (``post-rewrite``), a push into the clone
+(``post-receive``), and, with git 2.28 or later, any ref update at all
+(``reference-transaction``: ``git reset``, ``git branch -f``, a fast-forward
+``git pull``...). Where that one is installed it does the poking, once per
+change of a branch; the others only run the hooks they chain.
 
 A hook runs ``<this python> -S -m ci notify --observer HOST:PORT``, with the
 directory this ``ci`` package lives in first on ``PYTHONPATH``, so it works in
@@ -21,7 +26,9 @@ from pathlib import Path
 
 from . import files, gitops
 
-HOOKS = ("post-commit", "post-receive")
+HOOKS = ("post-commit", "post-merge", "post-rewrite", "post-receive")
+REF_HOOK = "reference-transaction"          # git 2.28+: every ref update, once committed
+STDIN_HOOKS = {"post-receive", "post-rewrite", REF_HOOK}    # hooks git gives input on stdin
 MARKER = "# tinyci-hook: installed by `tinyci install-hook`"
 CHAINED = ".before-tinyci"
 
@@ -56,15 +63,27 @@ def script(hook: str, observer: str, config: str | None, secret_file: str | None
     if secret_file:
         notify += ["--secret-file", secret_file]
     chained = shlex.quote(hook + CHAINED)
+    if hook in STDIN_HOOKS:
+        # read once: both the chained hook and our test below need it
+        run_chained = f'input=$(cat)\nif [ -x "$here"/{chained} ]; then\n' \
+                      f'    printf \'%s\\n\' "$input" | "$here"/{chained} "$@" || status=$?\nfi'
+    else:
+        run_chained = f'if [ -x "$here"/{chained} ]; then\n    "$here"/{chained} "$@" || status=$?\nfi'
+    if hook == REF_HOOK:
+        # only once the update is done, and only when a branch moved
+        when = ('[ "$1" = committed ] || exit $status\n'
+                'printf \'%s\\n\' "$input" | grep -q \' refs/heads/\' || exit $status')
+    else:
+        when = f'# {REF_HOOK}, when installed, pokes for every branch that moves\n' \
+               f'[ -x "$here"/{REF_HOOK} ] && grep -q {shlex.quote(MARKER)} "$here"/{REF_HOOK} && exit $status'
     return f"""#!/bin/sh
 {MARKER}
 # Pokes the tinyci observer so it looks for new commits at once; never fails the commit.
 # A hook that was here before is kept as {hook}{CHAINED} and runs first.
 status=0
 here=$(dirname "$0")
-if [ -x "$here"/{chained} ]; then
-    "$here"/{chained} "$@" || status=$?
-fi
+{run_chained}
+{when}
 PYTHONPATH={shlex.quote(os.pathsep.join(path))}${{PYTHONPATH:+:$PYTHONPATH}} \\
     {" ".join(shlex.quote(word) for word in notify)} </dev/null
 exit $status
@@ -73,12 +92,12 @@ exit $status
 
 def install(repo: Path, observer: str, config: str | None = None,
             secret_file: str | None = None) -> list[str]:
-    """Install both hooks; returns one line per hook saying what was done."""
+    """Install the hooks; returns one line per hook saying what was done."""
     directory = hooks_dir(repo)
     done = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for hook in HOOKS:
+        for hook in HOOKS + ((REF_HOOK,) if has_ref_hook(repo) else ()):
             path = directory / hook
             kept = ""
             if path.exists() or path.is_symlink():
@@ -97,6 +116,13 @@ def install(repo: Path, observer: str, config: str | None = None,
     except OSError as exc:
         raise HookError(f"cannot write hooks in {directory}: {exc.strerror or exc}") from None
     return done
+
+
+def has_ref_hook(repo: Path) -> bool:
+    """True when this git runs the reference-transaction hook (2.28 and later)."""
+    found = gitops.run(["version"], repo, timeout=30)
+    parts = [int(p) for p in found.out.split()[2].split(".")[:2] if p.isdigit()] if found.ok else []
+    return len(parts) == 2 and tuple(parts) >= (2, 28)
 
 
 def _read(path: Path) -> str:

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from . import buildfile
+from . import buildfile, patterns
 from .models import Build, Status, pipeline_status
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,25 @@ class RevisionError(Exception):
         self.message = message
 
 
+PREFERRED = ("main", "master", "trunk", "develop")
+
+
+def trigger_branch(rev: str, sha: str, is_branch: bool, at: Sequence[str], containing: Sequence[str]) -> str:
+    """The branch a triggered build records (and its steps see as CI_BRANCH): the
+    branch named, else one whose head is the commit, else one that contains it
+    (main, master, trunk or develop first), else the revision as given, else the
+    short sha. ``is_branch``: ``rev`` names a branch of the repository."""
+    if is_branch:
+        return rev
+    for names in (at, containing):
+        if names:
+            return next((name for name in PREFERRED if name in names), sorted(names)[0])
+    return rev if patterns.is_branch(rev) and rev != "HEAD" else sha[:12]
+
+
 def choose_repo(rev: str, wanted: str | None, known: Sequence[str],
-                resolve: Callable[[str, str], str | None]) -> tuple[str, str]:
-    """(repository, sha) a trigger of ``rev`` builds. ``wanted``: the
+                resolve: Callable[[str, str], str | None], kind: str = "commit") -> tuple[str, str]:
+    """(repository, sha) a trigger of ``rev`` (a ``kind``: commit or branch) builds. ``wanted``: the
     repository the operator named, which must be among ``known``; without
     it, the one known repository, or among several the one where ``rev``
     resolves. ``resolve(repo, rev)`` gives a sha or None (a git read: call
@@ -180,7 +196,7 @@ def choose_repo(rev: str, wanted: str | None, known: Sequence[str],
     found = [(repo, sha) for repo, sha in ((repo, resolve(repo, rev)) for repo in candidates) if sha]
     if not found:
         where = candidates[0] if len(candidates) == 1 else f"any of {', '.join(candidates[:10])}"
-        raise RevisionError("not_found", f"{rev!r} is not a commit in {where}")
+        raise RevisionError("not_found", f"{rev!r} is not a {kind} in {where}")
     if len(found) > 1:
         raise RevisionError("ambiguous", f"{rev!r} is a commit in {len(found)} repositories "
                                          f"({', '.join(repo for repo, _ in found[:10])}); "

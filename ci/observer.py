@@ -11,7 +11,8 @@ The saved position of a branch advances only after the dispatcher has
 acknowledged a commit, and is written to disk atomically right then, so a
 crash re-reports at most the commit in flight (the dispatcher de-duplicates)
 and an unreachable dispatcher never loses one: the observer retries the same
-commit with capped backoff until it is taken.
+commit with capped backoff until it is taken. A dispatcher that refuses our
+credentials is not away: the observer stops, saying so in one line.
 
 Sends:    commit {repo, branch, sha, author, subject, time, message, jobs?, config_error?}
           -> dispatcher, role "observer" (jobs and config_error: the commit's .ci.yaml, read here
@@ -45,7 +46,7 @@ BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
 DESCRIBE_BUDGET = 0.5       # seconds of reading commits (and their .ci.yaml) before sending what was read
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
-RETRY_CODES = frozenset({"internal", "busy", "auth_failed"})
+RETRY_CODES = frozenset({"internal", "busy"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +217,8 @@ async def serve(settings: Settings, stop: asyncio.Event, insecure: bool = False)
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if watching.done() and not watching.cancelled() and isinstance(watching.exception(), Refused):
+                raise StartupError(str(watching.exception()))
         finally:
             stopping.cancel()
             await _cancel(watching)
@@ -233,8 +236,13 @@ async def _cancel(task: asyncio.Task) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled() and task.exception() is not None:
+    if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), Refused):
         log.error("the scan loop failed", exc_info=task.exception())
+
+
+class Refused(Exception):
+    """The dispatcher refused our credentials (or is not the dispatcher): the
+    observer stops with this one line instead of retrying a secret forever."""
 
 
 class Observer:
@@ -265,7 +273,7 @@ class Observer:
             self.wake.clear()
             try:
                 await self.scan()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Refused):
                 raise
             except Exception:
                 log.exception("scanning %s failed; trying again next scan", self.setup.repo)
@@ -353,17 +361,20 @@ class Observer:
             try:
                 reply = await self.client.request(msg)
             except net.PeerAuthFailed as exc:
-                self._outage(f"dispatcher {exc}; check auth.observer_secret / auth.secret", name)
+                raise Refused(f"dispatcher {exc}; check auth.observer_secret / auth.secret (under `tinyci up`, "
+                              f"start the observer in or below the directory up ran in)") from None
             except (net.PeerError, protocol.ProtocolError) as exc:
                 self._outage(f"dispatcher {self.client.addr} is unreachable: {exc}", name)
             except protocol.RemoteError as exc:
+                if exc.code == "auth_failed":
+                    raise Refused(f"dispatcher {self.client.addr} refused our credentials; check "
+                                  f"auth.observer_secret / auth.secret") from None
                 if exc.code not in RETRY_CODES:
                     log.error("dispatcher %s refused %s: %s: %s; moving on",
                               self.client.addr, name, exc.code, exc.message)
                     return
-                why = ("refused our credentials; check auth.secret" if exc.code == "auth_failed"
-                       else f"cannot take commits now ({exc.code}: {exc.message})")
-                self._outage(f"dispatcher {self.client.addr} {why}", name)
+                self._outage(f"dispatcher {self.client.addr} cannot take commits now ({exc.code}: {exc.message})",
+                             name)
             else:
                 if self._dispatcher_down:
                     log.info("dispatcher %s is reachable again", self.client.addr)

@@ -45,7 +45,7 @@ also ends a stream::
     dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
     reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue}
     reader -> dispatcher       build      build                                   ok {build}
-    reader -> dispatcher       read_log   build [offset follow]                   stream: chunk {offset data}...
+    reader -> dispatcher       read_log   build [offset follow timestamps]        stream: chunk {offset data [times]}...
                                                                                   then end {status offset}
     reader -> dispatcher       watch      [limit]                                 stream: ok {runners builds
                                                                                   pipelines queue} once, then
@@ -59,7 +59,7 @@ also ends a stream::
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
     reader -> dispatcher       fetch_artifact                                     ok {data offset size eof}
                                           build path [offset]
-    operator -> dispatcher     trigger    [branch rev repo]                       ok {builds}
+    operator -> dispatcher     trigger    [branch rev repo job]                   ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     operator -> dispatcher     drain      name                                    ok {runner} | error not_found
     operator -> dispatcher     resume     name                                    ok {runner} | error not_found
@@ -75,7 +75,10 @@ that runner holds.
 ([{name, labels}]; absent: one default job), ``config_error`` the reason that
 file is unusable. ``run.job`` names the job whose steps the runner takes from
 the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
-``trigger.repo`` says which repository ``branch`` or ``rev`` is in.
+``read_log.timestamps`` adds to each chunk its ``times``: [offset, unix time]
+pairs saying when the bytes from each offset reached the dispatcher.
+``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
+only that job of the commit's ``.ci.yaml`` (not_found when it has no such job).
 
 ``history`` pages through every build, newest first (keyset paging: the
 builds below ``before``, or just above ``after``), filtered by exact repo,
@@ -297,6 +300,9 @@ STEP_RESULTS = Kind("list of at most 200 {name, run, exit_code, duration}", lamb
                         and _str(200).check(s["name"]) and _str(16384).check(s["run"])
                         and (s["exit_code"] is None or _int(-1000, 1000).check(s["exit_code"]))
                         and _number(s["duration"]) for s in v))
+# when each part of a log reached the dispatcher: [offset, unix time] pairs, offsets ascending
+TIMES = Kind("list of [offset, time] pairs", lambda v: isinstance(v, list) and all(
+    isinstance(p, list) and len(p) == 2 and COUNT.check(p[0]) and _number(p[1]) for p in v))
 BADGE = Kind("branch status", lambda v: v in ("passed", "failed", "error", "running", "unknown"))
 LOG_WINDOW_MAX = 128 * 1024     # bytes: a window of control characters, JSON-escaped six-fold, still fits a frame
 EVENT = Kind("event kind (1-64 characters)", lambda v: isinstance(v, str) and 0 < len(v) <= 64)
@@ -386,8 +392,8 @@ MESSAGES: dict[str, Spec] = {
     # tools -> dispatcher
     "status": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}, reply=SNAPSHOT),
     "build": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"build": OBJECT})),
-    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL},
-                      stream=Stream(each=Shape("chunk", {"offset": COUNT, "data": DATA}),
+    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL, "timestamps": BOOL},
+                      stream=Stream(each=Shape("chunk", {"offset": COUNT, "data": DATA}, {"times": TIMES}),
                                     end=Shape("end", {"status": STATUS, "offset": COUNT}))),
     "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)},
                    stream=Stream(first=SNAPSHOT,
@@ -407,7 +413,7 @@ MESSAGES: dict[str, Spec] = {
     "artifacts": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"artifacts": OBJECTS})),
     "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
                             reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),
-    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO}, reply=QUEUED),
+    "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO, "job": JOB}, reply=QUEUED),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),
     # runner maintenance: a draining runner finishes what it runs and takes nothing new;
     # only a dead runner can be forgotten
@@ -420,7 +426,7 @@ MESSAGES: dict[str, Spec] = {
     "ok": _spec(SERVER, open=True),
     "error": _spec(SERVER, ERROR.required, ERROR.optional),
     "pong": _spec(SERVER, {"running": LEASES}),
-    "chunk": _spec(SERVER, {"offset": COUNT, "data": DATA}),
+    "chunk": _spec(SERVER, {"offset": COUNT, "data": DATA}, {"times": TIMES}),
     "event": _spec(SERVER, {"event": _str(64)}, open=True),
     "end": _spec(SERVER, {}, open=True),
 }

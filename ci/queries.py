@@ -1,8 +1,9 @@
 """The dispatcher's answers to the tools' read requests; nothing here changes state.
 
 Receives (role reader or operator): ``status`` -> ok {runners, builds,
-pipelines, queue}; ``build`` -> ok {build}; ``read_log`` -> chunk... end
-{status, offset}; ``watch`` -> ok {the status snapshot}, then event...
+pipelines, queue}; ``build`` -> ok {build}; ``read_log`` -> chunk {offset,
+data, [times]}... end {status, offset} (``times`` with ``timestamps``: when
+each part reached the dispatcher); ``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
 {artifacts}; ``fetch_artifact`` -> ok {data, offset, size, eof};
 ``history`` -> ok {builds, older, newer}; ``branch_status`` -> ok {status,
@@ -86,7 +87,10 @@ class Queries:
             if final:       # a finished log may end inside a character: send that too
                 data = self.logs.read(build_id, offset, LOG_CHUNK, whole=False)
             if data:
-                await conn.send({"type": "chunk", "offset": offset, "data": data.decode(errors="replace")})
+                chunk = {"type": "chunk", "offset": offset, "data": data.decode(errors="replace")}
+                if msg.get("timestamps"):
+                    chunk["times"] = await aio.in_thread(self.logs.times, build_id, offset, offset + len(data))
+                await conn.send(chunk)
                 offset += len(data)
                 continue
             if final or not msg.get("follow"):

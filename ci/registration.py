@@ -1,7 +1,9 @@
 """Keeps a runner registered with the dispatcher: registers at start-up, and
 again whenever the dispatcher's pings stop for ``FORGOTTEN_AFTER`` heartbeat
 intervals (it restarted, or forgot the runner). Never gives up on an absent
-dispatcher: it retries with backoff and says so once per outage.
+dispatcher: it retries with backoff and says so once per outage. A
+refused credential is another matter: ``run`` raises ``Refused`` and the
+runner stops, since the same secret would be refused forever.
 
 Sends, to the dispatcher:
     register {name, host, port, labels, slots, running}   -> ok {heartbeat_interval}
@@ -23,6 +25,17 @@ from . import aio, net, protocol
 log = logging.getLogger(__name__)
 
 FORGOTTEN_AFTER = 5         # heartbeat intervals without a ping before registering again
+
+
+class Refused(Exception):
+    """The dispatcher refused this runner's credentials: retrying the same
+    secret cannot help, so the runner stops, saying so in one line."""
+
+
+def refusal(exc: BaseException) -> bool:
+    """True for an answer that means our secret is wrong (not that the dispatcher is away)."""
+    return isinstance(exc, net.PeerAuthFailed) or (
+        isinstance(exc, protocol.RemoteError) and exc.code == "auth_failed")
 
 
 class Registration:
@@ -47,6 +60,11 @@ class Registration:
             try:
                 reply = await self.client.request(msg)
             except (net.PeerError, protocol.ProtocolError, protocol.RemoteError) as exc:
+                if refusal(exc):
+                    raise Refused(f"the dispatcher at {addr} refused the credentials of runner {msg['name']} "
+                                  f"({exc}): set auth.runner_secret (or auth.secret) to the secret the "
+                                  f"dispatcher holds for it; under `tinyci up`, start it in or below the "
+                                  f"directory up ran in") from None
                 if not down:
                     if isinstance(exc, protocol.RemoteError) and exc.code == "name_taken":
                         log.error("the dispatcher at %s refused the name %s: %s; retrying in the background "

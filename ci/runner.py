@@ -40,8 +40,9 @@ from .buildlog import BuildLog
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
+from .local import DATA, find_up
 from .procgroup import Steps, become_subreaper, reap_orphans
-from .registration import Registration
+from .registration import Refused, Registration
 from .settings import Settings
 from .slots import Slots
 
@@ -100,7 +101,7 @@ class Runner:
             if not self.name:
                 self.name = self._claim_default_name()
             # absolute: git runs inside the checkouts, where a relative path would mean something else
-            self.workdir = Path(rc.workdir or f".tinyci/runners/{self.name}").absolute()
+            self.workdir = Path(rc.workdir or self._runners_dir() / self.name).absolute()
             if not self._locks or rc.workdir:
                 self._claim_workdir()
             if self.settings.runner_key(self.name) is None:
@@ -144,7 +145,7 @@ class Runner:
         its lock stays held (with --workdir too: it is the claim on the name)."""
         stem = host_stem()
         for n in range(1, DEFAULT_NAMES + 1):
-            lock = files.DirLock(Path(f".tinyci/runners/{stem}-{n}/.lock").absolute())
+            lock = files.DirLock((self._runners_dir() / f"{stem}-{n}" / ".lock").absolute())
             try:
                 lock.acquire()
             except files.LockedError:
@@ -154,12 +155,30 @@ class Runner:
             self._locks.append(lock)
             return f"{stem}-{n}"
         raise daemon.StartupError(f"runner names {stem}-1 to {stem}-{DEFAULT_NAMES} are all held by live "
-                                  f"runners in {Path('.tinyci/runners').absolute()}; give this one a --name")
+                                  f"runners in {self._runners_dir().absolute()}; give this one a --name")
+
+    @staticmethod
+    def _runners_dir() -> Path:
+        """Where runners keep their workdirs by default: beside the other runners of
+        the `tinyci up` this one was started under (in or below its directory), if any."""
+        up = find_up()
+        return (up.data if up is not None else Path(DATA)) / "runners"
 
     async def serve(self) -> None:
-        """Register and stay registered until the stop event is set."""
-        self._spawn(self.registration.run(), "registration")
-        await self.stop.wait()
+        """Register and stay registered until the stop event is set. A refused
+        credential ends the runner (StartupError): retrying cannot help."""
+        registering = asyncio.ensure_future(self.registration.run())
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (registering, stopping):
+                task.cancel()
+            await asyncio.gather(registering, stopping, return_exceptions=True)
+        if not registering.cancelled() and isinstance(registering.exception(), Refused):
+            raise daemon.StartupError(str(registering.exception()))
+        if not registering.cancelled() and registering.exception() is not None:
+            log.error("registration failed", exc_info=registering.exception())
 
     async def shutdown(self) -> None:
         """Kill running builds (the dispatcher requeues them) and stop within a second or two."""

@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS runners (
     registered_at REAL NOT NULL DEFAULT 0
 );
 -- finished artifact uploads; the files are <data_dir>/artifacts/<sha>/<build>/<path>
+-- when each schedule entry (ci/schedule.py, by its key) last fired
+CREATE TABLE IF NOT EXISTS schedules (key TEXT PRIMARY KEY, fired_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (
     build INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
     PRIMARY KEY (build, path)
@@ -199,6 +201,15 @@ class Store:
     def repos(self) -> list[str]:
         """Every repository a build was ever recorded for."""
         return [row[0] for row in self.db.execute("SELECT DISTINCT repo FROM builds ORDER BY repo")]
+
+    # ------------------------------------------------------------ schedules
+
+    def schedule_times(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT key, fired_at FROM schedules"))
+
+    def save_schedule_time(self, key: str, when: float) -> None:
+        self.db.execute("INSERT INTO schedules (key, fired_at) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET fired_at = excluded.fired_at", (key, when))
 
     # ------------------------------------------------------------ runners
 

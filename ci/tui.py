@@ -31,12 +31,16 @@ from .sanitize import plain
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "draining": "magenta", "drained": "blue", "dead": "bold red"}
 BUILD_STYLES = {"queued": "cyan", "running": "yellow", "passed": "green",
                 "failed": "red", "error": "bold magenta", "cancelled": "dim", "skipped": "dim"}
-SUBJECT_WIDTH = 40
+SUBJECT_WIDTH = 100         # a subject is cut here at most; the table cuts it further to fit
+BRANCH_WIDTH = 32           # identifiers (branch, job, runner) are cut only past these, and never
+NAME_WIDTH = 24             # before the subject: it is the one column that gives way
 
 
-def render_status(snapshot: dict, now: float) -> RenderableType:
+def render_status(snapshot: dict, now: float, width: int | None = None) -> RenderableType:
+    """`tinyci status`: runners, builds (``width``: the terminal's, see ``render_builds``), commits."""
     runners = snapshot.get("runners", [])
-    parts = [render_runners(runners, now), Text(""), render_builds(snapshot.get("builds", []), now, runners)]
+    parts = [render_runners(runners, now), Text(""), render_builds(snapshot.get("builds", []), now, runners,
+                                                                   width=width)]
     if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
         parts += [Text(""), render_pipelines(snapshot["pipelines"])]
     return Group(*parts)
@@ -62,13 +66,14 @@ def render_pipelines(pipelines: Iterable[dict]) -> Table:
     return table
 
 
-def render_runners(runners: Iterable[dict], now: float) -> Table:
+def render_runners(runners: Iterable[dict], now: float, style: str = "", expand: bool = False) -> Table:
+    """``style``: of every row ("dim" when the picture may be stale); ``expand``: fill the width."""
     runners = list(runners)
     table = Table(title="Runners", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  collapse_padding=True)
-    table.add_column("name", no_wrap=True)
+                  collapse_padding=True, expand=expand)
+    table.add_column("name", no_wrap=True, max_width=NAME_WIDTH)
     table.add_column("address", no_wrap=True)
-    table.add_column("labels")
+    table.add_column("labels", ratio=1 if expand else None)
     table.add_column("state", no_wrap=True)
     table.add_column("slots", justify="right", no_wrap=True)
     table.add_column("building")
@@ -84,46 +89,51 @@ def render_runners(runners: Iterable[dict], now: float) -> Table:
             _cell(f"{len(running)}/{runner.get('slots', 0)}"),
             _cell(", ".join(f"#{build}" for build in running) or "-"),
             _cell(_ago(runner.get("last_seen"), now)),
+            style=style,
         )
     if not runners:
         table.caption = "no runners registered yet (start one with `tinyci runner`)"
     return table
 
 
-def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | None = None) -> RenderableType:
-    """The builds table; given the ``runners``, a line under it says why each queued build waits."""
+def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | None = None,
+                  style: str = "", expand: bool = False, clock: float | None = None,
+                  width: int | None = None) -> RenderableType:
+    """The builds table; given the ``runners``, a line under it says why each queued build waits.
+    ``style``: of every row; ``expand``: fill the width (the subject takes the room); ``clock``:
+    the time running builds are timed to (the moment the picture went stale), default ``now``;
+    ``width``: the room there is, so that what must not be cut fits (``_fit``)."""
     builds = list(builds)
+    took_at = now if clock is None else clock
+    columns = {     # name -> the cell of each build; right-justified names in RIGHT
+        "#": [_cell(b.get("id", "")) for b in builds],
+        "branch": [_line(b.get("branch", "")) for b in builds],
+        "commit": [_sha(b) for b in builds],
+        "subject": [_subject(b) for b in builds],
+        "status": [_status(b.get("status", "")) for b in builds],
+        "try": [_cell(b.get("attempt", "")) for b in builds],
+        # a column only where .ci.yaml has jobs
+        **({"job": [_line(b.get("job") or "-") for b in builds]} if any(b.get("job") for b in builds) else {}),
+        "runner": [_line(b.get("runner") or "-") for b in builds],
+        "took": [_cell(_took(b, took_at)) for b in builds],
+        # how long ago it ended (or, not ended yet, was queued)
+        "age": [_cell(_ago(b.get("finished_at") or b.get("created_at"), now)) for b in builds],
+    }
+    if width is not None:
+        columns = _fit(columns, width)
     table = Table(title="Builds", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  collapse_padding=True)
-    # Short columns never wrap; branch, subject and runner are the ones rich
-    # may narrow (their cells are single-line Text with an ellipsis).
-    table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("branch", max_width=24)
-    table.add_column("commit", no_wrap=True)
-    table.add_column("subject")
-    table.add_column("status", no_wrap=True)
-    table.add_column("try", justify="right", no_wrap=True)
-    jobs = any(build.get("job") for build in builds)     # a column only where .ci.yaml has jobs
-    if jobs:
-        table.add_column("job", max_width=16)
-    table.add_column("runner", max_width=16)
-    table.add_column("took", justify="right", no_wrap=True)
-    table.add_column("age", justify="right", no_wrap=True)
-    for build in builds:
-        status = build.get("status", "")
-        cells = [
-            _cell(build.get("id", "")),
-            _line(build.get("branch", "")),
-            _sha(build),
-            _subject(build),
-            _status(status),
-            _cell(build.get("attempt", "")),
-            *([_line(build.get("job") or "-")] if jobs else []),
-            _line(build.get("runner") or "-"),
-            _cell(_took(build, now)),
-            _cell(_ago(build.get("created_at"), now)),
-        ]
-        table.add_row(*cells)
+                  collapse_padding=True, expand=expand)
+    # Every column but the subject is no_wrap: rich narrows only wrappable columns
+    # before it squeezes the rest, so the subject (a single-line Text with an
+    # ellipsis) is what a narrow terminal cuts; number, branch, sha, job, runner stay whole.
+    for name in columns:
+        if name == "subject":
+            table.add_column(name, ratio=1 if expand else None)
+        else:
+            table.add_column(name, no_wrap=True, justify="right" if name in RIGHT else "left",
+                             max_width=CAPS.get(name))
+    for row in zip(*columns.values()):
+        table.add_row(*row, style=style)
     if not builds:
         table.caption = "no builds yet: make a commit, or `tinyci trigger`"
     known = None if runners is None else list(runners)
@@ -132,6 +142,38 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
     if waits:
         return Group(table, Text("\n".join(plain(wait) for wait in waits), style="cyan"))
     return table
+
+
+RIGHT = frozenset({"#", "try", "took", "age"})
+CAPS = {"branch": BRANCH_WIDTH, "job": NAME_WIDTH, "runner": NAME_WIDTH}
+# Dropped in this order when the identifiers would not fit beside a readable subject
+EXPENDABLE = ("try", "took", "age")
+MIN_SUBJECT = 20            # what the subject should keep before a column is dropped for it
+TINY_SUBJECT = 6            # below this it is left out
+
+
+def _fit(columns: dict[str, list[Text]], width: int) -> dict[str, list[Text]]:
+    """The columns that fit in ``width``: the expendable ones go, in EXPENDABLE's
+    order, until the subject has MIN_SUBJECT; it then takes what is left, and
+    goes too when that is under TINY_SUBJECT. Identifiers always stay."""
+    def need(names, subject: int) -> int:
+        total = 0
+        for name in names:
+            if name == "subject":
+                total += subject
+                continue
+            cells = [len(cell.plain) for cell in columns[name]] + [len(name)]
+            total += min(max(cells), CAPS.get(name, 10**6))
+        return total + 2 * len(names)       # a column's padding and the gap to the next
+    kept = list(columns)
+    for name in EXPENDABLE:
+        if need(kept, MIN_SUBJECT) <= width:
+            break
+        if name in kept:
+            kept.remove(name)
+    if "subject" in kept and need(kept, TINY_SUBJECT) > width:
+        kept.remove("subject")
+    return {name: columns[name] for name in kept}
 
 
 def _subject(build: dict) -> Text:
@@ -219,8 +261,14 @@ def _took(build: dict, now: float) -> str:
 def render_console(state, now: float, width: int, height: int) -> RenderableType:
     """The whole ``tinyci console`` screen for a ``console_state.ConsoleState``, cut to
     ``width`` x ``height``: header, runners, queue, recent builds, and the
-    followed log in whatever room is left (at least a quarter of it)."""
+    followed log. The builds get every row the log does not need (the log
+    keeps at least a quarter of the screen when it has that much to show);
+    tables fill the width, the subject taking the room. While disconnected,
+    rows are dim and running clocks stop at the moment the link was lost."""
     from rich.layout import Layout
+    stale = not state.connected and state.stale_since is not None
+    clock = state.stale_since if stale else now
+    style = "dim" if stale else ""
     runners = sorted(state.runners.values(), key=lambda r: r["name"])
     queue = state.queue()
     header_h = 1
@@ -228,23 +276,24 @@ def render_console(state, now: float, width: int, height: int) -> RenderableType
     runners_h = 3 + max(shown_runners, 1) + (len(runners) > shown_runners)
     shown_queue = min(len(queue), max(1, height // 8))
     queue_h = 1 + shown_queue + (len(queue) > shown_queue)
-    log_min = max(3, height // 4)
+    log_wants = 1 + len(state.log_tail(height)) if state.log_build is not None else 1
+    log_min = min(max(3, height // 4), max(log_wants, 1))
     room = height - header_h - runners_h - queue_h - log_min - 3
     recent = state.recent(max(room, 0), queued=False)
     builds_h = 3 + (len(recent) or 1)
     log_h = max(height - header_h - runners_h - queue_h - builds_h, 1)
 
-    runner_table = render_runners(runners[:shown_runners], now)
+    runner_table = render_runners(runners[:shown_runners], clock, style=style, expand=True)
     if len(runners) > shown_runners:
         runner_table.caption = f"… and {len(runners) - shown_runners} more"
     runner_table.title = f"Runners ({len(runners)})"
-    build_table = render_builds(recent, now)
+    build_table = render_builds(recent, now, style=style, expand=True, clock=clock, width=width)
     build_table.title = "Recent builds"
     layout = Layout()
     layout.split_column(
         Layout(render_header(state, now, width), size=header_h),
         Layout(runner_table, size=runners_h),
-        Layout(render_queue(state, queue[:shown_queue], len(queue)), size=queue_h),
+        Layout(render_queue(state, queue[:shown_queue], len(queue), width, style), size=queue_h),
         Layout(build_table, size=builds_h),
         Layout(render_log(state, log_h - 1), size=log_h),
     )
@@ -252,15 +301,18 @@ def render_console(state, now: float, width: int, height: int) -> RenderableType
 
 
 def render_header(state, now: float, width: int | None = None) -> Text:
+    """Address, connection, then the counts; why the link is down comes last, so a
+    narrow terminal cuts that rather than the counts."""
     wide = width is None or width >= 90
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append("tinyci " if wide else "", style="bold")
     text.append(plain(state.address), style="bold")
     if state.connected:
         text.append(" ● connected", style="green")
+    elif state.problem == "connecting":
+        text.append(" ● connecting", style="bold red")
     else:
-        text.append(f" ● disconnected, retrying ({plain(state.problem)})" if state.problem != "connecting"
-                    else " ● connecting", style="bold red")
+        text.append(" ● disconnected", style="bold red")
     counts = state.counts(now)
     text.append(" │ ")
     for i, name in enumerate(("queued", "running", "passed", "failed", "error")):
@@ -269,22 +321,31 @@ def render_header(state, now: float, width: int | None = None) -> Text:
         text.append(" · " if i else "")
         text.append(f"{counts[name]} {name}", style=BUILD_STYLES[name] if counts[name] else "dim")
     text.append(" (last hour)" if wide else " (1h)", style="dim")
+    if not state.connected and state.problem != "connecting":
+        text.append(f" │ retrying ({plain(state.problem)})", style="bold red")
     return text
 
 
-def render_queue(state, shown: list[dict], total: int) -> RenderableType:
+def render_queue(state, shown: list[dict], total: int, width: int = 80, style: str = "") -> RenderableType:
+    """One line per queued build: number, branch, sha and why it waits always whole
+    (the branch cut only past BRANCH_WIDTH); the subject gets what is left."""
     if not total:
         return Text("Queue: empty", no_wrap=True)
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(justify="right", no_wrap=True)
-    grid.add_column(max_width=24, no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column(ratio=1, no_wrap=True)
-    grid.add_column(no_wrap=True)
+    parts: list[RenderableType] = [Text(f"Queue ({total})", no_wrap=True)]
     for build in shown:
-        grid.add_row(_cell(f"#{build['id']}"), _line(build.get("branch", "")), _sha(build),
-                     _subject(build), _cell(f"waits: {state.why_waiting(build)}", "yellow"))
-    parts: list[RenderableType] = [Text(f"Queue ({total})", no_wrap=True), grid]
+        branch = truncate(plain(str(build.get("branch", ""))), BRANCH_WIDTH)
+        head = f"#{build['id']} {branch} {str(build.get('sha') or '')[:7]} "
+        waits = f" waits: {plain(state.why_waiting(build))}"
+        subject = _subject(build)
+        room = width - len(head) - len(waits)
+        if room < 4:                # no room for a readable subject: leave it out
+            subject = Text("")
+        else:
+            subject.truncate(room, overflow="ellipsis", pad=True)
+        line = Text(head, style=style, no_wrap=True, overflow="ellipsis")
+        line.append_text(subject)
+        line.append(waits, style="yellow")
+        parts.append(line)
     if total > len(shown):
         parts.append(Text(f"… and {total - len(shown)} more", style="dim"))
     return Group(*parts)
@@ -294,6 +355,8 @@ def render_log(state, lines: int) -> RenderableType:
     build_id = state.log_build
     if build_id is None:
         return Text("Log: no build has run yet", style="dim")
+    if state.log_status == "not found":          # --follow of a build the dispatcher does not have
+        return Text(f"Log of #{build_id}: no such build", style="bold", no_wrap=True)
     build = state.builds.get(build_id, {})
     status = state.log_status or build.get("status", "")
     title = Text(f"Log of #{build_id} ", style="bold", no_wrap=True, overflow="ellipsis")

@@ -12,18 +12,22 @@ SIGTERM stops them all: SIGTERM to each by PID, SIGKILL after a grace time.
 Unless the configuration sets a secret, the daemons authenticate with a random
 one made on first start and kept in DATA/secret (mode 0600). Children get it
 in their environment (TINYCI_AUTH_SECRET), never on a command line, where any
-local user could read it; tools run from the same directory find it in
-.tinyci/secret. It is the one-secret setup: every role, every runner and the
+local user could read it; tools run in or below the same directory find
+it in .tinyci/secret. It is the one-secret setup: every role, every runner and the
 dispatcher towards them prove themselves with it, which is sound only when
 they all run on one machine as one user (SECURITY.md).
 
-This module speaks no protocol itself; it only starts and watches processes.
+While they run, DATA/up.json says where they listen (``local.find_up``:
+tools, git hooks and daemons started by hand in or below this directory use
+it and the secret), and the window gets one line per build that ends: up
+watches the dispatcher as a reader for that, and speaks no other protocol.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import shlex
@@ -31,10 +35,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import files, gitops
+from . import files, gitops, net, patterns, protocol, waiting
+from .local import DATA, UP_FILE
 from .config import ConfigError, load
 from .daemon import parse_ready
 from .settings import resolve
@@ -57,8 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="git clone to watch (default: the git repository around the current directory)")
     where.add_argument("--demo", action="store_true",
                        help="watch a small demo repository, created once at DATA/demo-repo")
-    parser.add_argument("--runners", type=int, default=2, metavar="N",
-                        help="how many runners to start (default 2)")
+    parser.add_argument("--runners", type=int, metavar="N",
+                        help="how many runners to start (default 2, or 0 beside --runner)")
+    parser.add_argument("--labels", metavar="A,B",
+                        help="comma-separated labels every runner of --runners offers (a .ci.yaml job "
+                             "runs on a runner with all its labels)")
+    parser.add_argument("--runner", action="append", metavar="LABELS", dest="labelled", default=[],
+                        help="one more runner offering these comma-separated labels; repeat it for a "
+                             "matrix, e.g. --runner py311 --runner lint")
     parser.add_argument("--port", type=int, default=8888,
                         help="dispatcher port (default 8888); the observer listens on PORT-1 and the "
                              "runners on PORT+1, PORT+2, ...; 0 picks free ports for all of them")
@@ -66,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port of the web page, on 127.0.0.1 (default 8080; with --port 0, a free one); "
                              "0 picks a free one")
     parser.add_argument("--no-web", action="store_true", help="do not start the web page (tinyci web)")
-    parser.add_argument("--data", metavar="DIR", default=".tinyci",
+    parser.add_argument("--data", metavar="DIR", default=DATA,
                         help="where state, working clones and logs go (default .tinyci)")
     parser.add_argument("--interval", type=float, metavar="S",
                         help="seconds between the observer's looks at the repository "
@@ -119,15 +130,40 @@ class UpPlan:
     env: dict | None = None       # children's environment when it carries a secret we made
     secret_file: Path | None = None
     web_port: int | None = WEB_PORT   # None: no web page
+    labels: list = field(default_factory=list)    # each runner's labels, runner-1 first
+    demo_made: bool = False       # the demo repository was made now: its first commit is being built
+    excluded: str = ""            # the line added to the watched clone's .git/info/exclude, if any
+    reader: tuple = ("", None)    # (secret, TLS context) up reads the dispatcher with, for its build lines
+
+
+def runner_labels(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """Each runner's labels: --runners N of them with --labels, then one per --runner."""
+    count = args.runners if args.runners is not None else (0 if args.labelled else 2)
+    if count < 0:
+        raise UpError(f"--runners must be 0 or more, got {count}")
+    every = _labels("--labels", args.labels or "")
+    runners = [every] * count + [_labels("--runner", text) for text in args.labelled]
+    if not 1 <= len(runners) <= MAX_RUNNERS:
+        raise UpError(f"tinyci up starts between 1 and {MAX_RUNNERS} runners (--runners N, --runner LABELS), "
+                      f"not {len(runners)}")
+    return runners
+
+
+def _labels(flag: str, text: str) -> tuple[str, ...]:
+    labels = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [label for label in labels if not patterns.is_name(label)]
+    if bad:
+        raise UpError(f"{flag}: label {bad[0]!r} must be a {patterns.NAME_RULE}")
+    return labels
 
 
 def make_plan(args: argparse.Namespace) -> UpPlan:
-    if not 1 <= args.runners <= MAX_RUNNERS:
-        raise UpError(f"--runners must be between 1 and {MAX_RUNNERS}, got {args.runners}")
-    if args.port != 0 and not 2 <= args.port <= 65535 - args.runners:
+    labels = runner_labels(args)
+    count = len(labels)
+    if args.port != 0 and not 2 <= args.port <= 65535 - count:
         raise UpError(f"--port {args.port} leaves no room for the observer (PORT-1) and "
-                      f"{args.runners} runner(s) (PORT+1...); pick one between 2 and "
-                      f"{65535 - args.runners}, or 0 for free ports")
+                      f"{count} runner(s) (PORT+1...); pick one between 2 and "
+                      f"{65535 - count}, or 0 for free ports")
     web_port = None if args.no_web else (args.web_port if args.web_port is not None
                                          else 0 if args.port == 0 else WEB_PORT)
     if web_port is not None and not 0 <= web_port <= 65535:
@@ -139,11 +175,13 @@ def make_plan(args: argparse.Namespace) -> UpPlan:
         config = str(Path(args.config).resolve())
     # fail on a broken configuration here, once, instead of in every child
     try:
-        configured = resolve(load(config)).secured
+        settings = resolve(load(config))
     except ConfigError as exc:
         raise UpError(f"configuration error: {exc}") from None
     data = Path(args.data).resolve()
+    demo_made = False
     if args.demo:
+        demo_made = not (data / "demo-repo").exists()
         repo, demo = make_demo(data / "demo-repo"), True
     elif args.repo:
         repo, demo = find_repo(Path(args.repo), f"--repo {args.repo}"), False
@@ -154,13 +192,16 @@ def make_plan(args: argparse.Namespace) -> UpPlan:
                           f"or --demo to try tinyci on a demo repository")
         repo, demo = find_repo(cwd, str(cwd)), False
     env = secret_file = None
-    if not configured:
+    reader_secret = settings.secret(protocol.READER)
+    if not settings.secured:
         secret_file = data / "secret"
-        env = {**os.environ, "TINYCI_AUTH_SECRET": local_secret(secret_file)}
+        reader_secret = local_secret(secret_file)
+        env = {**os.environ, "TINYCI_AUTH_SECRET": reader_secret}
     common = (["--config", config] if config else []) + (["-v"] if args.verbose else [])
-    return UpPlan(repo=repo, data=data, port=args.port, runners=args.runners, common=common,
+    return UpPlan(repo=repo, data=data, port=args.port, runners=count, common=common,
                 interval=args.interval, config=config, demo=demo, env=env, secret_file=secret_file,
-                web_port=web_port)
+                web_port=web_port, labels=labels, demo_made=demo_made, reader=(reader_secret, settings.client_tls),
+                excluded="" if demo else exclude_data(repo, data))
 
 
 def local_secret(path: Path) -> str:
@@ -182,6 +223,31 @@ def local_secret(path: Path) -> str:
     except OSError as exc:
         raise UpError(f"cannot write the daemons' secret to {path}: {exc.strerror or exc}") from None
     return secret
+
+
+def exclude_data(repo: Path, data: Path) -> str:
+    """Keep the data directory out of `git add -A` when it is inside the watched
+    clone: add it to .git/info/exclude (local to this clone, unlike .gitignore).
+    Returns the line added ("" when none was needed or it could not be)."""
+    try:
+        relative = data.resolve().relative_to(repo)
+    except ValueError:
+        return ""               # outside the clone (or a bare repository): nothing to hide
+    if _git(repo, "check-ignore", "-q", "--no-index", str(relative / "secret")) is not None:
+        return ""               # already ignored (.gitignore or exclude)
+    path = _git(repo, "rev-parse", "--git-path", "info/exclude")
+    if path is None:
+        return ""
+    exclude = Path(path) if Path(path).is_absolute() else repo / path
+    line = f"/{relative.as_posix()}/"
+    try:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        text = exclude.read_text() if exclude.exists() else ""
+        exclude.write_text(text + ("" if not text or text.endswith("\n") else "\n")
+                           + f"# tinyci up: its data (secret, database, runners' clones)\n{line}\n")
+    except OSError:
+        return ""
+    return line
 
 
 def git_dir(path: Path) -> str | None:
@@ -288,6 +354,7 @@ class Supervisor:
             print(f"tinyci up: cannot create {self.logs}: {exc.strerror}", file=sys.stderr)
             return 2
         stopping = asyncio.create_task(stop.wait())
+        reporter = None
         try:
             startup = asyncio.create_task(self.start_all())
             await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -304,10 +371,50 @@ class Supervisor:
                 self.report(exc.child, f"failed to start ({exc.why})")
                 return 1
             self.print_summary()
+            self.write_addresses()
+            reporter = asyncio.create_task(self.report_builds())
             return await self.watch(stopping)
         finally:
             stopping.cancel()
+            if reporter is not None:
+                reporter.cancel()
             await self.stop_all()
+            self.remove_addresses()
+
+    def write_addresses(self) -> None:
+        """DATA/up.json: where the daemons listen, for tools (and daemons started
+        by hand) in or below this directory (``local.find_up``)."""
+        addrs = {child.daemon: child.addr for child in self.children if child.daemon in ("dispatcher", "observer")}
+        web = next((c.addr for c in self.children if c.daemon == "web"), None)
+        try:
+            files.atomic_write(self.plan.data / UP_FILE, json.dumps(
+                {**addrs, **({"web": web} if web else {}), "pid": os.getpid()}, indent=1).encode())
+        except OSError as exc:
+            print(f"tinyci up: cannot write {self.plan.data / UP_FILE} ({exc.strerror or exc}); tools "
+                  f"need --dispatcher", file=sys.stderr)
+
+    def remove_addresses(self) -> None:
+        try:
+            (self.plan.data / UP_FILE).unlink()
+        except OSError:
+            pass
+
+    async def report_builds(self) -> None:
+        """One line in this window per build that ends (``waiting.verdict_line``)."""
+        host, port = net.parse_addr(self.children[0].addr)
+        secret, tls = self.plan.reader
+        told: set[int] = set()
+        try:
+            async for kind, builds in waiting.build_events(
+                    lambda: net.Client(host, port, protocol.READER, secret, ssl=tls), reconnect_for=None):
+                for build in builds:
+                    if build["status"] not in waiting.FINAL or build["id"] in told:
+                        continue
+                    told.add(build["id"])
+                    if kind == "build":         # not one that ended before we looked
+                        print(waiting.verdict_line(build, with_time=True), flush=True)
+        except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
+            print(f"tinyci up: no more build lines here: {exc}", file=sys.stderr)
 
     async def start_all(self) -> None:
         plan = self.plan
@@ -322,8 +429,9 @@ class Supervisor:
             *(["--interval", f"{plan.interval:g}"] if plan.interval is not None else [])])
         runners = [self.child(f"runner-{n}", "runner", [
             "--host", "127.0.0.1", "--port", str(port(n)), "--dispatcher", dispatcher.addr,
-            "--name", f"runner-{n}", "--workdir", str(plan.data / "runners" / f"runner-{n}")])
-            for n in range(1, plan.runners + 1)]
+            "--name", f"runner-{n}", "--workdir", str(plan.data / "runners" / f"runner-{n}"),
+            *(["--labels", ",".join(labels)] if labels else [])])
+            for n, labels in enumerate(plan.labels or [()] * plan.runners, 1)]
         others = [observer, *runners]
         if plan.web_port is not None:
             others.append(self.child("web", "web", ["--host", "127.0.0.1", "--port", str(plan.web_port),
@@ -448,17 +556,23 @@ class Supervisor:
             print(f"watching {_show(plan.repo)}")
         else:
             print(f"tinyci is up, watching {_show(plan.repo)}")
+        labels = dict(zip((c.name for c in self.children if c.daemon == "runner"), plan.labels))
         for child in self.children:
-            print(f"  {child.name:<12} {child.addr:<22} pid {child.proc.pid:<8} log {_show(child.log_path)}")
+            offers = f"  labels {','.join(labels[child.name])}" if labels.get(child.name) else ""
+            print(f"  {child.name:<12} {child.addr:<22} pid {child.proc.pid:<8} log {_show(child.log_path)}"
+                  + offers)
+        # tools in (or below) the directory holding the default .tinyci find the addresses in up.json
+        local = plan.data == Path(DATA).resolve()
         flags = ""
-        if dispatcher.addr != "127.0.0.1:8888":
+        if dispatcher.addr != "127.0.0.1:8888" and not local:
             flags += f" --dispatcher {dispatcher.addr}"
         if plan.config:
             flags += f" --config {shlex.quote(_show(Path(plan.config)))}"
         print()
         if plan.demo:
             repo = shlex.quote(_show(plan.repo))
-            print(f"The demo repository is {_show(plan.repo)}; its first commit is being built now.")
+            print(f"The demo repository is {_show(plan.repo)}"
+                  + ("; its first commit is being built now." if plan.demo_made else "."))
             print("Make another commit there to start a build:")
             print(f"  cd {repo} && echo '# more' >> calc.py && git commit -qam 'Try tinyci'")
             print("or one whose test fails:")
@@ -469,10 +583,11 @@ class Supervisor:
         print(f"Build N's log as it runs:   tinyci log N --follow{flags}")
         print(f"Build logs are in {_show(plan.data / 'dispatcher' / 'logs')}/, "
               f"daemon logs in {_show(self.logs)}/.")
+        if plan.excluded:
+            print(f"Added {plan.excluded} to the clone's .git/info/exclude, so `git add -A` leaves it out.")
         if plan.secret_file is not None:
-            here = Path(".tinyci", "secret").resolve() == plan.secret_file
             print(f"The daemons' secret is in {_show(plan.secret_file)}"
-                  + ("; tools run from this directory use it." if here else
+                  + ("; tools run in this directory or below it use it." if local else
                      f"; for tools elsewhere: export TINYCI_AUTH_SECRET_FILE={shlex.quote(str(plan.secret_file))}"))
         print("Press Ctrl-C to stop everything.", flush=True)
 

@@ -338,7 +338,7 @@ def test_status_rendering_shows_runners_and_builds():
     assert re.search(r"runner-2\s+127\.0\.0\.1:8890\s+-\s+dead\s+0/1\s+-\s+1m ago", runners)
     assert re.search(r"7\s+main\s+abcdef0\s+Teach the parser.*…\s+running\s+1\s+runner-1\s+12s\s+30s ago",
                      builds)
-    assert re.search(r"6\s+feature/x\s+1234567\s+Fix\s+failed\s+2\s+runner-2\s+3m10s\s+1h06m ago", builds)
+    assert re.search(r"6\s+feature/x\s+1234567\s+Fix\s+failed\s+2\s+runner-2\s+3m10s\s+1h03m ago", builds)
     assert "abcdef01" not in builds          # short sha is 7 characters
 
 

@@ -134,8 +134,8 @@ def test_lost_connection_keeps_what_is_known():
     b = state()
     b.lost("connection refused")
     assert not b.connected and b.problem == "connection refused" and len(b.runners) == 3
-    text = screen(tui.render_header(b, NOW))
-    assert "disconnected, retrying (connection refused)" in text
+    text = screen(tui.render_header(b, NOW), width=200)
+    assert "disconnected │" in text and "retrying (connection refused)" in text
 
 
 # ---------------------------------------------------------------- screens
@@ -153,7 +153,8 @@ def test_console_screen_at_80x24_shows_what_an_operator_looks_for():
     assert re.search(r"gamma .* dead", text)
     assert re.search(r"#44 .* waits: no runner with label gpu", text)
     assert re.search(r"#42 .*manual: change number 42", text)
-    assert re.search(r"\b40\s+main\s+0000028\s+Break the parser\s+failed\s+1\s+beta\s+12s\s+5m ago", text)
+    # the age of a finished build counts from when it finished; `try` is the first column to give way
+    assert re.search(r"\b40\s+main\s+0000028\s+Break the parser\s+failed\s+(1\s+)?beta\s+12s\s+4m ago", text)
     assert "Log of #41 main 0000029 running" in text
     assert lines[-1].strip() == "AssertionError: boom"          # the tail ends at the newest line
 
@@ -168,12 +169,70 @@ def test_console_uses_a_bigger_terminal():
     assert max(len(line) for line in big.splitlines()) > 80
 
 
+LONG = dict(SNAPSHOT, builds=[
+    build(44, "queued", attempt=0, labels=["gpu-a100"], age=2, branch="feature/a-rather-long-branch",
+          subject="A very long subject that says a great deal about what this change does"),
+    build(41, "running", "alpha", age=20, subject="Another long subject line that goes on and on and on"),
+    {**build(40, "failed", "beta", age=300, took=12.5, branch="release/2024-long",
+             subject="Break the parser in a way that takes many words to say"), "job": "lint-and-types"},
+    *[build(i, "passed", "alpha", age=400 + i, took=9.0) for i in range(1, 39)]])
+
+
+def test_console_at_80_columns_cuts_the_subject_never_an_identifier():
+    b = state(LONG)
+    b.log_start(41)
+    b.log_chunk(41, 0, "collecting\n")
+    text = screen(tui.render_console(b, NOW, 80, 24))
+    lines = text.splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines), text
+    assert re.search(r"1 queued · 1 running · \d+ passed · 1 failed", lines[0])      # the header keeps its counts
+    # the queued build: number, whole branch, sha and the label it waits for
+    assert "#44 feature/a-rather-long-branch 000002c" in text and "waits: no runner with label gpu-a100" in text
+    assert re.search(r"\b41\s+main\s+0000029\s+Another long.*…\s+running\s+", text)
+    assert re.search(r"\b40\s+release/2024-long\s+0000028\s+Break the .*…\s+failed\s+lint-and-types\s+beta", text)
+    # disconnected, the reason comes after the counts, and a narrow header cuts the reason
+    b.lost("connection refused: the dispatcher at 127.0.0.1:8888 is not answering", NOW)
+    header = screen(tui.render_console(b, NOW, 80, 24)).splitlines()[0]
+    assert re.search(r"disconnected │ 1 queued · 1 running · \d+ passed · 1 failed", header), header
+
+
+def test_console_at_160x50_widens_its_tables_and_fills_the_rows_the_log_does_not_need():
+    b = state(LONG)
+    b.log_start(41)
+    b.log_chunk(41, 0, "one\ntwo\n")
+    text = screen(tui.render_console(b, NOW, 160, 50), 160, 50)
+    lines = text.splitlines()
+    assert "A very long subject that says a great deal about what this change does" in text
+    assert "Another long subject line that goes on and on and on" in text
+    assert sum(1 for line in lines if len(line.rstrip()) > 150) >= 10       # tables as wide as the screen
+    assert sum(1 for line in lines if not line.strip()) <= 2                # no screenful of empty rows
+    assert lines[-2:] == ["one".ljust(160), "two".ljust(160)]
+
+
+def test_a_disconnected_console_dims_its_rows_and_stops_the_running_clocks():
+    b = state(LONG)
+    def dim_rows(styled: str) -> list[str]:
+        return [line for line in styled.splitlines() if ("0000029" in line or "127.0.0.1:8889" in line)
+                and re.search(r"\x1b\[(\d+;)*2(;\d+)*m", line)]
+    assert dim_rows(screen(tui.render_console(b, NOW, 120, 30), 120, 30, styles=True)) == []
+    b.lost("connection refused", NOW)
+    later = screen(tui.render_console(b, NOW + 90, 120, 30), 120, 30, styles=True)
+    plain_later = screen(tui.render_console(b, NOW + 90, 120, 30), 120, 30)
+    assert len(dim_rows(later)) >= 2                 # dim: the picture may be stale
+    assert re.search(r"\b41\s+main\s+0000029\s+.*running\s+1\s+-\s+alpha\s+19s\s+", plain_later)   # took: still 19s
+    assert re.search(r"alpha\s+127\.0\.0\.1:8889.*0\.4s ago", plain_later)       # last seen: as it was
+    b.snapshot(LONG)                                 # back: clocks run again
+    again = screen(tui.render_console(b, NOW + 90, 120, 30), 120, 30)
+    assert re.search(r"\b41\s+main\s+0000029\s+.*running\s+1\s+-\s+alpha\s+1m49s\s+", again)
+
+
 def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
     b = state()
     b.lost("connection refused")
     styled = screen(tui.render_console(b, NOW, 100, 30), 100, 30, styles=True)
     assert "\x1b[1;31mdead" in styled and "\x1b[31mfailed" in styled and "\x1b[33mrunning" in styled
-    assert "disconnected, retrying" in styled
+    assert "disconnected" in styled
+    assert "retrying (connection refused)" in screen(tui.render_header(b, NOW), 200, styles=True)
 
 
 def test_nothing_a_peer_sent_is_drawn_as_markup_or_a_control():
@@ -189,8 +248,9 @@ def test_nothing_a_peer_sent_is_drawn_as_markup_or_a_control():
     assert "\x1b]" not in styled and "\x1b" not in re.sub(r"\x1b\[[0-9;]*m", "", styled)
     text = screen(tui.render_console(b, NOW, 120, 30), width=120, height=30)
     for literal in ("[link=file:///etc/passwd]x:8889", "[i]gpu", "[bold red]x[/] y", "[u]manual: q",
-                    "retrying (refused [blink]now[/])", "[red]log[/] link", "Log of #41 br"):
+                    "[red]log[/] link", "Log of #41 br"):
         assert literal in text, literal
+    assert "retrying (refused [blink]now[/])" in screen(tui.render_header(b, NOW), width=200)
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text)
 
 
@@ -305,7 +365,7 @@ def test_console_without_a_terminal_prints_plain_snapshots_and_rides_out_a_dispa
     try:
         until(rb"connected .*\n(.*\n)*.*r1\s+127\.0\.0\.1", "snapshot with r1")
         disp.kill()
-        until(rb"disconnected, retrying", "disconnected line")
+        until(rb"\xe2\x97\x8f disconnected", "disconnected line")
         disp.start()
         until(rb"\xe2\x97\x8f connected", "reconnection")
         os.kill(proc.pid, signal.SIGINT)
@@ -372,3 +432,28 @@ def test_a_dispatcher_that_stops_answering_shows_as_disconnected():
     state_after, attempts = asyncio.run(body())
     assert attempts >= 2
     assert not state_after.connected and state_after.problem == "timed out"
+
+
+COMMIT = {"type": "commit", "repo": "/src/app", "branch": "main", "author": "Ada", "subject": "a change", "time": 1.0}
+
+
+def test_a_reader_that_goes_away_ends_status_watch_and_console_quietly(cluster):
+    """`tinyci status --watch | head -1`, `tinyci console | head -5`: once the reader is gone, the next
+    snapshot ends the command with exit 0 and no traceback."""
+    c = cluster()
+    disp = c.dispatcher()
+    for number, argv in enumerate((["status", "--watch"], ["console"]), 1):
+        proc = subprocess.Popen([sys.executable, "-m", "ci", *argv, "--dispatcher", disp.addr],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=child_env(), cwd=ROOT)
+        try:
+            assert proc.stdout.readline()           # the first snapshot is out; the reader leaves
+            proc.stdout.close()
+            c.request({**COMMIT, "sha": f"{number:040x}"}, role="observer")     # a change to print
+            code = proc.wait(30)
+            err = proc.stderr.read().decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert code == 0 and err == "", err

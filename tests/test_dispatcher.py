@@ -418,7 +418,7 @@ async def test_trigger_builds_in_the_repository_where_the_revision_is(make, two_
     build = h.build(reply["builds"][0])
     assert (build.repo, build.sha, build.reason, build.subject) == (str(one.path), shas["one"], "manual",
                                                                     "first of one")
-    assert build.author == "Ada Tester" and build.branch == "manual"
+    assert build.author == "Ada Tester" and build.branch == "main"      # the branch the commit is on
 
     # in both: ambiguous, until --repo says which
     both = await h.call({"type": "trigger", "branch": "main"})

@@ -103,3 +103,40 @@ def test_hook_installed_where_tinyci_up_ran_uses_its_secret(cluster, repo, tmp_p
     sha = repo.head()
     c.wait_builds(lambda b: any(x["sha"] == sha and finished([x]) for x in b),
                   "the hooked commit to be built (the poke was accepted)", timeout=15)
+
+
+def test_a_pull_a_merge_and_a_reset_are_seen_long_before_the_next_poll(cluster, repo, tmp_path):
+    c = cluster()
+    c.dispatcher()
+    c.runner("r1")
+    obs = c.observer(repo, "--interval", "30")
+    c.wait_builds(lambda b: len(b) == 1 and finished(b), "the initial commit (the observer's first scan)")
+    done = tinyci("install-hook", "--repo", str(repo.path), "--observer", obs.addr)
+    assert done.returncode == 0 and "reference-transaction" in done.stdout, done.stdout + done.stderr
+    upstream = tmp_path / "upstream"
+    subprocess.run(["git", "clone", "-q", str(repo.path), str(upstream)], check=True, timeout=60)
+    other = Repo.__new__(Repo)
+    other.path, other.env = upstream, {**os.environ, **GIT_ENV}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **GIT_ENV}
+
+    def git(*args: str) -> None:
+        out = subprocess.run(["git", "-C", str(repo.path), *args], capture_output=True, text=True, env=env,
+                             timeout=60)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+
+    def built_soon(sha: str, how: str) -> None:
+        # the next poll is 30 s away: only a hook's poke can make this happen within 15 s
+        c.wait_builds(lambda b: any(x["sha"] == sha and finished([x]) for x in b), f"{how}, built", timeout=15)
+
+    pulled = other.commit("upstream work")
+    git("pull", "-q", "--ff-only", str(upstream), "main")           # post-merge / reference-transaction
+    built_soon(pulled, "a git pull")
+    merged = other.commit("more upstream work", {"more.txt": "x\n"})
+    git("fetch", "-q", str(upstream), "main")                          # FETCH_HEAD only: no branch moved
+    git("merge", "-q", "--ff-only", "FETCH_HEAD")
+    built_soon(merged, "a git merge")
+    other.git("reset", "-q", "--hard", "HEAD~1")
+    reset_to = other.commit("a different line of work", {"other.txt": "y\n"})
+    git("fetch", "-q", str(upstream), "main")
+    git("reset", "-q", "--hard", "FETCH_HEAD")                         # only reference-transaction sees this
+    built_soon(reset_to, "a git reset")

@@ -39,7 +39,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "cancel": (OPERATOR, {"build": 1, "attempt": 1, "by": "ada@host"}),
     "status": (READER, {"limit": 50}),
     "build": (READER, {"build": 1}),
-    "read_log": (READER, {"build": 1, "offset": 0, "follow": True}),
+    "read_log": (READER, {"build": 1, "offset": 0, "follow": True, "timestamps": True}),
     "watch": (READER, {"limit": 50}),
     "history": (READER, {"repo": REPO, "branch": "main", "status": "failed", "author": "ada", "job": "test",
                          "sha": "0123ab", "before": 100, "after": 50, "limit": 50}),
@@ -48,7 +48,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "counts": (READER, {"since": 1700000000.0}),
     "artifacts": (READER, {"build": 1}),
     "fetch_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
-    "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO}),
+    "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO, "job": "lint"}),
     "rebuild": (OPERATOR, {"build": 1}),
     "drain": (OPERATOR, {"name": "r1"}),
     "resume": (OPERATOR, {"name": "r1"}),
@@ -57,7 +57,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "ok": (SERVER, {}),
     "error": (SERVER, {"code": "offset", "message": "log of build 1 has 6 bytes, not 9", "expected": 6}),
     "pong": (SERVER, {"running": [[1, 1]]}),
-    "chunk": (SERVER, {"offset": 0, "data": "hello\n"}),
+    "chunk": (SERVER, {"offset": 0, "data": "hello\n", "times": [[0, 1700000000.5]]}),
     "event": (SERVER, {"event": "build", "build": {"id": 1}}),
     "end": (SERVER, {"status": "passed", "offset": 6}),
 }
@@ -77,7 +77,8 @@ ANSWERS: dict[str, list[dict]] = {
     "cancel": [{"type": "ok", "builds": [1]}],
     "status": [SNAPSHOT],
     "build": [{"type": "ok", "build": {"id": 1, "status": "passed"}}],
-    "read_log": [{"type": "chunk", "offset": 0, "data": "hello\n"}, {"type": "chunk", "offset": 6, "data": "bye\n"},
+    "read_log": [{"type": "chunk", "offset": 0, "data": "hello\n"},
+                 {"type": "chunk", "offset": 6, "data": "bye\n", "times": [[6, 1700000000.5]]},
                  {"type": "end", "status": "passed", "offset": 10}],
     "watch": [SNAPSHOT, {"type": "event", "event": "build", "build": {"id": 3}},
               {"type": "event", "event": "runner", "runner": {"name": "r1"}},
@@ -359,7 +360,7 @@ def test_what_answers_each_request():
     }
     read_log, watch = protocol.MESSAGES["read_log"].stream, protocol.MESSAGES["watch"].stream
     assert read_log.first is None
-    assert (shape(read_log.each), shape(read_log.end)) == (("chunk", ["data", "offset"], []),
+    assert (shape(read_log.each), shape(read_log.end)) == (("chunk", ["data", "offset"], ["times"]),
                                                            ("end", ["offset", "status"], []))
     assert watch.first == protocol.MESSAGES["status"].reply        # the snapshot is a status reply
     assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "runner"]),
