@@ -150,11 +150,18 @@ class Steps:
 
 
 def _mark_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
-        return None
+    environ = b""
+    for attempt in range(3):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            return None
+        if environ:
+            break
+        # empty while the process is inside execve (a step's `setsid sleep` being
+        # exec'd): read it again rather than take a live step's child for a stray
+        time.sleep(0.02)
     prefix = STEP_MARK.encode() + b"="
     for entry in environ.split(b"\0"):
         if entry.startswith(prefix):

@@ -78,8 +78,7 @@ async def test_uploads_without_their_last_chunk_count_against_the_cap(make):
 async def test_a_lost_runner_or_a_cancel_removes_the_unfinished_uploads(make):
     h = await running(make)
     await chunk(h, "dir/a.bin", 0, 500)
-    h.now += 10
-    h.d.apply(h.d.sched.expire(h.now))              # r1 missed its heartbeats: build 1 queued again
+    h.d.apply(h.d.sched.lost("r1", "missed its pings", h.mono))     # build 1 queued again
     assert h.build(1).status.value == "queued"
     assert on_disk(h) == {}
     await h.register()                              # r1 is back, attempt 2 runs
