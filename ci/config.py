@@ -68,6 +68,7 @@ class RunnerConfig:
     slots: int = 1
     workdir: str = ""             # default: .tinyci/runners/<name>
     kill_grace: float = 5.0
+    clone_days: float = 30.0      # delete a slot's working clone no build used for this long; 0: never
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ _BOUNDS = {
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
+    ("runner", "clone_days"): (lambda v: v >= 0, "0 or more (days; 0 keeps the clones forever)"),
     ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
     # build.steps and build.env are checked against the wire table by settings.resolve
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),

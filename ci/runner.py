@@ -32,9 +32,10 @@ import logging
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 
-from . import aio, artifact_upload, daemon, files, net, patterns, protocol
+from . import aio, artifact_upload, clones, daemon, files, net, patterns, protocol
 from .attempt import RunRequest
 from .buildlog import BuildLog
 from .execution import Execution
@@ -169,6 +170,7 @@ class Runner:
         credential ends the runner (StartupError): retrying cannot help."""
         registering = asyncio.ensure_future(self.registration.run())
         stopping = asyncio.ensure_future(self.stop.wait())
+        self._spawn(self._sweep_clones(), "the sweep of unused clones")
         try:
             await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -179,6 +181,17 @@ class Runner:
             raise daemon.StartupError(str(registering.exception()))
         if not registering.cancelled() and registering.exception() is not None:
             log.error("registration failed", exc_info=registering.exception())
+
+    async def _sweep_clones(self) -> None:
+        """Delete the slots' clones unused for runner.clone_days, now and every hour."""
+        days, checkouts = self.settings.config.runner.clone_days, self.workdir / "checkouts"
+        while days > 0:
+            for clone, age in await aio.in_thread(clones.stale, checkouts, days, time.time()):
+                # decided here, on the loop: a slot seen idle cannot take a build before the rename
+                if int(clone.name) not in self.slots.active and clones.set_aside(clone):
+                    log.info("deleting the working clone %s: no build used it for %.0f days", clone, age)
+            await aio.in_thread(clones.delete_aside, checkouts)
+            await asyncio.sleep(clones.SWEEP_INTERVAL)
 
     async def shutdown(self) -> None:
         """Kill running builds (the dispatcher requeues them) and stop within a second or two."""
@@ -312,6 +325,7 @@ class Runner:
             lingering = execution.lingering
             if lingering is not None and not lingering.done() and not self.stop.is_set():
                 await asyncio.wait([lingering])     # git still works in this slot's clone
+            clones.used(execution.checkout)
             self.slots.release(slot, execution)
 
     def _keep(self, buildlog: BuildLog, result: dict) -> None:
