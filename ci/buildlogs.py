@@ -17,15 +17,27 @@ its own (the attempt ended, was taken back or cancelled), the tail is joined
 to the log after a line saying what was cut. Everything is on disk, so a
 restarted dispatcher carries on, and the byte count of the attempt (what the
 runner's offsets are checked against) stays exact: head + tail + cut.
+
+A log file removed or cut short under the dispatcher (by hand, to make room)
+is noticed (``check``): a line says so where the log goes on, and the
+attempt's base moves so that its count, and the runner's offsets, stay what
+they were; nothing waits for bytes that are gone. A line of the dispatcher's
+own that cannot be written (the disk is full) is reported to ``on_error``
+and skipped: the state change it goes with must not fail for it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from .models import Build
 from .text import utf8_boundary
+
+log = logging.getLogger(__name__)
 
 
 def _size(path: Path) -> int:
@@ -56,7 +68,8 @@ class LogCap:
     def size(self, build_id: int, base: int) -> int:
         """Bytes the current attempt (which began at ``base`` in the log) has sent."""
         main, tail, cut = self._paths(build_id)
-        return _size(main) - base + _size(tail) + self._cut(cut)
+        # never below 0: a log cut short under us is behind the attempt's base
+        return max(0, _size(main) - base + _size(tail) + self._cut(cut))
 
     def append(self, build_id: int, data: bytes, base: int) -> int:
         """Add the attempt's output; returns ``size`` afterwards."""
@@ -132,10 +145,12 @@ class LogGap(Exception):
 
 
 class BuildLogs:
-    def __init__(self, directory: Path, limit: int):
+    def __init__(self, directory: Path, limit: int, on_error: Callable[[int, OSError], None] | None = None):
+        """``on_error(build, exc)``: a line of the dispatcher's own could not be written."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = LogCap(self.dir, limit)
+        self.on_error = on_error or _log_error
         # bytes the current attempt of a running build has logged (LogCap.size), kept
         # so each `log` frame and `result` need not stat the files; dropped whenever
         # the dispatcher writes a line of its own, and rebuilt from disk when missing
@@ -179,8 +194,37 @@ class BuildLogs:
         if skip >= len(data):
             return have, False
         self.sizes.pop(build.id, None)         # not kept if the append fails half way
-        have = self.sizes[build.id] = self.cap.append(build.id, data[skip:], build.log_base)
+        try:
+            have = self.cap.append(build.id, data[skip:], build.log_base)
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)     # the whole logs directory was removed
+            have = self.cap.append(build.id, data[skip:], build.log_base)
+        self.sizes[build.id] = have
         return have, True
+
+    def check(self, build: Build) -> str | None:
+        """Notice that the log file of ``build`` was removed or cut short since
+        its current attempt last wrote to it. Then a line says so, the
+        attempt's base moves past it so its count stays what it was, and the
+        line is returned (the caller saves the build's new base); else None."""
+        have = self.sizes.get(build.id)
+        main, tail, _ = self.cap._paths(build.id)
+        if have is None or tail.exists():       # nothing to compare with; or the log grows in the tail
+            return None
+        expected = build.log_base + have
+        try:
+            actual = main.stat().st_size
+        except FileNotFoundError:
+            actual = None
+        if actual is not None and actual >= expected:
+            return None
+        if actual is None:
+            text = "[log file was removed; continuing]"
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            text = f"[log file was cut short by {expected - actual} bytes; continuing]"
+        self.line(build.id, text, build)
+        return text
 
     def begin(self, build: Build, size: int) -> None:
         """The build's new attempt starts where its log is ``size`` bytes long."""
@@ -198,7 +242,7 @@ class BuildLogs:
         offsets count only its own bytes, so the attempt's base moves past
         this line and its count stays what it was."""
         before = self.attempt_size(sending) if sending is not None else None
-        self.cap.close(build_id)
+        self._close(build_id)
         self.sizes.pop(build_id, None)
         size = self._append_line(build_id, text)
         if sending is not None:
@@ -213,18 +257,36 @@ class BuildLogs:
         only, never the kept sizes."""
         sizes = {}
         for build_id, text in lines:
-            self.cap.close(build_id)
+            self._close(build_id)
             sizes[build_id] = self._append_line(build_id, text)
         return sizes
 
+    def _close(self, build_id: int) -> None:
+        try:
+            self.cap.close(build_id)
+        except OSError as exc:          # the tail stays beside the log, joined at the next line
+            self.on_error(build_id, exc)
+
     def _append_line(self, build_id: int, text: str) -> int:
         """``text`` as a line of its own (after a newline if the log does not
-        end with one) with a single open; returns the log's new size."""
-        with open(self.path(build_id), "a+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write((text + "\n").encode())
-            return f.tell()
+        end with one) with a single open; returns the log's new size (what it
+        is, when the line could not be written)."""
+        try:
+            with open(self.path(build_id), "a+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
+                f.write((text + "\n").encode())
+                return f.tell()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not self.dir.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)     # the logs directory was removed
+                return self._append_line(build_id, text)
+            self.on_error(build_id, exc)
+            return _size(self.path(build_id))
+
+
+def _log_error(build_id: int, exc: OSError) -> None:
+    log.warning("build %d: a line of the dispatcher's could not be written to its log: %s", build_id, exc)

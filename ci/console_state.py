@@ -33,6 +33,7 @@ class ConsoleState:
         self.problem = "connecting"         # why we are not connected
         self.runners: dict[str, dict] = {}
         self.builds: dict[int, dict] = {}
+        self.conditions: list[dict] = []    # what the dispatcher is in (its disk full), for the header
         self.version = 0                    # grows on every change: redraw when it moved
         self.news = 0                       # grows when builds, runners or the connection change
         self.log_build: int | None = None
@@ -47,6 +48,7 @@ class ConsoleState:
         """The first frame of a watch: it replaces everything known so far."""
         self.runners = {r["name"]: {**r, "running": list(r.get("running") or [])} for r in frame.get("runners", [])}
         self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
+        self.conditions = list(frame.get("conditions") or [])
         self.connected, self.problem = True, ""
         self._trim()
         self._bump()
@@ -65,6 +67,8 @@ class ConsoleState:
             self.runners[runner["name"]] = runner
             if old is not None and {**old, "last_seen": 0} == {**runner, "last_seen": 0}:
                 return                      # only a heartbeat: the once-a-second redraw shows it
+        elif kind == "conditions" and isinstance(frame.get("conditions"), list):
+            self.conditions = [c for c in frame["conditions"] if isinstance(c, dict)]
         else:
             return                          # an event kind from a newer dispatcher: ignore it
         self._bump()
@@ -143,7 +147,7 @@ class ConsoleState:
     def status_snapshot(self, limit: int = 20) -> dict:
         """What ``tui.render_status`` takes, as ``tinyci status`` would show it."""
         return {"runners": sorted(self.runners.values(), key=lambda r: r["name"]),
-                "builds": self.recent(limit)}
+                "builds": self.recent(limit), "conditions": self.conditions}
 
     # ------------------------------------------------------------ the followed log
 

@@ -2,7 +2,7 @@
 registry, and hands commits to runners.
 
 Receives: ``commit`` (observer); ``register``, ``log``, ``artifact``,
-``result`` (runners); ``trigger``, ``rebuild``, ``cancel`` (operator);
+``result`` (runners); ``trigger``, ``rebuild``, ``cancel``, ``gc`` (operator);
 ``status``, ``build``, ``read_log``, ``watch``, ``artifacts``,
 ``fetch_artifact`` (tools, answered by ``queries``). Sends to runners
 (``runnerlinks``): ``run``, ``ping``, ``cancel``.
@@ -14,6 +14,15 @@ committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
 only timer is the heartbeat. When a build ends, the ``notify.on_finish``
 commands run in the background (``on_finish``).
+
+Its disk fills without a crash: build-log and artifact bytes are refused
+with ``disk_full`` before the reserve (``dispatcher.min_free_bytes``,
+``DiskSpace``) is touched; a runner so refused sends its result, recorded
+with a note where its log stops, and its slot is free for the next build.
+State changes go on inside the reserve; should SQLite itself find the disk
+full, the request gets ``disk_full`` and its sender retries. Such troubles
+are ``conditions``: one log line, not a traceback a second, and shown by
+``status``. ``Retention`` deletes old builds in the background.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import argparse
 import asyncio
 import base64
 import binascii
+import errno
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,12 +41,15 @@ from typing import Callable
 from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs, LogGap
+from .conditions import Conditions
+from .diskspace import DISK_FULL, DiskSpace
 from .models import Build, RunnerRecord, Status
 from .queries import Queries
+from .retention import Retention
 from .runnerlinks import RunnerLinks
 from .scheduler import Plan, Scheduler
 from .settings import Settings
-from .store import Store, StoreError
+from .store import Store, StoreError, is_disk_full, is_locked
 from .watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -56,15 +70,19 @@ class Dispatcher:
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts)
         self.tasks: set[asyncio.Task] = set()
         self.watchers = Watchers()
+        self.conditions = Conditions(log, on_change=self._conditions_changed)
+        self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
+        self.cut: dict[int, int] = {}       # build -> the attempt whose log was cut for a full disk
         self.artifacts = Artifacts(store)
-        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes)
+        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self._line_lost)
+        self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, clock=clock, dial=dial)
-        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers)
+        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions)
         self.handlers = {
             "commit": self.on_commit, "register": self.on_register, "log": self.on_log,
             "artifact": self.on_artifact, "result": self.on_result, "cancel": self.on_cancel,
-            "trigger": self.on_trigger, "rebuild": self.on_rebuild,
+            "trigger": self.on_trigger, "rebuild": self.on_rebuild, "gc": self.on_gc,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
             "fetch_artifact": queries.fetch_artifact, "history": queries.history,
@@ -97,6 +115,8 @@ class Dispatcher:
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
         beat = asyncio.create_task(self.links.heartbeat_loop(stop))
+        self._spawn(self.retention.run(stop))
+        self._spawn(self._watch_disk(stop))
         try:
             await stop.wait()
         finally:
@@ -106,6 +126,30 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(beat, *self.tasks, return_exceptions=True)
             await self.links.close()
+
+    async def _watch_disk(self, stop: asyncio.Event) -> None:
+        """While the disk is full, look every second, so the condition clears
+        (and says so) once there is room, whether or not anything is written."""
+        while not stop.is_set():
+            if self.disk.full:
+                self.disk.look()
+            try:
+                await aio.within(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _conditions_changed(self) -> None:
+        if self.watchers.active:
+            self.watchers.event("conditions", conditions=self.conditions.active())
+        self.watchers.touch()
+
+    def _line_lost(self, build_id: int, exc: OSError) -> None:
+        """A line of the dispatcher's own could not go into a build's log."""
+        if exc.errno in _DISK_FULL:
+            self.disk.exhausted(f"a line of build {build_id}'s log could not be written ({exc.strerror})")
+        else:
+            self.conditions.report("log_write", f"cannot write build logs ({exc.strerror})",
+                                   f"build {build_id}: {exc}")
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -203,7 +247,23 @@ class Dispatcher:
         handler = self.handlers.get(msg["type"])
         if handler is None:
             return protocol.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
-        return await handler(conn, msg)
+        try:
+            return await handler(conn, msg)
+        except sqlite3.OperationalError as exc:
+            # expected troubles, not bugs: a condition (one line), and an error its sender retries
+            if is_disk_full(exc):
+                self.disk.exhausted(f"the database could not be written ({exc})")
+                return protocol.error(DISK_FULL, f"the dispatcher's disk is full ({exc}); try again later")
+            if is_locked(exc):
+                self.conditions.report("db_locked", "database locked by another process",
+                                       f"{self.store.path}: {exc}; requests that write wait for it")
+                return protocol.error("busy", f"the dispatcher's database is locked by another process ({exc})")
+            raise
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self.disk.exhausted(f"{exc.strerror} ({exc.filename or 'a file'})")
+            return protocol.error(DISK_FULL, f"the dispatcher's disk is full ({exc.strerror}); try again later")
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
         allowed = self.config.dispatcher.repos
@@ -251,14 +311,43 @@ class Dispatcher:
         refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
+        build = self.sched.builds[build_id]
+        self._check_log(build)
+        data = msg["data"].encode()
+        if not self.disk.room(len(data)):
+            return self._cut_log(build)
         try:
-            have, grew = self.logs.append(self.sched.builds[build_id], msg["offset"], msg["data"].encode())
+            have, grew = self.logs.append(build, msg["offset"], data)
         except LogGap as gap:
             return protocol.error("offset", f"log of build {build_id} has {gap.expected} bytes, "
                                             f"not {msg['offset']}", expected=gap.expected)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            self.disk.exhausted(f"the log of build {build_id} could not be written ({exc.strerror})")
+            return self._cut_log(build)
         if grew:
             self.watchers.touch()
         return protocol.ok(offset=have)
+
+    def _check_log(self, build: Build) -> None:
+        """A log file removed or cut short under us: noted in the log, and the attempt goes on."""
+        note = self.logs.check(build)
+        if note:
+            log.warning("build %d: its log file was removed or cut short under the dispatcher; the "
+                        "attempt goes on, the log says so", build.id)
+            with self.store.transaction():
+                self.store.save([build])        # its new base: the runner's offsets still match after a restart
+
+    def _cut_log(self, build: Build) -> dict:
+        """Refuse the rest of an attempt's log: the disk is down to its reserve.
+        Its runner sends the result next, recorded with a note where the log stops."""
+        if self.cut.get(build.id) != build.attempt:
+            self.cut[build.id] = build.attempt
+            log.info("build %d attempt %d: the log stops at %d bytes: the dispatcher's disk is full",
+                     build.id, build.attempt, self.logs.attempt_size(build))
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: the rest of the log of build {build.id} is "
+                                         f"not stored; send the result")
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
@@ -266,12 +355,21 @@ class Dispatcher:
         if refused:
             return refused
         build = self.sched.builds[build_id]
+        self._check_log(build)
         have = self.logs.attempt_size(build)
-        if have < msg.get("log_size", 0):
+        cut = self.cut.get(build_id) == attempt
+        if have < msg.get("log_size", 0) and not cut:
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
+        # the first write: should the disk be too full for the database, nothing has changed yet
         self.store.save_steps(build_id, msg.get("step_results"))
+        if cut:
+            self.cut.pop(build_id, None)
+            missing = msg.get("log_size", 0) - have
+            if missing > 0:
+                self._note(build_id, f"[log cut: the dispatcher's disk is full] ({missing} bytes of output "
+                                     f"were not stored)")
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
@@ -293,14 +391,27 @@ class Dispatcher:
             return protocol.error("bad_field", "artifact.data: expected base64")
         build = self.sched.builds[build_id]
         try:
+            if not self.disk.room(len(data)):
+                raise ArtifactError(DISK_FULL, self.disk.message())
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
                                         self.config.dispatcher.max_artifact_bytes)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+            self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
+                                f"({exc.strerror})")
+            return self._leave_out(build, msg["path"], ArtifactError(DISK_FULL, self.disk.message()))
         except ArtifactError as exc:
+            if exc.code == DISK_FULL:
+                return self._leave_out(build, msg["path"], exc)
             log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
             return protocol.error(exc.code, exc.message)
-        except OSError as exc:
-            return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
         return protocol.ok(offset=size)
+
+    def _leave_out(self, build: Build, path: str, exc: ArtifactError) -> dict:
+        """An artifact that does not fit on the disk: left out, and the build's log says so (once)."""
+        self._note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
+        return protocol.error(exc.code, f"{exc.message}: artifact {path[:100]!r} left out")
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -346,6 +457,23 @@ class Dispatcher:
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))
         return protocol.ok(builds=[b.id for b in builds])
+
+
+    async def on_gc(self, conn: net.Connection, msg: dict) -> dict:
+        dry_run = bool(msg.get("dry_run"))
+        swept = await self.retention.sweep(dry_run)
+        policy = self.config.retention
+        if not dry_run:
+            log.info("gc by %s at %s deleted %s", conn.role, conn.peer, swept)
+            if swept.builds:
+                self.disk.look()
+        return protocol.ok(builds=swept.builds, log_bytes=swept.log_bytes, artifact_bytes=swept.artifact_bytes,
+                           db_bytes=swept.db_bytes, days=float(policy.days), per_branch=policy.per_branch,
+                           dry_run=dry_run)
+
+
+# errors that mean the disk (or the user's quota on it) is full
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:

@@ -44,7 +44,7 @@ ACCEPTS = frozenset({protocol.OBSERVER, protocol.OPERATOR})
 BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
-RETRY_CODES = frozenset({"internal", "busy", "auth_failed"})
+RETRY_CODES = frozenset({"internal", "busy", "auth_failed", "disk_full"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

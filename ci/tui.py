@@ -37,9 +37,20 @@ SUBJECT_WIDTH = 40
 def render_status(snapshot: dict, now: float) -> RenderableType:
     runners = snapshot.get("runners", [])
     parts = [render_runners(runners, now), Text(""), render_builds(snapshot.get("builds", []), now, runners)]
+    if snapshot.get("conditions"):
+        parts[:0] = [render_conditions(snapshot["conditions"]), Text("")]
     if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
         parts += [Text(""), render_pipelines(snapshot["pipelines"])]
     return Group(*parts)
+
+
+def render_conditions(conditions: Iterable[dict]) -> Text:
+    """What the dispatcher is in (its disk full...), one line each: ``dispatcher: disk full (12 MB free)``."""
+    text = Text()
+    for i, condition in enumerate(conditions):
+        text.append("\n" if i else "")
+        text.append(plain(f"dispatcher: {condition.get('message') or condition.get('name', '')}"), style="bold red")
+    return text
 
 
 def render_pipelines(pipelines: Iterable[dict]) -> Table:
@@ -261,6 +272,10 @@ def render_header(state, now: float, width: int | None = None) -> Text:
     else:
         text.append(f" ● disconnected, retrying ({plain(state.problem)})" if state.problem != "connecting"
                     else " ● connecting", style="bold red")
+    # before the counts: what is wrong with the dispatcher must not be the part an ellipsis cuts
+    for condition in getattr(state, "conditions", None) or ():
+        text.append(" │ ")
+        text.append(plain(f"dispatcher: {condition.get('message') or condition.get('name', '')}"), style="bold red")
     counts = state.counts(now)
     text.append(" │ ")
     for i, name in enumerate(("queued", "running", "passed", "failed", "error")):

@@ -237,7 +237,8 @@ def standin(monkeypatch):
 def test_status_json_is_one_object(standin, capsys):
     assert cli.main(["status", "--json", "--limit", "5", "--dispatcher", standin.addr]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out) == {"runners": SNAPSHOT["runners"], "builds": SNAPSHOT["builds"], "pipelines": []}
+    assert json.loads(out) == {"runners": SNAPSHOT["runners"], "builds": SNAPSHOT["builds"], "pipelines": [],
+                               "conditions": []}
     assert standin.received[-1] == {"type": "status", "limit": 5}
 
 

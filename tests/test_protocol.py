@@ -50,6 +50,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "fetch_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
     "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO}),
     "rebuild": (OPERATOR, {"build": 1}),
+    "gc": (OPERATOR, {"dry_run": True}),
     "poke": (OBSERVER, {"branch": "main"}),
     "ok": (SERVER, {}),
     "error": (SERVER, {"code": "offset", "message": "log of build 1 has 6 bytes, not 9", "expected": 6}),
@@ -60,7 +61,8 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
 }
 
 SNAPSHOT = {"type": "ok", "runners": [{"name": "r1", "state": "idle"}], "builds": [{"id": 1, "status": "passed"}],
-            "pipelines": [{"sha": SHA, "status": "passed", "jobs": []}], "queue": [2]}
+            "pipelines": [{"sha": SHA, "status": "passed", "jobs": []}], "queue": [2],
+            "conditions": [{"name": "disk_full", "message": "disk full (12 MB free)", "since": 1700000000.0}]}
 # The whole answer to every request, frame by frame, with every optional field.
 ANSWERS: dict[str, list[dict]] = {
     "auth": [{"type": "ok", "role": "runner", "mac": "f0" * 32}],
@@ -78,6 +80,7 @@ ANSWERS: dict[str, list[dict]] = {
                  {"type": "end", "status": "passed", "offset": 10}],
     "watch": [SNAPSHOT, {"type": "event", "event": "build", "build": {"id": 3}},
               {"type": "event", "event": "runner", "runner": {"name": "r1"}},
+              {"type": "event", "event": "conditions", "conditions": []},
               {"type": "end", "reason": "watcher too slow"}],
     "history": [{"type": "ok", "builds": [{"id": 3, "status": "failed"}], "older": True, "newer": False}],
     "branch_status": [{"type": "ok", "status": "passed", "sha": SHA, "builds": [3, 4]}],
@@ -88,6 +91,8 @@ ANSWERS: dict[str, list[dict]] = {
     "fetch_artifact": [{"type": "ok", "data": "aGVsbG8=", "offset": 0, "size": 5, "eof": True}],
     "trigger": [{"type": "ok", "builds": [3]}],
     "rebuild": [{"type": "ok", "builds": [4]}],
+    "gc": [{"type": "ok", "builds": 12, "log_bytes": 40960, "artifact_bytes": 1000, "days": 30.0, "per_branch": 0,
+            "dry_run": False, "db_bytes": 8192}],
     "poke": [{"type": "ok"}],
 }
 REQUESTS = sorted(k for k, spec in protocol.MESSAGES.items() if spec.is_request)
@@ -185,7 +190,7 @@ def test_who_may_send_what():
     assert senders["run"] == senders["ping"] == {DISPATCHER}
     assert senders["cancel"] == {DISPATCHER, OPERATOR}
     assert senders["poke"] == {OBSERVER, OPERATOR}
-    assert senders["trigger"] == senders["rebuild"] == {OPERATOR}
+    assert senders["trigger"] == senders["rebuild"] == senders["gc"] == {OPERATOR}
     for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact", "history",
                  "branch_status", "log_window", "counts"):
         assert senders[kind] == {READER, OPERATOR}, kind        # operators may read too
@@ -335,7 +340,7 @@ def test_what_answers_each_request():
         "run": ("ok", [], []),
         "ping": ("pong", ["running"], []),
         "cancel": ("ok", [], ["builds"]),
-        "status": ("ok", ["builds", "pipelines", "queue", "runners"], []),
+        "status": ("ok", ["builds", "pipelines", "queue", "runners"], ["conditions"]),
         "build": ("ok", ["build"], []),
         "artifacts": ("ok", ["artifacts"], []),
         "history": ("ok", ["builds", "newer", "older"], []),
@@ -345,6 +350,7 @@ def test_what_answers_each_request():
         "fetch_artifact": ("ok", ["data", "eof", "offset", "size"], []),
         "trigger": ("ok", ["builds"], []),
         "rebuild": ("ok", ["builds"], []),
+        "gc": ("ok", ["artifact_bytes", "builds", "days", "dry_run", "log_bytes", "per_branch"], ["db_bytes"]),
         "poke": ("ok", [], []),
     }
     read_log, watch = protocol.MESSAGES["read_log"].stream, protocol.MESSAGES["watch"].stream
@@ -352,7 +358,7 @@ def test_what_answers_each_request():
     assert (shape(read_log.each), shape(read_log.end)) == (("chunk", ["data", "offset"], []),
                                                            ("end", ["offset", "status"], []))
     assert watch.first == protocol.MESSAGES["status"].reply        # the snapshot is a status reply
-    assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "runner"]),
+    assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "conditions", "runner"]),
                                                      ("end", ["reason"], []))
     assert shape(protocol.ERROR) == ("error", ["code", "message"], ["expected"])
 
