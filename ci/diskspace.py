@@ -74,7 +74,7 @@ class DiskSpace:
     def exhausted(self, why: str = "") -> None:
         """Report ``disk_full``: a write was refused at the reserve, or the disk
         itself said it is full (``why``: the error, e.g. SQLite's)."""
-        free = self.free if self.free is not None else self.look()
+        free = self.look() if why or self.free is None else self.free
         if why:
             # whatever statvfs said, writes fail: no room is offered until the next look
             self.free, self.looked = min(free, self.reserve), self.clock()
