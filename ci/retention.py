@@ -143,11 +143,11 @@ class Retention:
         db = self.store.db
         final = ", ".join("?" * len(FINAL))
         with self.store.transaction():
-            gone = [row[0] for row in db.execute(
-                f"SELECT id FROM builds WHERE id IN ({marks}) AND status IN ({final})", (*ids, *FINAL))]
+            gone = {row[0] for row in db.execute(
+                f"SELECT id FROM builds WHERE id IN ({marks}) AND status IN ({final})", (*ids, *FINAL))}
             marks = ", ".join("?" * len(gone))
-            db.execute(f"DELETE FROM builds WHERE id IN ({marks})", gone)
-            db.execute(f"DELETE FROM artifacts WHERE build IN ({marks})", gone)
+            db.execute(f"DELETE FROM builds WHERE id IN ({marks})", tuple(gone))
+            db.execute(f"DELETE FROM artifacts WHERE build IN ({marks})", tuple(gone))
         return [(build_id, sha) for build_id, sha in batch if build_id in gone]
 
     def _files(self, build_id: int, sha: str) -> tuple[list[Path], Path | None]:
@@ -170,7 +170,7 @@ class Retention:
             for path in paths:
                 logs += _file_size(path)
                 path.unlink(missing_ok=True)
-            if folder is not None:
+            if folder is not None and folder.exists():
                 artifacts += _tree_size(folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 try:
