@@ -524,7 +524,7 @@ def main(args: argparse.Namespace) -> int:
         finally:
             store.close()
 
-    return daemon.run("dispatcher", body, args.verbose)
+    return daemon.run("dispatcher", body, args.verbose, args.log_file)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         settings = daemon.load_config(args, overrides, ACCEPTS)
         await serve(settings, stop, args.insecure)
 
-    return daemon.run("observer", body, args.verbose)
+    return daemon.run("observer", body, args.verbose, args.log_file)
 
 
 # ---------------------------------------------------------------- saved position

@@ -482,6 +482,8 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
         secret = secret_file.read_text().strip()
         assert secret and secret_file.stat().st_mode & 0o077 == 0
         assert not any(secret in Path(f"/proc/{pid}/cmdline").read_text() for _, pid in children.values())
+        # each logs to its file itself, rotated by size
+        assert all("\0--log-file\0" in Path(f"/proc/{pid}/cmdline").read_text() for _, pid in children.values())
         assert "refused our credentials" in tinyci("status", "--dispatcher", addr).stderr
         auth = {"TINYCI_AUTH_SECRET_FILE": str(secret_file)}
         deadline = time.monotonic() + 90
@@ -501,7 +503,7 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
         code = run.stop()
     assert code == 0, run.proc.stderr.read()
     assert not any(pid_alive(pid) for _, pid in children.values())
-    assert (tmp_path / "data" / "logs" / "dispatcher.log").exists()
+    assert "dispatcher INFO" in (tmp_path / "data" / "logs" / "dispatcher.log").read_text()
 
 
 @pytest.mark.slow
