@@ -133,6 +133,24 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=max_bytes or LOG_MAX_BYTES, backupCount=backups or LOG_BACKUPS,
                          encoding="utf-8")
         self.follow_stderr = _same_file(2, self.stream.fileno())
+        self.lost = 0               # records that could not be written (the disk full), said once it can
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lost:           # the file takes records again: first say what is missing
+            lost, self.lost = self.lost, 0
+            super().emit(logging.makeLogRecord({
+                "name": "ci.daemon", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{lost} log record(s) were lost here: the log file could not be written"}))
+            if self.lost:       # not yet: the note was not written either
+                self.lost = lost
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # a log on a full disk: the record is dropped and counted, not a traceback on stderr for each
+        if isinstance(sys.exc_info()[1], OSError):
+            self.lost += 1
+            return
+        super().handleError(record)
 
     def doRollover(self) -> None:
         super().doRollover()

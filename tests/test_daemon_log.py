@@ -45,3 +45,25 @@ def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == f"tinyci dispatcher: cannot write its log file {target}: No such file or directory\n"
+
+
+FULL = """
+import logging, os, sys
+from ci import daemon
+handler = daemon.RotatingLog(sys.argv[1])
+logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
+real = handler.stream
+handler.stream = open("/dev/full", "w")          # every write: ENOSPC
+for i in range(50):
+    logging.getLogger("ci.test").info("record %d", i)
+handler.stream = real
+logging.getLogger("ci.test").info("room again")
+"""
+
+
+def test_records_lost_to_a_full_disk_are_counted_not_each_a_traceback(tmp_path):
+    log = tmp_path / "d.log"
+    done = subprocess.run([sys.executable, "-c", FULL, str(log)], env=child_env(), cwd=ROOT, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert log.read_text() == "50 log record(s) were lost here: the log file could not be written\nroom again\n"
