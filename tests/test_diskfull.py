@@ -18,6 +18,7 @@ from conftest import Cluster, Daemon, Repo, by_sha, finished, tinyci
 pytestmark = pytest.mark.slow
 
 BIG = "yes 'a line of output that fills the disk' | head -c 6000000; echo; echo done\n"
+WITH_ARTIFACT = "artifacts: [report.txt]\nsteps:\n  - echo a report > report.txt\n  - sh build.sh\n"
 
 
 def small_disk_dispatcher(c: Cluster, size: str) -> tuple[Daemon, Path]:
@@ -77,13 +78,17 @@ def test_a_full_disk_cuts_a_log_and_loses_no_commit_and_no_slot(tmp_path):
         assert re.search(r"dispatcher: disk full \(\d\.\d MB free\)", status.stdout), status.stdout
 
         # three commits while it is full: each taken, built once; the runner's slot was freed
-        shas = [repo.commit(f"small change {n}", {"build.sh": f"echo small {n}\n"}) for n in range(3)]
+        shas = [repo.commit(f"small change {n}", {"build.sh": f"echo small {n}\n", ".ci.yaml": WITH_ARTIFACT})
+                for n in range(3)]
         for sha in shas:
             c.wait(f"{sha[:7]} reported", lambda: sha in by_sha(c.builds()), timeout=30)
         builds = c.wait_builds(lambda b: len(b) == 4 and finished(b), "the three builds", timeout=60)
         for sha in shas:
             build = [b for b in builds if b["sha"] == sha]
             assert [(b["status"], b["attempt"]) for b in build] == [("passed", 1)], builds
+            # its artifact did not fit: left out, and its log says so
+            assert "[artifact report.txt left out: the dispatcher's disk is full]" in c.log(build[0]["id"])
+            assert c.request({"type": "artifacts", "build": build[0]["id"]})["artifacts"] == []
 
         # room again: the condition clears by itself, and builds keep their whole logs
         ballast.unlink()
