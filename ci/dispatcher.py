@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import errno
 import logging
 import sqlite3
 import time
@@ -42,14 +41,14 @@ from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs, LogGap
 from .conditions import Conditions
-from .diskspace import DISK_FULL, DiskSpace
+from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
 from .models import Build, RunnerRecord, Status
 from .queries import Queries
 from .retention import Retention
 from .runnerlinks import RunnerLinks
 from .scheduler import Plan, Scheduler
 from .settings import Settings
-from .store import Store, StoreError, is_disk_full, is_locked
+from .store import Store, StoreError, is_locked
 from .watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -72,9 +71,9 @@ class Dispatcher:
         self.watchers = Watchers()
         self.conditions = Conditions(log, on_change=self._conditions_changed)
         self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
-        self.cut: dict[int, int] = {}       # build -> the attempt whose log was cut for a full disk
+        self.cuts = LogCuts()
         self.artifacts = Artifacts(store)
-        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self._line_lost)
+        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self.disk.lost_line)
         self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, clock=clock, dial=dial)
@@ -116,7 +115,7 @@ class Dispatcher:
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
         beat = asyncio.create_task(self.links.heartbeat_loop(stop))
         self._spawn(self.retention.run(stop))
-        self._spawn(self._watch_disk(stop))
+        self._spawn(self.disk.watch(stop))
         try:
             await stop.wait()
         finally:
@@ -127,29 +126,10 @@ class Dispatcher:
             await asyncio.gather(beat, *self.tasks, return_exceptions=True)
             await self.links.close()
 
-    async def _watch_disk(self, stop: asyncio.Event) -> None:
-        """While the disk is full, look every second, so the condition clears
-        (and says so) once there is room, whether or not anything is written."""
-        while not stop.is_set():
-            if self.disk.full:
-                self.disk.look()
-            try:
-                await aio.within(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
-
     def _conditions_changed(self) -> None:
         if self.watchers.active:
             self.watchers.event("conditions", conditions=self.conditions.active())
         self.watchers.touch()
-
-    def _line_lost(self, build_id: int, exc: OSError) -> None:
-        """A line of the dispatcher's own could not go into a build's log."""
-        if exc.errno in _DISK_FULL:
-            self.disk.exhausted(f"a line of build {build_id}'s log could not be written ({exc.strerror})")
-        else:
-            self.conditions.report("log_write", f"cannot write build logs ({exc.strerror})",
-                                   f"build {build_id}: {exc}")
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -249,21 +229,16 @@ class Dispatcher:
             return protocol.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
         try:
             return await handler(conn, msg)
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.OperationalError, OSError) as exc:
             # expected troubles, not bugs: a condition (one line), and an error its sender retries
-            if is_disk_full(exc):
-                self.disk.exhausted(f"the database could not be written ({exc})")
-                return protocol.error(DISK_FULL, f"the dispatcher's disk is full ({exc}); try again later")
-            if is_locked(exc):
+            refusal = self.disk.refusal(exc)
+            if refusal is None and isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
                 self.conditions.report("db_locked", "database locked by another process",
                                        f"{self.store.path}: {exc}; requests that write wait for it")
-                return protocol.error("busy", f"the dispatcher's database is locked by another process ({exc})")
-            raise
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+                refusal = protocol.error("busy", f"the dispatcher's database is locked by another process ({exc})")
+            if refusal is None:
                 raise
-            self.disk.exhausted(f"{exc.strerror} ({exc.filename or 'a file'})")
-            return protocol.error(DISK_FULL, f"the dispatcher's disk is full ({exc.strerror}); try again later")
+            return refusal
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
         allowed = self.config.dispatcher.repos
@@ -322,7 +297,7 @@ class Dispatcher:
             return protocol.error("offset", f"log of build {build_id} has {gap.expected} bytes, "
                                             f"not {msg['offset']}", expected=gap.expected)
         except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+            if exc.errno not in FULL_ERRNOS:
                 raise
             self.disk.exhausted(f"the log of build {build_id} could not be written ({exc.strerror})")
             return self._cut_log(build)
@@ -342,8 +317,7 @@ class Dispatcher:
     def _cut_log(self, build: Build) -> dict:
         """Refuse the rest of an attempt's log: the disk is down to its reserve.
         Its runner sends the result next, recorded with a note where the log stops."""
-        if self.cut.get(build.id) != build.attempt:
-            self.cut[build.id] = build.attempt
+        if self.cuts.cut(build.id, build.attempt):
             log.info("build %d attempt %d: the log stops at %d bytes: the dispatcher's disk is full",
                      build.id, build.attempt, self.logs.attempt_size(build))
         return protocol.error(DISK_FULL, f"{self.disk.message()}: the rest of the log of build {build.id} is "
@@ -357,19 +331,15 @@ class Dispatcher:
         build = self.sched.builds[build_id]
         self._check_log(build)
         have = self.logs.attempt_size(build)
-        cut = self.cut.get(build_id) == attempt
-        if have < msg.get("log_size", 0) and not cut:
+        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, attempt):
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
         # the first write: should the disk be too full for the database, nothing has changed yet
         self.store.save_steps(build_id, msg.get("step_results"))
+        cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
         if cut:
-            self.cut.pop(build_id, None)
-            missing = msg.get("log_size", 0) - have
-            if missing > 0:
-                self._note(build_id, f"[log cut: the dispatcher's disk is full] ({missing} bytes of output "
-                                     f"were not stored)")
+            self._note(build_id, cut)
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.clock())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
@@ -392,26 +362,25 @@ class Dispatcher:
         build = self.sched.builds[build_id]
         try:
             if not self.disk.room(len(data)):
-                raise ArtifactError(DISK_FULL, self.disk.message())
+                return self._leave_out(build, msg["path"])
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
                                         self.config.dispatcher.max_artifact_bytes)
+        except ArtifactError as exc:
+            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
+            return protocol.error(exc.code, exc.message)
         except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+            if exc.errno not in FULL_ERRNOS:
                 return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
             self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
                                 f"({exc.strerror})")
-            return self._leave_out(build, msg["path"], ArtifactError(DISK_FULL, self.disk.message()))
-        except ArtifactError as exc:
-            if exc.code == DISK_FULL:
-                return self._leave_out(build, msg["path"], exc)
-            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
-            return protocol.error(exc.code, exc.message)
+            return self._leave_out(build, msg["path"])
         return protocol.ok(offset=size)
 
-    def _leave_out(self, build: Build, path: str, exc: ArtifactError) -> dict:
-        """An artifact that does not fit on the disk: left out, and the build's log says so (once)."""
+    def _leave_out(self, build: Build, path: str) -> dict:
+        """An artifact that does not fit on the disk: left out, and the build's log says so
+        (once: the runner's upload stops at the refusal)."""
         self._note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
-        return protocol.error(exc.code, f"{exc.message}: artifact {path[:100]!r} left out")
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: artifact {path[:100]!r} left out")
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -458,7 +427,6 @@ class Dispatcher:
             reason=reason, jobs=jobs, config_error=problem, note=reason))
         return protocol.ok(builds=[b.id for b in builds])
 
-
     async def on_gc(self, conn: net.Connection, msg: dict) -> dict:
         dry_run = bool(msg.get("dry_run"))
         swept = await self.retention.sweep(dry_run)
@@ -470,10 +438,6 @@ class Dispatcher:
         return protocol.ok(builds=swept.builds, log_bytes=swept.log_bytes, artifact_bytes=swept.artifact_bytes,
                            db_bytes=swept.db_bytes, days=float(policy.days), per_branch=policy.per_branch,
                            dry_run=dry_run)
-
-
-# errors that mean the disk (or the user's quota on it) is full
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:

@@ -193,7 +193,8 @@ class Store:
         try:
             for statement in _statements(SCHEMA):
                 db.execute(statement)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(builds)")}
+            columns = {row[1] for table in ("builds", "runners")
+                       for row in db.execute(f"PRAGMA table_info({table})")}
             for column, step in MIGRATIONS:
                 if column is None or column not in columns:
                     db.execute(step)
