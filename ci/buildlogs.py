@@ -151,6 +151,7 @@ class BuildLogs:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = LogCap(self.dir, limit)
         self.on_error = on_error or _log_error
+        self._prefix = os.path.join(self.dir, "")
         # bytes the current attempt of a running build has logged (LogCap.size), kept
         # so each `log` frame and `result` need not stat the files; dropped whenever
         # the dispatcher writes a line of its own, and rebuilt from disk when missing
@@ -208,16 +209,16 @@ class BuildLogs:
         attempt's base moves past it so its count stays what it was, and the
         line is returned (the caller saves the build's new base); else None."""
         have = self.sizes.get(build.id)
-        main, tail, _ = self.cap._paths(build.id)
-        if have is None or tail.exists():       # nothing to compare with; or the log grows in the tail
+        if have is None:                        # nothing to compare with
             return None
         expected = build.log_base + have
         try:
-            actual = main.stat().st_size
+            # one stat on every frame (of a string path: a Path costs more than the stat)
+            actual = os.stat(f"{self._prefix}{int(build.id)}.log").st_size
         except FileNotFoundError:
             actual = None
-        if actual is not None and actual >= expected:
-            return None
+        if actual is not None and actual >= expected or self.cap._paths(build.id)[1].exists():
+            return None                         # as it should be; or over the cap: it grows in the tail
         if actual is None:
             text = "[log file was removed; continuing]"
             self.dir.mkdir(parents=True, exist_ok=True)
