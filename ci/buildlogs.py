@@ -21,10 +21,18 @@ runner's offsets are checked against) stays exact: head + tail + cut.
 Arrival times: ``<build>.times`` gets one "offset time" line per append, so
 ``tinyci log --timestamps`` can say when each line reached the dispatcher
 (``times``); cheap to write, read only when asked.
+A log file removed or cut short under the dispatcher (by hand, to make room)
+is noticed (``check``): a line says so where the log goes on, and the
+attempt's base moves so that its count, and the runner's offsets, stay what
+they were; nothing waits for bytes that are gone. A line of the dispatcher's
+own that cannot be written (the disk is full) is reported to ``on_error``
+and skipped: the state change it goes with must not fail for it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 from pathlib import Path
@@ -32,6 +40,8 @@ from typing import Callable
 
 from .models import Build
 from .text import utf8_boundary
+
+log = logging.getLogger(__name__)
 
 
 def _size(path: Path) -> int:
@@ -62,7 +72,8 @@ class LogCap:
     def size(self, build_id: int, base: int) -> int:
         """Bytes the current attempt (which began at ``base`` in the log) has sent."""
         main, tail, cut = self._paths(build_id)
-        return _size(main) - base + _size(tail) + self._cut(cut)
+        # never below 0: a log cut short under us is behind the attempt's base
+        return max(0, _size(main) - base + _size(tail) + self._cut(cut))
 
     def append(self, build_id: int, data: bytes, base: int) -> int:
         """Add the attempt's output; returns ``size`` afterwards."""
@@ -138,11 +149,15 @@ class LogGap(Exception):
 
 
 class BuildLogs:
-    def __init__(self, directory: Path, limit: int, clock: Callable[[], float] = time.time):
+    def __init__(self, directory: Path, limit: int, clock: Callable[[], float] = time.time,
+                 on_error: Callable[[int, OSError], None] | None = None):
+        """``on_error(build, exc)``: a line of the dispatcher's own could not be written."""
         self.clock = clock
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = LogCap(self.dir, limit)
+        self.on_error = on_error or _log_error
+        self._prefix = os.path.join(self.dir, "")
         # bytes the current attempt of a running build has logged (LogCap.size), kept
         # so each `log` frame and `result` need not stat the files; dropped whenever
         # the dispatcher writes a line of its own, and rebuilt from disk when missing
@@ -189,8 +204,37 @@ class BuildLogs:
             return have, False
         self.sizes.pop(build.id, None)         # not kept if the append fails half way
         self._stamp(build.id, self.size(build.id))
-        have = self.sizes[build.id] = self.cap.append(build.id, data[skip:], build.log_base)
+        try:
+            have = self.cap.append(build.id, data[skip:], build.log_base)
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)     # the whole logs directory was removed
+            have = self.cap.append(build.id, data[skip:], build.log_base)
+        self.sizes[build.id] = have
         return have, True
+
+    def check(self, build: Build) -> str | None:
+        """Notice that the log file of ``build`` was removed or cut short since
+        its current attempt last wrote to it. Then a line says so, the
+        attempt's base moves past it so its count stays what it was, and the
+        line is returned (the caller saves the build's new base); else None."""
+        have = self.sizes.get(build.id)
+        if have is None:                        # nothing to compare with
+            return None
+        expected = build.log_base + have
+        try:
+            # one stat on every frame (of a string path: a Path costs more than the stat)
+            actual = os.stat(f"{self._prefix}{int(build.id)}.log").st_size
+        except FileNotFoundError:
+            actual = None
+        if actual is not None and actual >= expected or self.cap._paths(build.id)[1].exists():
+            return None                         # as it should be; or over the cap: it grows in the tail
+        if actual is None:
+            text = "[log file was removed; continuing]"
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            text = f"[log file was cut short by {expected - actual} bytes; continuing]"
+        self.line(build.id, text, build)
+        return text
 
     def begin(self, build: Build, size: int) -> None:
         """The build's new attempt starts where its log is ``size`` bytes long."""
@@ -208,7 +252,7 @@ class BuildLogs:
         offsets count only its own bytes, so the attempt's base moves past
         this line and its count stays what it was."""
         before = self.attempt_size(sending) if sending is not None else None
-        self.cap.close(build_id)
+        self._close(build_id)
         self.sizes.pop(build_id, None)
         size = self._append_line(build_id, text)
         if sending is not None:
@@ -223,21 +267,35 @@ class BuildLogs:
         only, never the kept sizes."""
         sizes = {}
         for build_id, text in lines:
-            self.cap.close(build_id)
+            self._close(build_id)
             sizes[build_id] = self._append_line(build_id, text)
         return sizes
 
+    def _close(self, build_id: int) -> None:
+        try:
+            self.cap.close(build_id)
+        except OSError as exc:          # the tail stays beside the log, joined at the next line
+            self.on_error(build_id, exc)
+
     def _append_line(self, build_id: int, text: str) -> int:
         """``text`` as a line of its own (after a newline if the log does not
-        end with one) with a single open; returns the log's new size."""
-        with open(self.path(build_id), "a+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write((text + "\n").encode())
-            end = f.tell()
+        end with one) with a single open; returns the log's new size (what it
+        is, when the line could not be written)."""
+        try:
+            with open(self.path(build_id), "a+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        text = "\n" + text
+                f.write((text + "\n").encode())
+                end = f.tell()
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not self.dir.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)     # the logs directory was removed
+                return self._append_line(build_id, text)
+            self.on_error(build_id, exc)
+            return _size(self.path(build_id))
         self._stamp(build_id, size)
         return end
 
@@ -275,3 +333,7 @@ class BuildLogs:
             elif not found or offset > found[-1][0]:
                 found.append([offset, when])
         return found
+
+
+def _log_error(build_id: int, exc: OSError) -> None:
+    log.warning("build %d: a line of the dispatcher's could not be written to its log: %s", build_id, exc)

@@ -7,11 +7,11 @@ only when their subcommand runs, so ``tinyci --help`` and the git hook's
 
 Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
-``rebuild``, ``drain``, ``resume`` and ``forget`` (role operator), ``run``
-(trigger, then wait as a reader) and ``wait`` (``waiting``); to the observer:
-``poke`` (role observer). Without ``--dispatcher`` or a configured address, a
-tool in or below a directory where `tinyci up` runs talks to its daemons, with
-its secret (``local``). Every failure is one line on stderr:
+``rebuild``, ``drain``, ``resume``, ``forget`` and ``gc`` (role operator),
+``run`` (trigger, then wait as a reader) and ``wait`` (``waiting``); to the
+observer: ``poke`` (role observer). Without ``--dispatcher`` or a configured
+address, a tool in or below a directory where `tinyci up` runs talks to its
+daemons, with its secret (``local``). Every failure is one line on stderr:
 exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 
 What a peer sent reaches the terminal only through ``sanitize``: build logs
@@ -116,8 +116,8 @@ def _reader_commands(sub) -> None:
     status.add_argument("--limit", type=int, default=20, metavar="N",
                         help="how many recent builds to show (default 20)")
     status.add_argument("--json", action="store_true",
-                        help='print one JSON object {"runners": [...], "builds": [...], "pipelines": [...]} '
-                             'instead of tables')
+                        help='print one JSON object {"runners": [...], "builds": [...], "pipelines": [...], '
+                             '"conditions": [...]} instead of tables')
     status.add_argument("-w", "--watch", action="store_true",
                         help="keep the tables on screen, redrawn as builds and runners change (Ctrl-C "
                              "stops); when the output is not a terminal, print a new table on each change")
@@ -193,6 +193,15 @@ def _operator_commands(sub) -> None:
         runner = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
         _tool_arguments(runner)
         runner.add_argument("name", metavar="NAME", help="the runner's name, as `tinyci status` shows it")
+    gc = sub.add_parser(
+        "gc", help="delete old builds now, as the dispatcher's retention section says",
+        description="Run a retention sweep now: delete the finished builds the dispatcher's `retention` "
+                    "section says to (finished more than retention.days ago, or beyond the newest "
+                    "retention.per_branch of their branch and job), with their logs and artifacts. Queued "
+                    "and running builds, and the newest finished build of each branch and job, are kept. "
+                    "With --dry-run, only say what a sweep would delete.")
+    _tool_arguments(gc)
+    gc.add_argument("--dry-run", action="store_true", help="say what a sweep would delete; delete nothing")
 
 
 
@@ -345,7 +354,7 @@ class DispatcherLink:
     resolved once from the configuration (``settings.resolve``) for the role
     the command speaks as: a reader's machine needs no operator secret."""
 
-    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run"})
+    OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run", "gc"})
 
     def __init__(self, args: argparse.Namespace):
         from .config import ConfigError, load
@@ -374,8 +383,8 @@ class DispatcherLink:
         return net.Client(self.host, self.port, role, self.secrets[role], self.limits, self.tls,
                           to=protocol.DISPATCHER_ID)
 
-    def call(self, msg: dict, role: str = protocol.READER) -> dict:
-        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, ssl=self.tls,
+    def call(self, msg: dict, role: str = protocol.READER, timeout: float | None = None) -> dict:
+        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, timeout, ssl=self.tls,
                                  to=protocol.DISPATCHER_ID))
 
     def refused(self, exc: Exception | None = None) -> str:
@@ -437,7 +446,7 @@ def status(args: argparse.Namespace) -> int:
         return live.main(dispatcher, view="status")
     reply = dispatcher.call({"type": "status", "limit": args.limit})
     snapshot = {"runners": reply.get("runners", []), "builds": reply.get("builds", []),
-                "pipelines": reply.get("pipelines", [])}
+                "pipelines": reply.get("pipelines", []), "conditions": reply.get("conditions", [])}
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
@@ -678,6 +687,39 @@ def runner_command(args: argparse.Namespace) -> int:
     return 0
 
 
+GC_TIMEOUT = 600.0          # seconds a sweep of a long history may take before the reply
+
+
+def gc(args: argparse.Namespace) -> int:
+    reply = DispatcherLink(args).call({"type": "gc", "dry_run": args.dry_run}, protocol.OPERATOR, GC_TIMEOUT)
+    days, per_branch = reply["days"], reply["per_branch"]
+    if not days and not per_branch:
+        print("retention is off (retention.days and retention.per_branch are 0 in the dispatcher's "
+              "configuration): nothing to delete")
+        return 0
+    policy = ", ".join(part for part in (f"older than {days:g} day(s)" if days else "",
+                                         f"beyond the newest {per_branch} per branch and job" if per_branch else "")
+                       if part)
+    what = (f"{reply['builds']} finished build(s) {policy}: {_bytes(reply['log_bytes'])} of logs, "
+            f"{_bytes(reply['artifact_bytes'])} of artifacts")
+    if args.dry_run:
+        print(f"a sweep would delete {what}")
+    else:
+        print(f"deleted {what}" + (f"; the database gave back {_bytes(reply['db_bytes'])}"
+                                   if reply.get("db_bytes") else ""))
+    return 0
+
+
+def _bytes(n: int) -> str:
+    if n < 1000:
+        return f"{n} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _print_builds(reply: dict, verb: str) -> int:
     builds = reply.get("builds") or []
     if not builds:
@@ -755,7 +797,7 @@ def _wait_for(dispatcher: DispatcherLink, ids: list[int], args: argparse.Namespa
 
 TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
          "rebuild": rebuild, "console": console, "drain": runner_command, "resume": runner_command,
-         "forget": runner_command}
+         "forget": runner_command, "gc": gc}
 TOOLS.update(run=run_builds, wait=wait_builds)
 
 

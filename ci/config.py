@@ -40,8 +40,16 @@ class DispatcherConfig:
     forget_dead_after: float = 86400.0      # seconds a dead runner stays in status; 0: for ever
     max_log_bytes: int = 16 << 20
     max_artifact_bytes: int = 100 << 20     # per build
+    min_free_bytes: int = 32 << 20          # kept free on the data dir's disk for the database
     supersede: list = field(default_factory=list)   # branch patterns
     repos: list = field(default_factory=list)   # repositories it builds; empty: any
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    days: float = 0.0             # finished builds older than this are deleted; 0: kept forever
+    per_branch: int = 0           # finished builds kept per repository, branch and job; 0: all
+    interval: float = 3600.0      # seconds between sweeps
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ STRUCTURED = {("schedule", "builds")}
 @dataclass(frozen=True)
 class Config:
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
@@ -176,6 +185,10 @@ _BOUNDS = {
     ("dispatcher", "forget_dead_after"): (lambda v: v >= 0, "0 (never) or more seconds"),
     ("dispatcher", "max_log_bytes"): (lambda v: v >= 1024, "at least 1024"),
     ("dispatcher", "max_artifact_bytes"): (lambda v: v >= 0, "0 or more"),
+    ("dispatcher", "min_free_bytes"): (lambda v: v >= 0, "0 or more"),
+    ("retention", "days"): (lambda v: 0 <= v <= 1e6, "0 (keep forever) or more"),
+    ("retention", "per_branch"): (lambda v: v >= 0, "0 (keep all) or more"),
+    ("retention", "interval"): (lambda v: v >= 1, "at least 1 (seconds)"),
     ("notify", "timeout"): (lambda v: v > 0, "greater than 0"),
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),

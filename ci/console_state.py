@@ -34,6 +34,7 @@ class ConsoleState:
         self.stale_since: float | None = None   # when a link that worked was lost: clocks stop there
         self.runners: dict[str, dict] = {}
         self.builds: dict[int, dict] = {}
+        self.conditions: list[dict] = []    # what the dispatcher is in (its disk full), for the header
         self.version = 0                    # grows on every change: redraw when it moved
         self.news = 0                       # grows when builds, runners or the connection change
         self.log_build: int | None = None
@@ -48,6 +49,7 @@ class ConsoleState:
         """The first frame of a watch: it replaces everything known so far."""
         self.runners = {r["name"]: {**r, "running": list(r.get("running") or [])} for r in frame.get("runners", [])}
         self.builds = {b["id"]: dict(b) for b in frame.get("builds", [])}
+        self.conditions = list(frame.get("conditions") or [])
         self.connected, self.problem, self.stale_since = True, "", None
         self._trim()
         self._bump()
@@ -69,6 +71,8 @@ class ConsoleState:
         elif kind == "runner_forgotten" and isinstance(frame.get("runner"), dict):
             if self.runners.pop(frame["runner"].get("name"), None) is None:
                 return
+        elif kind == "conditions" and isinstance(frame.get("conditions"), list):
+            self.conditions = [c for c in frame["conditions"] if isinstance(c, dict)]
         else:
             return                          # an event kind from a newer dispatcher: ignore it
         self._bump()
@@ -151,7 +155,7 @@ class ConsoleState:
     def status_snapshot(self, limit: int = 20) -> dict:
         """What ``tui.render_status`` takes, as ``tinyci status`` would show it."""
         return {"runners": sorted(self.runners.values(), key=lambda r: r["name"]),
-                "builds": self.recent(limit)}
+                "builds": self.recent(limit), "conditions": self.conditions}
 
     # ------------------------------------------------------------ the followed log
 

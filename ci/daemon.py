@@ -1,8 +1,9 @@
 """What every daemon shares: common flags, the configuration resolved once
 (``load_config`` -> ``settings.Settings``; a daemon started by hand below a
-`tinyci up` takes its secret and dispatcher, ``up_defaults``), logging (every record made plain
-text: ``PlainRecords``), the ready line, signal handling, and start-up
-errors printed as one line instead of a traceback."""
+`tinyci up` takes its secret and dispatcher, ``up_defaults``), logging (every
+record made plain text: ``PlainRecords``; with ``--log-file``, to a file
+rotated by size, ``RotatingLog``), the ready line, signal handling, and
+start-up errors printed as one line instead of a traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import logging.handlers
+import os
 import re
 import signal
 import sys
@@ -36,7 +39,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     parser.add_argument("--insecure", action="store_true",
                         help="listen on a non-loopback --host even though some role has no secret "
                              "(anyone who reaches the port can then act in that role)")
+    add_logging_arguments(parser)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help=f"log to FILE instead of stderr, rotated when it reaches {LOG_MAX_BYTES >> 20} MiB "
+                             f"(the last {LOG_BACKUPS} kept as FILE.1 ... FILE.{LOG_BACKUPS})")
 
 
 def load_config(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]],
@@ -144,13 +154,64 @@ class PlainRecords(logging.Filter):
         return True
 
 
-def setup_logging(name: str, verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+LOG_MAX_BYTES = 10 << 20     # a daemon's log file is rotated at this size
+LOG_BACKUPS = 3              # rotated files kept
+
+
+class RotatingLog(logging.handlers.RotatingFileHandler):
+    """A daemon's log file, rotated by size (FILE -> FILE.1 -> ... -> FILE.N).
+
+    When the process's stderr is that same file (`tinyci up` points its
+    children's stderr at their log, to catch what is printed before logging
+    starts and after it ends), stderr follows each rotation to the new file,
+    so that nothing keeps growing a rotated file, or one already deleted."""
+
+    def __init__(self, path: str, max_bytes: int | None = None, backups: int | None = None):
+        super().__init__(path, maxBytes=max_bytes or LOG_MAX_BYTES, backupCount=backups or LOG_BACKUPS,
+                         encoding="utf-8")
+        self.follow_stderr = _same_file(2, self.stream.fileno())
+        self.lost = 0               # records that could not be written (the disk full), said once it can
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lost:           # the file takes records again: first say what is missing
+            lost, self.lost = self.lost, 0
+            super().emit(logging.makeLogRecord({
+                "name": "ci.daemon", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{lost} log record(s) were lost here: the log file could not be written"}))
+            if self.lost:       # not yet: the note was not written either
+                self.lost = lost
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # a log on a full disk: the record is dropped and counted, not a traceback on stderr for each
+        if isinstance(sys.exc_info()[1], OSError):
+            self.lost += 1
+            return
+        super().handleError(record)
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.follow_stderr and self.stream is not None:
+            sys.stderr.flush()
+            os.dup2(self.stream.fileno(), 2)
+
+
+def _same_file(fd: int, other: int) -> bool:
+    try:
+        a, b = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def setup_logging(name: str, verbose: bool, log_file: str | None = None) -> None:
+    """Records to stderr, or to ``log_file`` rotated by size (OSError when it cannot be opened)."""
+    handler = RotatingLog(log_file) if log_file else logging.StreamHandler(sys.stderr)
     # on the handler, not a logger: a handler's filters see every logger's records
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(PlainRecords())
+    handler.addFilter(PlainRecords())
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
+        format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
 READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")
@@ -182,9 +243,15 @@ async def listen(start: Callable[[], Awaitable[Any]], what: str, host: str, port
         raise StartupError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bool = False) -> int:
-    """Run ``body(stop)`` until it returns; SIGINT/SIGTERM only set ``stop``."""
-    setup_logging(name, verbose)
+def run(name: str, body: Callable[[asyncio.Event], Awaitable[None]], verbose: bool = False,
+        log_file: str | None = None) -> int:
+    """Run ``body(stop)`` until it returns; SIGINT/SIGTERM only set ``stop``.
+    ``log_file``: log there (rotated) instead of stderr."""
+    try:
+        setup_logging(name, verbose, log_file)
+    except OSError as exc:
+        print(f"tinyci {name}: cannot write its log file {log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()

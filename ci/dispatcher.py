@@ -3,9 +3,10 @@ registry, and hands commits to runners.
 
 Receives: ``commit`` (observer); ``register``, ``log``, ``artifact``,
 ``result`` (runners); ``trigger``, ``rebuild``, ``cancel``, ``drain``,
-``resume``, ``forget`` (operator); ``status``, ``build``, ``read_log``,
-``watch``, ``artifacts``, ``fetch_artifact`` (tools, answered by
-``queries``). Sends to runners (``runnerlinks``): ``run``, ``ping``, ``cancel``.
+``resume``, ``forget``, ``gc`` (operator); ``status``, ``build``,
+``read_log``, ``watch``, ``artifacts``, ``fetch_artifact`` (tools, answered
+by ``queries``). Sends to runners (``runnerlinks``): ``run``, ``ping``,
+``cancel``.
 
 This module is the adapter: it decodes a request, asks the plain logic
 (``intake`` for what a commit becomes, ``Scheduler`` for who runs what,
@@ -19,6 +20,15 @@ commands run in the background (``on_finish``).
 Two clocks: ``clock`` (wall time) stamps what people read (created_at and
 the like); ``monotonic`` is the scheduler's ``now`` and every deadline's,
 so a step of the wall clock changes nothing.
+
+Its disk fills without a crash: build-log and artifact bytes are refused
+with ``disk_full`` before the reserve (``dispatcher.min_free_bytes``,
+``DiskSpace``) is touched; a runner so refused sends its result, recorded
+with a note where its log stops, and its slot is free for the next build.
+State changes go on inside the reserve; should SQLite itself find the disk
+full, the request gets ``disk_full`` and its sender retries. Such troubles
+are ``conditions``: one log line, not a traceback a second, and shown by
+``status``. ``Retention`` deletes old builds in the background.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,12 +47,15 @@ from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol, 
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs, LogGap
 from .config import ConfigError
+from .conditions import Conditions
+from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
 from .models import Build, RunnerRecord, Status
 from .queries import Queries
+from .retention import Retention
 from .runnerlinks import RunnerLinks
 from .scheduler import Plan, Scheduler
 from .settings import Settings
-from .store import Store, StoreError
+from .store import Store, StoreError, is_locked
 from .watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -63,17 +77,21 @@ class Dispatcher:
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts, wall=clock)
         self.tasks: set[asyncio.Task] = set()
         self.watchers = Watchers()
+        self.conditions = Conditions(log, on_change=self._conditions_changed)
+        self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
+        self.cuts = LogCuts()
         self.artifacts = Artifacts(store)
-        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes)
+        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self.disk.lost_line)
+        self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
-        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers)
+        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions)
         self.timed: schedule.Schedules | None = None     # set by main from the configuration
         self.handlers = {
             "commit": self.on_commit, "register": self.on_register, "log": self.on_log,
             "artifact": self.on_artifact, "result": self.on_result, "cancel": self.on_cancel,
             "trigger": self.on_trigger, "rebuild": self.on_rebuild,
-            "drain": self.on_drain, "resume": self.on_drain, "forget": self.on_forget,
+            "drain": self.on_drain, "resume": self.on_drain, "forget": self.on_forget, "gc": self.on_gc,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
             "fetch_artifact": queries.fetch_artifact, "history": queries.history,
@@ -107,6 +125,8 @@ class Dispatcher:
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
         beat = asyncio.create_task(self.links.heartbeat_loop(stop))
         timed = asyncio.create_task(self.schedule_loop(stop))
+        self._spawn(self.retention.run(stop))
+        self._spawn(self.disk.watch(stop))
         try:
             await stop.wait()
         finally:
@@ -153,6 +173,11 @@ class Dispatcher:
                 await aio.within(stop.wait(), pause)
             except asyncio.TimeoutError:
                 pass
+
+    def _conditions_changed(self) -> None:
+        if self.watchers.active:
+            self.watchers.event("conditions", conditions=self.conditions.active())
+        self.watchers.touch()
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -252,7 +277,18 @@ class Dispatcher:
         handler = self.handlers.get(msg["type"])
         if handler is None:
             return protocol.error("unsupported", f"the dispatcher does not handle {msg['type']!r}")
-        return await handler(conn, msg)
+        try:
+            return await handler(conn, msg)
+        except (sqlite3.OperationalError, OSError) as exc:
+            # expected troubles, not bugs: a condition (one line), and an error its sender retries
+            refusal = self.disk.refusal(exc)
+            if refusal is None and isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
+                self.conditions.report("db_locked", "database locked by another process",
+                                       f"{self.store.path}: {exc}; requests that write wait for it")
+                refusal = protocol.error("busy", f"the dispatcher's database is locked by another process ({exc})")
+            if refusal is None:
+                raise
+            return refusal
 
     async def on_commit(self, conn: net.Connection, msg: dict) -> dict:
         allowed = self.config.dispatcher.repos
@@ -300,14 +336,42 @@ class Dispatcher:
         refused = _not_held(self.sched, conn, msg)
         if refused:
             return refused
+        build = self.sched.builds[build_id]
+        self._check_log(build)
+        data = msg["data"].encode()
+        if not self.disk.room(len(data)):
+            return self._cut_log(build)
         try:
-            have, grew = self.logs.append(self.sched.builds[build_id], msg["offset"], msg["data"].encode())
+            have, grew = self.logs.append(build, msg["offset"], data)
         except LogGap as gap:
             return protocol.error("offset", f"log of build {build_id} has {gap.expected} bytes, "
                                             f"not {msg['offset']}", expected=gap.expected)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            self.disk.exhausted(f"the log of build {build_id} could not be written ({exc.strerror})")
+            return self._cut_log(build)
         if grew:
             self.watchers.touch()
         return protocol.ok(offset=have)
+
+    def _check_log(self, build: Build) -> None:
+        """A log file removed or cut short under us: noted in the log, and the attempt goes on."""
+        note = self.logs.check(build)
+        if note:
+            log.warning("build %d: its log file was removed or cut short under the dispatcher; the "
+                        "attempt goes on, the log says so", build.id)
+            with self.store.transaction():
+                self.store.save([build])        # its new base: the runner's offsets still match after a restart
+
+    def _cut_log(self, build: Build) -> dict:
+        """Refuse the rest of an attempt's log: the disk is down to its reserve.
+        Its runner sends the result next, recorded with a note where the log stops."""
+        if self.cuts.cut(build.id, build.attempt):
+            log.info("build %d attempt %d: the log stops at %d bytes: the dispatcher's disk is full",
+                     build.id, build.attempt, self.logs.attempt_size(build))
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: the rest of the log of build {build.id} is "
+                                         f"not stored; send the result")
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
@@ -315,12 +379,17 @@ class Dispatcher:
         if refused:
             return refused
         build = self.sched.builds[build_id]
+        self._check_log(build)
         have = self.logs.attempt_size(build)
-        if have < msg.get("log_size", 0):
+        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, attempt):
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
+        # the first write: should the disk be too full for the database, nothing has changed yet
         self.store.save_steps(build_id, msg.get("step_results"))
+        cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
+        if cut:
+            self._note(build_id, cut)
         plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic())
         if was_cancelled:
             self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
@@ -342,14 +411,26 @@ class Dispatcher:
             return protocol.error("bad_field", "artifact.data: expected base64")
         build = self.sched.builds[build_id]
         try:
+            if not self.disk.room(len(data)):
+                return self._leave_out(build, msg["path"])
             size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
                                         self.config.dispatcher.max_artifact_bytes, attempt)
         except ArtifactError as exc:
             log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
             return protocol.error(exc.code, exc.message)
         except OSError as exc:
-            return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+            if exc.errno not in FULL_ERRNOS:
+                return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+            self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
+                                f"({exc.strerror})")
+            return self._leave_out(build, msg["path"])
         return protocol.ok(offset=size)
+
+    def _leave_out(self, build: Build, path: str) -> dict:
+        """An artifact that does not fit on the disk: left out, and the build's log says so
+        (once: the runner's upload stops at the refusal)."""
+        self._note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: artifact {path[:100]!r} left out")
 
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -413,6 +494,18 @@ class Dispatcher:
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))
         return protocol.ok(builds=[b.id for b in builds])
+
+    async def on_gc(self, conn: net.Connection, msg: dict) -> dict:
+        dry_run = bool(msg.get("dry_run"))
+        swept = await self.retention.sweep(dry_run)
+        policy = self.config.retention
+        if not dry_run:
+            log.info("gc by %s at %s deleted %s", conn.role, conn.peer, swept)
+            if swept.builds:
+                self.disk.look()
+        return protocol.ok(builds=swept.builds, log_bytes=swept.log_bytes, artifact_bytes=swept.artifact_bytes,
+                           db_bytes=swept.db_bytes, days=float(policy.days), per_branch=policy.per_branch,
+                           dry_run=dry_run)
 
 
     async def on_drain(self, conn: net.Connection, msg: dict) -> dict:
@@ -502,7 +595,7 @@ def main(args: argparse.Namespace) -> int:
         finally:
             store.close()
 
-    return daemon.run("dispatcher", body, args.verbose)
+    return daemon.run("dispatcher", body, args.verbose, args.log_file)
 
 
 if __name__ == "__main__":

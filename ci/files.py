@@ -16,7 +16,12 @@ from pathlib import Path
 
 
 class LockedError(Exception):
-    """Another process holds the lock; the message names the lock file."""
+    """Another process holds the lock; the message names the lock file.
+    ``pid``: the holder's, as it wrote it in the lock file (None: unknown)."""
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -51,7 +56,9 @@ def sync_dir(directory: Path) -> None:
 
 class DirLock:
     """An exclusive, non-blocking ``flock`` on ``path``, held until ``release``
-    or the end of the process."""
+    or the end of the process. The holder writes its pid in the file, so the
+    refusal can name it (the file outlives its holder: the lock is the flock,
+    never the file's content)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -65,11 +72,26 @@ class DirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            pid = _read_pid(fd)
             os.close(fd)
-            raise LockedError(f"{self.path} is locked by another process") from None
+            holder = f" (pid {pid})" if pid else ""
+            raise LockedError(f"{self.path} is locked by another process{holder}", pid) from None
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass                # a full disk: the lock holds all the same, only nameless
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -46,7 +46,7 @@ BACKOFF_CAP = 5.0
 FETCH_TIMEOUT = 120.0
 DESCRIBE_BUDGET = 0.5       # seconds of reading commits (and their .ci.yaml) before sending what was read
 # Replies meaning "not now" rather than "not this commit": retry, never skip.
-RETRY_CODES = frozenset({"internal", "busy"})
+RETRY_CODES = frozenset({"internal", "busy", "disk_full"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         settings = daemon.load_config(args, overrides, ACCEPTS)
         await serve(settings, stop, args.insecure)
 
-    return daemon.run("observer", body, args.verbose)
+    return daemon.run("observer", body, args.verbose, args.log_file)
 
 
 # ---------------------------------------------------------------- saved position

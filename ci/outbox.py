@@ -12,8 +12,16 @@ and delivers them again.
 
 A ``Delivery`` sends, to the dispatcher:
     log {build, attempt, offset, data}   -> ok {offset} | error offset {expected} | error stale
+                                            | error disk_full
     result {build, attempt, status, exit_code, steps, duration, log_size}
                                          -> ok | error offset {expected} | error stale
+
+A ``log`` refused with ``disk_full`` (the dispatcher's disk is down to its
+reserve) ends the sending of that log: the rest stays in the local file, and
+the result goes as soon as the build ends; the dispatcher records it with a
+note where the log stops, and the slot the build held there is free. Should
+the dispatcher ask for the rest after all (``offset`` in reply to the result:
+it restarted and has room), the log is sent again from there.
 """
 
 from __future__ import annotations
@@ -125,6 +133,7 @@ class Delivery:
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()   # no more pacing: the build has ended
         self._failing = False
+        self.cut = False                # the dispatcher's disk is full: the rest of the log is not sent
         if result is not None:
             self._ended.set()
 
@@ -152,7 +161,7 @@ class Delivery:
         while True:
             self._wake.clear()
             size = self._size()
-            if self.pos < size:
+            if self.pos < size and not self.cut:
                 pause = last_sent + PACE - time.monotonic()
                 if pause > 0 and not self._ended.is_set():
                     # the end of the build cuts the pause short: its last lines go at once
@@ -192,10 +201,17 @@ class Delivery:
         except protocol.RemoteError as exc:
             if exc.code == "stale":
                 return STALE
+            if exc.code == "disk_full" and msg["type"] == "log":
+                if not self.cut:
+                    log.warning("%r: the dispatcher's disk is full; the rest of its log stays in %s and its "
+                                "result goes when it ends (%s)", self, self.log_path, exc.message)
+                self.cut = True
+                return None
             # `expected` (a count, checked by the table) comes with a log's offset error, not an artifact's
             expected = exc.reply.get("expected")
             if exc.code == "offset" and expected is not None:
                 log.debug("%r: dispatcher has %d bytes of the log; resending from there", self, expected)
+                self.cut = False        # it wants the rest after all
                 self.pos = min(expected, self._size())
                 if msg["type"] == "result" and expected > self.pos:
                     # it has more than we ever wrote: nothing left to send, avoid a tight loop

@@ -34,22 +34,25 @@ also ends a stream::
                                                                                   | error name_taken / not_yours
     runner -> dispatcher       log        build attempt offset data               ok {offset}
                                                                                   | error offset {expected} / stale
-                                                                                  / not_yours
+                                                                                  / not_yours / disk_full
     runner -> dispatcher       result     build attempt status exit_code steps    ok
                                           duration [log_size step_results]        | error offset {expected} / stale
-                                                                                  / not_yours
+                                                                                  / not_yours / disk_full
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
+                                                                                  / disk_full
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit]
     dispatcher -> runner       ping       -                                       pong {running}
     dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
-    reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue}
+    reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue
+                                                                                  [conditions]}
     reader -> dispatcher       build      build                                   ok {build}
     reader -> dispatcher       read_log   build [offset follow timestamps]        stream: chunk {offset data [times]}...
                                                                                   then end {status offset}
     reader -> dispatcher       watch      [limit]                                 stream: ok {runners builds
                                                                                   pipelines queue} once, then
-                                                                                  event {event [build runner]}...
+                                                                                  event {event [build runner
+                                                                                  conditions]}...
                                                                                   until end {reason}
     reader -> dispatcher       history    [repo branch status author job sha      ok {builds older newer}
                                           before after limit]
@@ -65,6 +68,8 @@ also ends a stream::
     operator -> dispatcher     resume     name                                    ok {runner} | error not_found
     operator -> dispatcher     forget     name                                    ok | error not_found
                                                                                   / runner_alive
+    operator -> dispatcher     gc         [dry_run]                               ok {builds log_bytes artifact_bytes
+                                                                                  days per_branch dry_run [db_bytes]}
     observer, operator -> obs. poke       [branch]                                ok
 
 A runner's frames are its own: ``register`` names the runner the connection
@@ -91,6 +96,16 @@ but one is under way; ``unknown`` with no builds. ``log_window`` reads at most
 (1-based), or, with neither, its tail, starting at a line; ``line`` in the
 reply numbers its first line, ``size`` is the whole log's. ``counts`` are the
 builds finished since a time, by status.
+
+``conditions`` are what the dispatcher is in that is not a bug and lasts
+(its disk full: ``disk_full``): [{name, message, since}], shown as
+``dispatcher: <message>``; an ``event`` ``conditions`` carries the new list
+whenever it changes. A runner whose ``log`` is refused with ``disk_full``
+stops sending that log and sends its result; the dispatcher records the
+result with a note where the log stops. ``gc`` runs a retention sweep now
+(``dry_run``: only says what it would delete) and answers with what it
+deleted (builds, and the bytes of their logs and artifacts; ``db_bytes``,
+what the database gave back to the disk) and the policy it applied.
 
 ``operator`` may send everything ``reader`` may. DESIGN.md names the
 tools' log request ``log``; it is ``read_log`` here because the runner's
@@ -166,6 +181,9 @@ ERRORS: Mapping[str, str] = {
               "artifact: a chunk out of order",
     "not_found": "no such build, artifact, repository, revision or runner",
     "runner_alive": "forget: the runner is alive; only a dead runner can be forgotten",
+    "disk_full": "log, artifact: the dispatcher's disk is down to its reserve (dispatcher.min_free_bytes): "
+                 "stop sending that log and send the result, leave the artifact out; any other request "
+                 "that writes: the disk is full, try again later",
     "ambiguous": "trigger: the revision is a commit in more than one repository; say which (repo)",
     "finished": "cancel: the build has already ended",
     "forbidden_repo": "commit: the repository is not in the dispatcher's dispatcher.repos",
@@ -354,7 +372,8 @@ def _ok(required=None, optional=None) -> Shape:
 
 
 ERROR = Shape("error", {"code": CODE, "message": MESSAGE}, {"expected": COUNT})
-SNAPSHOT = _ok({"runners": OBJECTS, "builds": OBJECTS, "pipelines": OBJECTS, "queue": BUILD_IDS})
+SNAPSHOT = _ok({"runners": OBJECTS, "builds": OBJECTS, "pipelines": OBJECTS, "queue": BUILD_IDS},
+              {"conditions": OBJECTS})
 QUEUED = _ok({"builds": BUILD_IDS})
 
 MESSAGES: dict[str, Spec] = {
@@ -397,7 +416,8 @@ MESSAGES: dict[str, Spec] = {
                                     end=Shape("end", {"status": STATUS, "offset": COUNT}))),
     "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)},
                    stream=Stream(first=SNAPSHOT,
-                                 each=Shape("event", {"event": EVENT}, {"build": OBJECT, "runner": OBJECT}),
+                                 each=Shape("event", {"event": EVENT}, {"build": OBJECT, "runner": OBJECT,
+                                                                        "conditions": OBJECTS}),
                                  end=Shape("end", {"reason": TEXT}))),
     "history": _spec(TOOLS, {}, {"repo": REPO, "branch": BRANCH, "status": STATUS, "author": _str(200),
                                  "job": JOB, "sha": SHA_PREFIX, "before": BUILD_ID, "after": BUILD_ID,
@@ -420,6 +440,10 @@ MESSAGES: dict[str, Spec] = {
     "drain": _spec(OPERATOR, {"name": NAME}, reply=_ok({"runner": OBJECT})),
     "resume": _spec(OPERATOR, {"name": NAME}, reply=_ok({"runner": OBJECT})),
     "forget": _spec(OPERATOR, {"name": NAME}, reply=_ok()),
+    # a retention sweep now, or (dry_run) what one would delete
+    "gc": _spec(OPERATOR, {}, {"dry_run": BOOL},
+                reply=_ok({"builds": COUNT, "log_bytes": COUNT, "artifact_bytes": COUNT, "days": NUMBER,
+                           "per_branch": COUNT, "dry_run": BOOL}, {"db_bytes": COUNT})),
     # git hook -> observer
     "poke": _spec({OBSERVER, OPERATOR}, {}, {"branch": BRANCH}, reply=_ok()),
     # replies and stream frames: their fields are checked against the request they answer

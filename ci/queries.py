@@ -1,7 +1,7 @@
 """The dispatcher's answers to the tools' read requests; nothing here changes state.
 
 Receives (role reader or operator): ``status`` -> ok {runners, builds,
-pipelines, queue}; ``build`` -> ok {build}; ``read_log`` -> chunk {offset,
+pipelines, queue, conditions}; ``build`` -> ok {build}; ``read_log`` -> chunk {offset,
 data, [times]}... end {status, offset} (``times`` with ``timestamps``: when
 each part reached the dispatcher); ``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
@@ -25,6 +25,7 @@ import base64
 from . import aio, net, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs
+from .conditions import Conditions
 from .intake import pipelines
 from .logwindow import LogLines
 from .models import Build, Status, pipeline_status, why_waiting
@@ -40,9 +41,10 @@ BADGE_SCAN = 500            # a branch's newest builds searched for a finished p
 
 class Queries:
     def __init__(self, store: Store, sched: Scheduler, logs: BuildLogs, artifacts: Artifacts,
-                 watchers: Watchers):
+                 watchers: Watchers, conditions: Conditions | None = None):
         self.store, self.sched, self.logs = store, sched, logs
         self.artifacts, self.watchers = artifacts, watchers
+        self.conditions = conditions
         self.lines = LogLines()
 
     def _build(self, build_id: int) -> Build | None:
@@ -62,8 +64,9 @@ class Queries:
                     waits[build.labels] = why_waiting(build.labels, runners)
                 summary["waiting"] = waits[build.labels]
             summaries.append(summary)
+        conditions = self.conditions.active() if self.conditions is not None else []
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
-                           queue=[b.id for b in self.sched.queued()])
+                           queue=[b.id for b in self.sched.queued()], conditions=conditions)
 
     async def build(self, conn: net.Connection, msg: dict) -> dict:
         build = self._build(msg["build"])
@@ -83,6 +86,9 @@ class Queries:
             changed = self.watchers.changed
             data = self.logs.read(build_id, offset, LOG_CHUNK)     # never half a character: its rest may come
             build = None if data else self._build(build_id)
+            if build is None and not data:          # deleted meanwhile (retention)
+                await conn.send(protocol.error("not_found", f"no build {build_id}"))
+                return
             final = build is not None and build.status.final and build_id not in self.sched.builds
             if final:       # a finished log may end inside a character: send that too
                 data = self.logs.read(build_id, offset, LOG_CHUNK, whole=False)

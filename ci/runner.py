@@ -412,7 +412,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"tinyci runner: {exc}", file=sys.stderr, flush=True)
         return 2
     return daemon.run("runner", lambda stop: serve(settings, stop, getattr(args, "insecure", False)),
-                      getattr(args, "verbose", False))
+                      getattr(args, "verbose", False), getattr(args, "log_file", None))
 
 
 if __name__ == "__main__":

@@ -4,18 +4,39 @@ uploads in SQLite (WAL), ``<data_dir>/ci.db``. The build logs beside it are
 
 Build numbers are SQLite AUTOINCREMENT keys: unique, increasing, never reused,
 even across restarts and deletions.
+
+Opening the data dir (``Store``), in this order, so that nothing is ever
+written into a database that should not be:
+
+- the dir is locked (``<data_dir>/.lock``, ``files.DirLock``): a second
+  dispatcher on the same dir is refused, naming the first one's pid;
+- an existing ``ci.db`` passes ``PRAGMA quick_check``, or is refused, never
+  opened half-broken, with a message naming it and the last good copy;
+- its schema version (``PRAGMA user_version``; 0: a database from before
+  versions were kept) is this release's, or older: then a copy is saved
+  beside it (``ci.db.v<old>.bak``, SQLite's backup API) before MIGRATIONS
+  bring it up to date; a newer one is refused, saying so.
+
+``reclaim`` gives the space of deleted builds back to the disk (the
+database is in incremental auto-vacuum mode, set when it is made or
+upgraded).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
+from . import files
 from .models import Build, RunnerRecord, Status
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -44,7 +65,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 """
 
-# Run after SCHEMA on every start, each step safe to repeat: (column it adds, or None; SQL).
+# Run after SCHEMA when the database's version is older than SCHEMA_VERSION, each step safe
+# to repeat: (column it adds, or None; SQL). Append only: the version is their number.
 MIGRATIONS = (
     # a commit becomes one build per .ci.yaml job
     ("job", "ALTER TABLE builds ADD COLUMN job TEXT NOT NULL DEFAULT ''"),
@@ -64,6 +86,10 @@ MIGRATIONS = (
     ("draining", "ALTER TABLE runners ADD COLUMN draining INTEGER NOT NULL DEFAULT 0"),
 )
 
+# The schema this release writes, kept in the database as PRAGMA user_version.
+SCHEMA_VERSION = len(MIGRATIONS)
+AUTO_VACUUM_INCREMENTAL = 2
+
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
             "labels, created_at, started_at, finished_at, exit_code, log_base, job")
 
@@ -75,25 +101,158 @@ class StoreError(Exception):
 class Store:
     def __init__(self, data_dir: str | os.PathLike):
         self.dir = Path(data_dir)
+        self.path = self.dir / "ci.db"
+        self._lock = files.DirLock(self.dir / ".lock")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.dir / "ci.db", isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._lock.acquire()
+        except files.LockedError as exc:
+            holder = f" (pid {exc.pid})" if exc.pid else ""
+            raise StoreError(f"another dispatcher{holder} uses {self.dir} (it holds {self._lock.path}); "
+                             f"stop it, or give this one a data dir of its own (--data)") from None
+        except OSError as exc:
+            raise StoreError(f"cannot use data dir {self.dir}: {exc.strerror or exc}") from None
+        try:
+            self.db = self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from None
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            if existed:
+                self._check(db)
+            else:
+                # before anything writes the file's first page; otherwise it takes a VACUUM
+                db.execute(f"PRAGMA auto_vacuum={AUTO_VACUUM_INCREMENTAL}")
+            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (SIGKILL); only a
             # power loss can take the last transactions
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.executescript(SCHEMA)
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._upgrade(db)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if is_locked(exc):
+                raise StoreError(f"{self.path} is locked by another process ({exc}); stop whatever holds it "
+                                 f"(a sqlite3 shell, a backup tool) and start again") from None
+            if is_disk_full(exc):
+                raise StoreError(f"cannot use {self.path}: the disk is full ({exc}); free some space "
+                                 f"and start again") from None
+            raise StoreError(self._damaged(str(exc))) from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _check(self, db: sqlite3.Connection) -> None:
+        """Refuse a damaged database or one from a newer tinyci, before anything writes to it."""
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StoreError(self._damaged(f"PRAGMA quick_check: {'; '.join(problems)}"))
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            ours = self.path.with_name(f"{self.path.name}.v{SCHEMA_VERSION}.bak")
+            back = (f"; to go back to this release, restore {ours}, the copy saved before the upgrade "
+                    f"(losing what happened since)" if ours.exists() else "")
+            raise StoreError(f"{self.path} was written by a newer tinyci (schema version {version}; this "
+                             f"one knows versions up to {SCHEMA_VERSION}): run that release or a later "
+                             f"one{back}")
+
+    def _damaged(self, why: str) -> str:
+        backup = self.last_backup()
+        if backup is None:
+            restore = (f"no copy of it was saved here; move it aside to start with an empty history, or "
+                       f"try `sqlite3 {self.path} .recover | sqlite3 recovered.db` for what can be read")
+        else:
+            made = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+            restore = (f"restore the last good copy, {backup} (saved {made}): stop the dispatcher, move "
+                       f"{self.path.name} and any {self.path.name}-wal/-shm aside, and copy it to {self.path}")
+        return f"{self.path} is damaged and was not opened ({why}); {restore}"
+
+    def last_backup(self) -> Path | None:
+        """The newest copy an upgrade saved beside the database, if any."""
+        copies = [p for p in self.dir.glob(f"{self.path.name}.v*.bak") if p.is_file()]
+        return max(copies, key=lambda p: p.stat().st_mtime) if copies else None
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Bring the schema to SCHEMA_VERSION: a new database is made at once; an
+        older one is copied beside itself first, then migrated in place."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        if not fresh:
+            backup = self.path.with_name(f"{self.path.name}.v{version}.bak")
+            log.info("upgrading %s from schema version %d to %d; saving a copy as %s first",
+                     self.path, version, SCHEMA_VERSION, backup.name)
+            self._backup(db, backup)
+        # all or nothing: a crash half way leaves the old version, migrated again at the next start
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(SCHEMA):
+                db.execute(statement)
             columns = {row[1] for table in ("builds", "runners")
-                       for row in self.db.execute(f"PRAGMA table_info({table})")}
+                       for row in db.execute(f"PRAGMA table_info({table})")}
             for column, step in MIGRATIONS:
                 if column is None or column not in columns:
-                    self.db.execute(step)
+                    db.execute(step)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
+            self._make_reclaimable(db)
+        if not fresh:
+            log.info("%s is at schema version %d; the copy of version %d is %s", self.path.name,
+                     SCHEMA_VERSION, version, backup)
+
+    def _backup(self, db: sqlite3.Connection, target: Path) -> None:
+        """A consistent copy of the database in one file, written aside and renamed into place."""
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            tmp.unlink(missing_ok=True)
+            copy = sqlite3.connect(tmp)
+            try:
+                db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")     # one self-contained file
+            finally:
+                copy.close()
+            os.replace(tmp, target)
+            files.sync_dir(target.parent)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot use data dir {self.dir}: {exc}") from None
+            if tmp.is_file():
+                tmp.unlink()
+            raise StoreError(f"cannot upgrade {self.path}: saving a copy of it as {target} failed ({exc}); "
+                             f"nothing was changed. Free some space (the copy needs "
+                             f"{self.path.stat().st_size // 1024} KiB) and start again") from None
+
+    def _make_reclaimable(self, db: sqlite3.Connection) -> None:
+        """Switch a database made before incremental vacuum to it (a VACUUM: it
+        rewrites the file). Without room for that, it stays as it is: the space
+        of deleted builds is then reused, just not given back to the disk."""
+        try:
+            db.execute(f"PRAGMA auto_vacuum={AUTO_VACUUM_INCREMENTAL}")
+            db.execute("VACUUM")
+        except sqlite3.OperationalError as exc:
+            log.warning("%s stays without incremental vacuum (%s): space freed by retention is reused, "
+                        "not returned to the disk", self.path, exc)
 
     def close(self) -> None:
         self.db.close()
+        self._lock.release()
+
+    def reclaim(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the disk (incremental vacuum);
+        returns how many free pages are left."""
+        self.db.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+        return self.db.execute("PRAGMA freelist_count").fetchone()[0]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -266,3 +425,23 @@ def _build(row: tuple) -> Build:
     return Build(id_, repo, branch, sha, subject, author, commit_time, reason, Status(status), attempt,
                  runner, tuple(json.loads(labels)), created_at, started_at, finished_at, exit_code, log_base,
                  job)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (executescript would commit first)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """SQLite's "database or disk is full" (SQLITE_FULL)."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+def is_locked(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+        or "database is locked" in str(exc)

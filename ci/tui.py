@@ -41,9 +41,20 @@ def render_status(snapshot: dict, now: float, width: int | None = None) -> Rende
     runners = snapshot.get("runners", [])
     parts = [render_runners(runners, now), Text(""), render_builds(snapshot.get("builds", []), now, runners,
                                                                    width=width)]
+    if snapshot.get("conditions"):
+        parts[:0] = [render_conditions(snapshot["conditions"]), Text("")]
     if any(len(p.get("jobs") or []) > 1 for p in snapshot.get("pipelines") or []):
         parts += [Text(""), render_pipelines(snapshot["pipelines"])]
     return Group(*parts)
+
+
+def render_conditions(conditions: Iterable[dict]) -> Text:
+    """What the dispatcher is in (its disk full...), one line each: ``dispatcher: disk full (12 MB free)``."""
+    text = Text()
+    for i, condition in enumerate(conditions):
+        text.append("\n" if i else "")
+        text.append(plain(f"dispatcher: {condition.get('message') or condition.get('name', '')}"), style="bold red")
+    return text
 
 
 def render_pipelines(pipelines: Iterable[dict]) -> Table:
@@ -313,6 +324,10 @@ def render_header(state, now: float, width: int | None = None) -> Text:
         text.append(" ● connecting", style="bold red")
     else:
         text.append(" ● disconnected", style="bold red")
+    # before the counts: what is wrong with the dispatcher must not be the part an ellipsis cuts
+    for condition in getattr(state, "conditions", None) or ():
+        text.append(" │ ")
+        text.append(plain(f"dispatcher: {condition.get('message') or condition.get('name', '')}"), style="bold red")
     counts = state.counts(now)
     text.append(" │ ")
     for i, name in enumerate(("queued", "running", "passed", "failed", "error")):

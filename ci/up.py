@@ -4,8 +4,10 @@ Each daemon is its own process (``python -m ci.<daemon> ...``), started in
 order: the dispatcher first (the others need its address), then the observer,
 the runners and `tinyci web` (unless ``--no-web``), whose address is the
 first thing the summary prints. A child counts as started when it prints its ready line
-("tinyci <daemon> listening on HOST:PORT") on stdout; its stderr, the
-daemon's log, goes to DATA/logs/<name>.log. If any child fails to start or
+("tinyci <daemon> listening on HOST:PORT") on stdout; its log goes to
+DATA/logs/<name>.log (``--log-file``: rotated by size, the last few kept as
+<name>.log.1 ...), and its stderr too, for what a daemon prints before its
+logging starts. If any child fails to start or
 dies later, the others are stopped and the end of its log is shown. Ctrl-C or
 SIGTERM stops them all: SIGTERM to each by PID, SIGKILL after a grace time.
 
@@ -450,7 +452,8 @@ class Supervisor:
                 raise task.exception()
 
     def child(self, name: str, daemon: str, flags: list[str]) -> Child:
-        return Child(name, daemon, [*flags, *self.plan.common], self.logs / f"{name}.log")
+        log_path = self.logs / f"{name}.log"
+        return Child(name, daemon, [*flags, *self.plan.common, "--log-file", str(log_path)], log_path)
 
     async def start(self, child: Child) -> None:
         try:
@@ -607,6 +610,8 @@ def _signal(child: Child, sig: int) -> None:
 def _tail(path: Path, start: int, lines: int) -> list[str]:
     try:
         with open(path, "rb") as f:
+            if start > os.fstat(f.fileno()).st_size:
+                start = 0           # the log was rotated since: all of it is newer
             f.seek(start)
             text = f.read().decode(errors="replace")
     except OSError:

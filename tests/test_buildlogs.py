@@ -96,3 +96,31 @@ def test_reads_never_end_inside_a_character_unless_asked(logs):
     assert logs.read(1, 0, 100) == b"a"
     assert logs.read(1, 0, 100, whole=False) == b"a\xc3"
     assert logs.read(2, 0, 100) == b"" and logs.size(2) == 0
+
+
+def test_a_log_removed_under_it_is_noted_and_counts_go_on(tmp_path):
+    logs = BuildLogs(tmp_path / "logs", 1024)
+    build = started(logs, running())
+    logs.append(build, 0, b"a" * 100)
+    assert logs.check(build) is None                        # as it should be: nothing said
+    logs.path(1).unlink()
+    assert logs.check(build) == "[log file was removed; continuing]"
+    assert logs.append(build, 100, b"b\n") == (102, True)   # the runner's count goes on
+    assert logs.path(1).read_text() == "[log file was removed; continuing]\nb\n"
+    assert logs.check(build) is None                        # said once
+
+
+def test_a_log_over_its_cap_grows_in_its_tail_and_is_not_taken_for_cut_short(tmp_path):
+    logs = BuildLogs(tmp_path / "logs", 1024)
+    build = started(logs, running())
+    for n in range(10):
+        logs.append(build, n * 300, b"x" * 299 + b"\n")
+    assert logs.cap._paths(1)[1].exists() and logs.check(build) is None
+
+
+def test_a_line_that_cannot_be_written_is_reported_and_skipped(tmp_path):
+    errors = []
+    logs = BuildLogs(tmp_path / "logs", 1024, on_error=lambda build, exc: errors.append((build, exc.errno)))
+    logs.path(7).mkdir()                                    # where the log should be: not a file
+    assert logs.line(7, "=== passed ===") == logs.path(7).stat().st_size
+    assert [build for build, _ in errors] == [7]

@@ -175,6 +175,7 @@ class StandIn:
     def __init__(self, secret: str = "", identity: str = protocol.DISPATCHER_ID):
         self.secret, self.identity = secret, identity
         self.received: list[dict] = []
+        self.retention = True           # what `gc` answers: a policy, or retention off
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -208,6 +209,11 @@ class StandIn:
             return protocol.error("finished", f"build {msg['build']} is already passed")
         if kind == "poke":
             return protocol.ok()
+        if kind == "gc":
+            days = 30.0 if self.retention else 0.0
+            return protocol.ok(builds=412 if days else 0, log_bytes=96_300_000 if days else 0,
+                               artifact_bytes=1_234_000_000 if days else 0, days=days, per_branch=0,
+                               dry_run=msg.get("dry_run", False), db_bytes=0 if msg.get("dry_run") else 8192)
         return protocol.error("unexpected", kind)
 
     def __enter__(self) -> "StandIn":
@@ -237,8 +243,21 @@ def standin(monkeypatch):
 def test_status_json_is_one_object(standin, capsys):
     assert cli.main(["status", "--json", "--limit", "5", "--dispatcher", standin.addr]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out) == {"runners": SNAPSHOT["runners"], "builds": SNAPSHOT["builds"], "pipelines": []}
+    assert json.loads(out) == {"runners": SNAPSHOT["runners"], "builds": SNAPSHOT["builds"], "pipelines": [],
+                               "conditions": []}
     assert standin.received[-1] == {"type": "status", "limit": 5}
+
+
+def test_gc_says_what_a_sweep_would_delete_and_what_one_deleted(standin, capsys):
+    assert cli.main(["gc", "--dry-run", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out == ("a sweep would delete 412 finished build(s) older than 30 day(s): "
+                                       "96.3 MB of logs, 1.2 GB of artifacts\n")
+    assert standin.received[-1] == {"type": "gc", "dry_run": True}
+    assert cli.main(["gc", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out.endswith("of artifacts; the database gave back 8.2 KB\n")
+    standin.retention = False
+    assert cli.main(["gc", "--dispatcher", standin.addr]) == 0
+    assert capsys.readouterr().out.startswith("retention is off (retention.days and retention.per_branch are 0")
 
 
 def test_status_tables(standin, capsys):
@@ -480,6 +499,8 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
         secret = secret_file.read_text().strip()
         assert secret and secret_file.stat().st_mode & 0o077 == 0
         assert not any(secret in Path(f"/proc/{pid}/cmdline").read_text() for _, pid in children.values())
+        # each logs to its file itself, rotated by size
+        assert all("\0--log-file\0" in Path(f"/proc/{pid}/cmdline").read_text() for _, pid in children.values())
         assert "refused our credentials" in tinyci("status", "--dispatcher", addr).stderr
         auth = {"TINYCI_AUTH_SECRET_FILE": str(secret_file)}
         deadline = time.monotonic() + 90
@@ -499,7 +520,7 @@ def test_up_demo_builds_the_first_commit_and_stops_cleanly(tmp_path):
         code = run.stop()
     assert code == 0, run.proc.stderr.read()
     assert not any(pid_alive(pid) for _, pid in children.values())
-    assert (tmp_path / "data" / "logs" / "dispatcher.log").exists()
+    assert "dispatcher INFO" in (tmp_path / "data" / "logs" / "dispatcher.log").read_text()
 
 
 @pytest.mark.slow

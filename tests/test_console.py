@@ -235,6 +235,17 @@ def test_console_colours_statuses_and_shows_a_disconnected_dispatcher():
     assert "retrying (connection refused)" in screen(tui.render_header(b, NOW), 200, styles=True)
 
 
+def test_the_dispatchers_conditions_head_the_console_and_the_status_tables():
+    b = state({**SNAPSHOT, "conditions": [{"name": "disk_full", "message": "disk full (12 MB free)",
+                                           "since": NOW - 30}]})
+    header = screen(tui.render_console(b, NOW, 80, 24)).splitlines()[0]
+    assert "dispatcher: disk full (12 MB free)" in header
+    assert "dispatcher: disk full (12 MB free)" in screen(tui.render_status(b.status_snapshot(), NOW)).splitlines()[0]
+    b.event({"type": "event", "event": "conditions", "conditions": []})        # cleared
+    assert "dispatcher:" not in screen(tui.render_console(b, NOW, 80, 24))
+    assert "dispatcher:" not in screen(tui.render_status(b.status_snapshot(), NOW))
+
+
 def test_nothing_a_peer_sent_is_drawn_as_markup_or_a_control():
     hostile = dict(SNAPSHOT,
                    runners=[{**runner("alpha", "busy", [41], labels=["[i]gpu"]), "host": "[link=file:///etc/passwd]x"}],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 
 import pytest
 
@@ -486,6 +487,7 @@ async def test_after_a_restart_a_known_runner_has_the_deadline_to_come_back(make
     await h.commit(sha=SHA2)
     assert (h.build(1).status, h.build(2).status) == (Status.RUNNING, Status.QUEUED)
     # the dispatcher restarts over the same data; r1 still starts (its port refuses)
+    h.store.close()                 # the first dispatcher stops: the data dir is one dispatcher's
     again = make(heartbeat_interval=1.0, heartbeat_misses=3)
     r1 = again.runner("r1")
     r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
@@ -505,6 +507,7 @@ async def test_after_a_restart_a_runner_not_back_in_time_is_lost(make):
     h = make(heartbeat_interval=1.0, heartbeat_misses=3)
     await h.commit()
     await h.register("r1")
+    h.store.close()                 # the first dispatcher stops: the data dir is one dispatcher's
     again = make(heartbeat_interval=1.0, heartbeat_misses=3)
     r1 = again.runner("r1")
     r1.down = net.PeerRefused("nothing listens on 127.0.0.1:9000 (connection refused)")
@@ -561,6 +564,7 @@ async def test_a_drained_runner_stays_drained_across_a_dispatcher_restart(make):
     h = make()
     await h.register("r1")
     await h.call({"type": "drain", "name": "r1"})
+    h.store.close()                 # the first dispatcher stops: the data dir is one dispatcher's
     again = make()
     again.runner("r1")
     await again.ping("r1")
@@ -583,3 +587,112 @@ async def test_forget_removes_a_dead_runner_and_refuses_a_live_one(make):
     assert [r["name"] for r in (await h.status())["runners"]] == ["r2"]
     assert [r.name for r in h.store.runners()] == ["r2"]
     assert codes(await h.call({"type": "forget", "name": "r1"})) == ("error", "not_found")
+
+
+# ---------------------------------------------------------------- a full disk, a log removed
+
+class Disk:
+    """statvfs of a disk whose free space the test sets."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+    def __call__(self, path: str):
+        return type("statvfs", (), {"f_bavail": self.free // 4096, "f_frsize": 4096})()
+
+
+def full_disk(h, free: int) -> Disk:
+    disk = Disk(free)
+    h.d.disk.statvfs = disk
+    h.d.disk.look()
+    return disk
+
+
+@scenario
+async def test_a_log_past_the_reserve_is_cut_and_its_result_recorded_with_a_note(make):
+    h = make(min_free_bytes=1 << 20)
+    disk = full_disk(h, 1 << 30)
+    await h.register()
+    await h.commit()
+    await h.commit(sha=SHA2)
+    await h.settle()
+    assert codes(await h.log(1, 0, "first lines\n")) == ("ok", None)
+    disk.free = (1 << 20) + 100                # the next frame would go past the reserve
+    h.d.disk.look()
+    refused = await h.log(1, 12, "x" * 4096)
+    assert codes(refused) == ("error", "disk_full")
+    assert "the dispatcher's disk is full" in refused["message"] and "send the result" in refused["message"]
+    status = await h.status()
+    assert [(c["name"], c["message"]) for c in status["conditions"]] == [("disk_full", "disk full (1.0 MB free)")]
+    # the runner sends its result for the whole log; the dispatcher takes it, saying where the log stops
+    assert codes(await h.result(1, log_size=12 + 4096 + 30)) == ("ok", None)
+    text = h.text(1)
+    assert text.index("first lines\n") < text.index("[log cut: the dispatcher's disk is full] (4126 bytes of output "
+                                                      "were not stored)") < text.index("=== passed (exit 0)")
+    assert h.build(1).status is Status.PASSED
+    await h.settle()
+    assert h.build(2).status is Status.RUNNING and h.build(2).runner == "r1"     # its slot went to the next build
+    disk.free = 1 << 30
+    h.d.disk.look()
+    assert (await h.status())["conditions"] == []
+    assert codes(await h.log(2, 0, "room again\n")) == ("ok", None)
+
+
+@scenario
+async def test_an_incomplete_log_without_a_cut_is_still_asked_for(make):
+    h = make()
+    await h.register()
+    await h.commit()
+    await h.settle()
+    await h.log(1, 0, "abc")
+    reply = await h.result(1, log_size=10)
+    assert codes(reply) == ("error", "offset") and reply["expected"] == 3
+
+
+@scenario
+async def test_an_artifact_that_does_not_fit_is_left_out_with_a_note(make):
+    h = make(min_free_bytes=1 << 20)
+    full_disk(h, (1 << 20) + 10)
+    await h.register()
+    await h.commit()
+    await h.settle()
+    reply = await h.call({"type": "artifact", "build": 1, "attempt": 1, "path": "dist/app.tar", "offset": 0,
+                          "data": "aGVsbG8gd29ybGQ=", "eof": True}, protocol.RUNNER, id="r1")
+    assert codes(reply) == ("error", "disk_full") and "artifact 'dist/app.tar' left out" in reply["message"]
+    assert "[artifact dist/app.tar left out: the dispatcher's disk is full]" in h.text(1)
+    assert h.d.artifacts.list(1) == []
+
+
+@scenario
+async def test_a_removed_log_file_is_noted_and_the_attempt_goes_on(make):
+    h = make()
+    await h.register()
+    await h.commit()
+    await h.settle()
+    assert (await h.log(1, 0, "one\ntwo\n"))["offset"] == 8
+    h.d.logs.path(1).unlink()                       # an operator making room by hand
+    reply = await h.log(1, 8, "three\n")
+    assert reply == {"type": "ok", "offset": 14}   # the runner's count goes on where it was
+    assert h.text(1) == "[log file was removed; continuing]\nthree\n"
+    assert codes(await h.result(1, log_size=14)) == ("ok", None)
+    assert h.build(1).status is Status.PASSED and "=== passed" in h.text(1)
+
+
+@scenario
+async def test_a_log_file_cut_short_is_noted_once(make):
+    h = make()
+    await h.register()
+    await h.commit()
+    await h.settle()
+    await h.log(1, 0, "a" * 100)
+    with open(h.d.logs.path(1), "r+b") as f:
+        f.truncate(30)
+    assert (await h.log(1, 100, "b" * 10))["offset"] == 110
+    assert (await h.log(1, 110, "c"))["offset"] == 111
+    text = h.text(1)
+    assert text.count("[log file was cut short by") == 1 and text.endswith("b" * 10 + "c")
+    db = sqlite3.connect(h.store.path)              # the moved base was saved: a restart counts the same
+    try:
+        assert db.execute("SELECT log_base FROM builds WHERE id = 1").fetchone()[0] == h.d.sched.builds[1].log_base
+    finally:
+        db.close()

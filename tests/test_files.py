@@ -50,6 +50,7 @@ def test_the_lock_is_exclusive_between_processes_and_dies_with_its_holder(tmp_pa
         with pytest.raises(LockedError) as err:
             DirLock(path).acquire()
         assert str(path) in str(err.value)
+        assert err.value.pid == holder.pid and f"pid {holder.pid}" in str(err.value)
     finally:
         holder.kill()
         holder.wait(timeout=10)

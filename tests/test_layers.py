@@ -25,6 +25,7 @@ LEAVES = {
     "config": {"limits"},
     "tls": set(),
     "local": set(),
+    "conditions": set(),
 }
 
 

@@ -53,6 +53,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "drain": (OPERATOR, {"name": "r1"}),
     "resume": (OPERATOR, {"name": "r1"}),
     "forget": (OPERATOR, {"name": "r1"}),
+    "gc": (OPERATOR, {"dry_run": True}),
     "poke": (OBSERVER, {"branch": "main"}),
     "ok": (SERVER, {}),
     "error": (SERVER, {"code": "offset", "message": "log of build 1 has 6 bytes, not 9", "expected": 6}),
@@ -63,7 +64,8 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
 }
 
 SNAPSHOT = {"type": "ok", "runners": [{"name": "r1", "state": "idle"}], "builds": [{"id": 1, "status": "passed"}],
-            "pipelines": [{"sha": SHA, "status": "passed", "jobs": []}], "queue": [2]}
+            "pipelines": [{"sha": SHA, "status": "passed", "jobs": []}], "queue": [2],
+            "conditions": [{"name": "disk_full", "message": "disk full (12 MB free)", "since": 1700000000.0}]}
 # The whole answer to every request, frame by frame, with every optional field.
 ANSWERS: dict[str, list[dict]] = {
     "auth": [{"type": "ok", "role": "runner", "mac": "f0" * 32}],
@@ -82,6 +84,7 @@ ANSWERS: dict[str, list[dict]] = {
                  {"type": "end", "status": "passed", "offset": 10}],
     "watch": [SNAPSHOT, {"type": "event", "event": "build", "build": {"id": 3}},
               {"type": "event", "event": "runner", "runner": {"name": "r1"}},
+              {"type": "event", "event": "conditions", "conditions": []},
               {"type": "end", "reason": "watcher too slow"}],
     "history": [{"type": "ok", "builds": [{"id": 3, "status": "failed"}], "older": True, "newer": False}],
     "branch_status": [{"type": "ok", "status": "passed", "sha": SHA, "builds": [3, 4]}],
@@ -95,6 +98,8 @@ ANSWERS: dict[str, list[dict]] = {
     "drain": [{"type": "ok", "runner": {"name": "r1", "state": "draining"}}],
     "resume": [{"type": "ok", "runner": {"name": "r1", "state": "idle"}}],
     "forget": [{"type": "ok"}],
+    "gc": [{"type": "ok", "builds": 12, "log_bytes": 40960, "artifact_bytes": 1000, "days": 30.0, "per_branch": 0,
+            "dry_run": False, "db_bytes": 8192}],
     "poke": [{"type": "ok"}],
 }
 REQUESTS = sorted(k for k, spec in protocol.MESSAGES.items() if spec.is_request)
@@ -192,7 +197,7 @@ def test_who_may_send_what():
     assert senders["run"] == senders["ping"] == {DISPATCHER}
     assert senders["cancel"] == {DISPATCHER, OPERATOR}
     assert senders["poke"] == {OBSERVER, OPERATOR}
-    assert senders["trigger"] == senders["rebuild"] == {OPERATOR}
+    assert senders["trigger"] == senders["rebuild"] == senders["gc"] == {OPERATOR}
     assert senders["drain"] == senders["resume"] == senders["forget"] == {OPERATOR}
     for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact", "history",
                  "branch_status", "log_window", "counts"):
@@ -343,7 +348,7 @@ def test_what_answers_each_request():
         "run": ("ok", [], []),
         "ping": ("pong", ["running"], []),
         "cancel": ("ok", [], ["builds"]),
-        "status": ("ok", ["builds", "pipelines", "queue", "runners"], []),
+        "status": ("ok", ["builds", "pipelines", "queue", "runners"], ["conditions"]),
         "build": ("ok", ["build"], []),
         "artifacts": ("ok", ["artifacts"], []),
         "history": ("ok", ["builds", "newer", "older"], []),
@@ -356,6 +361,7 @@ def test_what_answers_each_request():
         "drain": ("ok", ["runner"], []),
         "resume": ("ok", ["runner"], []),
         "forget": ("ok", [], []),
+        "gc": ("ok", ["artifact_bytes", "builds", "days", "dry_run", "log_bytes", "per_branch"], ["db_bytes"]),
         "poke": ("ok", [], []),
     }
     read_log, watch = protocol.MESSAGES["read_log"].stream, protocol.MESSAGES["watch"].stream
@@ -363,7 +369,7 @@ def test_what_answers_each_request():
     assert (shape(read_log.each), shape(read_log.end)) == (("chunk", ["data", "offset"], ["times"]),
                                                            ("end", ["offset", "status"], []))
     assert watch.first == protocol.MESSAGES["status"].reply        # the snapshot is a status reply
-    assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "runner"]),
+    assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "conditions", "runner"]),
                                                      ("end", ["reason"], []))
     assert shape(protocol.ERROR) == ("error", ["code", "message"], ["expected"])
 

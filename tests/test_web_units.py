@@ -171,3 +171,17 @@ def test_a_heartbeat_alone_does_not_wake_the_pages():
     assert t.version == version + 1 and sample(t, "tinyci_runners", state="dead") == 1
     t.event({"type": "event", "event": "newfangled"})
     assert t.version == version + 1
+
+
+def test_the_dispatchers_conditions_make_a_banner_on_every_page():
+    from ci.web.views import environment
+    t = Tracker()
+    t.snapshot({"runners": [], "builds": [], "conditions": [
+        {"name": "disk_full", "message": "disk full (12 MB free)", "since": 1.0}]})
+    version = t.version
+    page = environment().get_template("message.html").render(
+        connected=True, problem="", version=t.version, user=None, csrf="", path="/", actions=False, asset="1",
+        conditions=[f"dispatcher: {c['message']}" for c in t.conditions], code=200, title="t", message="m")
+    assert '<div class="banner" id="banner" data-refresh>dispatcher: disk full (12 MB free)</div>' in page
+    t.event({"type": "event", "event": "conditions", "conditions": []})
+    assert t.conditions == [] and t.version == version + 1         # cleared: the pages refresh

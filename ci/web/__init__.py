@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hash-password", action="store_true",
                         help="read a password (from the terminal, or one line of stdin) and print the "
                              "hash to put in web.users; then exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    from .. import daemon
+    daemon.add_logging_arguments(parser)            # -v, --log-file: as every daemon
 
 
 def main(args: argparse.Namespace) -> int:

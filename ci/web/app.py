@@ -254,4 +254,4 @@ def main(args) -> int:
         finally:
             await runner.cleanup()
 
-    return daemon.run("web", body, args.verbose)
+    return daemon.run("web", body, args.verbose, args.log_file)

@@ -19,6 +19,7 @@ def render(request: web.Request, template: str, code: int = 200, **context) -> w
     tracker = app["tracker"]
     page = app["env"].get_template(template).render(
         connected=tracker.connected, problem=tracker.problem, version=tracker.version,
+        conditions=[f"dispatcher: {c.get('message') or c.get('name', '')}" for c in tracker.conditions],
         user=request.get("user"), csrf=request.get("csrf", ""), path=request.path_qs,
         actions=app["actions"] and bool(request.get("user")),
         asset=app["asset_version"], **context)

@@ -27,6 +27,7 @@ class Tracker:
         self.runners: dict[str, dict] = {}
         self.connected = False
         self.problem = "connecting to the dispatcher"
+        self.conditions: list[dict] = []        # what the dispatcher is in (its disk full), for the banner
         self.version = 0
         self.changed = asyncio.Event()
         self._counted: OrderedDict[int, None] = OrderedDict()
@@ -46,6 +47,7 @@ class Tracker:
             if build["status"] == "running":
                 self._once(self._started, build["id"], lambda b=build: self.metrics.build_started(b))
         self.runners = {r["name"]: r for r in frame.get("runners", [])}
+        self.conditions = [c for c in frame.get("conditions") or [] if isinstance(c, dict)]
         self.connected, self.problem = True, ""
         self._bump()
 
@@ -59,6 +61,8 @@ class Tracker:
             if old is not None and {**old, "last_seen": 0} == {**runner, "last_seen": 0}:
                 self._publish()         # the metrics, not the pages
                 return
+        elif frame.get("event") == "conditions" and isinstance(frame.get("conditions"), list):
+            self.conditions = [c for c in frame["conditions"] if isinstance(c, dict)]
         else:
             return                      # an event of a newer dispatcher
         self._bump()

@@ -1,0 +1,69 @@
+"""A daemon's log file rotates by size, and a stderr pointed at it (as
+`tinyci up` points its children's) follows it; a log file that cannot be
+written is one line at start-up. Each case in a process of its own: it
+changes the process's logging and its stderr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT, child_env
+
+ROTATE = """
+import logging, os, sys
+from ci import daemon
+path = sys.argv[1]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+os.dup2(fd, 2)                                  # as `tinyci up` starts its children
+handler = daemon.RotatingLog(path, max_bytes=4000, backups=2)
+handler.addFilter(daemon.PlainRecords())
+logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
+for i in range(300):
+    logging.getLogger("ci.test").info("record %03d %s", i, "x" * 40)
+print("printed on stderr after the rotations", file=sys.stderr, flush=True)
+"""
+
+
+def test_the_log_rotates_by_size_and_stderr_follows_it(tmp_path):
+    log = tmp_path / "dispatcher.log"
+    done = subprocess.run([sys.executable, "-c", ROTATE, str(log)], env=child_env(), cwd=ROOT, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["dispatcher.log", "dispatcher.log.1", "dispatcher.log.2"]      # two kept, the rest gone
+    assert all(p.stat().st_size <= 4000 for p in tmp_path.iterdir())
+    current = log.read_text()
+    assert "record 299" in current and current.endswith("printed on stderr after the rotations\n")
+    assert "record 299" not in (tmp_path / "dispatcher.log.1").read_text()
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path):
+    target = tmp_path / "no-such-dir" / "dispatcher.log"
+    done = subprocess.run([sys.executable, "-m", "ci", "dispatcher", "--port", "0", "--data", str(tmp_path / "d"),
+                           "--log-file", str(target)], env=child_env(), cwd=tmp_path, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"tinyci dispatcher: cannot write its log file {target}: No such file or directory\n"
+
+
+FULL = """
+import logging, os, sys
+from ci import daemon
+handler = daemon.RotatingLog(sys.argv[1])
+logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
+real = handler.stream
+handler.stream = open("/dev/full", "w")          # every write: ENOSPC
+for i in range(50):
+    logging.getLogger("ci.test").info("record %d", i)
+handler.stream = real
+logging.getLogger("ci.test").info("room again")
+"""
+
+
+def test_records_lost_to_a_full_disk_are_counted_not_each_a_traceback(tmp_path):
+    log = tmp_path / "d.log"
+    done = subprocess.run([sys.executable, "-c", FULL, str(log)], env=child_env(), cwd=ROOT, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert log.read_text() == "50 log record(s) were lost here: the log file could not be written\nroom again\n"
