@@ -10,7 +10,7 @@ branch always shows its last result. Build numbers are never reused
 (AUTOINCREMENT), so a deleted build's number stays unused.
 
 Deleting a build deletes its row, its artifacts' rows, its log (with the cap's
-``.tail``/``.cut`` files) and its artifacts' directory. No pause a runner or a
+``.tail``/``.cut``/``.times`` files) and its artifacts' directory. No pause a runner or a
 tool notices: the choice is one query on a connection of its own in a thread
 (WAL: it blocks no writer, and a window over 100,000 builds takes a moment the
 event loop must not wait), the rows go in transactions of ``BATCH`` builds on
@@ -151,7 +151,7 @@ class Retention:
         return [(build_id, sha) for build_id, sha in batch if build_id in gone]
 
     def _files(self, build_id: int, sha: str) -> tuple[list[Path], Path | None]:
-        logs = [self.logs / f"{int(build_id)}{suffix}" for suffix in (".log", ".tail", ".cut", ".tail-new")]
+        logs = [self.logs / f"{int(build_id)}{suffix}" for suffix in (".log", ".tail", ".cut", ".tail-new", ".times")]
         folder = self.artifacts / sha / str(int(build_id)) if patterns.is_sha(sha) else None
         return logs, folder
 
