@@ -1,13 +1,15 @@
 """Test fixtures: real git repositories in tmp_path and real daemons as real
 processes on ephemeral loopback ports, started by the one launcher
 (tests/daemons.py, shared with the benchmarks). Every test that starts a
-daemon is marked ``slow``, so ``pytest -m "not slow"`` is the fast subset.
+daemon, or tinyci as a process, is marked ``slow``, so ``pytest -m "not slow"``
+is the fast subset.
 
 The names the test files import from here (Cluster, Daemon, Repo, child_env,
 free_port, pid_alive, READY, ...) are the launcher's, re-exported."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +24,27 @@ __all__ = ["READY", "GIT_ENV", "ROOT", "Cluster", "Daemon", "Repo", "child_env",
            "wait_until", "tinyci", "by_sha", "finished"]
 
 # Fixtures that start real daemon processes: a test using one is marked slow.
-# `runners` (test_runner.py) and `spawn` (test_observer.py) are those files'
-# own launchers, until they move onto tests/daemons.py.
+# `runners` (test_runner.py) and `spawn` (test_observer.py) start theirs
+# through tests/daemons.py.
 DAEMON_FIXTURES = frozenset({"cluster", "runners", "spawn"})
+# A test whose own code starts tinyci as a process (the command, a daemon) is
+# slow too: each start costs a Python interpreter's start-up and imports.
+PROCESS_CALLS = ("tinyci(", "Daemon(", "Up(", "-m\", \"ci")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if DAEMON_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if DAEMON_FIXTURES.intersection(getattr(item, "fixturenames", ())) or _starts_processes(item):
             item.add_marker(pytest.mark.slow)
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in PROCESS_CALLS)
 
 
 def tinyci(*args: str, cwd: Path | None = None, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:

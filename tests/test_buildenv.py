@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ci.attempt import RunRequest
@@ -56,6 +57,7 @@ def project(repo: Repo, name: str, files: dict[str, str]) -> str:
                                                "NAME": f"{name} 0.0.1\n", **files})
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_installing_into_a_build_never_touches_tinycis_environment(tmp_path):
     repo = Repo(tmp_path / "repo")
     # a project that *is* another PyYAML: installed anywhere tinyci can see, the runner breaks
@@ -78,6 +80,7 @@ def test_installing_into_a_build_never_touches_tinycis_environment(tmp_path):
     assert outcome.status == Status.PASSED and "\nFalse\n" in text, text
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_an_installable_src_layout_project_gets_installed_before_its_tests(tmp_path):
     repo = Repo(tmp_path / "repo")
     project(repo, "clicky", {"src/clicky/__init__.py": "def shout(s):\n    return s.upper()\n",

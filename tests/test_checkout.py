@@ -141,6 +141,7 @@ def test_a_bad_address_a_failed_clone_and_the_time_limit(project, slot, tmp_path
     assert not slot.clone.exists()
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_a_stop_ends_the_checkout_at_once_but_git_keeps_the_clone_until_it_ends(tmp_path, monkeypatch):
     # an ssh "transport" that takes its time and fails: a clone that is slow to answer
     monkeypatch.setenv("GIT_SSH_COMMAND", "sleep 1.5; false")

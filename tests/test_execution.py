@@ -125,6 +125,7 @@ def test_step_sources(project, slot):
     assert not (slot.clone / ".ci.yaml").exists()
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_a_repository_with_tests_and_no_steps_gets_the_default_test_step(project, slot):
     project.commit("tests", {"tests/test_ok.py": "def test_ok():\n    pass\n"})
     outcome, text = slot(project, [])
@@ -139,6 +140,7 @@ def test_a_failed_checkout_is_an_error(project, slot):
     assert "checkout failed: commit 0123456789abcdef" in text
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_timeout_kills_the_whole_process_tree(project, slot, tmp_path):
     stubborn = tmp_path / "stubborn.pid"
     shell = tmp_path / "shell.pid"
@@ -154,6 +156,7 @@ def test_timeout_kills_the_whole_process_tree(project, slot, tmp_path):
     assert not list((tmp_path / "checkouts").glob("*.pgid")), "the step's marker outlived it"
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_a_steps_own_time_limit(project, slot):
     project.commit("limits", {".ci.yaml": "steps:\n  - {name: slow, run: sleep 1000, timeout: 0.5}\n"})
     outcome, text = slot(project, [])
@@ -190,6 +193,7 @@ def test_the_exit_is_seen_before_the_output_closes(project, slot):
     assert "started\n[exit 0 after " in text
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_output_a_process_that_left_the_group_holds_open(project, slot, tmp_path):
     escaped = tmp_path / "escaped.pid"
     try:

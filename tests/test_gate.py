@@ -100,6 +100,7 @@ async def status(port: int) -> dict:
         await client.close()
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_silent_sockets_from_one_address_do_not_keep_out_a_client_with_a_secret():
     async def body():
         # 30 places for connections, and 40 sockets that never authenticate, all from 127.0.0.1
@@ -144,6 +145,7 @@ def test_a_large_frame_before_authentication_is_refused_at_its_length():
     run(body())
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_the_whole_handshake_must_end_within_the_read_timeout():
     async def body():
         server, port = await serve(net.Limits(read_timeout=2.0))

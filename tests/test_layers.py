@@ -6,6 +6,7 @@ the low layers import no daemon or tool."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 CI = Path(__file__).resolve().parents[1] / "ci"
@@ -75,6 +76,7 @@ def imports_of(path: Path, depth: int = 1) -> set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def graph() -> dict[str, set[str]]:
     """ci modules, and each subpackage (ci/web) as one node, with the ci modules each imports."""
     modules = {path.stem: path for path in CI.glob("*.py") if path.stem != "__init__"}

@@ -99,6 +99,7 @@ def test_oversized_frame_is_refused_and_connection_closed_but_server_serves_othe
     run(body())
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_silent_and_half_frame_peers_are_dropped_without_blocking_others():
     async def body():
         server, port = await start()

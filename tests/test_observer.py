@@ -540,6 +540,7 @@ def test_a_git_command_cancelled_midway_is_killed_with_its_children(tmp_path):
     assert _gone(pid), f"git's child {pid} outlived the cancel"
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_a_git_command_that_does_not_answer_in_time_is_killed(tmp_path):
     pidfile = tmp_path / "pid"
     done = asyncio.run(gitops.run_cancellable(_hang(pidfile), tmp_path, timeout=0.5))

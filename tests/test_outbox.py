@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from ci.outbox import ACCEPTED, MAX_CHUNK, STALE, Delivery, Outbox
 
 from runner_support import FakeDispatcher, wait_until
@@ -115,6 +117,7 @@ def test_a_dispatcher_that_lost_the_log_gets_it_again_from_its_offset(tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_refused_results_are_retried_and_a_stale_lease_ends_the_delivery(tmp_path, caplog):
     box = Outbox(tmp_path)
     path = box.log_path(9, 1)

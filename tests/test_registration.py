@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+import pytest
+
 from ci import net, protocol
 from ci.registration import Registration
 
@@ -21,6 +23,7 @@ def messages(leases: list) -> Callable[[], dict]:
     return message
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_registers_and_again_when_the_pings_stop(caplog):
     caplog.set_level("INFO", logger="ci.registration")
     leases = []

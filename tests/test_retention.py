@@ -150,6 +150,7 @@ def test_nothing_is_chosen_when_retention_is_off(history):
     assert history.sweep().builds == 0
 
 
+@pytest.mark.slow     # real processes and timeouts of a second or more
 def test_the_loop_keeps_answering_during_a_long_sweep(history):
     rows = [("/srv/app", "main", f"{i:040x}", "s" * 200, "", 0.0, "manual", "passed", "[]", NOW - 60 * DAY, "",
              NOW - 60 * DAY) for i in range(20_000)]
