@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import Cluster, finished, free_port, tinyci, wait_until
-from web_site import Site, start_web
+from web_site import Site, start_site, start_web
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 COLOUR_STEP = "printf 'plain \\033[31mred\\033[0m \\033]52;c;cHduZWQ=\\007done\\n'"
@@ -27,11 +27,7 @@ def builds_of(c: Cluster, count: int, what: str = "builds") -> list[dict]:
 @pytest.fixture
 def site(cluster, repo):
     """A dispatcher, one runner, the observer on ``repo`` and a web process; (cluster, site, repo)."""
-    c = cluster(steps=["sh build.sh"])
-    c.dispatcher()
-    c.runner("r1")
-    c.observer(repo)
-    _, s = start_web(c)
+    c, s = start_site(cluster, repo)
     builds_of(c, 1, "the first build")
     return c, s, repo
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Cluster, Repo, finished
-from web_site import start_web
+from web_site import start_site, start_web
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +70,7 @@ def page(browser):
 
 @pytest.fixture
 def site(cluster, repo):
-    c = cluster(steps=["sh build.sh"])
-    c.dispatcher()
-    c.runner("r1")
-    c.observer(repo)
-    _, s = start_web(c)
+    c, s = start_site(cluster, repo)
     builds(c, lambda b: b and finished(b), "the first build")
     return c, s, repo
 

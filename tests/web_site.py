@@ -77,3 +77,15 @@ def start_web(cluster: Cluster, *args: str) -> tuple[Daemon, Site]:
     """`tinyci web` on a free port reading ``cluster``'s dispatcher, with its config file."""
     daemon = cluster.start("web", "web", ["--port", "0", "--dispatcher", cluster.disp.addr, *args])
     return daemon, Site(daemon.addr)
+
+
+def start_site(cluster_factory, repo) -> tuple[Cluster, Site]:
+    """A dispatcher, one runner r1, the observer on ``repo`` (whose build step is
+    ``sh build.sh``) and a web process. The caller waits for the first build in
+    its own way (the browser tests cannot run an event loop of their own)."""
+    c = cluster_factory(steps=["sh build.sh"])
+    c.dispatcher()
+    c.runner("r1")
+    c.observer(repo)
+    _, site = start_web(c)
+    return c, site
