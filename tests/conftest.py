@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from ci.daemon import READY
-from daemons import (GIT_ENV, ROOT, Cluster, Daemon, Repo, child_env, free_port, pid_alive,
+from daemons import (GIT_ENV, ROOT, TOOL_CWD, Cluster, Daemon, Repo, child_env, free_port, pid_alive,
                      wait_until)
 
-__all__ = ["READY", "GIT_ENV", "ROOT", "Cluster", "Daemon", "Repo", "child_env", "free_port", "pid_alive",
+__all__ = ["READY", "GIT_ENV", "ROOT", "TOOL_CWD", "Cluster", "Daemon", "Repo", "child_env", "free_port", "pid_alive",
            "wait_until", "tinyci", "by_sha", "finished"]
 
 # Fixtures that start real daemon processes: a test using one is marked slow.
@@ -50,7 +50,7 @@ def _starts_processes(item: pytest.Item) -> bool:
 def tinyci(*args: str, cwd: Path | None = None, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     """Run the `tinyci` command (as `python -m ci`) the way a user would, with no stdin."""
     return subprocess.run([sys.executable, "-m", "ci", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env=child_env(**env), stdin=subprocess.DEVNULL)
+                          cwd=cwd or TOOL_CWD, timeout=timeout, env=child_env(**env), stdin=subprocess.DEVNULL)
 
 
 def by_sha(builds: list[dict]) -> dict[str, dict]:

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ from ci.daemon import parse_ready
 from ci.settings import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where tools run when a test gives no directory: not ROOT, where a `tinyci up`
+# run by hand may have left .tinyci/secret, which tools look for upwards.
+TOOL_CWD = Path(tempfile.gettempdir())
 START_TIMEOUT = 30.0        # for the ready line; generous because CI machines are noisy
 STOP_TIMEOUT = 10.0         # for a daemon to exit after SIGTERM, and to be reaped after SIGKILL
 GIT_ENV = {"GIT_AUTHOR_NAME": "Ada Tester", "GIT_AUTHOR_EMAIL": "ada@example.com",

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from ci import cli, net, protocol, tui, up
 
-from conftest import child_env, free_port, pid_alive, tinyci
+from conftest import TOOL_CWD, child_env, free_port, pid_alive, tinyci
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,7 +295,7 @@ def test_what_a_peer_says_is_printed_as_plain_text(standin, capsys):
 def test_an_artifact_is_its_bytes_in_a_pipe_and_plain_text_on_a_terminal(standin):
     from test_terminal import in_pty, screen_text
     piped = subprocess.run([sys.executable, "-m", "ci", "artifacts", "5", "--get", "report.txt",
-                            "--dispatcher", standin.addr], capture_output=True, env=child_env(), cwd=ROOT,
+                            "--dispatcher", standin.addr], capture_output=True, env=child_env(), cwd=TOOL_CWD,
                            timeout=60, stdin=subprocess.DEVNULL)
     assert piped.returncode == 0 and piped.stdout == ARTIFACT
     code, out = in_pty(["artifacts", "5", "--get", "report.txt", "--dispatcher", standin.addr])

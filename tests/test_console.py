@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ci import tui
 from ci.console_state import ConsoleState, clean
-from conftest import ROOT, child_env, free_port
+from conftest import TOOL_CWD, child_env, free_port
 
 NOW = 1_700_000_000.0
 
@@ -284,7 +284,7 @@ class Terminal:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.proc = subprocess.Popen([sys.executable, "-m", "ci", *argv], stdin=slave, stdout=slave,
-                                     stderr=slave, env=child_env(TERM="xterm-256color"), cwd=ROOT,
+                                     stderr=slave, env=child_env(TERM="xterm-256color"), cwd=TOOL_CWD,
                                      start_new_session=True)
         os.close(slave)
         self.out = b""
@@ -358,7 +358,7 @@ def test_console_without_a_terminal_prints_plain_snapshots_and_rides_out_a_dispa
     c.runner("r1")
     proc = subprocess.Popen([sys.executable, "-m", "ci", "console", "--dispatcher", disp.addr],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=child_env(COLUMNS="90"), cwd=ROOT)
+                            env=child_env(COLUMNS="90"), cwd=TOOL_CWD)
     out = b""
 
     def until(pattern: bytes, what: str, timeout: float = 30.0) -> None:
@@ -397,7 +397,7 @@ def test_console_once_against_nothing_is_one_line_exit_1():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     done = subprocess.run([sys.executable, "-m", "ci", "console", "--once", "--dispatcher", f"127.0.0.1:{port}"],
-                          capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=30)
+                          capture_output=True, text=True, env=child_env(), cwd=TOOL_CWD, timeout=30)
     assert done.returncode == 1
     assert done.stderr == f"tinyci: cannot reach the dispatcher at 127.0.0.1:{port} (connection refused)\n"
 
@@ -456,7 +456,7 @@ def test_a_reader_that_goes_away_ends_status_watch_and_console_quietly(cluster):
     for number, argv in enumerate((["status", "--watch"], ["console"]), 1):
         proc = subprocess.Popen([sys.executable, "-m", "ci", *argv, "--dispatcher", disp.addr],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=child_env(), cwd=ROOT)
+                                env=child_env(), cwd=TOOL_CWD)
         try:
             assert proc.stdout.readline()           # the first snapshot is out; the reader leaves
             proc.stdout.close()
