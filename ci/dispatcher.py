@@ -10,7 +10,10 @@ by ``queries``). Sends to runners (``runnerlinks``): ``run``, ``ping``,
 
 This module is the adapter: it decodes a request, asks the plain logic
 (``intake`` for what a commit becomes, ``Scheduler`` for who runs what,
-``BuildLogs`` for the log bytes), persists, and sends. Every state change is
+``BuildLogs`` for the log bytes), persists, and sends. The requests of one
+kind each live in a class of their own: ``deliveries`` (what a runner
+sends for a build it holds), ``triggers`` (trigger, rebuild, the schedule),
+``maintenance`` (drain, resume, forget, gc), ``queries`` (reads). Every state change is
 committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
 only timers are the heartbeat and the schedule (``schedule``: builds at set
@@ -35,20 +38,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import logging
 import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
 
-from . import aio, buildfile, daemon, gitops, intake, net, on_finish, protocol, schedule
-from .artifacts import ArtifactError, Artifacts
-from .buildlogs import BuildLogs, LogGap
+from . import daemon, intake, net, on_finish, protocol
+from .artifacts import Artifacts
+from .buildlogs import BuildLogs
 from .config import ConfigError
 from .conditions import Conditions
-from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
+from .deliveries import Deliveries
+from .diskspace import DiskSpace
+from .maintenance import Maintenance
 from .models import Build, RunnerRecord, Status
 from .queries import Queries
 from .retention import Retention
@@ -56,6 +59,7 @@ from .runnerlinks import RunnerLinks
 from .scheduler import Plan, Scheduler
 from .settings import Settings
 from .store import Store, StoreError, is_locked
+from .triggers import Triggers
 from .watchers import Watchers
 
 log = logging.getLogger(__name__)
@@ -79,19 +83,22 @@ class Dispatcher:
         self.watchers = Watchers()
         self.conditions = Conditions(log, on_change=self._conditions_changed)
         self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
-        self.cuts = LogCuts()
         self.artifacts = Artifacts(store)
         self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self.disk.lost_line)
         self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
         queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions)
-        self.timed: schedule.Schedules | None = None     # set by main from the configuration
+        self.triggers = Triggers(config, store, self._admit, clock)
+        delivered = Deliveries(self.sched, store, self.logs, self.artifacts, self.disk, self.watchers,
+                               cfg.max_artifact_bytes, self._note, self.apply, monotonic)
+        upkeep = Maintenance(self.sched, store, self.links, self.retention, config.retention, self.disk,
+                             self.watchers, self.apply, monotonic)
         self.handlers = {
-            "commit": self.on_commit, "register": self.on_register, "log": self.on_log,
-            "artifact": self.on_artifact, "result": self.on_result, "cancel": self.on_cancel,
-            "trigger": self.on_trigger, "rebuild": self.on_rebuild,
-            "drain": self.on_drain, "resume": self.on_drain, "forget": self.on_forget, "gc": self.on_gc,
+            "commit": self.on_commit, "register": self.on_register, "cancel": self.on_cancel,
+            "log": delivered.on_log, "artifact": delivered.on_artifact, "result": delivered.on_result,
+            "trigger": self.triggers.on_trigger, "rebuild": self.triggers.on_rebuild,
+            "drain": upkeep.on_drain, "resume": upkeep.on_drain, "forget": upkeep.on_forget, "gc": upkeep.on_gc,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
             "fetch_artifact": queries.fetch_artifact, "history": queries.history,
@@ -124,7 +131,7 @@ class Dispatcher:
         host, port = server.sockets[0].getsockname()[:2]
         daemon.announce("dispatcher", host, port, f" (data in {self.store.dir})")
         beat = asyncio.create_task(self.links.heartbeat_loop(stop))
-        timed = asyncio.create_task(self.schedule_loop(stop))
+        timed = asyncio.create_task(self.triggers.schedule_loop(stop))
         self._spawn(self.retention.run(stop))
         self._spawn(self.disk.watch(stop))
         try:
@@ -137,42 +144,6 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(beat, timed, *self.tasks, return_exceptions=True)
             await self.links.close()
-
-    # ------------------------------------------------------------ scheduled builds
-
-    def schedules(self) -> schedule.Schedules:
-        """The configured schedule with its saved fire times (ConfigError for a bad entry)."""
-        cfg = self.config.schedule
-        return schedule.Schedules(schedule.parse(cfg.builds), schedule.zone(cfg.timezone),
-                                  self.store.schedule_times(), self.store.save_schedule_time)
-
-    async def schedule_tick(self, timed: schedule.Schedules) -> float:
-        """Queue a build (reason schedule) for each entry due now; returns the seconds to the next look."""
-        now = self.clock()
-        for entry in timed.due(now):
-            for job in entry.jobs or (None,):
-                try:
-                    builds = await self.trigger(None, entry.branch, entry.repo, job, reason="schedule")
-                except intake.RevisionError as exc:
-                    log.warning("scheduled build %s not queued: %s", entry.describe(), exc.message)
-                    continue
-                log.info("scheduled %s: build(s) %s", entry.describe(), ", ".join(str(b.id) for b in builds))
-        return timed.wait(self.clock())
-
-    async def schedule_loop(self, stop: asyncio.Event) -> None:
-        timed = self.timed
-        if timed is None or not timed.entries:
-            return
-        while not stop.is_set():
-            try:
-                pause = await self.schedule_tick(timed)
-            except Exception:       # a store or git failure: log it, the next look may work
-                log.exception("scheduled builds: the check failed")
-                pause = schedule.CHECK_EVERY
-            try:
-                await aio.within(stop.wait(), pause)
-            except asyncio.TimeoutError:
-                pass
 
     def _conditions_changed(self) -> None:
         if self.watchers.active:
@@ -331,107 +302,6 @@ class Dispatcher:
         self.apply(plan)
         return protocol.ok(heartbeat_interval=self.config.dispatcher.heartbeat_interval)
 
-    async def on_log(self, conn: net.Connection, msg: dict) -> dict:
-        build_id = msg["build"]
-        refused = _not_held(self.sched, conn, msg)
-        if refused:
-            return refused
-        build = self.sched.builds[build_id]
-        self._check_log(build)
-        data = msg["data"].encode()
-        if not self.disk.room(len(data)):
-            return self._cut_log(build)
-        try:
-            have, grew = self.logs.append(build, msg["offset"], data)
-        except LogGap as gap:
-            return protocol.error("offset", f"log of build {build_id} has {gap.expected} bytes, "
-                                            f"not {msg['offset']}", expected=gap.expected)
-        except OSError as exc:
-            if exc.errno not in FULL_ERRNOS:
-                raise
-            self.disk.exhausted(f"the log of build {build_id} could not be written ({exc.strerror})")
-            return self._cut_log(build)
-        if grew:
-            self.watchers.touch()
-        return protocol.ok(offset=have)
-
-    def _check_log(self, build: Build) -> None:
-        """A log file removed or cut short under us: noted in the log, and the attempt goes on."""
-        note = self.logs.check(build)
-        if note:
-            log.warning("build %d: its log file was removed or cut short under the dispatcher; the "
-                        "attempt goes on, the log says so", build.id)
-            with self.store.transaction():
-                self.store.save([build])        # its new base: the runner's offsets still match after a restart
-
-    def _cut_log(self, build: Build) -> dict:
-        """Refuse the rest of an attempt's log: the disk is down to its reserve.
-        Its runner sends the result next, recorded with a note where the log stops."""
-        if self.cuts.cut(build.id, build.attempt):
-            log.info("build %d attempt %d: the log stops at %d bytes: the dispatcher's disk is full",
-                     build.id, build.attempt, self.logs.attempt_size(build))
-        return protocol.error(DISK_FULL, f"{self.disk.message()}: the rest of the log of build {build.id} is "
-                                         f"not stored; send the result")
-
-    async def on_result(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        refused = _not_held(self.sched, conn, msg)
-        if refused:
-            return refused
-        build = self.sched.builds[build_id]
-        self._check_log(build)
-        have = self.logs.attempt_size(build)
-        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, attempt):
-            return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
-        status = Status(msg["status"])
-        was_cancelled = build.status is Status.CANCELLED
-        # the first write: should the disk be too full for the database, nothing has changed yet
-        self.store.save_steps(build_id, msg.get("step_results"))
-        cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
-        if cut:
-            self._note(build_id, cut)
-        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic())
-        if was_cancelled:
-            self._note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
-        else:
-            self._note(build_id, f"=== {status.value} (exit {msg['exit_code']}) in "
-                                 f"{msg['duration']:.2f}s on {build.runner} ===")
-            log.info("build %d %s on %s", build_id, status.value, build.runner)
-        self.apply(plan)
-        return protocol.ok()
-
-    async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
-        refused = _not_held(self.sched, conn, msg)
-        if refused:
-            return refused
-        try:
-            data = base64.b64decode(msg["data"], validate=True)
-        except (binascii.Error, ValueError):
-            return protocol.error("bad_field", "artifact.data: expected base64")
-        build = self.sched.builds[build_id]
-        try:
-            if not self.disk.room(len(data)):
-                return self._leave_out(build, msg["path"])
-            size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
-                                        self.config.dispatcher.max_artifact_bytes, attempt)
-        except ArtifactError as exc:
-            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
-            return protocol.error(exc.code, exc.message)
-        except OSError as exc:
-            if exc.errno not in FULL_ERRNOS:
-                return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
-            self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
-                                f"({exc.strerror})")
-            return self._leave_out(build, msg["path"])
-        return protocol.ok(offset=size)
-
-    def _leave_out(self, build: Build, path: str) -> dict:
-        """An artifact that does not fit on the disk: left out, and the build's log says so
-        (once: the runner's upload stops at the refusal)."""
-        self._note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
-        return protocol.error(DISK_FULL, f"{self.disk.message()}: artifact {path[:100]!r} left out")
-
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
         plan = self.sched.cancel(build_id, self.monotonic())
@@ -444,125 +314,6 @@ class Dispatcher:
         self._note(build_id, f"=== cancelled by {who}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===")
         self.apply(plan)
         return protocol.ok(builds=[build_id])
-
-    async def on_trigger(self, conn: net.Connection, msg: dict) -> dict:
-        if not (msg.get("rev") or msg.get("branch")):
-            return protocol.error("bad_request", "trigger needs a branch or a revision")
-        try:
-            builds = await self.trigger(msg.get("rev"), msg.get("branch"), msg.get("repo"), msg.get("job"))
-        except intake.RevisionError as exc:
-            return protocol.error(exc.code, exc.message)
-        return protocol.ok(builds=[b.id for b in builds])
-
-    async def trigger(self, rev: str | None, branch: str | None, repo: str | None = None, job: str | None = None,
-                      reason: str = "manual") -> list[Build]:
-        """Queue builds of the commit ``rev`` names, or of ``branch``'s head (all its
-        jobs, or only ``job``), even if built before. The build records the branch
-        (the one named, else one the commit is on); ``reason`` says why (manual,
-        schedule). Raises intake.RevisionError (not_found, ambiguous)."""
-        # the repositories it may build: those configured, else every one it has built
-        known = list(self.config.dispatcher.repos) or self.store.repos()
-        repo, sha = await aio.in_thread(intake.choose_repo, branch or rev, repo, known, gitops.resolve,
-                                        "branch" if branch else "commit")
-        (author, subject), text = await aio.in_thread(_commit_at, repo, sha)
-        if not branch:
-            branch = intake.trigger_branch(rev, sha, *await aio.in_thread(_branches, repo, rev, sha))
-        # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push.
-        # Checked in a thread: a file at the size cap takes up to a second or so
-        jobs, problem = await aio.in_thread(intake.jobs_from, text)
-        if job is not None and not problem:
-            names = [j["name"] for j in jobs]
-            if job not in names:
-                shown = ", ".join(n or "(the default job)" for n in names)
-                raise intake.RevisionError("not_found", f"commit {sha[:12]} has no job {job!r} (its jobs: {shown})")
-            jobs = [j for j in jobs if j["name"] == job]
-        builds, _ = self._admit(intake.Request(
-            repo=repo, branch=branch, sha=sha, subject=subject or f"triggered {rev or branch}",
-            author=author, reason=reason, jobs=jobs, config_error=problem, note=reason))
-        return builds
-
-    async def on_rebuild(self, conn: net.Connection, msg: dict) -> dict:
-        old = self.store.get(msg["build"])
-        if old is None:
-            return protocol.error("not_found", f"no build {msg['build']}")
-        reason = f"rebuild of {old.id}"
-        jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
-        if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
-            text = await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME)
-            jobs, problem = await aio.in_thread(intake.jobs_from, text)
-        builds, _ = self._admit(intake.Request(
-            repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
-            reason=reason, jobs=jobs, config_error=problem, note=reason))
-        return protocol.ok(builds=[b.id for b in builds])
-
-    async def on_gc(self, conn: net.Connection, msg: dict) -> dict:
-        dry_run = bool(msg.get("dry_run"))
-        swept = await self.retention.sweep(dry_run)
-        policy = self.config.retention
-        if not dry_run:
-            log.info("gc by %s at %s deleted %s", conn.role, conn.peer, swept)
-            if swept.builds:
-                self.disk.look()
-        return protocol.ok(builds=swept.builds, log_bytes=swept.log_bytes, artifact_bytes=swept.artifact_bytes,
-                           db_bytes=swept.db_bytes, days=float(policy.days), per_branch=policy.per_branch,
-                           dry_run=dry_run)
-
-
-    async def on_drain(self, conn: net.Connection, msg: dict) -> dict:
-        """drain: the runner finishes what it runs and takes nothing new; resume: it takes work again."""
-        name, draining = msg["name"], msg["type"] == "drain"
-        try:
-            plan = self.sched.drain(name, draining, self.monotonic())
-        except KeyError:
-            return protocol.error("not_found", f"no runner named {name!r}")
-        runner = self.sched.runners[name]
-        with self.store.transaction():
-            self.store.save_runners([runner])
-        log.info("runner %s %s by %s at %s", name, "drained" if draining else "resumed", conn.role, conn.peer)
-        self.watchers.event("runner", runner=runner.summary())
-        self.apply(plan)
-        return protocol.ok(runner=runner.summary())
-
-    async def on_forget(self, conn: net.Connection, msg: dict) -> dict:
-        name = msg["name"]
-        runner = self.sched.runners.get(name)
-        if runner is None:
-            return protocol.error("not_found", f"no runner named {name!r}")
-        if runner.alive:
-            return protocol.error("runner_alive", f"runner {name} is alive ({runner.state.value}): only a dead "
-                                                  f"runner can be forgotten; stop it first (drain it to let "
-                                                  f"its builds finish)")
-        await self.links.forget(name)
-        log.info("runner %s forgotten by %s at %s", name, conn.role, conn.peer)
-        return protocol.ok()
-
-
-def _not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
-    """The error refusing a log, result or artifact, or None when the
-    connection is the runner holding that build attempt: ``stale`` for an
-    attempt that is not current (its sender stops it), ``not_yours`` for
-    the current attempt sent by another runner than the one holding it."""
-    build_id, attempt = msg["build"], msg["attempt"]
-    if not sched.is_current(build_id, attempt):
-        return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
-    holder = sched.builds[build_id].runner
-    if holder != conn.id:
-        log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
-                    msg["type"], build_id, conn.peer, conn.id or "-", holder)
-        return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
-    return None
-
-
-def _branches(repo: str, rev: str, sha: str) -> tuple[bool, list[str], list[str]]:
-    """(``rev`` names a local branch, branches at ``sha``, branches containing it); blocking git reads."""
-    at, containing = gitops.branches_of(repo, sha)
-    return gitops.resolve(repo, f"refs/heads/{rev}") is not None, at, containing
-
-
-def _commit_at(repo: str, sha: str) -> tuple[tuple[str, str], bytes | None]:
-    """(author, subject) of a commit and its .ci.yaml (None: none); blocking git reads."""
-    return gitops.commit_info(repo, sha), gitops.file_at(repo, sha, buildfile.FILENAME)
-
 
 # ---------------------------------------------------------------- command line
 
@@ -587,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
             except OSError as exc:      # the logs directory beside the database
                 raise daemon.StartupError(f"cannot use data dir {store.dir}: {exc}") from None
             try:
-                dispatcher.timed = dispatcher.schedules()
+                dispatcher.triggers.timed = dispatcher.triggers.schedules()
             except ConfigError as exc:
                 raise daemon.StartupError(f"configuration error: {exc}") from None
             dispatcher.recover()

@@ -18,10 +18,8 @@ Sends to the dispatcher:
 builds it runs and those whose result is still in its outbox, so the
 dispatcher never takes back a build whose result is merely undelivered.
 
-A runner without ``--name`` is ``<host>-<n>``: this machine's short host
-name and the lowest n whose default workdir (``.tinyci/runners/<host>-<n>``)
-no live runner holds. The lock on that workdir is the claim on the name, so
-a runner restarted in the same place gets its name (and its outbox) back.
+A runner without ``--name`` is ``<host>-<n>`` (``workdir.py``: the lock on
+its workdir is the claim on the name).
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,22 +37,15 @@ from .buildlog import BuildLog
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
-from .local import DATA, find_up
 from .procgroup import Steps, become_subreaper, reap_orphans
 from .registration import Refused, Registration
 from .settings import Settings
 from .slots import Slots
+from .workdir import ClaimError, claim, claim_default_name, runners_dir
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 1.0        # at shutdown, SIGKILL a step this soon after SIGTERM
-DEFAULT_NAMES = 1000        # <host>-1 ... <host>-1000: how many unnamed runners one directory holds
-
-
-def host_stem() -> str:
-    """This machine's short host name, made a valid runner name (the stem of a default name)."""
-    stem = re.sub(r"[^\w.:@-]", "-", socket.gethostname().split(".")[0])[:90]
-    return stem or "runner"
 
 
 class Runner:
@@ -100,11 +89,12 @@ class Runner:
         try:
             self.port = server.sockets[0].getsockname()[1]
             if not self.name:
-                self.name = self._claim_default_name()
+                self.name, lock = claim_default_name()
+                self._locks.append(lock)
             # absolute: git runs inside the checkouts, where a relative path would mean something else
-            self.workdir = Path(rc.workdir or self._runners_dir() / self.name).absolute()
+            self.workdir = Path(rc.workdir or runners_dir() / self.name).absolute()
             if not self._locks or rc.workdir:
-                self._claim_workdir()
+                self._locks.append(claim(self.workdir))
             if self.settings.runner_key(self.name) is None:
                 raise daemon.StartupError(
                     f"runner {self.name} has no secret: set auth.runner_secret (or _file) to its own "
@@ -117,6 +107,9 @@ class Runner:
             outbox = Outbox(self.workdir)
             pending = outbox.load()
             outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})
+        except ClaimError as exc:
+            server.close()
+            raise daemon.StartupError(str(exc)) from None
         except OSError as exc:
             server.close()
             raise daemon.StartupError(f"runner workdir {self.workdir}: {exc.strerror or exc}") from None
@@ -131,39 +124,6 @@ class Runner:
             self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.settings.limits.max_frame,
                                    start=result["log_size"], result=result))
         return server
-
-    def _claim_workdir(self) -> None:
-        lock = files.DirLock(self.workdir / ".lock")
-        try:
-            lock.acquire()
-        except files.LockedError:
-            raise daemon.StartupError(f"runner workdir {self.workdir} is in use by another runner "
-                                      f"(give each runner its own --workdir or --name)") from None
-        self._locks.append(lock)
-
-    def _claim_default_name(self) -> str:
-        """<host>-<n> for the lowest n whose default workdir no live runner holds;
-        its lock stays held (with --workdir too: it is the claim on the name)."""
-        stem = host_stem()
-        for n in range(1, DEFAULT_NAMES + 1):
-            lock = files.DirLock((self._runners_dir() / f"{stem}-{n}" / ".lock").absolute())
-            try:
-                lock.acquire()
-            except files.LockedError:
-                continue
-            except OSError as exc:
-                raise daemon.StartupError(f"runner workdir {lock.path.parent}: {exc.strerror or exc}") from None
-            self._locks.append(lock)
-            return f"{stem}-{n}"
-        raise daemon.StartupError(f"runner names {stem}-1 to {stem}-{DEFAULT_NAMES} are all held by live "
-                                  f"runners in {self._runners_dir().absolute()}; give this one a --name")
-
-    @staticmethod
-    def _runners_dir() -> Path:
-        """Where runners keep their workdirs by default: beside the other runners of
-        the `tinyci up` this one was started under (in or below its directory), if any."""
-        up = find_up()
-        return (up.data if up is not None else Path(DATA)) / "runners"
 
     async def serve(self) -> None:
         """Register and stay registered until the stop event is set. A refused

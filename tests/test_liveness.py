@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ci.runner import host_stem
+from ci.workdir import host_stem
 from conftest import by_sha, finished, free_port, tinyci, wait_until
 
 pytestmark = pytest.mark.slow

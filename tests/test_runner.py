@@ -18,7 +18,8 @@ import pytest
 
 from ci import daemon, net, protocol, settings
 from ci.config import load
-from ci.runner import Runner, host_stem
+from ci.runner import Runner
+from ci.workdir import host_stem
 
 from conftest import Repo, free_port, pid_alive
 from daemons import Daemon, child_env

@@ -97,7 +97,7 @@ def dispatcher(tmp_path: Path, repo: Repo, clock: Clock) -> Dispatcher:
             {"cron": "0 3 * * *", "branch": "main"},
             {"cron": "0 * * * *", "branch": "main", "repo": str(repo.path), "jobs": ["lint"]}]}})
     d = Dispatcher(settings.resolve(cfg), Store(tmp_path / "data"), clock=clock)
-    d.timed = d.schedules()
+    d.triggers.timed = d.triggers.schedules()
     return d
 
 
@@ -108,7 +108,7 @@ def test_the_dispatcher_queues_scheduled_builds_of_a_branch_as_the_clock_moves(t
     d = dispatcher(tmp_path, repo, clock)
 
     def tick() -> list:
-        asyncio.run(d.schedule_tick(d.timed))
+        asyncio.run(d.triggers.schedule_tick(d.triggers.timed))
         return [(b.reason, b.branch, b.sha, b.job) for b in reversed(d.store.recent(100))]
 
     assert tick() == []                                   # start-up fires nothing
@@ -128,13 +128,13 @@ def test_catch_up_builds_one_each_after_downtime(tmp_path):
     repo.commit("one", {".ci.yaml": "steps: ['true']\njobs:\n  lint: {}\n"})
     clock = Clock(at("2024-05-01T12:30:00"))
     d = dispatcher(tmp_path, repo, clock)
-    asyncio.run(d.schedule_tick(d.timed))                 # remembers when each entry was set up
+    asyncio.run(d.triggers.schedule_tick(d.triggers.timed))                 # remembers when each entry was set up
     d.store.close()
     clock.now = at("2024-05-04T09:15:00")                 # down for 3 nights and ~69 hours
     d = dispatcher(tmp_path, repo, clock)
-    pause = asyncio.run(d.schedule_tick(d.timed))
+    pause = asyncio.run(d.triggers.schedule_tick(d.triggers.timed))
     builds = d.store.recent(100)
     assert sorted(b.job for b in builds) == ["lint", "lint"] and {b.reason for b in builds} == {"schedule"}
     assert 0 < pause <= schedule.CHECK_EVERY
-    assert asyncio.run(d.schedule_tick(d.timed)) and len(d.store.recent(100)) == 2     # no storm
+    assert asyncio.run(d.triggers.schedule_tick(d.triggers.timed)) and len(d.store.recent(100)) == 2     # no storm
     d.store.close()

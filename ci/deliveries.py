@@ -1,0 +1,154 @@
+"""What a runner delivers for a build attempt it holds: ``log`` (bytes at an
+offset), ``artifact`` (a file's chunks) and ``result``.
+
+Each is refused unless its sender holds that attempt (``stale``,
+``not_yours``). Bytes are refused with ``disk_full`` before the disk's
+reserve is touched; the runner then sends its result, recorded with a note
+where its log stops. A result is accepted only once the attempt's whole log
+is stored (``offset`` otherwise), so a result never outruns its log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Callable
+
+from . import net, protocol
+from .artifacts import ArtifactError, Artifacts
+from .buildlogs import BuildLogs, LogGap
+from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
+from .models import Build, Status
+from .scheduler import Plan, Scheduler
+from .store import Store
+from .watchers import Watchers
+
+log = logging.getLogger(__name__)
+
+
+class Deliveries:
+    def __init__(self, sched: Scheduler, store: Store, logs: BuildLogs, artifacts: Artifacts, disk: DiskSpace,
+                 watchers: Watchers, max_artifact_bytes: int, note: Callable[[int, str], int],
+                 apply: Callable[[Plan | None], None], monotonic: Callable[[], float]):
+        self.sched, self.store, self.logs, self.artifacts = sched, store, logs, artifacts
+        self.disk, self.watchers, self.max_artifact_bytes = disk, watchers, max_artifact_bytes
+        self.note, self.apply, self.monotonic = note, apply, monotonic
+        self.cuts = LogCuts()
+
+    async def on_log(self, conn: net.Connection, msg: dict) -> dict:
+        build_id = msg["build"]
+        refused = not_held(self.sched, conn, msg)
+        if refused:
+            return refused
+        build = self.sched.builds[build_id]
+        self._check_log(build)
+        data = msg["data"].encode()
+        if not self.disk.room(len(data)):
+            return self._cut_log(build)
+        try:
+            have, grew = self.logs.append(build, msg["offset"], data)
+        except LogGap as gap:
+            return protocol.error("offset", f"log of build {build_id} has {gap.expected} bytes, "
+                                            f"not {msg['offset']}", expected=gap.expected)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            self.disk.exhausted(f"the log of build {build_id} could not be written ({exc.strerror})")
+            return self._cut_log(build)
+        if grew:
+            self.watchers.touch()
+        return protocol.ok(offset=have)
+
+    def _check_log(self, build: Build) -> None:
+        """A log file removed or cut short under us: noted in the log, and the attempt goes on."""
+        note = self.logs.check(build)
+        if note:
+            log.warning("build %d: its log file was removed or cut short under the dispatcher; the "
+                        "attempt goes on, the log says so", build.id)
+            with self.store.transaction():
+                self.store.save([build])        # its new base: the runner's offsets still match after a restart
+
+    def _cut_log(self, build: Build) -> dict:
+        """Refuse the rest of an attempt's log: the disk is down to its reserve.
+        Its runner sends the result next, recorded with a note where the log stops."""
+        if self.cuts.cut(build.id, build.attempt):
+            log.info("build %d attempt %d: the log stops at %d bytes: the dispatcher's disk is full",
+                     build.id, build.attempt, self.logs.attempt_size(build))
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: the rest of the log of build {build.id} is "
+                                         f"not stored; send the result")
+
+    async def on_result(self, conn: net.Connection, msg: dict) -> dict:
+        build_id, attempt = msg["build"], msg["attempt"]
+        refused = not_held(self.sched, conn, msg)
+        if refused:
+            return refused
+        build = self.sched.builds[build_id]
+        self._check_log(build)
+        have = self.logs.attempt_size(build)
+        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, attempt):
+            return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
+        status = Status(msg["status"])
+        was_cancelled = build.status is Status.CANCELLED
+        # the first write: should the disk be too full for the database, nothing has changed yet
+        self.store.save_steps(build_id, msg.get("step_results"))
+        cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
+        if cut:
+            self.note(build_id, cut)
+        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic())
+        if was_cancelled:
+            self.note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
+        else:
+            self.note(build_id, f"=== {status.value} (exit {msg['exit_code']}) in "
+                                f"{msg['duration']:.2f}s on {build.runner} ===")
+            log.info("build %d %s on %s", build_id, status.value, build.runner)
+        self.apply(plan)
+        return protocol.ok()
+
+    async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
+        build_id, attempt = msg["build"], msg["attempt"]
+        refused = not_held(self.sched, conn, msg)
+        if refused:
+            return refused
+        try:
+            data = base64.b64decode(msg["data"], validate=True)
+        except (binascii.Error, ValueError):
+            return protocol.error("bad_field", "artifact.data: expected base64")
+        build = self.sched.builds[build_id]
+        try:
+            if not self.disk.room(len(data)):
+                return self._leave_out(build, msg["path"])
+            size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
+                                        self.max_artifact_bytes, attempt)
+        except ArtifactError as exc:
+            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
+            return protocol.error(exc.code, exc.message)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
+            self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
+                                f"({exc.strerror})")
+            return self._leave_out(build, msg["path"])
+        return protocol.ok(offset=size)
+
+    def _leave_out(self, build: Build, path: str) -> dict:
+        """An artifact that does not fit on the disk: left out, and the build's log says so
+        (once: the runner's upload stops at the refusal)."""
+        self.note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
+        return protocol.error(DISK_FULL, f"{self.disk.message()}: artifact {path[:100]!r} left out")
+
+
+def not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
+    """The error refusing a log, result or artifact, or None when the
+    connection is the runner holding that build attempt: ``stale`` for an
+    attempt that is not current (its sender stops it), ``not_yours`` for
+    the current attempt sent by another runner than the one holding it."""
+    build_id, attempt = msg["build"], msg["attempt"]
+    if not sched.is_current(build_id, attempt):
+        return protocol.error("stale", f"build {build_id} attempt {attempt} is not current")
+    holder = sched.builds[build_id].runner
+    if holder != conn.id:
+        log.warning("refused %s for build %d from %s (runner %s): the build is runner %s's",
+                    msg["type"], build_id, conn.peer, conn.id or "-", holder)
+        return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
+    return None
