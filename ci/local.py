@@ -9,6 +9,12 @@ the addresses it chose (``up.json``: dispatcher, observer, web, its pid).
 ``find_up`` looks for that directory from the current one upwards, so the
 tools, a git hook and a daemon started by hand work from anywhere below
 where `up` ran (in the demo repository, say) as they do beside it.
+
+``TINYCI_CEILING`` (directories, separated by ``:``) stops that search: it
+looks in no ceiling directory and nothing above one, as git's
+``GIT_CEILING_DIRECTORIES`` does for ``.git``. tinyci's own tests set it to
+their checkout, so a `tinyci up` run by hand in that clone (or a runner
+building tinyci under an `up` directory) does not lend them its secret.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 DATA = ".tinyci"                                # `tinyci up`'s default --data
 LOCAL_SECRET = os.path.join(DATA, "secret")     # the secret `tinyci up` makes for its daemons
 UP_FILE = "up.json"                             # the addresses of a running `tinyci up`
+CEILING = "TINYCI_CEILING"                      # where find_up stops looking (see above)
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,21 @@ def find_up(start: str | os.PathLike | None = None) -> Up | None:
         here = Path(os.path.abspath(start if start is not None else os.getcwd()))
     except OSError:             # the current directory was removed
         return None
+    ceilings = ceiling_dirs()
     for directory in (here, *here.parents):
+        if directory in ceilings:
+            return None
         data = directory / DATA
         secret, addrs = _read_secret(data / "secret"), _running(data / UP_FILE)
         if secret or addrs:
             return Up(data, secret, addrs)
     return None
+
+
+def ceiling_dirs() -> set[Path]:
+    """The directories of TINYCI_CEILING, absolute (relative entries are ignored, as git does)."""
+    return {Path(os.path.normpath(entry)) for entry in os.environ.get(CEILING, "").split(os.pathsep)
+            if os.path.isabs(entry)}
 
 
 def _read_secret(path: Path) -> str:
@@ -92,7 +108,8 @@ def secret_source(settings: Any, role: str) -> str:
         return "the configured secret"
     up = find_up()
     if up is None or not up.secret:
-        return f"no secret: no {LOCAL_SECRET} in {os.getcwd()} or any directory above it"
+        stop = f" below {os.environ[CEILING]} ({CEILING})" if ceiling_dirs() else ""
+        return f"no secret: no {LOCAL_SECRET} in {os.getcwd()} or any directory above it{stop}"
     return f"the secret of `tinyci up` in {up.secret_path}"
 
 

@@ -10,6 +10,7 @@ free_port, pid_alive, READY, ...) are the launcher's, re-exported."""
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,17 @@ from pathlib import Path
 import pytest
 
 from ci.daemon import READY
+from ci.local import CEILING
 from daemons import (GIT_ENV, ROOT, TOOL_CWD, Cluster, Daemon, Repo, child_env, free_port, pid_alive,
                      wait_until)
 
 __all__ = ["READY", "GIT_ENV", "ROOT", "TOOL_CWD", "Cluster", "Daemon", "Repo", "child_env", "free_port", "pid_alive",
            "wait_until", "tinyci", "by_sha", "finished"]
+
+# A `tinyci up` run by hand in this clone left .tinyci/secret here: the tools
+# that tests call in this process (cli.main) must not take it as theirs. The
+# children get the same from child_env.
+os.environ[CEILING] = str(ROOT)
 
 # Fixtures that start real daemon processes: a test using one is marked slow.
 # `runners` (test_runner.py) and `spawn` (test_observer.py) start theirs

@@ -36,11 +36,13 @@ import yaml
 from ci import net
 from ci.config import load
 from ci.daemon import parse_ready
+from ci.local import CEILING
 from ci.settings import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where tools run when a test gives no directory: not ROOT, where a `tinyci up`
-# run by hand may have left .tinyci/secret, which tools look for upwards.
+# run by hand may have left .tinyci/secret, which tools look for upwards (and
+# TINYCI_CEILING, set for every test and child, stops them looking there too).
 TOOL_CWD = Path(tempfile.gettempdir())
 START_TIMEOUT = 30.0        # for the ready line; generous because CI machines are noisy
 STOP_TIMEOUT = 10.0         # for a daemon to exit after SIGTERM, and to be reaped after SIGKILL
@@ -80,9 +82,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: f
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child process: ours without TINYCI_*, this tree
-    importable, output unbuffered, plus ``extra``."""
+    """The environment of a child process: ours without TINYCI_* (but for
+    TINYCI_CEILING at this tree), this tree importable, output unbuffered, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TINYCI_")}
+    env[CEILING] = str(ROOT)        # a `tinyci up` run by hand in this clone lends no child its secret
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

@@ -189,3 +189,25 @@ def test_find_up_looks_upwards_and_ignores_a_stopped_up(tmp_path):
     assert local.find_up(below) is None               # its up stopped and kept no secret
     (tmp_path / ".tinyci" / "secret").write_text("s3\n")
     assert local.find_up(below) == local.Up(tmp_path / ".tinyci", "s3", {})
+
+
+def test_tinyci_ceiling_stops_the_search_at_and_above_its_directories(tmp_path, monkeypatch):
+    outer = tmp_path / "clone"
+    below = outer / "checkouts" / "1"
+    below.mkdir(parents=True)
+    (outer / ".tinyci").mkdir()
+    (outer / ".tinyci" / "secret").write_text("hand-run up\n")
+    monkeypatch.setenv(local.CEILING, str(tmp_path / "elsewhere"))
+    assert local.find_up(below).secret == "hand-run up"
+    monkeypatch.setenv(local.CEILING, f"relative/dir{os.pathsep}{below}")      # relative entries are ignored
+    assert local.find_up(below) is None
+    monkeypatch.setenv(local.CEILING, str(outer) + "/")
+    assert local.find_up(below) is None and local.find_up(outer) is None
+    monkeypatch.chdir(below)
+    assert f"below {outer}/ (TINYCI_CEILING)" in local.secret_source(None, "reader")
+
+
+def test_the_tests_and_their_children_do_not_look_into_this_clone():
+    # what keeps a `tinyci up --demo` run by hand in this clone from failing the tests
+    assert os.environ[local.CEILING] == str(Path(__file__).resolve().parents[1])
+    assert child_env()[local.CEILING] == os.environ[local.CEILING]
