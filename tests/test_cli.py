@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 
 from ci import cli, net, protocol, tui, up
+from ci.local import CEILING
 
 from conftest import TOOL_CWD, child_env, free_port, pid_alive, tinyci
 
@@ -234,7 +235,7 @@ class StandIn:
 
 @pytest.fixture
 def standin(monkeypatch):
-    for name in [n for n in os.environ if n.startswith("TINYCI_")]:
+    for name in [n for n in os.environ if n.startswith("TINYCI_") and n != CEILING]:
         monkeypatch.delenv(name)
     with StandIn() as server:
         yield server
