@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 from . import net, protocol
-from .local import LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
+from .local import CEILING, LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
 from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
@@ -853,7 +853,7 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     """(address, secret, TLS context). The configuration (and its YAML import) is
     read only when there is one, keeping the hook's common case quick."""
     secret_file = getattr(args, "secret_file", None)
-    if args.config or any(name.startswith("TINYCI_") for name in os.environ):
+    if args.config or any(name.startswith("TINYCI_") and name != CEILING for name in os.environ):
         from .config import load
         from .settings import resolve
         # an explicit --secret-file wins: the configured secret is then not read at all
