@@ -18,7 +18,10 @@ committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
 only timers are the heartbeat and the schedule (``schedule``: builds at set
 times, reason ``schedule``). When a build ends, the ``notify.on_finish``
-commands run in the background (``on_finish``).
+commands run in the background (``on_finish``). A build with ``.ci.yaml``
+``needs`` joins the scheduler only once they passed: ``needs.Held`` holds it
+meanwhile, and decides, each time a build ends, which held builds go to the
+queue and which end ``skipped``.
 
 Two clocks: ``clock`` (wall time) stamps what people read (created_at and
 the like); ``monotonic`` is the scheduler's ``now`` and every deadline's,
@@ -44,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import daemon, intake, net, on_finish, protocol
+from . import daemon, intake, needs, net, on_finish, protocol
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .config import ConfigError
@@ -81,6 +84,7 @@ class Dispatcher:
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts, wall=clock)
         self.tasks: set[asyncio.Task] = set()
         self.watchers = Watchers()
+        self.held = needs.Held()
         self.conditions = Conditions(log, on_change=self._conditions_changed)
         self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
         self.artifacts = Artifacts(store)
@@ -88,7 +92,8 @@ class Dispatcher:
         self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
-        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions)
+        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions,
+                          self.held.builds)
         self.triggers = Triggers(config, store, self._admit, clock)
         delivered = Deliveries(self.sched, store, self.logs, self.artifacts, self.disk, self.watchers,
                                cfg.max_artifact_bytes, self._note, self.apply, monotonic)
@@ -113,11 +118,23 @@ class Dispatcher:
         ones stay with their runner until its next pong confirms them."""
         active = self.store.active()
         runners = self.store.runners()
-        plan = self.sched.load(active, runners, self.monotonic())
+        # builds that wait for their needs are held again (or go on, if what they waited for ended)
+        waiting = [b for b in active if b.status is Status.QUEUED and b.needs]
+        commits: dict[tuple, list[Build]] = {}
+        for build in waiting:
+            commits.setdefault((build.repo, build.sha), []).append(build)
+        released = needs.Decision()
+        for (repo, sha), builds in commits.items():
+            decided = self.held.admit(builds, self.store.commit_builds(repo, sha))
+            released.run += decided.run
+            released.skip += decided.skip
+        ids = {b.id for b in waiting}
+        plan = self.sched.load([b for b in active if b.id not in ids] + released.run, runners, self.monotonic())
         running = sum(1 for b in active if b.status is Status.RUNNING)
         if active:
-            log.info("recovered %d queued and %d running builds, %d known runners",
-                     len(active) - running, running, sum(r.alive for r in runners))
+            log.info("recovered %d queued (%d waiting for their needs) and %d running builds, %d known runners",
+                     len(active) - running, len(self.held.builds), running, sum(r.alive for r in runners))
+        plan += self._skip(released.skip)
         self.apply(plan)
 
     async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
@@ -195,6 +212,47 @@ class Dispatcher:
             for runner in plan.dead:
                 self.watchers.event("runner", runner=runner.summary())
         self.watchers.touch()
+        if plan.finished and self.held.builds:
+            self.apply(self._settle(plan.finished))
+
+    # ------------------------------------------------------------ needs
+
+    def _settle(self, ended: list[Build]) -> Plan:
+        """The held builds of the commits of ``ended`` (all persisted): those
+        whose needs all passed join the queue, those with one that did not end skipped."""
+        plan = Plan()
+        for repo, sha in dict.fromkeys((b.repo, b.sha) for b in ended):
+            decided = self.held.settle(repo, sha, self.store.commit_builds(repo, sha))
+            for build in decided.run:
+                self._note(build.id, "=== the builds it needs passed: queued ===")
+                plan += self.sched.add(build, self.monotonic())
+            plan += self._skip(decided.skip)
+        return plan
+
+    def _queue(self, builds: list[Build]) -> Plan:
+        """New queued builds of one commit: to the scheduler, or held for their needs."""
+        if not builds:
+            return Plan()
+        decided = self.held.admit(builds, self.store.commit_builds(builds[0].repo, builds[0].sha))
+        for build in builds:
+            if build.id in self.held:
+                self._note(build.id, f"=== waiting for {build.held} (needs) ===")
+                self.watchers.event("build", build=build.summary())
+        plan = Plan()
+        for build in decided.run:
+            plan += self.sched.add(build, self.monotonic())
+        plan += self._skip(decided.skip)
+        return plan
+
+    def _skip(self, skipped: list[tuple[Build, str]]) -> Plan:
+        """Builds whose needs did not pass end ``skipped`` (persisted by ``apply``)."""
+        plan = Plan()
+        for build, why in skipped:
+            build.status, build.finished_at = Status.SKIPPED, self.clock()
+            self._note(build.id, f"=== skipped: {why} ===")
+            log.info("build %d (%s) skipped: %s", build.id, build.job, why)
+            plan.finished.append(build)
+        return plan
 
     def _note(self, build_id: int, text: str) -> int:
         """A line of the dispatcher's own in a build's log."""
@@ -236,8 +294,7 @@ class Dispatcher:
                 self._note(old.id, text)
                 log.info("build %d superseded by build %d on %s", old.id, then.queue[0].id, old.branch)
                 plan += cancelled
-        for build in then.queue:
-            plan += self.sched.add(build, self.monotonic())
+        plan += self._queue(then.queue)
         self.apply(plan)
         self.watchers.touch()
         return builds, created
@@ -305,6 +362,10 @@ class Dispatcher:
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
         plan = self.sched.cancel(build_id, self.monotonic())
+        held = self.held.drop(build_id) if plan is None else None
+        if held is not None:        # waiting for its needs: it ends here, and what needed it is skipped
+            held.status, held.finished_at = Status.CANCELLED, self.clock()
+            plan = Plan(finished=[held])
         if plan is None:
             build = self.store.get(build_id)
             if build is None:
