@@ -119,22 +119,13 @@ class Dispatcher:
         active = self.store.active()
         runners = self.store.runners()
         # builds that wait for their needs are held again (or go on, if what they waited for ended)
-        waiting = [b for b in active if b.status is Status.QUEUED and b.needs]
-        commits: dict[tuple, list[Build]] = {}
-        for build in waiting:
-            commits.setdefault((build.repo, build.sha), []).append(build)
-        released = needs.Decision()
-        for (repo, sha), builds in commits.items():
-            decided = self.held.admit(builds, self.store.commit_builds(repo, sha))
-            released.run += decided.run
-            released.skip += decided.skip
-        ids = {b.id for b in waiting}
-        plan = self.sched.load([b for b in active if b.id not in ids] + released.run, runners, self.monotonic())
+        load, decided = self.held.recover(active, self.store.commit_builds)
+        plan = self.sched.load(load, runners, self.monotonic())
+        plan += self._follow(needs.Decision(skip=decided.skip))
         running = sum(1 for b in active if b.status is Status.RUNNING)
         if active:
             log.info("recovered %d queued (%d waiting for their needs) and %d running builds, %d known runners",
                      len(active) - running, len(self.held.builds), running, sum(r.alive for r in runners))
-        plan += self._skip(released.skip)
         self.apply(plan)
 
     async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
@@ -223,31 +214,21 @@ class Dispatcher:
         plan = Plan()
         for repo, sha in dict.fromkeys((b.repo, b.sha) for b in ended):
             decided = self.held.settle(repo, sha, self.store.commit_builds(repo, sha))
-            for build in decided.run:
-                self._note(build.id, "=== the builds it needs passed: queued ===")
-                plan += self.sched.add(build, self.monotonic())
-            plan += self._skip(decided.skip)
+            plan += self._follow(decided, "=== the builds it needs passed: queued ===")
+            if self.watchers.active:    # what the released and the still held wait for now
+                for build in [*decided.run, *(b for b in self.held.builds.values() if b.sha == sha)]:
+                    self.watchers.event("build", build=build.summary())
         return plan
 
-    def _queue(self, builds: list[Build]) -> Plan:
-        """New queued builds of one commit: to the scheduler, or held for their needs."""
-        if not builds:
-            return Plan()
-        decided = self.held.admit(builds, self.store.commit_builds(builds[0].repo, builds[0].sha))
-        for build in builds:
-            if build.id in self.held:
-                self._note(build.id, f"=== waiting for {build.held} (needs) ===")
-                self.watchers.event("build", build=build.summary())
+    def _follow(self, decided: needs.Decision, note: str = "") -> Plan:
+        """Released builds to the scheduler; those whose needs did not pass end
+        ``skipped`` (persisted by ``apply``, like every build a plan finishes)."""
         plan = Plan()
         for build in decided.run:
+            if note:
+                self._note(build.id, note)
             plan += self.sched.add(build, self.monotonic())
-        plan += self._skip(decided.skip)
-        return plan
-
-    def _skip(self, skipped: list[tuple[Build, str]]) -> Plan:
-        """Builds whose needs did not pass end ``skipped`` (persisted by ``apply``)."""
-        plan = Plan()
-        for build, why in skipped:
+        for build, why in decided.skip:
             build.status, build.finished_at = Status.SKIPPED, self.clock()
             self._note(build.id, f"=== skipped: {why} ===")
             log.info("build %d (%s) skipped: %s", build.id, build.job, why)
@@ -284,9 +265,6 @@ class Dispatcher:
             self._note(build_id, text)
         for build in then.failed:
             self._finished(build)
-        if self.watchers.active:
-            for build in created:
-                self.watchers.event("build", build=build.summary())
         plan = Plan()
         for old, text in then.supersede:
             cancelled = self.sched.cancel(old.id, self.monotonic())
@@ -294,7 +272,14 @@ class Dispatcher:
                 self._note(old.id, text)
                 log.info("build %d superseded by build %d on %s", old.id, then.queue[0].id, old.branch)
                 plan += cancelled
-        plan += self._queue(then.queue)
+        if then.queue:          # to the scheduler, or held for their needs
+            plan += self._follow(self.held.admit(then.queue, self.store.commit_builds(request.repo, request.sha)))
+        for build in then.queue:
+            if build.held:
+                self._note(build.id, f"=== waiting for {build.held} (needs) ===")
+        if self.watchers.active:        # after the holding: a held build's summary says what it waits for
+            for build in created:
+                self.watchers.event("build", build=build.summary())
         self.apply(plan)
         self.watchers.touch()
         return builds, created

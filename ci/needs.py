@@ -100,6 +100,19 @@ class Held:
             out.skip += settled.skip
         return out
 
+    def recover(self, active: list[Build], commit_of: Callable[[str, str], list[Build]]) -> tuple[list[Build], Decision]:
+        """After a restart: hold again the stored active builds still waiting for
+        their needs. Returns (the builds for the scheduler: running, queued without
+        needs, released; the held builds to skip). ``commit_of(repo, sha)``: a
+        commit's stored builds."""
+        waiting = [b for b in active if b.status is Status.QUEUED and b.needs]
+        out = Decision(run=[b for b in active if b not in waiting])
+        for repo, sha in dict.fromkeys((b.repo, b.sha) for b in waiting):
+            decided = self.admit([b for b in waiting if (b.repo, b.sha) == (repo, sha)], commit_of(repo, sha))
+            out.run += decided.run
+            out.skip += decided.skip
+        return out.run, out
+
     def settle(self, repo: str, sha: str, commit: Iterable[Build]) -> Decision:
         """Judge again every build held for one commit (after one of its builds
         ended); a skip ripples on to the builds that needed the skipped one."""

@@ -77,7 +77,8 @@ class Queries:
             summaries.append(summary)
         conditions = self.conditions.active() if self.conditions is not None else []
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
-                           queue=[b.id for b in self.sched.queued()], conditions=conditions)
+                           # then the builds held for their needs: queued too, waiting for other builds
+                           queue=[b.id for b in self.sched.queued()] + sorted(self.held), conditions=conditions)
 
     async def build(self, conn: net.Connection, msg: dict) -> dict:
         build = self._build(msg["build"])
