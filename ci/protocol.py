@@ -164,7 +164,8 @@ ERRORS: Mapping[str, str] = {
     "bad_frame": "the frame is not UTF-8 JSON",
     "bad_message": "not a JSON object with a string type, or hello/auth after the handshake",
     "unknown_type": "no message of that type in the table",
-    "forbidden": "the sender's role may not send that type",
+    "forbidden": "the sender's role may not send that type; fetch_artifact: a runner asking for a build of a "
+                 "commit it holds no build of",
     "missing_field": "a required field is absent (the message names it)",
     "bad_field": "a field's value is not of its kind (the message names the field and the kind)",
     "unknown_field": "a field the table does not declare for that type",
