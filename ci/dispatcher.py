@@ -216,7 +216,7 @@ class Dispatcher:
             decided = self.held.settle(repo, sha, self.store.commit_builds(repo, sha))
             plan += self._follow(decided, "=== the builds it needs passed: queued ===")
             if self.watchers.active:    # what the released and the still held wait for now
-                for build in [*decided.run, *(b for b in self.held.builds.values() if b.sha == sha)]:
+                for build in [*decided.run, *(b for b in self.held.builds.values() if (b.repo, b.sha) == (repo, sha))]:
                     self.watchers.event("build", build=build.summary())
         return plan
 

@@ -100,7 +100,8 @@ class Held:
             out.skip += settled.skip
         return out
 
-    def recover(self, active: list[Build], commit_of: Callable[[str, str], list[Build]]) -> tuple[list[Build], Decision]:
+    def recover(self, active: list[Build],
+                commit_of: Callable[[str, str], list[Build]]) -> tuple[list[Build], Decision]:
         """After a restart: hold again the stored active builds still waiting for
         their needs. Returns (the builds for the scheduler: running, queued without
         needs, released; the held builds to skip). ``commit_of(repo, sha)``: a

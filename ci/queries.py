@@ -143,8 +143,8 @@ class Queries:
         build = self.store.get(msg["build"])
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
-        if conn.role == protocol.RUNNER and not any(
-                b.runner == conn.id and b.sha == build.sha and b.repo == build.repo for b in self.sched.builds.values()):
+        if conn.role == protocol.RUNNER and not any(b.runner == conn.id and (b.repo, b.sha) == (build.repo, build.sha)
+                                                    for b in self.sched.builds.values()):
             return protocol.error("forbidden", f"runner {conn.id} holds no build of the commit of build {build.id}")
         offset = msg.get("offset", 0)
         try:
