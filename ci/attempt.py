@@ -25,6 +25,7 @@ class RunRequest:
     env: dict = field(default_factory=dict)
     job: str = ""                       # the .ci.yaml job to run
     artifacts_limit: int = 100 << 20    # bytes of artifacts the dispatcher takes
+    inputs: tuple = ()                  # artifacts of the builds it needs: ({build, job, path}, ...)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,29 @@ Schema (every key optional, but there must be ``steps`` or ``jobs``)::
       - {name: test, run: pytest -q, timeout: 60, env: {X: "1"}}
     jobs:                        # one build per job, on runners with all its labels
       py311: {labels: [py311], steps: [...], env: {...}, timeout: 300}
+      test:
+        matrix: {python: ["3.10", "3.11"]}      # one build per combination: "test (python=3.11)"
+        labels: ["py${{ matrix.python }}"]       # an axis's value in a label; MATRIX_PYTHON in the env
+      lint:
+        needs: [test]                            # starts once every build of test passed
+        when: {branches: [main], paths: ["src/*"]}   # else recorded as skipped, with the reason
 
 A job without ``steps`` runs the top-level ``steps``. A file that does not
 parse or fit raises BuildFileError, whose text names the line.
+
+``matrix`` expands in ``job_list`` (what a commit becomes) and back in
+``plan`` (what the runner runs, found by the expanded name). ``needs``
+names jobs of the same file (every combination of a matrix job); a cycle or
+an unknown name is an error naming the line. ``when`` is decided where the
+branch and the changed paths are known (``JobDef.skip_reason``: the
+observer, which has the clone).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +58,11 @@ MAX_SECONDS = 7 * 24 * 3600         # a time limit longer than a week is no limi
 MAX_VALUES = 50_000
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
-JOB_KEYS = ("labels", "steps", "env", "timeout")
+JOB_KEYS = ("labels", "steps", "env", "timeout", "matrix", "needs", "when")
+WHEN_KEYS = ("branches", "paths")
+MAX_AXES = 8                        # a matrix's axes; the combinations count against MAX_JOBS
+# ${{ matrix.AXIS }} in a matrix job's labels (the spelling GitHub Actions users know)
+MATRIX_REF = re.compile(r"\$\{\{\s*matrix\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 try:
@@ -96,6 +116,43 @@ class JobDef:
     steps: tuple = ()
     env: dict = field(default_factory=dict)
     timeout: float | None = None
+    matrix: tuple = ()                  # ((axis, (value, ...)), ...) in file order
+    needs: tuple = ()                   # names of jobs of the same file (not expanded)
+    branches: tuple = ()                # when.branches: fnmatch patterns; () = any branch
+    paths: tuple = ()                   # when.paths: fnmatch globs ('*' crosses '/'); () = any change
+
+    def combinations(self) -> list[tuple]:
+        """Each build this job becomes: ((axis, value), ...) per combination; one () without a matrix."""
+        axes = [[(axis, value) for value in values] for axis, values in self.matrix]
+        return [tuple(combo) for combo in itertools.product(*axes)]
+
+    def skip_reason(self, branch: str | None, changed: tuple | None) -> str:
+        """Why ``when`` keeps this job from running on ``branch`` with ``changed``
+        paths (against the first parent), or "". None: not known (a trigger, a
+        root commit, too many paths): that condition does not skip."""
+        if self.branches and branch is not None and \
+                not any(fnmatch.fnmatchcase(branch, p) for p in self.branches):
+            return f"branch {branch} is not among when.branches ({', '.join(self.branches)})"
+        if self.paths and changed is not None and not any(
+                fnmatch.fnmatchcase(path, p) for path in changed for p in self.paths):
+            return f"no changed path matches when.paths ({', '.join(self.paths)})"
+        return ""
+
+
+def expanded_name(name: str, combo: tuple) -> str:
+    """The job name a combination shows: ``test (python=3.11, os=linux)``."""
+    if not combo:
+        return name
+    return f"{name} ({', '.join(f'{axis}={value}' for axis, value in combo)})"
+
+
+def matrix_env(combo: tuple) -> dict:
+    return {f"MATRIX_{axis.upper()}": value for axis, value in combo}
+
+
+def matrix_labels(labels: tuple, combo: tuple) -> tuple:
+    values = dict(combo)
+    return tuple(MATRIX_REF.sub(lambda m: values[m.group(1)], label) for label in labels)
 
 
 @dataclass(frozen=True)
@@ -106,26 +163,49 @@ class BuildFile:
     artifacts: tuple = ()
     jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
 
-    def job_list(self) -> list[dict]:
-        """What the observer sends with a commit: [{name, labels}]; one default job without ``jobs``."""
+    def expanded(self) -> dict[str, tuple[JobDef, tuple]]:
+        """Every build the jobs become, by name: (its job, its matrix combination), in file order."""
+        return {expanded_name(j.name, combo): (j, combo) for j in self.jobs.values() for combo in j.combinations()}
+
+    def job_list(self, branch: str | None = None, changed: tuple | None = None) -> list[dict]:
+        """What a commit becomes: [{name, labels[, needs][, skip]}], one per job and
+        matrix combination; one default job without ``jobs``. ``needs`` are the
+        expanded names of the needed builds; ``skip`` is why ``when`` keeps a
+        job from running on ``branch`` with ``changed`` paths (None: not known)."""
         if not self.jobs:
             return [{"name": DEFAULT_JOB, "labels": []}]
-        return [{"name": j.name, "labels": list(j.labels)} for j in self.jobs.values()]
+        names = {j.name: [expanded_name(j.name, c) for c in j.combinations()] for j in self.jobs.values()}
+        out = []
+        for name, (job, combo) in self.expanded().items():
+            entry: dict = {"name": name, "labels": list(matrix_labels(job.labels, combo))}
+            if job.needs:
+                entry["needs"] = [n for need in job.needs for n in names[need]]
+            why = job.skip_reason(branch, changed)
+            if why:
+                entry["skip"] = why
+            out.append(entry)
+        return out
+
+    def uses_paths(self) -> bool:
+        """Whether any job's ``when`` looks at the changed paths (worth reading them)."""
+        return any(j.paths for j in self.jobs.values())
 
     def plan(self, job: str) -> tuple[tuple, float | None, dict]:
-        """(steps, timeout, env) of one job. Raises BuildFileError for a job the file lacks."""
+        """(steps, timeout, env) of one build, by its (expanded) job name; a matrix
+        combination's env has its MATRIX_<AXIS>. Raises BuildFileError for a job the file lacks."""
         if not self.jobs:
             if job != DEFAULT_JOB:
                 raise BuildFileError(0, f"there is no job {job!r}: the file defines no jobs")
             return self.steps, self.timeout, dict(self.env)
-        if job not in self.jobs:
+        builds = self.expanded()
+        if job not in builds:
             if job == DEFAULT_JOB:
                 raise BuildFileError(0, f"defines jobs ({', '.join(self.jobs)}) but this build "
                                         f"names none; trigger the commit again to build each job")
-            raise BuildFileError(0, f"there is no job {job!r} (jobs: {', '.join(self.jobs)})")
-        spec = self.jobs[job]
+            raise BuildFileError(0, f"there is no job {job!r} (jobs: {', '.join(builds)})")
+        spec, combo = builds[job]
         timeout = spec.timeout if spec.timeout is not None else self.timeout
-        return spec.steps or self.steps, timeout, {**self.env, **spec.env}
+        return spec.steps or self.steps, timeout, {**self.env, **spec.env, **matrix_env(combo)}
 
 
 # One file checked at a time in a process. Daemons check files in worker
@@ -169,6 +249,7 @@ class _Checker:
     def __init__(self, loader: yaml.SafeLoader):
         self.loader = loader
         self.budget = MAX_VALUES
+        self.job_nodes: dict = {}           # job name -> its keys' (key node, value node), for errors naming lines
 
     def spend(self, node: Any, count: int) -> None:
         """Count ``count`` values looked at under ``node``; refuse a file whose
@@ -294,22 +375,17 @@ class _Checker:
             if len(declared) > MAX_JOBS:
                 raise self.fail(jnode, f"jobs: {len(declared)} jobs, more than the {MAX_JOBS} one commit "
                                        f"may have")
+            builds = 0
             for name, (knode, vnode) in declared.items():
-                if not patterns.is_name(name):
-                    raise self.fail(knode, f"job name {name!r} must be 1-100 letters, digits or ._:@-")
-                where = f"jobs.{name}"
-                spec = self.mapping(vnode, where, JOB_KEYS) if not (
-                    isinstance(vnode, yaml.ScalarNode) and tag(vnode) == "null") else {}
-                steps = self.steps(spec["steps"][1], f"{where}.steps") if "steps" in spec else ()
-                if not steps and not top_steps:
-                    raise self.fail(vnode if spec else knode, f"{where} has no steps, and there are "
-                                                              f"no top-level steps to run")
-                jobs[name] = JobDef(
-                    name, self.names(spec["labels"][1], f"{where}.labels") if "labels" in spec else (),
-                    steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
-                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None)
+                jobs[name] = self.job(name, knode, vnode, top_steps)
+                builds += len(jobs[name].combinations())
+                if builds > MAX_JOBS:
+                    where = self.job_nodes[name].get("matrix", (knode,))[0]
+                    raise self.fail(where, f"jobs.{name}: its matrix takes the commit to {builds} builds, "
+                                           f"more than the {MAX_JOBS} one commit may have")
             if not jobs:
                 raise self.fail(jnode, "jobs is empty")
+            self.graph(jobs)
         if not top_steps and not jobs:
             raise self.fail(root, "needs 'steps' (shell commands) or 'jobs'")
         return BuildFile(
@@ -318,3 +394,114 @@ class _Checker:
             env=self.env(keys["env"][1], "env") if "env" in keys else {},
             artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
             jobs=jobs)
+
+    def job(self, name: str, knode: Any, vnode: Any, top_steps: tuple) -> JobDef:
+        if not patterns.is_name(name):
+            raise self.fail(knode, f"job name {name!r} must be 1-100 letters, digits or ._:@-")
+        where = f"jobs.{name}"
+        spec = self.mapping(vnode, where, JOB_KEYS) if not (
+            isinstance(vnode, yaml.ScalarNode) and tag(vnode) == "null") else {}
+        self.job_nodes[name] = spec
+        steps = self.steps(spec["steps"][1], f"{where}.steps") if "steps" in spec else ()
+        if not steps and not top_steps:
+            raise self.fail(vnode if spec else knode, f"{where} has no steps, and there are "
+                                                      f"no top-level steps to run")
+        matrix = self.matrix(spec["matrix"][1], f"{where}.matrix") if "matrix" in spec else ()
+        labels = self.labels(spec["labels"][1], f"{where}.labels", matrix) if "labels" in spec else ()
+        branches, paths = self.when(spec["when"][1], f"{where}.when") if "when" in spec else ((), ())
+        return JobDef(
+            name, labels, steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
+            self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None,
+            matrix, self.names(spec["needs"][1], f"{where}.needs") if "needs" in spec else (), branches, paths)
+
+    def matrix(self, node: Any, what: str) -> tuple:
+        """((axis, (value, ...)), ...): axes are names fit for MATRIX_<AXIS>, values plain words."""
+        axes = self.mapping(node, what)
+        if not axes:
+            raise self.fail(node, f"{what} is empty")
+        if len(axes) > MAX_AXES:
+            raise self.fail(node, f"{what}: {len(axes)} axes, more than {MAX_AXES}")
+        out = []
+        for axis, (knode, vnode) in axes.items():
+            if not patterns.is_env_name(axis) or len(axis) > 40:
+                raise self.fail(knode, f"{what}: axis {axis!r} must be 1-40 letters, digits or _ "
+                                       f"(not starting with a digit): it becomes MATRIX_{axis.upper()}")
+            if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
+                raise self.fail(vnode, f"{what}.{axis} must be a non-empty list of values, got {self.kind(vnode)}")
+            self.spend(vnode, len(vnode.value) + 1)
+            values: list = []
+            for item in vnode.value:
+                value = self.scalar(item) if isinstance(item, yaml.ScalarNode) else None
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                if tag(item) not in ("str", "int", "float", "bool") or not patterns.is_matrix_value(text):
+                    raise self.fail(item, f"{what}.{axis}: {text if value is not None else self.kind(item)!r} "
+                                          f"must be 1-50 letters, digits or ._:@+- (quote 3.10, or YAML "
+                                          f"reads 3.1)")
+                if text in values:
+                    raise self.fail(item, f"{what}.{axis}: {text!r} appears twice")
+                values.append(text)
+            out.append((axis, tuple(values)))
+        return tuple(out)
+
+    def labels(self, node: Any, what: str, matrix: tuple) -> tuple:
+        """A job's labels; with a matrix, ``${{ matrix.AXIS }}`` in them stands for the axis's value."""
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what} must be a list, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
+        axes = dict(matrix)
+        out = []
+        for item in node.value:
+            text = self.string(item, f"{what} item")
+            for ref in MATRIX_REF.findall(text):
+                if ref not in axes:
+                    raise self.fail(item, f"{what}: {text!r} names matrix.{ref}, but the job's matrix "
+                                          f"has {'axes ' + ', '.join(axes) if axes else 'no matrix'}")
+            sample = MATRIX_REF.sub(lambda m: axes[m.group(1)][0], text)
+            if not patterns.is_name(sample):
+                raise self.fail(item, f"{what}: {text!r} must be 1-100 letters, digits or ._:@-")
+            if any(not patterns.is_name(label) for combo in itertools.product(
+                    *[[(a, v) for v in vs] for a, vs in matrix]) for label in matrix_labels((text,), combo)):
+                raise self.fail(item, f"{what}: {text!r} is longer than 100 characters for some matrix values")
+            out.append(text)
+        return tuple(out)
+
+    def when(self, node: Any, what: str) -> tuple[tuple, tuple]:
+        keys = self.mapping(node, what, WHEN_KEYS)
+        if not keys:
+            raise self.fail(node, f"{what} is empty: give branches, paths or both")
+        found = {}
+        for key, (_, vnode) in keys.items():
+            if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
+                raise self.fail(vnode, f"{what}.{key} must be a non-empty list of patterns, got {self.kind(vnode)}")
+            self.spend(vnode, len(vnode.value) + 1)
+            found[key] = tuple(self.string(item, f"{what}.{key} item") for item in vnode.value)
+        return found.get("branches", ()), found.get("paths", ())
+
+    def graph(self, jobs: dict) -> None:
+        """Every ``needs`` names a job of the file, and no job waits on itself, however far round."""
+        for name, job in jobs.items():
+            for index, need in enumerate(job.needs):
+                if need not in jobs:
+                    raise self.fail(self.job_nodes[name]["needs"][1].value[index],
+                                    f"jobs.{name}.needs: there is no job {need!r} (jobs: {', '.join(jobs)})")
+        done: set = set()
+        for start in jobs:
+            if start in done:
+                continue
+            path, on_path = [start], {start}
+            stack = [(start, iter(jobs[start].needs))]
+            while stack:
+                name, rest = stack[-1]
+                need = next(rest, None)
+                if need is None:
+                    stack.pop()
+                    on_path.discard(path.pop())
+                    done.add(name)
+                elif need in on_path:
+                    cycle = path[path.index(need):] + [need]
+                    raise self.fail(self.job_nodes[need]["needs"][0], f"jobs.{need}.needs: a cycle: "
+                                                                      f"{' -> '.join(cycle)}")
+                elif need not in done:
+                    path.append(need)
+                    on_path.add(need)
+                    stack.append((need, iter(jobs[need].needs)))

@@ -126,7 +126,7 @@ class ConsoleState:
 
     def why_waiting(self, build: dict) -> str:
         """Why a queued build has not started, from what the runners look like."""
-        return models.why_waiting(build.get("labels") or (), list(self.runners.values()))
+        return models.why_waiting(build.get("labels") or (), list(self.runners.values()), build.get("held") or "")
 
     def counts(self, now: float) -> dict[str, int]:
         """Builds queued and running now, and passed/failed/error/cancelled in the last hour."""

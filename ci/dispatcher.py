@@ -18,7 +18,10 @@ committed to SQLite before anyone is told about it. Work is assigned when
 something happens (a commit, a registration, a result, a dead runner); the
 only timers are the heartbeat and the schedule (``schedule``: builds at set
 times, reason ``schedule``). When a build ends, the ``notify.on_finish``
-commands run in the background (``on_finish``).
+commands run in the background (``on_finish``). A build with ``.ci.yaml``
+``needs`` joins the scheduler only once they passed: ``needs.Held`` holds it
+meanwhile, and decides, each time a build ends, which held builds go to the
+queue and which end ``skipped``.
 
 Two clocks: ``clock`` (wall time) stamps what people read (created_at and
 the like); ``monotonic`` is the scheduler's ``now`` and every deadline's,
@@ -44,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import daemon, intake, net, on_finish, protocol
+from . import daemon, intake, needs, net, on_finish, protocol
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .config import ConfigError
@@ -81,6 +84,7 @@ class Dispatcher:
         self.sched = Scheduler(cfg.heartbeat_interval, cfg.heartbeat_misses, cfg.max_attempts, wall=clock)
         self.tasks: set[asyncio.Task] = set()
         self.watchers = Watchers()
+        self.held = needs.Held()
         self.conditions = Conditions(log, on_change=self._conditions_changed)
         self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
         self.artifacts = Artifacts(store)
@@ -88,7 +92,8 @@ class Dispatcher:
         self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
-        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions)
+        queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions,
+                          self.held.builds)
         self.triggers = Triggers(config, store, self._admit, clock)
         delivered = Deliveries(self.sched, store, self.logs, self.artifacts, self.disk, self.watchers,
                                cfg.max_artifact_bytes, self._note, self.apply, monotonic)
@@ -113,11 +118,14 @@ class Dispatcher:
         ones stay with their runner until its next pong confirms them."""
         active = self.store.active()
         runners = self.store.runners()
-        plan = self.sched.load(active, runners, self.monotonic())
+        # builds that wait for their needs are held again (or go on, if what they waited for ended)
+        load, decided = self.held.recover(active, self.store.commit_builds)
+        plan = self.sched.load(load, runners, self.monotonic())
+        plan += self._follow(needs.Decision(skip=decided.skip))
         running = sum(1 for b in active if b.status is Status.RUNNING)
         if active:
-            log.info("recovered %d queued and %d running builds, %d known runners",
-                     len(active) - running, running, sum(r.alive for r in runners))
+            log.info("recovered %d queued (%d waiting for their needs) and %d running builds, %d known runners",
+                     len(active) - running, len(self.held.builds), running, sum(r.alive for r in runners))
         self.apply(plan)
 
     async def serve(self, stop: asyncio.Event, insecure: bool = False) -> None:
@@ -195,6 +203,37 @@ class Dispatcher:
             for runner in plan.dead:
                 self.watchers.event("runner", runner=runner.summary())
         self.watchers.touch()
+        if plan.finished and self.held.builds:
+            self.apply(self._settle(plan.finished))
+
+    # ------------------------------------------------------------ needs
+
+    def _settle(self, ended: list[Build]) -> Plan:
+        """The held builds of the commits of ``ended`` (all persisted): those
+        whose needs all passed join the queue, those with one that did not end skipped."""
+        plan = Plan()
+        for repo, sha in dict.fromkeys((b.repo, b.sha) for b in ended):
+            decided = self.held.settle(repo, sha, self.store.commit_builds(repo, sha))
+            plan += self._follow(decided, "=== the builds it needs passed: queued ===")
+            if self.watchers.active:    # what the released and the still held wait for now
+                for build in [*decided.run, *(b for b in self.held.builds.values() if (b.repo, b.sha) == (repo, sha))]:
+                    self.watchers.event("build", build=build.summary())
+        return plan
+
+    def _follow(self, decided: needs.Decision, note: str = "") -> Plan:
+        """Released builds to the scheduler; those whose needs did not pass end
+        ``skipped`` (persisted by ``apply``, like every build a plan finishes)."""
+        plan = Plan()
+        for build in decided.run:
+            if note:
+                self._note(build.id, note)
+            plan += self.sched.add(build, self.monotonic())
+        for build, why in decided.skip:
+            build.status, build.finished_at = Status.SKIPPED, self.clock()
+            self._note(build.id, f"=== skipped: {why} ===")
+            log.info("build %d (%s) skipped: %s", build.id, build.job, why)
+            plan.finished.append(build)
+        return plan
 
     def _note(self, build_id: int, text: str) -> int:
         """A line of the dispatcher's own in a build's log."""
@@ -226,9 +265,6 @@ class Dispatcher:
             self._note(build_id, text)
         for build in then.failed:
             self._finished(build)
-        if self.watchers.active:
-            for build in created:
-                self.watchers.event("build", build=build.summary())
         plan = Plan()
         for old, text in then.supersede:
             cancelled = self.sched.cancel(old.id, self.monotonic())
@@ -236,8 +272,14 @@ class Dispatcher:
                 self._note(old.id, text)
                 log.info("build %d superseded by build %d on %s", old.id, then.queue[0].id, old.branch)
                 plan += cancelled
+        if then.queue:          # to the scheduler, or held for their needs
+            plan += self._follow(self.held.admit(then.queue, self.store.commit_builds(request.repo, request.sha)))
         for build in then.queue:
-            plan += self.sched.add(build, self.monotonic())
+            if build.held:
+                self._note(build.id, f"=== waiting for {build.held} (needs) ===")
+        if self.watchers.active:        # after the holding: a held build's summary says what it waits for
+            for build in created:
+                self.watchers.event("build", build=build.summary())
         self.apply(plan)
         self.watchers.touch()
         return builds, created
@@ -305,6 +347,10 @@ class Dispatcher:
     async def on_cancel(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
         plan = self.sched.cancel(build_id, self.monotonic())
+        held = self.held.drop(build_id) if plan is None else None
+        if held is not None:        # waiting for its needs: it ends here, and what needed it is skipped
+            held.status, held.finished_at = Status.CANCELLED, self.clock()
+            plan = Plan(finished=[held])
         if plan is None:
             build = self.store.get(build_id)
             if build is None:

@@ -6,7 +6,10 @@ The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
 one source of truth for a repository that has the file), else the ``steps``
 of the ``run`` request, else ``python -m pytest -q`` for a repository with
 tests (after ``python -m pip install .`` for an installable one). They run in
-the attempt's own virtualenv, in the environment ``buildenv`` makes. After the steps (passed or failed) the files matching the file's
+the attempt's own virtualenv, in the environment ``buildenv`` makes. A
+build with ``needs`` first gets the artifacts of the builds it needs (the
+run's ``inputs``) into its checkout at their paths, through ``fetch``; one
+that does not arrive ends the attempt in error. After the steps (passed or failed) the files matching the file's
 ``artifacts`` globs are handed to ``upload``.
 
 It knows nothing about the network: ``runner.py`` turns a ``run`` request
@@ -29,7 +32,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from . import aio, artifact_find, buildfile, procgroup
 from .attempt import Outcome, RunRequest, Stopped
@@ -73,16 +76,33 @@ def read_buildfile(root: Path) -> BuildFile | None:
         raise BuildFileError(0, f"cannot be read: {exc}") from None
 
 
+def input_path(root: Path, rel: str) -> Path | None:
+    """Where an input artifact goes in the checkout: its relative path, if that
+    stays inside (no '..', no absolute path, no symlink on the way); else None."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return None
+    here = root
+    for part in parts:
+        here = here / part
+        if here.is_symlink():
+            return None
+    return here
+
+
 class Execution:
     """One attempt in progress in one slot's checkout."""
 
     def __init__(self, request: RunRequest, checkout: Path, buildlog: BuildLog, kill_grace: float,
                  header: str = "", upload: Callable[[str, Path], Any] | None = None,
-                 steps: procgroup.Steps | None = None):
-        """``steps``: the steps running in this process, every slot's (the runner's one registry)."""
+                 steps: procgroup.Steps | None = None,
+                 fetch: Callable[[int, str, Path], Awaitable[int]] | None = None):
+        """``steps``: the steps running in this process, every slot's (the runner's one registry).
+        ``fetch(build, path, dest)``: one artifact of another build into ``dest``; raises ValueError."""
         self.request = request
         self.steps = steps if steps is not None else procgroup.Steps()
         self.upload = upload        # async (relative path, file) -> None; raises OSError/ValueError to refuse
+        self.fetch = fetch
         self.checkout = checkout.absolute()
         self.log = buildlog
         self.kill_grace = kill_grace
@@ -144,6 +164,8 @@ class Execution:
         if not steps:
             self.log.line(NO_STEPS)
             return self._outcome(Status.ERROR)
+        if not await self._inputs():
+            return self._outcome(Status.ERROR)
         self.log.line(f"{len(steps)} step(s) from {source}")
         status, code = Status.PASSED, 0
         for number, step in enumerate(steps, 1):
@@ -203,6 +225,26 @@ class Execution:
                 steps = (Step(DEFAULT_INSTALL_STEP), *steps)
                 source = "the default for an installable repository with tests (installed into the build's virtualenv)"
         return steps, source, env, spec
+
+    async def _inputs(self) -> bool:
+        """The artifacts of the builds this one needs, into the checkout at their
+        paths; False (logged) when one cannot be placed or does not arrive."""
+        for item in self.request.inputs:
+            if self._stop.is_set():
+                raise Stopped()
+            where = f"input {item['path'][:200]} of build {item['build']} ({item['job']})"
+            dest = input_path(self.checkout, item["path"])
+            if dest is None or self.fetch is None:
+                self.log.line(f"[{where}: cannot be placed in the checkout]")
+                return False
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                size = await self.fetch(item["build"], item["path"], dest)
+            except (OSError, ValueError) as exc:
+                self.log.line(f"[{where} did not arrive: {exc}]")
+                return False
+            self.log.line(f"[{where}: {size} bytes]")
+        return True
 
     async def _artifacts(self, patterns: tuple) -> None:
         """Send the files the patterns match; a refusal is noted in the log, never fails the build."""

@@ -207,6 +207,17 @@ class RepoReader:
             return CommitFacts(sha=sha, message=message, author=f"{commit.author.name} <{commit.author.email}>",
                                time=int(commit.committed_date), file=data, file_kind=kind)
 
+    def changed_paths(self, sha: str, limit: int) -> tuple | None:
+        """The paths ``sha`` changed against its first parent (``.ci.yaml`` ``when.paths``);
+        None for a root commit or more than ``limit`` paths (then every job runs)."""
+        with self._reading():
+            parents = self.repo.commit(sha).parents
+            if not parents:
+                return None
+            out = self.repo.git.diff_tree("-r", "--name-only", "-z", "--no-renames", parents[0].hexsha, sha)
+        paths = tuple(p for p in out.split("\0") if p)
+        return paths if len(paths) <= limit else None
+
     def remote_url(self, remote: str) -> str:
         """The fetch URL of ``remote``, as configured (maybe relative to the repository)."""
         try:

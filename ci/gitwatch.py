@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 from . import buildfile, gitops
 
 SUBJECT_MAX = 4096     # the protocol's text limit (protocol.TEXT)
+CHANGED_MAX = 10_000   # changed paths read for .ci.yaml `when.paths`; past it every job runs
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Commit:
     subject: str        # first line of the message
     time: int           # committer time, epoch seconds
     message: str = ""   # the whole message (for [skip ci]), cut to SUBJECT_MAX
-    jobs: list | None = None    # .ci.yaml's jobs [{name, labels}]; None without the file
+    jobs: list | None = None    # .ci.yaml's jobs [{name, labels, [needs, skip]}]; None without the file
     config_error: str = ""      # why .ci.yaml at this commit is unusable
 
 
@@ -137,7 +138,7 @@ class Clone:
             for branch, sha in report:
                 if out and deadline is not None and time.monotonic() >= deadline:
                     break
-                out.append(_describe(repo.commit(sha, buildfile.FILENAME), branch))
+                out.append(_describe(repo.commit(sha, buildfile.FILENAME), branch, repo))
         return out
 
     def _heads(self, repo: gitops.RepoReader) -> dict[str, str]:
@@ -165,27 +166,26 @@ def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def _jobs_of(data: bytes) -> tuple[tuple | None, str]:
-    """(jobs as ((name, labels), ...), problem) of a ``.ci.yaml``'s bytes."""
+def _jobs_of(data: bytes) -> tuple[buildfile.BuildFile | None, str]:
+    """(the parsed file, problem) of a ``.ci.yaml``'s bytes."""
     if len(data) > 4 * buildfile.MAX_SIZE:      # more characters than allowed, whatever they are
         return None, str(buildfile.BuildFileError(0, f"is larger than {buildfile.MAX_SIZE} bytes"))
     return _checked(data)
 
 
 @functools.lru_cache(maxsize=32)
-def _checked(data: bytes) -> tuple[tuple | None, str]:
+def _checked(data: bytes) -> tuple[buildfile.BuildFile | None, str]:
     """``_jobs_of``, kept for the last few files seen: a push of many commits
     mostly shares one, and a costly file is then read once, not once per commit."""
     try:
-        jobs = buildfile.parse(data.decode("utf-8")).job_list()
+        return buildfile.parse(data.decode("utf-8")), ""
     except UnicodeDecodeError:
         return None, f"{buildfile.FILENAME}: is not UTF-8 text"
     except buildfile.BuildFileError as exc:
         return None, str(exc)[:SUBJECT_MAX]
-    return tuple((job["name"], tuple(job["labels"])) for job in jobs), ""
 
 
-def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
+def _describe(facts: gitops.CommitFacts, branch: str, repo: gitops.RepoReader | None = None) -> Commit:
     message = facts.message
     subject = message.split("\n", 1)[0].rstrip("\r")
     jobs, problem = None, ""
@@ -194,7 +194,9 @@ def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
     elif facts.file is not None:
         found, problem = _jobs_of(facts.file)
         if found is not None:
-            jobs = [{"name": name, "labels": list(labels)} for name, labels in found]
+            # `when` is decided here, where the branch and the clone are: paths changed against the first parent
+            changed = repo.changed_paths(facts.sha, CHANGED_MAX) if repo is not None and found.uses_paths() else None
+            jobs = found.job_list(branch, changed)
     return Commit(branch=branch, sha=facts.sha, author=facts.author[:SUBJECT_MAX],
                   subject=subject[:SUBJECT_MAX], time=facts.time,
                   message=message[:SUBJECT_MAX], jobs=jobs, config_error=problem)

@@ -6,7 +6,10 @@ No sockets, threads, disk or clock: the dispatcher stores the builds a
 - A commit whose message says ``[skip ci]`` or ``[ci skip]`` becomes one
   ``skipped`` build; one whose ``.ci.yaml`` cannot be used, one ``error``
   build whose log says why; otherwise one queued build per ``.ci.yaml`` job
-  (one default job without the file).
+  and matrix combination (one default job without the file). A job whose
+  ``when`` rules it out (the observer decides: it has the branch and the
+  changed paths) is one ``skipped`` build whose log says why. A job with
+  ``needs`` is stored with them; ``needs.py`` decides when it joins the queue.
 - With ``dispatcher.supersede`` matching its branch, a commit's new builds
   cancel the queued (never the running) commit builds of that branch and
   repository that came before them.
@@ -76,7 +79,15 @@ class Request:
         jobs = self.jobs if status is Status.QUEUED else DEFAULT_JOBS
         return [dict(repo=self.repo, branch=self.branch, sha=self.sha, subject=self.subject,
                      author=self.author, commit_time=self.commit_time, reason=self.reason,
-                     labels=tuple(job["labels"]), job=job["name"], status=status) for job in jobs]
+                     labels=tuple(job["labels"]), job=job["name"], needs=tuple(job.get("needs", ())),
+                     status=Status.SKIPPED if status is Status.QUEUED and job.get("skip") else status)
+                for job in jobs]
+
+    def skip_reason(self, build: Build) -> str:
+        """Why ``when`` keeps this request's job of ``build`` from running, or ""."""
+        if self.status is not Status.QUEUED:
+            return ""
+        return next((job.get("skip", "") for job in self.jobs if job["name"] == build.job), "")
 
     def lines(self, build: Build) -> list[str]:
         """The dispatcher's first lines in the log of a build newly made from this."""
@@ -86,6 +97,8 @@ class Request:
                          f"(`tinyci trigger {build.sha[:12]}` builds it anyway) ===")
         elif self.config_error:
             lines.append(f"=== build error: {self.config_error} ===")
+        elif self.skip_reason(build):
+            lines.append(f"=== skipped: {self.skip_reason(build)} (.ci.yaml when) ===")
         return lines
 
 
@@ -108,8 +121,8 @@ def admit(request: Request, created: list[Build], active: Iterable[Build],
     for build in created:
         out.lines += [(build.id, line) for line in request.lines(build)]
         what = f"{build.branch} {build.sha[:7]} {build.subject[:60]}" + (f" job {build.job}" if build.job else "")
-        if request.skip:
-            log.info("build %d skipped (%s): %s", build.id, request.skip, what)
+        if request.skip or request.skip_reason(build):
+            log.info("build %d skipped (%s): %s", build.id, request.skip or request.skip_reason(build), what)
         elif request.config_error:
             log.warning("build %d error: %s: %s", build.id, what, request.config_error)
             out.failed.append(build)

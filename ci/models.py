@@ -13,7 +13,7 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     ERROR = "error"
     CANCELLED = "cancelled"
-    SKIPPED = "skipped"           # the commit asked not to be built ([skip ci]); never ran
+    SKIPPED = "skipped"           # never ran: [skip ci], its `when`, or a build it needs did not pass
 
     @property
     def final(self) -> bool:
@@ -43,6 +43,8 @@ class Build:
     exit_code: int | None = None
     log_base: int = 0             # size of the build's log when the current attempt began
     job: str = ""                 # the .ci.yaml job this build runs; "" for a commit's one default job
+    needs: tuple = ()             # jobs of the same commit that must pass before it starts (stored)
+    held: str = ""                # while it waits for them (not stored): the ones still to finish
 
     def summary(self) -> dict:
         return {
@@ -51,7 +53,8 @@ class Build:
             "status": self.status.value, "attempt": self.attempt, "runner": self.runner,
             "labels": list(self.labels), "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "exit_code": self.exit_code, "job": self.job,
+            "exit_code": self.exit_code, "job": self.job, "needs": list(self.needs),
+            **({"held": self.held} if self.held else {}),
             "duration": (self.finished_at - self.started_at)
             if self.finished_at is not None and self.started_at is not None else None,
         }
@@ -138,11 +141,14 @@ def can_take(runner_labels, build_labels) -> bool:
     return set(build_labels) <= set(runner_labels)
 
 
-def why_waiting(build_labels, runners) -> str:
+def why_waiting(build_labels, runners, held: str = "") -> str:
     """Why a queued build needing ``build_labels`` has not started, from the
     runners as their summaries show them (name, state, labels, running,
-    slots). The one explanation used by ``tinyci status``, the console and
-    any other view, so they never explain the same wait differently."""
+    slots); ``held``: the builds it needs that have not finished (its
+    summary's ``held``). The one explanation used by ``tinyci status``, the
+    console and any other view, so they never explain the same wait differently."""
+    if held:
+        return f"waiting for {held} (needs)"
     alive = [r for r in runners if r.get("state") != "dead"]
     if not alive:
         return "no runner alive"

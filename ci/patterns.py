@@ -14,6 +14,10 @@ SHA = re.compile(r"[0-9a-f]{40}\Z")
 # runner names, labels, job names
 NAME = re.compile(r"[\w.:@-]{1,100}\Z")
 NAME_RULE = "name of 1-100 letters, digits or ._:@-"
+# a job as a build shows it: its name, and a matrix combination's values: "test (python=3.11, os=linux)"
+MATRIX_VALUE = re.compile(r"[\w.:@+-]{1,50}\Z")
+JOB = re.compile(r"[\w.:@-]{1,100}( \([A-Za-z_][A-Za-z0-9_]*=[\w.:@+-]+(, [A-Za-z_][A-Za-z0-9_]*=[\w.:@+-]+)*\))?\Z")
+JOB_MAX = 1000
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 # git check-ref-format, condensed: no control chars, space, ~^:?*[\ , no "..",
 # "@{", "//", no leading "-" or "/", no trailing "/", "." or ".lock".
@@ -26,6 +30,15 @@ def is_sha(value: object) -> bool:
 
 def is_name(value: object) -> bool:
     return isinstance(value, str) and NAME.match(value) is not None
+
+
+def is_matrix_value(value: object) -> bool:
+    return isinstance(value, str) and MATRIX_VALUE.match(value) is not None
+
+
+def is_job(value: object) -> bool:
+    """A build's job: a .ci.yaml job name, with its matrix combination if it has one."""
+    return isinstance(value, str) and len(value) <= JOB_MAX and JOB.match(value) is not None
 
 
 def is_env_name(value: object) -> bool:

@@ -41,7 +41,7 @@ also ends a stream::
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
                                                                                   / disk_full
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
-                                          timeout env [job artifacts_limit]
+                                          timeout env [job artifacts_limit inputs]
     dispatcher -> runner       ping       -                                       pong {running}
     dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
     reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue
@@ -60,7 +60,7 @@ also ends a stream::
     reader -> dispatcher       log_window build [offset line limit]               ok {data offset line size status}
     reader -> dispatcher       counts     since                                   ok {counts}
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
-    reader -> dispatcher       fetch_artifact                                     ok {data offset size eof}
+    reader, runner -> disp.    fetch_artifact                                     ok {data offset size eof}
                                           build path [offset]
     operator -> dispatcher     trigger    [branch rev repo job]                   ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
@@ -77,9 +77,14 @@ authenticated as, and ``log``, ``result`` and ``artifact`` are for builds
 that runner holds.
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
-([{name, labels}]; absent: one default job), ``config_error`` the reason that
-file is unusable. ``run.job`` names the job whose steps the runner takes from
-the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
+([{name, labels, [needs, skip]}], a matrix job once per combination, named
+``test (python=3.11)``; absent: one default job): ``needs``, the jobs of the
+same commit that must pass first; ``skip``, why its ``when`` keeps it from
+running (recorded ``skipped``). ``config_error`` is the reason that file is
+unusable. ``run.job`` names the job whose steps the runner takes from the
+``.ci.yaml`` of its checkout; ``run.inputs`` are the artifacts of the builds
+it needs ([{build, job, path}]), which the runner fetches (``fetch_artifact``,
+only for a build of the same commit as one it holds) into its checkout. Artifact ``data`` is base64, in chunks.
 ``read_log.timestamps`` adds to each chunk its ``times``: [offset, unix time]
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
@@ -159,7 +164,8 @@ ERRORS: Mapping[str, str] = {
     "bad_frame": "the frame is not UTF-8 JSON",
     "bad_message": "not a JSON object with a string type, or hello/auth after the handshake",
     "unknown_type": "no message of that type in the table",
-    "forbidden": "the sender's role may not send that type",
+    "forbidden": "the sender's role may not send that type; fetch_artifact: a runner asking for a build of a "
+                 "commit it holds no build of",
     "missing_field": "a required field is absent (the message names it)",
     "bad_field": "a field's value is not of its kind (the message names the field and the kind)",
     "unknown_field": "a field the table does not declare for that type",
@@ -290,10 +296,20 @@ LEASES = Kind("list of [build, attempt] pairs", lambda v: isinstance(v, list) an
 STATUS = Kind("status", lambda v: v in ("queued", "running", "passed", "failed", "error", "cancelled",
                                          "skipped"))
 FINAL = Kind("final status", lambda v: v in ("passed", "failed", "error", "cancelled"))
-JOB = Kind("job name ('' or 1-100 letters, digits or ._:@-)", lambda v: v == "" or NAME.check(v))
-JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) and 0 < len(v) <= 100 and all(
-    isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
-    for j in v))
+JOB = Kind("job name ('' or a .ci.yaml job name, with a matrix combination: 'test (python=3.11)')",
+           lambda v: v == "" or patterns.is_job(v))
+# one job of a commit: its name and labels; the builds it needs (same commit), why `when` skips it
+JOB_KEYS, JOB_OPTIONAL = {"name", "labels"}, {"needs", "skip"}
+NEEDS = Kind("list of at most 100 job names", lambda v: isinstance(v, list) and len(v) <= 100
+             and all(isinstance(n, str) and n and JOB.check(n) for n in v))
+JOBS = Kind("list of at most 100 {name, labels, [needs, skip]}", lambda v: isinstance(v, list) and 0 < len(v) <= 100
+            and all(isinstance(j, dict) and JOB_KEYS <= set(j) <= JOB_KEYS | JOB_OPTIONAL and JOB.check(j["name"])
+                    and LABELS.check(j["labels"]) and NEEDS.check(j.get("needs", []))
+                    and TEXT.check(j.get("skip", "")) for j in v))
+# a run's inputs: the artifacts of the builds it needs, fetched into its checkout before the steps
+INPUTS = Kind("list of at most 1000 {build, job, path}", lambda v: isinstance(v, list) and len(v) <= 1000 and all(
+    isinstance(i, dict) and set(i) == {"build", "job", "path"} and BUILD_ID.check(i["build"])
+    and JOB.check(i["job"]) and PATH.check(i["path"]) for i in v))
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
 # the handshake's parts are joined with NUL for the MAC: none of these can hold one
 NONCE = Kind("16-64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16,64}", v) is not None)
@@ -402,7 +418,7 @@ MESSAGES: dict[str, Spec] = {
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
-                 {"job": JOB, "artifacts_limit": COUNT},
+                 {"job": JOB, "artifacts_limit": COUNT, "inputs": INPUTS},
                  reply=_ok()),
     "ping": _spec(DISPATCHER, reply=Shape("pong", {"running": LEASES})),
     # by: who asked (user@host), for the build's log; the dispatcher says which builds it cancelled
@@ -431,7 +447,8 @@ MESSAGES: dict[str, Spec] = {
                                    "status": STATUS})),
     "counts": _spec(TOOLS, {"since": NUMBER}, reply=_ok({"counts": OBJECT})),
     "artifacts": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"artifacts": OBJECTS})),
-    "fetch_artifact": _spec(TOOLS, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
+    # a runner fetches the artifacts of the builds its build needs (its run's inputs)
+    "fetch_artifact": _spec(TOOLS | {RUNNER}, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
                             reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO, "job": JOB}, reply=QUEUED),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),

@@ -15,12 +15,16 @@ any size.
 Active builds are read from the scheduler (authoritative in memory),
 finished ones from the store. A queued build in ``status`` says why it
 waits in ``waiting``: models.why_waiting, the one explanation every view gives.
+Builds held for their ``needs`` (``held``, the dispatcher's ``needs.Held``) are
+active too, outside the scheduler. A runner may fetch only the artifacts of
+builds of a commit it holds a build of (its run's ``inputs``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from typing import Mapping
 
 from . import aio, net, protocol
 from .artifacts import ArtifactError, Artifacts
@@ -41,32 +45,40 @@ BADGE_SCAN = 500            # a branch's newest builds searched for a finished p
 
 class Queries:
     def __init__(self, store: Store, sched: Scheduler, logs: BuildLogs, artifacts: Artifacts,
-                 watchers: Watchers, conditions: Conditions | None = None):
+                 watchers: Watchers, conditions: Conditions | None = None, held: Mapping[int, Build] | None = None):
         self.store, self.sched, self.logs = store, sched, logs
+        self.held = held if held is not None else {}
         self.artifacts, self.watchers = artifacts, watchers
         self.conditions = conditions
         self.lines = LogLines()
 
     def _build(self, build_id: int) -> Build | None:
-        return self.sched.builds.get(build_id) or self.store.get(build_id)
+        return self.sched.builds.get(build_id) or self.held.get(build_id) or self.store.get(build_id)
+
+    def _live(self, build: Build) -> Build:
+        """A stored build as it is now: the scheduler's or the held copy while active."""
+        return self.sched.builds.get(build.id) or self.held.get(build.id) or build
 
     async def status(self, conn: net.Connection, msg: dict) -> dict:
         # active builds are authoritative in memory (the store has them too, but
         # reading both keeps one source for each)
-        builds = [self.sched.builds.get(b.id, b) for b in self.store.recent(msg.get("limit", 50))]
+        builds = [self._live(b) for b in self.store.recent(msg.get("limit", 50))]
         runners = [r.summary() for r in sorted(self.sched.runners.values(), key=lambda r: r.name)]
         waits: dict[tuple, str] = {}           # by label set: queued builds mostly share a few
         summaries = []
         for build in builds:
             summary = build.summary()
-            if build.status is Status.QUEUED:
+            if build.status is Status.QUEUED and build.held:
+                summary["waiting"] = why_waiting(build.labels, runners, build.held)
+            elif build.status is Status.QUEUED:
                 if build.labels not in waits:
                     waits[build.labels] = why_waiting(build.labels, runners)
                 summary["waiting"] = waits[build.labels]
             summaries.append(summary)
         conditions = self.conditions.active() if self.conditions is not None else []
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
-                           queue=[b.id for b in self.sched.queued()], conditions=conditions)
+                           # then the builds held for their needs: queued too, waiting for other builds
+                           queue=[b.id for b in self.sched.queued()] + sorted(self.held), conditions=conditions)
 
     async def build(self, conn: net.Connection, msg: dict) -> dict:
         build = self._build(msg["build"])
@@ -112,8 +124,8 @@ class Queries:
             snapshot = await self.status(conn, {"type": "status", "limit": msg.get("limit", 50)})
             # every active build too, however old, so a watcher can show the whole queue
             shown = {b["id"] for b in snapshot["builds"]}
-            snapshot["builds"] += [b.summary() for b in sorted(self.sched.builds.values(), key=lambda b: -b.id)
-                                   if b.id not in shown]
+            active = [*self.sched.builds.values(), *self.held.values()]
+            snapshot["builds"] += [b.summary() for b in sorted(active, key=lambda b: -b.id) if b.id not in shown]
             await conn.send(snapshot)
             while True:
                 event = await queue.get()
@@ -131,6 +143,9 @@ class Queries:
         build = self.store.get(msg["build"])
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
+        if conn.role == protocol.RUNNER and not any(b.runner == conn.id and (b.repo, b.sha) == (build.repo, build.sha)
+                                                    for b in self.sched.builds.values()):
+            return protocol.error("forbidden", f"runner {conn.id} holds no build of the commit of build {build.id}")
         offset = msg.get("offset", 0)
         try:
             data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, ARTIFACT_CHUNK)
@@ -143,14 +158,14 @@ class Queries:
         filters = {name: msg[name] for name in HISTORY_FILTERS if name in msg}
         builds, older, newer = self.store.history(filters, msg.get("before"), msg.get("after"),
                                                   msg.get("limit", 50))
-        return protocol.ok(builds=[self.sched.builds.get(b.id, b).summary() for b in builds],
+        return protocol.ok(builds=[self._live(b).summary() for b in builds],
                            older=older, newer=newer)
 
     async def branch_status(self, conn: net.Connection, msg: dict) -> dict:
         """The newest finished pipeline of the branch among its last BADGE_SCAN
         builds; skipped and cancelled ones say nothing about the code, so the
         search goes on past them."""
-        builds = [self.sched.builds.get(b.id, b)
+        builds = [self._live(b)
                   for b in self.store.branch_builds(msg["branch"], msg.get("repo"), limit=BADGE_SCAN)]
         commits: dict[tuple, dict[str, Build]] = {}     # newest commit first, by its first build here
         for build in reversed(builds):

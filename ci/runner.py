@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import aio, artifact_upload, clones, daemon, files, net, patterns, protocol
+from . import aio, artifact_download, artifact_upload, clones, daemon, files, net, patterns, protocol
 from .attempt import RunRequest
 from .buildlog import BuildLog
 from .execution import Execution
@@ -231,7 +231,7 @@ class Runner:
         timeout = msg["timeout"] if msg["timeout"] > 0 else self.settings.config.build.timeout
         request = RunRequest(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
                              float(timeout), dict(msg["env"]), msg.get("job", ""),
-                             msg.get("artifacts_limit", RunRequest.artifacts_limit))
+                             msg.get("artifacts_limit", RunRequest.artifacts_limit), tuple(msg.get("inputs", ())))
         path = self.outbox.log_path(build, attempt)
         delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_frame)
         try:
@@ -241,7 +241,7 @@ class Runner:
         execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
                               upload=lambda rel, file: self._upload(build, attempt, rel, file),
-                              steps=self.steps)
+                              steps=self.steps, fetch=self._fetch)
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.slots.take(slot, execution, task)
@@ -301,6 +301,14 @@ class Runner:
         client = self._client()
         try:
             await artifact_upload.upload(client, self.settings.limits.max_frame, build, attempt, rel, file)
+        finally:
+            await client.close()
+
+    async def _fetch(self, build: int, rel: str, dest: Path) -> int:
+        """One artifact of a needed build into the checkout (execution's ``fetch``)."""
+        client = self._client()
+        try:
+            return await artifact_download.download(client, build, rel, dest)
         finally:
             await client.close()
 

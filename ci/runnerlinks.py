@@ -37,7 +37,7 @@ import logging
 import time
 from typing import Callable
 
-from . import aio, net, protocol, sanitize
+from . import aio, needs, net, protocol, sanitize
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .models import Build, RunnerRecord
@@ -174,6 +174,8 @@ class RunnerLinks:
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
                "timeout": cfg.timeout, "env": dict(cfg.env), "job": build.job,
                "artifacts_limit": self.config.dispatcher.max_artifact_bytes}
+        if build.needs:     # the artifacts of the builds it needs, fetched into its checkout
+            msg["inputs"] = needs.inputs(build, self.store.commit_builds(build.repo, build.sha), self.artifacts.list)
         try:
             try:
                 await self.link(runner).request(msg)

@@ -70,7 +70,7 @@ class Triggers:
         if old is None:
             return protocol.error("not_found", f"no build {msg['build']}")
         reason = f"rebuild of {old.id}"
-        jobs, problem = [{"name": old.job, "labels": list(old.labels)}], ""
+        jobs, problem = [{"name": old.job, "labels": list(old.labels), "needs": list(old.needs)}], ""
         if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
             text = await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME)
             jobs, problem = await aio.in_thread(intake.jobs_from, text)

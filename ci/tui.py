@@ -202,7 +202,7 @@ def _subject(build: dict) -> Text:
 def _why_waiting(build: dict, runners: list[dict]) -> str:
     """The dispatcher's own explanation when the reply carries one (it sees every
     runner), else the same rule applied to the runners in the snapshot."""
-    return build.get("waiting") or models.why_waiting(build.get("labels") or (), runners)
+    return build.get("waiting") or models.why_waiting(build.get("labels") or (), runners, build.get("held") or "")
 
 
 def _cell(value: object, style: str = "") -> Text:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ci import buildfile
+from ci import buildfile, patterns
 from ci.artifacts import ArtifactError, Artifacts
 from ci.buildfile import BuildFileError, Step
 from ci.buildlogs import LogCap
@@ -68,6 +68,22 @@ def test_without_jobs_one_default_job():
     ("steps:\n  - {run: make, timeout: .inf}\n", 2, "at most 604800"),
     ("steps: [make]\njobs:\n" + "".join(f"  j{i}: {{}}\n" for i in range(101)), 3,
      "101 jobs, more than the 100"),
+    # matrix, needs, when
+    ("steps: [make]\njobs:\n  a:\n    matrix: {x: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}\n  b:\n    matrix:\n"
+     "      y: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n      z: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n", 6,
+     "jobs.b: its matrix takes the commit to 110 builds, more than the 100"),
+    ("steps: [make]\njobs:\n  a:\n    matrix: {x: [1, 1]}\n", 4, "matrix.x: '1' appears twice"),
+    ("steps: [make]\njobs:\n  a:\n    matrix: {x: [has space]}\n", 4, "1-50 letters"),
+    ("steps: [make]\njobs:\n  a:\n    matrix: {1x: [a]}\n", 4, "axis '1x'"),
+    ("steps: [make]\njobs:\n  a:\n    matrix: {x: []}\n", 4, "non-empty list"),
+    ("steps: [make]\njobs:\n  a:\n    matrix: {x: [a]}\n    labels: ['${{ matrix.y }}']\n", 5,
+     "names matrix.y, but the job's matrix has axes x"),
+    ("steps: [make]\njobs:\n  a:\n    needs: [a2]\n  b: {}\n", 4, "jobs.a.needs: there is no job 'a2' (jobs: a, b)"),
+    ("steps: [make]\njobs:\n  a:\n    needs: [c]\n  b:\n    needs: [a]\n  c:\n    needs: [b]\n", 4,
+     "jobs.a.needs: a cycle: a -> c -> b -> a"),
+    ("steps: [make]\njobs:\n  a: {needs: [a]}\n", 3, "a cycle: a -> a"),
+    ("steps: [make]\njobs:\n  a:\n    when: {branch: [main]}\n", 4, "unknown key 'branch' (known: branches, paths)"),
+    ("steps: [make]\njobs:\n  a:\n    when: {paths: []}\n", 4, "when.paths must be a non-empty list"),
 ])
 def test_broken_files_name_the_line(text, line, words):
     with pytest.raises(BuildFileError) as err:
@@ -181,3 +197,47 @@ def test_deep_nesting_is_an_error_not_a_crash():
         with pytest.raises(BuildFileError) as err:
             buildfile.parse(text)
         assert "nest" in str(err.value)
+
+
+GRAPH = """\
+steps: [make]
+env: {MATRIX_PYTHON: top}
+jobs:
+  test:
+    matrix: {python: ["3.10", "3.11"], os: [linux, bsd]}
+    labels: ["py${{ matrix.python }}", "${{matrix.os}}", fast]
+    env: {X: "1"}
+  lint:
+    needs: [test]
+    when: {branches: [main, "release/*"], paths: ["src/*", "*.py"]}
+"""
+
+
+def test_a_matrix_expands_into_one_build_per_combination():
+    spec = buildfile.parse(GRAPH)
+    jobs = spec.job_list()
+    names = [j["name"] for j in jobs]
+    assert names == ["test (python=3.10, os=linux)", "test (python=3.10, os=bsd)",
+                     "test (python=3.11, os=linux)", "test (python=3.11, os=bsd)", "lint"]
+    assert jobs[3]["labels"] == ["py3.11", "bsd", "fast"]
+    # lint needs every combination of test; the runner finds each build's steps by its name
+    assert jobs[4]["needs"] == names[:4] and "needs" not in jobs[0]
+    steps, _, env = spec.plan("test (python=3.11, os=bsd)")
+    assert steps == (Step("make"),) and env == {"MATRIX_PYTHON": "3.11", "MATRIX_OS": "bsd", "X": "1"}
+    with pytest.raises(BuildFileError, match="there is no job 'test'"):
+        spec.plan("test")           # a matrix job is only its combinations
+    assert all(patterns.is_job(n) for n in names)
+
+
+def test_when_names_why_a_job_does_not_run():
+    spec = buildfile.parse(GRAPH)
+
+    def skip(branch, changed):
+        return {j["name"]: j.get("skip", "") for j in spec.job_list(branch, changed)}["lint"]
+
+    assert skip("main", ("src/a.py",)) == ""
+    assert skip("release/2.0", ("docs/x.md", "setup.py")) == ""           # '*' crosses '/'
+    assert skip("feature", ("src/a.py",)) == "branch feature is not among when.branches (main, release/*)"
+    assert skip("main", ("docs/x.md",)) == "no changed path matches when.paths (src/*, *.py)"
+    assert skip("main", None) == "" and skip(None, ("docs/x.md",)) != ""   # unknown: that rule does not skip
+    assert spec.uses_paths() and not buildfile.parse("steps: [make]\njobs: {a: {}}\n").uses_paths()

@@ -696,3 +696,83 @@ async def test_a_log_file_cut_short_is_noted_once(make):
         assert db.execute("SELECT log_base FROM builds WHERE id = 1").fetchone()[0] == h.d.sched.builds[1].log_base
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------- needs
+
+GRAPH_JOBS = [{"name": "test (python=3.10)", "labels": []}, {"name": "test (python=3.11)", "labels": []},
+              {"name": "lint", "labels": [], "needs": ["test (python=3.10)", "test (python=3.11)"]},
+              {"name": "docs", "labels": [], "skip": "no changed path matches when.paths (docs/*)"}]
+
+
+@scenario
+async def test_a_build_waits_outside_the_queue_until_its_needs_passed(make):
+    h = make()
+    assert (await h.commit(jobs=GRAPH_JOBS))["builds"] == [1, 2, 3, 4]
+    assert h.build(4).status is Status.SKIPPED and "skipped: no changed path matches" in h.text(4)
+    status = await h.status()
+    lint = next(b for b in status["builds"] if b["id"] == 3)
+    assert lint["waiting"] == "waiting for test (python=3.10), test (python=3.11) (needs)"
+    assert status["queue"] == [1, 2, 3] and 3 not in h.d.sched.builds
+    await h.register("r1", slots=2)
+    assert [m["build"] for m in h.runner("r1").sent("run")] == [1, 2]      # lint is not handed out
+    await h.result(1)
+    assert 3 not in h.d.sched.builds and h.d.held.get(3).held == "test (python=3.11)"
+    h.d.artifacts.write(2, SHA, "dist/b.whl", 0, b"wheel", True, 1 << 20, 1)
+    await h.result(2)
+    await h.settle()
+    run = h.runner("r1").sent("run")[-1]
+    assert run["build"] == 3 and run["job"] == "lint"
+    assert run["inputs"] == [{"build": 2, "job": "test (python=3.11)", "path": "dist/b.whl"}]
+    assert "=== the builds it needs passed: queued ===" in h.text(3)
+    # the runner holding lint may fetch test's artifact; another runner may not
+    fetched = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r1")
+    assert fetched["data"] == "d2hlZWw="
+    refused = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
+    assert codes(refused) == ("error", "forbidden")
+
+
+@scenario
+async def test_a_failed_need_skips_the_build_and_what_needed_it(make):
+    h = make()
+    jobs = GRAPH_JOBS[:3] + [{"name": "deploy", "labels": [], "needs": ["lint"]}]
+    await h.commit(jobs=jobs)
+    await h.register("r1", slots=2)
+    await h.result(1, status="failed")
+    assert h.build(3).status is Status.SKIPPED and h.build(3).finished_at == h.now
+    assert h.build(4).status is Status.SKIPPED
+    assert "=== skipped: needs test (python=3.10), which failed ===" in h.text(3)
+    assert "=== skipped: needs lint, which was skipped ===" in h.text(4)
+    assert not h.d.held.builds and [m["build"] for m in h.runner("r1").sent("run")] == [1, 2]
+
+
+@scenario
+async def test_cancelling_a_waiting_build_skips_what_needed_it(make):
+    h = make()
+    await h.commit(jobs=GRAPH_JOBS[:3] + [{"name": "deploy", "labels": [], "needs": ["lint"]}])
+    assert (await h.call({"type": "cancel", "build": 3})) == {"type": "ok", "builds": [3]}
+    assert h.build(3).status is Status.CANCELLED and h.build(4).status is Status.SKIPPED
+    assert "needs lint, which was cancelled" in h.text(4)
+    assert codes(await h.call({"type": "cancel", "build": 3})) == ("error", "finished")
+
+
+@scenario
+async def test_waiting_builds_are_held_again_after_a_restart(make):
+    h = make()
+    await h.commit(jobs=GRAPH_JOBS[:3])
+    await h.commit(sha=SHA2, jobs=GRAPH_JOBS[:3])
+    await h.commit(sha="c" * 40, jobs=GRAPH_JOBS[:3])
+    assert sorted(h.d.held.builds) == [3, 6, 9]
+    # what the stored builds say when the dispatcher stops (results stored, nothing released yet)
+    ended = {1: Status.PASSED, 2: Status.PASSED, 4: Status.PASSED, 5: Status.FAILED}
+    for build_id, status in ended.items():
+        build = h.build(build_id)
+        build.status = status
+        h.store.save([build])
+    h.store.close()
+    again = make()
+    assert 3 in again.d.sched.builds and again.build(3).status is Status.QUEUED     # its needs passed
+    assert again.build(6).status is Status.SKIPPED                                  # one of them failed
+    assert "=== skipped: needs test (python=3.11), which failed ===" in again.text(6)
+    assert list(again.d.held.builds) == [9] and again.d.held.get(9).held == "test (python=3.10), test (python=3.11)"
+    assert (await again.status())["queue"] == [3, 7, 8, 9]

@@ -40,6 +40,7 @@ class Slot:
         self.clone = tmp_path / "checkouts" / "0"
         self.uploaded: dict[str, bytes] = {}
         self.refuse: dict[str, str] = {}        # artifact -> why the "dispatcher" refuses it
+        self.stored: dict[tuple, bytes] = {}    # (build, path) -> another build's artifact
         self.build = 0
 
     def request(self, repo: Repo, sha: str | None = None, steps=(), **fields) -> RunRequest:
@@ -52,10 +53,18 @@ class Slot:
             raise ValueError(self.refuse[rel])
         self.uploaded[rel] = path.read_bytes()
 
+    async def fetch(self, build: int, rel: str, dest: Path) -> int:
+        """The artifacts of other builds, as the dispatcher would send them (``inputs``)."""
+        if (build, rel) not in self.stored:
+            raise ValueError(f"the dispatcher refused it: build {build} has no artifact {rel!r}")
+        data = self.stored[(build, rel)]
+        dest.write_bytes(data)
+        return len(data)
+
     def execution(self, request: RunRequest) -> Execution:
         buildlog = BuildLog(self.tmp / f"{request.build}-{request.attempt}.log")
         return Execution(request, self.clone, buildlog, KILL_GRACE, header="test slot 0: ",
-                         upload=self.upload)
+                         upload=self.upload, fetch=self.fetch)
 
     async def run(self, execution: Execution) -> tuple[Outcome, str]:
         try:
@@ -252,3 +261,31 @@ def test_artifacts_are_sent_after_the_steps_and_refusals_noted(project, slot):
     assert "[artifacts: nothing/*: matched nothing]" in text
     assert "[artifact out/a.txt (4 bytes) sent]" in text
     assert "[artifact out/b.txt not sent: the dispatcher refused it: over the limit]" in text
+
+
+def test_the_artifacts_of_needed_builds_are_in_the_checkout_before_the_steps(project, slot):
+    project.commit("needs", {".ci.yaml": "jobs:\n  lint:\n    steps: [cat dist/a.whl out/b.txt]\n"})
+    slot.stored = {(7, "dist/a.whl"): b"wheel-a\n", (8, "out/b.txt"): b"text-b\n"}
+    inputs = ({"build": 7, "job": "test (python=3.10)", "path": "dist/a.whl"},
+              {"build": 8, "job": "test (python=3.11)", "path": "out/b.txt"})
+    outcome, text = slot(project, [], job="lint", inputs=inputs)
+    assert outcome.status is Status.PASSED, text
+    assert "[input dist/a.whl of build 7 (test (python=3.10)): 8 bytes]" in text
+    assert "wheel-a" in text and "text-b" in text
+    # one that cannot arrive ends the attempt in error before any step
+    outcome, text = slot(project, [], job="lint", inputs=({"build": 9, "job": "t", "path": "x"},))
+    assert outcome.status is Status.ERROR and "[input x of build 9 (t) did not arrive: the dispatcher refused it: build 9 has no artifact 'x']" in text
+    assert "$ cat" not in text
+
+
+@pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a//b", "./a", "a/..", ""])
+def test_an_input_path_outside_the_checkout_is_refused(tmp_path, rel):
+    from ci.execution import input_path
+    assert input_path(tmp_path, rel) is None
+
+
+def test_an_input_path_through_a_symlink_is_refused(tmp_path):
+    from ci.execution import input_path
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    assert input_path(tmp_path, "link/x") is None
+    assert input_path(tmp_path, "dist/x.whl") == tmp_path / "dist" / "x.whl"

@@ -43,6 +43,23 @@ def test_one_row_per_job_or_one_final_build():
     assert Request("/r", "main", SHA, skip="[ci skip]", config_error="bad").status is Status.SKIPPED
 
 
+def test_needs_are_stored_and_a_job_when_rules_out_is_one_skipped_build():
+    jobs = [{"name": "t (python=3.11)", "labels": ["py3.11"]},
+            {"name": "lint", "labels": [], "needs": ["t (python=3.11)"]},
+            {"name": "docs", "labels": [], "skip": "branch feat is not among when.branches (main)"}]
+    request = Request("/repo", "feat", SHA, jobs=jobs)
+    rows = request.rows()
+    assert [(r["job"], r["needs"], r["status"]) for r in rows] == [
+        ("t (python=3.11)", (), Status.QUEUED), ("lint", ("t (python=3.11)",), Status.QUEUED),
+        ("docs", (), Status.SKIPPED)]
+    assert request.lines(build(3, job="docs")) == [
+        "=== skipped: branch feat is not among when.branches (main) (.ci.yaml when) ==="]
+    assert request.lines(build(2, job="lint")) == []
+    # a trigger reads the jobs without a branch or changes: `when` skips nothing there
+    jobs, _ = intake.jobs_from(b"jobs:\n  a: {steps: [make], when: {branches: [main]}}\n")
+    assert jobs == [{"name": "a", "labels": []}]
+
+
 def test_the_lines_a_new_build_starts_with():
     new = build(4)
     assert Request("/r", "main", SHA).lines(new) == []

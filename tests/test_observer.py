@@ -176,6 +176,27 @@ def test_commits_are_read_within_a_budget_and_each_ci_yaml_once(tmp_path):
     assert gitwatch._checked.cache_info().misses == before.misses
 
 
+def test_when_is_decided_with_the_paths_changed_against_the_first_parent(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".ci.yaml").write_text("steps: [make]\njobs:\n  test:\n    when: {paths: ['src/*']}\n"
+                                   "  lint:\n    needs: [test]\n    when: {branches: [main]}\n")
+    (repo / "src").mkdir()
+    (repo / "src" / "app.py").write_text("x = 1\n")
+    git(repo, "add", ".")
+    saved = commit(repo, "code")
+    (repo / "README").write_text("docs\n")
+    git(repo, "add", "README")
+    docs = commit(repo, "docs only")
+    found = {c.sha: c.jobs for c in read(repo, {"main": git(repo, "rev-parse", "HEAD~2")})[1]}
+    assert found[saved] == [{"name": "test", "labels": []}, {"name": "lint", "labels": [], "needs": ["test"]}]
+    assert found[docs] == [{"name": "test", "labels": [], "skip": "no changed path matches when.paths (src/*)"},
+                           {"name": "lint", "labels": [], "needs": ["test"]}]
+    git(repo, "checkout", "-q", "-b", "feature")
+    head = commit(repo, "on a branch")
+    jobs = read(repo, {"main": docs, "feature": docs})[1][0].jobs
+    assert (head, jobs[1]["skip"]) == (head, "branch feature is not among when.branches (main)")
+
+
 # ---------------------------------------------------------------- the saved position
 
 def test_state_file_round_trip_and_corruption(tmp_path, caplog):

@@ -22,7 +22,10 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "auth": (RUNNER, {"role": "runner", "id": "r1", "nonce": "beef" * 8, "to": "dispatcher", "mac": "0f" * 32}),
     "commit": (OBSERVER, {"repo": REPO, "branch": "main", "sha": SHA, "author": "Ada <ada@example.com>",
                           "subject": "Fix the build", "time": 1.5, "message": "Fix the build\n\nfor good",
-                          "jobs": [{"name": "test", "labels": ["linux"]}], "config_error": ""}),
+                          "jobs": [{"name": "test (python=3.11)", "labels": ["linux"]},
+                                   {"name": "lint", "labels": [], "needs": ["test (python=3.11)"],
+                                    "skip": "branch main is not among when.branches (release)"}],
+                          "config_error": ""}),
     "register": (RUNNER, {"name": "r1", "host": "127.0.0.1", "port": 8889, "labels": ["linux"], "slots": 2,
                           "running": [[1, 1]]}),
     "log": (RUNNER, {"build": 1, "attempt": 1, "offset": 0, "data": "hello\n"}),
@@ -34,7 +37,8 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
                           "eof": True}),
     "run": (DISPATCHER, {"build": 1, "attempt": 1, "repo": REPO, "sha": SHA, "branch": "main",
                          "steps": ["make test"], "timeout": 60.0, "env": {"CI": "1"}, "job": "test",
-                         "artifacts_limit": 1000}),
+                         "artifacts_limit": 1000, "inputs": [{"build": 2, "job": "test (python=3.11)",
+                                                              "path": "dist/app.whl"}]}),
     "ping": (DISPATCHER, {}),
     "cancel": (OPERATOR, {"build": 1, "attempt": 1, "by": "ada@host"}),
     "status": (READER, {"limit": 50}),
@@ -199,9 +203,11 @@ def test_who_may_send_what():
     assert senders["poke"] == {OBSERVER, OPERATOR}
     assert senders["trigger"] == senders["rebuild"] == senders["gc"] == {OPERATOR}
     assert senders["drain"] == senders["resume"] == senders["forget"] == {OPERATOR}
-    for kind in ("status", "build", "read_log", "watch", "artifacts", "fetch_artifact", "history",
+    for kind in ("status", "build", "read_log", "watch", "artifacts", "history",
                  "branch_status", "log_window", "counts"):
         assert senders[kind] == {READER, OPERATOR}, kind        # operators may read too
+    # a runner fetches the artifacts of the builds its build needs (run.inputs)
+    assert senders["fetch_artifact"] == {READER, OPERATOR, RUNNER}
     for kind in ("register", "log", "result", "artifact"):
         assert senders[kind] == {RUNNER}, kind
     for kind in ("hello", "ok", "error", "pong", "chunk", "event", "end"):
@@ -221,6 +227,9 @@ def test_who_may_send_what():
     ({**example("commit"), "time": True}, "bad_field", "commit.time"),
     ({**example("commit"), "time": float("nan")}, "bad_field", "commit.time"),
     ({**example("commit"), "jobs": []}, "bad_field", "commit.jobs"),
+    ({**example("commit"), "jobs": [{"name": "a", "labels": [], "needs": ["no (good"]}]}, "bad_field", "commit.jobs"),
+    ({**example("commit"), "jobs": [{"name": "a", "labels": [], "extra": 1}]}, "bad_field", "commit.jobs"),
+    ({**example("commit"), "jobs": [{"name": "a (b)", "labels": []}]}, "bad_field", "commit.jobs"),
 ])
 def test_validate_names_the_problem(msg, code, words):
     err = refused(msg, OBSERVER)

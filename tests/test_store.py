@@ -59,6 +59,11 @@ def test_an_old_database_is_copied_then_migrated_in_place(tmp_path):
         # build numbers go on from where they were
         build, _ = store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0)
         assert build.id == EXPECTED["next_build"]
+        # old builds need nothing; a new one keeps its needs (the needs migration)
+        assert all(b.needs == () for b in store.recent(100))
+        lint, _ = store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0, job="lint", needs=("t",))
+        assert store.get(lint.id).needs == ("t",)
+        assert [b.id for b in store.commit_builds("/r", "a" * 40)] == [build.id, lint.id]
     finally:
         store.close()
     backup = data / "ci.db.v0.bak"
