@@ -284,6 +284,7 @@ class TinyciSide:
 
     def __init__(self, tmp: Path, trigger: str):
         self.tmp, self.trigger = tmp, trigger
+        self.replaced = 0
 
     def __enter__(self) -> "TinyciSide":
         self.cluster = cluster(self.tmp, [STEP])
@@ -355,7 +356,8 @@ class TinyciSide:
 
     def replace(self, name: str) -> None:
         del self.workers[name]
-        fresh = f"r{len(self.workers) + 100}"
+        self.replaced += 1
+        fresh = f"r{100 + self.replaced}"     # a runner's name and workdir are its own: never reused
         self.workers[fresh] = self.cluster.runner(fresh)
 
 
@@ -365,6 +367,7 @@ class BuildbotSide:
     def __init__(self, venv: Path, version: str, template: Path, tmp: Path, trigger: str):
         self.venv, self.template, self.tmp, self.trigger = venv, template, tmp, trigger
         self.label = f"Buildbot {version}"
+        self.killed_results: list = []
 
     def __enter__(self) -> "BuildbotSide":
         self.repo = _repo(self.tmp / "repo")
@@ -423,6 +426,9 @@ class BuildbotSide:
             return None
         wait_for("the build to finish", lambda: any(e["buildid"] == event["buildid"]
                                                     for e in self.bb.events("builds.finished")), 30)
+        # what became of the build on the killed worker (Buildbot's results: 4 is RETRY)
+        self.killed_results.extend(e.get("results") for e in self.bb.events("builds.finished")
+                                   if e["buildid"] == first["buildid"])
         return event["t"]
 
     def replace(self, name: str) -> None:
@@ -570,6 +576,7 @@ def _run_side(make, tmp: Path, sizes: dict, out: dict) -> None:
         clock.lap("4 workers")
         kill(side, sizes["kills"], regain)
         clock.lap("kill")
+        out["killed_build_results"].extend(getattr(side, "killed_results", []))
     for prefix, got in (("push", push), ("poll", poll)):
         for key, values in got.items():
             out[f"{prefix}_{key}"].extend(values)
