@@ -12,6 +12,12 @@ Schema (every key optional, but there must be ``steps`` or ``jobs``)::
       - {name: test, run: pytest -q, timeout: 60, env: {X: "1"}}
     jobs:                        # one build per job, on runners with all its labels
       py311: {labels: [py311], steps: [...], env: {...}, timeout: 300}
+      publish: {steps: [...], secrets: [PYPI_TOKEN]}
+    secrets: [NAME]              # the dispatcher's build secrets every job gets, as variables
+
+``secrets`` name build secrets the dispatcher holds (its ``secrets:``
+section); a job gets those it names and the top-level ones, as environment
+variables of its steps, never others.
 
 A job without ``steps`` runs the top-level ``steps``. A file that does not
 parse or fit raises BuildFileError, whose text names the line.
@@ -40,9 +46,9 @@ MAX_SECONDS = 7 * 24 * 3600         # a time limit longer than a week is no limi
 # (jobs -> *steps -> *step -> *env), and checking it would take minutes.
 # A real file, even a large one, stays far below this.
 MAX_VALUES = 50_000
-TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
+TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs", "secrets")
 STEP_KEYS = ("name", "run", "timeout", "env")
-JOB_KEYS = ("labels", "steps", "env", "timeout")
+JOB_KEYS = ("labels", "steps", "env", "timeout", "secrets")
 
 
 try:
@@ -96,6 +102,7 @@ class JobDef:
     steps: tuple = ()
     env: dict = field(default_factory=dict)
     timeout: float | None = None
+    secrets: tuple = ()                 # names of the dispatcher's build secrets it asks for
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,18 @@ class BuildFile:
     env: dict = field(default_factory=dict)
     artifacts: tuple = ()
     jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
+    secrets: tuple = ()                 # build secrets every job asks for
 
     def job_list(self) -> list[dict]:
-        """What the observer sends with a commit: [{name, labels}]; one default job without ``jobs``."""
+        """What the observer sends with a commit: [{name, labels, secrets?}]; one
+        default job without ``jobs``. ``secrets`` only when the job asks for some."""
         if not self.jobs:
-            return [{"name": DEFAULT_JOB, "labels": []}]
-        return [{"name": j.name, "labels": list(j.labels)} for j in self.jobs.values()]
+            return [self._secrets_of({"name": DEFAULT_JOB, "labels": []}, ())]
+        return [self._secrets_of({"name": j.name, "labels": list(j.labels)}, j.secrets) for j in self.jobs.values()]
+
+    def _secrets_of(self, job: dict, own: tuple) -> dict:
+        names = list(dict.fromkeys((*self.secrets, *own)))
+        return {**job, "secrets": names} if names else job
 
     def plan(self, job: str) -> tuple[tuple, float | None, dict]:
         """(steps, timeout, env) of one job. Raises BuildFileError for a job the file lacks."""
@@ -236,6 +249,19 @@ class _Checker:
             out.append(text)
         return tuple(out)
 
+    def secret_names(self, node: Any, what: str) -> tuple:
+        """A list of build secret names: each an environment variable's name."""
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(node, f"{what} must be a list of secret names, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
+        out = []
+        for item in node.value:
+            text = self.string(item, f"{what} item")
+            if not patterns.is_env_name(text):
+                raise self.fail(item, f"{what}: {text!r} is not a valid environment variable name")
+            out.append(text)
+        return tuple(dict.fromkeys(out))
+
     def env(self, node: Any, what: str) -> dict:
         out = {}
         for key, (knode, vnode) in self.mapping(node, what).items():
@@ -307,7 +333,8 @@ class _Checker:
                 jobs[name] = JobDef(
                     name, self.names(spec["labels"][1], f"{where}.labels") if "labels" in spec else (),
                     steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
-                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None)
+                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None,
+                    self.secret_names(spec["secrets"][1], f"{where}.secrets") if "secrets" in spec else ())
             if not jobs:
                 raise self.fail(jnode, "jobs is empty")
         if not top_steps and not jobs:
@@ -317,4 +344,5 @@ class _Checker:
             timeout=self.seconds(keys["timeout"][1], "timeout") if "timeout" in keys else None,
             env=self.env(keys["env"][1], "env") if "env" in keys else {},
             artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
-            jobs=jobs)
+            jobs=jobs,
+            secrets=self.secret_names(keys["secrets"][1], "secrets") if "secrets" in keys else ())

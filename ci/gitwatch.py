@@ -166,7 +166,7 @@ def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _jobs_of(data: bytes) -> tuple[tuple | None, str]:
-    """(jobs as ((name, labels), ...), problem) of a ``.ci.yaml``'s bytes."""
+    """(jobs as ((name, labels, secret names), ...), problem) of a ``.ci.yaml``'s bytes."""
     if len(data) > 4 * buildfile.MAX_SIZE:      # more characters than allowed, whatever they are
         return None, str(buildfile.BuildFileError(0, f"is larger than {buildfile.MAX_SIZE} bytes"))
     return _checked(data)
@@ -182,7 +182,7 @@ def _checked(data: bytes) -> tuple[tuple | None, str]:
         return None, f"{buildfile.FILENAME}: is not UTF-8 text"
     except buildfile.BuildFileError as exc:
         return None, str(exc)[:SUBJECT_MAX]
-    return tuple((job["name"], tuple(job["labels"])) for job in jobs), ""
+    return tuple((job["name"], tuple(job["labels"]), tuple(job.get("secrets", ()))) for job in jobs), ""
 
 
 def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
@@ -194,7 +194,8 @@ def _describe(facts: gitops.CommitFacts, branch: str) -> Commit:
     elif facts.file is not None:
         found, problem = _jobs_of(facts.file)
         if found is not None:
-            jobs = [{"name": name, "labels": list(labels)} for name, labels in found]
+            jobs = [{"name": name, "labels": list(labels), **({"secrets": list(names)} if names else {})}
+                    for name, labels, names in found]
     return Commit(branch=branch, sha=facts.sha, author=facts.author[:SUBJECT_MAX],
                   subject=subject[:SUBJECT_MAX], time=facts.time,
                   message=message[:SUBJECT_MAX], jobs=jobs, config_error=problem)

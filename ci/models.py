@@ -43,6 +43,7 @@ class Build:
     exit_code: int | None = None
     log_base: int = 0             # size of the build's log when the current attempt began
     job: str = ""                 # the .ci.yaml job this build runs; "" for a commit's one default job
+    secrets: tuple = ()           # names (never values) of the build secrets its job asked for
 
     def summary(self) -> dict:
         return {

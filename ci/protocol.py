@@ -41,7 +41,8 @@ also ends a stream::
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
                                                                                   / disk_full
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
-                                          timeout env [job artifacts_limit]
+                                          timeout env [job artifacts_limit
+                                          definition override secrets]
     dispatcher -> runner       ping       -                                       pong {running}
     dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
     reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue
@@ -77,9 +78,13 @@ authenticated as, and ``log``, ``result`` and ``artifact`` are for builds
 that runner holds.
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
-([{name, labels}]; absent: one default job), ``config_error`` the reason that
-file is unusable. ``run.job`` names the job whose steps the runner takes from
-the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
+([{name, labels, secrets?}]; absent: the commit has no such file),
+``config_error`` the reason that file is unusable. ``run.job`` names the job
+whose steps the runner takes from the ``.ci.yaml`` of its checkout, or from
+``run.definition`` (the dispatcher's ``pipelines.<repo>``, as .ci.yaml text)
+when the checkout has no ``.ci.yaml`` or ``run.override`` is true.
+``run.secrets`` are the build secrets the job asked for and its branch may
+have, name -> value: only ever in a ``run`` (in clear without TLS, as ``env``). Artifact ``data`` is base64, in chunks.
 ``read_log.timestamps`` adds to each chunk its ``times``: [offset, unix time]
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
@@ -291,9 +296,13 @@ STATUS = Kind("status", lambda v: v in ("queued", "running", "passed", "failed",
                                          "skipped"))
 FINAL = Kind("final status", lambda v: v in ("passed", "failed", "error", "cancelled"))
 JOB = Kind("job name ('' or 1-100 letters, digits or ._:@-)", lambda v: v == "" or NAME.check(v))
-JOBS = Kind("list of at most 100 {name, labels}", lambda v: isinstance(v, list) and 0 < len(v) <= 100 and all(
-    isinstance(j, dict) and set(j) == {"name", "labels"} and JOB.check(j["name"]) and LABELS.check(j["labels"])
-    for j in v))
+SECRET_NAMES = Kind("list of at most 50 environment variable names", lambda v: isinstance(v, list)
+                    and len(v) <= 50 and all(patterns.is_env_name(n) for n in v))
+JOBS = Kind("list of at most 100 {name, labels, secrets?}", lambda v: isinstance(v, list) and 0 < len(v) <= 100 and all(
+    isinstance(j, dict) and set(j) - {"secrets"} == {"name", "labels"} and JOB.check(j["name"])
+    and LABELS.check(j["labels"]) and SECRET_NAMES.check(j.get("secrets", [])) for j in v))
+# a build definition kept on the dispatcher, as .ci.yaml text (buildfile.MAX_SIZE)
+DEFINITION = _str(256 * 1024)
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
 # the handshake's parts are joined with NUL for the MAC: none of these can hold one
 NONCE = Kind("16-64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16,64}", v) is not None)
@@ -402,7 +411,8 @@ MESSAGES: dict[str, Spec] = {
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
-                 {"job": JOB, "artifacts_limit": COUNT},
+                 {"job": JOB, "artifacts_limit": COUNT, "definition": DEFINITION, "override": BOOL,
+                  "secrets": ENV},
                  reply=_ok()),
     "ping": _spec(DISPATCHER, reply=Shape("pong", {"running": LEASES})),
     # by: who asked (user@host), for the build's log; the dispatcher says which builds it cancelled
