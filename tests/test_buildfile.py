@@ -181,3 +181,19 @@ def test_deep_nesting_is_an_error_not_a_crash():
         with pytest.raises(BuildFileError) as err:
             buildfile.parse(text)
         assert "nest" in str(err.value)
+
+
+def test_secrets_a_job_asks_for_go_with_its_job_and_top_level_ones_with_every_job():
+    spec = buildfile.parse("secrets: [SHARED]\nsteps: [make]\njobs:\n  test: {}\n"
+                           "  publish: {secrets: [PYPI_TOKEN, SHARED, PYPI_TOKEN]}\n")
+    assert spec.job_list() == [{"name": "test", "labels": [], "secrets": ["SHARED"]},
+                               {"name": "publish", "labels": [], "secrets": ["SHARED", "PYPI_TOKEN"]}]
+    assert buildfile.parse("steps: [make]\nsecrets: [TOKEN]\n").job_list() == [
+        {"name": "", "labels": [], "secrets": ["TOKEN"]}]
+    assert buildfile.parse("steps: [make]\n").job_list() == [{"name": "", "labels": []}]
+    for text, words in (("steps: [make]\njobs: {a: {secrets: [bad-name]}}\n", "jobs.a.secrets: 'bad-name'"),
+                        ("steps: [make]\nsecrets: TOKEN\n", "secrets must be a list of secret names"),
+                        ("steps: [make]\nsecrets: []\n", "secrets must be a list of secret names")):
+        with pytest.raises(BuildFileError) as err:
+            buildfile.parse(text)
+        assert words in str(err.value) and "line " in str(err.value)
