@@ -20,6 +20,7 @@ standard library only.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable
 
@@ -34,7 +35,12 @@ def _values(values: Iterable[str | bytes]) -> list[bytes]:
 
 
 def _pattern(values: list[bytes]) -> re.Pattern[bytes] | None:
-    return re.compile(b"|".join(re.escape(v) for v in values)) if values else None
+    return _compiled(tuple(values)) if values else None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(values: tuple) -> re.Pattern[bytes]:
+    return re.compile(b"|".join(re.escape(v) for v in values))
 
 
 class Masker:
@@ -61,6 +67,10 @@ class Masker:
         if self._pattern is None:
             return data
         data = self._held + data if self._held else data
+        if not any(v in data for v in self.values):     # the common case: a plain search, no regex
+            cut = self._open_end(data, 0)
+            self._held = data[cut:]
+            return data[:cut]
         out = []
         pos = 0
         while True:
@@ -93,7 +103,7 @@ class Masker:
 
 def hide(data: bytes, values: Iterable[str | bytes]) -> bytes:
     """``data`` with every byte of every value in it replaced by ``*``: the same length."""
-    ordered = _values(values)
-    if not ordered or not any(v in data for v in ordered):
+    if not values or not any((v.encode("utf-8") if isinstance(v, str) else v) in data for v in values if v):
         return data
+    ordered = _values(values)
     return _pattern(ordered).sub(lambda m: b"*" * len(m.group()), data)

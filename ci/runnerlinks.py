@@ -205,6 +205,10 @@ class RunnerLinks:
             fields.update(definition=pipeline.text, override=pipeline.override)
         if build.secrets:
             fields["secrets"] = self.settings.secrets_for(build.secrets, build.branch)
+            gone = [name for name in build.secrets if name not in fields["secrets"]]
+            if gone:    # allowed when queued, no longer (the configuration changed since): names only
+                log.warning("build %d runs without secret(s) %s: %s", build.id, ", ".join(gone),
+                            self.settings.secret_problem(gone[0], build.branch))
         return fields
 
     def cancel(self, runner: RunnerRecord, build_id: int, attempt: int) -> None:
