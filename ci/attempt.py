@@ -26,6 +26,9 @@ class RunRequest:
     job: str = ""                       # the .ci.yaml job to run
     artifacts_limit: int = 100 << 20    # bytes of artifacts the dispatcher takes
     inputs: tuple = ()                  # artifacts of the builds it needs: ({build, job, path}, ...)
+    definition: str = ""                # the dispatcher's definition (.ci.yaml text); "" none
+    override: bool = False              # the definition wins over the checkout's .ci.yaml
+    secrets: dict = field(default_factory=dict, repr=False)     # build secrets: name -> value
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ Schema (every key optional, but there must be ``steps`` or ``jobs``)::
       lint:
         needs: [test]                            # starts once every build of test passed
         when: {branches: [main], paths: ["src/*"]}   # else recorded as skipped, with the reason
+      publish: {steps: [...], secrets: [PYPI_TOKEN]}
+    secrets: [NAME]              # the dispatcher's build secrets every job gets, as variables
+
+``secrets`` name build secrets the dispatcher holds (its ``secrets:``
+section); a job gets those it names and the top-level ones, as environment
+variables of its steps, never others.
 
 A job without ``steps`` runs the top-level ``steps``. A file that does not
 parse or fit raises BuildFileError, whose text names the line.
@@ -56,9 +62,9 @@ MAX_SECONDS = 7 * 24 * 3600         # a time limit longer than a week is no limi
 # (jobs -> *steps -> *step -> *env), and checking it would take minutes.
 # A real file, even a large one, stays far below this.
 MAX_VALUES = 50_000
-TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
+TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs", "secrets")
 STEP_KEYS = ("name", "run", "timeout", "env")
-JOB_KEYS = ("labels", "steps", "env", "timeout", "matrix", "needs", "when")
+JOB_KEYS = ("labels", "steps", "env", "timeout", "matrix", "needs", "when", "secrets")
 WHEN_KEYS = ("branches", "paths")
 MAX_AXES = 8                        # a matrix's axes; the combinations count against MAX_JOBS
 # ${{ matrix.AXIS }} in a matrix job's labels (the spelling GitHub Actions users know)
@@ -120,6 +126,7 @@ class JobDef:
     needs: tuple = ()                   # names of jobs of the same file (not expanded)
     branches: tuple = ()                # when.branches: fnmatch patterns; () = any branch
     paths: tuple = ()                   # when.paths: fnmatch globs ('*' crosses '/'); () = any change
+    secrets: tuple = ()                 # names of the dispatcher's build secrets it asks for
 
     def combinations(self) -> list[tuple]:
         """Each build this job becomes: ((axis, value), ...) per combination; one () without a matrix."""
@@ -162,18 +169,19 @@ class BuildFile:
     env: dict = field(default_factory=dict)
     artifacts: tuple = ()
     jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
+    secrets: tuple = ()                 # build secrets every job asks for
 
     def expanded(self) -> dict[str, tuple[JobDef, tuple]]:
         """Every build the jobs become, by name: (its job, its matrix combination), in file order."""
         return {expanded_name(j.name, combo): (j, combo) for j in self.jobs.values() for combo in j.combinations()}
 
     def job_list(self, branch: str | None = None, changed: tuple | None = None) -> list[dict]:
-        """What a commit becomes: [{name, labels[, needs][, skip]}], one per job and
+        """What a commit becomes: [{name, labels[, needs][, skip][, secrets]}], one per job and
         matrix combination; one default job without ``jobs``. ``needs`` are the
         expanded names of the needed builds; ``skip`` is why ``when`` keeps a
         job from running on ``branch`` with ``changed`` paths (None: not known)."""
         if not self.jobs:
-            return [{"name": DEFAULT_JOB, "labels": []}]
+            return [self._secrets_of({"name": DEFAULT_JOB, "labels": []}, ())]
         names = {j.name: [expanded_name(j.name, c) for c in j.combinations()] for j in self.jobs.values()}
         out = []
         for name, (job, combo) in self.expanded().items():
@@ -183,8 +191,13 @@ class BuildFile:
             why = job.skip_reason(branch, changed)
             if why:
                 entry["skip"] = why
-            out.append(entry)
+            out.append(self._secrets_of(entry, job.secrets))
         return out
+
+    def _secrets_of(self, job: dict, own: tuple) -> dict:
+        """``secrets``: the top-level names and the job's own, only when there are some."""
+        names = list(dict.fromkeys((*self.secrets, *own)))
+        return {**job, "secrets": names} if names else job
 
     def uses_paths(self) -> bool:
         """Whether any job's ``when`` looks at the changed paths (worth reading them)."""
@@ -317,6 +330,19 @@ class _Checker:
             out.append(text)
         return tuple(out)
 
+    def secret_names(self, node: Any, what: str) -> tuple:
+        """A list of build secret names: each an environment variable's name."""
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(node, f"{what} must be a list of secret names, got {self.kind(node)}")
+        self.spend(node, len(node.value) + 1)
+        out = []
+        for item in node.value:
+            text = self.string(item, f"{what} item")
+            if not patterns.is_env_name(text):
+                raise self.fail(item, f"{what}: {text!r} is not a valid environment variable name")
+            out.append(text)
+        return tuple(dict.fromkeys(out))
+
     def env(self, node: Any, what: str) -> dict:
         out = {}
         for key, (knode, vnode) in self.mapping(node, what).items():
@@ -393,7 +419,8 @@ class _Checker:
             timeout=self.seconds(keys["timeout"][1], "timeout") if "timeout" in keys else None,
             env=self.env(keys["env"][1], "env") if "env" in keys else {},
             artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
-            jobs=jobs)
+            jobs=jobs,
+            secrets=self.secret_names(keys["secrets"][1], "secrets") if "secrets" in keys else ())
 
     def job(self, name: str, knode: Any, vnode: Any, top_steps: tuple) -> JobDef:
         if not patterns.is_name(name):
@@ -412,7 +439,8 @@ class _Checker:
         return JobDef(
             name, labels, steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
             self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None,
-            matrix, self.names(spec["needs"][1], f"{where}.needs") if "needs" in spec else (), branches, paths)
+            matrix, self.names(spec["needs"][1], f"{where}.needs") if "needs" in spec else (), branches, paths,
+            self.secret_names(spec["secrets"][1], f"{where}.secrets") if "secrets" in spec else ())
 
     def matrix(self, node: Any, what: str) -> tuple:
         """((axis, (value, ...)), ...): axes are names fit for MATRIX_<AXIS>, values plain words."""

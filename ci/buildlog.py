@@ -2,6 +2,12 @@
 write it: UTF-8, flushed on every write so the outbox's ``Delivery`` can
 send it while it grows, and synced to disk when the attempt ends (the outbox
 entry written next promises every byte of it).
+
+With ``mask`` set (a ``masking.Masker`` of the attempt's build secrets),
+every value is replaced by ``***`` before it reaches the file, even one
+written in two pieces; what the masker holds back (a possible start of a
+value) goes out at the next line of the runner's own, which ends the step's
+output, or at ``close``.
 """
 
 from __future__ import annotations
@@ -23,11 +29,20 @@ class BuildLog:
         self._on_write = on_write
         self._file: Any = open(path, "wb")
         self._line_start = True
+        self.mask: Any = None           # a masking.Masker, or None
 
     def write(self, text: str) -> None:
         if not text or self._file is None:
             return
         data = text.encode("utf-8", "replace")
+        if self.mask:
+            data = self.mask.feed(data)
+        self._write(data)
+        self._line_start = text.endswith("\n")
+
+    def _write(self, data: bytes) -> None:
+        if not data or self._file is None:
+            return
         try:
             self._file.write(data)
             self._file.flush()
@@ -37,16 +52,19 @@ class BuildLog:
             self._file = None
             return
         self.size += len(data)
-        self._line_start = text.endswith("\n")
         self._on_write()
 
     def line(self, text: str) -> None:
         """Write one line of our own, starting it on a fresh line."""
+        if self.mask:
+            self._write(self.mask.flush())
         self.write(("" if self._line_start else "\n") + text + "\n")
 
     def close(self) -> None:
         if self._file is None:
             return
+        if self.mask:
+            self._write(self.mask.flush())
         try:
             self._file.flush()
             os.fsync(self._file.fileno())   # the outbox entry written next promises this log

@@ -21,6 +21,11 @@ runner's offsets are checked against) stays exact: head + tail + cut.
 Arrival times: ``<build>.times`` gets one "offset time" line per append, so
 ``tinyci log --timestamps`` can say when each line reached the dispatcher
 (``times``); cheap to write, read only when asked.
+Build secrets (``secrets``: a build's values, by build): the runner masks
+them before it sends; as a second line of defence each frame is masked
+again here before it is stored, keeping its length (``masking.hide``: each
+byte of a value becomes ``*``) so the runner's offsets stay true. A value
+split across two frames is the runner's to catch.
 A log file removed or cut short under the dispatcher (by hand, to make room)
 is noticed (``check``): a line says so where the log goes on, and the
 attempt's base moves so that its count, and the runner's offsets, stay what
@@ -36,8 +41,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
+from .masking import hide
 from .models import Build
 from .text import utf8_boundary
 
@@ -150,9 +156,12 @@ class LogGap(Exception):
 
 class BuildLogs:
     def __init__(self, directory: Path, limit: int, clock: Callable[[], float] = time.time,
-                 on_error: Callable[[int, OSError], None] | None = None):
-        """``on_error(build, exc)``: a line of the dispatcher's own could not be written."""
+                 on_error: Callable[[int, OSError], None] | None = None,
+                 secrets: Callable[[Build], Iterable[str]] | None = None):
+        """``on_error(build, exc)``: a line of the dispatcher's own could not be written.
+        ``secrets(build)``: the values of the build secrets ``build`` was given."""
         self.clock = clock
+        self.secrets = secrets
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = LogCap(self.dir, limit)
@@ -203,6 +212,8 @@ class BuildLogs:
         if skip >= len(data):
             return have, False
         self.sizes.pop(build.id, None)         # not kept if the append fails half way
+        if build.secrets and self.secrets is not None:
+            data = hide(data, self.secrets(build))
         self._stamp(build.id, self.size(build.id))
         try:
             have = self.cap.append(build.id, data[skip:], build.log_base)

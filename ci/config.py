@@ -6,6 +6,13 @@ variable > file > built-in default. Every default works on one machine with
 no file at all. An unknown key or a wrong type is a ConfigError naming the
 file (or variable) and the key, raised at start-up.
 
+Two sections are mappings the operator names the keys of: ``pipelines``
+(repository -> its build definition, ``.ci.yaml``'s schema, plus
+``override``) and ``secrets`` (name -> value, ``{value|file, branches}``,
+or ``<NAME>_file: path``; ``TINYCI_SECRETS_<NAME>`` in the environment).
+Here their shape is checked; the definitions (against ``buildfile``) and the
+secret files are ``settings.resolve``'s.
+
 A leaf: this module only parses and checks values. Reading the secret files
 it names, building TLS contexts and checking values against the wire table
 are ``settings.resolve``'s job, done once at start-up.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -139,6 +147,14 @@ class ScheduleConfig:
 # Keys whose lists hold mappings, not strings (checked by their own module)
 STRUCTURED = {("schedule", "builds")}
 
+# Sections whose keys the operator names (a repository, a secret): plain mappings on Config
+FREE = ("pipelines", "secrets")
+PIPELINE_KEYS = ("override", "file")        # besides the definition's own (buildfile.TOP_KEYS)
+SECRET_KEYS = ("value", "file", "branches")
+# A shorter secret would be masked wherever its letters happen to appear in a log
+MIN_SECRET_CHARS = 8
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -153,6 +169,10 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     web: WebConfig = field(default_factory=WebConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # repository (as the observer reports it) -> {override?, file? | the definition's keys}
+    pipelines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    # build secret name -> {value | file, branches?}; never printed (repr) nor compared
+    secrets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     source: str = "built-in defaults"
     # where each key that is not a default came from (a file, "environment",
     # "command line"), for errors found after loading; not part of equality
@@ -163,7 +183,7 @@ class Config:
         return self.origins.get(f"{section}.{key}", "built-in defaults")
 
 
-SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name not in ("source", "origins")}
+SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name not in ("source", "origins", *FREE)}
 
 # Keys that are gone, with what replaces them: a configuration that still sets one is refused
 RETIRED = {
@@ -208,7 +228,7 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     """Build the configuration; ``path`` None means ``TINYCI_CONFIG`` or no file."""
     env = os.environ if env is None else env
     path = path or env.get("TINYCI_CONFIG") or None
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    values: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, *FREE)}
     source = "built-in defaults"
     if path is not None:
         source = str(path)
@@ -223,6 +243,8 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
         base = factory()
         changes = {key: _check(section, key, value, origin, base) for key, (value, origin) in values[section].items()}
         built[section] = replace(base, **changes)
+    built["pipelines"] = {repo: _pipeline(repo, value, origin) for repo, (value, origin) in values["pipelines"].items()}
+    built["secrets"] = _secrets(values["secrets"])
     origins = {f"{section}.{key}": origin for section, keys in values.items() for key, (_, origin) in keys.items()}
     return Config(**built, source=source, origins=origins)
 
@@ -247,9 +269,15 @@ def _merge(values: dict, data: Any, origin: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section, keys in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if section not in SECTIONS and section not in FREE:
+            raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join([*SECTIONS, *FREE])})")
         if keys is None:
+            continue
+        if section in FREE:
+            if not isinstance(keys, dict) or not all(isinstance(k, str) and k for k in keys):
+                raise ConfigError(f"{origin}: section {section!r} must be a mapping of "
+                                  f"{'repositories' if section == 'pipelines' else 'secret names'} to entries")
+            values[section].update((key, (value, origin)) for key, value in keys.items())
             continue
         if section == "schedule" and isinstance(keys, list):
             keys = {"builds": keys}         # `schedule:` given as the list of entries itself
@@ -267,6 +295,9 @@ def _from_env(env: Mapping[str, str]) -> dict:
     """TINYCI_<SECTION>_<KEY> variables, parsed by the type of the key's default."""
     data: dict[str, dict[str, Any]] = {}
     for name, text in env.items():
+        if name.startswith("TINYCI_SECRETS_") and len(name) > len("TINYCI_SECRETS_"):
+            data.setdefault("secrets", {})[name[len("TINYCI_SECRETS_"):]] = text
+            continue
         for section, factory in SECTIONS.items():
             prefix = f"TINYCI_{section.upper()}_"
             if not name.startswith(prefix):
@@ -337,3 +368,69 @@ def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
     if bound and not bound[0](value):
         raise ConfigError(f"{where} must be {bound[1]}, got {value!r}")
     return value
+
+
+# ------------------------------------------------------------ the free sections
+
+def _pipeline(repo: str, value: Any, origin: str) -> dict:
+    """A repository's server-side definition, its shape only: ``file`` (a
+    ``.ci.yaml`` kept on the server) or the definition inline, and ``override``."""
+    where = f"{origin}: pipelines.{repo}"
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where} must be a build definition (steps or jobs, as in .ci.yaml) or "
+                          f"{{file: path}}, got {type(value).__name__}")
+    if not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{where}: keys must be strings")
+    if not isinstance(value.get("override", False), bool):
+        raise ConfigError(f"{where}.override must be true or false, got {value['override']!r:.60}")
+    if "file" in value:
+        if not isinstance(value["file"], str) or not value["file"].strip():
+            raise ConfigError(f"{where}.file must be the path of a .ci.yaml-style file")
+        extra = sorted(set(value) - set(PIPELINE_KEYS))
+        if extra:
+            raise ConfigError(f"{where}: {extra[0]!r} next to 'file': give the definition inline or in "
+                              f"the file, not both")
+    elif set(value) <= set(PIPELINE_KEYS):
+        raise ConfigError(f"{where} has no definition: give steps or jobs (as in .ci.yaml), or file")
+    return dict(value)
+
+
+def _secrets(entries: Mapping[str, tuple[Any, str]]) -> dict[str, dict]:
+    """name -> {value | file, branches}: ``NAME: value``, ``NAME: {value|file, branches}``
+    or ``NAME_file: path``. Errors name the key, never the value."""
+    out: dict[str, dict] = {}
+    where_of: dict[str, str] = {}
+    for key, (value, origin) in entries.items():
+        where = f"{origin}: secrets.{key}"
+        name = key
+        if key.endswith("_file") and isinstance(value, str):
+            name, value = key[:-len("_file")], {"file": value}
+        elif isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = {"value": str(value)}
+        if not _ENV_NAME.fullmatch(name) or name.upper().startswith(("CI_", "TINYCI_")) or name == "CI":
+            raise ConfigError(f"{where}: {name[:100]!r} must be an environment variable name (letters, "
+                              f"digits, _), not CI or CI_*/TINYCI_*: steps get it as that variable")
+        if name in out:
+            raise ConfigError(f"{where}: secret {name!r} is also set at {where_of[name]}; set it once")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a value, {{value|file, branches}}, or {name}_file: path, "
+                              f"got {type(value).__name__}")
+        unknown = sorted(set(value) - set(SECRET_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(SECRET_KEYS)})")
+        if ("value" in value) == ("file" in value):
+            raise ConfigError(f"{where} needs one of 'value' or 'file'")
+        if "file" in value and (not isinstance(value["file"], str) or not value["file"].strip()):
+            raise ConfigError(f"{where}.file must be a path")
+        if "value" in value:
+            if not isinstance(value["value"], (str, int)) or isinstance(value["value"], bool):
+                raise ConfigError(f"{where}.value must be a string (value hidden)")
+            if len(str(value["value"]).strip()) < MIN_SECRET_CHARS:
+                raise ConfigError(f"{where} is shorter than {MIN_SECRET_CHARS} characters: every place "
+                                  f"those characters appear in a log would be masked; use a longer secret")
+        branches = value.get("branches", ["*"])
+        if not isinstance(branches, list) or not branches or not all(isinstance(b, str) and b for b in branches):
+            raise ConfigError(f"{where}.branches must be a non-empty list of branch patterns")
+        out[name] = {**value, "branches": list(branches)}
+        where_of[name] = where
+    return out

@@ -88,13 +88,14 @@ class Dispatcher:
         self.conditions = Conditions(log, on_change=self._conditions_changed)
         self.disk = DiskSpace(store.dir, cfg.min_free_bytes, self.conditions)
         self.artifacts = Artifacts(store)
-        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self.disk.lost_line)
+        self.logs = BuildLogs(store.dir / "logs", cfg.max_log_bytes, on_error=self.disk.lost_line,
+                              secrets=lambda build: settings.secrets_for(build.secrets, build.branch).values())
         self.retention = Retention(store, config.retention, clock=clock, active=lambda: list(self.sched.builds))
         self.links = RunnerLinks(settings, self.sched, store, self.logs, self.artifacts, self.watchers,
                                  apply=self.apply, spawn=self._spawn, monotonic=monotonic, dial=dial)
         queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions,
                           self.held.builds)
-        self.triggers = Triggers(config, store, self._admit, clock)
+        self.triggers = Triggers(config, store, self._admit, clock, pipelines=settings.pipelines)
         delivered = Deliveries(self.sched, store, self.logs, self.artifacts, self.disk, self.watchers,
                                cfg.max_artifact_bytes, self._note, self.apply, monotonic)
         upkeep = Maintenance(self.sched, store, self.links, self.retention, config.retention, self.disk,
@@ -256,6 +257,7 @@ class Dispatcher:
         """Store the builds a request asks for, all or none, and do what
         intake.admit says follows. Returns (builds, those newly created)."""
         stamp = self.clock()
+        request = request.checked(self.settings.secret_problem)
         with self.store.transaction():
             stored = [self.store.add_build(**row, now=stamp) for row in request.rows()]
         builds = [build for build, _ in stored]
@@ -310,10 +312,11 @@ class Dispatcher:
                         conn.peer, msg["repo"][:200])
             return protocol.error("forbidden_repo", f"this dispatcher does not build {msg['repo'][:200]!r} "
                                                     f"(not in its dispatcher.repos)")
+        jobs, problem = intake.commit_jobs(msg.get("jobs"), msg.get("config_error", ""),
+                                           self.settings.pipeline(msg["repo"]))
         request = intake.Request(
             repo=msg["repo"], branch=msg["branch"], sha=msg["sha"], subject=msg["subject"],
-            author=msg["author"], commit_time=msg["time"], jobs=msg.get("jobs") or intake.DEFAULT_JOBS,
-            config_error=msg.get("config_error", ""),
+            author=msg["author"], commit_time=msg["time"], jobs=jobs, config_error=problem,
             skip=intake.skip_marker(msg.get("message") or msg["subject"]))
         builds, created = self._admit(request)
         return protocol.ok(build=builds[0].id, builds=[b.id for b in builds], duplicate=not created)

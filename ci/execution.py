@@ -3,7 +3,9 @@ each step in its own process group under the build's time limit, its output
 into the attempt's ``BuildLog``, then the artifacts.
 
 The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
-one source of truth for a repository that has the file), else the ``steps``
+one source of truth for a repository that has the file, unless the
+dispatcher's definition for the repository overrides it), else the job's in
+the dispatcher's definition that came with the ``run``, else the ``steps``
 of the ``run`` request, else ``python -m pytest -q`` for a repository with
 tests (after ``python -m pip install .`` for an installable one). They run in
 the attempt's own virtualenv, in the environment ``buildenv`` makes. A
@@ -22,6 +24,10 @@ However a step ends, nothing it started outlives it: its process group is
 killed, then the processes that left the group (``procgroup.end_strays``;
 the runner is their reaper). Each step carries a mark in its environment
 (``procgroup.STEP_MARK``) so that one slot's step ending spares another's.
+
+The build secrets that came with the ``run`` are variables of every step
+(over the file's env), and their values are masked in the log
+(``masking.Masker``, set on the ``BuildLog`` before anything is written).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from . import aio, artifact_find, buildfile, procgroup
+from . import aio, artifact_find, buildfile, masking, procgroup
 from .attempt import Outcome, RunRequest, Stopped
 from .buildenv import build_env, make_venv, venv_path
 from .buildfile import BuildFile, BuildFileError, Step
@@ -105,6 +111,8 @@ class Execution:
         self.fetch = fetch
         self.checkout = checkout.absolute()
         self.log = buildlog
+        if request.secrets:
+            buildlog.mask = masking.Masker(request.secrets.values())
         self.kill_grace = kill_grace
         self.header = header
         self.stop_reason: str | None = None
@@ -208,17 +216,18 @@ class Execution:
         env = build_env(request, venv_dir=venv)
         # in a thread: a file at the size cap takes up to a second or so to check,
         # and the loop must go on answering the dispatcher's pings meanwhile
-        spec = await aio.in_thread(read_buildfile, self.checkout)
+        spec, source = await aio.in_thread(self._definition)
         if spec is not None:
             steps, timeout, file_env = spec.plan(request.job)
             env.update(file_env)
             if timeout is not None:
                 self._deadline, self.limit = self._started + timeout, timeout
-            source = buildfile.FILENAME + (f" (job {request.job})" if request.job else "")
+            source += f" (job {request.job})" if request.job else ""
         elif request.job:
             raise BuildFileError(0, f"is missing, but this build is its job {request.job!r}")
         else:
             steps, source = tuple(Step(command) for command in request.steps), "the dispatcher's build.steps"
+        env.update(request.secrets)     # last: a file's env cannot shadow what the operator gave
         if not steps and has_tests(self.checkout):
             steps, source = (Step(DEFAULT_TEST_STEP),), "the default for a repository with tests"
             if installable(self.checkout):
@@ -245,6 +254,21 @@ class Execution:
                 return False
             self.log.line(f"[{where}: {size} bytes]")
         return True
+
+    def _definition(self) -> tuple[BuildFile | None, str]:
+        """(the definition this attempt follows, where it comes from): the checkout's
+        ``.ci.yaml``, or the dispatcher's when the checkout has none or it overrides;
+        (None, "") with neither. Blocking; raises BuildFileError."""
+        request = self.request
+        spec = None if request.definition and request.override else read_buildfile(self.checkout)
+        if spec is not None:
+            return spec, buildfile.FILENAME
+        if request.definition:
+            try:
+                return buildfile.parse(request.definition), "the dispatcher's pipeline for this repository"
+            except BuildFileError as exc:   # checked at the dispatcher's start: a different version's rules
+                raise BuildFileError(0, f"(the dispatcher's pipelines entry) {exc.problem}") from None
+        return None, ""
 
     async def _artifacts(self, patterns: tuple) -> None:
         """Send the files the patterns match; a refusal is noted in the log, never fails the build."""

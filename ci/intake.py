@@ -13,6 +13,13 @@ No sockets, threads, disk or clock: the dispatcher stores the builds a
 - With ``dispatcher.supersede`` matching its branch, a commit's new builds
   cancel the queued (never the running) commit builds of that branch and
   repository that came before them.
+- Where the jobs come from: the commit's ``.ci.yaml``, unless the dispatcher
+  keeps a definition for the repository (``pipelines.<repo>``) and the commit
+  has no such file, or the definition says ``override`` (``jobs_from``,
+  ``commit_jobs``).
+- A job that asks for a build secret its branch may not have (or the
+  dispatcher does not hold) becomes an ``error`` build saying so, and is
+  never handed out (``Request.checked``).
 - A trigger names a revision; ``choose_repo`` finds the one repository it is
   in (git reads come in as a function, so this stays plain).
 """
@@ -21,8 +28,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import buildfile, patterns
 from .models import Build, Status, pipeline_status
@@ -39,9 +46,13 @@ def skip_marker(message: str) -> str | None:
     return next((marker for marker in SKIP_MARKERS if marker in lowered), None)
 
 
-def jobs_from(text: bytes | None) -> tuple[Sequence[dict], str]:
+def jobs_from(text: bytes | None, pipeline: Any = None) -> tuple[Sequence[dict], str]:
     """(jobs, problem) of a commit's ``.ci.yaml`` content; None (no such file,
-    or the repository cannot be read here) gives the default job."""
+    or the repository cannot be read here) gives the default job, or the jobs
+    of ``pipeline`` (the repository's ``settings.Pipeline``), which also win
+    over the file when it overrides."""
+    if pipeline is not None and (text is None or pipeline.override):
+        return pipeline.jobs, ""
     if text is None:
         return DEFAULT_JOBS, ""
     try:
@@ -50,6 +61,16 @@ def jobs_from(text: bytes | None) -> tuple[Sequence[dict], str]:
         return DEFAULT_JOBS, f"{buildfile.FILENAME}: is not UTF-8 text"
     except buildfile.BuildFileError as exc:
         return DEFAULT_JOBS, str(exc)
+
+
+def commit_jobs(jobs: Sequence[dict] | None, config_error: str, pipeline: Any = None) -> tuple[Sequence[dict], str]:
+    """(jobs, problem) of a reported commit: ``jobs`` and ``config_error`` as the
+    observer read the commit's ``.ci.yaml`` (neither: it has none), else the
+    jobs of the repository's ``pipeline`` when it has none or the pipeline overrides."""
+    has_file = jobs is not None or bool(config_error)
+    if pipeline is not None and (pipeline.override or not has_file):
+        return pipeline.jobs, ""
+    return jobs or DEFAULT_JOBS, config_error
 
 
 @dataclass(frozen=True)
@@ -67,21 +88,43 @@ class Request:
     config_error: str = ""              # why its .ci.yaml cannot be used
     skip: str | None = None             # the skip marker in its message
     note: str = ""                      # a first line for each new build's log
+    denied: Mapping[str, str] = field(default_factory=dict)     # job -> why it cannot have its secrets
 
     @property
     def status(self) -> Status:
         return Status.SKIPPED if self.skip else Status.ERROR if self.config_error else Status.QUEUED
 
+    def checked(self, problem: Callable[[str, str], str]) -> "Request":
+        """This request with the jobs that ask for a secret they may not have
+        marked (``denied``); ``problem(name, branch)`` says why one may not be had ("" when it may)."""
+        denied = {}
+        for job in self.jobs:
+            why = [p for p in (problem(name, self.branch) for name in job.get("secrets", ())) if p]
+            if why:
+                denied[job["name"]] = "; ".join(why)
+        return replace(self, denied=denied) if denied else self
+
     def rows(self) -> list[dict]:
         """One build per job, as keyword arguments of ``Store.add_build`` (but
-        ``now``); a skipped or broken commit has one build, already final."""
+        ``now``); a skipped or broken commit has one build, already final, and
+        so has a job denied its secrets."""
         status = self.status
         jobs = self.jobs if status is Status.QUEUED else DEFAULT_JOBS
         return [dict(repo=self.repo, branch=self.branch, sha=self.sha, subject=self.subject,
                      author=self.author, commit_time=self.commit_time, reason=self.reason,
                      labels=tuple(job["labels"]), job=job["name"], needs=tuple(job.get("needs", ())),
-                     status=Status.SKIPPED if status is Status.QUEUED and job.get("skip") else status)
+                     status=self._status(job, status),
+                     secrets=tuple(job.get("secrets", ())) if status is Status.QUEUED else ())
                 for job in jobs]
+
+    def _status(self, job: dict, status: Status) -> Status:
+        """A queued job its ``when`` keeps from running is skipped (whatever its secrets);
+        one denied a secret, an error."""
+        if status is not Status.QUEUED:
+            return status
+        if job.get("skip"):
+            return Status.SKIPPED
+        return Status.ERROR if job["name"] in self.denied else status
 
     def skip_reason(self, build: Build) -> str:
         """Why ``when`` keeps this request's job of ``build`` from running, or ""."""
@@ -99,6 +142,8 @@ class Request:
             lines.append(f"=== build error: {self.config_error} ===")
         elif self.skip_reason(build):
             lines.append(f"=== skipped: {self.skip_reason(build)} (.ci.yaml when) ===")
+        elif build.job in self.denied:
+            lines.append(f"=== build error: {self.denied[build.job]}; not built ===")
         return lines
 
 
@@ -123,8 +168,9 @@ def admit(request: Request, created: list[Build], active: Iterable[Build],
         what = f"{build.branch} {build.sha[:7]} {build.subject[:60]}" + (f" job {build.job}" if build.job else "")
         if request.skip or request.skip_reason(build):
             log.info("build %d skipped (%s): %s", build.id, request.skip or request.skip_reason(build), what)
-        elif request.config_error:
-            log.warning("build %d error: %s: %s", build.id, what, request.config_error)
+        elif request.config_error or build.status is Status.ERROR:
+            log.warning("build %d error: %s: %s", build.id, what,
+                        request.config_error or request.denied.get(build.job, "error"))
             out.failed.append(build)
         else:
             log.info("build %d queued (%s): %s", build.id, request.reason, what)

@@ -45,6 +45,7 @@ class Build:
     job: str = ""                 # the .ci.yaml job this build runs; "" for a commit's one default job
     needs: tuple = ()             # jobs of the same commit that must pass before it starts (stored)
     held: str = ""                # while it waits for them (not stored): the ones still to finish
+    secrets: tuple = ()           # names (never values) of the build secrets its job asked for
 
     def summary(self) -> dict:
         return {

@@ -41,7 +41,8 @@ also ends a stream::
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
                                                                                   / disk_full
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
-                                          timeout env [job artifacts_limit inputs]
+                                          timeout env [job artifacts_limit inputs
+                                          definition override secrets]
     dispatcher -> runner       ping       -                                       pong {running}
     dispatcher, operator -> *  cancel     build [attempt by]                      ok {[builds]}
     reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue
@@ -77,14 +78,21 @@ authenticated as, and ``log``, ``result`` and ``artifact`` are for builds
 that runner holds.
 
 ``commit.jobs`` is the commit's ``.ci.yaml`` jobs as the observer read them
-([{name, labels, [needs, skip]}], a matrix job once per combination, named
-``test (python=3.11)``; absent: one default job): ``needs``, the jobs of the
+([{name, labels, [needs, skip, secrets]}], a matrix job once per combination,
+named ``test (python=3.11)``; absent: the commit has no ``.ci.yaml``, one
+default job or the server's ``pipelines`` entry): ``needs``, the jobs of the
 same commit that must pass first; ``skip``, why its ``when`` keeps it from
 running (recorded ``skipped``). ``config_error`` is the reason that file is
 unusable. ``run.job`` names the job whose steps the runner takes from the
 ``.ci.yaml`` of its checkout; ``run.inputs`` are the artifacts of the builds
 it needs ([{build, job, path}]), which the runner fetches (``fetch_artifact``,
-only for a build of the same commit as one it holds) into its checkout. Artifact ``data`` is base64, in chunks.
+only for a build of the same commit as one it holds) into its checkout.
+``commit.jobs[].secrets`` names the build secrets a job asks for. The runner takes a job's
+steps from ``run.definition`` (the dispatcher's ``pipelines.<repo>``, as
+.ci.yaml text) instead when the checkout has no ``.ci.yaml`` or
+``run.override`` is true. ``run.secrets`` are the build secrets the job asked
+for and its branch may have, name -> value: only ever in a ``run`` (in clear
+without TLS, as ``env``). Artifact ``data`` is base64, in chunks.
 ``read_log.timestamps`` adds to each chunk its ``times``: [offset, unix time]
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
@@ -299,17 +307,21 @@ FINAL = Kind("final status", lambda v: v in ("passed", "failed", "error", "cance
 JOB = Kind("job name ('' or a .ci.yaml job name, with a matrix combination: 'test (python=3.11)')",
            lambda v: v == "" or patterns.is_job(v))
 # one job of a commit: its name and labels; the builds it needs (same commit), why `when` skips it
-JOB_KEYS, JOB_OPTIONAL = {"name", "labels"}, {"needs", "skip"}
+JOB_KEYS, JOB_OPTIONAL = {"name", "labels"}, {"needs", "skip", "secrets"}
+SECRET_NAMES = Kind("list of at most 50 environment variable names", lambda v: isinstance(v, list)
+                    and len(v) <= 50 and all(patterns.is_env_name(n) for n in v))
 NEEDS = Kind("list of at most 100 job names", lambda v: isinstance(v, list) and len(v) <= 100
              and all(isinstance(n, str) and n and JOB.check(n) for n in v))
-JOBS = Kind("list of at most 100 {name, labels, [needs, skip]}", lambda v: isinstance(v, list) and 0 < len(v) <= 100
+JOBS = Kind("list of at most 100 {name, labels, [needs, skip, secrets]}", lambda v: isinstance(v, list) and 0 < len(v) <= 100
             and all(isinstance(j, dict) and JOB_KEYS <= set(j) <= JOB_KEYS | JOB_OPTIONAL and JOB.check(j["name"])
                     and LABELS.check(j["labels"]) and NEEDS.check(j.get("needs", []))
-                    and TEXT.check(j.get("skip", "")) for j in v))
+                    and TEXT.check(j.get("skip", "")) and SECRET_NAMES.check(j.get("secrets", [])) for j in v))
 # a run's inputs: the artifacts of the builds it needs, fetched into its checkout before the steps
 INPUTS = Kind("list of at most 1000 {build, job, path}", lambda v: isinstance(v, list) and len(v) <= 1000 and all(
     isinstance(i, dict) and set(i) == {"build", "job", "path"} and BUILD_ID.check(i["build"])
     and JOB.check(i["job"]) and PATH.check(i["path"]) for i in v))
+# a build definition kept on the dispatcher, as .ci.yaml text (buildfile.MAX_SIZE)
+DEFINITION = _str(256 * 1024)
 ROLE = Kind("role (" + ", ".join(ROLES) + ")", lambda v: v in ROLES)
 # the handshake's parts are joined with NUL for the MAC: none of these can hold one
 NONCE = Kind("16-64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16,64}", v) is not None)
@@ -418,7 +430,8 @@ MESSAGES: dict[str, Spec] = {
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
                               "branch": BRANCH, "steps": STEPS, "timeout": NUMBER, "env": ENV},
-                 {"job": JOB, "artifacts_limit": COUNT, "inputs": INPUTS},
+                 {"job": JOB, "artifacts_limit": COUNT, "inputs": INPUTS, "definition": DEFINITION,
+                  "override": BOOL, "secrets": ENV},
                  reply=_ok()),
     "ping": _spec(DISPATCHER, reply=Shape("pong", {"running": LEASES})),
     # by: who asked (user@host), for the build's log; the dispatcher says which builds it cancelled

@@ -5,7 +5,8 @@ durable outbox (``outbox.py``).
 Receives, from role ``dispatcher`` only, proven with this runner's own key
 (``Settings.runner_key``: its ``auth.runners`` entry, else the shared runner
 secret) and meant for this runner (``runner:<name>``):
-    run {build, attempt, repo, sha, branch, steps, timeout, env, job?, artifacts_limit?}
+    run {build, attempt, repo, sha, branch, steps, timeout, env, job?, artifacts_limit?,
+         definition?, override?, secrets?}
                                                                   -> ok | error busy
     ping                                                          -> pong {running}
     cancel {build, attempt?}                                      -> ok
@@ -231,7 +232,8 @@ class Runner:
         timeout = msg["timeout"] if msg["timeout"] > 0 else self.settings.config.build.timeout
         request = RunRequest(build, attempt, msg["repo"], msg["sha"], msg["branch"], tuple(msg["steps"]),
                              float(timeout), dict(msg["env"]), msg.get("job", ""),
-                             msg.get("artifacts_limit", RunRequest.artifacts_limit), tuple(msg.get("inputs", ())))
+                             msg.get("artifacts_limit", RunRequest.artifacts_limit), tuple(msg.get("inputs", ())),
+                             msg.get("definition", ""), msg.get("override", False), dict(msg.get("secrets", {})))
         path = self.outbox.log_path(build, attempt)
         delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_frame)
         try:

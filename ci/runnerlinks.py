@@ -176,6 +176,7 @@ class RunnerLinks:
                "artifacts_limit": self.config.dispatcher.max_artifact_bytes}
         if build.needs:     # the artifacts of the builds it needs, fetched into its checkout
             msg["inputs"] = needs.inputs(build, self.store.commit_builds(build.repo, build.sha), self.artifacts.list)
+        msg.update(self.definition_fields(build))
         try:
             try:
                 await self.link(runner).request(msg)
@@ -194,6 +195,23 @@ class RunnerLinks:
         except (net.PeerError, protocol.ProtocolError) as exc:
             # unknown whether it arrived (or the runner answered outside the protocol): the next pong tells
             log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
+
+    def definition_fields(self, build: Build) -> dict:
+        """What a `run` adds for the repository's definition kept here (the runner
+        uses it when the checkout has no .ci.yaml, or it overrides) and for the
+        build secrets the job asked for and its branch may have. The message
+        itself is never logged: it may hold those values."""
+        fields: dict = {}
+        pipeline = self.settings.pipeline(build.repo)
+        if pipeline is not None:
+            fields.update(definition=pipeline.text, override=pipeline.override)
+        if build.secrets:
+            fields["secrets"] = self.settings.secrets_for(build.secrets, build.branch)
+            gone = [name for name in build.secrets if name not in fields["secrets"]]
+            if gone:    # allowed when queued, no longer (the configuration changed since): names only
+                log.warning("build %d runs without secret(s) %s: %s", build.id, ", ".join(gone),
+                            self.settings.secret_problem(gone[0], build.branch))
+        return fields
 
     def cancel(self, runner: RunnerRecord, build_id: int, attempt: int) -> None:
         self.spawn(self.send_cancel(runner, build_id, attempt))

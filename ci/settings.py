@@ -13,6 +13,13 @@ uses ``auth.<role>_secret``, else ``auth.secret``. Once any secret is set,
 every role a daemon accepts or a tool uses must have one: ``resolve``
 refuses to start otherwise, naming the open roles.
 
+The dispatcher's build definitions (``pipelines``: each repository's checked
+by ``buildfile`` into a ``Pipeline``, errors naming the file and key) and its
+build secrets (``secrets``: each value read once, files too, into a
+``BuildSecret`` with the branches that may have it) are resolved here as
+well, by the dispatcher only (``build_side``): a runner or a tool never
+reads them.
+
 It sits above both ``config`` (plain values) and ``protocol``/``tls`` (what
 the values must satisfy), which is why those checks live here and not in
 the configuration's own loader.
@@ -20,6 +27,7 @@ the configuration's own loader.
 
 from __future__ import annotations
 
+import fnmatch
 import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,12 +35,38 @@ from typing import Iterable, Mapping
 
 import yaml
 
-from . import patterns, protocol, tls
-from .config import AuthConfig, Config, ConfigError
+from . import buildfile, patterns, protocol, tls
+from .config import MIN_SECRET_CHARS, AuthConfig, Config, ConfigError
 from .limits import Limits
 
 # The roles that have secrets of their own: the dispatcher proves itself with each runner's
 ROLES = tuple(role for role in protocol.ROLES if role != protocol.DISPATCHER)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A repository's build definition kept on the dispatcher (``pipelines.<repo>``)."""
+
+    repo: str
+    definition: buildfile.BuildFile
+    text: str                   # the definition as .ci.yaml text: what a `run` carries to the runner
+    override: bool = False      # True: it wins over the commit's own .ci.yaml
+
+    @property
+    def jobs(self) -> list[dict]:
+        return self.definition.job_list()
+
+
+@dataclass(frozen=True)
+class BuildSecret:
+    """A build secret (``secrets.<name>``): its value, and the branches that may have it."""
+
+    name: str
+    value: str = field(repr=False)
+    branches: tuple = ("*",)
+
+    def allows(self, branch: str) -> bool:
+        return any(fnmatch.fnmatchcase(branch, pattern) for pattern in self.branches)
 
 
 @dataclass(frozen=True)
@@ -44,6 +78,25 @@ class Settings:
     client_tls: ssl.SSLContext | None   # None: connect without TLS
     runners: Mapping[str, str] = field(default_factory=dict, repr=False)    # runner name -> its own secret
     secured: bool = False               # some secret is set: a key that is empty refuses, never opens
+    pipelines: Mapping[str, Pipeline] = field(default_factory=dict, repr=False)    # repo -> its definition
+    build_secrets: Mapping[str, BuildSecret] = field(default_factory=dict, repr=False)
+
+    def pipeline(self, repo: str) -> Pipeline | None:
+        return self.pipelines.get(repo)
+
+    def secret_problem(self, name: str, branch: str) -> str:
+        """Why a build of ``branch`` cannot have the secret ``name``; "" when it can."""
+        secret = self.build_secrets.get(name)
+        if secret is None:
+            return f"secret {name} is not defined on the dispatcher (secrets.{name})"
+        if not secret.allows(branch):
+            return (f"secret {name} is not allowed on branch {branch} "
+                    f"(secrets.{name}.branches: {', '.join(secret.branches)})")
+        return ""
+
+    def secrets_for(self, names: Iterable[str], branch: str) -> dict[str, str]:
+        """The values of the secrets ``names`` that a build of ``branch`` may have."""
+        return {name: self.build_secrets[name].value for name in names if not self.secret_problem(name, branch)}
 
     def secret(self, role: str) -> str:
         """The secret ``role`` authenticates with (role runner: the shared runner secret)."""
@@ -70,7 +123,8 @@ class Settings:
         return not self.secured
 
 
-def resolve(config: Config, *, roles: Iterable[str] = ROLES, listens: bool = True) -> Settings:
+def resolve(config: Config, *, roles: Iterable[str] = ROLES, listens: bool = True,
+            build_side: bool | None = None) -> Settings:
     """Read and build everything the configuration names. Raises ConfigError
     naming the key and file at fault (a secret file that cannot be read, a
     runners file that is not a mapping of names to secrets, a certificate that
@@ -81,15 +135,22 @@ def resolve(config: Config, *, roles: Iterable[str] = ROLES, listens: bool = Tru
     differ); only their secrets are read, and each must have one once any
     secret is set. A tool passes its own and ``listens=False``: it builds no
     server context, so a daemon-only file it cannot see (another role's
-    secret, the runners file, a server key) does not stop it."""
+    secret, the runners file, a server key) does not stop it.
+
+    ``build_side``: read the pipelines and build secrets (default: for the
+    program that accepts both runners and observers, the dispatcher)."""
     _check_build(config)
     roles = [role for role in roles if role != protocol.DISPATCHER]
     secrets = _secrets(config.auth, roles)
     runners = _runners(config) if protocol.RUNNER in roles else {}
     secured = _check_roles(config, roles, secrets, runners)
+    if build_side is None:
+        build_side = listens and protocol.RUNNER in roles and protocol.OBSERVER in roles
     return Settings(config=config, secrets=secrets, limits=config.net,
                     server_tls=_tls(config, listening=True) if listens else None,
-                    client_tls=_tls(config, listening=False), runners=runners, secured=secured)
+                    client_tls=_tls(config, listening=False), runners=runners, secured=secured,
+                    pipelines=_pipelines(config) if build_side else {},
+                    build_secrets=_build_secrets(config) if build_side else {})
 
 
 def _secrets(auth: AuthConfig, roles: Iterable[str]) -> dict[str, str]:
@@ -192,3 +253,46 @@ def _check_build(config: Config) -> None:
         if not kind.check(value):
             raise ConfigError(f"{config.origin('build', key)}: build.{key} must be a {kind.name}{hint}, "
                               f"got {value!r:.200}")
+
+
+# ------------------------------------------------------------ pipelines and build secrets
+
+def _pipelines(config: Config) -> dict[str, Pipeline]:
+    """Each ``pipelines.<repo>`` checked as a ``.ci.yaml`` would be; errors name the key."""
+    out = {}
+    for repo, entry in config.pipelines.items():
+        where = f"{config.origin('pipelines', repo)}: pipelines.{repo}"
+        if "file" in entry:
+            text = _read_file(f"{where}.file", entry["file"])
+            where = f"{where}.file {Path(entry['file']).expanduser()}"
+        else:
+            text = yaml.safe_dump({k: v for k, v in entry.items() if k != "override"}, sort_keys=False,
+                                  allow_unicode=True)
+        try:
+            definition = buildfile.parse(text)
+        except buildfile.BuildFileError as exc:
+            # an inline definition's line numbers would be those of our own dump: the key path names it
+            line = f" line {exc.line}" if exc.line and "file" in entry else ""
+            raise ConfigError(f"{where}{line}: {exc.problem}") from None
+        out[repo] = Pipeline(repo, definition, text, bool(entry.get("override", False)))
+    return out
+
+
+def _build_secrets(config: Config) -> dict[str, BuildSecret]:
+    """Each ``secrets.<name>``'s value, read once (a file's content stripped)."""
+    out = {}
+    for name, entry in config.secrets.items():
+        where = f"{config.origin('secrets', name)}: secrets.{name}"
+        if "file" in entry:
+            value = _read_file(f"{where}.file", entry["file"]).strip()
+            if len(value) < MIN_SECRET_CHARS:
+                raise ConfigError(f"{where}.file {Path(entry['file']).expanduser()} holds fewer than "
+                                  f"{MIN_SECRET_CHARS} characters: every place those characters appear in "
+                                  f"a log would be masked; use a longer secret")
+        else:
+            value = str(entry["value"])
+        if len(value) > 16384 or "\0" in value:
+            raise ConfigError(f"{where}: longer than 16384 characters or holds a NUL: an environment "
+                              f"variable cannot carry it")
+        out[name] = BuildSecret(name, value, tuple(entry["branches"]))
+    return out

@@ -86,6 +86,8 @@ MIGRATIONS = (
     ("draining", "ALTER TABLE runners ADD COLUMN draining INTEGER NOT NULL DEFAULT 0"),
     # .ci.yaml `needs`: the jobs of the same commit a build waits for (JSON list; ci/needs.py)
     ("needs", "ALTER TABLE builds ADD COLUMN needs TEXT NOT NULL DEFAULT '[]'"),
+    # the names (never the values) of the build secrets a build's job asked for (JSON list)
+    ("secrets", "ALTER TABLE builds ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]'"),
 )
 
 # The schema this release writes, kept in the database as PRAGMA user_version.
@@ -93,7 +95,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 AUTO_VACUUM_INCREMENTAL = 2
 
 _COLUMNS = ("id, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, "
-            "labels, created_at, started_at, finished_at, exit_code, log_base, job, needs")
+            "labels, created_at, started_at, finished_at, exit_code, log_base, job, needs, secrets")
 
 
 class StoreError(Exception):
@@ -271,15 +273,16 @@ class Store:
     def add_build(self, *, repo: str, branch: str, sha: str, subject: str = "", author: str = "",
                   commit_time: float = 0.0, reason: str = "commit", labels: tuple = (),
                   now: float, job: str = "", status: Status = Status.QUEUED,
-                  needs: tuple = ()) -> tuple[Build, bool]:
+                  needs: tuple = (), secrets: tuple = ()) -> tuple[Build, bool]:
         """Store a queued build (or one already final: skipped, error); for a
         commit's job already built, return that build and True (duplicate) instead."""
         finished = None if status in (Status.QUEUED, Status.RUNNING) else now
         cur = self.db.execute(
             "INSERT OR IGNORE INTO builds (repo, branch, sha, subject, author, commit_time, reason, "
-            "status, labels, created_at, job, finished_at, needs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "status, labels, created_at, job, finished_at, needs, secrets) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (repo, branch, sha, subject, author, commit_time, reason, status.value, json.dumps(list(labels)),
-             now, job, finished, json.dumps(list(needs))))
+             now, job, finished, json.dumps(list(needs)), json.dumps(list(secrets))))
         if cur.rowcount == 1:
             return self.get(cur.lastrowid), False
         row = self.db.execute(f"SELECT {_COLUMNS} FROM builds WHERE repo = ? AND sha = ? AND job = ? "
@@ -429,10 +432,10 @@ def _filter(filters: Mapping[str, str]) -> tuple[str, tuple]:
 
 def _build(row: tuple) -> Build:
     (id_, repo, branch, sha, subject, author, commit_time, reason, status, attempt, runner, labels,
-     created_at, started_at, finished_at, exit_code, log_base, job, needs) = row
+     created_at, started_at, finished_at, exit_code, log_base, job, needs, secrets) = row
     return Build(id_, repo, branch, sha, subject, author, commit_time, reason, Status(status), attempt,
                  runner, tuple(json.loads(labels)), created_at, started_at, finished_at, exit_code, log_base,
-                 job, tuple(json.loads(needs)))
+                 job, tuple(json.loads(needs)), secrets=tuple(json.loads(secrets)))
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import aio, buildfile, gitops, intake, net, protocol, schedule
 from .config import Config
@@ -25,8 +25,11 @@ Admit = Callable[[intake.Request], "tuple[list[Build], list[Build]]"]
 
 
 class Triggers:
-    def __init__(self, config: Config, store: Store, admit: Admit, clock: Callable[[], float]):
+    def __init__(self, config: Config, store: Store, admit: Admit, clock: Callable[[], float],
+                 pipelines: Mapping | None = None):
+        """``pipelines``: repository -> its definition kept on the dispatcher (settings.Pipeline)."""
         self.config, self.store, self.admit, self.clock = config, store, admit, clock
+        self.pipelines = pipelines or {}
         self.timed: schedule.Schedules | None = None     # set by the daemon from the configuration
 
     async def on_trigger(self, conn: net.Connection, msg: dict) -> dict:
@@ -53,7 +56,7 @@ class Triggers:
             branch = intake.trigger_branch(rev, sha, *await aio.in_thread(_branches, repo, rev, sha))
         # a manual trigger ignores [skip ci]; its jobs come from .ci.yaml at the commit, as for a push.
         # Checked in a thread: a file at the size cap takes up to a second or so
-        jobs, problem = await aio.in_thread(intake.jobs_from, text)
+        jobs, problem = await aio.in_thread(intake.jobs_from, text, self.pipelines.get(repo))
         if job is not None and not problem:
             names = [j["name"] for j in jobs]
             if job not in names:
@@ -70,10 +73,11 @@ class Triggers:
         if old is None:
             return protocol.error("not_found", f"no build {msg['build']}")
         reason = f"rebuild of {old.id}"
-        jobs, problem = [{"name": old.job, "labels": list(old.labels), "needs": list(old.needs)}], ""
+        jobs, problem = [{"name": old.job, "labels": list(old.labels), "needs": list(old.needs),
+                          "secrets": list(old.secrets)}], ""
         if not old.job:         # a skipped or broken commit may have jobs now: read them as a trigger does
             text = await aio.in_thread(gitops.file_at, old.repo, old.sha, buildfile.FILENAME)
-            jobs, problem = await aio.in_thread(intake.jobs_from, text)
+            jobs, problem = await aio.in_thread(intake.jobs_from, text, self.pipelines.get(old.repo))
         builds, _ = self.admit(intake.Request(
             repo=old.repo, branch=old.branch, sha=old.sha, subject=old.subject, author=old.author,
             reason=reason, jobs=jobs, config_error=problem, note=reason))

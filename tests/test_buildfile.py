@@ -241,3 +241,19 @@ def test_when_names_why_a_job_does_not_run():
     assert skip("main", ("docs/x.md",)) == "no changed path matches when.paths (src/*, *.py)"
     assert skip("main", None) == "" and skip(None, ("docs/x.md",)) != ""   # unknown: that rule does not skip
     assert spec.uses_paths() and not buildfile.parse("steps: [make]\njobs: {a: {}}\n").uses_paths()
+
+
+def test_secrets_a_job_asks_for_go_with_its_job_and_top_level_ones_with_every_job():
+    spec = buildfile.parse("secrets: [SHARED]\nsteps: [make]\njobs:\n  test: {}\n"
+                           "  publish: {secrets: [PYPI_TOKEN, SHARED, PYPI_TOKEN]}\n")
+    assert spec.job_list() == [{"name": "test", "labels": [], "secrets": ["SHARED"]},
+                               {"name": "publish", "labels": [], "secrets": ["SHARED", "PYPI_TOKEN"]}]
+    assert buildfile.parse("steps: [make]\nsecrets: [TOKEN]\n").job_list() == [
+        {"name": "", "labels": [], "secrets": ["TOKEN"]}]
+    assert buildfile.parse("steps: [make]\n").job_list() == [{"name": "", "labels": []}]
+    for text, words in (("steps: [make]\njobs: {a: {secrets: [bad-name]}}\n", "jobs.a.secrets: 'bad-name'"),
+                        ("steps: [make]\nsecrets: TOKEN\n", "secrets must be a list of secret names"),
+                        ("steps: [make]\nsecrets: []\n", "secrets must be a list of secret names")):
+        with pytest.raises(BuildFileError) as err:
+            buildfile.parse(text)
+        assert words in str(err.value) and "line " in str(err.value)

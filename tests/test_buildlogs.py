@@ -124,3 +124,20 @@ def test_a_line_that_cannot_be_written_is_reported_and_skipped(tmp_path):
     logs.path(7).mkdir()                                    # where the log should be: not a file
     assert logs.line(7, "=== passed ===") == logs.path(7).stat().st_size
     assert [build for build, _ in errors] == [7]
+
+
+def test_a_secret_the_runner_left_in_a_frame_is_hidden_keeping_the_offsets(tmp_path):
+    value = "a-secret-value-123"
+    logs = BuildLogs(tmp_path / "logs", 1 << 20, secrets=lambda build: ["unused-secret", value])
+    build = started(logs, Build(1, "/repo", "main", SHA, status=Status.RUNNING, attempt=1, runner="r1",
+                                secrets=("TOKEN",)))
+    first = f"token={value}\n".encode()
+    assert logs.append(build, 0, first) == (len(first), True)
+    # a resent frame overlapping the first: skipped by offset, as ever
+    assert logs.append(build, 6, f"{value}\nmore\n".encode()) == (len(first) + 5, True)
+    text = logs.path(1).read_text()
+    assert value not in text and "token=" + "*" * len(value) + "\nmore\n" in text
+    # a build that asked for no secret is written as sent
+    plain = started(logs, running(2))
+    logs.append(plain, 0, value.encode())
+    assert value in logs.path(2).read_text()

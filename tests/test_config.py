@@ -32,7 +32,8 @@ def test_config_yaml_is_exactly_the_built_in_defaults():
 
 def test_config_yaml_lists_every_section_and_key_with_a_comment():
     data = yaml.safe_load(DOC.read_text())
-    assert set(data) == set(cfg.SECTIONS)
+    assert set(data) == {*cfg.SECTIONS, *cfg.FREE}
+    assert all(data[section] == {} for section in cfg.FREE)     # examples only, in comments
     for section, factory in cfg.SECTIONS.items():
         assert set(data[section]) == {f.name for f in fields(factory())}, f"keys of {section}"
     # every key is preceded (directly or within its group) by a comment line
@@ -201,3 +202,50 @@ def test_runners_credentials_from_file_and_environment_never_shown_in_errors(tmp
         with pytest.raises(ConfigError) as err:
             load(None, env=env)
         assert "auth" in str(err.value).lower() and "s3cret-value" not in str(err.value), err.value
+
+
+# ---------------------------------------------------------------- pipelines and build secrets
+
+def test_pipelines_and_secrets_are_sections_named_by_the_operator(tmp_path):
+    path = write(tmp_path, """
+pipelines:
+  /srv/git/a.git: {override: true, steps: [make]}
+  /srv/git/b.git: {file: /etc/tinyci/b.yaml}
+secrets:
+  PYPI_TOKEN: pypi-long-enough-value
+  DEPLOY: {file: /etc/deploy, branches: [main, "release/*"]}
+  SSH_KEY_file: /etc/ssh-key
+""")
+    loaded = load(path, env={"TINYCI_SECRETS_FROM_ENV": "an-env-secret-value"})
+    assert loaded.pipelines["/srv/git/a.git"] == {"override": True, "steps": ["make"]}
+    assert loaded.pipelines["/srv/git/b.git"] == {"file": "/etc/tinyci/b.yaml"}
+    assert loaded.secrets == {
+        "PYPI_TOKEN": {"value": "pypi-long-enough-value", "branches": ["*"]},
+        "DEPLOY": {"file": "/etc/deploy", "branches": ["main", "release/*"]},
+        "SSH_KEY": {"file": "/etc/ssh-key", "branches": ["*"]},
+        "FROM_ENV": {"value": "an-env-secret-value", "branches": ["*"]}}
+    assert loaded.origin("secrets", "FROM_ENV") == "environment"
+    assert "pypi-long-enough-value" not in repr(loaded)        # never printed with the configuration
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("secrets: {TOKEN: short}", "secrets.TOKEN is shorter than 8 characters"),
+    ("secrets: {TOKEN: {value: a-long-value, file: /x}}", "secrets.TOKEN needs one of 'value' or 'file'"),
+    ("secrets: {TOKEN: {valu: a-long-value}}", "secrets.TOKEN: unknown key 'valu'"),
+    ("secrets: {TOKEN: {value: a-long-value, branches: main}}", "secrets.TOKEN.branches must be a non-empty list"),
+    ("secrets: {'BAD-NAME': a-long-value}", "secrets.BAD-NAME: 'BAD-NAME' must be an environment variable name"),
+    ("secrets: {CI_TOKEN: a-long-value}", "not CI or CI_*/TINYCI_*"),
+    ("secrets: {TOKEN: a-long-value, TOKEN_file: /x}", "secret 'TOKEN' is also set"),
+    ("secrets: [TOKEN]", "section 'secrets' must be a mapping of secret names"),
+    ("pipelines: {/r: [make]}", "pipelines./r must be a build definition"),
+    ("pipelines: {/r: {override: yes please, steps: [make]}}", "pipelines./r.override must be true or false"),
+    ("pipelines: {/r: {override: true}}", "pipelines./r has no definition"),
+    ("pipelines: {/r: {file: /x, steps: [make]}}", "pipelines./r: 'steps' next to 'file'"),
+])
+def test_a_bad_pipeline_or_secret_is_one_line_naming_the_key_never_the_value(tmp_path, text, expected):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    message = str(err.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message, message
+    assert "a-long-value" not in message and "short" not in message.replace("shorter", "")

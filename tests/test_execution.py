@@ -6,6 +6,7 @@ output left open by an escaped process, and artifacts."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import time
@@ -289,3 +290,46 @@ def test_an_input_path_through_a_symlink_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path.parent)
     assert input_path(tmp_path, "link/x") is None
     assert input_path(tmp_path, "dist/x.whl") == tmp_path / "dist" / "x.whl"
+
+
+SERVER_DEFINITION = """\
+jobs:
+  lint: {steps: [echo lint-from-the-server]}
+  publish:
+    steps: ['echo "token=$PYPI_TOKEN file=$FROM_FILE"']
+    env: {PYPI_TOKEN: shadowed-by-the-file}
+artifacts: [out.txt]
+"""
+
+
+def test_the_dispatchers_definition_is_used_without_a_ci_yaml_or_when_it_overrides(project, slot):
+    no_yaml = project.head()
+    with_yaml = project.commit("add .ci.yaml", {".ci.yaml": "jobs:\n  lint: {steps: [echo lint-from-the-file]}\n"})
+    outcome, text = slot(project, sha=no_yaml, job="lint", definition=SERVER_DEFINITION)
+    assert outcome.status == Status.PASSED, text
+    assert "1 step(s) from the dispatcher's pipeline for this repository (job lint)" in text
+    assert "lint-from-the-server" in text
+    # the commit's own file wins, unless the definition overrides it
+    outcome, text = slot(project, sha=with_yaml, job="lint", definition=SERVER_DEFINITION)
+    assert "lint-from-the-file" in text and "lint-from-the-server" not in text, text
+    outcome, text = slot(project, sha=with_yaml, job="lint", definition=SERVER_DEFINITION, override=True)
+    assert "lint-from-the-server" in text and "lint-from-the-file" not in text, text
+
+
+def test_secrets_are_variables_of_the_steps_and_masked_in_the_log(project, slot):
+    value = "pypi-AgEIcHlwaS5vcmc-0123456789"
+    split = ("python -c \"import os, sys, time; v = os.environ['PYPI_TOKEN']; sys.stdout.write('split=' + v[:9]); "
+             "sys.stdout.flush(); time.sleep(0.2); print(v[9:])\"")     # two writes: the runner reads two chunks
+    outcome, text = slot(project, ['echo "token=$PYPI_TOKEN"', split, "printf %s \"$PYPI_TOKEN\" | base64",
+                                   "echo $PYPI_TOKEN | rev"],
+                         secrets={"PYPI_TOKEN": value})
+    assert outcome.status == Status.PASSED, text
+    assert value not in text
+    assert "token=***\n" in text and "split=***\n" in text
+    assert base64.b64encode(value.encode()).decode() in text        # only the exact value is masked
+    assert value[::-1] in text
+    # a job's file env cannot shadow a secret; the file's other variables stay
+    outcome, text = slot(project, job="publish", definition=SERVER_DEFINITION,
+                         secrets={"PYPI_TOKEN": value}, env={"FROM_FILE": "yes"})
+    assert "token=*** file=yes" in text, text
+    assert "shadowed-by-the-file" not in text

@@ -127,3 +127,51 @@ def test_choose_repo_says_why_it_cannot(rev, wanted, known, code, words):
     assert err.value.code == code
     for word in words:
         assert word in err.value.message
+
+
+class _Pipeline:
+    """What intake reads of a settings.Pipeline."""
+
+    def __init__(self, override=False):
+        self.override = override
+        self.jobs = [{"name": "server", "labels": [], "secrets": ["TOKEN"]}]
+
+
+def test_the_servers_pipeline_gives_the_jobs_of_a_commit_without_ci_yaml_or_when_it_overrides():
+    file_jobs = [{"name": "file", "labels": []}]
+    kept, overriding = _Pipeline(), _Pipeline(override=True)
+    # reported by the observer: jobs (or config_error) only when the commit has the file
+    assert intake.commit_jobs(None, "", None) == (intake.DEFAULT_JOBS, "")
+    assert intake.commit_jobs(None, "", kept) == (kept.jobs, "")
+    assert intake.commit_jobs(file_jobs, "", kept) == (file_jobs, "")
+    assert intake.commit_jobs(None, "broken", kept) == (intake.DEFAULT_JOBS, "broken")
+    assert intake.commit_jobs(file_jobs, "", overriding) == (overriding.jobs, "")
+    assert intake.commit_jobs(None, "broken", overriding) == (overriding.jobs, "")
+    # read at the commit by the dispatcher (a trigger)
+    assert intake.jobs_from(None, kept) == (kept.jobs, "")
+    assert intake.jobs_from(b"jobs: {file: {steps: [make]}}\n", kept)[0] == file_jobs
+    assert intake.jobs_from(b"jobs: {file: {steps: [make]}}\n", overriding)[0] == overriding.jobs
+
+
+def test_a_job_denied_a_secret_is_an_error_build_saying_why_and_the_others_queue():
+    jobs = [{"name": "publish", "labels": [], "secrets": ["TOKEN", "OTHER"]},
+            {"name": "test", "labels": []},
+            {"name": "deploy", "labels": [], "secrets": ["OTHER"]}]
+
+    def problem(name, branch):
+        return f"secret {name} is not allowed on branch {branch}" if name == "TOKEN" else ""
+
+    request = Request("/r", "feat", SHA, jobs=jobs).checked(problem)
+    assert request.denied == {"publish": "secret TOKEN is not allowed on branch feat"}
+    rows = request.rows()
+    assert [(r["job"], r["status"], r["secrets"]) for r in rows] == [
+        ("publish", Status.ERROR, ("TOKEN", "OTHER")), ("test", Status.QUEUED, ()),
+        ("deploy", Status.QUEUED, ("OTHER",))]
+    publish, test = build(8, Status.ERROR, job="publish"), build(9, job="test")
+    assert request.lines(publish) == ["=== build error: secret TOKEN is not allowed on branch feat; not built ==="]
+    assert request.lines(test) == []
+    out = intake.admit(request, [publish, test], [], supersede=[])
+    assert out.failed == [publish] and out.queue == [test]
+    # nothing asked, nothing denied: the same request
+    plain = Request("/r", "feat", SHA)
+    assert plain.checked(problem) is plain

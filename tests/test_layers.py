@@ -27,6 +27,7 @@ LEAVES = {
     "tls": set(),
     "local": set(),
     "conditions": set(),
+    "masking": set(),
 }
 
 

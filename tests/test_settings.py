@@ -204,3 +204,70 @@ def test_one_role_with_a_secret_leaves_no_other_open(tmp_path):
     env = {"TINYCI_AUTH_RUNNERS": '{"r1": "one"}', "TINYCI_AUTH_SECRET": "shared"}
     assert resolve(load(path, env=env)).secrets == {"runner": "shared", "observer": "shared",
                                                     "operator": "shared", "reader": "r"}
+
+
+# ---------------------------------------------------------------- pipelines and build secrets
+
+DISPATCHER_ROLES = [protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, protocol.READER]
+
+
+def test_pipelines_are_checked_as_ci_yaml_and_secrets_read_once(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("  a-token-read-from-a-file\n")
+    kept = tmp_path / "kept.yaml"
+    kept.write_text("jobs:\n  build: {steps: [make], secrets: [DEPLOY]}\n")
+    path = write(tmp_path, f"""
+pipelines:
+  /srv/a.git: {{override: true, jobs: {{test: {{steps: [pytest], labels: [py]}}}}}}
+  /srv/b.git: {{file: {kept}}}
+secrets:
+  DEPLOY: {{file: {token}, branches: [main, "release/*"]}}
+  OTHER: another-long-value
+""")
+    settings = resolve(load(path, env={}), roles=DISPATCHER_ROLES)
+    a, b = settings.pipeline("/srv/a.git"), settings.pipeline("/srv/b.git")
+    assert a.override and a.jobs == [{"name": "test", "labels": ["py"]}]
+    assert not b.override and b.jobs == [{"name": "build", "labels": [], "secrets": ["DEPLOY"]}]
+    assert settings.pipeline("/srv/c.git") is None
+    assert "pytest" in a.text and b.text == kept.read_text()
+    assert settings.secrets_for(["DEPLOY", "OTHER"], "release/1.0") == {
+        "DEPLOY": "a-token-read-from-a-file", "OTHER": "another-long-value"}
+    assert settings.secrets_for(["DEPLOY"], "feature") == {}
+    assert settings.secret_problem("DEPLOY", "feature") == (
+        "secret DEPLOY is not allowed on branch feature (secrets.DEPLOY.branches: main, release/*)")
+    assert settings.secret_problem("NOPE", "main") == "secret NOPE is not defined on the dispatcher (secrets.NOPE)"
+    assert settings.secret_problem("OTHER", "anything") == ""
+    assert "a-token-read-from-a-file" not in repr(settings)
+    # a runner, an observer and the tools read neither
+    token.unlink()
+    for roles, listens in (([protocol.RUNNER], True), ([protocol.OBSERVER, protocol.OPERATOR], True),
+                           ([protocol.READER], False)):
+        other = resolve(load(path, env={}), roles=roles, listens=listens)
+        assert other.pipelines == {} and other.build_secrets == {}
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("{steps: [{run: [not, a, string]}]}", "pipelines./r: steps[1].run must be a non-empty string"),
+    ("{jobs: {a: {steps: [make], secrets: [bad-name]}}}", "pipelines./r: jobs.a.secrets: 'bad-name' is not a valid"),
+    ("{jobs: {a: {stepz: [make]}}}", "pipelines./r: jobs.a: unknown key 'stepz'"),
+    ("{file: /nonexistent/ci.yaml}", "pipelines./r.file: cannot read /nonexistent/ci.yaml"),
+])
+def test_a_bad_pipeline_names_the_file_and_key(tmp_path, entry, expected):
+    path = write(tmp_path, f"pipelines:\n  /r: {entry}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(load(path, env={}), roles=DISPATCHER_ROLES)
+    assert str(err.value).startswith(str(path)) and expected in str(err.value), str(err.value)
+
+
+def test_a_secret_file_too_short_or_unreadable_names_the_key_not_the_value(tmp_path):
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    path = write(tmp_path, f"secrets:\n  TOKEN: {{file: {short}}}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(load(path, env={}), roles=DISPATCHER_ROLES)
+    assert "secrets.TOKEN.file" in str(err.value) and "fewer than 8 characters" in str(err.value)
+    assert "abc" not in str(err.value)
+    short.unlink()
+    with pytest.raises(ConfigError) as err:
+        resolve(load(path, env={}), roles=DISPATCHER_ROLES)
+    assert "secrets.TOKEN.file: cannot read" in str(err.value)
