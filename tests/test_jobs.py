@@ -151,14 +151,17 @@ def test_skip_ci_is_recorded_as_skipped_and_a_trigger_builds_it_anyway(cluster, 
     assert [b["status"] for b in of(builds, sha)] == ["skipped", "passed"]
 
 
-def test_supersede_cancels_only_queued_builds_of_that_branch(cluster, repo):
+def test_supersede_cancels_only_queued_builds_of_that_branch(cluster, repo, tmp_path):
     c = cluster(supersede=["feat*"])
     c.dispatcher()
     c.runner("r1")
     obs = c.observer(repo)
     c.wait_builds(finished, "the initial commit")
     repo.git("checkout", "-q", "-b", "feat")
-    slow = repo.commit("slow feature", {"build.sh": "sleep 3; echo slow done\n"})
+    # the slow build runs until the others are queued behind it (however loaded the machine), at most 60 s
+    gate = tmp_path / "gate"
+    slow = repo.commit("slow feature", {"build.sh": f"for i in $(seq 1 1200); do [ -e {gate} ] && break; "
+                                                    f"sleep 0.05; done; echo slow done\n"})
     c.wait_builds(lambda b: of(b, slow) and of(b, slow)[0]["status"] == "running", "the slow build to run")
     obs.stop()          # report the rest together, so they queue behind the slow one
     repo.git("checkout", "-q", "main")
@@ -168,6 +171,8 @@ def test_supersede_cancels_only_queued_builds_of_that_branch(cluster, repo):
     feat1 = repo.commit("feat one", {"build.sh": "echo quick\n"})
     feat2 = repo.commit("feat two", {"build.sh": "echo quick\n"})
     c.observer(repo)
+    c.wait_builds(lambda b: len(b) == 6, "the four commits to be queued")
+    gate.touch()
     builds = c.wait_builds(lambda b: len(b) == 6 and finished(b), "every build to end", timeout=40)
     status = {sha: of(builds, sha)[0]["status"] for sha in (slow, main1, main2, feat1, feat2)}
     assert status == {slow: "passed", main1: "passed", main2: "passed", feat1: "cancelled", feat2: "passed"}

@@ -43,7 +43,8 @@ def test_an_alias_bomb_on_one_branch_holds_up_neither_other_branches_nor_the_run
     good = repo.commit("an ordinary change")
     c.observer(repo, interval=0.1)
     # the other branch's commit is queued (or already built) within seconds, not after the bombs
-    c.wait_builds(lambda b: of(b, good), "main's new commit to be reported", timeout=8)
+    # (20 s: reading each bomb takes about a second on a quiet machine, several on a loaded one)
+    c.wait_builds(lambda b: of(b, good), "main's new commit to be reported", timeout=20)
     builds = c.wait_builds(lambda b: all(of(b, sha) and finished(of(b, sha)) for sha in [good, *bombs]),
                            "every commit to end")
     # branches take turns: main's one commit right after the first bomb, not after all four
