@@ -141,7 +141,7 @@ class Scheduler:
     def heartbeat(self, name: str, running: set, sent_at: float, now: float) -> Plan:
         """A `pong` arrived for a ping sent at ``sent_at``. Builds whose `run`
         the runner had not acknowledged by that moment are not judged by it:
-        the ping may have overtaken the `run` (they go on different connections)."""
+        the runner may not have had the `run` when it answered."""
         runner = self.runners.get(name)
         if runner is None or not runner.alive:
             return Plan()
