@@ -47,6 +47,7 @@ class Heartbeat:
         self.pinging: set[str] = set()
         self.waiting_for: set[str] = set()          # runners known from before a restart, said so once
         self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
+        self.stalls, self.stall_said = 0, -float("inf")    # late waits not yet logged; when one last was
 
     async def loop(self, stop: asyncio.Event) -> None:
         """Ping every live runner each heartbeat_interval (a runner still
@@ -149,11 +150,17 @@ class Heartbeat:
     def _missed(self, runner: RunnerRecord, since: float, interval: float, why: str) -> None:
         now = self.links.clock()
         if now - since > interval * STALLED:
-            # the wait ended late: this process was not running (paused,
-            # stopped, swapped out, too busy), so the pong may be sitting unread
+            # the wait ended late: this process was not running (paused, stopped,
+            # swapped out, too busy), so the pong may be sitting unread. A stall
+            # delays every runner's wait at once: one line an interval, not one a runner
+            if now - self.stall_said < interval:
+                self.stalls += 1
+                return
+            more = f" (and {self.stalls} other wait(s) since the last such line)" if self.stalls else ""
+            self.stalls, self.stall_said = 0, now
             log.info("a wait for runner %s's pong ended %.1fs after it began, not within %gs: this "
-                     "dispatcher was not running meanwhile; not counted as a miss", runner.name, now - since,
-                     interval)
+                     "dispatcher was not running meanwhile; not counted as a miss%s", runner.name, now - since,
+                     interval, more)
             return
         log.debug("ping %s: %s", runner.name, why)
         self.links.apply(self.links.sched.missed(runner.name, why, now))
