@@ -63,7 +63,7 @@ class Heartbeat:
                 for runner in list(links.sched.runners.values()):
                     if runner.alive and runner.name not in self.pinging:
                         links.spawn(self.ping(runner))
-                for name in links.sched.forgettable(cfg.forget_dead_after, now):
+                for name in links.sched.registry.forgettable(cfg.forget_dead_after, now):
                     log.info("forgetting runner %s: dead for %gs or more (dispatcher.forget_dead_after)",
                              name, cfg.forget_dead_after)
                     await links.forget(name)
@@ -172,7 +172,7 @@ class Heartbeat:
         come back first."""
         links = self.links
         now = links.clock()
-        if links.sched.in_grace(runner.name, now):
+        if links.sched.registry.in_grace(runner.name, now):
             if runner.name not in self.waiting_for:
                 self.waiting_for.add(runner.name)
                 log.info("runner %s (%s:%d), known from before this dispatcher started, does not answer "

@@ -197,7 +197,7 @@ class RunnerLinks:
     async def forget(self, name: str) -> RunnerRecord:
         """Remove a dead runner: from the scheduler, the store and the viewers'
         screens. KeyError: unknown; ValueError: alive."""
-        runner = self.sched.forget(name)
+        runner = self.sched.registry.forget(name)
         with self.store.transaction():
             self.store.forget_runners([name])
         self.beat.waiting_for.discard(name)
