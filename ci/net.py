@@ -298,27 +298,39 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     authenticates, a peer's frames are at most HANDSHAKE_FRAME bytes and the
     whole handshake must end within ``read_timeout``.
     """
-    admission = Gate(limits, name)
     if keys is None:
         keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
-    who = identity if callable(identity) else (lambda: identity)
+    listener = _Listener(handler, Gate(limits, name), keys, roles, limits, name,
+                         identity if callable(identity) else (lambda: identity))
+    extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
+    return await asyncio.start_server(listener.on_connect, host, port, reuse_address=True, **extra)
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class _Listener:
+    """What ``serve`` does with each connection: admit, handshake, serve requests, close."""
+
+    def __init__(self, handler: Handler, admission: Gate, keys: Keys, roles: frozenset, limits: Limits,
+                 name: str, who: Callable[[], str]):
+        self.handler, self.admission, self.keys, self.roles = handler, admission, keys, roles
+        self.limits, self.name, self.who = limits, name, who
+
+    async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name, limits = self.name, self.limits
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "peer"
         conn = Connection(reader, writer, limits, peer)
-        ticket, why = admission.admit(peername[0] if peername else peer, writer.transport.abort)
+        ticket, why = self.admission.admit(peername[0] if peername else peer, writer.transport.abort)
         if ticket is None:
             await _refuse(conn, name, why)
             return
         conn.max_frame = min(HANDSHAKE_FRAME, limits.max_frame)
         try:
-            if await _bounded_handshake(conn, keys, roles, who()):
-                if not admission.authenticated(ticket):
+            if await _bounded_handshake(conn, self.keys, self.roles, self.who()):
+                if not self.admission.authenticated(ticket):
                     await _refuse(conn, name, f"{name} has {limits.max_connections} connections open")
                     return
                 conn.max_frame = limits.max_frame
-                await _serve_requests(conn, handler, name)
+                await _serve_requests(conn, self.handler, name)
         except (ConnectionError, PeerError) as exc:
             log.debug("%s: %s: %s", name, peer, exc)
         except FatalProtocolError as exc:
@@ -336,12 +348,9 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
         except Exception:  # a bug in one handler must not take the daemon down
             log.exception("%s: connection from %s failed", name, peer)
         finally:
-            admission.release(ticket)
+            self.admission.release(ticket)
             if not conn.writer.is_closing():
                 await conn.close()
-
-    extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
-    return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)
 
 
 def _role_keys(by_role: Mapping[str, str]) -> Keys:
