@@ -67,18 +67,26 @@ class Fleet:
         self.tasks = set()
 
     async def start(self) -> None:
+        # runners come up over a moment, not all in the same millisecond: 1,000 handshakes
+        # at once (each registration makes the dispatcher dial back) only measure a stampede
+        gate = asyncio.Semaphore(50)
+
         async def one(i: int) -> None:
-            name = f"fake-{i}"
-            self.leases[name] = set()
-            server = await net.serve(lambda conn, msg, n=name: self.handle(n, msg), "127.0.0.1", 0,
-                                     roles=frozenset({protocol.DISPATCHER}), name=name,
-                                     identity=protocol.runner_identity(name))
-            self.servers.append(server)
-            port = server.sockets[0].getsockname()[1]
-            client = self.clients[name] = net.Client(*self.dispatcher, protocol.RUNNER, id=name)
-            await client.request({"type": "register", "name": name, "host": "127.0.0.1", "port": port,
-                                  "labels": [], "slots": 1, "running": []})
+            async with gate:
+                await self._register(i)
         await asyncio.gather(*(one(i) for i in range(self.count)))
+
+    async def _register(self, i: int) -> None:
+        name = f"fake-{i}"
+        self.leases[name] = set()
+        server = await net.serve(lambda conn, msg, n=name: self.handle(n, msg), "127.0.0.1", 0,
+                                 roles=frozenset({protocol.DISPATCHER}), name=name,
+                                 identity=protocol.runner_identity(name))
+        self.servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        client = self.clients[name] = net.Client(*self.dispatcher, protocol.RUNNER, id=name)
+        await client.request({"type": "register", "name": name, "host": "127.0.0.1", "port": port,
+                              "labels": [], "slots": 1, "running": []})
 
     async def handle(self, name: str, msg: dict) -> dict:
         if msg["type"] == "ping":

@@ -1,8 +1,18 @@
 """The environment a build's steps run in, such that no step can change the
 one tinyci runs from.
 
-Each attempt gets a fresh virtualenv, ``<checkout>.venv`` beside its slot's
-checkout, made anew (no pip of its own: tens of milliseconds). Its ``bin``
+Each attempt gets a virtualenv as fresh as a new one, ``<checkout>.venv``
+beside its slot's checkout (no pip of its own). Making one costs 10-20 ms
+(more on a loaded machine), a third of a trivial build, so a slot's is kept
+and reused as long as nothing in it changed since it was made: every entry's
+mtime is pinned to a fixed old time when it is made, and the listing (names,
+inodes, sizes, times) is remembered; before the next attempt one walk of its
+few files compares. A step that installs, writes or removes anything there
+adds an entry or moves a time, and the next attempt gets one made anew. (Only
+a step that sets a file's times back on purpose goes unseen: steps run as the
+runner's user and could as well edit tinyci itself; this keeps builds from
+leaking into each other by accident, it is no sandbox.) A runner restarted
+remembers nothing and makes each anew. Its ``bin``
 comes first on ``PATH`` and it is ``VIRTUAL_ENV``, so ``python`` and
 ``python -m pip install -e .`` act on it and are thrown away with it. Below
 its own packages it sees the runner's (a ``.pth`` naming the runner's site
@@ -28,6 +38,11 @@ from pathlib import Path
 from .attempt import RunRequest
 
 PTH = "tinyci-runner-site.pth"
+PINNED_NS = 946_684_800 * 10 ** 9     # 2000-01-01: the mtime of every entry of a virtualenv as made
+
+# a slot's virtualenv -> its listing when made (see the module docstring). Per
+# path, and a slot runs one attempt at a time, so no two threads share an entry
+_made: dict[Path, tuple] = {}
 
 
 def venv_path(checkout: Path) -> Path:
@@ -35,8 +50,50 @@ def venv_path(checkout: Path) -> Path:
 
 
 def make_venv(path: Path) -> Path:
-    """A fresh virtualenv at ``path`` that sees the runner's packages beneath its
-    own; blocking (run it in a thread). Raises OSError when it cannot be made."""
+    """A virtualenv at ``path`` as fresh as a new one, that sees the runner's
+    packages beneath its own: the one made there before when nothing in it
+    changed, else made anew. Blocking (run it in a thread). Raises OSError when
+    it cannot be made."""
+    made = _made.pop(path, None)
+    if made is not None and _listing(path) == made:
+        _made[path] = made
+        return path
+    _create(path)
+    _made[path] = _pin(path)
+    return path
+
+
+def _listing(path: Path) -> tuple | None:
+    """Every entry under ``path`` (not following links) with what a change moves; None when unreadable."""
+    entries = []
+    try:
+        todo = [path]
+        while todo:
+            with os.scandir(todo.pop()) as found:
+                for entry in found:
+                    st = entry.stat(follow_symlinks=False)
+                    entries.append((entry.path, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(Path(entry.path))
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, *sorted(entries))
+
+
+def _pin(path: Path) -> tuple | None:
+    """Set every entry's mtime to PINNED_NS (a later write moves it to now) and return the listing."""
+    try:
+        for top, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                os.utime(os.path.join(top, name), ns=(PINNED_NS, PINNED_NS), follow_symlinks=False)
+        os.utime(path, ns=(PINNED_NS, PINNED_NS))
+    except OSError:
+        return None     # not remembered: the next attempt makes it anew
+    return _listing(path)
+
+
+def _create(path: Path) -> None:
     if path.exists() or path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     try:
@@ -46,7 +103,6 @@ def make_venv(path: Path) -> Path:
     site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     runner_sites = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
     (site / PTH).write_text("".join(f"{p}\n" for p in runner_sites))
-    return path
 
 
 def own_bin() -> str | None:

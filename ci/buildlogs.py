@@ -318,8 +318,12 @@ class BuildLogs:
         only when a tool asks (``tinyci log --timestamps``). While a log is over
         its cap, its tail's bytes carry the offset where the cut will be."""
         try:
-            with open(self.dir / f"{int(build_id)}.times", "a") as f:
-                f.write(f"{offset} {self.clock():.3f}\n")
+            # os.open, not open(): no text layer for a 20-byte line, a third of the cost (two a build)
+            fd = os.open(f"{self._prefix}{int(build_id)}.times", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, f"{offset} {self.clock():.3f}\n".encode())
+            finally:
+                os.close(fd)
         except OSError:
             pass        # the times are a convenience: never fail a log write for them
 

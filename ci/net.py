@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import logging
 import secrets as _secrets
+import sys
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import LazyAsyncio, within
@@ -112,23 +113,45 @@ class Connection:
         FatalProtocolError for an oversized length, ProtocolError for bad JSON.
         """
         timeout = self.limits.read_timeout if idle is None else idle
+        stage = "header"
+        try:
+            if sys.version_info < (3, 11):      # no asyncio.timeout: a timer per read
+                return decode(await self._read_310(timeout))
+            # one timer for the frame, moved when its header is in: a timer made and
+            # cancelled per read was a third of what an idle ping cost
+            async with asyncio.timeout(timeout) as deadline:
+                length = self._length(await self.reader.readexactly(4))
+                stage = "body"
+                deadline.reschedule(asyncio.get_running_loop().time() + self.limits.read_timeout)
+                body = await self.reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError(f"{self.peer} closed the connection" +
+                                  (" mid-frame" if stage == "body" else "")) from None
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{self.peer} stalled mid-frame" if stage == "body" else
+                              f"{self.peer} sent nothing for {timeout:g}s") from None
+        return decode(body)
+
+    def _length(self, header: bytes) -> int:
+        (length,) = HEADER.unpack(header)
+        if length > self.max_frame:
+            raise FatalProtocolError(
+                "frame_too_large", f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+        return length
+
+    async def _read_310(self, timeout: float) -> bytes:
         try:
             header = await within(self.reader.readexactly(4), timeout)
         except asyncio.IncompleteReadError:
             raise ConnectionError(f"{self.peer} closed the connection") from None
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} sent nothing for {timeout:g}s") from None
-        (length,) = HEADER.unpack(header)
-        if length > self.max_frame:
-            raise FatalProtocolError(
-                "frame_too_large", f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         try:
-            body = await within(self.reader.readexactly(length), self.limits.read_timeout)
+            return await within(self.reader.readexactly(self._length(header)), self.limits.read_timeout)
         except asyncio.IncompleteReadError:
             raise ConnectionError(f"{self.peer} closed the connection mid-frame") from None
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stalled mid-frame") from None
-        return decode(body)
 
     async def recv(self, sender: str = SERVER, idle: float | None = None) -> dict:
         return validate(await self.recv_raw(idle), sender)
@@ -139,6 +162,9 @@ class Connection:
             raise ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte {msg.get('type')!r} frame")
         self.writer.write(data)
         self.sent += 1
+        if not self.writer.transport.get_write_buffer_size():
+            await self.writer.drain()       # all of it went out: returns at once, no timer needed
+            return
         try:
             await within(self.writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
@@ -272,27 +298,39 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     authenticates, a peer's frames are at most HANDSHAKE_FRAME bytes and the
     whole handshake must end within ``read_timeout``.
     """
-    admission = Gate(limits, name)
     if keys is None:
         keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
-    who = identity if callable(identity) else (lambda: identity)
+    listener = _Listener(handler, Gate(limits, name), keys, roles, limits, name,
+                         identity if callable(identity) else (lambda: identity))
+    extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
+    return await asyncio.start_server(listener.on_connect, host, port, reuse_address=True, **extra)
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class _Listener:
+    """What ``serve`` does with each connection: admit, handshake, serve requests, close."""
+
+    def __init__(self, handler: Handler, admission: Gate, keys: Keys, roles: frozenset, limits: Limits,
+                 name: str, who: Callable[[], str]):
+        self.handler, self.admission, self.keys, self.roles = handler, admission, keys, roles
+        self.limits, self.name, self.who = limits, name, who
+
+    async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name, limits = self.name, self.limits
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "peer"
         conn = Connection(reader, writer, limits, peer)
-        ticket, why = admission.admit(peername[0] if peername else peer, writer.transport.abort)
+        ticket, why = self.admission.admit(peername[0] if peername else peer, writer.transport.abort)
         if ticket is None:
             await _refuse(conn, name, why)
             return
         conn.max_frame = min(HANDSHAKE_FRAME, limits.max_frame)
         try:
-            if await _bounded_handshake(conn, keys, roles, who()):
-                if not admission.authenticated(ticket):
+            if await _bounded_handshake(conn, self.keys, self.roles, self.who()):
+                if not self.admission.authenticated(ticket):
                     await _refuse(conn, name, f"{name} has {limits.max_connections} connections open")
                     return
                 conn.max_frame = limits.max_frame
-                await _serve_requests(conn, handler, name)
+                await _serve_requests(conn, self.handler, name)
         except (ConnectionError, PeerError) as exc:
             log.debug("%s: %s: %s", name, peer, exc)
         except FatalProtocolError as exc:
@@ -310,12 +348,9 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
         except Exception:  # a bug in one handler must not take the daemon down
             log.exception("%s: connection from %s failed", name, peer)
         finally:
-            admission.release(ticket)
+            self.admission.release(ticket)
             if not conn.writer.is_closing():
                 await conn.close()
-
-    extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
-    return await asyncio.start_server(on_connect, host, port, reuse_address=True, **extra)
 
 
 def _role_keys(by_role: Mapping[str, str]) -> Keys:

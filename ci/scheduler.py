@@ -17,6 +17,10 @@ row went out and got no answer within their timeout (``missed``), or at
 once when nothing listens at its address (``unreachable``). A pause of the
 dispatcher's own loop sends no pings, so it costs nobody anything.
 
+The runners' records, which of them have a free slot, and the liveness facts
+that need no build (heard, missed, died, restored, forgotten) are the
+``registry`` (``ci/registry.py``); ``runners`` is its dict of records.
+
 Leases: a build is handed out as (build, attempt) and ``attempt`` grows on
 every hand-out, so a late message from an earlier hand-out can always be told
 apart and refused as stale.
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .models import Build, RunnerRecord, Status, can_take
+from .registry import Registry
 
 
 @dataclass
@@ -60,15 +65,13 @@ class Scheduler:
         self.max_attempts = max_attempts
         self.wall = wall
         self.builds: dict[int, Build] = {}          # active builds by id
-        self.runners: dict[str, RunnerRecord] = {}
+        self.registry = Registry(wall)              # the runners, and which have a free slot
+        self.runners = self.registry.runners
         self._queue: list[int] = []                 # heap of build ids; stale entries skipped
         # build id -> monotonic time from which a pong may judge its current lease:
         # the hand-out, then infinity while its `run` is on its way, then the
         # moment the runner acknowledged it (see heartbeat, sending, sent)
         self._leased_at: dict[int, float] = {}
-        # live runners with a free slot, the one free the longest first: a hand-out
-        # looks here rather than at every runner. Kept by _slots_changed.
-        self._free: dict[str, RunnerRecord] = {}
 
     # ------------------------------------------------------------ state
 
@@ -78,15 +81,7 @@ class Scheduler:
         until then (a runner may still be starting, as under `tinyci up`), and
         they get no new work until they answer. Their running builds stay
         theirs until a `pong` or a registration says otherwise."""
-        wall = self.wall()
-        for runner in runners:
-            runner.running = set()
-            runner.misses = 0
-            if runner.alive:
-                runner.grace_until = now + self.deadline()
-            else:       # dead since about when it was last seen: the one wall-clock reading kept
-                runner.died_at = now - max(0.0, wall - runner.last_seen)
-            self.runners[runner.name] = runner
+        self.registry.restore(runners, now, self.deadline())
         plan = Plan()
         for build in builds:
             self.builds[build.id] = build
@@ -99,7 +94,7 @@ class Scheduler:
             else:
                 heapq.heappush(self._queue, build.id)
         for runner in runners:
-            self._slots_changed(runner)
+            self.registry.slots_changed(runner)
         plan += self.assign(now)
         return plan
 
@@ -125,33 +120,26 @@ class Scheduler:
         """A runner (re)registered, telling what it still runs. Anything we
         thought it ran that it no longer does is taken back at once: it
         restarted and cannot be running it."""
-        runner = self.runners.get(name)
-        plan = Plan()
-        if runner is None:
-            runner = RunnerRecord(name, host, port, tuple(labels), slots)
-            self.runners[name] = runner
-        runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
-        runner.last_seen = runner.registered_at = self.wall()
-        self._heard(runner)
-        plan += self._reconcile(runner, set(running), since=now)
-        self._slots_changed(runner)
+        runner = self.registry.register(name, host, port, labels, slots)
+        plan = self._reconcile(runner, set(running), since=now)
+        self.registry.slots_changed(runner)
         plan += self.assign(now)
         return plan
 
     def heartbeat(self, name: str, running: set, sent_at: float, now: float) -> Plan:
         """A `pong` arrived for a ping sent at ``sent_at``. Builds whose `run`
         the runner had not acknowledged by that moment are not judged by it:
-        the ping may have overtaken the `run` (they go on different connections)."""
-        runner = self.runners.get(name)
-        if runner is None or not runner.alive:
+        the runner may not have had the `run` when it answered."""
+        runner = self.registry.live(name)
+        if runner is None:
             return Plan()
         runner.last_seen = self.wall()
         back = runner.grace_until != 0.0        # its first answer since a restart: it may take work now
-        self._heard(runner)
+        self.registry.heard(runner)
         if runner.running == running and not back:
             # the common pong: nothing to reconcile. Only a slot freed by a
             # refused `run` can be waiting for it (see refused)
-            return self.assign(now) if self._queue and self._free else Plan()
+            return self.assign(now) if self._queue and self.registry.free else Plan()
         plan = self._reconcile(runner, set(running), since=sent_at)
         plan += self.assign(now)
         return plan
@@ -160,11 +148,8 @@ class Scheduler:
         """A ping went out to the runner and got no answer within its interval
         (a timeout, a reset, no route to the host: anything but a refusal).
         ``heartbeat_misses`` of them in a row and the runner is lost."""
-        runner = self.runners.get(name)
-        if runner is None or not runner.alive:
-            return Plan()
-        runner.misses += 1
-        if runner.misses < self.heartbeat_misses:
+        runner = self.registry.live(name)
+        if runner is None or self.registry.missed(runner) < self.heartbeat_misses:
             return Plan()
         return self.lost(name, f"{runner.misses} pings in a row unanswered (the last: {why})", now)
 
@@ -172,59 +157,32 @@ class Scheduler:
         """Nothing listens at the runner's address (or what does cannot prove it
         is that runner): lost at once, unless it is known from before a restart
         and its window to come back is still open."""
-        runner = self.runners.get(name)
-        if runner is None or not runner.alive or now < runner.grace_until:
+        runner = self.registry.live(name)
+        if runner is None or now < runner.grace_until:
             return Plan()
         return self.lost(name, why, now)
 
     def lost(self, name: str, why: str, now: float) -> Plan:
         """The runner is gone: its builds go back to the queue, or end `error`
         when they ran out of attempts."""
-        runner = self.runners.get(name)
+        runner = self.registry.live(name)
         plan = Plan()
-        if runner is None or not runner.alive:
+        if runner is None:
             return plan
-        runner.alive = False
-        runner.grace_until, runner.died_at = 0.0, now
-        self._slots_changed(runner)
+        self.registry.died(runner, now)
         plan.dead.append(runner)
         for build_id, attempt in sorted(runner.running):
             plan += self._take_back(runner, build_id, attempt, f"runner {name} lost: {why}")
         plan += self.assign(now)
         return plan
 
-    def in_grace(self, name: str, now: float) -> bool:
-        """True while a runner known from before a restart has not answered and
-        its window to come back is open."""
-        runner = self.runners.get(name)
-        return runner is not None and runner.alive and now < runner.grace_until
-
-    # ------------------------------------------------------------ maintenance
-
     def drain(self, name: str, draining: bool, now: float) -> Plan:
         """`tinyci drain` (True) or `resume` (False): a draining runner finishes
         what it runs and is handed nothing new. KeyError: no such runner."""
         runner = self.runners[name]
         runner.draining = draining
-        self._slots_changed(runner)
+        self.registry.slots_changed(runner)
         return self.assign(now) if not draining else Plan()
-
-    def forget(self, name: str) -> RunnerRecord:
-        """Remove a dead runner from the registry. KeyError: no such runner;
-        ValueError: it is alive (only the dead are forgotten)."""
-        runner = self.runners[name]
-        if runner.alive:
-            raise ValueError(name)
-        del self.runners[name]
-        self._free.pop(name, None)
-        return runner
-
-    def forgettable(self, after: float, now: float) -> list[str]:
-        """Dead runners declared dead ``after`` seconds ago or longer (none when after <= 0)."""
-        if after <= 0:
-            return []
-        return [r.name for r in self.runners.values()
-                if not r.alive and r.died_at is not None and now - r.died_at >= after]
 
     def is_current(self, build_id: int, attempt: int) -> bool:
         """True when (build, attempt) is the lease in force, or a cancelled build
@@ -264,7 +222,7 @@ class Scheduler:
         runner = self.runners.get(build.runner or "")
         if runner is not None:
             runner.running.discard((build_id, attempt))
-            self._slots_changed(runner)
+            self.registry.slots_changed(runner)
         plan = Plan()
         if build.status is not Status.CANCELLED:
             build.status = status
@@ -300,7 +258,7 @@ class Scheduler:
         every label the build needs, the runner free the longest first. A build
         no runner can take yet is skipped, not allowed to block the ones behind it."""
         plan = Plan()
-        free = self._free
+        free = self.registry.free
         waiting: list[int] = []
         blocked: set[tuple] = set()     # label sets no free runner offers, this time round
         while self._queue and free:
@@ -325,7 +283,7 @@ class Scheduler:
             build.finished_at = None
             self._leased_at[build_id] = now
             runner.running.add((build.id, build.attempt))
-            self._slots_changed(runner)
+            self.registry.slots_changed(runner)
             plan.assign.append((build, runner))
         for build_id in waiting:
             heapq.heappush(self._queue, build_id)
@@ -340,7 +298,7 @@ class Scheduler:
         runner = self.runners.get(build.runner or "")
         if runner is not None:
             runner.running.discard((build_id, attempt))
-            self._slots_changed(runner)
+            self.registry.slots_changed(runner)
         self._requeue(build)
         plan = Plan(requeued=[(build, f"attempt {attempt} not started: {why}")])
         # not assigning here: the same runner would be picked again at once;
@@ -364,7 +322,7 @@ class Scheduler:
 
     def _take_back(self, runner: RunnerRecord, build_id: int, attempt: int, why: str) -> Plan:
         runner.running.discard((build_id, attempt))
-        self._slots_changed(runner)
+        self.registry.slots_changed(runner)
         build = self.builds.get(build_id)
         if build is None or build.attempt != attempt:
             return Plan()
@@ -388,19 +346,6 @@ class Scheduler:
         self._requeue(build)
         plan.requeued.append((build, f"attempt {attempt} taken back: {why}"))
         return plan
-
-    def _slots_changed(self, runner: RunnerRecord) -> None:
-        """Call after a runner's leases, slots or liveness change. A runner that
-        gains a free slot goes to the back of the line of free runners."""
-        if runner.free > 0:
-            self._free.setdefault(runner.name, runner)
-        else:
-            self._free.pop(runner.name, None)
-
-    def _heard(self, runner: RunnerRecord) -> None:
-        """The runner answered (a pong, a registration): alive, no misses, no grace left."""
-        runner.alive, runner.misses, runner.grace_until, runner.died_at = True, 0, 0.0, None
-        self._slots_changed(runner)
 
     def _drop(self, build_id: int) -> None:
         del self.builds[build_id]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ci.attempt import RunRequest
-from ci.buildenv import build_env, make_venv, own_bin
+from ci.buildenv import PTH, build_env, make_venv, own_bin
 from ci.execution import DEFAULT_INSTALL_STEP, DEFAULT_TEST_STEP
 from ci.models import Status
 
@@ -105,3 +105,19 @@ def test_steps_see_their_job_and_not_the_runners_virtualenv(tmp_path):
     where = subprocess.run([str(python), "-c", "import sys, pytest; print(sys.prefix)"], capture_output=True,
                            text=True, env=env)
     assert where.returncode == 0 and where.stdout.strip() == str(venv), where.stderr
+
+
+def test_an_untouched_virtualenv_is_reused_and_a_touched_one_made_anew(tmp_path):
+    venv = make_venv(tmp_path / "co.venv")
+    made = venv.stat().st_ino
+    subprocess.run([str(venv / "bin" / "python"), "-c", "import sys"], check=True)    # using it changes nothing
+    assert make_venv(venv).stat().st_ino == made
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "left.pth").write_text("/somewhere\n")          # what an install leaves
+    assert not (make_venv(venv) / site.relative_to(venv) / "left.pth").exists()
+    pth = site / PTH
+    text = pth.read_text()
+    pth.write_text(text[::-1])                              # rewritten in place, the same size
+    assert make_venv(venv) == venv and pth.read_text() == text
+    (venv / "bin" / "activate").unlink()                    # something removed
+    assert (make_venv(venv) / "bin" / "activate").exists()

@@ -47,19 +47,25 @@ class Conn:
 class MemoryRunner:
     """A runner's end of the dispatcher's link, in memory: keeps what it is
     sent; `run` and `cancel` get ok, `ping` a pong with what it runs. ``down``:
-    the exception every request raises instead (a runner frozen or gone); a
-    timeout moves the harness's monotonic clock by the request's timeout, as
-    waiting for it would."""
+    the exception every request raises instead (a runner gone); a timeout
+    moves the harness's monotonic clock by the request's timeout, as waiting
+    for it would. ``frozen``: every request waits for ever (until cancelled);
+    ``delay``: seconds every request takes."""
 
     def __init__(self, host: str, port: int, elapse=lambda seconds: None):
         self.host, self.port, self.got, self.running = host, port, [], set()
         self.down: Exception | None = None
+        self.frozen = False
+        self.delay = 0.0
         self.before: list = []          # callables run before the next requests, one each
         self.elapse = elapse
 
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
         if self.before:
             self.before.pop(0)()
+        if self.frozen:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.delay)
         if isinstance(self.down, net.PeerTimeout):
             self.elapse(timeout or 10.0)
         if self.down is not None:
@@ -296,11 +302,11 @@ async def test_a_result_needs_the_whole_log_and_the_current_attempt(make):
 
 @scenario
 async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
-    h = make(heartbeat_interval=1.0, heartbeat_misses=3)
+    h = make(heartbeat_interval=0.1, heartbeat_misses=3)
     await h.commit()
     await h.register("r1")
-    h.runners["r1"].down = net.PeerTimeout("no answer")
-    await h.ping("r1")          # pings again at once after each miss, until the third
+    h.runners["r1"].frozen = True
+    await h.ping("r1")          # each interval without a pong is a miss, until the third
     assert h.build(1).status is Status.QUEUED
     assert "runner r1 lost: 3 pings in a row unanswered" in h.text(1)
     await h.register("r2")
@@ -477,6 +483,22 @@ async def test_a_ping_that_timed_out_while_the_dispatcher_stood_still_is_not_a_m
     assert h.state("r1") == "busy" and h.d.sched.runners["r1"].misses == 0
     assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 1)
     assert len(runner.sent("ping")) == 1
+
+
+@scenario
+async def test_a_late_pong_still_counts_on_the_same_connection(make):
+    # a ping is not dropped when an interval passes: reconnecting each late runner
+    # (a handshake in both processes) is what swamped a dispatcher with 500 of them
+    h = make(heartbeat_interval=0.1, heartbeat_misses=3)
+    await h.commit()
+    await h.register("r1")
+    runner, dial, dialled = h.runners["r1"], h.d.links.dial, []
+    h.d.links.dial = lambda r: dialled.append(r.name) or dial(r)
+    runner.delay = 0.25             # two intervals and a half: two misses, then the pong
+    await h.ping("r1")
+    assert h.state("r1") == "busy" and h.d.sched.runners["r1"].misses == 0
+    assert dialled == [] and len(runner.sent("ping")) == 1
+    assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 1)
 
 
 @scenario

@@ -190,3 +190,17 @@ def test_strays_outside_the_group_are_ended_unless_a_live_step_or_the_runner_own
     assert out["alive"] == [*out["spared"], out["helper"]]
     assert out["second"] == out["spared"] and out["helper_alive"]
     assert not any(pid_alive(p) for p in out["ended"] + out["spared"])
+
+
+def test_the_children_files_name_the_same_children_as_a_scan_of_proc():
+    # strays() reads /proc/<pid>/task/*/children where the kernel has them, else scans every process
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        scan = procgroup._scanned_children()
+        assert scan is not None
+        direct = {pid for pid, _ in procgroup._direct_children(os.getpid())}
+        assert child.pid in direct
+        assert direct == {pid for pid, _ in scan(os.getpid())}
+    finally:
+        child.kill()
+        child.wait()

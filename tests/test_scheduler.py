@@ -126,13 +126,13 @@ def test_a_runner_known_before_a_restart_gets_the_deadline_to_come_back_and_no_w
     running.status, running.attempt, running.runner = Status.RUNNING, 1, "r1"
     plan = s.load([running, build(2)], [r1], now=100)
     assert not plan.assign                              # not before it answered once
-    assert s.in_grace("r1", 102.9)
+    assert s.registry.in_grace("r1", 102.9)
     assert not s.unreachable("r1", "connection refused", now=101)      # still starting, maybe
     assert not s.missed("r1", "no pong", now=102)                      # one miss: counted, not fatal
     assert s.builds[1].attempt == 1 and s.runners["r1"].alive
     plan = s.heartbeat("r1", {(1, 1)}, sent_at=102.5, now=102.6)     # back, still running build 1
     assert not plan.requeued and not plan.assign        # its one slot is busy
-    assert not s.in_grace("r1", 102.7)
+    assert not s.registry.in_grace("r1", 102.7)
     # once it has answered, a refusal is fatal at once again
     plan = s.unreachable("r1", "connection refused", now=103)
     assert [r.name for r in plan.dead] == ["r1"] and [b.id for b, _ in plan.requeued] == [1]
@@ -171,17 +171,17 @@ def test_only_a_dead_runner_is_forgotten_and_the_long_dead_are_forgettable():
     s = sched(wall=wall)
     s.register("r1", "h", 1, (), 1, set(), now=0)
     with pytest.raises(ValueError):
-        s.forget("r1")
+        s.registry.forget("r1")
     s.lost("r1", "connection refused", now=10)
-    assert s.forgettable(100, now=109) == [] and s.forgettable(100, now=110) == ["r1"]
-    assert s.forgettable(0, now=1e9) == []              # 0: never
-    assert s.forget("r1").name == "r1" and "r1" not in s.runners
+    assert s.registry.forgettable(100, now=109) == [] and s.registry.forgettable(100, now=110) == ["r1"]
+    assert s.registry.forgettable(0, now=1e9) == []              # 0: never
+    assert s.registry.forget("r1").name == "r1" and "r1" not in s.runners
     with pytest.raises(KeyError):
-        s.forget("r1")
+        s.registry.forget("r1")
     # after a restart, a runner dead before it counts from when it was last seen
     t = Scheduler(1.0, 3, 3, wall=wall)
     t.load([], [RunnerRecord("old", "h", 1, alive=False, last_seen=wall.t - 50)], now=1000)
-    assert t.forgettable(60, now=1009) == [] and t.forgettable(60, now=1010) == ["old"]
+    assert t.registry.forgettable(60, now=1009) == [] and t.registry.forgettable(60, now=1010) == ["old"]
 
 
 def test_dead_runner_gets_no_work_until_it_registers_again():
@@ -392,7 +392,7 @@ def test_the_free_runner_index_agrees_with_the_runners_after_any_events():
         elif event == 8:
             s.missed(name, "no pong", now)
         free = {r.name for r in s.runners.values() if r.free > 0}
-        assert set(s._free) == free, step
+        assert set(s.registry.free) == free, step
         if event == 1:      # a hand-out looks at every queued build: none left that a free runner could take
             for b in s.queued():
                 assert not any(set(b.labels) <= set(r.labels) for r in s.runners.values() if r.free > 0), step
