@@ -12,8 +12,14 @@ Schema (every key optional, but there must be ``steps`` or ``jobs``)::
       - {name: test, run: pytest -q, timeout: 60, env: {X: "1"}}
     jobs:                        # one build per job, on runners with all its labels
       py311: {labels: [py311], steps: [...], env: {...}, timeout: 300}
+    cache:                       # kept on the runner between passing builds (ci/cache.py)
+      paths: [.venv, ~/.cache/pip]      # in the checkout, or under the steps' HOME (~/)
+      key: [requirements*.txt]          # globs whose files' content (and the job) make the key
+    reports: [junit*.xml]        # JUnit XML files read after the steps (ci/reports.py)
 
-A job without ``steps`` runs the top-level ``steps``. A file that does not
+A job without ``steps`` runs the top-level ``steps``. A job's own
+``artifacts``, ``cache`` or ``reports`` replace the top-level ones for that
+job (``what_to_keep``). A file that does not
 parse or fit raises BuildFileError, whose text names the line.
 """
 
@@ -43,6 +49,11 @@ MAX_VALUES = 50_000
 TOP_KEYS = ("steps", "timeout", "env", "artifacts", "jobs")
 STEP_KEYS = ("name", "run", "timeout", "env")
 JOB_KEYS = ("labels", "steps", "env", "timeout")
+# what a build keeps (artifacts per job, cache, reports): kept apart from the keys above
+TOP_KEYS += ("cache", "reports")
+JOB_KEYS += ("artifacts", "cache", "reports")
+CACHE_KEYS = ("paths", "key")
+MAX_GLOBS = 50          # per list: artifacts, cache paths, cache key, reports
 
 
 try:
@@ -90,12 +101,31 @@ class Step:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    paths: tuple            # relative to the checkout, or "~/..." (the steps' HOME)
+    key: tuple = ()         # globs in the checkout whose files' content make the key
+
+
+@dataclass(frozen=True)
+class Keeps:
+    """What one job's build keeps: artifact globs, its cache (or None), report globs."""
+    artifacts: tuple = ()
+    cache: CacheSpec | None = None
+    reports: tuple = ()
+    artifacts_own: bool = True      # False: the top level's globs, perhaps meant for another job
+
+
+@dataclass(frozen=True)
 class JobDef:
     name: str
     labels: tuple = ()
     steps: tuple = ()
     env: dict = field(default_factory=dict)
     timeout: float | None = None
+    # what the job keeps; None: the top level's
+    artifacts: tuple | None = None
+    cache: CacheSpec | None = None
+    reports: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,21 @@ class BuildFile:
     env: dict = field(default_factory=dict)
     artifacts: tuple = ()
     jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
+    cache: CacheSpec | None = None
+    reports: tuple = ()
+
+    def what_to_keep(self, job: str) -> Keeps:
+        """One job's artifacts, cache and reports: its own where it has them, else the
+        top level's (top-level artifacts in a file of several jobs may be meant for
+        another job: ``artifacts_own`` False, so none is "missing")."""
+        spec = self.jobs.get(job)
+        if spec is None:
+            return Keeps(self.artifacts, self.cache, self.reports)
+        own = spec.artifacts is not None
+        return Keeps(spec.artifacts if own else self.artifacts,
+                     spec.cache if spec.cache is not None else self.cache,
+                     spec.reports if spec.reports is not None else self.reports,
+                     artifacts_own=own or len(self.jobs) == 1)
 
     def job_list(self) -> list[dict]:
         """What the observer sends with a commit: [{name, labels}]; one default job without ``jobs``."""
@@ -269,18 +314,56 @@ class _Checker:
                 out.append(Step(run=self.string(item, f"{where} (a shell command or {{name, run, timeout, env}})")))
         return tuple(out)
 
-    def artifacts(self, node: Any) -> tuple:
+    def artifacts(self, node: Any, what: str = "artifacts") -> tuple:
         if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"artifacts must be a list of glob patterns, got {self.kind(node)}")
+            raise self.fail(node, f"{what} must be a list of glob patterns, got {self.kind(node)}")
         self.spend(node, len(node.value) + 1)
+        if len(node.value) > MAX_GLOBS:
+            raise self.fail(node, f"{what}: {len(node.value)} patterns, more than {MAX_GLOBS}")
         out = []
         for item in node.value:
-            pattern = self.string(item, "artifacts item")
+            pattern = self.string(item, f"{what} item")
             if pattern.startswith("/") or ".." in pattern.split("/"):
-                raise self.fail(item, f"artifacts: {pattern!r} must stay inside the checkout "
+                raise self.fail(item, f"{what}: {pattern!r} must stay inside the checkout "
                                       f"(relative, no '..')")
             out.append(pattern)
         return tuple(out)
+
+    def cache(self, node: Any, what: str) -> CacheSpec:
+        """``{paths, key}``: paths in the checkout or under ``~/``, key globs in the checkout."""
+        keys = self.mapping(node, what, CACHE_KEYS)
+        if "paths" not in keys:
+            raise self.fail(node, f"{what} needs 'paths': what to keep, e.g. [.venv, ~/.cache/pip]")
+        pnode = keys["paths"][1]
+        if not isinstance(pnode, yaml.SequenceNode) or not pnode.value:
+            raise self.fail(pnode, f"{what}.paths must be a non-empty list of paths, got {self.kind(pnode)}")
+        self.spend(pnode, len(pnode.value) + 1)
+        if len(pnode.value) > MAX_GLOBS:
+            raise self.fail(pnode, f"{what}.paths: {len(pnode.value)} paths, more than {MAX_GLOBS}")
+        paths = []
+        for item in pnode.value:
+            path = self.string(item, f"{what}.paths item").rstrip("/")
+            parts = path.split("/")
+            inner = parts[1:] if parts[0] == "~" else parts
+            if (path.startswith("/") or not inner or any(p in ("", ".", "..") for p in inner)
+                    or parts[0] == ".git" or "*" in path):
+                raise self.fail(item, f"{what}.paths: {path!r} must be a path inside the checkout or under "
+                                      f"~/ (relative, no '..', '.' or '*', not .git)")
+            paths.append(path)
+        key = self.artifacts(keys["key"][1], f"{what}.key") if "key" in keys else ()
+        return CacheSpec(tuple(paths), key)
+
+    def keeps(self, spec: dict, where: str) -> dict:
+        """A job's (or the top level's) ``artifacts``, ``cache``, ``reports``, as JobDef fields."""
+        out: dict = {}
+        prefix = f"{where}." if where else ""
+        if "artifacts" in spec:
+            out["artifacts"] = self.artifacts(spec["artifacts"][1], f"{prefix}artifacts")
+        if "cache" in spec:
+            out["cache"] = self.cache(spec["cache"][1], f"{prefix}cache")
+        if "reports" in spec:
+            out["reports"] = self.artifacts(spec["reports"][1], f"{prefix}reports")
+        return out
 
     def file(self, root: Any) -> BuildFile:
         if root is None:
@@ -307,7 +390,8 @@ class _Checker:
                 jobs[name] = JobDef(
                     name, self.names(spec["labels"][1], f"{where}.labels") if "labels" in spec else (),
                     steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
-                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None)
+                    self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None,
+                    **self.keeps(spec, where))
             if not jobs:
                 raise self.fail(jnode, "jobs is empty")
         if not top_steps and not jobs:
@@ -316,5 +400,4 @@ class _Checker:
             steps=top_steps,
             timeout=self.seconds(keys["timeout"][1], "timeout") if "timeout" in keys else None,
             env=self.env(keys["env"][1], "env") if "env" in keys else {},
-            artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
-            jobs=jobs)
+            jobs=jobs, **self.keeps(keys, ""))
