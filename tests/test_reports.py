@@ -72,3 +72,12 @@ def test_what_is_kept_is_capped_and_bad_files_are_named(tmp_path):
 
 def test_no_report_read_is_none(tmp_path):
     assert reports.read(tmp_path, ("*.xml",)) == (None, ["*.xml: matched nothing"])
+
+
+def test_the_wire_refuses_a_report_past_its_caps():
+    good = {"passed": 1, "failed": 1, "errors": 0, "skipped": 0, "failures": ["a"]}
+    assert protocol.TESTS.check(good)
+    assert not protocol.TESTS.check({**good, "failures": ["a"] * 101})
+    assert not protocol.TESTS.check({**good, "failures": ["a" * 301]})
+    assert not protocol.TESTS.check({**good, "extra": 1})
+    assert not protocol.TESTS.check({**good, "failed": -1})
