@@ -140,3 +140,19 @@ def test_junit_reports_are_counted_and_shown_and_each_job_has_its_own_artifacts(
     assert listed[test["id"]]["tests"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}
     table = tinyci("status", "--dispatcher", c.disp.addr, COLUMNS="200")
     assert "2 passed, 1 failed, 1 skipped" in table.stdout, table.stdout
+
+
+def test_the_web_build_page_and_history_show_the_counts_and_the_failures(cluster, repo):
+    from web_site import start_site
+    c, s = start_site(cluster, repo)
+    hostile = JUNIT.replace('name="test_broken"', 'name="test_&lt;img src=x onerror=alert(1)&gt;"')
+    sha = repo.commit("reports", {".ci.yaml": "steps: [cp junit.src junit.xml, exit 1]\nreports: [junit.xml]\n",
+                                  "junit.src": hostile})
+    build = build_of(c, sha)
+    page = s.ok(f"/builds/{build['id']}").text
+    assert "2 passed, 1 failed, 1 skipped" in page
+    assert "<code>tests.test_a.test_&lt;img src=x onerror=alert(1)&gt;</code>" in page      # text, not markup
+    history = s.ok("/builds").text
+    assert '<span class="tests bad">2 passed, 1 failed, 1 skipped</span>' in history
+    assert s.json(f"/api/builds/{build['id']}")["build"]["tests"]["failures"] == [
+        "tests.test_a.test_<img src=x onerror=alert(1)>"]
