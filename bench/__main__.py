@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import latency, recovery, scale, throughput, web
+from . import cache, latency, recovery, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -26,6 +26,7 @@ SCENARIOS = {
     "recovery": recovery.recovery,
     "overhead": throughput.overhead,
     "web": web.web_pages,
+    "cache": cache.cache,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
