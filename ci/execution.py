@@ -6,8 +6,11 @@ The steps are those of the job's ``.ci.yaml`` at the checked-out commit (the
 one source of truth for a repository that has the file), else the ``steps``
 of the ``run`` request, else ``python -m pytest -q`` for a repository with
 tests (after ``python -m pip install .`` for an installable one). They run in
-the attempt's own virtualenv, in the environment ``buildenv`` makes. After the steps (passed or failed) the files matching the file's
-``artifacts`` globs are handed to ``upload``.
+the attempt's own virtualenv, in the environment ``buildenv`` makes. Before
+the steps the job's ``cache`` is restored (``cache.py``), and saved after
+them when the build passed. After the steps (passed or failed) the files
+matching the job's ``artifacts`` globs are handed to ``upload`` and its
+``reports`` are read (``reports.py``) into the Outcome's ``tests``.
 
 It knows nothing about the network: ``runner.py`` turns a ``run`` request
 into a ``RunRequest``, gives it a ``BuildLog`` whose writes wake the log

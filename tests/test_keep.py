@@ -156,3 +156,37 @@ def test_the_web_build_page_and_history_show_the_counts_and_the_failures(cluster
     assert '<span class="tests bad">2 passed, 1 failed, 1 skipped</span>' in history
     assert s.json(f"/api/builds/{build['id']}")["build"]["tests"]["failures"] == [
         "tests.test_a.test_<img src=x onerror=alert(1)>"]
+
+
+def test_a_watcher_gets_the_test_counts_with_the_finished_builds_event(cluster, repo):
+    import asyncio
+    import threading
+
+    from ci import net
+    c = cluster()
+    c.dispatcher()
+    c.runner("r1")
+    secret, tls = c.credentials("reader")
+    seen: list[dict] = []
+    watching = threading.Event()
+
+    async def watch() -> None:
+        client = net.Client(*net.parse_addr(c.disp.addr), "reader", secret, ssl=tls)
+        try:
+            async for frame in client.stream({"type": "watch"}):
+                watching.set()
+                build = frame.get("build") or {}
+                if build.get("status") == "failed":
+                    seen.append(build)
+                    return
+        finally:
+            await client.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(watch(), 90)), daemon=True)
+    thread.start()
+    assert watching.wait(30), "the watch began"
+    c.observer(repo)
+    repo.commit("reports", {".ci.yaml": "steps: [cp junit.src junit.xml, exit 1]\nreports: [junit.xml]\n",
+                            "junit.src": JUNIT})
+    thread.join(90)
+    assert seen and seen[0]["tests"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}, seen
