@@ -81,3 +81,41 @@ def test_the_wire_refuses_a_report_past_its_caps():
     assert not protocol.TESTS.check({**good, "failures": ["a" * 301]})
     assert not protocol.TESTS.check({**good, "extra": 1})
     assert not protocol.TESTS.check({**good, "failed": -1})
+
+
+def test_the_builds_table_shows_the_counts_and_drops_them_first_when_narrow():
+    from rich.console import Console
+
+    from ci import tui
+    build = {"id": 7, "branch": "main", "sha": "a" * 40, "subject": "fix", "status": "failed", "attempt": 1,
+             "runner": "r1", "created_at": 100.0, "finished_at": 160.0, "duration": 50.0,
+             "tests": {"passed": 1991, "failed": 2, "errors": 0, "skipped": 3}}
+    plain_build = {**build, "id": 6, "status": "passed"}
+    del plain_build["tests"]
+
+    def text(width: int) -> str:
+        console = Console(record=True, width=width, color_system="standard", force_terminal=True)
+        console.print(tui.render_builds([build, plain_build], 200.0, width=width))
+        return console.export_text(styles=True)
+    wide = text(160)
+    assert "\x1b[31m1991 passed, 2 failed, 3 skipped" in wide       # red: some failed
+    assert "tests" in wide
+    narrow = text(70)
+    assert "1991 passed" not in narrow and "failed" in narrow       # the status stays
+
+
+def test_a_store_keeps_a_builds_report_and_lists_only_the_counts(tmp_path):
+    from ci.store import Store
+    store = Store(tmp_path / "data")
+    try:
+        one, _ = store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0)
+        two, _ = store.add_build(repo="/r", branch="main", sha="b" * 40, now=2.0)
+        report = {"passed": 3, "failed": 1, "errors": 0, "skipped": 0, "failures": ["m.t"]}
+        store.save_tests(one.id, report)
+        assert store.tests(one.id) == report and store.tests(two.id) is None
+        assert store.test_counts([one.id, two.id]) == {one.id: {"passed": 3, "failed": 1, "errors": 0,
+                                                                "skipped": 0}}
+        store.save_tests(one.id, None)       # a later attempt without a report
+        assert store.tests(one.id) is None
+    finally:
+        store.close()
