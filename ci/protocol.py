@@ -84,6 +84,10 @@ the ``.ci.yaml`` of its checkout. Artifact ``data`` is base64, in chunks.
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
 only that job of the commit's ``.ci.yaml`` (not_found when it has no such job).
+``result.tests`` is what the build's JUnit reports counted (``TESTS``:
+passed, failed, errors, skipped and at most 100 failed tests' names); the
+dispatcher keeps it with the build: ``build`` returns it whole, and the
+builds of ``status``, ``watch`` events and ``history`` carry its counts.
 
 ``history`` pages through every build, newest first (keyset paging: the
 builds below ``before``, or just above ``after``), filtered by exact repo,
