@@ -34,10 +34,10 @@ from pathlib import Path
 from . import aio, artifact_upload, clones, daemon, files, net, patterns, protocol
 from .attempt import RunRequest
 from .buildlog import BuildLog
+from .cache import Cache
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
-from .cache import Cache
 from .procgroup import Steps, become_subreaper, reap_orphans
 from .registration import Refused, Registration
 from .settings import Settings
