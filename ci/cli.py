@@ -5,7 +5,7 @@ over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast.
 
-Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
+Tool subcommands send, to the dispatcher: ``status``, ``build`` (``show``), ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
 ``rebuild``, ``drain``, ``resume``, ``forget`` and ``gc`` (role operator),
 ``run`` (trigger, then wait as a reader) and ``wait`` (``waiting``); to the
