@@ -135,6 +135,8 @@ def test_junit_reports_are_counted_and_shown_and_each_job_has_its_own_artifacts(
     assert shown.returncode == 0, shown.stderr
     assert "tests: 2 passed, 1 failed, 1 skipped" in shown.stdout
     assert "FAILED tests.test_a.test_broken" in shown.stdout
+    missing = tinyci("show", "999", "--dispatcher", c.disp.addr)
+    assert missing.returncode == 1 and "no build 999" in missing.stderr and len(missing.stderr.splitlines()) == 1
     status = tinyci("status", "--json", "--dispatcher", c.disp.addr)
     listed = {b["id"]: b for b in json.loads(status.stdout)["builds"]}
     assert listed[test["id"]]["tests"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}
