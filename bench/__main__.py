@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import latency, peer, recovery, scale, throughput, web
+from . import cache, latency, peer, recovery, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -27,6 +27,7 @@ SCENARIOS = {
     "overhead": throughput.overhead,
     "web": web.web_pages,
     "peer": peer.peer,
+    "cache": cache.cache,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def find(root: Path, patterns: tuple, limit: int) -> tuple[list[tuple[str, Path, int]], list[str]]:
+def find(root: Path, patterns: tuple, limit: int,
+         say_unmatched: bool = True) -> tuple[list[tuple[str, Path, int]], list[str]]:
     """Regular files inside ``root`` matching ``patterns``, as (relative path, path,
     size), in order, within ``limit`` bytes in all; and notes on what was left out.
-    Symlinks are never followed: a link could point anywhere on the runner."""
+    Symlinks are never followed: a link could point anywhere on the runner.
+    ``say_unmatched`` False: a glob matching nothing is not noted (the top level's
+    globs in a file of several jobs: it may name another job's files)."""
     root = root.resolve()
     found: dict[str, tuple[Path, int]] = {}
     notes = []
@@ -35,7 +38,7 @@ def find(root: Path, patterns: tuple, limit: int) -> tuple[list[tuple[str, Path,
                         found.setdefault(inner.relative_to(root).as_posix(), (inner, inner.stat().st_size))
             elif path.is_file():
                 found[rel] = (path, path.stat().st_size)
-        if not matched:
+        if not matched and say_unmatched:
             notes.append(f"{pattern}: matched nothing")
     chosen, total = [], 0
     for rel, (path, size) in found.items():

@@ -38,6 +38,7 @@ class Outcome:
     steps: int              # steps started
     duration: float
     step_results: tuple = ()    # each step that ended: {name, run, exit_code, duration} (protocol.STEP_RESULTS)
+    tests: dict | None = None   # the JUnit reports read (reports.read; protocol.TESTS); None: none
 
 
 class Stopped(Exception):

@@ -20,12 +20,18 @@ Schema (every key optional, but there must be ``steps`` or ``jobs``)::
         when: {branches: [main], paths: ["src/*"]}   # else recorded as skipped, with the reason
       publish: {steps: [...], secrets: [PYPI_TOKEN]}
     secrets: [NAME]              # the dispatcher's build secrets every job gets, as variables
+    cache:                       # kept on the runner between passing builds (ci/cache.py)
+      paths: [.venv, ~/.cache/pip]      # in the checkout, or under the steps' HOME (~/)
+      key: [requirements*.txt]          # globs whose files' content (and the job) make the key
+    reports: [junit*.xml]        # JUnit XML files read after the steps (ci/reports.py)
 
 ``secrets`` name build secrets the dispatcher holds (its ``secrets:``
 section); a job gets those it names and the top-level ones, as environment
 variables of its steps, never others.
 
-A job without ``steps`` runs the top-level ``steps``. A file that does not
+A job without ``steps`` runs the top-level ``steps``. A job's own
+``artifacts``, ``cache`` or ``reports`` replace the top-level ones for that
+job (``what_to_keep``). A file that does not
 parse or fit raises BuildFileError, whose text names the line.
 
 ``matrix`` expands in ``job_list`` (what a commit becomes) and back in
@@ -69,6 +75,11 @@ WHEN_KEYS = ("branches", "paths")
 MAX_AXES = 8                        # a matrix's axes; the combinations count against MAX_JOBS
 # ${{ matrix.AXIS }} in a matrix job's labels (the spelling GitHub Actions users know)
 MATRIX_REF = re.compile(r"\$\{\{\s*matrix\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+# what a build keeps (artifacts per job, cache, reports): kept apart from the keys above
+TOP_KEYS += ("cache", "reports")
+JOB_KEYS += ("artifacts", "cache", "reports")
+CACHE_KEYS = ("paths", "key")
+MAX_GLOBS = 50          # per list: artifacts, cache paths, cache key, reports
 
 
 try:
@@ -116,6 +127,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    paths: tuple            # relative to the checkout, or "~/..." (the steps' HOME)
+    key: tuple = ()         # globs in the checkout whose files' content make the key
+
+
+@dataclass(frozen=True)
+class Keeps:
+    """What one job's build keeps: artifact globs, its cache (or None), report globs."""
+    artifacts: tuple = ()
+    cache: CacheSpec | None = None
+    reports: tuple = ()
+    artifacts_own: bool = True      # False: the top level's globs, perhaps meant for another job
+
+
+@dataclass(frozen=True)
 class JobDef:
     name: str
     labels: tuple = ()
@@ -127,6 +153,10 @@ class JobDef:
     branches: tuple = ()                # when.branches: fnmatch patterns; () = any branch
     paths: tuple = ()                   # when.paths: fnmatch globs ('*' crosses '/'); () = any change
     secrets: tuple = ()                 # names of the dispatcher's build secrets it asks for
+    # what the job keeps; None: the top level's
+    artifacts: tuple | None = None
+    cache: CacheSpec | None = None
+    reports: tuple | None = None
 
     def combinations(self) -> list[tuple]:
         """Each build this job becomes: ((axis, value), ...) per combination; one () without a matrix."""
@@ -170,6 +200,22 @@ class BuildFile:
     artifacts: tuple = ()
     jobs: dict = field(default_factory=dict)         # name -> JobDef, in file order
     secrets: tuple = ()                 # build secrets every job asks for
+    cache: CacheSpec | None = None
+    reports: tuple = ()
+
+    def what_to_keep(self, job: str) -> Keeps:
+        """One job's artifacts, cache and reports: its own where it has them, else the
+        top level's (top-level artifacts in a file of several jobs may be meant for
+        another job: ``artifacts_own`` False, so none is "missing")."""
+        found = self.expanded().get(job)     # a matrix build's name is its job's and combination's
+        spec = found[0] if found is not None else None
+        if spec is None:
+            return Keeps(self.artifacts, self.cache, self.reports)
+        own = spec.artifacts is not None
+        return Keeps(spec.artifacts if own else self.artifacts,
+                     spec.cache if spec.cache is not None else self.cache,
+                     spec.reports if spec.reports is not None else self.reports,
+                     artifacts_own=own or len(self.jobs) == 1)
 
     def expanded(self) -> dict[str, tuple[JobDef, tuple]]:
         """Every build the jobs become, by name: (its job, its matrix combination), in file order."""
@@ -376,18 +422,56 @@ class _Checker:
                 out.append(Step(run=self.string(item, f"{where} (a shell command or {{name, run, timeout, env}})")))
         return tuple(out)
 
-    def artifacts(self, node: Any) -> tuple:
+    def artifacts(self, node: Any, what: str = "artifacts") -> tuple:
         if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"artifacts must be a list of glob patterns, got {self.kind(node)}")
+            raise self.fail(node, f"{what} must be a list of glob patterns, got {self.kind(node)}")
         self.spend(node, len(node.value) + 1)
+        if len(node.value) > MAX_GLOBS:
+            raise self.fail(node, f"{what}: {len(node.value)} patterns, more than {MAX_GLOBS}")
         out = []
         for item in node.value:
-            pattern = self.string(item, "artifacts item")
+            pattern = self.string(item, f"{what} item")
             if pattern.startswith("/") or ".." in pattern.split("/"):
-                raise self.fail(item, f"artifacts: {pattern!r} must stay inside the checkout "
+                raise self.fail(item, f"{what}: {pattern!r} must stay inside the checkout "
                                       f"(relative, no '..')")
             out.append(pattern)
         return tuple(out)
+
+    def cache(self, node: Any, what: str) -> CacheSpec:
+        """``{paths, key}``: paths in the checkout or under ``~/``, key globs in the checkout."""
+        keys = self.mapping(node, what, CACHE_KEYS)
+        if "paths" not in keys:
+            raise self.fail(node, f"{what} needs 'paths': what to keep, e.g. [.venv, ~/.cache/pip]")
+        pnode = keys["paths"][1]
+        if not isinstance(pnode, yaml.SequenceNode) or not pnode.value:
+            raise self.fail(pnode, f"{what}.paths must be a non-empty list of paths, got {self.kind(pnode)}")
+        self.spend(pnode, len(pnode.value) + 1)
+        if len(pnode.value) > MAX_GLOBS:
+            raise self.fail(pnode, f"{what}.paths: {len(pnode.value)} paths, more than {MAX_GLOBS}")
+        paths = []
+        for item in pnode.value:
+            path = self.string(item, f"{what}.paths item").rstrip("/")
+            parts = path.split("/")
+            inner = parts[1:] if parts[0] == "~" else parts
+            if (path.startswith("/") or not inner or any(p in ("", ".", "..") for p in inner)
+                    or parts[0] == ".git" or "*" in path):
+                raise self.fail(item, f"{what}.paths: {path!r} must be a path inside the checkout or under "
+                                      f"~/ (relative, no '..', '.' or '*', not .git)")
+            paths.append(path)
+        key = self.artifacts(keys["key"][1], f"{what}.key") if "key" in keys else ()
+        return CacheSpec(tuple(paths), key)
+
+    def keeps(self, spec: dict, where: str) -> dict:
+        """A job's (or the top level's) ``artifacts``, ``cache``, ``reports``, as JobDef fields."""
+        out: dict = {}
+        prefix = f"{where}." if where else ""
+        if "artifacts" in spec:
+            out["artifacts"] = self.artifacts(spec["artifacts"][1], f"{prefix}artifacts")
+        if "cache" in spec:
+            out["cache"] = self.cache(spec["cache"][1], f"{prefix}cache")
+        if "reports" in spec:
+            out["reports"] = self.artifacts(spec["reports"][1], f"{prefix}reports")
+        return out
 
     def file(self, root: Any) -> BuildFile:
         if root is None:
@@ -418,8 +502,7 @@ class _Checker:
             steps=top_steps,
             timeout=self.seconds(keys["timeout"][1], "timeout") if "timeout" in keys else None,
             env=self.env(keys["env"][1], "env") if "env" in keys else {},
-            artifacts=self.artifacts(keys["artifacts"][1]) if "artifacts" in keys else (),
-            jobs=jobs,
+            jobs=jobs, **self.keeps(keys, ""),
             secrets=self.secret_names(keys["secrets"][1], "secrets") if "secrets" in keys else ())
 
     def job(self, name: str, knode: Any, vnode: Any, top_steps: tuple) -> JobDef:
@@ -440,7 +523,8 @@ class _Checker:
             name, labels, steps, self.env(spec["env"][1], f"{where}.env") if "env" in spec else {},
             self.seconds(spec["timeout"][1], f"{where}.timeout") if "timeout" in spec else None,
             matrix, self.names(spec["needs"][1], f"{where}.needs") if "needs" in spec else (), branches, paths,
-            self.secret_names(spec["secrets"][1], f"{where}.secrets") if "secrets" in spec else ())
+            self.secret_names(spec["secrets"][1], f"{where}.secrets") if "secrets" in spec else (),
+            **self.keeps(spec, where))
 
     def matrix(self, node: Any, what: str) -> tuple:
         """((axis, (value, ...)), ...): axes are names fit for MATRIX_<AXIS>, values plain words."""

@@ -5,7 +5,7 @@ over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast.
 
-Tool subcommands send, to the dispatcher: ``status``, ``read_log``, ``watch``,
+Tool subcommands send, to the dispatcher: ``status``, ``build`` (``show``), ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
 ``rebuild``, ``drain``, ``resume``, ``forget`` and ``gc`` (role operator),
 ``run`` (trigger, then wait as a reader) and ``wait`` (``waiting``); to the
@@ -148,6 +148,14 @@ def _reader_commands(sub) -> None:
                      help="print the log's bytes exactly as the dispatcher stored them, escape sequences "
                           "and all (by default control characters and escape sequences are removed, "
                           "colours kept only on a terminal)")
+
+    show = sub.add_parser(
+        "show", help="show one build: its status, steps and test results",
+        description="Show one build: commit, job, status, each step's exit and time, and the counts "
+                    "and failed tests of its JUnit reports (the .ci.yaml `reports` globs).")
+    _tool_arguments(show)
+    show.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+    show.add_argument("--json", action="store_true", help="print the build as the dispatcher sends it")
 
     artifacts = sub.add_parser(
         "artifacts", help="list a build's artifacts, or fetch one",
@@ -795,7 +803,30 @@ def _wait_for(dispatcher: DispatcherLink, ids: list[int], args: argparse.Namespa
     return code
 
 
-TOOLS = {"status": status, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
+def show_build(args: argparse.Namespace) -> int:
+    build = DispatcherLink(args).call({"type": "build", "build": args.build})["build"]
+    if args.json:
+        print(json.dumps(build, indent=2))
+        return 0
+    from . import reports
+    job = f" job {build['job']}" if build.get("job") else ""
+    print(plain(f"build {build['id']}{job}: {build['status']}  {build.get('branch', '')} "
+                f"{str(build.get('sha', ''))[:12]} {build.get('subject', '')}"))
+    for number, step in enumerate(build.get("steps") or [], 1):
+        ended = "timed out or did not start" if step["exit_code"] is None else f"exit {step['exit_code']}"
+        print(plain(f"  step {number}: {step['name'] or step['run']}: {ended} in {step['duration']:.2f}s"))
+    tests = build.get("tests")
+    if tests:
+        print(f"tests: {reports.summary(tests)}")
+        for name in tests["failures"]:
+            print(plain(f"  FAILED {name}"))
+        unnamed = tests["failed"] + tests["errors"] - len(tests["failures"])
+        if unnamed > 0:
+            print(f"  ... and {unnamed} more")
+    return 0
+
+
+TOOLS = {"status": status, "show": show_build, "log": show_log, "artifacts": artifacts, "trigger": trigger, "cancel": cancel,
          "rebuild": rebuild, "console": console, "drain": runner_command, "resume": runner_command,
          "forget": runner_command, "gc": gc}
 TOOLS.update(run=run_builds, wait=wait_builds)

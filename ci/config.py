@@ -85,6 +85,7 @@ class RunnerConfig:
     workdir: str = ""             # default: .tinyci/runners/<name>
     kill_grace: float = 5.0
     clone_days: float = 30.0      # delete a slot's working clone no build used for this long; 0: never
+    cache_bytes: int = 2 << 30    # the build cache (.ci.yaml `cache`) under the workdir, LRU-evicted; 0: none
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ _BOUNDS = {
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
     ("runner", "clone_days"): (lambda v: v >= 0, "0 or more (days; 0 keeps the clones forever)"),
+    ("runner", "cache_bytes"): (lambda v: v >= 0, "0 (no build cache) or more bytes"),
     ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
     # build.steps and build.env are checked against the wire table by settings.resolve
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),

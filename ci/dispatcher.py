@@ -199,8 +199,11 @@ class Dispatcher:
         for runner, build_id, attempt in plan.cancel:
             self.links.cancel(runner, build_id, attempt)
         if self.watchers.active:
+            # a finished build's test counts (its JUnit reports), so the console and web show them at once
+            tests = self.store.test_counts([b.id for b in builds.values() if b.status.final])
             for build in builds.values():
-                self.watchers.event("build", build=build.summary())
+                self.watchers.event("build", build={**build.summary(),
+                                                    **({"tests": tests[build.id]} if build.id in tests else {})})
             for runner in plan.dead:
                 self.watchers.event("runner", runner=runner.summary())
         self.watchers.touch()

@@ -11,8 +11,11 @@ tests (after ``python -m pip install .`` for an installable one). They run in
 the attempt's own virtualenv, in the environment ``buildenv`` makes. A
 build with ``needs`` first gets the artifacts of the builds it needs (the
 run's ``inputs``) into its checkout at their paths, through ``fetch``; one
-that does not arrive ends the attempt in error. After the steps (passed or failed) the files matching the file's
-``artifacts`` globs are handed to ``upload``.
+that does not arrive ends the attempt in error. Before the steps the job's
+``cache`` is restored (``cache.py``), and saved after them when the build
+passed. After the steps (passed or failed) the files matching the job's
+``artifacts`` globs are handed to ``upload`` and its ``reports`` are read
+(``reports.py``) into the Outcome's ``tests``.
 
 It knows nothing about the network: ``runner.py`` turns a ``run`` request
 into a ``RunRequest``, gives it a ``BuildLog`` whose writes wake the log
@@ -40,10 +43,10 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from . import aio, artifact_find, buildfile, masking, procgroup
+from . import aio, artifact_find, buildfile, cache, masking, procgroup, reports
 from .attempt import Outcome, RunRequest, Stopped
 from .buildenv import build_env, make_venv, venv_path
-from .buildfile import BuildFile, BuildFileError, Step
+from .buildfile import BuildFile, BuildFileError, Keeps, Step
 from .buildlog import BuildLog
 from .checkout import Checkout, CheckoutError
 from .models import Status
@@ -102,10 +105,14 @@ class Execution:
     def __init__(self, request: RunRequest, checkout: Path, buildlog: BuildLog, kill_grace: float,
                  header: str = "", upload: Callable[[str, Path], Any] | None = None,
                  steps: procgroup.Steps | None = None,
-                 fetch: Callable[[int, str, Path], Awaitable[int]] | None = None):
+                 fetch: Callable[[int, str, Path], Awaitable[int]] | None = None,
+                 build_cache: cache.Cache | None = None):
         """``steps``: the steps running in this process, every slot's (the runner's one registry).
-        ``fetch(build, path, dest)``: one artifact of another build into ``dest``; raises ValueError."""
+        ``fetch(build, path, dest)``: one artifact of another build into ``dest``; raises ValueError.
+        ``build_cache``: the runner's cache (None: none)."""
         self.request = request
+        self.cache = build_cache
+        self.tests: dict | None = None      # the reports' counts and failures (reports.read)
         self.steps = steps if steps is not None else procgroup.Steps()
         self.upload = upload        # async (relative path, file) -> None; raises OSError/ValueError to refuse
         self.fetch = fetch
@@ -155,7 +162,7 @@ class Execution:
 
     def _outcome(self, status: Status, code: int = -1) -> Outcome:
         return Outcome(status, code, self.steps_run, round(time.monotonic() - self._started, 3),
-                       tuple(self.step_results))
+                       tuple(self.step_results), self.tests)
 
     async def _attempt(self) -> Outcome:
         try:
@@ -175,6 +182,8 @@ class Execution:
         if not await self._inputs():
             return self._outcome(Status.ERROR)
         self.log.line(f"{len(steps)} step(s) from {source}")
+        keeps = spec.what_to_keep(self.request.job) if spec is not None else Keeps()
+        cache_key = await self._restore_cache(keeps, env)
         status, code = Status.PASSED, 0
         for number, step in enumerate(steps, 1):
             self.steps_run = number
@@ -196,9 +205,35 @@ class Execution:
                     self.log.line(f"[step {number} failed; skipping {len(steps) - number} more]")
                 status = Status.FAILED
                 break
-        if spec is not None and spec.artifacts:
-            await self._artifacts(spec.artifacts)
+        if cache_key is not None:
+            await self._save_cache(keeps, cache_key, env, status)
+        if keeps.artifacts:
+            await self._artifacts(keeps.artifacts, keeps.artifacts_own)
+        if keeps.reports:
+            self.tests, notes = await aio.in_thread(reports.read, self.checkout, keeps.reports)
+            for note in notes:
+                self.log.line(f"[reports: {note}]")
+            if self.tests is not None:
+                self.log.line(f"tests: {reports.summary(self.tests)}")
         return self._outcome(status, code)
+
+    async def _restore_cache(self, keeps: Keeps, env: dict) -> str | None:
+        """Before the steps: the job's cache put in place; its key, None with nothing to save after."""
+        key, lines = await aio.in_thread(cache.restore_lines, self.cache, keeps.cache, self.checkout,
+                                         self.request.job, env.get("HOME"))
+        for line in lines:
+            self.log.line(line)
+        return key
+
+    async def _save_cache(self, keeps: Keeps, key: str, env: dict, status: Status) -> None:
+        if status is not Status.PASSED:
+            self.log.line(f"cache: not saved: the build {status.value}")
+            return
+        if self._stop.is_set():
+            raise Stopped()
+        for line in await aio.in_thread(cache.save_lines, self.cache, keeps.cache, key, self.checkout,
+                                        env.get("HOME")):
+            self.log.line(line)
 
     async def _venv(self) -> Path | None:
         """The attempt's own virtualenv (``buildenv``), made afresh; None when it cannot be."""
@@ -270,10 +305,11 @@ class Execution:
                 raise BuildFileError(0, f"(the dispatcher's pipelines entry) {exc.problem}") from None
         return None, ""
 
-    async def _artifacts(self, patterns: tuple) -> None:
-        """Send the files the patterns match; a refusal is noted in the log, never fails the build."""
+    async def _artifacts(self, patterns: tuple, own: bool = True) -> None:
+        """Send the files the patterns match; a refusal is noted in the log, never fails the build.
+        ``own`` False: the top level's globs in a file of several jobs, perhaps another job's."""
         files, notes = await asyncio.get_running_loop().run_in_executor(
-            None, artifact_find.find, self.checkout, patterns, self.request.artifacts_limit)
+            None, artifact_find.find, self.checkout, patterns, self.request.artifacts_limit, own)
         for note in notes:
             self.log.line(f"[artifacts: {note}]")
         if self.upload is None:

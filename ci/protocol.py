@@ -36,7 +36,7 @@ also ends a stream::
                                                                                   | error offset {expected} / stale
                                                                                   / not_yours / disk_full
     runner -> dispatcher       result     build attempt status exit_code steps    ok
-                                          duration [log_size step_results]        | error offset {expected} / stale
+                                          duration [log_size step_results tests]  | error offset {expected} / stale
                                                                                   / not_yours / disk_full
     runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
                                                                                   / disk_full
@@ -97,6 +97,10 @@ without TLS, as ``env``). Artifact ``data`` is base64, in chunks.
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
 only that job of the commit's ``.ci.yaml`` (not_found when it has no such job).
+``result.tests`` is what the build's JUnit reports counted (``TESTS``:
+passed, failed, errors, skipped and at most 100 failed tests' names); the
+dispatcher keeps it with the build: ``build`` returns it whole, and the
+builds of ``status``, ``watch`` events and ``history`` carry its counts.
 
 ``history`` pages through every build, newest first (keyset paging: the
 builds below ``before``, or just above ``after``), filtered by exact repo,
@@ -346,6 +350,12 @@ STEP_RESULTS = Kind("list of at most 200 {name, run, exit_code, duration}", lamb
                         and _str(200).check(s["name"]) and _str(16384).check(s["run"])
                         and (s["exit_code"] is None or _int(-1000, 1000).check(s["exit_code"]))
                         and _number(s["duration"]) for s in v))
+# a result's test reports (ci/reports.py): the counts and at most 100 failed tests' names
+TESTS = Kind("{passed, failed, errors, skipped: counts; failures: at most 100 names of at most 300 characters}",
+             lambda v: isinstance(v, dict) and set(v) == {"passed", "failed", "errors", "skipped", "failures"}
+             and all(_int(0, 10**9).check(v[k]) for k in ("passed", "failed", "errors", "skipped"))
+             and isinstance(v["failures"], list) and len(v["failures"]) <= 100
+             and all(_str(300).check(name) for name in v["failures"]))
 # when each part of a log reached the dispatcher: [offset, unix time] pairs, offsets ascending
 TIMES = Kind("list of [offset, time] pairs", lambda v: isinstance(v, list) and all(
     isinstance(p, list) and len(p) == 2 and COUNT.check(p[0]) and _number(p[1]) for p in v))
@@ -422,7 +432,7 @@ MESSAGES: dict[str, Spec] = {
                  reply=_ok({"offset": COUNT})),
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
-                             "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS},
+                             "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS, "tests": TESTS},
                     reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
                                "data": DATA, "eof": BOOL},

@@ -76,6 +76,7 @@ class Queries:
                 summary["waiting"] = waits[build.labels]
             summaries.append(summary)
         conditions = self.conditions.active() if self.conditions is not None else []
+        self._with_tests(summaries)
         return protocol.ok(runners=runners, builds=summaries, pipelines=pipelines(summaries),
                            # then the builds held for their needs: queued too, waiting for other builds
                            queue=[b.id for b in self.sched.queued()] + sorted(self.held), conditions=conditions)
@@ -85,7 +86,17 @@ class Queries:
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
         steps = self.store.steps(build.id) if build.status.final else None
-        return protocol.ok(build={**build.summary(), **({"steps": steps} if steps else {})})
+        tests = self.store.tests(build.id) if build.status.final else None
+        return protocol.ok(build={**build.summary(), **({"steps": steps} if steps else {}),
+                                  **({"tests": tests} if tests else {})})
+
+    def _with_tests(self, summaries: list[dict]) -> list[dict]:
+        """Each finished build's test counts ("tests": {passed, failed, errors, skipped}) where it has any."""
+        counts = self.store.test_counts([s["id"] for s in summaries if s["status"] not in ("queued", "running")])
+        for summary in summaries:
+            if summary["id"] in counts:
+                summary["tests"] = counts[summary["id"]]
+        return summaries
 
     async def read_log(self, conn: net.Connection, msg: dict) -> None:
         build_id = msg["build"]
@@ -158,7 +169,7 @@ class Queries:
         filters = {name: msg[name] for name in HISTORY_FILTERS if name in msg}
         builds, older, newer = self.store.history(filters, msg.get("before"), msg.get("after"),
                                                   msg.get("limit", 50))
-        return protocol.ok(builds=[self._live(b).summary() for b in builds],
+        return protocol.ok(builds=self._with_tests([self._live(b).summary() for b in builds]),
                            older=older, newer=newer)
 
     async def branch_status(self, conn: net.Connection, msg: dict) -> dict:

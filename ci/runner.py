@@ -35,6 +35,7 @@ from pathlib import Path
 from . import aio, artifact_download, artifact_upload, clones, daemon, files, net, patterns, protocol
 from .attempt import RunRequest
 from .buildlog import BuildLog
+from .cache import Cache
 from .execution import Execution
 from .models import Status
 from .outbox import STALE, Delivery, Outbox
@@ -66,6 +67,7 @@ class Runner:
         self.host, self.port = rc.host, rc.port
         self.name = rc.name
         self.workdir = Path(".")
+        self.cache: Cache | None = None
         self.outbox: Outbox | None = None
         self.slots = Slots(rc.slots)
         self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
@@ -105,6 +107,7 @@ class Runner:
             for pgid in reap_orphans(self.workdir / "checkouts"):
                 log.warning("killed process group %d: a build step left running when this runner "
                             "last stopped", pgid)
+            self.cache = Cache(self.workdir / "cache", rc.cache_bytes)    # sweeps what a crash left
             outbox = Outbox(self.workdir)
             pending = outbox.load()
             outbox.sweep_logs({(r["build"], r["attempt"]) for r in pending})
@@ -243,7 +246,7 @@ class Runner:
         execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
                               upload=lambda rel, file: self._upload(build, attempt, rel, file),
-                              steps=self.steps, fetch=self._fetch)
+                              steps=self.steps, fetch=self._fetch, build_cache=self.cache)
         self._deliver(delivery)
         task = self._spawn(self._execute(slot, execution, delivery, buildlog), f"build {build}")
         self.slots.take(slot, execution, task)
@@ -274,6 +277,8 @@ class Runner:
                       "duration": outcome.duration, "log_size": buildlog.size}
             if outcome.step_results:
                 result["step_results"] = list(outcome.step_results)
+            if outcome.tests is not None:
+                result["tests"] = outcome.tests
             # off the event loop: the fsyncs take milliseconds that other slots and pings can use
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._keep, buildlog, result)

@@ -88,6 +88,8 @@ MIGRATIONS = (
     ("needs", "ALTER TABLE builds ADD COLUMN needs TEXT NOT NULL DEFAULT '[]'"),
     # the names (never the values) of the build secrets a build's job asked for (JSON list)
     ("secrets", "ALTER TABLE builds ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]'"),
+    # the last attempt's JUnit reports (JSON {passed, failed, errors, skipped, failures}); NULL: none read
+    ("tests", "ALTER TABLE builds ADD COLUMN tests TEXT"),
 )
 
 # The schema this release writes, kept in the database as PRAGMA user_version.
@@ -367,6 +369,28 @@ class Store:
     def steps(self, build_id: int) -> list[dict] | None:
         row = self.db.execute("SELECT step_results FROM builds WHERE id = ?", (build_id,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
+
+    def save_tests(self, build_id: int, tests: dict | None) -> None:
+        self.db.execute("UPDATE builds SET tests = ? WHERE id = ?",
+                        (json.dumps(tests) if tests is not None else None, build_id))
+
+    def tests(self, build_id: int) -> dict | None:
+        """The build's test report, with the failed tests' names."""
+        row = self.db.execute("SELECT tests FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def test_counts(self, build_ids: list[int]) -> dict[int, dict]:
+        """The counts of those builds that have a report (no names: lists stay small)."""
+        out: dict[int, dict] = {}
+        for start in range(0, len(build_ids), 500):     # SQLite's limit on bound parameters
+            chunk = build_ids[start:start + 500]
+            rows = self.db.execute(f"SELECT id, tests FROM builds WHERE id IN ({','.join('?' * len(chunk))}) "
+                                   f"AND tests IS NOT NULL", chunk)
+            for build_id, text in rows:
+                counts = json.loads(text)
+                counts.pop("failures", None)
+                out[build_id] = counts
+        return out
 
     def repos(self) -> list[str]:
         """Every repository a build was ever recorded for."""

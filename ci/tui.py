@@ -25,7 +25,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from . import models
+from . import models, reports
 from .sanitize import plain
 
 RUNNER_STYLES = {"idle": "green", "busy": "yellow", "draining": "magenta", "drained": "blue", "dead": "bold red"}
@@ -126,6 +126,8 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
         # a column only where .ci.yaml has jobs
         **({"job": [_line(b.get("job") or "-") for b in builds]} if any(b.get("job") for b in builds) else {}),
         "runner": [_line(b.get("runner") or "-") for b in builds],
+        # a column only where a build has JUnit reports (.ci.yaml `reports`)
+        **({"tests": [_tests(b) for b in builds]} if any(b.get("tests") for b in builds) else {}),
         "took": [_cell(_took(b, took_at)) for b in builds],
         # how long ago it ended (or, not ended yet, was queued)
         "age": [_cell(_ago(b.get("finished_at") or b.get("created_at"), now)) for b in builds],
@@ -158,7 +160,7 @@ def render_builds(builds: Iterable[dict], now: float, runners: Iterable[dict] | 
 RIGHT = frozenset({"#", "try", "took", "age"})
 CAPS = {"branch": BRANCH_WIDTH, "job": NAME_WIDTH, "runner": NAME_WIDTH}
 # Dropped in this order when the identifiers would not fit beside a readable subject
-EXPENDABLE = ("try", "took", "age")
+EXPENDABLE = ("try", "tests", "took", "age")
 MIN_SUBJECT = 20            # what the subject should keep before a column is dropped for it
 TINY_SUBJECT = 6            # below this it is left out
 
@@ -257,6 +259,15 @@ def _ago(when: float | None, now: float) -> str:
     # past a minute, seconds are noise in an age
     text = duration(seconds) if seconds < 60 else duration(seconds // 60 * 60).replace("m00s", "m")
     return text + " ago"
+
+
+def _tests(build: dict) -> Text:
+    """"1991 passed, 2 failed" (red when any failed), "-" without a report."""
+    tests = build.get("tests")
+    if not isinstance(tests, dict):
+        return _cell("-")
+    bad = tests.get("failed") or tests.get("errors")
+    return _cell(reports.summary(tests), "red" if bad else "")
 
 
 def _took(build: dict, now: float) -> str:

@@ -257,3 +257,39 @@ def test_secrets_a_job_asks_for_go_with_its_job_and_top_level_ones_with_every_jo
         with pytest.raises(BuildFileError) as err:
             buildfile.parse(text)
         assert words in str(err.value) and "line " in str(err.value)
+
+
+def test_cache_reports_and_job_artifacts_replace_the_top_levels_for_a_job():
+    from ci.buildfile import CacheSpec
+    f = buildfile.parse("artifacts: [dist/*]\n"
+              "cache: {paths: [.venv, ~/.cache/pip], key: [requirements*.txt]}\n"
+              "reports: [junit.xml]\n"
+              "jobs:\n"
+              "  test: {steps: [pytest], reports: [test-*.xml], cache: {paths: [.tox]}}\n"
+              "  build: {steps: [make], artifacts: [out/*.whl]}\n"
+              "  docs: {steps: [make docs]}\n")
+    test, build, docs = f.what_to_keep("test"), f.what_to_keep("build"), f.what_to_keep("docs")
+    assert test.reports == ("test-*.xml",) and test.cache == CacheSpec((".tox",), ())
+    assert test.artifacts == ("dist/*",) and not test.artifacts_own
+    assert build.artifacts == ("out/*.whl",) and build.artifacts_own and build.reports == ("junit.xml",)
+    assert docs.cache == CacheSpec((".venv", "~/.cache/pip"), ("requirements*.txt",))
+    single = buildfile.parse("artifacts: [x]\nsteps: [make]\n").what_to_keep("")
+    assert single.artifacts == ("x",) and single.artifacts_own and single.cache is None
+
+
+def test_bad_cache_and_reports_name_their_line():
+    cases = {
+        "steps: [x]\ncache: [.venv]\n": "line 2: cache must be a mapping",
+        "steps: [x]\ncache: {paths: []}\n": "line 2: cache.paths must be a non-empty list",
+        "steps: [x]\ncache:\n  paths: [.venv, ../up]\n": "line 3: cache.paths: '../up' must be a path inside",
+        "steps: [x]\ncache: {paths: [.git/x]}\n": "must be a path inside",
+        "steps: [x]\ncache: {paths: [a], key: [/etc/passwd]}\n": "cache.key: '/etc/passwd' must stay inside",
+        "steps: [x]\ncache: {paths: [a], when: x}\n": "cache: unknown key 'when'",
+        "steps: [x]\nreports: junit.xml\n": "line 2: reports must be a list of glob patterns",
+        "jobs:\n  a:\n    steps: [x]\n    reports: [../r.xml]\n": "line 4: jobs.a.reports: '../r.xml' must stay inside",
+        "jobs:\n  a:\n    steps: [x]\n    artifacts: {a: 1}\n": "line 4: jobs.a.artifacts must be a list",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(BuildFileError) as caught:
+            buildfile.parse(text)
+        assert expected in str(caught.value), (text, str(caught.value))

@@ -10,6 +10,8 @@ from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from .. import reports
+
 STATUS_WORDS = {"passed": "passed", "failed": "failed", "error": "error", "running": "running",
                 "queued": "queued", "cancelled": "cancelled", "skipped": "skipped"}
 
@@ -79,10 +81,15 @@ def label_list(labels) -> str:
     return ", ".join(labels) if labels else "-"
 
 
+def test_counts(tests: dict | None) -> str:
+    """"1991 passed, 2 failed" for a build's JUnit reports ("" without)."""
+    return reports.summary(tests) if isinstance(tests, dict) else ""
+
+
 def environment() -> Environment:
     env = Environment(loader=PackageLoader("ci.web", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(age=age, duration=duration, iso=iso, clock=clock, short=short, path=path_part,
-                       labels=label_list, person=person)
+                       labels=label_list, person=person, tests=test_counts)
     env.globals.update(query=query, STATUS_WORDS=STATUS_WORDS)
     return env
