@@ -118,7 +118,7 @@ def logs(tmp: Path, quick: bool) -> Result:
     per100 = 100 * MIB / size
     res = Result("logs")
     repo = Repo(tmp / "repo")
-    sha = repo.commit("initial", {"gen.py": GEN})
+    repo.commit("initial", {"gen.py": GEN})
     step = f"python3 gen.py {size}"
     alone, spans, follow, disp_cpu, run_cpu, follow_rss, disp_hwm = [], [], [], [], [], [], []
     with cluster(tmp / "cluster", [step], dispatcher={"max_log_bytes": 4 * size}) as c:

@@ -3,13 +3,15 @@
 and stores them, is ``artifacts.py``).
 
 Sends, to the dispatcher:
-    artifact {build, attempt, path, offset, data (base64), eof}  -> ok {offset} | error
+    artifact {build, attempt, path, offset, data (bytes: a bulk frame), eof}  -> ok {offset} | error
+
+Each chunk is at most ``net.max_bulk`` bytes, read from the file as it is
+sent: neither side holds more than one chunk of an artifact in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from . import net, protocol
 TRIES = 3                   # sends of one chunk before the dispatcher counts as unreachable
 
 
-async def upload(client: net.Client, max_frame: int, build: int, attempt: int, rel: str,
+async def upload(client: net.Client, max_bulk: int, build: int, attempt: int, rel: str,
                  file: Path) -> None:
-    """Send one artifact in chunks; raises ValueError saying why it did not arrive.
-    A chunk whose send fails is sent again (the dispatcher takes it by offset)."""
-    chunk = max(1024, min(256 * 1024, (max_frame - 1024) * 3 // 4))     # base64 makes 4 of 3
+    """Send one artifact in chunks of at most ``max_bulk`` bytes; raises
+    ValueError saying why it did not arrive. A chunk whose send fails is sent
+    again (the dispatcher takes it by offset)."""
+    chunk = max(1024, max_bulk)
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -31,7 +34,7 @@ async def upload(client: net.Client, max_frame: int, build: int, attempt: int, r
                 data = f.read(chunk)
                 eof = offset + len(data) >= size or not data
                 msg = {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
-                       "offset": offset, "data": base64.b64encode(data).decode(), "eof": eof}
+                       "offset": offset, "data": data, "eof": eof}
                 for attempt_no in range(TRIES):
                     try:
                         await client.request(msg)

@@ -91,10 +91,10 @@ steps:
 """
 
 ESCAPE = """\
-import asyncio, base64, os
+import asyncio, os
 from ci import net, protocol      # the runner's PYTHONPATH reaches the step
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
-       "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
+       "path": "../../../escaped.txt", "offset": 0, "data": b"pwned", "eof": True}
 try:
     asyncio.run(net.call(open("dispatcher.addr").read().strip(), msg, "runner", id="r1"))   # the build's runner
     print("escape accepted")
