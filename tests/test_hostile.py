@@ -201,6 +201,13 @@ def read_frame(sock: socket.socket):
     return json.loads(body)
 
 
+def is_bulk(data: bytes) -> bool:
+    try:
+        return protocol.bulk_size(protocol.decode(data[4:]), 1 << 62) is not None
+    except protocol.ProtocolError:
+        return True         # a malformed count: the daemon closes the connection, which no answer says
+
+
 def answers_for(data: bytes, role: str) -> protocol.Answers:
     """What the table says a daemon answers to one well-framed frame from ``role``."""
     try:
@@ -224,7 +231,8 @@ def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[
     its end), an error for anything invalid. The probe's reply proves the connection
     still usable; after it the daemon, seeing our end, closes with nothing more to say.
     Frames that are valid ``harmful`` requests are not sent. Returns the frames sent."""
-    plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME]
+    # a JSON object with a "bytes" field is a bulk frame: raw bytes follow it, which these frames lack
+    plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME and not is_bulk(data)]
     plan = [(data, answers) for data, answers in plan if answers.request not in harmful]
     with socket.create_connection(addr, timeout=10) as sock:
         welcome, greeting = authenticate(sock, role, secret, to)
