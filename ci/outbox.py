@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 # tenth of a second, not one a line); a whole chunk goes at once, so a step
 # writing fast is never held back.
 PACE = 0.1
+# A log frame's bytes at most: the dispatcher refuses a whole frame that would
+# go below its disk reserve, so a log on a filling disk is stored up to within
+# this much of the reserve (as before bulk frames); unpaced, 256 KiB frames
+# keep up with a step writing hundreds of MiB a second.
+MAX_CHUNK = 256 * 1024
 _ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
 RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
 ACCEPTED, STALE = "accepted", "stale"
@@ -130,7 +135,7 @@ class Delivery:
         self.client = client
         self.build, self.attempt = build, attempt
         self.log_path = log_path
-        self.chunk = max(1024, max_bulk)      # the log's bytes go raw, in bulk frames of up to net.max_bulk
+        self.chunk = max(1024, min(MAX_CHUNK, max_bulk))      # the log's bytes go raw, in bulk frames
         self.pos = start            # bytes of the log the dispatcher is known (or assumed) to have
         self.result = result
         self._wake = asyncio.Event()
