@@ -184,21 +184,21 @@ terminal = st.one_of(
 )
 
 
+def read_exactly(sock: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
 def read_frame(sock: socket.socket):
-    header = b""
-    while len(header) < 4:
-        chunk = sock.recv(4 - len(header))
-        if not chunk:
-            raise ConnectionError("closed")
-        header += chunk
-    (length,) = struct.unpack(">I", header)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return json.loads(body)
+    (length,) = struct.unpack(">I", read_exactly(sock, 4))
+    frame = json.loads(read_exactly(sock, length))
+    size = protocol.bulk_size(frame, 1 << 30)       # a bulk frame: its raw bytes follow
+    return frame if size is None else protocol.attach(frame, read_exactly(sock, size))
 
 
 def is_bulk(data: bytes) -> bool:
