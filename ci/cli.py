@@ -612,18 +612,27 @@ def artifacts(args: argparse.Namespace) -> int:
         return 0
 
     async def fetch(out) -> None:
+        import asyncio
+        from . import aio
         client = dispatcher.client(protocol.READER)
+        # each piece is written in a thread while the next one travels: at most two in memory
+        writing = None
         try:
             offset = 0
             while True:
                 reply = await client.request({"type": "fetch_artifact", "build": args.build,
                                               "path": args.get, "offset": offset})
                 data = reply["data"]        # bytes, from a bulk frame
-                out.write(data)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(aio.in_thread(out.write, data))
                 offset += len(data)
                 if reply["eof"] or not data:
-                    return
+                    break
+            await writing
         finally:
+            if writing is not None and not writing.done():
+                await asyncio.gather(writing, return_exceptions=True)     # before the file is closed
             await client.close()
 
     if args.output:
