@@ -461,3 +461,32 @@ def test_decode_rejects_bad_payloads(body, code):
     with pytest.raises(protocol.ProtocolError) as err:
         protocol.decode(body)
     assert err.value.code == code
+
+
+# ---------------------------------------------------------------- bulk frames
+
+def test_a_message_with_bytes_is_a_bulk_frame_and_comes_back_the_same():
+    msg = {"type": "artifact", "build": 1, "attempt": 1, "path": "a", "offset": 0, "data": b"\x00\xff{}", "eof": True}
+    head, raw = protocol.encode_parts(msg)
+    header = protocol.decode(head[4:])
+    assert raw == b"\x00\xff{}" and header[protocol.BULK] == 4 and "data" not in header
+    assert protocol.encode(msg) == head + raw
+    assert protocol.bulk_size(header, 4) == 4
+    assert protocol.validate(protocol.attach(header, raw), RUNNER) == msg
+    assert protocol.bulk_size({"type": "status"}, 0) is None          # a plain frame
+    assert protocol.encode_parts({"type": "log", "data": "text"})[1] is None     # text stays JSON
+
+
+@pytest.mark.parametrize("count, code", [(-1, "bad_frame"), ("4", "bad_frame"), (2.0, "bad_frame"),
+                                         (False, "bad_frame"), (5, "frame_too_large")])
+def test_a_bulk_count_that_is_not_a_count_or_over_the_limit_is_fatal(count, code):
+    with pytest.raises(protocol.FatalProtocolError) as err:
+        protocol.bulk_size({"type": "artifact", protocol.BULK: count}, 4)
+    assert err.value.code == code
+
+
+def test_bytes_are_only_where_the_table_says_and_never_from_json():
+    assert refused({**example("artifact"), "data": "aGVsbG8="}, RUNNER).code == "bad_field"     # no base64
+    assert refused({**example("status"), "data": b"x"}, READER).code == "unknown_field"
+    with pytest.raises(protocol.ProtocolError):
+        protocol.attach({"type": "log", protocol.BULK: 1, "data": "x"}, b"y")
