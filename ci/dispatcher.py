@@ -337,8 +337,10 @@ class Dispatcher:
         build = self.sched.builds[build_id]
         self._check_log(build)
         data = msg["data"] if isinstance(msg["data"], bytes) else msg["data"].encode()
-        if not self.disk.room(len(data)):
+        fitted = self.disk.fitting(data)        # up to the reserve; the rest is refused with the next frame
+        if data and not fitted:
             return self._cut_log(build)
+        data = fitted
         try:
             have, grew = self.logs.append(build, msg["offset"], data)
         except LogGap as gap:

@@ -45,11 +45,9 @@ log = logging.getLogger(__name__)
 # tenth of a second, not one a line); a whole chunk goes at once, so a step
 # writing fast is never held back.
 PACE = 0.1
-# A log frame's bytes at most: the dispatcher refuses a whole frame that would
-# go below its disk reserve, so a log on a filling disk is stored up to within
-# this much of the reserve (as before bulk frames); unpaced, 256 KiB frames
-# keep up with a step writing hundreds of MiB a second.
-MAX_CHUNK = 256 * 1024
+# A log frame's bytes at most (and net.max_bulk): one frame a round trip, so
+# big frames keep up with a step writing fast on a loaded machine.
+MAX_CHUNK = 4 << 20
 _ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
 RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
 ACCEPTED, STALE = "accepted", "stale"

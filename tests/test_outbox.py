@@ -157,6 +157,6 @@ def test_a_log_frame_fits_the_bulk_limit(tmp_path):
         return Delivery(None, 1, 1, tmp_path / "1-1.log", max_bulk=bulk).chunk
 
     # the bytes go raw (a bulk frame), nothing escaped: MAX_CHUNK, or less with a smaller bulk limit
-    assert chunk(4 << 20) == MAX_CHUNK
+    assert chunk(64 << 20) == MAX_CHUNK
     assert chunk(8192) == 8192
     assert chunk(100) == 1024           # never below 1 KiB
