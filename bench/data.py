@@ -8,7 +8,8 @@ checkout, the step, every log byte on the dispatcher's disk, the result)
 against the same step run alone with its output to a file. A `tinyci log N
 --follow` started as the step starts, and `tinyci log N > file` of the
 finished log against a `cp` of the dispatcher's log file. CPU seconds of the
-dispatcher and the runner (their own, not the step's) per 100 MiB.
+dispatcher and the runner (their own, not the step's) per 100 MiB. And a build
+of the step `true`: what any build costs here beyond its step.
 
 artifacts: a step makes a SIZE-byte file of random bytes, sent after the
 steps (``.ci.yaml`` ``artifacts``): upload is from the step's end (a time it
@@ -161,6 +162,12 @@ def logs(tmp: Path, quick: bool) -> Result:
             disp_cpu.append((cpu1[0] - cpu0[0]) * per100)
             run_cpu.append((cpu1[1] - cpu0[1]) * per100)
             disp_hwm.append(vm(c.disp.pid, "VmHWM"))
+        # what any build costs here beyond its step: the same build with the step `true`
+        repo.commit("trivial", {".ci.yaml": "steps: ['true']\n"})
+        trivial = []
+        for _ in range(3):
+            one = _build(c, _commit(c, repo, repo.commit("again")), 60)
+            trivial.append(one["finished_at"] - one["started_at"])
         # read back the last finished log: `cp` of the file, then `tinyci log`, interleaved
         log_file = tmp / "cluster" / "dispatcher" / "logs" / f"{build_id}.log"
         total = log_file.stat().st_size
@@ -177,6 +184,9 @@ def logs(tmp: Path, quick: bool) -> Result:
     res.add("step alone (output to a file)", step_alone, "s", note=f"{size // MIB} MiB of text")
     res.add("build span (started -> finished)", span, "s")
     res.add("streaming cost: build span over the step alone", (span / step_alone - 1) * 100, "%", "< 20")
+    res.add("a build of the step `true` (checkout, virtualenv, result)", median(trivial), "s")
+    res.add("streaming cost beyond that trivial build's span",
+            (span - median(trivial)) / step_alone * 100 - 100, "%")
     res.add("step -> dispatcher's log file", size / MIB / span, "MiB/s")
     res.add("to a `tinyci log --follow` client while it runs", median(follow), "MiB/s")
     res.add("read back: `tinyci log N > file`", total / MIB / median(reads), "MiB/s", ">= 200")
@@ -189,7 +199,7 @@ def logs(tmp: Path, quick: bool) -> Result:
     res.add("peak RSS: tinyci log", max(read_rss), "MiB")
     res.data = {"size": size, "trials": trials, "step_alone_s": alone, "span_s": spans, "follow_mib_s": follow,
                 "read_s": reads, "cp_s": cps, "log_bytes": total, "dispatcher_cpu_per_100mib": disp_cpu,
-                "runner_cpu_per_100mib": run_cpu}
+                "runner_cpu_per_100mib": run_cpu, "trivial_span_s": trivial}
     return res
 
 
