@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import cache, latency, peer, recovery, scale, throughput, web
+from . import cache, data, latency, peer, recovery, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -28,6 +28,8 @@ SCENARIOS = {
     "web": web.web_pages,
     "peer": peer.peer,
     "cache": cache.cache,
+    "logs": data.logs,
+    "artifacts": data.artifacts,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,13 +5,11 @@ that knows how an artifact comes down; the CLI and the web page have their own
 loops over the same request.
 
 Sends, to the dispatcher:
-    fetch_artifact {build, path, offset}  -> ok {data (base64), offset, size, eof} | error
+    fetch_artifact {build, path, offset}  -> ok {data (bytes, a bulk frame), offset, size, eof} | error
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from pathlib import Path
 
@@ -28,7 +26,7 @@ async def download(client: net.Client, build: int, path: str, dest: Path) -> int
             while True:
                 reply = await client.request({"type": "fetch_artifact", "build": build, "path": path,
                                               "offset": offset})
-                data = base64.b64decode(reply["data"], validate=True)
+                data = reply["data"]
                 out.write(data)
                 offset += len(data)
                 if reply["eof"] or not data:
@@ -39,7 +37,5 @@ async def download(client: net.Client, build: int, path: str, dest: Path) -> int
         raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
     except (net.PeerError, protocol.ProtocolError) as exc:
         raise ValueError(f"the dispatcher is unreachable: {exc}") from None
-    except binascii.Error:
-        raise ValueError("the dispatcher sent data that is not base64") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,45 +3,59 @@
 and stores them, is ``artifacts.py``).
 
 Sends, to the dispatcher:
-    artifact {build, attempt, path, offset, data (base64), eof}  -> ok {offset} | error
+    artifact {build, attempt, path, offset, data (bytes: a bulk frame), eof}  -> ok {offset} | error
+
+Each chunk is at most ``net.max_bulk`` bytes, read from the file (in a
+thread, the next one while the current one is on its way): the runner holds
+at most two chunks of an artifact in memory, the dispatcher one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 from pathlib import Path
 
-from . import net, protocol
+from . import aio, net, protocol
 
 TRIES = 3                   # sends of one chunk before the dispatcher counts as unreachable
 
 
-async def upload(client: net.Client, max_frame: int, build: int, attempt: int, rel: str,
+async def upload(client: net.Client, max_bulk: int, build: int, attempt: int, rel: str,
                  file: Path) -> None:
-    """Send one artifact in chunks; raises ValueError saying why it did not arrive.
-    A chunk whose send fails is sent again (the dispatcher takes it by offset)."""
-    chunk = max(1024, min(256 * 1024, (max_frame - 1024) * 3 // 4))     # base64 makes 4 of 3
+    """Send one artifact in chunks of at most ``max_bulk`` bytes; raises
+    ValueError saying why it did not arrive. A chunk whose send fails is sent
+    again (the dispatcher takes it by offset)."""
+    chunk = max(1024, max_bulk)
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             offset = 0
+            data = await aio.in_thread(f.read, chunk)
             while True:
-                data = f.read(chunk)
                 eof = offset + len(data) >= size or not data
-                msg = {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
-                       "offset": offset, "data": base64.b64encode(data).decode(), "eof": eof}
-                for attempt_no in range(TRIES):
-                    try:
-                        await client.request(msg)
-                        break
-                    except (net.PeerError, protocol.ProtocolError) as exc:
-                        if attempt_no == TRIES - 1:
-                            raise ValueError(f"the dispatcher is unreachable: {exc}") from None
-                        await asyncio.sleep(0.5 * (attempt_no + 1))
+                ahead = None if eof else asyncio.ensure_future(aio.in_thread(f.read, chunk))
+                try:
+                    await _send(client, {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
+                                         "offset": offset, "data": data, "eof": eof})
+                finally:
+                    if ahead is not None and not ahead.done():
+                        await asyncio.wait({ahead})     # never close the file under a read
                 offset += len(data)
-                if eof:
+                if ahead is None:
                     return
+                data = ahead.result()
     except protocol.RemoteError as exc:
         raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
+
+
+async def _send(client: net.Client, msg: dict) -> None:
+    """One chunk, sent again (up to TRIES in all) while the dispatcher cannot be reached."""
+    for attempt_no in range(TRIES):
+        try:
+            await client.request(msg)
+            return
+        except (net.PeerError, protocol.ProtocolError) as exc:
+            if attempt_no == TRIES - 1:
+                raise ValueError(f"the dispatcher is unreachable: {exc}") from None
+            await asyncio.sleep(0.5 * (attempt_no + 1))

@@ -12,12 +12,28 @@ output, or at ``close``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+PIPE_SIZE = 1 << 20         # Linux's default pipe-max-size: what an unprivileged process may ask for
+
+
+def widen_pipe(transport: Any) -> None:
+    """Make the step's output pipe (a subprocess transport's stdout) hold up to
+    PIPE_SIZE bytes instead of 64 KiB: a step that writes fast then goes on
+    while the runner's loop is busy (sending a log frame, on a loaded
+    machine) rather than stopping every 64 KiB. Best effort: where the
+    system refuses, the pipe stays as it was."""
+    try:
+        pipe = transport.get_pipe_transport(1).get_extra_info("pipe")
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 class BuildLog:

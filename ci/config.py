@@ -219,6 +219,7 @@ _BOUNDS = {
     ("build", "timeout"): (lambda v: 0 < v <= 10**9, "greater than 0 (seconds)"),
     # build.steps and build.env are checked against the wire table by settings.resolve
     ("net", "max_frame"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
+    ("net", "max_bulk"): (lambda v: 1024 <= v <= 1 << 30, "between 1024 and 1073741824"),
     ("net", "max_connections"): (lambda v: v >= 1, "at least 1"),
     ("net", "max_handshakes"): (lambda v: v >= 1, "at least 1"),
     ("net", "max_per_peer"): (lambda v: v >= 1, "at least 1"),

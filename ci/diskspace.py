@@ -29,6 +29,7 @@ from typing import Callable
 from . import protocol
 from .conditions import Conditions
 from .store import is_disk_full
+from .text import utf8_boundary
 
 DISK_FULL = "disk_full"
 EVERY = 1.0             # seconds a statvfs figure is trusted
@@ -78,6 +79,18 @@ class DiskSpace:
             return False
         self.free -= size
         return True
+
+    def fitting(self, data: bytes) -> bytes:
+        """The part of a piece of a log that fits above the reserve (all of it,
+        or what fits, ending at a character, with ``disk_full`` reported, as
+        ``room`` refuses), counted as written: a log is stored up to the
+        reserve however big its frames are, and its rest refused after."""
+        floor = self.reserve + (self.margin if self.full else 0)    # before room() may report the condition
+        if self.room(len(data)):
+            return data
+        part = data[:utf8_boundary(data[:max(0, (self.free or 0) - floor)])]
+        self.free = (self.free or 0) - len(part)
+        return part
 
     def _short(self, size: int) -> bool:
         floor = self.reserve + (self.margin if self.full else 0)

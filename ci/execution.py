@@ -47,7 +47,7 @@ from . import aio, artifact_find, buildfile, cache, masking, procgroup, reports
 from .attempt import Outcome, RunRequest, Stopped
 from .buildenv import build_env, make_venv, venv_path
 from .buildfile import BuildFile, BuildFileError, Keeps, Step
-from .buildlog import BuildLog
+from .buildlog import BuildLog, widen_pipe
 from .checkout import Checkout, CheckoutError
 from .models import Status
 
@@ -57,7 +57,7 @@ DEFAULT_TEST_STEP = "python -m pytest -q"
 # an installable project (pyproject.toml or setup.py) is installed into the build's virtualenv first
 DEFAULT_INSTALL_STEP = "python -m pip install --quiet --disable-pip-version-check ."
 NO_STEPS = "no build steps: set build.steps in the dispatcher's config or add .ci.yaml with steps"
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 20        # a fast step's output is read (and logged) in big pieces
 OUTPUT_DRAIN = 2.0      # after a step ends, how long to wait for the last of its output
 
 
@@ -342,6 +342,7 @@ class Execution:
             self.steps.end(mark)
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
+        widen_pipe(transport)
         proc = asyncio.subprocess.Process(transport, protocol, loop)
         self.steps.started(mark, proc.pid)
         marker = procgroup.mark_group(self.checkout, proc.pid)

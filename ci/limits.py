@@ -15,6 +15,7 @@ class Limits:
     """Bounds for one connection; every wait on a peer has one."""
 
     max_frame: int = 1 << 20
+    max_bulk: int = 4 << 20         # raw bytes a bulk frame (a log's or an artifact's chunk) may carry
     connect_timeout: float = 5.0
     read_timeout: float = 10.0      # a frame, once started, must arrive within this
     idle_timeout: float = 300.0     # a server drops a client silent for this long

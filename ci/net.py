@@ -32,6 +32,10 @@ holds at all (handshakes, authenticated ones, per address) is ``gate``'s rule.
 A malformed payload, an unknown type or a bad field is answered with an
 ``error`` naming it and the connection stays usable; an oversized length
 prefix closes the connection, because the stream cannot be trusted after it.
+So does a bulk frame (``protocol.encode_parts``: raw bytes after the JSON)
+whose count is malformed or over ``max_bulk``; before the handshake is done
+no bulk frame is taken at all. The raw bytes are read like the frame, within
+``read_timeout``, and written without a copy.
 
 Exactly one reply per request, from the table (``protocol.MESSAGES``): the
 server sends what a handler returns only when the table allows it for the
@@ -53,8 +57,8 @@ from .aio import LazyAsyncio, within
 from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
-                       FatalProtocolError, ProtocolError, RemoteError, check_reply, decode, encode, error,
-                       is_stream, ok, validate)
+                       FatalProtocolError, ProtocolError, RemoteError, attach, bulk_size, check_reply, decode,
+                       encode, encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -64,6 +68,7 @@ log = logging.getLogger(__name__)
 # hello's answer is some hundred bytes, and a peer that proved nothing must
 # not make a daemon hold a megabyte for it.
 HANDSHAKE_FRAME = 4096
+BULK_PIECE = 1 << 20        # the most of a bulk frame's bytes taken from the stream at a time
 
 # ---------------------------------------------------------------- errors
 
@@ -105,6 +110,7 @@ class Connection:
         self.id = ""            # the authenticated client's id: a runner's name for role runner
         self.sent = 0           # frames sent: tells the server whether a stream handler answered
         self.max_frame = limits.max_frame   # the largest frame read; smaller until a server's peer authenticates
+        self.max_bulk = limits.max_bulk     # raw bytes a bulk frame may carry; none until a server's peer authenticates
 
     async def recv_raw(self, idle: float | None = None) -> Any:
         """Read one frame and decode its JSON (unvalidated).
@@ -116,7 +122,7 @@ class Connection:
         stage = "header"
         try:
             if sys.version_info < (3, 11):      # no asyncio.timeout: a timer per read
-                return decode(await self._read_310(timeout))
+                return await self._with_bulk(decode(await self._read_310(timeout)))
             # one timer for the frame, moved when its header is in: a timer made and
             # cancelled per read was a third of what an idle ping cost
             async with asyncio.timeout(timeout) as deadline:
@@ -130,7 +136,7 @@ class Connection:
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stalled mid-frame" if stage == "body" else
                               f"{self.peer} sent nothing for {timeout:g}s") from None
-        return decode(body)
+        return await self._with_bulk(decode(body))
 
     def _length(self, header: bytes) -> int:
         (length,) = HEADER.unpack(header)
@@ -153,14 +159,44 @@ class Connection:
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stalled mid-frame") from None
 
+    async def _with_bulk(self, frame: Any) -> Any:
+        """A bulk frame's header with its raw bytes attached; any other frame as it is."""
+        size = bulk_size(frame, self.max_bulk)
+        if size is None:
+            return frame
+        return attach(frame, await self._bulk(size))
+
+    async def _bulk(self, size: int) -> bytes:
+        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``. In the
+        pieces the stream holds, joined once: ``readexactly`` would grow one
+        buffer to the whole size and copy it twice more."""
+        deadline = asyncio.get_running_loop().time() + self.limits.read_timeout
+        parts, left = [], size
+        while left:
+            try:
+                part = await within(self.reader.read(min(left, BULK_PIECE)),
+                                    max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise PeerTimeout(f"{self.peer} stalled mid-frame") from None
+            if not part:
+                raise ConnectionError(f"{self.peer} closed the connection mid-frame")
+            parts.append(part)
+            left -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def recv(self, sender: str = SERVER, idle: float | None = None) -> dict:
         return validate(await self.recv_raw(idle), sender)
 
     async def send(self, msg: dict) -> None:
-        data = encode(msg)
+        data, raw = encode_parts(msg)
         if len(data) - 4 > self.limits.max_frame:
             raise ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte {msg.get('type')!r} frame")
+        if raw is not None and len(raw) > self.limits.max_bulk:
+            raise ProtocolError("frame_too_large", f"refusing to send {len(raw)} bytes in a {msg.get('type')!r} "
+                                                   f"frame (net.max_bulk is {self.limits.max_bulk})")
         self.writer.write(data)
+        if raw:
+            self.writer.write(raw)
         self.sent += 1
         if not self.writer.transport.get_write_buffer_size():
             await self.writer.drain()       # all of it went out: returns at once, no timer needed
@@ -323,13 +359,13 @@ class _Listener:
         if ticket is None:
             await _refuse(conn, name, why)
             return
-        conn.max_frame = min(HANDSHAKE_FRAME, limits.max_frame)
+        conn.max_frame, conn.max_bulk = min(HANDSHAKE_FRAME, limits.max_frame), 0
         try:
             if await _bounded_handshake(conn, self.keys, self.roles, self.who()):
                 if not self.admission.authenticated(ticket):
                     await _refuse(conn, name, f"{name} has {limits.max_connections} connections open")
                     return
-                conn.max_frame = limits.max_frame
+                conn.max_frame, conn.max_bulk = limits.max_frame, limits.max_bulk
                 await _serve_requests(conn, self.handler, name)
         except (ConnectionError, PeerError) as exc:
             log.debug("%s: %s: %s", name, peer, exc)

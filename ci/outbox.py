@@ -11,7 +11,8 @@ the result or refused it as stale; until then a restarted runner finds them
 and delivers them again.
 
 A ``Delivery`` sends, to the dispatcher:
-    log {build, attempt, offset, data}   -> ok {offset} | error offset {expected} | error stale
+    log {build, attempt, offset, data (bytes: a bulk frame)}
+                                         -> ok {offset} | error offset {expected} | error stale
                                             | error disk_full
     result {build, attempt, status, exit_code, steps, duration, log_size}
                                          -> ok | error offset {expected} | error stale
@@ -39,8 +40,14 @@ from .text import utf8_boundary
 
 log = logging.getLogger(__name__)
 
-PACE = 0.1                  # at most one log frame per this many seconds while a build runs
-MAX_CHUNK = 256 * 1024
+# While a build runs, a log frame smaller than a whole chunk waits until this
+# long after the last one (a step writing a line at a time costs a frame a
+# tenth of a second, not one a line); a whole chunk goes at once, so a step
+# writing fast is never held back.
+PACE = 0.1
+# A log frame's bytes at most (and net.max_bulk): one frame a round trip, so
+# big frames keep up with a step writing fast on a loaded machine.
+MAX_CHUNK = 4 << 20
 _ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
 RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
 ACCEPTED, STALE = "accepted", "stale"
@@ -122,12 +129,11 @@ class Delivery:
     dispatcher accepts it or calls it stale. Never gives up on an absent dispatcher."""
 
     def __init__(self, client: net.Client, build: int, attempt: int, log_path: Path,
-                 max_frame: int = 1 << 20, start: int = 0, result: dict | None = None):
+                 max_bulk: int = 4 << 20, start: int = 0, result: dict | None = None):
         self.client = client
         self.build, self.attempt = build, attempt
         self.log_path = log_path
-        # JSON may escape a control character as 6 bytes: keep the worst case inside a frame
-        self.chunk = max(1024, min(MAX_CHUNK, (max_frame - 512) // 6))
+        self.chunk = max(1024, min(MAX_CHUNK, max_bulk))      # the log's bytes go raw, in bulk frames
         self.pos = start            # bytes of the log the dispatcher is known (or assumed) to have
         self.result = result
         self._wake = asyncio.Event()
@@ -163,7 +169,7 @@ class Delivery:
             size = self._size()
             if self.pos < size and not self.cut:
                 pause = last_sent + PACE - time.monotonic()
-                if pause > 0 and not self._ended.is_set():
+                if pause > 0 and not self._ended.is_set() and size - self.pos < self.chunk:
                     # the end of the build cuts the pause short: its last lines go at once
                     try:
                         await aio.within(self._ended.wait(), pause)
@@ -252,5 +258,4 @@ class Delivery:
         if cut == 0 and self.result is None:
             return None
         data = data[:cut] if cut else data
-        return {"type": "log", "build": self.build, "attempt": self.attempt, "offset": self.pos,
-                "data": data.decode("utf-8", "replace")}
+        return {"type": "log", "build": self.build, "attempt": self.attempt, "offset": self.pos, "data": data}

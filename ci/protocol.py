@@ -3,7 +3,14 @@ table of every message and its reply, validation, error codes, and the JSON
 encoding of one frame.
 
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON: one
-object with a string ``type``. On connect the server speaks first (the
+object with a string ``type``. A *bulk* frame carries bytes as they are: its
+JSON header has ``bytes: N`` (no ``data``), and N raw bytes follow the
+frame; they are the message's ``data`` (``bytes`` in Python). N is bounded by
+``net.max_bulk`` (none at all before the handshake is done); a count that is
+not a whole number, or over the bound, closes the connection, since the
+stream cannot be followed after it. Only the fields the table declares as
+bytes (``BYTES``, ``TEXT_OR_BYTES``) take bulk data: logs, artifacts and log
+chunks, so no byte is base64'd or JSON-escaped on the way. On connect the server speaks first (the
 handshake, done by ``net``; K is the key for the client's role and id)::
 
     server: hello {version: 2, nonce: Ns, name: S}
@@ -32,13 +39,14 @@ also ends a stream::
                                           [message jobs config_error]
     runner -> dispatcher       register   name host port labels slots [running]   ok {heartbeat_interval}
                                                                                   | error name_taken / not_yours
-    runner -> dispatcher       log        build attempt offset data               ok {offset}
+    runner -> dispatcher       log        build attempt offset data (bytes)       ok {offset}
                                                                                   | error offset {expected} / stale
                                                                                   / not_yours / disk_full
     runner -> dispatcher       result     build attempt status exit_code steps    ok
                                           duration [log_size step_results tests]  | error offset {expected} / stale
                                                                                   / not_yours / disk_full
-    runner -> dispatcher       artifact   build attempt path offset data eof      ok {offset} | error not_yours
+    runner -> dispatcher       artifact   build attempt path offset data (bytes)  ok {offset} | error not_yours
+                                          eof
                                                                                   / disk_full
     dispatcher -> runner       run        build attempt repo sha branch steps     ok | error busy
                                           timeout env [job artifacts_limit inputs
@@ -48,7 +56,7 @@ also ends a stream::
     reader -> dispatcher       status     [limit]                                 ok {runners builds pipelines queue
                                                                                   [conditions]}
     reader -> dispatcher       build      build                                   ok {build}
-    reader -> dispatcher       read_log   build [offset follow timestamps]        stream: chunk {offset data [times]}...
+    reader -> dispatcher       read_log   build [offset follow timestamps binary] stream: chunk {offset data [times]}...
                                                                                   then end {status offset}
     reader -> dispatcher       watch      [limit]                                 stream: ok {runners builds
                                                                                   pipelines queue} once, then
@@ -61,7 +69,7 @@ also ends a stream::
     reader -> dispatcher       log_window build [offset line limit]               ok {data offset line size status}
     reader -> dispatcher       counts     since                                   ok {counts}
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
-    reader, runner -> disp.    fetch_artifact                                     ok {data offset size eof}
+    reader, runner -> disp.    fetch_artifact                                     ok {data (bytes) offset size eof}
                                           build path [offset]
     operator -> dispatcher     trigger    [branch rev repo job]                   ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
@@ -92,7 +100,9 @@ steps from ``run.definition`` (the dispatcher's ``pipelines.<repo>``, as
 .ci.yaml text) instead when the checkout has no ``.ci.yaml`` or
 ``run.override`` is true. ``run.secrets`` are the build secrets the job asked
 for and its branch may have, name -> value: only ever in a ``run`` (in clear
-without TLS, as ``env``). Artifact ``data`` is base64, in chunks.
+without TLS, as ``env``). Artifact ``data`` is bytes (bulk frames), in chunks;
+a ``log``'s is bytes too (text is still accepted). ``read_log.binary`` asks
+for chunks whose ``data`` is bytes (bulk frames) rather than text.
 ``read_log.timestamps`` adds to each chunk its ``times``: [offset, unix time]
 pairs saying when the bytes from each offset reached the dispatcher.
 ``trigger.repo`` says which repository ``branch`` or ``rev`` is in, ``trigger.job`` queues
@@ -151,6 +161,10 @@ from . import patterns
 
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
+# A frame's JSON header with this field is a bulk frame: that many raw bytes
+# follow it, and they become the message's ``data``. No message has a field
+# of this name.
+BULK = "bytes"
 
 # Roles a client authenticates as. Runners accept work only from "dispatcher".
 DISPATCHER, RUNNER, OBSERVER, OPERATOR, READER = (
@@ -295,6 +309,10 @@ REPO = Kind("repository path or URL (1-4096 characters, no control characters, n
             lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and not v.startswith("-")
             and re.search(r"[\x00-\x1f\x7f]", v) is None)
 DATA = _str(1 << 20)
+# bytes come only from a bulk frame (JSON has none); their bound is the framing's (net.max_bulk)
+BYTES = Kind("bytes (sent raw in a bulk frame)", lambda v: isinstance(v, bytes))
+TEXT_OR_BYTES = Kind("string of at most 1048576 characters, or bytes (a bulk frame)",
+                     lambda v: DATA.check(v) or BYTES.check(v))
 NUMBER = Kind("finite number", _number)
 POSITIVE = Kind("finite number above 0", lambda v: _number(v) and v > 0)
 BOOL = Kind("boolean", lambda v: isinstance(v, bool))
@@ -428,14 +446,14 @@ MESSAGES: dict[str, Spec] = {
     "register": _spec(RUNNER, {"name": NAME, "host": _str(255), "port": PORT, "labels": LABELS,
                                "slots": _int(1, 256)}, {"running": LEASES},
                       reply=_ok({"heartbeat_interval": POSITIVE})),
-    "log": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "offset": COUNT, "data": DATA},
+    "log": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "offset": COUNT, "data": TEXT_OR_BYTES},
                  reply=_ok({"offset": COUNT})),
     "result": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "status": FINAL,
                              "exit_code": _int(-1000, 1000), "steps": _int(0, 10_000),
                              "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS, "tests": TESTS},
                     reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
-                               "data": DATA, "eof": BOOL},
+                               "data": BYTES, "eof": BOOL},
                       reply=_ok({"offset": COUNT})),
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
@@ -450,8 +468,10 @@ MESSAGES: dict[str, Spec] = {
     # tools -> dispatcher
     "status": _spec(TOOLS, {}, {"limit": _int(1, 10_000)}, reply=SNAPSHOT),
     "build": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"build": OBJECT})),
-    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL, "timestamps": BOOL},
-                      stream=Stream(each=Shape("chunk", {"offset": COUNT, "data": DATA}, {"times": TIMES}),
+    "read_log": _spec(TOOLS, {"build": BUILD_ID}, {"offset": COUNT, "follow": BOOL, "timestamps": BOOL,
+                                                   "binary": BOOL},
+                      stream=Stream(each=Shape("chunk", {"offset": COUNT, "data": TEXT_OR_BYTES},
+                                               {"times": TIMES}),
                                     end=Shape("end", {"status": STATUS, "offset": COUNT}))),
     "watch": _spec(TOOLS, {}, {"limit": _int(1, 10_000)},
                    stream=Stream(first=SNAPSHOT,
@@ -472,7 +492,7 @@ MESSAGES: dict[str, Spec] = {
     "artifacts": _spec(TOOLS, {"build": BUILD_ID}, reply=_ok({"artifacts": OBJECTS})),
     # a runner fetches the artifacts of the builds its build needs (its run's inputs)
     "fetch_artifact": _spec(TOOLS | {RUNNER}, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
-                            reply=_ok({"data": DATA, "offset": COUNT, "size": COUNT, "eof": BOOL})),
+                            reply=_ok({"data": BYTES, "offset": COUNT, "size": COUNT, "eof": BOOL})),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO, "job": JOB}, reply=QUEUED),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),
     # runner maintenance: a draining runner finishes what it runs and takes nothing new;
@@ -490,7 +510,7 @@ MESSAGES: dict[str, Spec] = {
     "ok": _spec(SERVER, open=True),
     "error": _spec(SERVER, ERROR.required, ERROR.optional),
     "pong": _spec(SERVER, {"running": LEASES}),
-    "chunk": _spec(SERVER, {"offset": COUNT, "data": DATA}, {"times": TIMES}),
+    "chunk": _spec(SERVER, {"offset": COUNT, "data": TEXT_OR_BYTES}, {"times": TIMES}),
     "event": _spec(SERVER, {"event": _str(64)}, open=True),
     "end": _spec(SERVER, {}, open=True),
 }
@@ -586,8 +606,49 @@ def ok(**fields: Any) -> dict:
 # ---------------------------------------------------------------- framing
 
 def encode(msg: dict) -> bytes:
+    """The whole frame (a bulk frame's raw bytes included)."""
+    head, raw = encode_parts(msg)
+    return head if raw is None else head + raw
+
+
+def encode_parts(msg: dict) -> tuple[bytes, bytes | None]:
+    """(length and JSON, the raw bytes after it or None): a message whose
+    ``data`` is bytes goes as a bulk frame, its header saying how many follow,
+    so a sender writes the bytes it holds without copying them."""
+    data = msg.get("data")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data) if not isinstance(data, bytes) else data
+        msg = {**{k: v for k, v in msg.items() if k != "data"}, BULK: len(raw)}
+    else:
+        raw = None
     body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
-    return HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)) + body, raw
+
+
+def bulk_size(frame: Any, limit: int) -> int | None:
+    """How many raw bytes follow the frame whose JSON is ``frame`` (None: it is
+    not a bulk frame). FatalProtocolError for a count that is not a whole
+    number or is over ``limit``: the stream cannot be followed after it."""
+    if not isinstance(frame, dict) or BULK not in frame:
+        return None
+    size = frame[BULK]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FatalProtocolError("bad_frame", f"a bulk frame's {BULK!r} must be a count of bytes, "
+                                              f"got {_short(size)}")
+    if size > limit:
+        raise FatalProtocolError("frame_too_large", f"bulk frame of {size} bytes exceeds the limit of {limit}"
+                                 + ("" if limit else " (none before the handshake is done)"))
+    return size
+
+
+def attach(frame: dict, raw: bytes) -> dict:
+    """The message a bulk frame carries: its raw bytes become its ``data``.
+    ProtocolError (the stream is still in step) when the header has a ``data`` too."""
+    if "data" in frame:
+        raise ProtocolError("bad_message", "a bulk frame carries its data raw, not also in its header")
+    del frame[BULK]
+    frame["data"] = raw
+    return frame
 
 
 def decode(body: bytes) -> Any:

@@ -3,9 +3,12 @@
 Receives (role reader or operator): ``status`` -> ok {runners, builds,
 pipelines, queue, conditions}; ``build`` -> ok {build}; ``read_log`` -> chunk {offset,
 data, [times]}... end {status, offset} (``times`` with ``timestamps``: when
-each part reached the dispatcher); ``watch`` -> ok {the status snapshot}, then event...
+each part reached the dispatcher; with ``binary``, ``data`` is bytes in bulk
+frames of up to ``net.max_bulk``, else text in pieces of LOG_CHUNK);
+``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
-{artifacts}; ``fetch_artifact`` -> ok {data, offset, size, eof};
+{artifacts}; ``fetch_artifact`` -> ok {data (bytes, a bulk frame of up to
+``net.max_bulk``), offset, size, eof};
 ``history`` -> ok {builds, older, newer}; ``branch_status`` -> ok {status,
 [sha, builds]}; ``log_window`` -> ok {data, offset, line, size, status};
 ``counts`` -> ok {counts}. The last four are what the web page needs: a page
@@ -23,7 +26,6 @@ builds of a commit it holds a build of (its run's ``inputs``).
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Mapping
 
 from . import aio, net, protocol
@@ -37,8 +39,7 @@ from .scheduler import Scheduler
 from .store import HISTORY_FILTERS, Store
 from .watchers import Watchers
 
-LOG_CHUNK = 256 * 1024
-ARTIFACT_CHUNK = 256 * 1024
+LOG_CHUNK = 256 * 1024       # a text chunk: JSON may escape a byte six-fold within the frame
 LOG_WINDOW = 64 * 1024
 BADGE_SCAN = 500            # a branch's newest builds searched for a finished pipeline
 
@@ -105,18 +106,20 @@ class Queries:
             return
         # an offset past the end is the end (seeking far past it would be an OSError)
         offset = min(msg.get("offset", 0), self.logs.size(build_id))
+        binary = msg.get("binary", False)
+        limit = conn.limits.max_bulk if binary else LOG_CHUNK
         while True:
             changed = self.watchers.changed
-            data = self.logs.read(build_id, offset, LOG_CHUNK)     # never half a character: its rest may come
+            data = self.logs.read(build_id, offset, limit)     # never half a character: its rest may come
             build = None if data else self._build(build_id)
             if build is None and not data:          # deleted meanwhile (retention)
                 await conn.send(protocol.error("not_found", f"no build {build_id}"))
                 return
             final = build is not None and build.status.final and build_id not in self.sched.builds
             if final:       # a finished log may end inside a character: send that too
-                data = self.logs.read(build_id, offset, LOG_CHUNK, whole=False)
+                data = self.logs.read(build_id, offset, limit, whole=False)
             if data:
-                chunk = {"type": "chunk", "offset": offset, "data": data.decode(errors="replace")}
+                chunk = {"type": "chunk", "offset": offset, "data": data if binary else data.decode(errors="replace")}
                 if msg.get("timestamps"):
                     chunk["times"] = await aio.in_thread(self.logs.times, build_id, offset, offset + len(data))
                 await conn.send(chunk)
@@ -159,11 +162,10 @@ class Queries:
             return protocol.error("forbidden", f"runner {conn.id} holds no build of the commit of build {build.id}")
         offset = msg.get("offset", 0)
         try:
-            data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, ARTIFACT_CHUNK)
+            data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, conn.limits.max_bulk)
         except ArtifactError as exc:
             return protocol.error(exc.code, exc.message)
-        return protocol.ok(data=base64.b64encode(data).decode(), offset=offset, size=size,
-                           eof=offset + len(data) >= size)
+        return protocol.ok(data=data, offset=offset, size=size, eof=offset + len(data) >= size)
 
     async def history(self, conn: net.Connection, msg: dict) -> dict:
         filters = {name: msg[name] for name in HISTORY_FILTERS if name in msg}

@@ -125,7 +125,7 @@ class Runner:
             key = (result["build"], result["attempt"])
             log.info("build %d attempt %d: result %s is still in the outbox; delivering it",
                      *key, result["status"])
-            self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.settings.limits.max_frame,
+            self._deliver(Delivery(self._client(), *key, outbox.log_path(*key), self.settings.limits.max_bulk,
                                    start=result["log_size"], result=result))
         return server
 
@@ -238,7 +238,7 @@ class Runner:
                              msg.get("artifacts_limit", RunRequest.artifacts_limit), tuple(msg.get("inputs", ())),
                              msg.get("definition", ""), msg.get("override", False), dict(msg.get("secrets", {})))
         path = self.outbox.log_path(build, attempt)
-        delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_frame)
+        delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_bulk)
         try:
             buildlog = BuildLog(path, delivery.wake)
         except OSError as exc:
@@ -307,7 +307,7 @@ class Runner:
     async def _upload(self, build: int, attempt: int, rel: str, file: Path) -> None:
         client = self._client()
         try:
-            await artifact_upload.upload(client, self.settings.limits.max_frame, build, attempt, rel, file)
+            await artifact_upload.upload(client, self.settings.limits.max_bulk, build, attempt, rel, file)
         finally:
             await client.close()
 

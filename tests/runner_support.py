@@ -77,7 +77,7 @@ class FakeDispatcher:
         key = (msg["build"], msg["attempt"])
         have = self.logs.setdefault(key, bytearray())
         if kind == "log":
-            data = msg["data"].encode()
+            data = msg["data"] if isinstance(msg["data"], bytes) else msg["data"].encode()
             if msg["offset"] > len(have):
                 return protocol.error("offset", "gap in the log", expected=len(have))
             overlap = len(have) - msg["offset"]

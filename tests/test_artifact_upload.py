@@ -1,10 +1,10 @@
-"""One artifact sent in chunks (each within the frame limit, the last marked
-eof) to a fake dispatcher in this process, and a refusal reported."""
+"""One artifact sent in chunks (raw bytes in bulk frames, each within the
+bulk limit, the last marked eof) to a fake dispatcher in this process, and a
+refusal reported."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 
 import pytest
@@ -25,14 +25,14 @@ def test_upload_sends_a_file_in_chunks_and_reports_a_refusal(tmp_path):
         try:
             await artifact_upload.upload(client, 4096, 5, 2, "dist/big.bin", tmp_path / "big.bin")
             chunks = [m for m in fake.artifacts if m["path"] == "dist/big.bin"]
-            assert len(chunks) == 5, "the frame size bounds a chunk"
-            assert [m["offset"] for m in chunks] == [0, 2304, 4608, 6912, 9216]
-            assert [m["eof"] for m in chunks] == [False] * 4 + [True]
+            assert len(chunks) == 3, "the bulk limit bounds a chunk"
+            assert [m["offset"] for m in chunks] == [0, 4096, 8192]
+            assert [m["eof"] for m in chunks] == [False, False, True]
             assert {(m["build"], m["attempt"]) for m in chunks} == {(5, 2)}
-            assert b"".join(base64.b64decode(m["data"]) for m in chunks) == data
+            assert b"".join(m["data"] for m in chunks) == data         # the bytes as they are
             await artifact_upload.upload(client, 4096, 5, 2, "empty", tmp_path / "empty")
             assert [(m["offset"], m["data"], m["eof"]) for m in fake.artifacts if m["path"] == "empty"] \
-                == [(0, "", True)]
+                == [(0, b"", True)]
             fake.refuse_artifacts = "artifact over the limit"
             with pytest.raises(ValueError, match="the dispatcher refused it: artifact over the limit"):
                 await artifact_upload.upload(client, 4096, 5, 2, "dist/big.bin", tmp_path / "big.bin")

@@ -4,7 +4,6 @@ stand-in dispatcher, the status tables, and `tinyci up`'s start-up checks."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -205,7 +204,7 @@ class StandIn:
         if kind == "artifacts":
             return protocol.ok(artifacts=[{"path": f"{HOSTILE}report.txt", "size": len(ARTIFACT)}])
         if kind == "fetch_artifact":
-            return protocol.ok(data=base64.b64encode(ARTIFACT).decode(), offset=0, size=len(ARTIFACT), eof=True)
+            return protocol.ok(data=ARTIFACT, offset=0, size=len(ARTIFACT), eof=True)
         if kind == "cancel":
             return protocol.error("finished", f"build {msg['build']} is already passed")
         if kind == "poke":
@@ -579,3 +578,25 @@ def test_up_with_the_port_taken_shows_why_and_exits_1(tmp_path):
     assert code == 1
     assert "dispatcher" in err and "already in use" in err
     assert "Traceback" not in err
+
+
+def test_terminal_out_writes_plain_pieces_as_they_are_and_cleans_the_rest_the_same(tmp_path):
+    """The fast path for plain pieces gives exactly what the sanitizer gives, whatever the pieces."""
+    import io
+    import random
+    from ci.cli import TerminalOut
+    from ci.sanitize import log_text
+    rng = random.Random(16)
+    alphabet = [b"plain text ", b"\n", b"\t", b"\x1b[31mred\x1b[0m", b"\x1b]0;title\x07", b"\r\n", b"\r",
+                b"\xc3\xa9", b"\xe2\x80\xae", b"\x1b", b"[2J", b"\x00", b"\x7f", b"\xff"]
+    for trial in range(200):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 6))))
+        for colour in (False, True):
+            raw = io.BytesIO()
+            out = TerminalOut(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+            out.stream.keep_colour = colour
+            for a, b in zip([0, *cuts], [*cuts, len(data)]):
+                out.write(data[a:b])
+            out.close()
+            assert raw.getvalue().decode() == log_text(data.decode(errors="replace"), colour), (trial, data, cuts)

@@ -99,3 +99,12 @@ def test_a_disk_that_says_it_is_full_stops_the_room_at_once():
     assert "disk full" in conditions.active()[0]["message"]
     clock.now += 1.5                        # a look finds plenty: it was the quota, or someone freed space
     assert guard.room(1) and DISK_FULL not in conditions
+
+
+def test_a_big_piece_of_a_log_is_stored_up_to_the_reserve_and_its_rest_refused():
+    guard, clock, disk, conditions = space((1 << 20) + 10 * 1024)
+    assert guard.fitting(b"a" * 4001) == b"a" * 4001          # fits: all of it
+    piece = "é".encode() * 4000                             # 8000 bytes, two a character
+    part = guard.fitting(piece)                             # 6239 bytes are left above the reserve
+    assert part == piece[:6238] and DISK_FULL in conditions  # up to the reserve, at a character
+    assert guard.fitting(b"more") == b""                     # the rest: refused

@@ -35,10 +35,11 @@ def scenario(test):
 
 class Conn:
     """What a handler sees of a connection: the peer's role, id (a runner's name) and
-    address, and what a stream sends."""
+    address, its limits, and what a stream sends."""
 
     def __init__(self, role: str, peer: str = "127.0.0.1:40000", id: str = ""):
         self.role, self.peer, self.id, self.sent = role, peer, id, []
+        self.limits = net.Limits()
 
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
@@ -679,7 +680,7 @@ async def test_an_artifact_that_does_not_fit_is_left_out_with_a_note(make):
     await h.commit()
     await h.settle()
     reply = await h.call({"type": "artifact", "build": 1, "attempt": 1, "path": "dist/app.tar", "offset": 0,
-                          "data": "aGVsbG8gd29ybGQ=", "eof": True}, protocol.RUNNER, id="r1")
+                          "data": b"hello world", "eof": True}, protocol.RUNNER, id="r1")
     assert codes(reply) == ("error", "disk_full") and "artifact 'dist/app.tar' left out" in reply["message"]
     assert "[artifact dist/app.tar left out: the dispatcher's disk is full]" in h.text(1)
     assert h.d.artifacts.list(1) == []

@@ -184,21 +184,28 @@ terminal = st.one_of(
 )
 
 
+def read_exactly(sock: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
 def read_frame(sock: socket.socket):
-    header = b""
-    while len(header) < 4:
-        chunk = sock.recv(4 - len(header))
-        if not chunk:
-            raise ConnectionError("closed")
-        header += chunk
-    (length,) = struct.unpack(">I", header)
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return json.loads(body)
+    (length,) = struct.unpack(">I", read_exactly(sock, 4))
+    frame = json.loads(read_exactly(sock, length))
+    size = protocol.bulk_size(frame, 1 << 30)       # a bulk frame: its raw bytes follow
+    return frame if size is None else protocol.attach(frame, read_exactly(sock, size))
+
+
+def is_bulk(data: bytes) -> bool:
+    try:
+        return protocol.bulk_size(protocol.decode(data[4:]), 1 << 62) is not None
+    except protocol.ProtocolError:
+        return True         # a malformed count: the daemon closes the connection, which no answer says
 
 
 def answers_for(data: bytes, role: str) -> protocol.Answers:
@@ -224,7 +231,8 @@ def checked_session(addr: tuple[str, int], role: str, secret: str, frames: list[
     its end), an error for anything invalid. The probe's reply proves the connection
     still usable; after it the daemon, seeing our end, closes with nothing more to say.
     Frames that are valid ``harmful`` requests are not sent. Returns the frames sent."""
-    plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME]
+    # a JSON object with a "bytes" field is a bulk frame: raw bytes follow it, which these frames lack
+    plan = [(data, answers_for(data, role)) for data in frames if len(data) - 4 <= MAX_FRAME and not is_bulk(data)]
     plan = [(data, answers) for data, answers in plan if answers.request not in harmful]
     with socket.create_connection(addr, timeout=10) as sock:
         welcome, greeting = authenticate(sock, role, secret, to)

@@ -5,10 +5,12 @@ log cap and the notify.on_finish commands."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import yaml
 
-from conftest import finished, tinyci
+from conftest import TOOL_CWD, child_env, finished, tinyci
 
 TWO_JOBS = """\
 env: {GREETING: hello}
@@ -91,10 +93,10 @@ steps:
 """
 
 ESCAPE = """\
-import asyncio, base64, os
+import asyncio, os
 from ci import net, protocol      # the runner's PYTHONPATH reaches the step
 msg = {"type": "artifact", "build": int(os.environ["CI_BUILD"]), "attempt": int(os.environ["CI_ATTEMPT"]),
-       "path": "../../../escaped.txt", "offset": 0, "data": base64.b64encode(b"pwned").decode(), "eof": True}
+       "path": "../../../escaped.txt", "offset": 0, "data": b"pwned", "eof": True}
 try:
     asyncio.run(net.call(open("dispatcher.addr").read().strip(), msg, "runner", id="r1"))   # the build's runner
     print("escape accepted")
@@ -228,3 +230,50 @@ def test_notify_runs_with_the_build_in_its_environment_on_pass_fail_and_cancel(c
                  lambda: (lambda t: t if "exited 7" in t and "killed after 2s" in t else None)(c.disp.log()))
     assert "Traceback" not in log
     assert [b["status"] for b in c.builds()] == ["cancelled", "failed", "passed"]
+
+
+BIG = """\
+artifacts: [out.bin]
+steps:
+  - python3 gen.py
+  - python3 -c "import os; open('out.bin', 'wb').write(bytes(range(256)) * 40000 + os.urandom(777))"
+  - sha256sum out.bin
+"""
+GEN = """\
+import sys
+out = sys.stdout.buffer
+for i in range(60000):      # ~6 MiB, with characters of two, three and four bytes
+    out.write(f"{i:06d} é€😀 the same line again and again, to make a log of several MiB\\n".encode())
+"""
+
+
+def test_a_multi_mib_log_and_artifact_arrive_whole(cluster, repo, tmp_path):
+    """Bulk frames end to end: a ~6 MiB log and a ~10 MiB artifact, compared by SHA-256
+    with what the step wrote, as stored and as `tinyci log` and `tinyci artifacts --get` give them."""
+    import hashlib
+    import re
+    c = cluster(max_log_bytes=64 << 20, max_artifact_bytes=64 << 20)
+    c.dispatcher()
+    c.runner("r1")
+    sha = repo.commit("big", {".ci.yaml": BIG, "gen.py": GEN})
+    c.observer(repo)
+    build = of(c.wait_builds(lambda b: finished(of(b, sha)), "the build", timeout=120), sha)[0]
+    log = (tmp_path / "dispatcher" / "logs" / f"{build['id']}.log").read_bytes()
+    assert build["status"] == "passed", log[-3000:]
+    want = "".join(f"{i:06d} é€😀 the same line again and again, to make a log of several MiB\n"
+                   for i in range(60000)).encode()
+    start = log.index(b"$ python3 gen.py\n") + len(b"$ python3 gen.py\n")
+    assert hashlib.sha256(log[start:start + len(want)]).hexdigest() == hashlib.sha256(want).hexdigest()
+    assert log[start + len(want):].startswith(b"[exit 0 after ")
+    read = subprocess.run([sys.executable, "-m", "ci", "log", str(build["id"]), "--raw", "--dispatcher",
+                           c.disp.addr], capture_output=True, cwd=TOOL_CWD, env=child_env(), timeout=60)
+    assert read.returncode == 0 and read.stdout == log           # every byte, through bulk chunks
+    artifact = bytes(range(256)) * 40000
+    stored = tmp_path / "dispatcher" / "artifacts" / sha / str(build["id"]) / "out.bin"
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert stored.read_bytes()[:len(artifact)] == artifact and stored.stat().st_size == len(artifact) + 777
+    assert re.search(rf"^{digest}  out.bin$", log.decode(), re.M), "the runner's file and the stored one differ"
+    target = tmp_path / "fetched.bin"
+    got = tinyci("artifacts", str(build["id"]), "--get", "out.bin", "-o", str(target), "--dispatcher", c.disp.addr)
+    assert got.returncode == 0, got.stderr
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest

@@ -368,3 +368,150 @@ def test_a_host_name_the_resolver_refuses_is_a_peer_error():
         asyncio.run(net.call("a" * 300 + ".example:1", {"type": "status"}, "reader"))
     with pytest.raises(net.PeerError, match="not a valid host name"):
         net.request_blocking("a" * 300 + ".example:1", {"type": "poke"}, "operator", to="observer")
+
+
+# ---------------------------------------------------------------- bulk frames (raw bytes after the JSON)
+
+class Bulk:
+    """A server that takes an artifact's bytes and gives them back with fetch_artifact."""
+
+    def __init__(self):
+        self.got = b""
+
+    async def __call__(self, conn, msg):
+        if msg["type"] == "artifact":
+            self.got += msg["data"]
+            return protocol.ok(offset=len(self.got))
+        if msg["type"] == "fetch_artifact":
+            offset = msg.get("offset", 0)
+            data = self.got[offset:offset + conn.limits.max_bulk]
+            return protocol.ok(data=data, offset=offset, size=len(self.got), eof=offset + len(data) >= len(self.got))
+        return dict(ANSWERS[msg["type"]][0])
+
+
+BULK_LIMITS = net.Limits(read_timeout=2.0, max_frame=4096, max_bulk=64 * 1024)
+ARTIFACT = {"type": "artifact", "build": 1, "attempt": 1, "path": "a.bin", "offset": 0, "eof": False}
+
+
+def bulk_header(**fields) -> bytes:
+    body = json.dumps({**ARTIFACT, **fields}).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def test_bulk_frames_carry_bytes_as_they_are_both_ways():
+    async def body():
+        handler = Bulk()
+        server, port = await start(handler, limits=BULK_LIMITS)
+        blob = bytes(range(256)) * 700            # every byte value, over two bulk frames
+        client = net.Client("127.0.0.1", port, "runner", limits=BULK_LIMITS, id="r1")
+        for offset in range(0, len(blob), BULK_LIMITS.max_bulk):
+            piece = blob[offset:offset + BULK_LIMITS.max_bulk]
+            assert (await client.request({**ARTIFACT, "data": piece}))["offset"] == offset + len(piece)
+        assert handler.got == blob
+        reader = net.Client("127.0.0.1", port, "reader", limits=BULK_LIMITS)
+        got, offset = b"", 0
+        while True:
+            reply = await reader.request({"type": "fetch_artifact", "build": 1, "path": "a.bin", "offset": offset})
+            assert isinstance(reply["data"], bytes) and len(reply["data"]) <= BULK_LIMITS.max_bulk
+            got += reply["data"]
+            offset += len(reply["data"])
+            if reply["eof"]:
+                break
+        assert got == blob
+        await client.close()
+        await reader.close()
+        server.close()
+    run(body())
+
+
+@pytest.mark.parametrize("count", [-1, "12", 1.5, True, None])
+def test_a_bulk_frame_with_a_malformed_count_closes_the_connection(count):
+    async def body():
+        server, port = await start(Bulk(), limits=BULK_LIMITS)
+        conn, _ = await raw_session(port, "runner")
+        conn.writer.write(bulk_header(bytes=count) + b"xxxx")
+        reply = await conn.recv()
+        assert (reply["type"], reply["code"]) == ("error", "bad_frame") and "count of bytes" in reply["message"]
+        assert await conn.reader.read() == b""          # closed: where the next frame starts is unknown
+        server.close()
+    run(body())
+
+
+def test_a_bulk_frame_over_the_limit_closes_the_connection_but_the_server_serves_others():
+    async def body():
+        server, port = await start(Bulk(), limits=BULK_LIMITS)
+        conn, _ = await raw_session(port, "runner")
+        conn.writer.write(bulk_header(bytes=BULK_LIMITS.max_bulk + 1))
+        reply = await conn.recv()
+        assert reply["code"] == "frame_too_large" and "exceeds the limit of 65536" in reply["message"]
+        assert await conn.reader.read() == b""
+        other = net.Client("127.0.0.1", port, "runner", limits=BULK_LIMITS, id="r1")
+        assert await other.request({**ARTIFACT, "data": b"ok"}) == {"type": "ok", "offset": 2}
+        await other.close()
+        server.close()
+    run(body())
+
+
+def test_no_bulk_frame_before_the_handshake_is_done():
+    async def body():
+        server, port = await start(Bulk(), limits=BULK_LIMITS)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = net.Connection(reader, writer, net.Limits(read_timeout=2.0), "server")
+        await conn.recv()                                   # hello
+        auth = json.dumps({"type": "auth", "role": "reader", "id": "", "nonce": "ab" * 16, "to": "dispatcher",
+                           "mac": "", "bytes": 10}).encode()
+        writer.write(struct.pack(">I", len(auth)) + auth + b"x" * 10)
+        reply = await conn.recv()
+        assert reply["code"] == "frame_too_large" and "before the handshake" in reply["message"]
+        assert await reader.read() == b""
+        server.close()
+    run(body())
+
+
+def test_a_truncated_bulk_frame_ends_the_connection_and_the_server_goes_on():
+    async def body():
+        server, port = await start(Bulk(), limits=BULK_LIMITS)
+        conn, _ = await raw_session(port, "runner")
+        conn.writer.write(bulk_header(bytes=1000) + b"only this much")
+        conn.writer.write_eof()
+        assert await conn.reader.read() == b""               # dropped, nothing stored, no reply
+        other = net.Client("127.0.0.1", port, "runner", limits=BULK_LIMITS, id="r1")
+        assert await other.request({**ARTIFACT, "data": b"next"}) == {"type": "ok", "offset": 4}
+        await other.close()
+        server.close()
+    run(body())
+
+
+@pytest.mark.parametrize("header, code", [
+    ({"type": "result", "build": 1, "attempt": 1, "status": "passed", "exit_code": 0, "steps": 1,
+      "duration": 1.0, "bytes": 3}, "unknown_field"),           # a result carries no bytes
+    ({**ARTIFACT, "data": "eA==", "bytes": 3}, "bad_message"),  # data twice
+    ({**ARTIFACT, "data": "eA=="}, "bad_field"),                # an artifact's data is bytes, never text
+])
+def test_bytes_where_the_table_has_none_are_refused_and_the_connection_stays_in_step(header, code):
+    async def body():
+        server, port = await start(Bulk(), limits=BULK_LIMITS)
+        conn, _ = await raw_session(port, "runner")
+        frame = json.dumps(header).encode()
+        conn.writer.write(struct.pack(">I", len(frame)) + frame + (b"abc" if "bytes" in header else b""))
+        reply = await conn.recv()
+        assert (reply["type"], reply["code"]) == ("error", code)
+        await conn.send({**ARTIFACT, "data": b"fine"})          # the next frame is read where it starts
+        assert await conn.recv() == {"type": "ok", "offset": 4}
+        await conn.close()
+        server.close()
+    run(body())
+
+
+def test_a_sender_refuses_bytes_over_its_bulk_limit_and_writes_nothing():
+    async def body():
+        handler = Bulk()
+        server, port = await start(handler, limits=BULK_LIMITS)
+        client = net.Client("127.0.0.1", port, "runner", limits=BULK_LIMITS, id="r1")
+        with pytest.raises(protocol.ProtocolError, match="net.max_bulk is 65536"):
+            await client.request({**ARTIFACT, "data": b"x" * (BULK_LIMITS.max_bulk + 1)})
+        assert await client.request({**ARTIFACT, "data": b"y"}) == {"type": "ok", "offset": 1}
+        assert handler.got == b"y"
+        await client.close()
+        server.close()
+    run(body())

@@ -73,7 +73,7 @@ def test_a_delivery_streams_the_log_then_sends_the_result(tmp_path):
 
     async def scenario():
         fake = await FakeDispatcher().start()
-        delivery = Delivery(fake.client(), 7, 1, path, max_frame=8192)
+        delivery = Delivery(fake.client(), 7, 1, path, max_bulk=8192)
         try:
             path.write_bytes(b"")
             task = asyncio.ensure_future(delivery.run())
@@ -152,11 +152,11 @@ def test_refused_results_are_retried_and_a_stale_lease_ends_the_delivery(tmp_pat
     asyncio.run(scenario())
 
 
-def test_a_log_frame_fits_the_dispatchers_frame_limit(tmp_path):
-    def chunk(frame: int) -> int:
-        return Delivery(None, 1, 1, tmp_path / "1-1.log", max_frame=frame).chunk
+def test_a_log_frame_fits_the_bulk_limit(tmp_path):
+    def chunk(bulk: int) -> int:
+        return Delivery(None, 1, 1, tmp_path / "1-1.log", max_bulk=bulk).chunk
 
-    # JSON may escape a byte as six: the worst case must still fit in one frame
-    assert chunk(1 << 20) * 6 + 512 <= 1 << 20
+    # the bytes go raw (a bulk frame), nothing escaped: MAX_CHUNK, or less with a smaller bulk limit
     assert chunk(64 << 20) == MAX_CHUNK
+    assert chunk(8192) == 8192
     assert chunk(100) == 1024           # never below 1 KiB

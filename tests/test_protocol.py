@@ -35,7 +35,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
                         "step_results": [{"name": "", "run": "make", "exit_code": 0, "duration": 1.2},
                                          {"name": "t", "run": "sleep 9", "exit_code": None, "duration": 0.1}],
                         "tests": {"passed": 3, "failed": 1, "errors": 0, "skipped": 0, "failures": ["m.t"]}}),
-    "artifact": (RUNNER, {"build": 1, "attempt": 1, "path": "dist/app.tar", "offset": 0, "data": "aGVsbG8=",
+    "artifact": (RUNNER, {"build": 1, "attempt": 1, "path": "dist/app.tar", "offset": 0, "data": b"hello",
                           "eof": True}),
     "run": (DISPATCHER, {"build": 1, "attempt": 1, "repo": REPO, "sha": SHA, "branch": "main",
                          "steps": ["make test"], "timeout": 60.0, "env": {"CI": "1"}, "job": "test",
@@ -47,7 +47,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "cancel": (OPERATOR, {"build": 1, "attempt": 1, "by": "ada@host"}),
     "status": (READER, {"limit": 50}),
     "build": (READER, {"build": 1}),
-    "read_log": (READER, {"build": 1, "offset": 0, "follow": True, "timestamps": True}),
+    "read_log": (READER, {"build": 1, "offset": 0, "follow": True, "timestamps": True, "binary": False}),
     "watch": (READER, {"limit": 50}),
     "history": (READER, {"repo": REPO, "branch": "main", "status": "failed", "author": "ada", "job": "test",
                          "sha": "0123ab", "before": 100, "after": 50, "limit": 50}),
@@ -100,7 +100,7 @@ ANSWERS: dict[str, list[dict]] = {
                     "status": "running"}],
     "counts": [{"type": "ok", "counts": {"passed": 3, "failed": 1}}],
     "artifacts": [{"type": "ok", "artifacts": [{"path": "dist/app.tar", "size": 5}]}],
-    "fetch_artifact": [{"type": "ok", "data": "aGVsbG8=", "offset": 0, "size": 5, "eof": True}],
+    "fetch_artifact": [{"type": "ok", "data": b"hello", "offset": 0, "size": 5, "eof": True}],
     "trigger": [{"type": "ok", "builds": [3]}],
     "rebuild": [{"type": "ok", "builds": [4]}],
     "drain": [{"type": "ok", "runner": {"name": "r1", "state": "draining"}}],
@@ -474,3 +474,32 @@ def test_decode_rejects_bad_payloads(body, code):
     with pytest.raises(protocol.ProtocolError) as err:
         protocol.decode(body)
     assert err.value.code == code
+
+
+# ---------------------------------------------------------------- bulk frames
+
+def test_a_message_with_bytes_is_a_bulk_frame_and_comes_back_the_same():
+    msg = {"type": "artifact", "build": 1, "attempt": 1, "path": "a", "offset": 0, "data": b"\x00\xff{}", "eof": True}
+    head, raw = protocol.encode_parts(msg)
+    header = protocol.decode(head[4:])
+    assert raw == b"\x00\xff{}" and header[protocol.BULK] == 4 and "data" not in header
+    assert protocol.encode(msg) == head + raw
+    assert protocol.bulk_size(header, 4) == 4
+    assert protocol.validate(protocol.attach(header, raw), RUNNER) == msg
+    assert protocol.bulk_size({"type": "status"}, 0) is None          # a plain frame
+    assert protocol.encode_parts({"type": "log", "data": "text"})[1] is None     # text stays JSON
+
+
+@pytest.mark.parametrize("count, code", [(-1, "bad_frame"), ("4", "bad_frame"), (2.0, "bad_frame"),
+                                         (False, "bad_frame"), (5, "frame_too_large")])
+def test_a_bulk_count_that_is_not_a_count_or_over_the_limit_is_fatal(count, code):
+    with pytest.raises(protocol.FatalProtocolError) as err:
+        protocol.bulk_size({"type": "artifact", protocol.BULK: count}, 4)
+    assert err.value.code == code
+
+
+def test_bytes_are_only_where_the_table_says_and_never_from_json():
+    assert refused({**example("artifact"), "data": "aGVsbG8="}, RUNNER).code == "bad_field"     # no base64
+    assert refused({**example("status"), "data": b"x"}, READER).code == "unknown_field"
+    with pytest.raises(protocol.ProtocolError):
+        protocol.attach({"type": "log", protocol.BULK: 1, "data": "x"}, b"y")

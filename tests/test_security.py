@@ -185,7 +185,7 @@ def test_log_result_and_artifact_come_only_from_the_runner_holding_the_build(tmp
         forged = await h.result(1, runner="r2", log_size=0)
         assert forged == {"type": "error", "code": "not_yours", "message": "build 1 is not held by runner 'r2'"}
         assert codes(await h.log(1, 0, "=== passed ===\n", runner="r2")) == ("error", "not_yours")
-        artifact = {"type": "artifact", "build": 1, "attempt": 1, "path": "a.txt", "offset": 0, "data": "eA==",
+        artifact = {"type": "artifact", "build": 1, "attempt": 1, "path": "a.txt", "offset": 0, "data": b"x",
                     "eof": True}
         assert codes(await h.call(artifact, protocol.RUNNER, id="r2")) == ("error", "not_yours")
         assert (h.build(1).status, h.text(1).count("passed")) == (Status.RUNNING, 0)      # unchanged

@@ -6,7 +6,6 @@ tests start real dispatchers."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shutil
@@ -183,7 +182,7 @@ def test_a_dispatcher_opens_the_fixture_with_its_whole_history(tmp_path):
         with_artifact = next(b for b in EXPECTED["builds"] if b["artifacts"])
         fetched = c.request({"type": "fetch_artifact", "build": with_artifact["id"], "path": "out/report.txt"})
         stored = FIXTURE / "artifacts" / with_artifact["sha"] / str(with_artifact["id"]) / "out" / "report.txt"
-        assert base64.b64decode(fetched["data"]) == stored.read_bytes()
+        assert fetched["data"] == stored.read_bytes()
         assert [r["name"] for r in status["runners"]] == [r["name"] for r in EXPECTED["runners"]]
         reply = c.request({"type": "commit", "repo": "/elsewhere", "branch": "main", "sha": "b" * 40,
                            "author": "Ada", "subject": "after the upgrade", "time": 1.0}, role="observer")

@@ -11,7 +11,6 @@ Downloads stream: neither a log nor an artifact is held whole in memory.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from urllib.parse import quote
 
@@ -119,7 +118,7 @@ async def plain_log(request: web.Request) -> web.StreamResponse:
     number = build_id(request)
     link = request.app["link"]
     response: web.StreamResponse | None = None
-    async with link.stream({"type": "read_log", "build": number}, idle=STREAM_IDLE) as frames:
+    async with link.stream({"type": "read_log", "build": number, "binary": True}, idle=STREAM_IDLE) as frames:
         try:
             async for frame in frames:
                 if response is None:
@@ -128,7 +127,7 @@ async def plain_log(request: web.Request) -> web.StreamResponse:
                         "Content-Disposition": f'inline; filename="build-{number}.log"'})
                     await response.prepare(request)
                 if frame["type"] == "chunk":
-                    await response.write(frame["data"].encode())
+                    await response.write(frame["data"])         # bytes: binary chunks
         except protocol.RemoteError as exc:
             if response is None and exc.code == "not_found":
                 raise web.HTTPNotFound(text=f"no build {number}") from None
@@ -152,7 +151,7 @@ async def artifact(request: web.Request) -> web.StreamResponse:
             if response is None and exc.code in ("not_found", "bad_path"):
                 raise web.HTTPNotFound(text=f"build {number} has no artifact {path}") from None
             raise
-        chunk = base64.b64decode(reply["data"])
+        chunk = reply["data"]           # bytes, from a bulk frame
         if response is None:
             name = path.rsplit("/", 1)[-1]
             response = web.StreamResponse(headers={

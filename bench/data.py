@@ -1,0 +1,260 @@
+"""logs and artifacts: the bytes that flow through a build (issue 16, items 1
+and 2), through the real dispatcher, one real runner and the real `tinyci`
+tool, each against the same work done without tinyci on the same machine.
+
+logs: a step writes SIZE bytes of text to stdout (100 MiB; --quick 10 MiB).
+The build's span (the dispatcher's started_at -> finished_at: hand-out,
+checkout, the step, every log byte on the dispatcher's disk, the result)
+against the same step run alone with its output to a file. A `tinyci log N
+--follow` started as the step starts, and `tinyci log N > file` of the
+finished log against a `cp` of the dispatcher's log file. CPU seconds of the
+dispatcher and the runner (their own, not the step's) per 100 MiB. And a build
+of the step `true`: what any build costs here beyond its step.
+
+artifacts: a step makes a SIZE-byte file of random bytes, sent after the
+steps (``.ci.yaml`` ``artifacts``): upload is from the step's end (a time it
+prints as its last line) to the last write of the dispatcher's copy (its
+mtime), against a `cp` of the runner's file; download is `tinyci artifacts
+N --get PATH -o FILE` against a `cp` of the dispatcher's file. Every copy is
+checked with SHA-256. Peak RSS (VmHWM) of the dispatcher and the runner, and
+the tool's (its rusage), say whether anything held a whole artifact.
+
+Trials are interleaved (the reference, then tinyci) and medians quoted: the
+machine is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ci import protocol
+from tests.daemons import child_env
+
+from .harness import FINAL, Repo, Result, cluster, cpu_seconds, median, request, wait_for
+
+MIB = 1 << 20
+# a step that writes ``size`` bytes of log-like text to stdout, in lines of ~100 bytes
+GEN = """import sys
+size = int(sys.argv[1])
+line = b"%08d " + b"the quick brown fox jumps over the lazy dog; build output, warnings and test names" + b"\\n"
+out = sys.stdout.buffer
+written, n, block = 0, 0, []
+while written < size:
+    piece = line % n
+    n += 1
+    block.append(piece)
+    written += len(piece)
+    if len(block) == 512:
+        out.write(b"".join(block))
+        block = []
+out.write(b"".join(block))
+"""
+STEP_END = re.compile(r"STEP-END ([0-9.]+)")
+
+
+def vm(pid: int, key: str) -> float:
+    """A VmXXX line of /proc/<pid>/status, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float, int]:
+    """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB, exit status)."""
+    cmd = [sys.executable, "-m", "ci", *args, "--dispatcher", addr, "--config", str(config)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode:
+        raise RuntimeError(f"tinyci {' '.join(args)} failed ({proc.returncode}): {err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, proc.returncode
+
+
+def timed_cp(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    seconds = time.perf_counter() - t0
+    dst.unlink()
+    return seconds
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _commit(c, repo: Repo, sha: str) -> int:
+    """Send the commit as the observer would; returns its build's id once it runs."""
+    reply = request(c.disp.addr, {"type": "commit", "repo": str(repo.path), "branch": "main", "sha": sha,
+                                  "author": "Bench", "subject": f"bench {sha[:7]}", "time": time.time()},
+                    protocol.OBSERVER)
+    return reply["build"]
+
+
+def _build(c, build_id: int, timeout: float) -> dict:
+    return wait_for(f"build {build_id} to finish", lambda: next(
+        (b for b in c.status(20)["builds"] if b["id"] == build_id and b["status"] in FINAL), None),
+        timeout, every=0.02)
+
+
+# ---------------------------------------------------------------- logs
+
+def logs(tmp: Path, quick: bool) -> Result:
+    size = (10 if quick else 100) * MIB
+    trials = 1 if quick else 3
+    per100 = 100 * MIB / size
+    res = Result("logs")
+    repo = Repo(tmp / "repo")
+    repo.commit("initial", {"gen.py": GEN})
+    step = f"python3 gen.py {size}"
+    alone, spans, follow, disp_cpu, run_cpu, follow_rss, disp_hwm = [], [], [], [], [], [], []
+    with cluster(tmp / "cluster", [step], dispatcher={"max_log_bytes": 4 * size}) as c:
+        c.dispatcher()
+        runner = c.runner("r1")
+        c.wait("the runner", lambda: c.runner_state("r1") == "idle", 30)
+        for t in range(trials + 1):         # the first build warms the runner's clone up
+            if t:
+                out = tmp / "alone.out"
+                t0 = time.perf_counter()
+                subprocess.run(f"python3 gen.py {size} > {out}", shell=True, cwd=repo.path, check=True)
+                alone.append(time.perf_counter() - t0)
+                out.unlink()
+            cpu0 = cpu_seconds(c.disp.pid), cpu_seconds(runner.pid)
+            if t:
+                repo.commit(f"trial {t}")
+            build_id = _commit(c, repo, repo.head())
+            fol = None
+            if t:
+                c.wait("the build to run", lambda: any(
+                    b["id"] == build_id and b["status"] != "queued" for b in c.status(20)["builds"]), 30, every=0.005)
+                fol = subprocess.Popen([sys.executable, "-m", "ci", "log", str(build_id), "--follow",
+                                        "--dispatcher", c.disp.addr, "--config", str(c.config)],
+                                       cwd=tmp, env=child_env(), stdout=open(tmp / "follow.out", "wb"),
+                                       stderr=subprocess.DEVNULL)
+                started = time.perf_counter()
+            build = _build(c, build_id, 300)
+            if build["status"] != "passed":
+                raise RuntimeError(f"build {build_id} {build['status']}: {c.log(build_id)[-2000:]}")
+            cpu1 = cpu_seconds(c.disp.pid), cpu_seconds(runner.pid)
+            if fol is None:
+                continue
+            _, status, usage = os.wait4(fol.pid, 0)
+            follow.append(size / MIB / (time.perf_counter() - started))
+            follow_rss.append(usage.ru_maxrss / 1024)
+            got = (tmp / "follow.out").stat().st_size
+            if got < size:
+                raise RuntimeError(f"tinyci log --follow wrote {got} bytes of a log of at least {size}")
+            spans.append(build["finished_at"] - build["started_at"])
+            disp_cpu.append((cpu1[0] - cpu0[0]) * per100)
+            run_cpu.append((cpu1[1] - cpu0[1]) * per100)
+            disp_hwm.append(vm(c.disp.pid, "VmHWM"))
+        # what any build costs here beyond its step: the same build with the step `true`
+        repo.commit("trivial", {".ci.yaml": "steps: ['true']\n"})
+        trivial = []
+        for _ in range(3):
+            one = _build(c, _commit(c, repo, repo.commit("again")), 60)
+            trivial.append(one["finished_at"] - one["started_at"])
+        # read back the last finished log: `cp` of the file, then `tinyci log`, interleaved
+        log_file = tmp / "cluster" / "dispatcher" / "logs" / f"{build_id}.log"
+        total = log_file.stat().st_size
+        cps, reads, read_rss = [], [], []
+        for _ in range(3 if quick else 5):
+            cps.append(timed_cp(log_file, tmp / "copy.log"))
+            with open(tmp / "read.out", "wb") as out:
+                seconds, rss, _ = tool(tmp, c.config, c.disp.addr, "log", str(build_id), stdout=out)
+            reads.append(seconds)
+            read_rss.append(rss)
+        if (tmp / "read.out").stat().st_size < size:
+            raise RuntimeError("tinyci log wrote less than the step did")
+    span, step_alone = median(spans), median(alone)
+    res.add("step alone (output to a file)", step_alone, "s", note=f"{size // MIB} MiB of text")
+    res.add("build span (started -> finished)", span, "s")
+    res.add("streaming cost: build span over the step alone", (span / step_alone - 1) * 100, "%", "< 20")
+    res.add("a build of the step `true` (checkout, virtualenv, result)", median(trivial), "s")
+    res.add("streaming cost beyond that trivial build's span",
+            (span - median(trivial)) / step_alone * 100 - 100, "%")
+    res.add("step -> dispatcher's log file", size / MIB / span, "MiB/s")
+    res.add("to a `tinyci log --follow` client while it runs", median(follow), "MiB/s")
+    res.add("read back: `tinyci log N > file`", total / MIB / median(reads), "MiB/s", ">= 200")
+    res.add("read back: `cp` of the log file", total / MIB / median(cps), "MiB/s")
+    res.add("read back: tinyci log / cp", median(cps) / median(reads) * 100, "%")
+    res.add("dispatcher CPU per 100 MiB", median(disp_cpu), "s")
+    res.add("runner CPU per 100 MiB (not the step's)", median(run_cpu), "s")
+    res.add("peak RSS: dispatcher (VmHWM)", max(disp_hwm), "MiB")
+    res.add("peak RSS: tinyci log --follow", max(follow_rss), "MiB")
+    res.add("peak RSS: tinyci log", max(read_rss), "MiB")
+    res.data = {"size": size, "trials": trials, "step_alone_s": alone, "span_s": spans, "follow_mib_s": follow,
+                "read_s": reads, "cp_s": cps, "log_bytes": total, "dispatcher_cpu_per_100mib": disp_cpu,
+                "runner_cpu_per_100mib": run_cpu, "trivial_span_s": trivial}
+    return res
+
+
+# ---------------------------------------------------------------- artifacts
+
+def artifacts(tmp: Path, quick: bool) -> Result:
+    size = (10 if quick else 100) * MIB
+    trials = 1 if quick else 3
+    res = Result("artifacts")
+    repo = Repo(tmp / "repo")
+    ci_yaml = (f"artifacts: [out.bin]\nsteps:\n  - head -c {size} /dev/urandom > out.bin\n"
+               f"  - python3 -c 'import time; print(\"STEP-END\", time.time())'\n")
+    repo.commit("initial", {".ci.yaml": ci_yaml})
+    uploads, up_cps, downloads, down_cps, tool_rss = [], [], [], [], []
+    hwm: dict[str, list] = {"dispatcher": [], "runner": []}
+    with cluster(tmp / "cluster", ["true"], dispatcher={"max_artifact_bytes": 4 * size}) as c:
+        c.dispatcher()
+        runner = c.runner("r1")
+        c.wait("the runner", lambda: c.runner_state("r1") == "idle", 30)
+        for t in range(trials):
+            sha = repo.commit(f"trial {t}")
+            build_id = _commit(c, repo, sha)
+            build = _build(c, build_id, 300)
+            text = c.log(build_id)
+            if build["status"] != "passed" or f"[artifact out.bin ({size} bytes) sent]" not in text:
+                raise RuntimeError(f"build {build_id} {build['status']}, artifact not sent: {text[-2000:]}")
+            stored = tmp / "cluster" / "dispatcher" / "artifacts" / sha / str(build_id) / "out.bin"
+            uploads.append(stored.stat().st_mtime - float(STEP_END.search(text).group(1)))
+            sent = next((tmp / "cluster" / "runners" / "r1" / "checkouts").glob("*/out.bin"))
+            up_cps.append(timed_cp(sent, tmp / "cp.bin"))
+            want = sha256(sent)
+            if sha256(stored) != want:
+                raise RuntimeError("the dispatcher's copy of the artifact differs from the runner's")
+            down_cps.append(timed_cp(stored, tmp / "cp.bin"))
+            seconds, rss, _ = tool(tmp, c.config, c.disp.addr, "artifacts", str(build_id), "--get", "out.bin",
+                                   "-o", str(tmp / "got.bin"))
+            downloads.append(seconds)
+            tool_rss.append(rss)
+            if sha256(tmp / "got.bin") != want:
+                raise RuntimeError("the downloaded artifact differs from the runner's")
+            (tmp / "got.bin").unlink()
+            hwm["dispatcher"].append(vm(c.disp.pid, "VmHWM"))
+            hwm["runner"].append(vm(runner.pid, "VmHWM"))
+    mib = size / MIB
+    res.add("upload (step end -> dispatcher's last write)", mib / median(uploads), "MiB/s",
+            note=f"{size // MIB} MiB")
+    res.add("upload: `cp` of the runner's file", mib / median(up_cps), "MiB/s")
+    res.add("upload / cp", median(up_cps) / median(uploads) * 100, "%", ">= 25")
+    res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s")
+    res.add("download: `cp` of the dispatcher's file", mib / median(down_cps), "MiB/s")
+    res.add("download / cp", median(down_cps) / median(downloads) * 100, "%", ">= 25")
+    res.add("peak RSS: dispatcher (VmHWM)", max(hwm["dispatcher"]), "MiB")
+    res.add("peak RSS: runner (VmHWM)", max(hwm["runner"]), "MiB")
+    res.add("peak RSS: tinyci artifacts --get", max(tool_rss), "MiB")
+    res.data = {"size": size, "upload_s": uploads, "upload_cp_s": up_cps, "download_s": downloads,
+                "download_cp_s": down_cps, "peak_rss_mib": hwm, "tool_rss_mib": tool_rss}
+    return res
+
