@@ -750,7 +750,7 @@ async def test_a_build_waits_outside_the_queue_until_its_needs_passed(make):
     assert "=== the builds it needs passed: queued ===" in h.text(3)
     # the runner holding lint may fetch test's artifact; another runner may not
     fetched = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r1")
-    assert fetched["data"] == "d2hlZWw="
+    assert fetched["data"] == b"wheel"
     refused = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
     assert codes(refused) == ("error", "forbidden")
 
