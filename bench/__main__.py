@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import latency, recovery, scale, throughput, web
+from . import latency, recovery, repo, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -26,6 +26,8 @@ SCENARIOS = {
     "recovery": recovery.recovery,
     "overhead": throughput.overhead,
     "web": web.web_pages,
+    "repo": repo.repo_scenario,
+    "branches": repo.branches_scenario,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -63,6 +63,8 @@ class ObserverConfig:
     branches: list = field(default_factory=lambda: ["*"])
     fetch: bool = False
     remote: str = "origin"
+    fetch_interval: float = 0.0   # seconds between fetches when no poke comes; 0: before every look
+    build: str = "all"            # all | first-parent | heads: which new commits of a branch to report
     state_dir: str = ".tinyci/observer"
 
 
@@ -191,6 +193,9 @@ _BOUNDS = {
     ("retention", "interval"): (lambda v: v >= 1, "at least 1 (seconds)"),
     ("notify", "timeout"): (lambda v: v > 0, "greater than 0"),
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
+    ("observer", "fetch_interval"): (lambda v: v >= 0, "0 (fetch before every look) or more seconds"),
+    ("observer", "build"): (lambda v: v in ("all", "first-parent", "heads"),
+                            "one of all, first-parent, heads"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
     ("runner", "clone_days"): (lambda v: v >= 0, "0 or more (days; 0 keeps the clones forever)"),

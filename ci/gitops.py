@@ -186,10 +186,12 @@ class RepoReader:
         with self._reading():
             return self.repo.is_ancestor(old, new)
 
-    def commits_between(self, old: str, new: str) -> list[str]:
-        """``old..new``, oldest first; --topo-order: parents before children even when clocks disagree."""
+    def commits_between(self, old: str, new: str, first_parent: bool = False) -> list[str]:
+        """``old..new``, oldest first; --topo-order: parents before children even when clocks
+        disagree. ``first_parent``: only ``new``'s first-parent line (a merge, not what it brought in)."""
         with self._reading():
-            return self.repo.git.rev_list("--reverse", "--topo-order", f"{old}..{new}").split()
+            return self.repo.git.rev_list("--reverse", "--topo-order", *(["--first-parent"] if first_parent else []),
+                                          f"{old}..{new}").split()
 
     def commit(self, sha: str, path: str) -> CommitFacts:
         """The commit ``sha`` and the content of ``path`` in its tree."""

@@ -7,7 +7,10 @@ through ``gitops.RepoReader``; this module holds only the decisions.
 so the rules read in one place:
 
 - a branch seen for the first time reports only its head, not its history;
-- a branch that moved forward reports every new commit, oldest first;
+- a branch that moved forward reports, by ``observer.build``: every new
+  commit, oldest first (``all``); only those on its first-parent line, so the
+  commits a merge brought in from other branches are not built
+  (``first-parent``); or only its new head (``heads``);
 - a branch whose saved commit is no longer in its history (force-push, or
   the commit was pruned) reports only its new head;
 - a branch that is gone (or no longer matches the patterns) is forgotten.
@@ -59,11 +62,18 @@ class ScanPlan:
 class History(Protocol):
     def has_commit(self, sha: str) -> bool: ...
     def is_ancestor(self, old: str, new: str) -> bool: ...
-    def commits_between(self, old: str, new: str) -> list[str]: ...   # old..new, oldest first
+    # old..new, oldest first; first_parent: only new's first-parent line
+    def commits_between(self, old: str, new: str, first_parent: bool = False) -> list[str]: ...
 
 
-def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -> ScanPlan:
-    """What to report, given the last acknowledged commit per branch and the current heads."""
+BUILD_MODES = ("all", "first-parent", "heads")      # observer.build
+
+
+def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History, build: str = "all") -> ScanPlan:
+    """What to report, given the last acknowledged commit per branch and the
+    current heads; ``build`` is one of BUILD_MODES (which new commits of a moved branch)."""
+    if build not in BUILD_MODES:
+        raise ValueError(f"unknown build mode {build!r} (known: {', '.join(BUILD_MODES)})")
     result = ScanPlan()
     for branch in sorted(saved.keys() - heads.keys()):
         result.dropped.append((branch, saved[branch]))
@@ -74,7 +84,11 @@ def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -
         if old is None:
             result.report.append((branch, head))
         elif history.has_commit(old) and history.is_ancestor(old, head):
-            result.report.extend((branch, sha) for sha in history.commits_between(old, head))
+            if build == "heads":
+                result.report.append((branch, head))
+            else:
+                result.report.extend((branch, sha) for sha in
+                                     history.commits_between(old, head, first_parent=build == "first-parent"))
         else:
             result.forced.append((branch, old, head))
             result.report.append((branch, head))
@@ -89,10 +103,12 @@ class Clone:
     """One watched clone (bare or not); every method opens it afresh, so a
     gc or a repack between scans never leaves us holding stale handles."""
 
-    def __init__(self, path: Path, patterns: Iterable[str] = ("*",), remote: str | None = None):
+    def __init__(self, path: Path, patterns: Iterable[str] = ("*",), remote: str | None = None,
+                 build: str = "all"):
         self.path = path
         self.patterns = tuple(patterns)
         self.remote = remote     # watch refs/remotes/<remote>/* instead of refs/heads/*
+        self.build = build       # observer.build: which new commits of a moved branch to report
 
     @staticmethod
     def problem(path: Path) -> str | None:
@@ -123,7 +139,7 @@ class Clone:
     def plan(self, saved: Mapping[str, str]) -> ScanPlan:
         """The plan for ``saved`` against the current heads. Raises GitReadError."""
         with gitops.RepoReader(self.path) as repo:
-            return plan(saved, self._heads(repo), repo)
+            return plan(saved, self._heads(repo), repo, self.build)
 
     def describe(self, report: Sequence[tuple[str, str]], budget: float | None = None) -> list[Commit]:
         """The commits of ``report`` (branch, sha), in order: all of them, or with
