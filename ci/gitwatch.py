@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,9 @@ class Clone:
         self.patterns = tuple(patterns)
         self.remote = remote     # watch refs/remotes/<remote>/* instead of refs/heads/*
         self.build = build       # observer.build: which new commits of a moved branch to report
+        # one regular expression for all the patterns: a look at 1,000 branches matches each once
+        self._watched = re.compile("|".join(fnmatch.translate(p) for p in self.patterns) or r"(?!)")
+        self._last_refs: tuple[str, dict[str, str]] = ("", {})   # the last listing, and the heads it gave
 
     @staticmethod
     def problem(path: Path) -> str | None:
@@ -139,7 +143,10 @@ class Clone:
     def plan(self, saved: Mapping[str, str]) -> ScanPlan:
         """The plan for ``saved`` against the current heads. Raises GitReadError."""
         with gitops.RepoReader(self.path) as repo:
-            return plan(saved, self._heads(repo), repo, self.build)
+            heads = self._heads(repo)
+            if heads == saved:
+                return ScanPlan()           # the common look: nothing moved, nothing to do per branch
+            return plan(saved, heads, repo, self.build)
 
     def describe(self, report: Sequence[tuple[str, str]], budget: float | None = None) -> list[Commit]:
         """The commits of ``report`` (branch, sha), in order: all of them, or with
@@ -157,15 +164,27 @@ class Clone:
         return out
 
     def _heads(self, repo: gitops.RepoReader) -> dict[str, str]:
+        """The watched branches' heads: one ``git for-each-ref``, parsed only when
+        its listing differs from the last look's (with many branches, most looks)."""
         prefix = f"refs/remotes/{self.remote}/" if self.remote else "refs/heads/"
-        heads = {}
-        for ref, sha in repo.refs(prefix):
-            branch = ref[len(prefix):]
-            if self.remote and branch == "HEAD":
-                continue           # the remote's default-branch pointer, not a branch
-            if matches(branch, self.patterns):
-                heads[branch] = sha
-        return heads
+        text = repo.refs_text(prefix)
+        last_text, last_heads = self._last_refs
+        if text == last_text:
+            return dict(last_heads)
+        # only the lines that changed are parsed: a push to one of 1,000 branches parses two lines
+        new, old = set(text.splitlines()), set(last_text.splitlines())
+        heads = dict(last_heads)
+        for gone, lines in ((True, old - new), (False, new - old)):     # a moved branch: out, then in again
+            for ref, sha in gitops.parse_refs("\n".join(lines)):
+                branch = ref[len(prefix):]
+                if self.remote and branch == "HEAD":
+                    continue           # the remote's default-branch pointer, not a branch
+                if gone:
+                    heads.pop(branch, None)
+                elif self._watched.match(branch):
+                    heads[branch] = sha
+        self._last_refs = (text, heads)
+        return dict(heads)
 
 
 def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -114,3 +114,34 @@ def test_a_push_of_merges_is_built_by_mode(tmp_path, cluster, mode):
     built = sorted(names[b["sha"]] for b in c.builds() if b["sha"] != base)
     assert built == sorted(EXPECTED[mode])
     assert all(b["branch"] == "main" for b in c.builds())
+
+
+# ---------------------------------------------------------------- many branches: one listing per look
+
+def test_each_look_sees_every_change_of_the_listing(tmp_path):
+    """The heads are kept from the last look and only the listing's changed lines
+    are read again: a moved, a deleted, a new and an unwatched branch all show."""
+    repo = _base(tmp_path)
+    for i in range(50):
+        repo.git("branch", f"b{i:02d}")
+    repo.git("branch", "other/x")
+    repo.git("pack-refs", "--all")
+    clone = gitwatch.Clone(repo.path, ["main", "b*"])
+    base = repo.head()
+    saved = {"main": base, **{f"b{i:02d}": base for i in range(50)}}
+    assert clone.plan(saved).report == []
+    assert clone.plan(saved).report == []               # the same listing again
+    moved = repo.git("commit-tree", repo.git("rev-parse", "main^{tree}"), "-p", base, "-m", "moved")
+    repo.git("update-ref", "refs/heads/b07", moved)
+    repo.git("update-ref", "-d", "refs/heads/b13")
+    repo.git("update-ref", "refs/heads/b99", moved)
+    repo.git("update-ref", "refs/heads/other/y", moved)
+    plan = clone.plan(saved)
+    assert plan.report == [("b07", moved), ("b99", moved)]
+    assert plan.dropped == [("b13", base)]
+    saved = {**saved, "b07": moved, "b99": moved}
+    del saved["b13"]
+    assert clone.plan(saved) == gitwatch.ScanPlan()
+    repo.git("update-ref", "refs/heads/b07", base)       # moved back (a force-push)
+    plan = clone.plan(saved)
+    assert plan.forced == [("b07", moved, base)] and plan.report == [("b07", base)]
