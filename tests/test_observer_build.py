@@ -145,3 +145,17 @@ def test_each_look_sees_every_change_of_the_listing(tmp_path):
     repo.git("update-ref", "refs/heads/b07", base)       # moved back (a force-push)
     plan = clone.plan(saved)
     assert plan.forced == [("b07", moved, base)] and plan.report == [("b07", base)]
+
+
+@pytest.mark.slow
+def test_without_a_poke_the_remote_is_fetched_every_fetch_interval(tmp_path, cluster):
+    upstream = _base(tmp_path)
+    clone = tmp_path / "clone"
+    upstream.git("clone", "-q", str(upstream.path), str(clone))
+    c = cluster(extra={"observer": {"fetch": True, "fetch_interval": 0.5}})
+    c.dispatcher()
+    c.observer(SimpleNamespace(path=clone), interval=0.1)
+    first = upstream.head()
+    c.wait_builds(lambda builds: any(b["sha"] == first for b in builds), "the build of the first head")
+    new = upstream.commit("upstream moved")
+    c.wait_builds(lambda builds: any(b["sha"] == new for b in builds), "the fetched commit's build")

@@ -21,7 +21,7 @@ import pytest
 from ci.config import ConfigError, load
 from ci.web import hooks
 
-from conftest import GIT_ENV, Repo
+from conftest import GIT_ENV, Repo, tinyci
 from web_site import start_web
 
 GITHUB_SECRET = "gh-hook-secret"
@@ -238,3 +238,15 @@ def test_a_forge_without_a_secret_has_no_hook(tmp_path, cluster):
     body = json.dumps(github_push("refs/heads/main", "0" * 40, "1" * 40)).encode()
     status, reply = _post(site.base, "/hooks/github", body, signed("github", body))
     assert status == 404 and "web.github_secret" in reply["error"]
+
+
+def test_a_hook_without_the_observer_secret_or_with_a_bad_file_stops_the_web(tmp_path):
+    config = tmp_path / "web.yaml"
+    config.write_text(f"auth: {{reader_secret: r}}\nweb: {{github_secret: {GITHUB_SECRET}}}\n")
+    done = tinyci("web", "--port", "0", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "the webhooks poke the observer, with its secret:" in done.stderr and "observer" in done.stderr
+    config.write_text(f"web: {{gitea_secret_file: {tmp_path / 'absent'}}}\n")
+    done = tinyci("web", "--port", "0", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2 and "web.gitea_secret_file: cannot read" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

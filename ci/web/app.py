@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .. import aio, daemon, net, protocol
 from ..config import ConfigError, load
-from ..local import dial_host, tool_secret, up_address
+from ..local import dial_host, find_up, tool_secret, up_address
 from ..settings import resolve
 from . import actions, hooks, pages, streams
 from .auth import COOKIE, LOGIN_CSRF_COOKIE, Gate, same_origin, well_formed
@@ -221,16 +221,26 @@ def _check_exposure(host: str, keeper: Gate, insecure: bool) -> None:
     log.warning("--insecure: listening on %s with no login: %s", host or "every interface", what)
 
 
-def _hook_observer(config, settings) -> hooks.Observer:
-    """Where the webhooks poke: web.observer, else the `tinyci up` above's observer, else observer.host:port."""
+def _hook_observer(config) -> hooks.Observer:
+    """Where and as whom the webhooks poke: web.observer, else the `tinyci up`
+    above's observer, else observer.host:port; with the observer's secret,
+    else (under `tinyci up`, which hands the web only the reader's) up's own."""
     target = config.web.observer or up_address("observer") or \
         f"{dial_host(config.observer.host)}:{config.observer.port}"
     try:
         net.parse_addr(target)
     except ValueError as exc:
-        raise daemon.StartupError(f"configuration error: {config.origin('web', 'observer')}: web.observer: "
-                                  f"{exc}") from None
-    return hooks.Observer(target, tool_secret(settings, protocol.OBSERVER), settings.limits, settings.client_tls)
+        raise ConfigError(f"{config.origin('web', 'observer')}: web.observer: {exc}") from None
+    try:
+        settings = resolve(config, roles=[protocol.OBSERVER], listens=False)
+        secret = tool_secret(settings, protocol.OBSERVER)
+    except ConfigError as exc:
+        up = find_up()
+        if up is None or not up.secret:
+            raise ConfigError(f"the webhooks poke the observer, with its secret: {exc}") from None
+        settings = resolve(config, roles=[], listens=False)
+        secret = up.secret
+    return hooks.Observer(target, secret, settings.limits, settings.client_tls)
 
 
 def main(args) -> int:
@@ -242,9 +252,9 @@ def main(args) -> int:
             # the reader's secret only, unless actions are on: then the operator's too;
             # with a forge's webhook, the observer's (to poke, as the git hook does)
             roles = [protocol.READER, protocol.OPERATOR] if config.web.actions else [protocol.READER]
+            settings = resolve(config, roles=roles, listens=False)
             hook_secrets = hooks.secrets(config)
-            settings = resolve(config, roles=roles + ([protocol.OBSERVER] if hook_secrets else []),
-                               listens=False)
+            observer = _hook_observer(config) if hook_secrets else None
         except ConfigError as exc:
             raise daemon.StartupError(f"configuration error: {exc}") from None
         keeper = _gate(config)
@@ -260,7 +270,6 @@ def main(args) -> int:
             raise daemon.StartupError(f"--dispatcher: {exc}") from None
         link = Link(dhost, dport, {role: tool_secret(settings, role) for role in roles}, settings.limits,
                     settings.client_tls)
-        observer = _hook_observer(config, settings) if hook_secrets else None
         runner = web.AppRunner(make_app(link, keeper, config.web.actions, hook_secrets, observer),
                                access_log=None, handle_signals=False)
         await runner.setup()
