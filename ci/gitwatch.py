@@ -96,13 +96,11 @@ def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History, b
     return result
 
 
-def matches(branch: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
-
-
 class Clone:
     """One watched clone (bare or not); every method opens it afresh, so a
-    gc or a repack between scans never leaves us holding stale handles."""
+    gc or a repack between scans never leaves us holding stale handles. What
+    it keeps between looks is the last ref listing (text) and the heads it
+    gave: the next look compares listings before doing anything per branch."""
 
     def __init__(self, path: Path, patterns: Iterable[str] = ("*",), remote: str | None = None,
                  build: str = "all"):
