@@ -168,8 +168,9 @@ def forge(tmp_path, cluster):
     (tmp_path / "gitea-secret").write_text(GITEA_SECRET + "\n")
     c = cluster(extra={"auth": {"secret": "cluster-secret"},
                        "observer": {"fetch": True, "fetch_interval": 3600.0},
-                       "web": {"github_secret": GITHUB_SECRET, "gitea_secret_file": str(tmp_path / "gitea-secret"),
-                               "gitlab_token": GITLAB_TOKEN}})
+                       # a login is required for everything else: the hooks' login is the forge's proof
+                       "web": {"token": "api-token", "github_secret": GITHUB_SECRET,
+                               "gitea_secret_file": str(tmp_path / "gitea-secret"), "gitlab_token": GITLAB_TOKEN}})
     c.dispatcher()
     observer = c.observer(SimpleNamespace(path=tmp_path / "watched"), "-v", interval=0.2)
     c.env["TINYCI_WEB_OBSERVER"] = observer.addr
@@ -224,6 +225,9 @@ def test_other_events_are_answered_and_ignored_and_unknown_forges_are_404(forge)
     assert status == 202 and "is not a push" in reply["ignored"]
     status, reply = _post(forge.base, "/hooks/bitbucket", issue, {})
     assert status == 404 and "/hooks/github" in reply["error"]
+    with pytest.raises(urllib.error.HTTPError) as refused:     # everything else still needs the login
+        urllib.request.urlopen(forge.base + "/api/builds", timeout=15)
+    assert refused.value.code == 401
     garbage = b"not json"
     status, reply = _post(forge.base, "/hooks/gitlab", garbage, signed("gitlab", garbage))
     assert status == 400 and "not JSON" in reply["error"]
