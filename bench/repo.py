@@ -20,6 +20,7 @@ to time them, and none is started.
 from __future__ import annotations
 
 import asyncio
+import resource
 import shutil
 import subprocess
 import time
@@ -70,23 +71,31 @@ def make_repo(path: Path, dirs: int, per_dir: int, commits: int) -> list[str]:
     return _git(path, "rev-list", "--reverse", "main").split()
 
 
-def _checkout(loop: asyncio.AbstractEventLoop, clone: Path, sha: str, logs: Path, repo: str) -> float:
-    """The runner's checkout of ``sha`` into ``clone`` on ``loop`` (kept, as the runner's is); seconds."""
+def _checkout(loop: asyncio.AbstractEventLoop, clone: Path, sha: str, logs: Path, repo: str) -> tuple[float, float]:
+    """The runner's checkout of ``sha`` into ``clone`` on ``loop`` (kept, as the runner's is):
+    (seconds, CPU seconds)."""
     log = BuildLog(logs / "checkout.log")
     try:
         # the log is opened and synced (at the attempt's end, in the runner) outside the timing
         checkout = Checkout(clone, log, asyncio.Event(), 600)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         loop.run_until_complete(checkout.run(repo, sha, time.monotonic() + 600))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, _cpu() - c0
     finally:
         log.close()
 
 
-def _timed(cwd: Path, *args: str) -> float:
-    t0 = time.perf_counter()
+def _timed(cwd: Path, *args: str) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), _cpu()
     _git(cwd, *args)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu() - c0
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and the git commands it waited for: unlike the
+    wall time, barely moved by other processes' load on the disk and the cores."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def repo_scenario(tmp: Path, quick: bool) -> Result:
@@ -137,18 +146,23 @@ def _measure(res: Result, loop: asyncio.AbstractEventLoop, tmp: Path, logs: Path
                 ours.append(_checkout(loop, slot, after, logs, url))
             else:
                 bare.append(_timed(slot, "checkout", "-q", "--detach", after))
-    ms = lambda xs: [x * 1000 for x in xs]
-    # each pair ran back to back: the median of their ratios rides out a loaded machine best
-    ratio = median([o / b for o, b in zip(ours, bare)])
-    res.add("checkout of the next commit / bare git checkout", ratio, "x", "< 1.5", note="median of pairs")
+    ms = lambda xs: [x[0] * 1000 for x in xs]
+    ratio = lambda a, b, i=0: median([x[i] / y[i] for x, y in zip(a, b)])
+    res.add("checkout of the next commit / bare git checkout", ratio(ours, bare), "x", "< 1.5",
+            note="median of pairs")
+    res.add("checkout of the next commit / bare git checkout, CPU", ratio(ours, bare, 1), "x",
+            note="with git's; median of pairs")
     res.add("checkout of the next commit p50 (runner)", median(ms(ours)), "ms")
     res.add("bare git checkout of the next commit p50", median(ms(bare)), "ms")
-    res.add("first build's clone+checkout / git clone", median([f / p for f, p in zip(fresh, plain)]), "x",
-            note="median of pairs")
+    res.add("first build's clone+checkout / git clone", ratio(fresh, plain), "x", note="median of pairs")
+    res.add("first build's clone+checkout / git clone, CPU", ratio(fresh, plain, 1), "x",
+            note="with git's; median of pairs")
     res.add("first build's clone+checkout p50 (runner)", median(ms(fresh)), "ms")
     res.add("git clone p50", median(ms(plain)), "ms")
     res.data = {"files": _git(slot, "ls-files").count("\n"), "commits": len(shas), "made_s": round(made, 2),
-                "next_ms": ms(ours), "bare_ms": ms(bare), "fresh_ms": ms(fresh), "clone_ms": ms(plain)}
+                "next_ms": ms(ours), "bare_ms": ms(bare), "fresh_ms": ms(fresh), "clone_ms": ms(plain),
+                "cpu_s": {name: [x[1] for x in xs] for name, xs in
+                          (("next", ours), ("bare", bare), ("fresh", fresh), ("clone", plain))}}
     return res
 
 
