@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from . import cache, data, latency, peer, recovery, scale, throughput, web
+from . import cache, data, latency, peer, recovery, repo, scale, throughput, web
 from .harness import Figure, Result, machine
 
 SCENARIOS = {
@@ -30,6 +30,8 @@ SCENARIOS = {
     "cache": cache.cache,
     "logs": data.logs,
     "artifacts": data.artifacts,
+    "repo": repo.repo_scenario,
+    "branches": repo.branches_scenario,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

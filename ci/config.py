@@ -71,6 +71,8 @@ class ObserverConfig:
     branches: list = field(default_factory=lambda: ["*"])
     fetch: bool = False
     remote: str = "origin"
+    fetch_interval: float = 0.0   # seconds between fetches when no poke comes; 0: before every look
+    build: str = "all"            # all | first-parent | heads: which new commits of a branch to report
     state_dir: str = ".tinyci/observer"
 
 
@@ -136,6 +138,14 @@ class WebConfig:
     token_file: str = ""
     session_hours: float = 12.0
     actions: bool = False         # rebuild, cancel, trigger for logged-in users (needs the operator secret)
+    # push webhooks (POST /hooks/<forge>): each forge's shared secret; empty: that forge's hook is off
+    github_secret: str = ""       # X-Hub-Signature-256, HMAC-SHA256 of the body
+    github_secret_file: str = ""
+    gitea_secret: str = ""        # X-Gitea-Signature, HMAC-SHA256 of the body (hex)
+    gitea_secret_file: str = ""
+    gitlab_token: str = ""        # X-Gitlab-Token, compared as it is
+    gitlab_token_file: str = ""
+    observer: str = ""            # HOST:PORT the hooks poke; empty: observer.host and port
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,9 @@ _BOUNDS = {
     ("retention", "interval"): (lambda v: v >= 1, "at least 1 (seconds)"),
     ("notify", "timeout"): (lambda v: v > 0, "greater than 0"),
     ("observer", "poll_interval"): (lambda v: v > 0, "greater than 0"),
+    ("observer", "fetch_interval"): (lambda v: v >= 0, "0 (fetch before every look) or more seconds"),
+    ("observer", "build"): (lambda v: v in ("all", "first-parent", "heads"),
+                            "one of all, first-parent, heads"),
     ("runner", "slots"): (lambda v: 1 <= v <= 256, "between 1 and 256"),
     ("runner", "kill_grace"): (lambda v: v >= 0, "0 or more"),
     ("runner", "clone_days"): (lambda v: v >= 0, "0 or more (days; 0 keeps the clones forever)"),
@@ -346,9 +359,11 @@ def _parse_env(name: str, text: str, kind: Any, hidden: bool = False) -> Any:
                           f"{'JSON mapping' if kind is dict else getattr(kind, '__name__', kind)}") from None
 
 
+WEB_SECRETS = frozenset({"token", "users", "github_secret", "gitea_secret", "gitlab_token"})
+
+
 def _is_secret(section: str, key: str) -> bool:
-    return (section == "auth" and not key.endswith("_file")) or (section, key) in (("web", "token"),
-                                                                                   ("web", "users"))
+    return (section == "auth" and not key.endswith("_file")) or (section == "web" and key in WEB_SECRETS)
 
 
 def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:

@@ -171,9 +171,12 @@ class RepoReader:
 
     def refs(self, prefix: str) -> list[tuple[str, str]]:
         """(ref name, sha) of every ref under ``prefix`` (e.g. ``refs/heads/``)."""
+        return parse_refs(self.refs_text(prefix))
+
+    def refs_text(self, prefix: str) -> str:
+        """``refs``' raw listing (one git command), to compare with the last one before parsing it."""
         with self._reading():
-            out = self.repo.git.for_each_ref("--format=%(objectname) %(refname)", prefix)
-        return [(ref, sha) for sha, _, ref in (line.partition(" ") for line in out.splitlines())]
+            return self.repo.git.for_each_ref("--format=%(objectname) %(refname)", prefix)
 
     def has_commit(self, sha: str) -> bool:
         try:
@@ -186,10 +189,12 @@ class RepoReader:
         with self._reading():
             return self.repo.is_ancestor(old, new)
 
-    def commits_between(self, old: str, new: str) -> list[str]:
-        """``old..new``, oldest first; --topo-order: parents before children even when clocks disagree."""
+    def commits_between(self, old: str, new: str, first_parent: bool = False) -> list[str]:
+        """``old..new``, oldest first; --topo-order: parents before children even when clocks
+        disagree. ``first_parent``: only ``new``'s first-parent line (a merge, not what it brought in)."""
         with self._reading():
-            return self.repo.git.rev_list("--reverse", "--topo-order", f"{old}..{new}").split()
+            return self.repo.git.rev_list("--reverse", "--topo-order", *(["--first-parent"] if first_parent else []),
+                                          f"{old}..{new}").split()
 
     def commit(self, sha: str, path: str) -> CommitFacts:
         """The commit ``sha`` and the content of ``path`` in its tree."""
@@ -231,6 +236,11 @@ class RepoReader:
             yield
         except (git.GitError, gitdb.exc.ODBError, OSError, ValueError) as exc:
             raise GitReadError(f"cannot read {self.path}: {why(exc)}") from None
+
+
+def parse_refs(text: str) -> list[tuple[str, str]]:
+    """(ref name, sha) pairs of a ``RepoReader.refs_text`` listing."""
+    return [(ref, sha) for sha, _, ref in (line.partition(" ") for line in text.splitlines())]
 
 
 def why(exc: Exception) -> str:

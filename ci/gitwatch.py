@@ -7,7 +7,10 @@ through ``gitops.RepoReader``; this module holds only the decisions.
 so the rules read in one place:
 
 - a branch seen for the first time reports only its head, not its history;
-- a branch that moved forward reports every new commit, oldest first;
+- a branch that moved forward reports, by ``observer.build``: every new
+  commit, oldest first (``all``); only those on its first-parent line, so the
+  commits a merge brought in from other branches are not built
+  (``first-parent``); or only its new head (``heads``);
 - a branch whose saved commit is no longer in its history (force-push, or
   the commit was pruned) reports only its new head;
 - a branch that is gone (or no longer matches the patterns) is forgotten.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +64,18 @@ class ScanPlan:
 class History(Protocol):
     def has_commit(self, sha: str) -> bool: ...
     def is_ancestor(self, old: str, new: str) -> bool: ...
-    def commits_between(self, old: str, new: str) -> list[str]: ...   # old..new, oldest first
+    # old..new, oldest first; first_parent: only new's first-parent line
+    def commits_between(self, old: str, new: str, first_parent: bool = False) -> list[str]: ...
 
 
-def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -> ScanPlan:
-    """What to report, given the last acknowledged commit per branch and the current heads."""
+BUILD_MODES = ("all", "first-parent", "heads")      # observer.build
+
+
+def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History, build: str = "all") -> ScanPlan:
+    """What to report, given the last acknowledged commit per branch and the
+    current heads; ``build`` is one of BUILD_MODES (which new commits of a moved branch)."""
+    if build not in BUILD_MODES:
+        raise ValueError(f"unknown build mode {build!r} (known: {', '.join(BUILD_MODES)})")
     result = ScanPlan()
     for branch in sorted(saved.keys() - heads.keys()):
         result.dropped.append((branch, saved[branch]))
@@ -75,25 +86,32 @@ def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History) -
         if old is None:
             result.report.append((branch, head))
         elif history.has_commit(old) and history.is_ancestor(old, head):
-            result.report.extend((branch, sha) for sha in history.commits_between(old, head))
+            if build == "heads":
+                result.report.append((branch, head))
+            else:
+                result.report.extend((branch, sha) for sha in
+                                     history.commits_between(old, head, first_parent=build == "first-parent"))
         else:
             result.forced.append((branch, old, head))
             result.report.append((branch, head))
     return result
 
 
-def matches(branch: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
-
-
 class Clone:
     """One watched clone (bare or not); every method opens it afresh, so a
-    gc or a repack between scans never leaves us holding stale handles."""
+    gc or a repack between scans never leaves us holding stale handles. What
+    it keeps between looks is the last ref listing (text) and the heads it
+    gave: the next look compares listings before doing anything per branch."""
 
-    def __init__(self, path: Path, patterns: Iterable[str] = ("*",), remote: str | None = None):
+    def __init__(self, path: Path, patterns: Iterable[str] = ("*",), remote: str | None = None,
+                 build: str = "all"):
         self.path = path
         self.patterns = tuple(patterns)
         self.remote = remote     # watch refs/remotes/<remote>/* instead of refs/heads/*
+        self.build = build       # observer.build: which new commits of a moved branch to report
+        # one regular expression for all the patterns: a look at 1,000 branches matches each once
+        self._watched = re.compile("|".join(fnmatch.translate(p) for p in self.patterns) or r"(?!)")
+        self._last_refs: tuple[str, dict[str, str]] = ("", {})   # the last listing, and the heads it gave
 
     @staticmethod
     def problem(path: Path) -> str | None:
@@ -124,7 +142,10 @@ class Clone:
     def plan(self, saved: Mapping[str, str]) -> ScanPlan:
         """The plan for ``saved`` against the current heads. Raises GitReadError."""
         with gitops.RepoReader(self.path) as repo:
-            return plan(saved, self._heads(repo), repo)
+            heads = self._heads(repo)
+            if heads == saved:
+                return ScanPlan()           # the common look: nothing moved, nothing to do per branch
+            return plan(saved, heads, repo, self.build)
 
     def describe(self, report: Sequence[tuple[str, str]], budget: float | None = None) -> list[Commit]:
         """The commits of ``report`` (branch, sha), in order: all of them, or with
@@ -142,15 +163,27 @@ class Clone:
         return out
 
     def _heads(self, repo: gitops.RepoReader) -> dict[str, str]:
+        """The watched branches' heads: one ``git for-each-ref``, parsed only when
+        its listing differs from the last look's (with many branches, most looks)."""
         prefix = f"refs/remotes/{self.remote}/" if self.remote else "refs/heads/"
-        heads = {}
-        for ref, sha in repo.refs(prefix):
-            branch = ref[len(prefix):]
-            if self.remote and branch == "HEAD":
-                continue           # the remote's default-branch pointer, not a branch
-            if matches(branch, self.patterns):
-                heads[branch] = sha
-        return heads
+        text = repo.refs_text(prefix)
+        last_text, last_heads = self._last_refs
+        if text == last_text:
+            return dict(last_heads)
+        # only the lines that changed are parsed: a push to one of 1,000 branches parses two lines
+        new, old = set(text.splitlines()), set(last_text.splitlines())
+        heads = dict(last_heads)
+        for gone, lines in ((True, old - new), (False, new - old)):     # a moved branch: out, then in again
+            for ref, sha in gitops.parse_refs("\n".join(lines)):
+                branch = ref[len(prefix):]
+                if self.remote and branch == "HEAD":
+                    continue           # the remote's default-branch pointer, not a branch
+                if gone:
+                    heads.pop(branch, None)
+                elif self._watched.match(branch):
+                    heads[branch] = sha
+        self._last_refs = (text, heads)
+        return dict(heads)
 
 
 def interleave(report: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -2,10 +2,13 @@
 oldest first, to the dispatcher.
 
 It scans every ``poll_interval`` seconds, or at once when poked (a git hook
-runs ``tinyci notify``). With ``observer.fetch`` it first runs ``git fetch
---prune <remote>`` and watches the remote's branches instead of local ones.
-What to report is decided by ``gitwatch.plan``; this module only schedules
-scans, talks to the dispatcher and keeps the saved position.
+runs ``tinyci notify``; a forge's push webhook reaches ``tinyci web``, which
+pokes). With ``observer.fetch`` it watches the remote's branches instead of
+local ones, and runs ``git fetch --prune <remote>`` first: on every poke, and
+otherwise every ``fetch_interval`` seconds (0: before every look). What to
+report is decided by ``gitwatch.plan`` (``observer.build``: every new commit,
+the first-parent line, or heads only); this module only schedules scans,
+talks to the dispatcher and keeps the saved position.
 
 The saved position of a branch advances only after the dispatcher has
 acknowledged a commit, and is written to disk atomically right then, so a
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,11 +254,14 @@ class Observer:
         cfg = setup.config
         self.setup = setup
         self.interval = cfg.poll_interval
+        self.fetch_interval = cfg.fetch_interval
         self.state = state
         self.client = client
-        self.clone = gitwatch.Clone(setup.repo, cfg.branches, cfg.remote if cfg.fetch else None)
+        self.clone = gitwatch.Clone(setup.repo, cfg.branches, cfg.remote if cfg.fetch else None, cfg.build)
         self.branches = state.load()
         self.wake = asyncio.Event()
+        self._poked = False                     # a poke came since the last scan began: fetch then
+        self._fetched_at: float | None = None   # time.monotonic() of the last fetch begun
         self._git_failing = False
         self._fetch_failing = False
         self._dispatcher_down = False
@@ -263,6 +270,7 @@ class Observer:
         if msg["type"] != "poke":
             return protocol.error("unsupported", f"the observer does not handle {msg['type']!r}")
         log.debug("poked by %s (%s)", conn.peer, msg.get("branch") or "any branch")
+        self._poked = True
         self.wake.set()
         return protocol.ok()
 
@@ -271,8 +279,9 @@ class Observer:
         while True:
             # cleared before scanning: a poke during the scan means one more scan, not one per poke
             self.wake.clear()
+            poked, self._poked = self._poked, False
             try:
-                await self.scan()
+                await self.scan(fetch=poked or self._fetch_due())
             except (asyncio.CancelledError, Refused):
                 raise
             except Exception:
@@ -282,8 +291,14 @@ class Observer:
             except asyncio.TimeoutError:
                 pass
 
-    async def scan(self) -> None:
-        if self.clone.remote:
+    def _fetch_due(self) -> bool:
+        """No poke: fetch when fetch_interval has passed since the last fetch (0: always)."""
+        return self._fetched_at is None or time.monotonic() - self._fetched_at >= self.fetch_interval
+
+    async def scan(self, fetch: bool = True) -> None:
+        """One look at the branches; with ``fetch`` (and observer.fetch on) the remote is fetched first."""
+        if self.clone.remote and fetch:
+            self._fetched_at = time.monotonic()
             await self.fetch()
         try:
             plan = await aio.in_thread(self.clone.plan, dict(self.branches))

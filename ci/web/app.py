@@ -21,9 +21,9 @@ from aiohttp import web
 
 from .. import aio, daemon, net, protocol
 from ..config import ConfigError, load
-from ..local import dial_host, tool_secret
+from ..local import dial_host, find_up, tool_secret, up_address
 from ..settings import resolve
-from . import actions, pages, streams
+from . import actions, hooks, pages, streams
 from .auth import COOKIE, LOGIN_CSRF_COOKIE, Gate, same_origin, well_formed
 from .data import BadRequest, Data
 from .link import Link, Unreachable
@@ -58,7 +58,7 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def _wants_json(request: web.Request) -> bool:
-    return request.path.startswith("/api/") or request.path == "/metrics"
+    return request.path.startswith(("/api/", "/hooks/")) or request.path == "/metrics"
 
 
 def _problem(request: web.Request, status: int, title: str, message: str) -> web.Response:
@@ -87,7 +87,8 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
 @web.middleware
 async def gate(request: web.Request, handler) -> web.StreamResponse:
     keeper: Gate = request.app["gate"]
-    if not keeper.required or request.path == "/login" or request.path.startswith("/static/"):
+    # a webhook's login is its forge's signature, checked by hooks.receive
+    if not keeper.required or request.path == "/login" or request.path.startswith(("/static/", "/hooks/")):
         return await handler(request)
     cookie = request.cookies.get(COOKIE)
     user = keeper.session_user(cookie)
@@ -151,9 +152,11 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------- the application
 
-def make_app(link: Link, keeper: Gate, allow_actions: bool = False) -> web.Application:
+def make_app(link: Link, keeper: Gate, allow_actions: bool = False, hook_secrets: dict | None = None,
+             hook_observer: hooks.Observer | None = None) -> web.Application:
     app = web.Application(middlewares=[errors, gate])
     app["link"], app["gate"], app["actions"] = link, keeper, allow_actions
+    app["hook_secrets"], app["hook_observer"] = hook_secrets or {}, hook_observer
     app["data"] = Data(link)
     app["tracker"] = Tracker()
     app["env"] = environment()
@@ -162,6 +165,7 @@ def make_app(link: Link, keeper: Gate, allow_actions: bool = False) -> web.Appli
     app.add_routes(pages.routes)
     app.add_routes(streams.routes)
     app.add_routes(actions.routes)
+    app.add_routes(hooks.routes)
     app.router.add_route("*", "/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_static("/static", STATIC)
@@ -217,15 +221,40 @@ def _check_exposure(host: str, keeper: Gate, insecure: bool) -> None:
     log.warning("--insecure: listening on %s with no login: %s", host or "every interface", what)
 
 
+def _hook_observer(config) -> hooks.Observer:
+    """Where and as whom the webhooks poke: web.observer, else the `tinyci up`
+    above's observer, else observer.host:port; with the observer's secret,
+    else (under `tinyci up`, which hands the web only the reader's) up's own."""
+    target = config.web.observer or up_address("observer") or \
+        f"{dial_host(config.observer.host)}:{config.observer.port}"
+    try:
+        net.parse_addr(target)
+    except ValueError as exc:
+        raise ConfigError(f"{config.origin('web', 'observer')}: web.observer: {exc}") from None
+    try:
+        settings = resolve(config, roles=[protocol.OBSERVER], listens=False)
+        secret = tool_secret(settings, protocol.OBSERVER)
+    except ConfigError as exc:
+        up = find_up()
+        if up is None or not up.secret:
+            raise ConfigError(f"the webhooks poke the observer, with its secret: {exc}") from None
+        settings = resolve(config, roles=[], listens=False)
+        secret = up.secret
+    return hooks.Observer(target, secret, settings.limits, settings.client_tls)
+
+
 def main(args) -> int:
 
     async def body(stop: asyncio.Event) -> None:
         overrides = {"web": {"host": args.host, "port": args.port, "dispatcher": args.dispatcher}}
         try:
             config = load(args.config, overrides=overrides)
-            # the reader's secret only, unless actions are on: then the operator's too
+            # the reader's secret only, unless actions are on: then the operator's too;
+            # with a forge's webhook, the observer's (to poke, as the git hook does)
             roles = [protocol.READER, protocol.OPERATOR] if config.web.actions else [protocol.READER]
             settings = resolve(config, roles=roles, listens=False)
+            hook_secrets = hooks.secrets(config)
+            observer = _hook_observer(config) if hook_secrets else None
         except ConfigError as exc:
             raise daemon.StartupError(f"configuration error: {exc}") from None
         keeper = _gate(config)
@@ -241,14 +270,17 @@ def main(args) -> int:
             raise daemon.StartupError(f"--dispatcher: {exc}") from None
         link = Link(dhost, dport, {role: tool_secret(settings, role) for role in roles}, settings.limits,
                     settings.client_tls)
-        runner = web.AppRunner(make_app(link, keeper, config.web.actions), access_log=None,
-                               handle_signals=False)
+        runner = web.AppRunner(make_app(link, keeper, config.web.actions, hook_secrets, observer),
+                               access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=2.0)
         try:
             await daemon.listen(site.start, "web", host, port)
             bound_host, bound_port = runner.addresses[0][:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            if observer is not None:
+                log.info("push webhooks on at %s; they poke the observer at %s",
+                         ", ".join(f"/hooks/{name}" for name in sorted(hook_secrets)), observer.addr)
             daemon.announce("web", f"http://{shown}", bound_port, f" (dispatcher {link.addr})")
             await stop.wait()
         finally:
