@@ -386,7 +386,10 @@ class _Listener:
         finally:
             self.admission.release(ticket)
             if not conn.writer.is_closing():
-                await conn.close()
+                try:
+                    await conn.close()
+                except asyncio.CancelledError:
+                    pass        # the daemon stopped while this closed: end normally, as above
 
 
 def _role_keys(by_role: Mapping[str, str]) -> Keys:
