@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +295,18 @@ def test_bad_cache_and_reports_name_their_line():
         with pytest.raises(BuildFileError) as caught:
             buildfile.parse(text)
         assert expected in str(caught.value), (text, str(caught.value))
+
+
+def test_the_readmes_ci_yaml_examples_are_valid_and_use_every_key():
+    # the README documents every key with a complete example: it must parse, and name them all
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### `.ci.yaml`", 1)[1].split("### Skipping", 1)[0]
+    examples = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(examples) >= 2
+    for text in examples:
+        buildfile.parse(text)
+    used = set(re.findall(r"^\s*(?:-\s*)?([a-z_]+):", "\n".join(examples), re.M))
+    used |= set(re.findall(r"[{,]\s*([a-z_]+):", "\n".join(examples)))
+    keys = set(buildfile.TOP_KEYS) | set(buildfile.JOB_KEYS) | set(buildfile.STEP_KEYS) | set(buildfile.WHEN_KEYS) \
+        | set(buildfile.CACHE_KEYS)
+    assert keys <= used, keys - used
