@@ -73,9 +73,16 @@ class Relay:
     def __exit__(self, *exc) -> None:
         async def close() -> None:
             self.server.close()
+            # end the relayed connections here, while the loop runs: a coroutine left
+            # for the garbage collector would close its writer on a closed loop
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
     async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
