@@ -17,10 +17,10 @@ def probe() -> None:
     path = os.environ["BENCH_SCAN_LOG"]
     scan = observer.Observer.scan
 
-    async def timed_scan(self) -> None:
+    async def timed_scan(self, *args, **kwargs) -> None:      # whatever scan takes, passed on
         with open(path, "a") as out:
             out.write(f"{time.time():.6f}\n")
-        await scan(self)
+        await scan(self, *args, **kwargs)
 
     observer.Observer.scan = timed_scan
 
