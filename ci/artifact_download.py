@@ -21,7 +21,9 @@ async def download(client: net.Client, build: int, path: str, dest: Path) -> int
     place); returns its size. Raises ValueError saying why it did not arrive."""
     tmp = dest.with_name(dest.name + ".part")
     try:
-        with open(tmp, "wb") as out:
+        # O_NOFOLLOW: a symlink the commit put at the aside name is not written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as out:
             offset = 0
             while True:
                 reply = await client.request({"type": "fetch_artifact", "build": build, "path": path,

@@ -211,6 +211,9 @@ class Execution:
             await self._artifacts(keeps.artifacts, keeps.artifacts_own)
         if keeps.reports:
             self.tests, notes = await aio.in_thread(reports.read, self.checkout, keeps.reports)
+            if self.tests is not None and self.request.secrets:
+                # a test's name can hold a secret (a parametrized value): masked like the log
+                self.tests = reports.masked(self.tests, self.request.secrets.values())
             for note in notes:
                 self.log.line(f"[reports: {note}]")
             if self.tests is not None:
@@ -219,8 +222,12 @@ class Execution:
 
     async def _restore_cache(self, keeps: Keeps, env: dict) -> str | None:
         """Before the steps: the job's cache put in place; its key, None with nothing to save after."""
+        # scoped to the repository and to the secrets the build was given: a build without a
+        # secret never restores what one with it saved (a token written into ~/.cache, say)
+        request = self.request
+        scope = "\0".join([request.repo, request.job, *sorted(request.secrets)])
         key, lines = await aio.in_thread(cache.restore_lines, self.cache, keeps.cache, self.checkout,
-                                         self.request.job, env.get("HOME"))
+                                         scope, env.get("HOME"))
         for line in lines:
             self.log.line(line)
         return key

@@ -17,6 +17,8 @@ from xml.etree.ElementTree import ParseError
 import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
 
+from . import masking
+
 MAX_FILES = 50
 MAX_FILE_BYTES = 20 << 20
 MAX_NAMES = 100
@@ -98,6 +100,13 @@ def read(root: Path, patterns: tuple) -> tuple[dict | None, list[str]]:
         except (OSError, ValueError) as exc:
             notes.append(f"{rel}: {exc}; not counted")
     return (report if read_any else None), notes
+
+
+def masked(tests: dict, secrets) -> dict:
+    """``tests`` with every secret value in the failed tests' names hidden (``*`` per byte)."""
+    values = list(secrets)
+    return {**tests, "failures": [masking.hide(name.encode(), values).decode("utf-8", "replace")
+                                  for name in tests["failures"]]}
 
 
 def summary(tests: dict) -> str:

@@ -49,7 +49,10 @@ class Triggers:
         schedule). Raises intake.RevisionError (not_found, ambiguous)."""
         # the repositories it may build: those configured, else every one it has built
         known = list(self.config.dispatcher.repos) or self.store.repos()
-        repo, sha = await aio.in_thread(intake.choose_repo, branch or rev, repo, known, gitops.resolve,
+        # a branch is refs/heads/<name> and nothing else: rev-parse would take a tag of
+        # the same name first (and the build would get the branch's secrets)
+        resolve = _branch_head if branch else gitops.resolve
+        repo, sha = await aio.in_thread(intake.choose_repo, branch or rev, repo, known, resolve,
                                         "branch" if branch else "commit")
         (author, subject), text = await aio.in_thread(_commit_at, repo, sha)
         if not branch:
@@ -118,6 +121,11 @@ class Triggers:
                 await aio.within(stop.wait(), pause)
             except asyncio.TimeoutError:
                 pass
+
+
+def _branch_head(repo: str, branch: str) -> str | None:
+    """The sha at the head of local branch ``branch``, or None; a blocking git read."""
+    return gitops.resolve(repo, f"refs/heads/{branch}")
 
 
 def _branches(repo: str, rev: str, sha: str) -> tuple[bool, list[str], list[str]]:

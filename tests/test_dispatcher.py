@@ -444,6 +444,20 @@ async def test_trigger_builds_in_the_repository_where_the_revision_is(make, two_
 
 
 @scenario
+async def test_trigger_of_a_branch_takes_the_branch_not_a_tag_of_its_name(make, two_repos):
+    # a tag named like a branch must not stand in for it (the branch's secrets go with its builds)
+    one, _, shas = two_repos
+    tagged = one.commit("not on main")
+    one.git("reset", "-q", "--hard", shas["one"])
+    one.git("tag", "main", tagged)
+    h = make()
+    await h.commit(repo=str(one.path), sha=shas["one"])
+    reply = await h.call({"type": "trigger", "branch": "main"})
+    build = h.build(reply["builds"][0])
+    assert (build.sha, build.branch) == (shas["one"], "main")
+
+
+@scenario
 async def test_trigger_knows_the_configured_repositories_before_any_commit(make, two_repos):
     one, two, shas = two_repos
     h = make(repos=[str(one.path), str(two.path)])

@@ -119,3 +119,11 @@ def test_a_store_keeps_a_builds_report_and_lists_only_the_counts(tmp_path):
         assert store.tests(one.id) is None
     finally:
         store.close()
+
+
+def test_a_secret_in_a_failed_tests_name_is_masked():
+    tests = {"passed": 1, "failed": 1, "errors": 0, "skipped": 0,
+             "failures": ["tests.test_x.test_upload[pypi-AgEI0123456789]", "tests.test_y.test_other"]}
+    masked = reports.masked(tests, ["pypi-AgEI0123456789"])
+    assert masked["failures"] == ["tests.test_x.test_upload[" + "*" * 19 + "]", "tests.test_y.test_other"]
+    assert masked["failed"] == 1 and tests["failures"][0].endswith("0123456789]")     # a copy
