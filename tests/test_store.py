@@ -22,7 +22,17 @@ EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 
 
 def fixture_copy(target: Path) -> Path:
-    shutil.copytree(FIXTURE, target, ignore=shutil.ignore_patterns("expected.json"))
+    """The fixture's data dir, its ci.db made from the SQL text kept in git (ci.sql:
+    the old release's database as it dumped; a binary file would be opaque to review)."""
+    shutil.copytree(FIXTURE, target, ignore=shutil.ignore_patterns("expected.json", "ci.sql", "ci.db*"))
+    db = sqlite3.connect(target / "ci.db")
+    try:
+        db.executescript((FIXTURE / "ci.sql").read_text())
+        db.execute("PRAGMA journal_mode=WAL")       # as the old dispatcher left it
+    finally:
+        db.close()
+    for leftover in ("ci.db-wal", "ci.db-shm"):
+        (target / leftover).unlink(missing_ok=True)
     return target
 
 
@@ -38,9 +48,11 @@ def pragma(path: Path, name: str) -> int:
         db.close()
 
 
-def test_the_fixture_is_from_before_schema_versions():
-    # what the upgrade tests start from: a file this test suite never changes
-    assert pragma(FIXTURE / "ci.db", "user_version") == 0
+def test_the_fixture_is_from_before_schema_versions(tmp_path):
+    # what the upgrade tests start from: a database this test suite never changes
+    data = fixture_copy(tmp_path / "data")
+    assert pragma(data / "ci.db", "user_version") == 0 and pragma(data / "ci.db", "journal_mode") == "wal"
+    assert "builds" in (FIXTURE / "ci.sql").read_text() and not (FIXTURE / "ci.db").exists()
     assert {b["status"] for b in EXPECTED["builds"]} == {"passed", "failed", "error", "cancelled", "skipped"}
     assert any(b["artifacts"] for b in EXPECTED["builds"])
 
