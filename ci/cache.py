@@ -104,20 +104,6 @@ def place(path: str, checkout: Path, home: str | None) -> Path:
     return target
 
 
-def tree_bytes(path: Path) -> int:
-    """The bytes of the files under ``path`` (a file: its size), symlinks not followed."""
-    if path.is_symlink() or path.is_file():
-        return path.lstat().st_size
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def _copy(src: Path, dst: Path) -> None:
     """``src`` (a tree or a file) to ``dst``, merged into what is there; symlinks copied as links."""
     if src.is_dir() and not src.is_symlink():
@@ -177,7 +163,7 @@ class Cache:
                 size = json.loads((entry / "meta.json").read_text())["bytes"]
                 out.append((entry.stat().st_mtime, int(size), entry))
             except (OSError, ValueError, KeyError, TypeError):
-                out.append((0.0, tree_bytes(entry), entry))     # damaged: the first to go
+                out.append((0.0, files.tree_bytes(entry), entry))     # damaged: the first to go
         return sorted(out, key=lambda e: (e[0], e[2].name))
 
     def used(self) -> int:
@@ -209,7 +195,7 @@ class Cache:
         if (self.root / key / "meta.json").is_file():
             return [f"cache: {key} is already saved; kept as it is"]
         places = [(number, place(path, checkout, home)) for number, path in enumerate(paths)]
-        size = sum(tree_bytes(p) for _, p in places if p.exists() or p.is_symlink())
+        size = sum(files.tree_bytes(p) for _, p in places if p.exists() or p.is_symlink())
         if size > self.cap:
             return [f"cache: not saved: over runner.cache_bytes ({mib(size)} > {mib(self.cap)})"]
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"

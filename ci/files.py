@@ -1,5 +1,6 @@
 """Files that must survive a crash or be held by one process: atomic writes
-and the exclusive lock a daemon takes on its working directory.
+and the exclusive lock a daemon takes on its working directory; and
+``tree_bytes``, what a directory's files take (cache entries, artifacts).
 
 Both are the standard recipe written once: write to a temporary file beside
 the target, fsync it, rename it over the target, fsync the directory (so the
@@ -43,6 +44,20 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         tmp.unlink(missing_ok=True)
         raise
     sync_dir(path.parent)
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the files under ``path`` (a file: its size), symlinks not followed."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:          # gone meanwhile, or unreadable: not counted
+                pass
+    return total
 
 
 def sync_dir(directory: Path) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import sqlite3
 import time
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import patterns
+from . import files, patterns
 from .config import RetentionConfig
 from .store import Store
 
@@ -160,7 +159,7 @@ class Retention:
         for build_id, sha in chosen:
             paths, folder = self._files(build_id, sha)
             logs += sum(_file_size(p) for p in paths)
-            artifacts += _tree_size(folder)
+            artifacts += files.tree_bytes(folder) if folder is not None else 0
         return logs, artifacts
 
     def _remove_files(self, batch: list[tuple[int, str]]) -> tuple[int, int]:
@@ -171,7 +170,7 @@ class Retention:
                 logs += _file_size(path)
                 path.unlink(missing_ok=True)
             if folder is not None and folder.exists():
-                artifacts += _tree_size(folder)
+                artifacts += files.tree_bytes(folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 try:
                     folder.parent.rmdir()           # the commit's directory, once its last build is gone
@@ -198,19 +197,6 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _tree_size(folder: Path | None) -> int:
-    if folder is None:
-        return 0
-    total = 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _size(n: int) -> str:
