@@ -278,7 +278,7 @@ class Dispatcher:
                 log.info("build %d superseded by build %d on %s", old.id, then.queue[0].id, old.branch)
                 plan += cancelled
         if then.queue:          # to the scheduler, or held for their needs
-            plan += self._follow(self.held.admit(then.queue, self.store.commit_builds(request.repo, request.sha)))
+            plan += self._follow(self.held.admit(then.queue, self.store.commit_builds))
         for build in then.queue:
             if build.held:
                 self._note(build.id, f"=== waiting for {build.held} (needs) ===")

@@ -82,10 +82,11 @@ class Held:
             build.held = ""
         return build
 
-    def admit(self, builds: Iterable[Build], commit: Iterable[Build]) -> Decision:
+    def admit(self, builds: Iterable[Build], commit_of: Callable[[str, str], Iterable[Build]]) -> Decision:
         """Queued builds of one commit, new or recovered: those with needs are
-        held, then judged with the rest held for that commit. ``commit``: every
-        build of that commit as stored. A build without needs runs."""
+        held, then judged with the rest held for that commit. ``commit_of(repo,
+        sha)``: every build of that commit as stored, read only when one has needs.
+        A build without needs runs."""
         out = Decision()
         first = None
         for build in builds:
@@ -95,7 +96,7 @@ class Held:
             else:
                 out.run.append(build)
         if first is not None:
-            settled = self.settle(first.repo, first.sha, commit)
+            settled = self.settle(first.repo, first.sha, commit_of(first.repo, first.sha))
             out.run += settled.run
             out.skip += settled.skip
         return out
@@ -109,7 +110,7 @@ class Held:
         waiting = [b for b in active if b.status is Status.QUEUED and b.needs]
         out = Decision(run=[b for b in active if b not in waiting])
         for repo, sha in dict.fromkeys((b.repo, b.sha) for b in waiting):
-            decided = self.admit([b for b in waiting if (b.repo, b.sha) == (repo, sha)], commit_of(repo, sha))
+            decided = self.admit([b for b in waiting if (b.repo, b.sha) == (repo, sha)], commit_of)
             out.run += decided.run
             out.skip += decided.skip
         return out.run, out

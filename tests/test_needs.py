@@ -31,10 +31,19 @@ def test_the_newest_build_of_a_job_counts():
     assert needs.verdict(["t"], jobs) == (needs.WAIT, "t")
 
 
+def test_a_commit_without_needs_is_not_read_from_the_store():
+    # the common case, on every commit's path: no query for the commit's other builds
+    def unread(repo, sha):
+        raise AssertionError("the commit's builds were read")
+
+    plain = [b(1, "t1"), b(2, "t2")]
+    assert needs.Held().admit(plain, unread).run == plain
+
+
 def test_held_until_every_need_passed_then_released():
     held = needs.Held()
     t1, t2, lint = b(1, "t1"), b(2, "t2"), b(3, "lint", needs_=["t1", "t2"])
-    decided = held.admit([t1, t2, lint], [t1, t2, lint])
+    decided = held.admit([t1, t2, lint], lambda repo, sha: [t1, t2, lint])
     assert decided.run == [t1, t2] and decided.skip == [] and 3 in held
     assert lint.held == "t1, t2"
     t1.status = Status.PASSED
@@ -49,8 +58,8 @@ def test_a_failure_skips_down_the_graph_and_other_commits_are_left_alone():
     held = needs.Held()
     t, lint, deploy = b(1, "t"), b(2, "lint", needs_=["t"]), b(3, "deploy", needs_=["lint"])
     other = b(4, "lint", needs_=["t"], sha="b" * 40)
-    held.admit([t, lint, deploy], [t, lint, deploy])
-    held.admit([other], [b(5, "t", sha="b" * 40), other])
+    held.admit([t, lint, deploy], lambda repo, sha: [t, lint, deploy])
+    held.admit([other], lambda repo, sha: [b(5, "t", sha="b" * 40), other])
     t.status = Status.FAILED
     decided = held.settle("/repo", SHA, [t, lint, deploy])
     assert decided.run == []
@@ -71,7 +80,7 @@ def test_recover_holds_again_only_what_still_waits():
 def test_a_cancelled_held_build_is_dropped():
     held = needs.Held()
     lint = b(2, "lint", needs_=["t"])
-    held.admit([lint], [b(1, "t"), lint])
+    held.admit([lint], lambda repo, sha: [b(1, "t"), lint])
     assert held.drop(2) is lint and lint.held == "" and held.drop(2) is None
 
 
