@@ -333,3 +333,25 @@ def test_secrets_are_variables_of_the_steps_and_masked_in_the_log(project, slot)
                          secrets={"PYPI_TOKEN": value}, env={"FROM_FILE": "yes"})
     assert "token=*** file=yes" in text, text
     assert "shadowed-by-the-file" not in text
+
+
+def test_an_input_is_not_written_through_a_symlink_at_its_aside_name(tmp_path):
+    # the commit can put a symlink at <path>.part: the download must not follow it
+    import asyncio
+    from ci import artifact_download
+
+    class OneChunk:         # the dispatcher's one reply, as a client returns it
+        async def request(self, msg):
+            return {"type": "ok", "data": b"payload", "offset": 0, "size": 7, "eof": True}
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    checkout = tmp_path / "checkout"
+    (checkout / "dist").mkdir(parents=True)
+    (checkout / "dist" / "app.whl.part").symlink_to(outside)
+    with pytest.raises(OSError):
+        asyncio.run(artifact_download.download(OneChunk(), 7, "dist/app.whl", checkout / "dist" / "app.whl"))
+    assert outside.read_text() == "keep me\n" and not (checkout / "dist" / "app.whl").exists()
+    # without the symlink it arrives
+    assert asyncio.run(artifact_download.download(OneChunk(), 7, "dist/app.whl", checkout / "dist" / "app.whl")) == 7
+    assert (checkout / "dist" / "app.whl").read_bytes() == b"payload"
