@@ -180,12 +180,18 @@ def strays(steps: Steps, keep: frozenset = frozenset()) -> tuple[list[int], list
     if children is None:
         return [], []
     owned = {pid for pid in steps.live.values() if pid}
+    # a step being started (another slot's) is a child of ours whose pid is not known yet, and
+    # not marked yet either (it runs with our environment until its exec; a quick one may
+    # already be a zombie asyncio must reap): leave our children for the next scan meanwhile
+    starting = 0 in steps.live.values()
     live, zombies = [], []
     todo = children(me)
     while todo:
         pid, fields = todo.pop()
         if int(fields[3]) == session or pid in owned:
             continue            # the runner's own helpers, or a live step's shell and all below it
+        if starting and int(fields[1]) == me:
+            continue
         if fields[0] in (b"Z", b"X"):
             if int(fields[1]) == me and pid not in keep:
                 zombies.append(pid)

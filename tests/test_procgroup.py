@@ -152,6 +152,7 @@ helper = subprocess.Popen(["sleep", "300"])     # the runner's own child, in its
 started.append(helper.pid)
 try:
     other = steps.begin()                       # a step still running in another slot
+    steps.started(other, 1)                     # (its shell's pid is known: one not ours to scan)
     escaped = start("setsid sleep 300 >/dev/null & echo $!")     # the case: a new session
     forked = start("(sleep 300 >/dev/null & echo $!) | cat")     # a double fork: its parent subshell is gone
     cleared = start(f"env -u {procgroup.STEP_MARK} setsid sleep 300 >/dev/null & echo $!", mark="gone-step")
@@ -204,3 +205,22 @@ def test_the_children_files_name_the_same_children_as_a_scan_of_proc():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_step_being_started_in_another_slot_is_not_taken_for_a_stray():
+    # its shell is our child before its pid is known: a quick one may already be a zombie,
+    # which the scan must leave to asyncio (reaping it made the step exit 255)
+    steps = procgroup.Steps()
+    mark = steps.begin()                        # started, pid not known yet
+    shell = subprocess.Popen(["true"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{shell.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    try:
+        live, zombies = procgroup.strays(steps)
+        assert shell.pid not in zombies and shell.pid not in live
+        steps.end(mark)                         # no step starting: a zombie of ours outside our session is a stray's
+        assert shell.pid in procgroup.strays(steps)[1]
+    finally:
+        assert shell.wait(timeout=10) == 0      # ours to reap: its exit status is still there
