@@ -338,6 +338,7 @@ class Execution:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         mark = self.steps.begin()
+        marker = procgroup.mark_group(self.checkout, 0, mark)     # before the spawn: see procgroup
         try:
             # asyncio.create_subprocess_shell, but with a protocol that says when the shell exits
             transport, protocol = await loop.subprocess_shell(
@@ -347,12 +348,13 @@ class Execution:
                 start_new_session=True)     # its own process group, so the whole tree can be killed
         except OSError as exc:
             self.steps.end(mark)
+            marker.unlink(missing_ok=True)
             self.log.line(f"[cannot start the step: {exc}]")
             return "error", -1
         widen_pipe(transport)
         proc = asyncio.subprocess.Process(transport, protocol, loop)
         self.steps.started(mark, proc.pid)
-        marker = procgroup.mark_group(self.checkout, proc.pid)
+        procgroup.mark_group(self.checkout, proc.pid, mark)
         pump = asyncio.ensure_future(self._pump(proc.stdout))
         exited = asyncio.ensure_future(_exit_of(proc, protocol))
         stopped = asyncio.ensure_future(self._stop.wait())

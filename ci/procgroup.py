@@ -21,8 +21,12 @@ environment loses its mark and goes at the next step's end; one that
 forges another live step's mark lives until that step ends.
 
 A marker is a file ``<checkout>.pgid`` beside the slot's checkout holding
-"<pgid> <boot id>": written when a step starts, removed when it ends. A
-marker from before a reboot names nothing: its group id may belong to anyone.
+"<pgid> <boot id> <mark>": written before a step starts (pgid 0: a runner
+killed between the spawn and the moment it learns the pid still leaves the
+step's mark behind), written again with the group id once it is known,
+removed when the step ends. A restarted runner kills the marked group and
+every process still carrying the mark. A marker from before a reboot names
+nothing: its group id may belong to anyone.
 """
 
 from __future__ import annotations
@@ -318,28 +322,58 @@ def boot_id() -> str:
         return ""
 
 
-def mark_group(checkout: Path, pgid: int) -> Path:
-    """Note a running step's process group beside its checkout, so a runner
-    restarted after a SIGKILL can end what its predecessor left running there."""
+def mark_group(checkout: Path, pgid: int, mark: str = "") -> Path:
+    """Note a step's process group (0 while it is being started) and its mark
+    beside its checkout, so a runner restarted after a SIGKILL can end what its
+    predecessor left running there."""
     marker = checkout.with_name(checkout.name + MARKER_SUFFIX)
-    marker.write_text(f"{pgid} {boot_id()}\n")
+    marker.write_text(f"{pgid} {boot_id()} {mark}".rstrip() + "\n")
     return marker
+
+
+def _groups_marked(marks: set[str]) -> set[int]:
+    """The process groups of every process whose environment carries one of ``marks``."""
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return set()
+    wanted = {f"{STEP_MARK}={mark}".encode() for mark in marks}
+    groups = set()
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue        # gone, or not ours to read
+        if wanted.intersection(environ.split(b"\0")):
+            fields = _stat(entry)
+            if fields and len(fields) > 2:
+                groups.add(int(fields[2]))
+    return groups
 
 
 def reap_orphans(checkouts: Path) -> list[int]:
     """Kill the step process groups a previous run of this runner left behind
     (it was killed mid-step); returns the groups killed. Every marker found is
     removed."""
-    killed = []
     boot = boot_id()
+    groups, marks = set(), set()
     for marker in checkouts.glob("*" + MARKER_SUFFIX):
         try:
-            pgid_text, _, marked_boot = marker.read_text().strip().partition(" ")
+            pgid_text, marked_boot, mark = (marker.read_text().split() + ["", ""])[:3]
             pgid = int(pgid_text)
         except (OSError, ValueError):
-            pgid = 0
-            marked_boot = ""
-        if pgid > 1 and marked_boot == boot and group_alive(pgid) and signal_group(pgid, signal.SIGKILL):
-            killed.append(pgid)
+            pgid, marked_boot, mark = 0, "", ""
+        if marked_boot == boot:
+            if pgid > 1:
+                groups.add(pgid)
+            if mark:
+                marks.add(mark)
         marker.unlink(missing_ok=True)
+    if marks:
+        groups |= _groups_marked(marks) - {0, 1, os.getpgid(0)}
+    killed = []
+    for pgid in sorted(groups):
+        if group_alive(pgid) and signal_group(pgid, signal.SIGKILL):
+            killed.append(pgid)
     return killed

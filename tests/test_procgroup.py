@@ -28,8 +28,8 @@ class Groups:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, command: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["sh", "-c", command], start_new_session=True,
+    def start(self, command: str, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(["sh", "-c", command], start_new_session=True, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
@@ -120,6 +120,23 @@ def test_reap_orphans_kills_only_the_groups_marked_in_this_boot(groups, tmp_path
     assert procgroup.group_alive(spared.pid)
     assert not list(checkouts.glob("*.pgid")), "every marker is removed"
     assert procgroup.reap_orphans(checkouts) == []
+
+
+def test_reap_orphans_finds_a_step_by_its_mark_when_its_group_was_never_noted(groups, tmp_path):
+    # the runner was killed between the spawn and writing the group id: the marker
+    # holds only the step's mark, which the step's processes carry in their environment
+    checkouts = tmp_path / "checkouts"
+    checkouts.mkdir()
+    orphan = groups.start("sleep 1000", env={**os.environ, procgroup.STEP_MARK: "feedc0de"})
+    spared = groups.start("sleep 1000", env={**os.environ, procgroup.STEP_MARK: "0ther"})
+    wait_for(lambda: b"feedc0de" in Path(f"/proc/{orphan.pid}/environ").read_bytes(), "the orphan to start")
+    marker = procgroup.mark_group(checkouts / "0", 0, "feedc0de")
+    assert marker.read_text() == f"0 {procgroup.boot_id()} feedc0de\n"
+    (checkouts / "1.pgid").write_text("0 another-boot 0ther\n")
+    assert procgroup.reap_orphans(checkouts) == [orphan.pid]
+    assert orphan.wait(10) == -signal.SIGKILL
+    assert procgroup.group_alive(spared.pid)
+    assert not list(checkouts.glob("*.pgid"))
 
 
 # ---------------------------------------------------------------- strays, in a process of their own
