@@ -18,9 +18,13 @@ to the log after a line saying what was cut. Everything is on disk, so a
 restarted dispatcher carries on, and the byte count of the attempt (what the
 runner's offsets are checked against) stays exact: head + tail + cut.
 
-Arrival times: ``<build>.times`` gets one "offset time" line per append, so
+Arrival times: each append notes "offset time" in memory (``stamps``), so
 ``tinyci log --timestamps`` can say when each line reached the dispatcher
-(``times``); cheap to write, read only when asked.
+(``times``). The dispatcher moves them into the database a few seconds
+later, many builds in one transaction (``take_stamps``; ``Store.add_log_times``):
+a second file per build cost as much as the log file itself, on every
+hand-out. A crash loses at most those few seconds of times, never a log byte.
+Data dirs from before keep their ``<build>.times`` files, still read.
 Build secrets (``secrets``: a build's values, by build): the runner masks
 them before it sends; as a second line of defence each frame is masked
 again here before it is stored, keeping its length (``masking.hide``: each
@@ -39,6 +43,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -171,6 +176,10 @@ class BuildLogs:
         # so each `log` frame and `result` need not stat the files; dropped whenever
         # the dispatcher writes a line of its own, and rebuilt from disk when missing
         self.sizes: dict[int, int] = {}
+        # arrival times not yet in the database, by build: (offset, time) per append;
+        # a lock, because the hand-out writes its first lines in a thread
+        self.stamps: dict[int, list[tuple[int, float]]] = {}
+        self._stamps_lock = threading.Lock()
 
     def path(self, build_id: int) -> Path:
         return self.dir / f"{int(build_id)}.log"
@@ -313,34 +322,47 @@ class BuildLogs:
     # ------------------------------------------------------------ arrival times
 
     def _stamp(self, build_id: int, offset: int) -> None:
-        """Note that the bytes appended at ``offset`` arrived now: one short line in
-        ``<build>.times`` per append (a log frame or a line of ours), read back
-        only when a tool asks (``tinyci log --timestamps``). While a log is over
-        its cap, its tail's bytes carry the offset where the cut will be."""
-        try:
-            # os.open, not open(): no text layer for a 20-byte line, a third of the cost (two a build)
-            fd = os.open(f"{self._prefix}{int(build_id)}.times", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                os.write(fd, f"{offset} {self.clock():.3f}\n".encode())
-            finally:
-                os.close(fd)
-        except OSError:
-            pass        # the times are a convenience: never fail a log write for them
+        """Note that the bytes appended at ``offset`` arrived now. While a log is
+        over its cap, its tail's bytes carry the offset where the cut will be."""
+        when = round(self.clock(), 3)      # as the database keeps it: the same answer before and after
+        with self._stamps_lock:
+            self.stamps.setdefault(build_id, []).append((offset, when))
 
-    def times(self, build_id: int, start: int, end: int) -> list[list]:
+    def take_stamps(self) -> dict[int, str]:
+        """The arrival times noted since the last call, as the text the database
+        keeps ("offset time" lines), by build; they are no longer held here."""
+        with self._stamps_lock:
+            taken, self.stamps = self.stamps, {}
+        return {build_id: "".join(f"{offset} {when:.3f}\n" for offset, when in pairs)
+                for build_id, pairs in taken.items()}
+
+    def held_times(self, build_id: int) -> list[tuple[int, float]]:
+        """The build's arrival times not yet in the database."""
+        with self._stamps_lock:
+            return list(self.stamps.get(build_id, ()))
+
+    def times(self, build_id: int, start: int, end: int, stored: str = "",
+              held: list[tuple[int, float]] | None = None) -> list[list]:
         """[offset, time] for the bytes ``start``..``end`` of the log: the append that
-        ``start`` falls in (its offset moved to ``start``), then each one after it."""
+        ``start`` falls in (its offset moved to ``start``), then each one after it.
+        ``stored``: the build's times from the database, ``held``: those not yet
+        there (``held_times``, read here when None); an older data dir's
+        ``<build>.times`` is read too."""
         try:
-            lines = (self.dir / f"{int(build_id)}.times").read_text().split("\n")
+            legacy = (self.dir / f"{int(build_id)}.times").read_text()
         except (OSError, UnicodeDecodeError):
-            return []
-        found: list[list] = []
-        for line in lines:
+            legacy = ""
+        if held is None:
+            held = self.held_times(build_id)
+        pairs: list[tuple[int, float]] = []
+        for line in (legacy + stored).split("\n"):
             try:
                 offset_text, when_text = line.split()
-                offset, when = int(offset_text), float(when_text)
+                pairs.append((int(offset_text), float(when_text)))
             except ValueError:
                 continue
+        found: list[list] = []
+        for offset, when in pairs + held:
             if offset >= end:
                 break
             if offset <= start:

@@ -91,8 +91,7 @@ class Deliveries:
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
         # the first write: should the disk be too full for the database, nothing has changed yet
-        self.store.save_steps(build_id, msg.get("step_results"))
-        self.store.save_tests(build_id, msg.get("tests"))
+        self.store.save_report(build_id, msg.get("step_results"), msg.get("tests"))
         cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
         if cut:
             self.note(build_id, cut)

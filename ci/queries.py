@@ -121,7 +121,10 @@ class Queries:
             if data:
                 chunk = {"type": "chunk", "offset": offset, "data": data if binary else data.decode(errors="replace")}
                 if msg.get("timestamps"):
-                    chunk["times"] = await aio.in_thread(self.logs.times, build_id, offset, offset + len(data))
+                    # both read here, at once: the dispatcher moves held times into the database
+                    stored, held = self.store.log_times(build_id), self.logs.held_times(build_id)
+                    chunk["times"] = await aio.in_thread(self.logs.times, build_id, offset, offset + len(data),
+                                                         stored, held)
                 await conn.send(chunk)
                 offset += len(data)
                 continue

@@ -10,8 +10,8 @@ branch always shows its last result. Build numbers are never reused
 (AUTOINCREMENT), so a deleted build's number stays unused.
 
 Deleting a build deletes its row, its artifacts' rows, its log (with the cap's
-``.tail``/``.cut``/``.times`` files) and its artifacts' directory. No pause a runner or a
-tool notices: the choice is one query on a connection of its own in a thread
+``.tail``/``.cut`` files, and an older data dir's ``.times``) and its
+artifacts' directory. No pause a runner or a tool notices: the choice is one query on a connection of its own in a thread
 (WAL: it blocks no writer, and a window over 100,000 builds takes a moment the
 event loop must not wait), the rows go in transactions of ``BATCH`` builds on
 the dispatcher's connection with the loop free between them, the files go in a

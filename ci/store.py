@@ -90,6 +90,8 @@ MIGRATIONS = (
     ("secrets", "ALTER TABLE builds ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]'"),
     # the last attempt's JUnit reports (JSON {passed, failed, errors, skipped, failures}); NULL: none read
     ("tests", "ALTER TABLE builds ADD COLUMN tests TEXT"),
+    # when each append reached the build's log ("offset time" lines; ci/buildlogs.py, arrival times)
+    ("log_times", "ALTER TABLE builds ADD COLUMN log_times TEXT NOT NULL DEFAULT ''"),
 )
 
 # The schema this release writes, kept in the database as PRAGMA user_version.
@@ -362,17 +364,24 @@ class Store:
                                (since,))
         return {status: n for status, n in rows}
 
-    def save_steps(self, build_id: int, steps: list[dict] | None) -> None:
-        self.db.execute("UPDATE builds SET step_results = ? WHERE id = ?",
-                        (json.dumps(steps) if steps is not None else None, build_id))
+    def save_report(self, build_id: int, steps: list[dict] | None, tests: dict | None) -> None:
+        """What a result reports besides its status: each step, and the JUnit counts (one statement)."""
+        self.db.execute("UPDATE builds SET step_results = ?, tests = ? WHERE id = ?",
+                        (json.dumps(steps) if steps is not None else None,
+                         json.dumps(tests) if tests is not None else None, build_id))
+
+    def add_log_times(self, times: Mapping[int, str]) -> None:
+        """Append arrival times ("offset time" lines) to each build's; a build deleted meanwhile is skipped."""
+        self.db.executemany("UPDATE builds SET log_times = log_times || ? WHERE id = ?",
+                            [(text, build_id) for build_id, text in times.items()])
+
+    def log_times(self, build_id: int) -> str:
+        row = self.db.execute("SELECT log_times FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return row[0] if row else ""
 
     def steps(self, build_id: int) -> list[dict] | None:
         row = self.db.execute("SELECT step_results FROM builds WHERE id = ?", (build_id,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
-
-    def save_tests(self, build_id: int, tests: dict | None) -> None:
-        self.db.execute("UPDATE builds SET tests = ? WHERE id = ?",
-                        (json.dumps(tests) if tests is not None else None, build_id))
 
     def tests(self, build_id: int) -> dict | None:
         """The build's test report, with the failed tests' names."""

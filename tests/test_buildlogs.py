@@ -141,3 +141,18 @@ def test_a_secret_the_runner_left_in_a_frame_is_hidden_keeping_the_offsets(tmp_p
     plain = started(logs, running(2))
     logs.append(plain, 0, value.encode())
     assert value in logs.path(2).read_text()
+
+
+def test_arrival_times_are_held_until_taken_and_read_from_every_place_they_are(tmp_path):
+    now = iter([100.0, 101.25, 102.5, 103.0])
+    logs = BuildLogs(tmp_path / "logs", 1 << 20, clock=lambda: next(now))
+    build = started(logs, running())                        # "=== attempt 1 ===\n" at 100.0
+    logs.append(build, 0, b"one\n")                         # at offset 18, 101.25
+    assert logs.times(1, 0, 22) == [[0, 100.0], [18, 101.25]]
+    taken = logs.take_stamps()
+    assert taken == {1: "0 100.000\n18 101.250\n"} and logs.take_stamps() == {}
+    logs.append(build, 4, b"two\n")                         # at 22, 102.5: held, the rest stored
+    assert logs.times(1, 20, 26, stored=taken[1]) == [[20, 101.25], [22, 102.5]]
+    # a data dir from before the database kept them: its file is still read, first
+    (tmp_path / "logs" / "2.times").write_text("0 50.000\n5 51.000\n")
+    assert logs.times(2, 0, 10, stored="9 52.000\n") == [[0, 50.0], [5, 51.0], [9, 52.0]]

@@ -111,12 +111,13 @@ def test_a_store_keeps_a_builds_report_and_lists_only_the_counts(tmp_path):
         one, _ = store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0)
         two, _ = store.add_build(repo="/r", branch="main", sha="b" * 40, now=2.0)
         report = {"passed": 3, "failed": 1, "errors": 0, "skipped": 0, "failures": ["m.t"]}
-        store.save_tests(one.id, report)
+        store.save_report(one.id, [{"command": "pytest", "exit_code": 1}], report)
         assert store.tests(one.id) == report and store.tests(two.id) is None
+        assert store.steps(one.id) == [{"command": "pytest", "exit_code": 1}]
         assert store.test_counts([one.id, two.id]) == {one.id: {"passed": 3, "failed": 1, "errors": 0,
                                                                 "skipped": 0}}
-        store.save_tests(one.id, None)       # a later attempt without a report
-        assert store.tests(one.id) is None
+        store.save_report(one.id, None, None)       # a later attempt without a report
+        assert store.tests(one.id) is None and store.steps(one.id) is None
     finally:
         store.close()
 

@@ -105,6 +105,11 @@ def test_log_timestamps_say_when_each_line_reached_the_dispatcher(cluster, repo)
     assert 1.0 <= (second - first) % 86400 < 10     # the sleep between them shows
     plain = tinyci("log", str(build["id"]), "--dispatcher", c.disp.addr).stdout
     assert [line.split(" ", 1)[1] for line in done.stdout.splitlines()] == plain.splitlines()
+    # the times outlive the dispatcher: a restarted one says the same
+    assert c.disp.stop() == 0
+    c.dispatcher()
+    again = tinyci("log", str(build["id"]), "--timestamps", "--dispatcher", c.disp.addr)
+    assert again.returncode == 0 and again.stdout == done.stdout, again.stderr
 
 
 def test_the_small_things_a_new_user_tripped_over(cluster, repo, tmp_path):
