@@ -267,10 +267,13 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            # WAL: the pages reach the disk here, so a full disk fails here: the
+            # transaction must not stay open (every later BEGIN would fail)
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------ builds
 

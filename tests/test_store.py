@@ -213,3 +213,24 @@ def test_a_second_dispatcher_on_the_same_data_dir_is_refused_naming_the_first(tm
         assert f"another dispatcher (pid {first.pid}) uses {tmp_path / 'dispatcher'}" in second.log()
         assert "Traceback" not in second.log()
         assert first.alive() and c.status()["builds"] == []
+
+
+def test_a_transaction_whose_commit_fails_is_rolled_back_not_left_open(tmp_path):
+    # a COMMIT can fail (a full disk, with WAL, fails there); a deferred foreign key
+    # makes SQLite fail it for real and keep the transaction open, as a full disk may
+    store = Store(tmp_path / "data")
+    try:
+        store.db.execute("PRAGMA foreign_keys=ON")
+        store.db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        store.db.execute("CREATE TABLE child (parent REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.transaction():
+                store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0)
+                store.db.execute("INSERT INTO child VALUES (7)")
+        assert not store.db.in_transaction
+        assert store.recent(10) == []                  # nothing of it was kept
+        with store.transaction():                       # and the next one works
+            store.add_build(repo="/r", branch="main", sha="b" * 40, now=2.0)
+        assert [b.sha for b in store.recent(10)] == ["b" * 40]
+    finally:
+        store.close()
