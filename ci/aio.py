@@ -7,6 +7,7 @@ git commit's hook and uses none of this.
 
 from __future__ import annotations
 
+import queue
 import random
 import sys
 import threading
@@ -44,8 +45,44 @@ else:  # 3.10 has no asyncio.timeout; it keeps the flaw
         return await asyncio.wait_for(aw, timeout)
 
 
+class _Workers:
+    """Daemon threads for ``in_thread``, kept for the next call once their work
+    is done (up to ``keep`` idle ones). A thread started per call cost the
+    runner a fifth of its loop: ``Thread.start`` waits until the new thread
+    runs, and on a busy machine that is a scheduler's round. Daemon threads,
+    so a long git command never holds up the process's exit."""
+
+    def __init__(self, keep: int = 8):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.keep = keep
+        self.idle = 0               # threads waiting for a job, or about to
+        self.lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self.lock:
+            start = not self.idle
+            if not start:
+                self.idle -= 1
+        self.jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name="tinyci-worker", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self.jobs.get()()
+            with self.lock:
+                if self.idle >= self.keep:
+                    return
+                self.idle += 1
+
+
+# one set of worker threads for the process, whichever loop asks: like the
+# threads themselves, it holds nothing of any loop's between jobs
+_workers = _Workers()
+
+
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking ``fn`` in a daemon thread.
+    """Run blocking ``fn`` in a daemon thread (one kept from an earlier call if idle).
 
     Not asyncio.to_thread: the default executor is joined when the loop
     ends, so a long git command would hold up Ctrl-C until it finished.
@@ -58,6 +95,7 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
             future.set_exception(exc) if exc is not None else future.set_result(value)
 
     def work() -> None:
+        threading.current_thread().name = f"tinyci-{getattr(fn, '__name__', 'work')}"     # for py-spy, a traceback
         try:
             value, exc = fn(*args), None
         except BaseException as error:  # handed to the awaiting task
@@ -67,7 +105,7 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         except RuntimeError:
             pass                        # the loop is gone: nobody waits any more
 
-    threading.Thread(target=work, name=f"tinyci-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    _workers.submit(work)
     return await future
 
 

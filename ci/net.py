@@ -556,6 +556,12 @@ class Client:
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def connected(self) -> bool:
+        """A connection is open and the peer has not closed its end (as far as is known without asking)."""
+        conn = self._conn
+        return conn is not None and not conn.writer.is_closing() and not conn.reader.at_eof()
+
     async def _connect(self) -> Connection:
         try:
             tls = {} if self.ssl is None else {

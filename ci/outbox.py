@@ -34,6 +34,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import aio, files, net, protocol
 from .text import utf8_boundary
@@ -48,6 +49,7 @@ PACE = 0.1
 # A log frame's bytes at most (and net.max_bulk): one frame a round trip, so
 # big frames keep up with a step writing fast on a loaded machine.
 MAX_CHUNK = 4 << 20
+SPARE_FOR = 30.0        # seconds a finished delivery's connection is kept for the next one
 _ENTRY = re.compile(r"(\d{1,19})-(\d{1,6})\.json\Z")
 RESULT_FIELDS = ("build", "attempt", "status", "exit_code", "steps", "duration", "log_size")
 ACCEPTED, STALE = "accepted", "stale"
@@ -124,13 +126,57 @@ class Outbox:
                 path.unlink(missing_ok=True)
 
 
+class Spares:
+    """Connections to the dispatcher that deliveries are done with, kept for the
+    next ones: a connection per build (connect, then the handshake in both
+    processes) cost a trivial build a tenth of the runner's loop. Kept for
+    ``SPARE_FOR`` seconds (the dispatcher drops a client silent for
+    ``net.idle_timeout``), at most ``keep`` of them."""
+
+    def __init__(self, make: Callable[[], net.Client], keep: int):
+        self.make, self.keep = make, keep
+        self.kept: list[tuple[net.Client, float]] = []
+
+    def take(self) -> tuple[net.Client, bool]:
+        """A connection for a delivery, and whether it was kept from an earlier one."""
+        now = time.monotonic()
+        while self.kept:
+            client, since = self.kept.pop()
+            if now - since < SPARE_FOR and client.connected:
+                return client, True
+            self.kept.append((client, since))       # closed by the next give or close
+            break
+        return self.make(), False
+
+    async def give(self, client: net.Client) -> None:
+        """A delivery is done with ``client``: kept if still connected and there is room."""
+        now = time.monotonic()
+        stale = [c for c, since in self.kept if now - since >= SPARE_FOR or not c.connected]
+        self.kept = [(c, since) for c, since in self.kept if c not in stale]
+        if client.connected and len(self.kept) < self.keep:
+            self.kept.append((client, now))
+        else:
+            stale.append(client)
+        for old in stale:
+            await old.close()
+
+    async def close(self) -> None:
+        kept, self.kept = self.kept, []
+        for client, _ in kept:
+            await client.close()
+
+
 class Delivery:
     """Streams one attempt's log while it grows, then sends its result, until the
     dispatcher accepts it or calls it stale. Never gives up on an absent dispatcher."""
 
     def __init__(self, client: net.Client, build: int, attempt: int, log_path: Path,
-                 max_bulk: int = 4 << 20, start: int = 0, result: dict | None = None):
+                 max_bulk: int = 4 << 20, start: int = 0, result: dict | None = None, reused: bool = False):
+        """``reused``: ``client`` is a connection an earlier delivery kept (``Spares``):
+        should it turn out dead (the dispatcher restarted), the first request is
+        made again at once on a new one, unlogged."""
         self.client = client
+        self.reused = reused
         self.build, self.attempt = build, attempt
         self.log_path = log_path
         self.chunk = max(1024, min(MAX_CHUNK, max_bulk))      # the log's bytes go raw, in bulk frames
@@ -225,8 +271,12 @@ class Delivery:
                 return None
             self._trouble(msg, f"the dispatcher refused it: {exc}")
         except (net.PeerError, protocol.ProtocolError) as exc:
+            if self.reused and isinstance(exc, net.PeerError):
+                self.reused = False         # a kept connection found dead: the client makes a new one
+                return None
             self._trouble(msg, str(exc))
         else:
+            self.reused = False
             if self._failing:
                 log.info("%r: delivering to the dispatcher %s again", self, self.client.addr)
             self._failing = False

@@ -38,7 +38,7 @@ from .buildlog import BuildLog
 from .cache import Cache
 from .execution import Execution
 from .models import Status
-from .outbox import STALE, Delivery, Outbox
+from .outbox import STALE, Delivery, Outbox, Spares
 from .procgroup import Steps, become_subreaper, reap_orphans
 from .registration import Refused, Registration
 from .settings import Settings
@@ -71,6 +71,7 @@ class Runner:
         self.outbox: Outbox | None = None
         self.slots = Slots(rc.slots)
         self.deliveries: dict[tuple, Delivery] = {}     # every lease held, by (build, attempt)
+        self.spares = Spares(self._client, rc.slots)      # deliveries' connections, kept for the next
         self.tasks: set[asyncio.Task] = set()
         self.registration: Registration | None = None      # once the name is known
         self._locks: list[files.DirLock] = []
@@ -168,6 +169,7 @@ class Runner:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         if self.registration is not None:
             await self.registration.close()
+        await self.spares.close()
         for lock in self._locks:
             lock.release()
 
@@ -238,10 +240,12 @@ class Runner:
                              msg.get("artifacts_limit", RunRequest.artifacts_limit), tuple(msg.get("inputs", ())),
                              msg.get("definition", ""), msg.get("override", False), dict(msg.get("secrets", {})))
         path = self.outbox.log_path(build, attempt)
-        delivery = Delivery(self._client(), build, attempt, path, self.settings.limits.max_bulk)
+        client, reused = self.spares.take()
+        delivery = Delivery(client, build, attempt, path, self.settings.limits.max_bulk, reused=reused)
         try:
             buildlog = BuildLog(path, delivery.wake)
         except OSError as exc:
+            self._spawn(client.close(), "closing a delivery's connection")
             return protocol.error("internal", f"runner {self.name} cannot write {path}: {exc.strerror}")
         execution = Execution(request, self.workdir / "checkouts" / str(slot), buildlog, rc.kill_grace,
                               header=f"runner {self.name} slot {slot}: ",
@@ -327,8 +331,10 @@ class Runner:
         key = (delivery.build, delivery.attempt)
         try:
             outcome = await delivery.run()
-        finally:
+        except BaseException:
             await delivery.client.close()
+            raise
+        await self.spares.give(delivery.client)
         if outcome == STALE:
             log.warning("build %d attempt %d is stale (given to another runner); dropping it", *key)
             for execution in self.slots.find(*key):

@@ -46,6 +46,8 @@ class FakeDispatcher:
         self.stale_at: dict[int, str] = {}    # build -> log text after which its lease is stale
         self.server = None
         self.port = 0
+        self.result_peers: list[str] = []     # the address each accepted result came from
+        self.conns: set[net.Connection] = set()
 
     async def start(self, port: int = 0) -> "FakeDispatcher":
         self.server = await net.serve(self.handle, "127.0.0.1", port, secret=SECRET,
@@ -64,8 +66,15 @@ class FakeDispatcher:
     def log_text(self, build: int, attempt: int = 1) -> str:
         return bytes(self.logs.get((build, attempt), b"")).decode()
 
+    def drop_connections(self) -> None:
+        """Close every connection a runner made, as a dispatcher's restart would."""
+        for conn in self.conns:
+            conn.writer.close()
+        self.conns.clear()
+
     async def handle(self, conn: net.Connection, msg: dict) -> dict:
         kind = msg["type"]
+        self.conns.add(conn)
         if kind == "register":
             self.registers.append(msg)
             return protocol.ok(heartbeat_interval=self.heartbeat)
@@ -93,6 +102,7 @@ class FakeDispatcher:
             if msg.get("log_size", 0) > len(have):
                 return protocol.error("offset", "log incomplete", expected=len(have))
             self.results[msg["build"]] = msg
+            self.result_peers.append(conn.peer)
             return protocol.ok()
         return protocol.error("unsupported", kind)
 

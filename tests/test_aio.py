@@ -61,6 +61,20 @@ def test_in_thread_runs_in_a_daemon_thread_while_the_loop_goes_on():
     run(body())
 
 
+def test_in_thread_keeps_its_threads_and_grows_for_work_that_waits_on_other_work():
+    async def body():
+        await aio.in_thread(threading.current_thread)
+        there = set(threading.enumerate())
+        assert await aio.in_thread(threading.current_thread) in there   # a kept thread, not one started anew
+        # twelve at once, each waiting for all the others: they must all run at the same time
+        gate = threading.Barrier(12, timeout=10)
+        idents = await asyncio.gather(*(aio.in_thread(lambda: (gate.wait(), threading.get_ident())[1])
+                                        for _ in range(12)))
+        assert len(set(idents)) == 12
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("tinyci-"))
+    run(body())
+
+
 def test_backoff_grows_to_its_cap_with_full_jitter_and_resets():
     random.seed(7)
     backoff = aio.Backoff(start=0.1, cap=1.0)

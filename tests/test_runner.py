@@ -153,6 +153,32 @@ def test_passing_build_streams_its_log_and_leaves_no_process(project, runners, t
     asyncio.run(scenario())
 
 
+def test_builds_one_after_another_deliver_on_one_kept_connection(project, runners):
+    path, sha = project
+
+    async def scenario():
+        fake = await FakeDispatcher().start()
+        runner = await runners.start(fake.port, "--name", "r1")
+        client = runner.client()
+        try:
+            for build in (1, 2, 3):
+                await client.request(run_msg(build, path, sha, [f"echo build {build}"]))
+                assert (await fake.result(build))["status"] == "passed"
+            # not a connection (and a handshake in both processes) per build
+            assert len(set(fake.result_peers)) == 1, fake.result_peers
+            # the dispatcher restarted meanwhile: the kept connection is dead, a new one is made, quietly
+            fake.drop_connections()
+            await client.request(run_msg(4, path, sha, ["echo build 4"]))
+            assert (await fake.result(4))["status"] == "passed"
+            assert fake.result_peers[-1] not in fake.result_peers[:3]
+            assert "cannot deliver" not in runner.stderr()
+        finally:
+            await client.close()
+            fake.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_default_workdir_is_under_the_runners_own_directory(project, runners):
     path, sha = project
 
