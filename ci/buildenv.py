@@ -29,6 +29,7 @@ default job), ``PYTHONUNBUFFERED=1``, then ``build.env`` and the file's env.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -110,6 +111,14 @@ def own_bin() -> str | None:
     return os.path.join(sys.prefix, "bin") if sys.prefix != sys.base_prefix else None
 
 
+@functools.lru_cache(maxsize=8)
+def _path_without(path: str, mine: str | None) -> tuple[str, ...]:
+    """``path``'s entries but ``mine`` (however spelt): the same for every build,
+    and resolving each entry's links cost a trivial build a millisecond."""
+    return tuple(p for p in path.split(os.pathsep)
+                 if p and (mine is None or os.path.realpath(p) != os.path.realpath(mine)))
+
+
 def build_env(request: RunRequest, base: dict | None = None, venv_dir: Path | None = None) -> dict:
     """The environment a step sees (see the module docstring); ``venv_dir``: the
     build's virtualenv, None when it could not be made (then only the runner's
@@ -118,8 +127,7 @@ def build_env(request: RunRequest, base: dict | None = None, venv_dir: Path | No
     # the runner's own settings (a TINYCI_AUTH_SECRET above all) are not the build's business
     env = {k: v for k, v in base.items() if not k.startswith("TINYCI_")}
     mine = own_bin()
-    path = [p for p in (env.get("PATH") or os.defpath).split(os.pathsep)
-            if p and (mine is None or os.path.realpath(p) != os.path.realpath(mine))]
+    path = list(_path_without(env.get("PATH") or os.defpath, mine))
     if venv_dir is not None:
         path.insert(0, str(venv_dir / "bin"))
         env["VIRTUAL_ENV"] = str(venv_dir)
