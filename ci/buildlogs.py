@@ -40,19 +40,24 @@ and skipped: the state change it goes with must not fail for it.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import aio
 from .masking import hide
 from .models import Build
 from .text import utf8_boundary
 
 log = logging.getLogger(__name__)
+
+TIMES_EVERY = 2.0       # seconds between moves of the arrival times into the database
 
 
 def _size(path: Path) -> int:
@@ -327,6 +332,23 @@ class BuildLogs:
         when = round(self.clock(), 3)      # as the database keeps it: the same answer before and after
         with self._stamps_lock:
             self.stamps.setdefault(build_id, []).append((offset, when))
+
+    async def keep_times(self, save: Callable[[dict[int, str]], None], stop: asyncio.Event) -> None:
+        """Every TIMES_EVERY seconds until ``stop``, the times taken (``take_stamps``) go to ``save``."""
+        while not stop.is_set():
+            try:
+                await aio.within(stop.wait(), TIMES_EVERY)
+            except asyncio.TimeoutError:
+                self.save_times(save)
+
+    def save_times(self, save: Callable[[dict[int, str]], None]) -> None:
+        taken = self.take_stamps()
+        if not taken:
+            return
+        try:
+            save(taken)
+        except sqlite3.Error as exc:        # a convenience: never worth more than a line
+            log.warning("the arrival times of %d build log(s) were not saved: %s", len(taken), exc)
 
     def take_stamps(self) -> dict[int, str]:
         """The arrival times noted since the last call, as the text the database

@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 
 # nobody talks to the dispatcher as the dispatcher: it proves itself to runners with their keys
 ACCEPTS = frozenset({protocol.RUNNER, protocol.OBSERVER, protocol.OPERATOR, protocol.READER})
-TIMES_EVERY = 2.0       # seconds between moves of the logs' arrival times into the database
 
 
 class Dispatcher:
@@ -144,11 +143,11 @@ class Dispatcher:
         timed = asyncio.create_task(self.triggers.schedule_loop(stop))
         self._spawn(self.retention.run(stop))
         self._spawn(self.disk.watch(stop))
-        self._spawn(self._keep_times(stop))
+        self._spawn(self.logs.keep_times(self.store.add_log_times, stop))
         try:
             await stop.wait()
         finally:
-            self._save_times()
+            self.logs.save_times(self.store.add_log_times)
             server.close()
             beat.cancel()
             timed.cancel()
@@ -156,25 +155,6 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(beat, timed, *self.tasks, return_exceptions=True)
             await self.links.close()
-
-    async def _keep_times(self, stop: asyncio.Event) -> None:
-        """Move the logs' arrival times into the database every few seconds, all builds
-        in one transaction (see buildlogs: far cheaper than a file per build)."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), TIMES_EVERY)
-            except asyncio.TimeoutError:
-                self._save_times()
-
-    def _save_times(self) -> None:
-        taken = self.logs.take_stamps()
-        if not taken:
-            return
-        try:
-            with self.store.transaction():
-                self.store.add_log_times(taken)
-        except sqlite3.Error as exc:        # a convenience: never worth more than a line
-            log.warning("the arrival times of %d build log(s) were not saved: %s", len(taken), exc)
 
     def _conditions_changed(self) -> None:
         if self.watchers.active:

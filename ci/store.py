@@ -374,9 +374,11 @@ class Store:
                          json.dumps(tests) if tests is not None else None, build_id))
 
     def add_log_times(self, times: Mapping[int, str]) -> None:
-        """Append arrival times ("offset time" lines) to each build's; a build deleted meanwhile is skipped."""
-        self.db.executemany("UPDATE builds SET log_times = log_times || ? WHERE id = ?",
-                            [(text, build_id) for build_id, text in times.items()])
+        """Append arrival times ("offset time" lines) to each build's, in one transaction;
+        a build deleted meanwhile is skipped."""
+        with self.transaction():
+            self.db.executemany("UPDATE builds SET log_times = log_times || ? WHERE id = ?",
+                                [(text, build_id) for build_id, text in times.items()])
 
     def log_times(self, build_id: int) -> str:
         row = self.db.execute("SELECT log_times FROM builds WHERE id = ?", (build_id,)).fetchone()
