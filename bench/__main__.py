@@ -8,6 +8,7 @@ import argparse
 import json
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which to run (default all): {', '.join(SCENARIOS)}")
     args = parser.parse_args(argv)
+    # a SIGTERM (a CI's timeout, a kill by pid) unwinds like Ctrl-C: each cluster stops the daemons it started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r} (known: {', '.join(SCENARIOS)})")
