@@ -225,7 +225,8 @@ def _waiting_commands(sub) -> None:
     what.add_argument("rev", nargs="?", metavar="REV",
                       help="commit to build (sha, tag or branch; default HEAD of the watched clone)")
     run.add_argument("--repo", metavar="REPO", help="the repository REV is in, as the dispatcher knows it")
-    run.add_argument("--job", metavar="JOB", help="only this job of the commit's .ci.yaml")
+    run.add_argument("--job", metavar="JOB", help="only this job of the commit's .ci.yaml (of a matrix job, "
+                                                  "'test' is every combination, 'test (python=3.11)' one)")
     _waiting_arguments(run)
 
     wait = sub.add_parser(

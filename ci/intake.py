@@ -220,6 +220,17 @@ class RevisionError(Exception):
         self.message = message
 
 
+def pick_jobs(jobs: Sequence[dict], job: str, sha: str) -> list[dict]:
+    """The builds of ``jobs`` that ``job`` names: that one, or every combination
+    of a matrix job (``test`` picks "test (python=3.10)" and "test (python=3.11)").
+    RevisionError naming the jobs there are when none matches."""
+    picked = [j for j in jobs if j["name"] == job] or [j for j in jobs if j["name"].startswith(f"{job} (")]
+    if not picked:
+        shown = ", ".join(j["name"] or "(the default job)" for j in jobs)
+        raise RevisionError("not_found", f"commit {sha[:12]} has no job {job!r} (its jobs: {shown})")
+    return picked
+
+
 PREFERRED = ("main", "master", "trunk", "develop")
 
 

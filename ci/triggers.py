@@ -61,11 +61,7 @@ class Triggers:
         # Checked in a thread: a file at the size cap takes up to a second or so
         jobs, problem = await aio.in_thread(intake.jobs_from, text, self.pipelines.get(repo))
         if job is not None and not problem:
-            names = [j["name"] for j in jobs]
-            if job not in names:
-                shown = ", ".join(n or "(the default job)" for n in names)
-                raise intake.RevisionError("not_found", f"commit {sha[:12]} has no job {job!r} (its jobs: {shown})")
-            jobs = [j for j in jobs if j["name"] == job]
+            jobs = intake.pick_jobs(jobs, job, sha)
         builds, _ = self.admit(intake.Request(
             repo=repo, branch=branch, sha=sha, subject=subject or f"triggered {rev or branch}",
             author=author, reason=reason, jobs=jobs, config_error=problem, note=reason))

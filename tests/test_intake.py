@@ -175,3 +175,17 @@ def test_a_job_denied_a_secret_is_an_error_build_saying_why_and_the_others_queue
     # nothing asked, nothing denied: the same request
     plain = Request("/r", "feat", SHA)
     assert plain.checked(problem) is plain
+
+
+def test_a_trigger_picks_one_job_or_every_combination_of_a_matrix_job():
+    text = (b"jobs:\n  test:\n    matrix: {python: ['3.10', '3.11']}\n    steps: [pytest]\n"
+            b"  test-docs:\n    steps: [make docs]\n")
+    jobs, problem = intake.jobs_from(text)
+    assert problem == ""
+    assert [j["name"] for j in intake.pick_jobs(jobs, "test", "a" * 40)] == ["test (python=3.10)", "test (python=3.11)"]
+    assert [j["name"] for j in intake.pick_jobs(jobs, "test (python=3.11)", "a" * 40)] == ["test (python=3.11)"]
+    assert [j["name"] for j in intake.pick_jobs(jobs, "test-docs", "a" * 40)] == ["test-docs"]
+    with pytest.raises(intake.RevisionError) as missing:
+        intake.pick_jobs(jobs, "tes", "a" * 40)
+    assert missing.value.message == ("commit aaaaaaaaaaaa has no job 'tes' (its jobs: test (python=3.10), "
+                                     "test (python=3.11), test-docs)")
