@@ -12,6 +12,7 @@ output, or at ``close``.
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import logging
 import os
@@ -46,6 +47,24 @@ class BuildLog:
         self._file: Any = open(path, "wb")
         self._line_start = True
         self.mask: Any = None           # a masking.Masker, or None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, data: bytes) -> None:
+        """A piece of the step's output as it came: text as ``write`` takes it,
+        a character cut between two pieces decoded whole, bytes that are not
+        UTF-8 replaced. A piece of ASCII (most output is) while no character
+        is half read is written as it is: decoding and encoding it again gave
+        the same bytes, at two copies of each."""
+        if data.isascii() and not self._decoder.getstate()[0]:
+            if data and self._file is not None:
+                self._write(self.mask.feed(data) if self.mask else data)
+                self._line_start = data.endswith(b"\n")
+            return
+        self.write(self._decoder.decode(data))
+
+    def feed_end(self) -> None:
+        """The step's output ended: what ``feed`` held of a character cut short."""
+        self.write(self._decoder.decode(b"", final=True))
 
     def write(self, text: str) -> None:
         if not text or self._file is None:
