@@ -17,7 +17,9 @@ exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 What a peer sent reaches the terminal only through ``sanitize``: build logs
 without control characters or escape sequences (colour kept on a terminal;
 ``log --raw`` gives the stored bytes), names, paths and error messages as
-plain text.
+plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
+no event loop) and writes in a thread of its own (``WriteBehind``), so a big
+log is received, checked and written at once, each byte copied once.
 """
 
 from __future__ import annotations
@@ -502,13 +504,22 @@ class TerminalOut:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, data: bytes) -> None:
-        if self.raw:
-            self.out.buffer.write(data)
-        elif self._plain(data):
-            self.out.flush()            # what the text layer holds goes first
-            self.out.buffer.write(data)
+        self.emit(self.clean(data))
+
+    def clean(self, data: bytes) -> bytes | str:
+        """What ``data`` becomes: bytes to write as they are (raw, or plain), or
+        the cleaned text. Keeps the stream's state: pieces go through in order."""
+        if self.raw or self._plain(data):
+            return data
+        return self.stream.feed(self.decoder.decode(data))
+
+    def emit(self, piece: bytes | str) -> None:
+        """Write what ``clean`` made of a piece."""
+        if isinstance(piece, str):
+            self.out.write(piece)
         else:
-            self.out.write(self.stream.feed(self.decoder.decode(data)))
+            self.out.flush()            # what the text layer holds goes first
+            self.out.buffer.write(piece)
         self.out.flush()
 
     def _plain(self, data: bytes) -> bool:
@@ -524,10 +535,11 @@ class TerminalOut:
 
 class WriteBehind:
     """Writes to a ``TerminalOut`` in a thread of its own: a piece is checked
-    and written while the next one is received (the socket's read and the
-    file's write each leave the GIL, so they overlap). At most two pieces
-    wait; a failure to write (a closed pipe) is raised at the next ``write``
-    or at ``close``."""
+    (``clean``, in the caller's thread) while the one before is written
+    (``emit``, here), and the next one is received meanwhile (the socket's read
+    and the file's write leave the GIL, so the three overlap). At most two
+    pieces wait; a failure to write (a closed pipe) is raised at the next
+    ``write`` or at ``close``."""
 
     def __init__(self, out: TerminalOut):
         import queue
@@ -542,14 +554,14 @@ class WriteBehind:
         while (piece := self.pieces.get()) is not None:
             if self.failed is None:
                 try:
-                    self.out.write(piece)
+                    self.out.emit(piece)
                 except BaseException as exc:      # raised in the main thread
                     self.failed = exc
 
     def write(self, data: bytes) -> None:
         if self.failed is not None:
             raise self.failed
-        self.pieces.put(data)
+        self.pieces.put(self.out.clean(data))
 
     def close(self) -> None:
         self.pieces.put(None)
