@@ -66,3 +66,34 @@ def test_a_fed_piece_is_masked_and_a_line_of_the_runners_starts_a_fresh_line(tmp
     log.line("[done]")
     log.close()
     assert (tmp_path / "3-1.log").read_text() == "token *** here\n[exit 0]\nok\n[done]\n"
+
+
+def test_a_big_log_is_synced_behind_the_writer_and_nothing_is_lost_or_left_open(tmp_path):
+    """Past SYNC_EVERY bytes a sync starts in a thread of its own (on a duplicate of the
+    file's descriptor, closed after it); the writes go on meanwhile, all in order."""
+    import os
+    import time
+    from ci import buildlog
+    fds = len(os.listdir("/proc/self/fd"))
+    log = BuildLog(tmp_path / "4-1.log")
+    piece = b"0123456789abcdef" * 4096         # 64 KiB
+    count = 3 * buildlog.SYNC_EVERY // len(piece) + 1
+    for _ in range(count):
+        log.feed(piece)
+    assert log._synced >= buildlog.SYNC_EVERY
+
+    def settled() -> None:
+        deadline = time.monotonic() + 30
+        while log._syncing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not log._syncing, "the sync behind did not end within 30 s"
+    settled()
+    before, extra = log._synced, 0
+    while log._synced == before and extra <= buildlog.SYNC_EVERY // len(piece):
+        log.feed(piece)
+        extra += 1
+    assert log._synced == log.size > before     # the next began with the write that crossed SYNC_EVERY
+    settled()
+    log.close()
+    assert (tmp_path / "4-1.log").read_bytes() == piece * (count + extra)
+    assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor was left open"
