@@ -665,9 +665,10 @@ class BlockingLink:
     """A fresh blocking socket to one peer, after the handshake, without an
     event loop: the same frames, table and handshake as ``Client``. For
     `tinyci notify` in git hooks (no asyncio at all) and for `tinyci log`,
-    whose bulk frames land straight in a buffer of their own (``recv_into``):
-    a stream's reader and event loop copied each byte three times more.
-    Errors are ``Client``'s: PeerRefused, PeerTimeout, PeerError."""
+    whose bulk frames are received into one kept buffer (``recv_into``) and
+    copied out once, where asyncio's stream reader copied each byte three
+    times. Errors are ``Client``'s: PeerRefused, PeerTimeout, PeerError, and
+    ProtocolError for a frame the table does not allow."""
 
     def __init__(self, addr: str, role: str, secret: str = "", limits: Limits = Limits(),
                  ssl: Any = None, *, to: str = DISPATCHER_ID):
