@@ -17,7 +17,9 @@ exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 What a peer sent reaches the terminal only through ``sanitize``: build logs
 without control characters or escape sequences (colour kept on a terminal;
 ``log --raw`` gives the stored bytes), names, paths and error messages as
-plain text.
+plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
+no event loop) and writes in a thread of its own (``WriteBehind``), so that
+receiving, checking and writing a big log overlap.
 """
 
 from __future__ import annotations
@@ -406,9 +408,16 @@ class DispatcherLink:
                 f"matches the dispatcher's; for `tinyci up`'s daemons, run this in or below the directory "
                 f"where it ran, or set TINYCI_AUTH_SECRET_FILE")
 
+    def link(self, role: str) -> net.BlockingLink:
+        """A blocking link (no event loop): for `tinyci log`, whose chunks it receives into one kept buffer."""
+        return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls, to=protocol.DISPATCHER_ID)
+
     def run(self, coro) -> Any:
-        """Run one coroutine, turning every peer problem into a one-line Failure."""
+        """Run one coroutine (or call a function: work on a blocking ``link``),
+        turning every peer problem into a one-line Failure."""
         try:
+            if callable(coro):
+                return coro()
             import asyncio      # not at the top: `tinyci notify` must not pay for it
             return asyncio.run(coro)
         except protocol.RemoteError as exc:
@@ -496,13 +505,22 @@ class TerminalOut:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, data: bytes) -> None:
-        if self.raw:
-            self.out.buffer.write(data)
-        elif self._plain(data):
-            self.out.flush()            # what the text layer holds goes first
-            self.out.buffer.write(data)
+        self.emit(self.clean(data))
+
+    def clean(self, data: bytes) -> bytes | str:
+        """What ``data`` becomes: bytes to write as they are (raw, or plain), or
+        the cleaned text. Keeps the stream's state: pieces go through in order."""
+        if self.raw or self._plain(data):
+            return data
+        return self.stream.feed(self.decoder.decode(data))
+
+    def emit(self, piece: bytes | str) -> None:
+        """Write what ``clean`` made of a piece."""
+        if isinstance(piece, str):
+            self.out.write(piece)
         else:
-            self.out.write(self.stream.feed(self.decoder.decode(data)))
+            self.out.flush()            # what the text layer holds goes first
+            self.out.buffer.write(piece)
         self.out.flush()
 
     def _plain(self, data: bytes) -> bool:
@@ -516,13 +534,51 @@ class TerminalOut:
         self.out.flush()
 
 
+class WriteBehind:
+    """Writes to a ``TerminalOut`` in a thread of its own: a piece is checked
+    (``clean``, in the caller's thread) while the one before is written
+    (``emit``, here), and the next one is received meanwhile (the socket's read
+    and the file's write leave the GIL, so the three overlap). At most two
+    pieces wait; a failure to write (a closed pipe) is raised at the next
+    ``write`` or at ``close``."""
+
+    def __init__(self, out: TerminalOut):
+        import queue
+        import threading
+        self.out = out
+        self.pieces: Any = queue.Queue(maxsize=2)
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._write_all, name="log-writer", daemon=True)
+        self.thread.start()
+
+    def _write_all(self) -> None:
+        while (piece := self.pieces.get()) is not None:
+            if self.failed is None:
+                try:
+                    self.out.emit(piece)
+                except BaseException as exc:      # raised in the main thread
+                    self.failed = exc
+
+    def write(self, data: bytes) -> None:
+        if self.failed is not None:
+            raise self.failed
+        self.pieces.put(self.out.clean(data))
+
+    def close(self) -> None:
+        self.pieces.put(None)
+        self.thread.join()
+        if self.failed is not None:
+            raise self.failed
+        self.out.close()
+
+
 def show_log(args: argparse.Namespace) -> int:
     dispatcher = DispatcherLink(args)
-    out = TerminalOut(sys.stdout, args.raw)
+    out = WriteBehind(TerminalOut(sys.stdout, args.raw))
     try:
         try:
-            final = dispatcher.run(stream_log(dispatcher, args.build, args.follow, out,
-                                              getattr(args, "timestamps", False)))
+            final = dispatcher.run(lambda: copy_log(dispatcher, args.build, args.follow, out,
+                                                    getattr(args, "timestamps", False)))
         finally:
             out.close()         # a colour the log left on is reset, even on Ctrl-C
     except BrokenPipeError:  # `tinyci log 3 | head`
@@ -535,34 +591,75 @@ def show_log(args: argparse.Namespace) -> int:
     return 0
 
 
+class LogCopy:
+    """Where a log read with ``read_log`` has got to: each chunk's new bytes go
+    to ``out`` (after their times, with a ``Stamper``); a reconnect asks from there."""
+
+    def __init__(self, build: int, follow: bool, out: TerminalOut | WriteBehind, timestamps: bool = False):
+        self.build, self.follow, self.out = build, follow, out
+        self.offset = 0
+        self.stamper = Stamper() if timestamps else None
+
+    def request(self) -> dict:
+        # binary: the log's bytes as they are, in bulk frames (no JSON escaping, big blocks)
+        request = {"type": "read_log", "build": self.build, "offset": self.offset, "follow": self.follow,
+                   "binary": True}
+        if self.stamper is not None:
+            request["timestamps"] = True
+        return request
+
+    def chunk(self, frame: dict) -> None:
+        data = frame["data"]
+        if isinstance(data, str):       # the table allows text too
+            data = data.encode()
+        # the dispatcher may resend from an earlier offset: print only what is new
+        skip = max(0, self.offset - frame["offset"])
+        if skip < len(data):
+            new = data[skip:] if skip else data
+            if self.stamper is not None:
+                self.stamper.times(frame.get("times") or [])
+                self.out.write(self.stamper.stamp(self.offset, new))
+            else:
+                self.out.write(new)
+        self.offset = max(self.offset, frame["offset"] + len(data))
+
+
+def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: TerminalOut | WriteBehind,
+             timestamps: bool = False) -> str | None:
+    """``stream_log`` on a blocking link (``net.BlockingLink``): asyncio's stream
+    reader copied each byte of a chunk three times and paused every 128 KiB,
+    which made most of `tinyci log`'s time on a big log after its start-up."""
+    copy = LogCopy(build, follow, out, timestamps)
+    while True:
+        link = None
+        try:
+            link = dispatcher.link(protocol.READER)
+            for frame in link.stream(copy.request(), idle=FOLLOW_IDLE if follow else None):
+                if frame["type"] == "chunk":
+                    copy.chunk(frame)
+                elif frame["type"] == "end":
+                    return frame["status"]
+            return None
+        except net.PeerTimeout:
+            if not follow:
+                raise
+        finally:
+            if link is not None:
+                link.close()
+
+
 async def stream_log(dispatcher: DispatcherLink, build: int, follow: bool, out: TerminalOut,
                      timestamps: bool = False) -> str | None:
     """Write build ``build``'s log to ``out`` (to its end with ``follow``); returns its status.
     ``timestamps``: each line after the time it reached the dispatcher (``Stamper``)."""
-    offset = 0
-    stamper = Stamper() if timestamps else None
+    copy = LogCopy(build, follow, out, timestamps)
     while True:
         client = dispatcher.client(protocol.READER)
-        # binary: the log's bytes as they are, in bulk frames (no JSON escaping, big blocks)
-        request = {"type": "read_log", "build": build, "offset": offset, "follow": follow, "binary": True}
-        if timestamps:
-            request["timestamps"] = True
-        frames = client.stream(request, idle=FOLLOW_IDLE if follow else None)
+        frames = client.stream(copy.request(), idle=FOLLOW_IDLE if follow else None)
         try:
             async for frame in frames:
                 if frame["type"] == "chunk":
-                    data = frame["data"]
-                    if isinstance(data, str):       # the table allows text too
-                        data = data.encode()
-                    # the dispatcher may resend from an earlier offset: print only what is new
-                    skip = max(0, offset - frame["offset"])
-                    if data[skip:]:
-                        if stamper is not None:
-                            stamper.times(frame.get("times") or [])
-                            out.write(stamper.stamp(offset, data[skip:]))
-                        else:
-                            out.write(data[skip:])
-                    offset = max(offset, frame["offset"] + len(data))
+                    copy.chunk(frame)
                 elif frame["type"] == "end":
                     return frame["status"]
             return None

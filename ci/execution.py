@@ -36,7 +36,6 @@ The build secrets that came with the ``run`` are variables of every step
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import signal
 import time
@@ -409,13 +408,12 @@ class Execution:
     async def _pump(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
             return
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         while True:
             chunk = await stream.read(READ_SIZE)
             if not chunk:
                 break
-            self.log.write(decoder.decode(chunk))
-        self.log.write(decoder.decode(b"", final=True))
+            self.log.feed(chunk)
+        self.log.feed_end()
 
 
 class _StepProtocol(asyncio.subprocess.SubprocessStreamProtocol):

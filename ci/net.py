@@ -46,19 +46,21 @@ frames themselves. The clients check every reply against the same table.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets as _secrets
 import sys
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 from .aio import LazyAsyncio, within
 from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, attach, bulk_size, check_reply, decode,
-                       encode, encode_parts, error, is_stream, ok, validate)
+                       encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -665,58 +667,136 @@ async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits
         await client.close()
 
 
+class BlockingLink:
+    """A fresh blocking socket to one peer, after the handshake, without an
+    event loop: the same frames, table and handshake as ``Client``. For
+    `tinyci notify` in git hooks (no asyncio at all) and for `tinyci log`,
+    whose bulk frames are received into one kept buffer (``recv_into``) and
+    copied out once, where asyncio's stream reader copied each byte three
+    times. Errors are ``Client``'s: PeerRefused, PeerTimeout, PeerError, and
+    ProtocolError for a frame the table does not allow."""
+
+    def __init__(self, addr: str, role: str, secret: str = "", limits: Limits = Limits(),
+                 ssl: Any = None, *, to: str = DISPATCHER_ID):
+        import socket
+
+        self.limits = limits
+        self._buf = bytearray()
+        host, port = parse_addr(addr)
+        self.addr = f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=limits.connect_timeout)
+        except ConnectionRefusedError:
+            raise PeerRefused(f"nothing listens on {self.addr} (connection refused)") from None
+        except socket.timeout:
+            raise PeerTimeout(f"connecting to {self.addr} timed out") from None
+        except OSError as exc:
+            raise PeerError(f"cannot connect to {self.addr}: {exc.strerror or exc}") from None
+        except UnicodeError:
+            raise PeerError(f"cannot connect to {self.addr}: not a valid host name") from None
+        self.sock = sock
+        try:
+            with self._failures():
+                if ssl is not None:
+                    self.sock = ssl.wrap_socket(sock, server_hostname=host)
+                greeting = Greeting(self.addr, role, secret, to=to)
+                self.send(greeting.auth(self._recv(limits.read_timeout)))
+                greeting.check(self._recv(limits.read_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, msg: dict) -> None:
+        head, raw = encode_parts(msg)
+        self.sock.settimeout(self.limits.read_timeout)
+        with self._failures():
+            self.sock.sendall(head)
+            if raw:
+                self.sock.sendall(raw)
+
+    def request(self, msg: dict) -> dict:
+        """Send one request; its one reply (an ``error`` raises RemoteError)."""
+        if is_stream(msg["type"]):
+            raise ValueError(f"{msg['type']!r} is answered by a stream: use BlockingLink.stream")
+        self.send(msg)
+        with self._failures():
+            reply = check_reply(msg["type"], validate(self._recv(self.limits.read_timeout), SERVER))
+        if reply["type"] == "error":
+            raise RemoteError(reply)
+        return reply
+
+    def stream(self, msg: dict, idle: float | None = None) -> Iterator[dict]:
+        """Send a request answered by a stream; yields its frames, each checked
+        against the table, up to and including ``end``. ``idle``: how long to
+        wait for a frame to begin (``read_timeout`` when None)."""
+        answers = Answers(msg["type"])
+        self.send(msg)
+        while not answers.done:
+            with self._failures():
+                frame = answers.check(validate(self._recv(idle or self.limits.read_timeout), SERVER))
+            if frame["type"] == "error":
+                raise RemoteError(frame)
+            yield frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _recv(self, idle: float) -> Any:
+        """One frame: it must begin within ``idle`` and, once begun, be whole within ``read_timeout``."""
+        (length,) = HEADER.unpack(self._exactly(4, time.monotonic() + idle))
+        if length > self.limits.max_frame:
+            raise FatalProtocolError("frame_too_large", f"{self.addr} sent a {length}-byte frame")
+        deadline = time.monotonic() + self.limits.read_timeout
+        frame = decode(self._exactly(length, deadline))
+        size = bulk_size(frame, self.limits.max_bulk)
+        # as bytes, the table's kind: the one copy out of the kept buffer
+        return frame if size is None else attach(frame, self._exactly(size, deadline))
+
+    def _exactly(self, n: int, deadline: float) -> bytes:
+        """``n`` bytes, received into one kept buffer (a new one per frame cost as
+        much as the copy out of it: zeroed, and its pages faulted in each time)."""
+        import socket
+
+        if len(self._buf) < n:
+            self._buf = bytearray(n)
+        view, got = memoryview(self._buf), 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.sock.settimeout(left)
+            part = self.sock.recv_into(view[got:n])
+            if not part:
+                raise ConnectionError(f"{self.addr} closed the connection")
+            got += part
+        with view[:n] as filled:
+            return filled.tobytes()
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """The socket's and the frames' failures as Client's errors."""
+        import socket
+
+        try:
+            yield
+        except socket.timeout:
+            raise PeerTimeout(f"{self.addr} did not answer in time") from None
+        except OSError as exc:      # ConnectionError and TLS errors included
+            raise PeerError(f"lost connection to {self.addr}: {exc}") from None
+
+
 def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
                      ssl: Any = None, *, to: str = DISPATCHER_ID) -> dict:
-    """One request on a fresh blocking socket, without an event loop: the same
-    frames, table and handshake as ``Client``, for `tinyci notify` in git hooks."""
-    import socket
-
+    """One request on a fresh blocking socket, without an event loop (``BlockingLink``)."""
     if is_stream(msg["type"]):
         raise ValueError(f"{msg['type']!r} is answered by a stream, which needs a Client")
-    host, port = parse_addr(addr)
     try:
-        sock = socket.create_connection((host, port), timeout=limits.connect_timeout)
-    except ConnectionRefusedError:
-        raise PeerRefused(f"nothing listens on {host}:{port} (connection refused)") from None
-    except socket.timeout:
-        raise PeerTimeout(f"connecting to {host}:{port} timed out") from None
-    except OSError as exc:
-        raise PeerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-    except UnicodeError:
-        raise PeerError(f"cannot connect to {host}:{port}: not a valid host name") from None
-    try:
-        if ssl is not None:
-            sock = ssl.wrap_socket(sock, server_hostname=host)
-        sock.settimeout(limits.read_timeout)
-
-        def exactly(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                part = sock.recv(n - len(data))
-                if not part:
-                    raise ConnectionError(f"{host}:{port} closed the connection")
-                data += part
-            return data
-
-        def recv() -> Any:
-            (length,) = HEADER.unpack(exactly(4))
-            if length > limits.max_frame:
-                raise FatalProtocolError("frame_too_large", f"{host}:{port} sent a {length}-byte frame")
-            return decode(exactly(length))
-
-        greeting = Greeting(f"{host}:{port}", role, secret, to=to)
-        sock.sendall(encode(greeting.auth(recv())))
-        greeting.check(recv())
-        sock.sendall(encode(msg))
-        reply = check_reply(msg["type"], validate(recv(), SERVER))
-    except socket.timeout:
-        raise PeerTimeout(f"{host}:{port} did not answer in time") from None
+        link = BlockingLink(addr, role, secret, limits, ssl, to=to)
     except ProtocolError as exc:
-        raise PeerError(f"{host}:{port}: {exc.message}") from None
-    except OSError as exc:      # ConnectionError and TLS errors included
-        raise PeerError(f"lost connection to {host}:{port}: {exc}") from None
+        raise PeerError(f"{addr}: {exc.message}") from None
+    try:
+        return link.request(msg)
+    except ProtocolError as exc:
+        raise PeerError(f"{link.addr}: {exc.message}") from None
     finally:
-        sock.close()
-    if reply["type"] == "error":
-        raise RemoteError(reply)
-    return reply
+        link.close()

@@ -600,3 +600,29 @@ def test_terminal_out_writes_plain_pieces_as_they_are_and_cleans_the_rest_the_sa
                 out.write(data[a:b])
             out.close()
             assert raw.getvalue().decode() == log_text(data.decode(errors="replace"), colour), (trial, data, cuts)
+
+
+def test_write_behind_keeps_the_order_and_raises_a_closed_pipe_in_the_caller():
+    """`tinyci log` writes in a thread of its own: the pieces in order, the stream's end after them,
+    and a reader gone (`tinyci log 3 | head`) is the caller's BrokenPipeError, at the next write or close."""
+    import io
+    from ci.cli import TerminalOut, WriteBehind
+    raw = io.BytesIO()
+    out = WriteBehind(TerminalOut(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
+    pieces = [f"line {n}\n".encode() for n in range(500)] + [b"\x1b[31mred"]
+    for piece in pieces:
+        out.write(piece)
+    out.close()
+    assert raw.getvalue().decode() == "".join(f"line {n}\n" for n in range(500)) + "red"
+
+    class Gone(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise BrokenPipeError(32, "Broken pipe")
+    out = WriteBehind(TerminalOut(io.TextIOWrapper(io.BufferedWriter(Gone()), encoding="utf-8")))
+    with pytest.raises(BrokenPipeError):
+        for _ in range(1000):       # bounded: the writer fails on the first piece
+            out.write(b"x" * 10000 + b"\n")
+        out.close()

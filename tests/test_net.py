@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import struct
+import time
 
 import pytest
 
@@ -420,6 +421,71 @@ def test_bulk_frames_carry_bytes_as_they_are_both_ways():
         assert got == blob
         await client.close()
         await reader.close()
+        server.close()
+    run(body())
+
+
+class LogChunks:
+    """A server answering read_log with the chunks it is given (bytes: bulk frames), then end;
+    with ``stall``, the last chunk's header promises more bytes than ever come."""
+
+    def __init__(self, chunks, stall=False):
+        self.chunks, self.stall = chunks, stall
+
+    async def __call__(self, conn, msg):
+        offset = msg.get("offset", 0)
+        for data in self.chunks:
+            if self.stall and data is self.chunks[-1]:
+                body = json.dumps({"type": "chunk", "offset": offset, "bytes": len(data) + 10}).encode()
+                conn.writer.write(struct.pack(">I", len(body)) + body + data)
+                await asyncio.sleep(30)         # cancelled when the server closes
+            await conn.send({"type": "chunk", "offset": offset, "data": data})
+            offset += len(data)
+        await conn.send({"type": "end", "status": "passed", "offset": offset})
+
+
+def test_the_blocking_stream_carries_bulk_frames_of_any_size_in_order():
+    """`tinyci log` reads with BlockingLink: its kept buffer is reused for frames large
+    and small, and never takes a byte of the next frame."""
+    async def body():
+        chunks = [bytes(range(256)) * 256, b"x", b"", bytes(range(255, -1, -1)) * 100, b"tail\n"]
+        server, port = await start(LogChunks(chunks), secret="s3cret", limits=BULK_LIMITS)
+
+        def read() -> list:
+            link = net.BlockingLink(f"127.0.0.1:{port}", "reader", "s3cret", BULK_LIMITS)
+            try:
+                return list(link.stream({"type": "read_log", "build": 1, "binary": True}))
+            finally:
+                link.close()
+        frames = await asyncio.to_thread(read)
+        assert [f["data"] for f in frames[:-1]] == chunks
+        assert all(type(f["data"]) is bytes for f in frames[:-1])
+        assert frames[-1] == {"type": "end", "status": "passed", "offset": sum(map(len, chunks))}
+        with pytest.raises(net.PeerAuthFailed):
+            await asyncio.to_thread(net.BlockingLink, f"127.0.0.1:{port}", "reader", "wrong", BULK_LIMITS)
+        server.close()
+    run(body())
+
+
+def test_the_blocking_stream_gives_up_on_a_peer_stalled_mid_frame_within_read_timeout():
+    async def body():
+        limits = net.Limits(read_timeout=0.5, max_frame=4096, max_bulk=64 * 1024)
+        server, port = await start(LogChunks([b"first", b"never whole"], stall=True), limits=limits)
+        got = []
+
+        def read() -> float:
+            link = net.BlockingLink(f"127.0.0.1:{port}", "reader", "", limits)
+            started = time.monotonic()
+            try:
+                with pytest.raises(net.PeerTimeout, match="did not answer in time"):
+                    for frame in link.stream({"type": "read_log", "build": 1, "binary": True}, idle=20.0):
+                        got.append(frame["data"])
+            finally:
+                link.close()
+            return time.monotonic() - started
+        waited = await asyncio.to_thread(read)
+        assert got == [b"first"]
+        assert waited < 10.0        # the frame's read_timeout ended it, not the idle wait for a frame
         server.close()
     run(body())
 
