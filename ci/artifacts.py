@@ -25,7 +25,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from . import patterns
 from .store import Store
@@ -198,6 +198,15 @@ class Artifacts:
 
     def read(self, build_id: int, sha: str, path: str, offset: int, limit: int) -> tuple[bytes, int]:
         """(up to ``limit`` bytes from ``offset``, the file's size) of a listed artifact."""
+        with self.open(build_id, sha, path) as file:
+            size = os.fstat(file.fileno()).st_size
+            if offset >= size:
+                return b"", size        # the end; no seek, which fails far past it
+            return os.pread(file.fileno(), limit, offset), size
+
+    def open(self, build_id: int, sha: str, path: str) -> BinaryIO:
+        """A listed artifact's file, open for reading (unbuffered: it is read by
+        offset or sent with sendfile); ArtifactError when there is none."""
         parts = check_path(path)
         if not self.store.db.execute("SELECT 1 FROM artifacts WHERE build = ? AND path = ?",
                                      (build_id, path)).fetchone():
@@ -207,11 +216,4 @@ class Artifacts:
             fd = os.open(folder / parts[-1], os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise ArtifactError("not_found", f"artifact {path!r} of build {build_id}: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if offset >= size:
-                return b"", size        # the end; no seek, which fails far past it
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, limit), size
-        finally:
-            os.close(fd)
+        return open(fd, "rb", buffering=0)

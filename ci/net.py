@@ -49,16 +49,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets as _secrets
 import sys
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
-from .aio import LazyAsyncio, within
+from .aio import LazyAsyncio, in_thread, within
 from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
-                       FatalProtocolError, ProtocolError, RemoteError, attach, bulk_size, check_reply, decode,
-                       encode, encode_parts, error, is_stream, ok, validate)
+                       FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
+                       decode, encode, encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -205,6 +206,32 @@ class Connection:
             await within(self.writer.drain(), self.limits.read_timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stopped reading") from None
+
+    async def send_file(self, msg: dict, file: Any, offset: int, count: int) -> None:
+        """``msg`` as a bulk frame whose ``count`` raw bytes are ``file``'s from
+        ``offset``: sent by the kernel (sendfile) without passing through this
+        process; under TLS read in one piece in a thread and written. Within
+        ``read_timeout``; a file shorter than that closes the connection (the
+        frame said more)."""
+        if count > self.limits.max_bulk:
+            raise ProtocolError("frame_too_large", f"refusing to send {count} bytes in a {msg.get('type')!r} "
+                                                   f"frame (net.max_bulk is {self.limits.max_bulk})")
+        self.writer.write(bulk_header(msg, count))
+        self.sent += 1
+        try:
+            if self.writer.get_extra_info("sslcontext") is None:
+                file.seek(offset)       # asyncio's own fallback reads from where the file is when offset is 0
+                sent = await within(asyncio.get_running_loop().sendfile(self.writer.transport, file, offset, count),
+                                    self.limits.read_timeout)
+            else:
+                data = await in_thread(os.pread, file.fileno(), count, offset)
+                sent = len(data)
+                self.writer.write(data)
+                await within(self.writer.drain(), self.limits.read_timeout)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{self.peer} stopped reading") from None
+        if sent != count:
+            raise ConnectionError(f"the file sent to {self.peer} ended {count - sent} bytes early")
 
     async def close(self) -> None:
         self.writer.close()

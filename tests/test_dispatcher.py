@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sqlite3
 
 import pytest
@@ -43,6 +44,9 @@ class Conn:
 
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
+
+    async def send_file(self, msg: dict, file, offset: int, count: int) -> None:
+        self.sent.append({**msg, "data": os.pread(file.fileno(), count, offset)})
 
 
 class MemoryRunner:
@@ -114,14 +118,16 @@ class Harness:
         reply = await self.d.handle(Conn(role, id=id), msg)
         return protocol.check_reply(msg["type"], reply)     # the reply the table allows, as net.serve checks
 
-    async def stream(self, msg: dict, role: str = protocol.READER) -> list[dict]:
-        conn = Conn(role)
+    async def stream(self, msg: dict, role: str = protocol.READER, id: str = "") -> list[dict]:
+        conn = Conn(role, id=id)
         protocol.validate(msg, role)
-        assert await self.d.handle(conn, msg) is None
+        reply = await self.d.handle(conn, msg)
+        assert reply is None or (reply["type"] == "error" and not conn.sent)    # a refusal is the one frame
+        frames = conn.sent if reply is None else [reply]
         answers = protocol.Answers(msg["type"])
-        for frame in conn.sent:
+        for frame in frames:
             answers.check(frame)
-        return conn.sent
+        return frames
 
     async def settle(self) -> None:
         """Wait until the hand-outs and sends the last call started are done."""
@@ -767,6 +773,11 @@ async def test_a_build_waits_outside_the_queue_until_its_needs_passed(make):
     assert fetched["data"] == b"wheel"
     refused = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
     assert codes(refused) == ("error", "forbidden")
+    streamed = await h.stream({"type": "read_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r1")
+    assert streamed == [{"type": "ok", "size": 5}, {"type": "chunk", "offset": 0, "data": b"wheel"},
+                        {"type": "end", "offset": 5}]
+    refused = await h.stream({"type": "read_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
+    assert [codes(f) for f in refused] == [("error", "forbidden")]
 
 
 @scenario

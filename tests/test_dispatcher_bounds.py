@@ -116,4 +116,6 @@ async def test_offsets_past_the_end_are_the_end(make, caplog):
             fetched = await h.call({"type": "fetch_artifact", "build": 1, "path": "a.txt", "offset": offset},
                                    protocol.READER)
             assert (fetched["type"], fetched["data"], fetched["eof"], fetched["size"]) == ("ok", b"", True, 10)
+            streamed = await h.stream({"type": "read_artifact", "build": 1, "path": "a.txt", "offset": offset})
+            assert streamed == [{"type": "ok", "size": 10}, {"type": "end", "offset": 10}]
     assert "Traceback" not in caplog.text and not caplog.records
