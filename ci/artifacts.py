@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from . import patterns
+from . import aio, patterns
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -103,36 +103,41 @@ class Artifacts:
               limit: int, attempt: int = 1) -> int:
         """Write one chunk of ``attempt``'s upload at ``offset`` (0 starts the file
         afresh); returns the file's size. Finished and unfinished files together
-        stay within ``limit`` bytes."""
+        stay within ``limit`` bytes; the last chunk (``eof``) is on the disk
+        (fsync) before the file is listed."""
+        partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
+        return self._done(build_id, partial, path, _put(file, path, offset, data, eof), eof)
+
+    async def write_off_loop(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
+                             limit: int, attempt: int = 1) -> int:
+        """``write``, its file's writing and syncing in a thread: a 4 MiB chunk, and
+        the last one's fsync of the whole file, would hold up every other peer."""
+        partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
+        return self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+
+    def _admit(self, build_id: int, sha: str, path: str, offset: int, length: int, limit: int,
+               attempt: int) -> tuple[Partial, Path]:
+        """The checks before a chunk is written: a safe path, the next chunk of an
+        upload in progress (or a first one), within ``limit``; the file's path,
+        its directories made."""
         parts = check_path(path)
         partial = self._partial(build_id, sha, attempt)
+        if offset and partial.sizes.get(path) != offset:
+            # also what follows a refused chunk that was already on its way: no second refusal
+            raise ArtifactError("offset", f"artifact {path!r} has {partial.sizes.get(path, 0)} bytes, not {offset}")
         used = self.store.db.execute("SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE build = ? "
                                      "AND path != ?", (build_id, path)).fetchone()[0]
         used += sum(size for other, size in partial.sizes.items() if other != path)
-        if used + offset + len(data) > limit:
+        if used + offset + length > limit:
             self._remove(build_id, partial, path)       # the runner gives this file up
             raise ArtifactError("too_large", f"artifacts of build {build_id} would exceed "
                                              f"{limit} bytes (dispatcher.max_artifact_bytes)")
-        folder = self._dirs(self.directory(build_id, sha), parts, create=True)
-        # only the first chunk makes the file: a later one finds it, or is out of step
-        flags = os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if offset == 0 else 0)
-        try:
-            fd = os.open(folder / parts[-1], flags, 0o644)
-        except FileNotFoundError:
-            raise ArtifactError("offset", f"artifact {path!r} has 0 bytes, not {offset}") from None
-        except OSError as exc:
-            raise ArtifactError("bad_path", f"cannot write artifact {path!r}: {exc.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ArtifactError("bad_path", f"artifact {path!r} is not a regular file")
-            size = os.fstat(fd).st_size
-            if offset != size:
-                raise ArtifactError("offset", f"artifact {path!r} has {size} bytes, not {offset}")
-            os.lseek(fd, offset, os.SEEK_SET)
-            os.write(fd, data)
-            size = offset + len(data)
-        finally:
-            os.close(fd)
+        return partial, self._dirs(self.directory(build_id, sha), parts, create=True) / parts[-1]
+
+    def _done(self, build_id: int, partial: Partial, path: str, size: int, eof: bool) -> int:
+        """Record a written chunk: the file listed at its last, else its size so far."""
+        if self.partial.get(build_id) is not partial:       # the attempt ended while it was written
+            raise ArtifactError("stale", f"build {build_id}: the upload of {path!r} is over")
         if eof:
             partial.sizes.pop(path, None)
             with self.store.transaction():
@@ -141,6 +146,14 @@ class Artifacts:
         else:
             partial.sizes[path] = size
         return size
+
+    def give_up(self, build_id: int, sha: str, attempt: int, path: str, offset: int) -> bool:
+        """Remove an upload the dispatcher cannot take (its disk is full); True when
+        the refused chunk was its next one (False: one behind an earlier refusal)."""
+        partial = self._partial(build_id, sha, attempt)
+        in_step = partial.sizes.get(path, 0) == offset
+        self._remove(build_id, partial, path)
+        return in_step
 
     def _partial(self, build_id: int, sha: str, attempt: int) -> Partial:
         """The uploads in progress of (build, attempt); at its first chunk since
@@ -217,3 +230,29 @@ class Artifacts:
         except OSError as exc:
             raise ArtifactError("not_found", f"artifact {path!r} of build {build_id}: {exc.strerror}") from None
         return open(fd, "rb", buffering=0)
+
+
+def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
+    """Write ``data`` at ``offset`` of ``file`` (the first chunk makes it, never
+    through a symlink), synced when it is the last; returns the file's size."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if offset == 0 else 0)
+    try:
+        fd = os.open(file, flags, 0o644)
+    except FileNotFoundError:
+        raise ArtifactError("offset", f"artifact {path!r} has 0 bytes, not {offset}") from None
+    except OSError as exc:
+        raise ArtifactError("bad_path", f"cannot write artifact {path!r}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError("bad_path", f"artifact {path!r} is not a regular file")
+        if offset != info.st_size:
+            raise ArtifactError("offset", f"artifact {path!r} has {info.st_size} bytes, not {offset}")
+        view = memoryview(data)
+        while view:         # a write may take less than all (a signal, a full disk's last blocks)
+            view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+        if eof:
+            os.fsync(fd)    # listed, and acknowledged, only once it is on the disk
+        return offset + len(data)
+    finally:
+        os.close(fd)

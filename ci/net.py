@@ -219,7 +219,9 @@ class Connection:
         self.writer.write(bulk_header(msg, count))
         self.sent += 1
         try:
-            if self.writer.get_extra_info("sslcontext") is None:
+            if not count:       # sendfile's count 0 would mean the whole file
+                sent = 0
+            elif self.writer.get_extra_info("sslcontext") is None:
                 file.seek(offset)       # asyncio's own fallback reads from where the file is when offset is 0
                 sent = await within(asyncio.get_running_loop().sendfile(self.writer.transport, file, offset, count),
                                     self.limits.read_timeout)
@@ -641,6 +643,40 @@ class Client:
             # after a timeout or a bad frame the stream is out of step
             await self._drop()
             raise
+
+    async def send_file(self, requests: list[tuple[dict, int, int]], file: Any, window: int,
+                        last_idle: float = 0.0) -> list[dict]:
+        """Send ``requests``, each (msg, offset, count): a bulk frame whose bytes
+        are ``file``'s from ``offset`` (``Connection.send_file``), up to
+        ``window`` of them ahead of their replies, so neither side waits for the
+        other between two; returns the replies in order. Each reply within
+        ``read_timeout``, the last within ``last_idle`` more. The first
+        ``error`` raises RemoteError and drops the connection (the replies
+        still on their way would be out of step)."""
+        replies: list[dict] = []
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = await self._connect()
+                conn, sent = self._conn, 0
+                while len(replies) < len(requests):
+                    while sent < len(requests) and sent - len(replies) < max(1, window):
+                        msg, offset, count = requests[sent]
+                        await conn.send_file(msg, file, offset, count)
+                        sent += 1
+                    last = len(replies) == len(requests) - 1
+                    reply = check_reply(requests[len(replies)][0]["type"],
+                                        await conn.recv(idle=self.limits.read_timeout + (last_idle if last else 0)))
+                    if reply["type"] == "error":
+                        raise RemoteError(reply)
+                    replies.append(reply)
+            except (ConnectionError, OSError) as exc:
+                await self._drop()
+                raise PeerError(f"lost connection to {self.addr}: {exc}") from None
+            except BaseException:
+                await self._drop()
+                raise
+        return replies
 
     async def stream(self, msg: dict, idle: float | None = None) -> AsyncIterator[dict]:
         """Send a request whose answer is a stream; yields its frames, each checked

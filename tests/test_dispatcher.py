@@ -707,6 +707,26 @@ async def test_an_artifact_that_does_not_fit_is_left_out_with_a_note(make):
 
 
 @scenario
+async def test_chunks_on_their_way_behind_a_refused_one_add_no_second_note(make):
+    h = make(min_free_bytes=1 << 20)
+    disk = full_disk(h, 1 << 30)
+    await h.register()
+    await h.commit()
+    await h.settle()
+
+    async def chunk(offset: int) -> dict:
+        return await h.call({"type": "artifact", "build": 1, "attempt": 1, "path": "big.bin", "offset": offset,
+                             "data": b"x" * 1000, "eof": False}, protocol.RUNNER, id="r1")
+    assert (await chunk(0))["offset"] == 1000
+    disk.free = (1 << 20) + 10
+    h.d.disk.look()
+    assert codes(await chunk(1000)) == ("error", "disk_full")
+    assert codes(await chunk(2000)) == ("error", "disk_full")     # sent before the refusal came back
+    assert h.text(1).count("[artifact big.bin left out") == 1
+    assert not h.d.artifacts.directory(1, SHA).joinpath("big.bin").exists()    # what it had is given back
+
+
+@scenario
 async def test_a_removed_log_file_is_noted_and_the_attempt_goes_on(make):
     h = make()
     await h.register()

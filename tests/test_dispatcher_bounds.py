@@ -74,6 +74,19 @@ async def test_uploads_without_their_last_chunk_count_against_the_cap(make):
 
 
 @scenario
+async def test_a_chunk_behind_a_refused_one_is_out_of_step_and_logged_once(make, caplog):
+    h = await running(make)
+    assert (await chunk(h, "c.bin", 0, 600))["offset"] == 600
+    with caplog.at_level(logging.WARNING):
+        assert codes(await chunk(h, "c.bin", 600, 600)) == ("error", "too_large")
+        assert codes(await chunk(h, "c.bin", 1200, 600)) == ("error", "offset")    # was on its way already
+    assert [r.getMessage() for r in caplog.records] == [
+        "build 1: artifact 'c.bin' refused: artifacts of build 1 would exceed 1000 bytes "
+        "(dispatcher.max_artifact_bytes)"]
+    assert on_disk(h) == {}
+
+
+@scenario
 async def test_a_lost_runner_or_a_cancel_removes_the_unfinished_uploads(make):
     h = await running(make)
     await chunk(h, "dir/a.bin", 0, 500)
