@@ -168,10 +168,33 @@ class Connection:
         return attach(frame, await self._bulk(size))
 
     async def _bulk(self, size: int) -> bytes:
-        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``. In the
-        pieces the stream holds, joined once: ``readexactly`` would grow one
-        buffer to the whole size and copy it twice more."""
+        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``."""
         deadline = asyncio.get_running_loop().time() + self.limits.read_timeout
+        if _Sink.usable(self.reader, self.writer):
+            return await self._bulk_direct(size, deadline)
+        return await self._bulk_pieces(size, deadline)
+
+    async def _bulk_direct(self, size: int, deadline: float) -> bytes:
+        """The bytes the stream's reader holds already, then the rest received by
+        the socket straight into one buffer (the transport's protocol swapped for
+        a ``_Sink`` meanwhile): two copies of each byte, where the stream's
+        reader makes four (its recv, its buffer, its read, the join)."""
+        buffer = bytearray(size)
+        sink = _Sink.make(self.reader, self.writer.transport, memoryview(buffer))
+        try:
+            if not sink.filled():
+                await within(sink.done, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{self.peer} stalled mid-frame") from None
+        finally:
+            sink.restore()
+        if sink.lost:
+            raise ConnectionError(f"{self.peer} closed the connection mid-frame")
+        return bytes(buffer)
+
+    async def _bulk_pieces(self, size: int, deadline: float) -> bytes:
+        """In the pieces the stream holds, joined once (under TLS): ``readexactly``
+        would grow one buffer to the whole size and copy it twice more."""
         parts, left = [], size
         while left:
             try:
@@ -241,6 +264,91 @@ class Connection:
             await within(self.writer.wait_closed(), 1.0)
         except (OSError, asyncio.TimeoutError):
             pass
+
+
+class _Sink:
+    """Receives a bulk frame's bytes straight into ``view`` (``recv_into``) for a
+    plain TCP stream: what the stream's reader buffered already is taken
+    first, then the transport's protocol is this one until ``view`` is full
+    (it asks for no more than that, so nothing past the frame is read) and
+    the reader's again after. Everything but the bytes (flow control, the
+    peer's end) goes on to the reader's protocol as well, so its writer and
+    reader see them. Relies on asyncio.StreamReader's ``_buffer`` and
+    ``_paused``, checked by ``usable``. ``make`` gives one: the transport
+    takes it for a buffered protocol only as an asyncio.BufferedProtocol,
+    and asyncio is not imported before it is used."""
+
+    kind: Any = None
+
+    @classmethod
+    def make(cls, reader: asyncio.StreamReader, transport: Any, view: memoryview) -> "_Sink":
+        if cls.kind is None:
+            cls.kind = type("BufferedSink", (cls, asyncio.BufferedProtocol), {})
+        return cls.kind(reader, transport, view)
+
+    def __init__(self, reader: asyncio.StreamReader, transport: Any, view: memoryview):
+        self.reader, self.transport, self.view = reader, transport, view
+        self.got, self.lost = 0, False
+        held = reader._buffer
+        self.got = min(len(held), len(view))
+        view[:self.got] = held[:self.got]
+        del held[:self.got]
+        self.done = asyncio.get_running_loop().create_future()
+        self.previous = None
+        if not self.filled() and (reader.at_eof() or reader.exception() is not None):
+            self._end()         # the peer's end came with what was buffered: nothing more will
+        elif not self.filled():
+            self.previous = transport.get_protocol()
+            transport.set_protocol(self)
+            transport.resume_reading()
+
+    @staticmethod
+    def usable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return (writer.get_extra_info("sslcontext") is None and isinstance(getattr(reader, "_buffer", None),
+                                                                           bytearray)
+                and hasattr(reader, "_paused") and hasattr(writer.transport, "set_protocol"))
+
+    def filled(self) -> bool:
+        return self.got == len(self.view)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.transport.set_protocol(self.previous)
+            self.previous = None
+            if not self.lost:
+                self.reader._paused = False     # reading is on: the reader pauses it again when it holds too much
+                self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.got:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += nbytes
+        if self.filled() and not self.done.done():
+            self.transport.pause_reading()      # until the reader's protocol is back
+            self.done.set_result(None)
+
+    def _end(self) -> None:
+        self.lost = True
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return self.previous.eof_received() if self.previous is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        if self.previous is not None:
+            self.previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.previous is not None:
+            self.previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.previous is not None:
+            self.previous.resume_writing()
 
 
 # ---------------------------------------------------------------- the handshake's proofs

@@ -6,7 +6,9 @@ test_protocol.py."""
 import asyncio
 import json
 import logging
+import os
 import struct
+import time
 
 import pytest
 
@@ -587,3 +589,48 @@ def test_a_file_shorter_than_its_frame_said_closes_the_connection(tmp_path, capl
     with caplog.at_level(logging.DEBUG, logger="ci.net"):
         run(body())
     assert "ended 10 bytes early" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_big_bulk_frames_are_received_straight_into_their_buffer_and_the_stream_stays_in_step(caplog):
+    """Frames of several MiB (most of each received by the socket into one buffer,
+    not the stream's reader), each followed by a plain frame; a truncated one
+    ends the connection at once, a stalled one within read_timeout."""
+    limits = net.Limits(read_timeout=1.0, max_bulk=8 << 20)
+    blob = os.urandom(6 << 20)
+
+    async def body():
+        handler = Bulk()
+        server, port = await start(handler, limits=limits)
+        conn, _ = await raw_session(port, "runner")
+        conn.limits = limits
+        for piece in (blob[:1], blob, blob[:3 << 20]):
+            handler.got = b""
+            await conn.send({**ARTIFACT, "data": piece})
+            await conn.send({"type": "register", "name": "r1", "host": "h", "port": 1, "labels": [], "slots": 1})
+            assert await conn.recv() == {"type": "ok", "offset": len(piece)} and handler.got == piece
+            assert (await conn.recv())["type"] == "ok"
+        await conn.close()
+        # the reading side: a client gets big bulk frames back the same way
+        reader = net.Client("127.0.0.1", port, "reader", limits=limits)
+        handler.got = blob
+        reply = await reader.request({"type": "fetch_artifact", "build": 1, "path": "a.bin", "offset": 0})
+        assert reply["data"] == blob[:limits.max_bulk]
+        await reader.close()
+
+        truncated, _ = await raw_session(port, "runner")
+        truncated.writer.write(bulk_header(bytes=5 << 20) + blob[:1 << 20])
+        truncated.writer.write_eof()
+        started = time.monotonic()
+        assert await truncated.reader.read() == b""
+        assert time.monotonic() - started < limits.read_timeout       # not the stall's bound: at once
+        stalled, _ = await raw_session(port, "runner")
+        stalled.writer.write(bulk_header(bytes=5 << 20) + blob[:1 << 20])
+        started = time.monotonic()
+        assert await stalled.reader.read() == b""                       # dropped after read_timeout
+        assert time.monotonic() - started < 5 * limits.read_timeout
+        server.close()
+
+    with caplog.at_level(logging.DEBUG, logger="ci.net"):
+        run(body())
+    assert "closed the connection mid-frame" in caplog.text and "idle, closing" in caplog.text
+    assert net._Sink.kind is not None          # the bytes took the direct way
