@@ -18,6 +18,7 @@ cancel, a requeue), and a refused chunk removes its own file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from . import aio, patterns
 from .store import Store
@@ -62,6 +63,7 @@ class Partial:
     attempt: int
     sha: str
     sizes: dict[str, int] = field(default_factory=dict)
+    flushing: dict[str, Any] = field(default_factory=dict)     # path -> its sync under way (a future)
 
 
 class Artifacts:
@@ -113,7 +115,19 @@ class Artifacts:
         """``write``, its file's writing and syncing in a thread: a 4 MiB chunk, and
         the last one's fsync of the whole file, would hold up every other peer."""
         partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
-        return self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+        size = self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+        if not eof:
+            self._flush_behind(partial, path, file)
+        return size
+
+    @staticmethod
+    def _flush_behind(partial: Partial, path: str, file: Path) -> None:
+        """Start putting what the upload has so far on the disk, in a thread,
+        unless the last start is still at it: the last chunk's fsync then waits
+        for the rest only, not the whole file (~0.2 s per 100 MiB here)."""
+        running = partial.flushing.get(path)
+        if running is None or running.done():
+            partial.flushing[path] = asyncio.ensure_future(aio.in_thread(_sync, file))
 
     def _admit(self, build_id: int, sha: str, path: str, offset: int, length: int, limit: int,
                attempt: int) -> tuple[Partial, Path]:
@@ -254,5 +268,19 @@ def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
         if eof:
             os.fsync(fd)    # listed, and acknowledged, only once it is on the disk
         return offset + len(data)
+    finally:
+        os.close(fd)
+
+
+def _sync(file: Path) -> None:
+    """fdatasync ``file``; nothing when it is gone (the upload was given up meanwhile)."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass            # the last chunk's fsync reports what matters
     finally:
         os.close(fd)
