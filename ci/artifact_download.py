@@ -1,8 +1,9 @@
 """Fetches one artifact of a build from the dispatcher into a file
 (``read_artifact``, one stream): the runner's half of ``needs``, which puts
 the artifacts of the builds a build needs into its checkout. The one place
-that knows how an artifact comes down; the CLI and the web page have their own
-loops over the same request.
+that knows how an artifact comes down; the CLI has its own loop over the
+same stream, the web page one over ``fetch_artifact`` (a request a chunk: a
+browser may take its time with each).
 
 Sends, to the dispatcher:
     read_artifact {build, path}  -> ok {size}, chunk {offset, data (bytes, a bulk frame)}..., end {offset}

@@ -230,12 +230,13 @@ class Connection:
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stopped reading") from None
 
-    async def send_file(self, msg: dict, file: Any, offset: int, count: int) -> None:
+    async def send_file(self, msg: dict, file: Any, offset: int, count: int, timeout: float | None = None) -> None:
         """``msg`` as a bulk frame whose ``count`` raw bytes are ``file``'s from
         ``offset``: sent by the kernel (sendfile) without passing through this
         process; under TLS read in one piece in a thread and written. Within
-        ``read_timeout``; a file shorter than that closes the connection (the
-        frame said more)."""
+        ``timeout`` (``read_timeout``); a file shorter than that closes the
+        connection (the frame said more)."""
+        timeout = self.limits.read_timeout if timeout is None else timeout
         if count > self.limits.max_bulk:
             raise ProtocolError("frame_too_large", f"refusing to send {count} bytes in a {msg.get('type')!r} "
                                                    f"frame (net.max_bulk is {self.limits.max_bulk})")
@@ -247,12 +248,12 @@ class Connection:
             elif self.writer.get_extra_info("sslcontext") is None:
                 file.seek(offset)       # asyncio's own fallback reads from where the file is when offset is 0
                 sent = await within(asyncio.get_running_loop().sendfile(self.writer.transport, file, offset, count),
-                                    self.limits.read_timeout)
+                                    timeout)
             else:
                 data = await in_thread(os.pread, file.fileno(), count, offset)
                 sent = len(data)
                 self.writer.write(data)
-                await within(self.writer.drain(), self.limits.read_timeout)
+                await within(self.writer.drain(), timeout)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stopped reading") from None
         if sent != count:

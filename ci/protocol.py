@@ -96,13 +96,14 @@ same commit that must pass first; ``skip``, why its ``when`` keeps it from
 running (recorded ``skipped``). ``config_error`` is the reason that file is
 unusable. ``run.job`` names the job whose steps the runner takes from the
 ``.ci.yaml`` of its checkout; ``run.inputs`` are the artifacts of the builds
-it needs ([{build, job, path}]), which the runner fetches (``fetch_artifact``,
+it needs ([{build, job, path}]), which the runner fetches (``read_artifact``,
 only for a build of the same commit as one it holds) into its checkout.
 ``read_artifact`` is ``fetch_artifact`` as a stream: the artifact's ``size``
 first, then its bytes from ``offset`` in chunks of up to ``net.max_bulk``
 (sent from the file without passing through the dispatcher's memory), then
-``end`` at the size; ``fetch_artifact``'s request per chunk is kept for
-older tools.
+``end`` at the size (a chunk may wait for the reader up to ``net.idle_timeout``).
+``fetch_artifact``, a request per chunk, is kept for the web page (a
+browser may take its time with each) and older tools.
 ``commit.jobs[].secrets`` names the build secrets a job asks for. The runner takes a job's
 steps from ``run.definition`` (the dispatcher's ``pipelines.<repo>``, as
 .ci.yaml text) instead when the checkout has no ``.ci.yaml`` or

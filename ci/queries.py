@@ -185,7 +185,9 @@ class Queries:
             await conn.send(protocol.ok(size=size))
             while offset < size:
                 count = min(conn.limits.max_bulk, size - offset)
-                await conn.send_file({"type": "chunk", "offset": offset}, file, offset, count)
+                # the client writes one chunk while the next comes: one to a slow pipe may take a while
+                await conn.send_file({"type": "chunk", "offset": offset}, file, offset, count,
+                                     timeout=conn.limits.idle_timeout)
                 offset += count
             await conn.send({"type": "end", "offset": offset})
         return None

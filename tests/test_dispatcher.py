@@ -45,7 +45,7 @@ class Conn:
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
 
-    async def send_file(self, msg: dict, file, offset: int, count: int) -> None:
+    async def send_file(self, msg: dict, file, offset: int, count: int, timeout: float | None = None) -> None:
         self.sent.append({**msg, "data": os.pread(file.fileno(), count, offset)})
 
 

@@ -2,7 +2,7 @@
 with the reader role (and the operator role only when actions are on).
 
 Sends (role reader): ``status``, ``build``, ``history``, ``branch_status``,
-``log_window``, ``counts``, ``artifacts``, ``read_artifact``, and the two
+``log_window``, ``counts``, ``artifacts``, ``fetch_artifact``, and the two
 streams ``read_log`` and ``watch``. Requests share a few kept connections
 (``net.Client`` serialises its requests; a page asks several things at
 once); each stream has a connection of its own for as long as it runs.

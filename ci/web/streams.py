@@ -143,24 +143,26 @@ async def artifact(request: web.Request) -> web.StreamResponse:
     if not protocol.PATH.check(path):
         raise web.HTTPNotFound()
     link = request.app["link"]
-    response = None
-    async with link.stream({"type": "read_artifact", "build": number, "path": path}, idle=None) as frames:
+    offset, response = 0, None
+    while True:
         try:
-            async for frame in frames:
-                if frame["type"] == "ok":
-                    name = path.rsplit("/", 1)[-1]
-                    response = web.StreamResponse(headers={
-                        "Content-Type": "application/octet-stream", "Content-Length": str(frame["size"]),
-                        "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}"})
-                    await response.prepare(request)
-                elif frame["type"] == "chunk":
-                    await response.write(frame["data"])         # bytes, from a bulk frame
+            reply = await link.request({"type": "fetch_artifact", "build": number, "path": path, "offset": offset})
         except protocol.RemoteError as exc:
             if response is None and exc.code in ("not_found", "bad_path"):
                 raise web.HTTPNotFound(text=f"build {number} has no artifact {path}") from None
             raise
-    await response.write_eof()
-    return response
+        chunk = reply["data"]           # bytes, from a bulk frame
+        if response is None:
+            name = path.rsplit("/", 1)[-1]
+            response = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(reply["size"]),
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}"})
+            await response.prepare(request)
+        await response.write(chunk)
+        offset += len(chunk)
+        if reply["eof"] or not chunk:
+            await response.write_eof()
+            return response
 
 
 # ---------------------------------------------------------------- badge and metrics
