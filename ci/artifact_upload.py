@@ -8,9 +8,10 @@ Sends, to the dispatcher:
 Each chunk is at most ``net.max_bulk`` bytes, sent from the file by the
 kernel (``net.Client.send_file``: sendfile), WINDOW of them ahead of their
 acknowledgements: the runner holds none of the artifact in memory, the
-dispatcher one chunk. Each chunk is written at its offset and its ``ok``
-says the file's size; the last one's comes once the whole file is on the
-dispatcher's disk (fsync), so its wait grows with the size.
+dispatcher one chunk (and one being written). Each chunk is written at
+its offset and its ``ok`` says how much of the file is written; the last
+one's comes once the whole file is on the dispatcher's disk (fsync), so its
+wait grows with the size.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ limit). The uploads in progress are kept in memory per build and attempt
 (read back from disk at an attempt's first chunk after a restart); ``settle``
 removes them once their attempt is over (a result, the runner lost, a
 cancel, a requeue), and a refused chunk removes its own file.
+
+Chunks are written in threads, a chunk between the first and the last
+while the next one arrives (``write_off_loop``), and what an upload has is
+synced behind it; the last chunk is answered once the whole file is
+written and synced, and only then is it listed.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Partial:
     sha: str
     sizes: dict[str, int] = field(default_factory=dict)
     flushing: dict[str, Any] = field(default_factory=dict)     # path -> its sync under way (a future)
+    writing: dict[str, Any] = field(default_factory=dict)      # path -> its chunk being written (a future)
 
 
 class Artifacts:
@@ -112,13 +118,33 @@ class Artifacts:
 
     async def write_off_loop(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
                              limit: int, attempt: int = 1) -> int:
-        """``write``, its file's writing and syncing in a thread: a 4 MiB chunk, and
-        the last one's fsync of the whole file, would hold up every other peer."""
+        """``write``, the file's writing and syncing in threads (a 4 MiB chunk, and
+        the last one's fsync of the whole file, would hold up every other peer),
+        and a chunk written while the next one arrives: a chunk between the
+        first and the last is answered as soon as the one before it is written,
+        with the size written (its own ``offset``), and written in the
+        background; the next one waits for it and answers its error. The last
+        is answered once the whole file is written and synced, with its size."""
         partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
-        size = self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+        await self._written(build_id, partial, path)
+        if offset == 0 or eof:      # the first makes the file: never behind a removal's back
+            size = self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+        else:
+            partial.sizes[path] = offset + len(data)        # where the next chunk goes on
+            partial.writing[path] = _quiet(asyncio.ensure_future(aio.in_thread(_put, file, path, offset, data,
+                                                                              False)))
+            size = offset
         if not eof:
             self._flush_behind(partial, path, file)
         return size
+
+    async def _written(self, build_id: int, partial: Partial, path: str) -> None:
+        """Wait for the chunk of ``path`` written in the background; its error is raised here."""
+        writing = partial.writing.pop(path, None)
+        if writing is not None:
+            await writing
+            if self.partial.get(build_id) is not partial:
+                raise ArtifactError("stale", f"build {build_id}: the upload of {path!r} is over")
 
     @staticmethod
     def _flush_behind(partial: Partial, path: str, file: Path) -> None:
@@ -205,6 +231,7 @@ class Artifacts:
     def _remove(self, build_id: int, partial: Partial, path: str) -> None:
         """Delete one unfinished upload (and the listing of an earlier, finished
         file of that name, which it had overwritten)."""
+        partial.writing.pop(path, None)        # its end is nobody's concern now (``_quiet``)
         if partial.sizes.pop(path, None) is None:
             return
         parts = check_path(path)
@@ -270,6 +297,12 @@ def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
         return offset + len(data)
     finally:
         os.close(fd)
+
+
+def _quiet(future: Any) -> Any:
+    """``future``, its error taken when nobody waits for it (an upload given up)."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return future
 
 
 def _sync(file: Path) -> None:

@@ -102,6 +102,10 @@ only for a build of the same commit as one it holds) into its checkout.
 first, then its bytes from ``offset`` in chunks of up to ``net.max_bulk``
 (sent from the file without passing through the dispatcher's memory), then
 ``end`` at the size (a chunk may wait for the reader up to ``net.idle_timeout``).
+``artifact``'s ``ok {offset}`` says how much of the file is written: a chunk
+between the first and the last is answered once the chunks before it are
+written (its own ``offset``) and written while the next one comes; the last
+is answered once the whole file is written and synced (its size).
 ``fetch_artifact``, a request per chunk, is kept for the web page (a
 browser may take its time with each) and older tools.
 ``commit.jobs[].secrets`` names the build secrets a job asks for. The runner takes a job's
