@@ -14,8 +14,11 @@ of the step `true`: what any build costs here beyond its step.
 artifacts: a step makes a SIZE-byte file of random bytes, sent after the
 steps (``.ci.yaml`` ``artifacts``): upload is from the step's end (a time it
 prints as its last line) to the last write of the dispatcher's copy (its
-mtime), against a `cp` of the runner's file; download is `tinyci artifacts
-N --get PATH -o FILE` against a `cp` of the dispatcher's file. Every copy is
+mtime), against a `cp` of the runner's file, and to the artifact's listing
+(its last chunk synced and acknowledged; polled every 10 ms); download is
+`tinyci artifacts N --get PATH -o FILE` against a `cp` of the dispatcher's
+file, and beyond the same tool's start-up and one request (`tinyci
+artifacts N`, which lists). Every copy is
 checked with SHA-256. Peak RSS (VmHWM) of the dispatcher and the runner, and
 the tool's (its rusage), say whether anything held a whole artifact.
 
@@ -36,7 +39,7 @@ from pathlib import Path
 from ci import protocol
 from tests.daemons import ROOT, child_env
 
-from .harness import FINAL, Repo, Result, cluster, cpu_seconds, median, request, wait_for
+from .harness import FINAL, Reader, Repo, Result, cluster, cpu_seconds, median, request, wait_for
 
 MIB = 1 << 20
 # a step that writes ``size`` bytes of log-like text to stdout, in lines of ~100 bytes
@@ -103,6 +106,18 @@ def _commit(c, repo: Repo, sha: str) -> int:
                                   "author": "Bench", "subject": f"bench {sha[:7]}", "time": time.time()},
                     protocol.OBSERVER)
     return reply["build"]
+
+
+def _listed(c, build_id: int, timeout: float) -> float:
+    """When build ``build_id``'s first artifact is listed (its upload acknowledged), polled every 10 ms."""
+    client = Reader(c.disp.addr)
+    try:
+        wait_for(f"build {build_id}'s artifact to be listed",
+                 lambda: client.loop.run_until_complete(client.client.request(
+                     {"type": "artifacts", "build": build_id}, 30))["artifacts"], timeout)
+        return time.time()
+    finally:
+        client.close()
 
 
 def _build(c, build_id: int, timeout: float, every: float = 0.02) -> dict:
@@ -219,7 +234,7 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     ci_yaml = (f"artifacts: [out.bin]\nsteps:\n  - head -c {size} /dev/urandom > out.bin\n"
                f"  - python3 -c 'import time; print(\"STEP-END\", time.time())'\n")
     repo.commit("initial", {".ci.yaml": ci_yaml})
-    uploads, up_cps, downloads, down_cps, tool_rss = [], [], [], [], []
+    uploads, listed, up_cps, downloads, down_cps, tool_rss, starts = [], [], [], [], [], [], []
     hwm: dict[str, list] = {"dispatcher": [], "runner": []}
     with cluster(tmp / "cluster", ["true"], dispatcher={"max_artifact_bytes": 4 * size}) as c:
         c.dispatcher()
@@ -228,12 +243,15 @@ def artifacts(tmp: Path, quick: bool) -> Result:
         for t in range(trials):
             sha = repo.commit(f"trial {t}")
             build_id = _commit(c, repo, sha)
+            seen = _listed(c, build_id, 300)
             build = _build(c, build_id, 300)
             text = c.log(build_id)
             if build["status"] != "passed" or f"[artifact out.bin ({size} bytes) sent]" not in text:
                 raise RuntimeError(f"build {build_id} {build['status']}, artifact not sent: {text[-2000:]}")
             stored = tmp / "cluster" / "dispatcher" / "artifacts" / sha / str(build_id) / "out.bin"
-            uploads.append(stored.stat().st_mtime - float(STEP_END.search(text).group(1)))
+            step_end = float(STEP_END.search(text).group(1))
+            uploads.append(stored.stat().st_mtime - step_end)
+            listed.append(seen - step_end)
             sent = next((tmp / "cluster" / "runners" / "r1" / "checkouts").glob("*/out.bin"))
             up_cps.append(timed_cp(sent, tmp / "cp.bin"))
             want = sha256(sent)
@@ -244,6 +262,8 @@ def artifacts(tmp: Path, quick: bool) -> Result:
                                    "-o", str(tmp / "got.bin"))
             downloads.append(seconds)
             tool_rss.append(rss)
+            # the same tool's start-up and one request: what --get costs beyond the bytes
+            starts += [tool(tmp, c.config, c.disp.addr, "artifacts", str(build_id))[0] for _ in range(3)]
             if sha256(tmp / "got.bin") != want:
                 raise RuntimeError("the downloaded artifact differs from the runner's")
             (tmp / "got.bin").unlink()
@@ -252,15 +272,21 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     mib = size / MIB
     res.add("upload (step end -> dispatcher's last write)", mib / median(uploads), "MiB/s",
             note=f"{size // MIB} MiB")
+    res.add("upload, to its listing (the last chunk's fsync and ack)", mib / median(listed), "MiB/s")
     res.add("upload: `cp` of the runner's file", mib / median(up_cps), "MiB/s")
     res.add("upload / cp", median(up_cps) / median(uploads) * 100, "%", ">= 25")
     res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s")
     res.add("download: `cp` of the dispatcher's file", mib / median(down_cps), "MiB/s")
     res.add("download / cp", median(down_cps) / median(downloads) * 100, "%", ">= 25")
+    res.add("download: the tool's start-up and one request (`tinyci artifacts N`)", median(starts), "s")
+    beyond = median(downloads) - median(starts)
+    res.add("download beyond that start-up", mib / beyond if beyond > 0 else None, "MiB/s",
+            note="" if beyond > 0 else "within the start-up's noise")
     res.add("peak RSS: dispatcher (VmHWM)", max(hwm["dispatcher"]), "MiB")
     res.add("peak RSS: runner (VmHWM)", max(hwm["runner"]), "MiB")
     res.add("peak RSS: tinyci artifacts --get", max(tool_rss), "MiB")
-    res.data = {"size": size, "upload_s": uploads, "upload_cp_s": up_cps, "download_s": downloads,
-                "download_cp_s": down_cps, "peak_rss_mib": hwm, "tool_rss_mib": tool_rss}
+    res.data = {"size": size, "upload_s": uploads, "upload_listed_s": listed, "upload_cp_s": up_cps,
+                "download_s": downloads, "download_cp_s": down_cps, "tool_start_s": starts, "peak_rss_mib": hwm,
+                "tool_rss_mib": tool_rss}
     return res
 

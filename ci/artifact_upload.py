@@ -5,9 +5,13 @@ and stores them, is ``artifacts.py``).
 Sends, to the dispatcher:
     artifact {build, attempt, path, offset, data (bytes: a bulk frame), eof}  -> ok {offset} | error
 
-Each chunk is at most ``net.max_bulk`` bytes, read from the file (in a
-thread, the next one while the current one is on its way): the runner holds
-at most two chunks of an artifact in memory, the dispatcher one.
+Each chunk is at most ``net.max_bulk`` bytes, sent from the file by the
+kernel (``net.Client.send_file``: sendfile), WINDOW of them ahead of their
+acknowledgements: the runner holds none of the artifact in memory, the
+dispatcher one chunk (and one being written). Each chunk is written at
+its offset and its ``ok`` says how much of the file is written; the last
+one's comes once the whole file is on the dispatcher's disk (fsync), so its
+wait grows with the size.
 """
 
 from __future__ import annotations
@@ -16,46 +20,35 @@ import asyncio
 import os
 from pathlib import Path
 
-from . import aio, net, protocol
+from . import net, protocol
 
-TRIES = 3                   # sends of one chunk before the dispatcher counts as unreachable
+TRIES = 3                   # sends of the artifact before the dispatcher counts as unreachable
+WINDOW = 2                  # chunks on their way at once: one arriving while the dispatcher writes another
+SYNC_RATE = 16 << 20        # bytes a second the slowest disk is expected to sync: the last ack's extra wait
 
 
 async def upload(client: net.Client, max_bulk: int, build: int, attempt: int, rel: str,
                  file: Path) -> None:
     """Send one artifact in chunks of at most ``max_bulk`` bytes; raises
-    ValueError saying why it did not arrive. A chunk whose send fails is sent
-    again (the dispatcher takes it by offset)."""
+    ValueError saying why it did not arrive. When the connection fails the
+    artifact is sent again from its start (the first chunk starts the file
+    afresh), up to TRIES times in all."""
     chunk = max(1024, max_bulk)
     try:
-        with open(file, "rb") as f:
+        with open(file, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            offset = 0
-            data = await aio.in_thread(f.read, chunk)
-            while True:
-                eof = offset + len(data) >= size or not data
-                ahead = None if eof else asyncio.ensure_future(aio.in_thread(f.read, chunk))
+            base = {"type": "artifact", "build": build, "attempt": attempt, "path": rel}
+            requests = [({**base, "offset": offset, "eof": offset + chunk >= size}, offset, min(chunk, size - offset))
+                        for offset in range(0, max(size, 1), chunk)]
+            for attempt_no in range(TRIES):
                 try:
-                    await _send(client, {"type": "artifact", "build": build, "attempt": attempt, "path": rel,
-                                         "offset": offset, "data": data, "eof": eof})
-                finally:
-                    if ahead is not None and not ahead.done():
-                        await asyncio.wait({ahead})     # never close the file under a read
-                offset += len(data)
-                if ahead is None:
-                    return
-                data = ahead.result()
+                    replies = await client.send_file(requests, f, WINDOW, last_idle=size / SYNC_RATE)
+                    break
+                except (net.PeerError, protocol.ProtocolError) as exc:
+                    if attempt_no == TRIES - 1:
+                        raise ValueError(f"the dispatcher is unreachable: {exc}") from None
+                    await asyncio.sleep(0.5 * (attempt_no + 1))
     except protocol.RemoteError as exc:
         raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
-
-
-async def _send(client: net.Client, msg: dict) -> None:
-    """One chunk, sent again (up to TRIES in all) while the dispatcher cannot be reached."""
-    for attempt_no in range(TRIES):
-        try:
-            await client.request(msg)
-            return
-        except (net.PeerError, protocol.ProtocolError) as exc:
-            if attempt_no == TRIES - 1:
-                raise ValueError(f"the dispatcher is unreachable: {exc}") from None
-            await asyncio.sleep(0.5 * (attempt_no + 1))
+    if replies[-1]["offset"] != size:
+        raise ValueError(f"the dispatcher has {replies[-1]['offset']} bytes of it, not {size}")

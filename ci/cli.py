@@ -719,23 +719,28 @@ def artifacts(args: argparse.Namespace) -> int:
 
     async def fetch(out) -> None:
         import asyncio
+        import contextlib
         from . import aio
         client = dispatcher.client(protocol.READER)
-        # each piece is written in a thread while the next one travels: at most two in memory
+        # one stream; each chunk is written in a thread while the next one arrives: at most two in memory
         writing = None
         try:
             offset = 0
-            while True:
-                reply = await client.request({"type": "fetch_artifact", "build": args.build,
-                                              "path": args.get, "offset": offset})
-                data = reply["data"]        # bytes, from a bulk frame
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(aio.in_thread(out.write, data))
-                offset += len(data)
-                if reply["eof"] or not data:
-                    break
-            await writing
+            # closed however the loop ends: the stream holds the client until then
+            async with contextlib.aclosing(client.stream({"type": "read_artifact", "build": args.build,
+                                                          "path": args.get})) as frames:
+                async for frame in frames:
+                    if frame["type"] != "chunk":
+                        continue
+                    if frame["offset"] != offset:
+                        raise protocol.ProtocolError("bad_reply", f"artifact chunk at offset {frame['offset']}, "
+                                                                  f"expected {offset}")
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(aio.in_thread(out.write, frame["data"]))
+                    offset += len(frame["data"])
+            if writing is not None:
+                await writing
         finally:
             if writing is not None and not writing.done():
                 await asyncio.gather(writing, return_exceptions=True)     # before the file is closed

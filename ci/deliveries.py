@@ -117,24 +117,29 @@ class Deliveries:
         build = self.sched.builds[build_id]
         try:
             if not self.disk.room(len(data)):
-                return self._leave_out(build, msg["path"])
-            size = self.artifacts.write(build_id, build.sha, msg["path"], msg["offset"], data, msg["eof"],
-                                        self.max_artifact_bytes, attempt)
+                return self._leave_out(build, msg)
+            size = await self.artifacts.write_off_loop(build_id, build.sha, msg["path"], msg["offset"], data,
+                                                       msg["eof"], self.max_artifact_bytes, attempt)
         except ArtifactError as exc:
-            log.warning("build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
+            # out of step: most likely a chunk that was on its way behind one refused (and logged) already
+            (log.debug if exc.code == "offset" else log.warning)(
+                "build %d: artifact %r refused: %s", build_id, msg["path"][:100], exc.message)
             return protocol.error(exc.code, exc.message)
         except OSError as exc:
             if exc.errno not in FULL_ERRNOS:
                 return protocol.error("internal", f"cannot store artifact {msg['path'][:100]!r}: {exc.strerror}")
             self.disk.exhausted(f"artifact {msg['path'][:100]!r} of build {build_id} could not be written "
                                 f"({exc.strerror})")
-            return self._leave_out(build, msg["path"])
+            return self._leave_out(build, msg)
         return protocol.ok(offset=size)
 
-    def _leave_out(self, build: Build, path: str) -> dict:
-        """An artifact that does not fit on the disk: left out, and the build's log says so
-        (once: the runner's upload stops at the refusal)."""
-        self.note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
+    def _leave_out(self, build: Build, msg: dict) -> dict:
+        """An artifact that does not fit on the disk: left out (what it had is
+        removed), and the build's log says so once: the runner's upload stops at
+        the refusal, and a chunk already on its way behind it is out of step."""
+        path = msg["path"]
+        if self.artifacts.give_up(build.id, build.sha, msg["attempt"], path, msg["offset"]):
+            self.note(build.id, f"[artifact {path[:200]} left out: the dispatcher's disk is full]")
         return protocol.error(DISK_FULL, f"{self.disk.message()}: artifact {path[:100]!r} left out")
 
 

@@ -4,7 +4,7 @@ registry, and hands commits to runners.
 Receives: ``commit`` (observer); ``register``, ``log``, ``artifact``,
 ``result`` (runners); ``trigger``, ``rebuild``, ``cancel``, ``drain``,
 ``resume``, ``forget``, ``gc`` (operator); ``status``, ``build``,
-``read_log``, ``watch``, ``artifacts``, ``fetch_artifact`` (tools, answered
+``read_log``, ``watch``, ``artifacts``, ``fetch_artifact``, ``read_artifact`` (tools, answered
 by ``queries``). Sends to runners (``runnerlinks``): ``run``, ``ping``,
 ``cancel``.
 
@@ -107,7 +107,8 @@ class Dispatcher:
             "drain": upkeep.on_drain, "resume": upkeep.on_drain, "forget": upkeep.on_forget, "gc": upkeep.on_gc,
             "status": queries.status, "build": queries.build, "read_log": queries.read_log,
             "watch": queries.watch, "artifacts": queries.list_artifacts,
-            "fetch_artifact": queries.fetch_artifact, "history": queries.history,
+            "fetch_artifact": queries.fetch_artifact, "read_artifact": queries.read_artifact,
+            "history": queries.history,
             "branch_status": queries.branch_status, "log_window": queries.log_window,
             "counts": queries.counts,
         }

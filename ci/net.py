@@ -50,17 +50,18 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import secrets as _secrets
 import sys
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
-from .aio import LazyAsyncio, within
+from .aio import LazyAsyncio, in_thread, within
 from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
-                       FatalProtocolError, ProtocolError, RemoteError, attach, bulk_size, check_reply, decode,
-                       encode_parts, error, is_stream, ok, validate)
+                       FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
+                       decode, encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
 
@@ -169,10 +170,33 @@ class Connection:
         return attach(frame, await self._bulk(size))
 
     async def _bulk(self, size: int) -> bytes:
-        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``. In the
-        pieces the stream holds, joined once: ``readexactly`` would grow one
-        buffer to the whole size and copy it twice more."""
+        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``."""
         deadline = asyncio.get_running_loop().time() + self.limits.read_timeout
+        if _Sink.usable(self.reader, self.writer):
+            return await self._bulk_direct(size, deadline)
+        return await self._bulk_pieces(size, deadline)
+
+    async def _bulk_direct(self, size: int, deadline: float) -> bytes:
+        """The bytes the stream's reader holds already, then the rest received by
+        the socket straight into one buffer (the transport's protocol swapped for
+        a ``_Sink`` meanwhile): two copies of each byte, where the stream's
+        reader makes four (its recv, its buffer, its read, the join)."""
+        buffer = bytearray(size)
+        sink = _Sink.make(self.reader, self.writer.transport, memoryview(buffer))
+        try:
+            if not sink.filled():
+                await within(sink.done, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{self.peer} stalled mid-frame") from None
+        finally:
+            sink.restore()
+        if sink.lost:
+            raise ConnectionError(f"{self.peer} closed the connection mid-frame")
+        return bytes(buffer)
+
+    async def _bulk_pieces(self, size: int, deadline: float) -> bytes:
+        """In the pieces the stream holds, joined once (under TLS): ``readexactly``
+        would grow one buffer to the whole size and copy it twice more."""
         parts, left = [], size
         while left:
             try:
@@ -208,12 +232,126 @@ class Connection:
         except asyncio.TimeoutError:
             raise PeerTimeout(f"{self.peer} stopped reading") from None
 
+    async def send_file(self, msg: dict, file: Any, offset: int, count: int, timeout: float | None = None) -> None:
+        """``msg`` as a bulk frame whose ``count`` raw bytes are ``file``'s from
+        ``offset``: sent by the kernel (sendfile) without passing through this
+        process; under TLS read in one piece in a thread and written. Within
+        ``timeout`` (``read_timeout``); a file shorter than that closes the
+        connection (the frame said more)."""
+        timeout = self.limits.read_timeout if timeout is None else timeout
+        if count > self.limits.max_bulk:
+            raise ProtocolError("frame_too_large", f"refusing to send {count} bytes in a {msg.get('type')!r} "
+                                                   f"frame (net.max_bulk is {self.limits.max_bulk})")
+        self.writer.write(bulk_header(msg, count))
+        self.sent += 1
+        try:
+            if not count:       # sendfile's count 0 would mean the whole file
+                sent = 0
+            elif self.writer.get_extra_info("sslcontext") is None:
+                file.seek(offset)       # asyncio's own fallback reads from where the file is when offset is 0
+                sent = await within(asyncio.get_running_loop().sendfile(self.writer.transport, file, offset, count),
+                                    timeout)
+            else:
+                data = await in_thread(os.pread, file.fileno(), count, offset)
+                sent = len(data)
+                self.writer.write(data)
+                await within(self.writer.drain(), timeout)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{self.peer} stopped reading") from None
+        if sent != count:
+            raise ConnectionError(f"the file sent to {self.peer} ended {count - sent} bytes early")
+
     async def close(self) -> None:
         self.writer.close()
         try:
             await within(self.writer.wait_closed(), 1.0)
         except (OSError, asyncio.TimeoutError):
             pass
+
+
+class _Sink:
+    """Receives a bulk frame's bytes straight into ``view`` (``recv_into``) for a
+    plain TCP stream: what the stream's reader buffered already is taken
+    first, then the transport's protocol is this one until ``view`` is full
+    (it asks for no more than that, so nothing past the frame is read) and
+    the reader's again after. Everything but the bytes (flow control, the
+    peer's end) goes on to the reader's protocol as well, so its writer and
+    reader see them. Relies on asyncio.StreamReader's ``_buffer`` and
+    ``_paused``, checked by ``usable``. ``make`` gives one: the transport
+    takes it for a buffered protocol only as an asyncio.BufferedProtocol,
+    and asyncio is not imported before it is used."""
+
+    kind: Any = None
+
+    @classmethod
+    def make(cls, reader: asyncio.StreamReader, transport: Any, view: memoryview) -> "_Sink":
+        if cls.kind is None:
+            cls.kind = type("BufferedSink", (cls, asyncio.BufferedProtocol), {})
+        return cls.kind(reader, transport, view)
+
+    def __init__(self, reader: asyncio.StreamReader, transport: Any, view: memoryview):
+        self.reader, self.transport, self.view = reader, transport, view
+        self.got, self.lost = 0, False
+        held = reader._buffer
+        self.got = min(len(held), len(view))
+        view[:self.got] = held[:self.got]
+        del held[:self.got]
+        self.done = asyncio.get_running_loop().create_future()
+        self.previous = None
+        if not self.filled() and (reader.at_eof() or reader.exception() is not None):
+            self._end()         # the peer's end came with what was buffered: nothing more will
+        elif not self.filled():
+            self.previous = transport.get_protocol()
+            transport.set_protocol(self)
+            transport.resume_reading()
+
+    @staticmethod
+    def usable(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return (writer.get_extra_info("sslcontext") is None and isinstance(getattr(reader, "_buffer", None),
+                                                                           bytearray)
+                and hasattr(reader, "_paused") and hasattr(writer.transport, "set_protocol"))
+
+    def filled(self) -> bool:
+        return self.got == len(self.view)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.transport.set_protocol(self.previous)
+            self.previous = None
+            if not self.lost:
+                self.reader._paused = False     # reading is on: the reader pauses it again when it holds too much
+                self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.got:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += nbytes
+        if self.filled() and not self.done.done():
+            self.transport.pause_reading()      # until the reader's protocol is back
+            self.done.set_result(None)
+
+    def _end(self) -> None:
+        self.lost = True
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return self.previous.eof_received() if self.previous is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        if self.previous is not None:
+            self.previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.previous is not None:
+            self.previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.previous is not None:
+            self.previous.resume_writing()
 
 
 # ---------------------------------------------------------------- the handshake's proofs
@@ -622,6 +760,40 @@ class Client:
             # after a timeout or a bad frame the stream is out of step
             await self._drop()
             raise
+
+    async def send_file(self, requests: list[tuple[dict, int, int]], file: Any, window: int,
+                        last_idle: float = 0.0) -> list[dict]:
+        """Send ``requests``, each (msg, offset, count): a bulk frame whose bytes
+        are ``file``'s from ``offset`` (``Connection.send_file``), up to
+        ``window`` of them ahead of their replies, so neither side waits for the
+        other between two; returns the replies in order. Each reply within
+        ``read_timeout``, the last within ``last_idle`` more. The first
+        ``error`` raises RemoteError and drops the connection (the replies
+        still on their way would be out of step)."""
+        replies: list[dict] = []
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = await self._connect()
+                conn, sent = self._conn, 0
+                while len(replies) < len(requests):
+                    while sent < len(requests) and sent - len(replies) < max(1, window):
+                        msg, offset, count = requests[sent]
+                        await conn.send_file(msg, file, offset, count)
+                        sent += 1
+                    last = len(replies) == len(requests) - 1
+                    reply = check_reply(requests[len(replies)][0]["type"],
+                                        await conn.recv(idle=self.limits.read_timeout + (last_idle if last else 0)))
+                    if reply["type"] == "error":
+                        raise RemoteError(reply)
+                    replies.append(reply)
+            except (ConnectionError, OSError) as exc:
+                await self._drop()
+                raise PeerError(f"lost connection to {self.addr}: {exc}") from None
+            except BaseException:
+                await self._drop()
+                raise
+        return replies
 
     async def stream(self, msg: dict, idle: float | None = None) -> AsyncIterator[dict]:
         """Send a request whose answer is a stream; yields its frames, each checked

@@ -71,6 +71,9 @@ also ends a stream::
     reader -> dispatcher       artifacts  build                                   ok {artifacts}
     reader, runner -> disp.    fetch_artifact                                     ok {data (bytes) offset size eof}
                                           build path [offset]
+    reader, runner -> disp.    read_artifact                                      stream: ok {size} once, then
+                                          build path [offset]                     chunk {offset data (bytes)}...
+                                                                                  then end {offset}
     operator -> dispatcher     trigger    [branch rev repo job]                   ok {builds}
     operator -> dispatcher     rebuild    build                                   ok {builds}
     operator -> dispatcher     drain      name                                    ok {runner} | error not_found
@@ -93,8 +96,18 @@ same commit that must pass first; ``skip``, why its ``when`` keeps it from
 running (recorded ``skipped``). ``config_error`` is the reason that file is
 unusable. ``run.job`` names the job whose steps the runner takes from the
 ``.ci.yaml`` of its checkout; ``run.inputs`` are the artifacts of the builds
-it needs ([{build, job, path}]), which the runner fetches (``fetch_artifact``,
+it needs ([{build, job, path}]), which the runner fetches (``read_artifact``,
 only for a build of the same commit as one it holds) into its checkout.
+``read_artifact`` is ``fetch_artifact`` as a stream: the artifact's ``size``
+first, then its bytes from ``offset`` in chunks of up to ``net.max_bulk``
+(sent from the file without passing through the dispatcher's memory), then
+``end`` at the size (a chunk may wait for the reader up to ``net.idle_timeout``).
+``artifact``'s ``ok {offset}`` says how much of the file is written: a chunk
+between the first and the last is answered once the chunks before it are
+written (its own ``offset``) and written while the next one comes; the last
+is answered once the whole file is written and synced (its size).
+``fetch_artifact``, a request per chunk, is kept for the web page (a
+browser may take its time with each) and older tools.
 ``commit.jobs[].secrets`` names the build secrets a job asks for. The runner takes a job's
 steps from ``run.definition`` (the dispatcher's ``pipelines.<repo>``, as
 .ci.yaml text) instead when the checkout has no ``.ci.yaml`` or
@@ -493,6 +506,11 @@ MESSAGES: dict[str, Spec] = {
     # a runner fetches the artifacts of the builds its build needs (its run's inputs)
     "fetch_artifact": _spec(TOOLS | {RUNNER}, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
                             reply=_ok({"data": BYTES, "offset": COUNT, "size": COUNT, "eof": BOOL})),
+    # the same as one stream from offset to the end, no round trip per chunk (what the tools use)
+    "read_artifact": _spec(TOOLS | {RUNNER}, {"build": BUILD_ID, "path": PATH}, {"offset": COUNT},
+                           stream=Stream(first=_ok({"size": COUNT}),
+                                         each=Shape("chunk", {"offset": COUNT, "data": BYTES}),
+                                         end=Shape("end", {"offset": COUNT}))),
     "trigger": _spec(OPERATOR, {}, {"branch": BRANCH, "rev": _str(255), "repo": REPO, "job": JOB}, reply=QUEUED),
     "rebuild": _spec(OPERATOR, {"build": BUILD_ID}, reply=QUEUED),
     # runner maintenance: a draining runner finishes what it runs and takes nothing new;
@@ -623,6 +641,13 @@ def encode_parts(msg: dict) -> tuple[bytes, bytes | None]:
         raw = None
     body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
     return HEADER.pack(len(body)) + body, raw
+
+
+def bulk_header(msg: dict, count: int) -> bytes:
+    """The frame of a bulk message whose ``count`` raw bytes the sender writes
+    after it from elsewhere (a file): ``msg`` has no ``data``."""
+    body = json.dumps({**msg, BULK: count}, separators=(",", ":"), ensure_ascii=False).encode()
+    return HEADER.pack(len(body)) + body
 
 
 def bulk_size(frame: Any, limit: int) -> int | None:

@@ -8,7 +8,8 @@ frames of up to ``net.max_bulk``, else text in pieces of LOG_CHUNK);
 ``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
 {artifacts}; ``fetch_artifact`` -> ok {data (bytes, a bulk frame of up to
-``net.max_bulk``), offset, size, eof};
+``net.max_bulk``), offset, size, eof}; ``read_artifact`` -> ok {size}, chunk
+{offset, data (bytes, sent from the file by the kernel)}... end {offset};
 ``history`` -> ok {builds, older, newer}; ``branch_status`` -> ok {status,
 [sha, builds]}; ``log_window`` -> ok {data, offset, line, size, status};
 ``counts`` -> ok {counts}. The last four are what the web page needs: a page
@@ -26,6 +27,7 @@ builds of a commit it holds a build of (its run's ``inputs``).
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Mapping
 
 from . import aio, net, protocol
@@ -156,13 +158,44 @@ class Queries:
             return protocol.error("not_found", f"no build {msg['build']}")
         return protocol.ok(artifacts=self.artifacts.list(msg["build"]))
 
-    async def fetch_artifact(self, conn: net.Connection, msg: dict) -> dict:
+    def _artifact_build(self, conn: net.Connection, msg: dict) -> Build | dict:
+        """The build whose artifact ``msg`` asks for, or the error refusing it."""
         build = self.store.get(msg["build"])
         if build is None:
             return protocol.error("not_found", f"no build {msg['build']}")
         if conn.role == protocol.RUNNER and not any(b.runner == conn.id and (b.repo, b.sha) == (build.repo, build.sha)
                                                     for b in self.sched.builds.values()):
             return protocol.error("forbidden", f"runner {conn.id} holds no build of the commit of build {build.id}")
+        return build
+
+    async def read_artifact(self, conn: net.Connection, msg: dict) -> dict | None:
+        """The artifact from ``offset`` to its end: its size, then chunks sent
+        from the open file by the kernel (no read into this process, no round
+        trip per chunk: the client's reading paces it), then ``end``."""
+        build = self._artifact_build(conn, msg)
+        if isinstance(build, dict):
+            return build
+        try:
+            file = self.artifacts.open(build.id, build.sha, msg["path"])
+        except ArtifactError as exc:
+            return protocol.error(exc.code, exc.message)
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            offset = min(msg.get("offset", 0), size)
+            await conn.send(protocol.ok(size=size))
+            while offset < size:
+                count = min(conn.limits.max_bulk, size - offset)
+                # the client writes one chunk while the next comes: one to a slow pipe may take a while
+                await conn.send_file({"type": "chunk", "offset": offset}, file, offset, count,
+                                     timeout=conn.limits.idle_timeout)
+                offset += count
+            await conn.send({"type": "end", "offset": offset})
+        return None
+
+    async def fetch_artifact(self, conn: net.Connection, msg: dict) -> dict:
+        build = self._artifact_build(conn, msg)
+        if isinstance(build, dict):
+            return build
         offset = msg.get("offset", 0)
         try:
             data, size = self.artifacts.read(build.id, build.sha, msg["path"], offset, conn.limits.max_bulk)

@@ -43,6 +43,7 @@ class FakeDispatcher:
         self.artifacts: list[dict] = []
         self.refuse_results = False
         self.refuse_artifacts = ""            # a message to refuse every artifact with
+        self.drop_artifact_at: int | None = None    # an artifact chunk's offset at which to drop the connection
         self.stale_at: dict[int, str] = {}    # build -> log text after which its lease is stale
         self.server = None
         self.port = 0
@@ -82,7 +83,10 @@ class FakeDispatcher:
             if self.refuse_artifacts:
                 return protocol.error("too_big", self.refuse_artifacts)
             self.artifacts.append(msg)
-            return protocol.ok(offset=msg["offset"])
+            if self.drop_artifact_at == msg["offset"]:      # once: the connection is lost mid-upload
+                self.drop_artifact_at = None
+                raise ConnectionError("dropped by the test")
+            return protocol.ok(offset=msg["offset"] + len(msg["data"]))     # the size so far, as the dispatcher's
         key = (msg["build"], msg["attempt"])
         have = self.logs.setdefault(key, bytearray())
         if kind == "log":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sqlite3
 
 import pytest
@@ -43,6 +44,9 @@ class Conn:
 
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
+
+    async def send_file(self, msg: dict, file, offset: int, count: int, timeout: float | None = None) -> None:
+        self.sent.append({**msg, "data": os.pread(file.fileno(), count, offset)})
 
 
 class MemoryRunner:
@@ -114,14 +118,16 @@ class Harness:
         reply = await self.d.handle(Conn(role, id=id), msg)
         return protocol.check_reply(msg["type"], reply)     # the reply the table allows, as net.serve checks
 
-    async def stream(self, msg: dict, role: str = protocol.READER) -> list[dict]:
-        conn = Conn(role)
+    async def stream(self, msg: dict, role: str = protocol.READER, id: str = "") -> list[dict]:
+        conn = Conn(role, id=id)
         protocol.validate(msg, role)
-        assert await self.d.handle(conn, msg) is None
+        reply = await self.d.handle(conn, msg)
+        assert reply is None or (reply["type"] == "error" and not conn.sent)    # a refusal is the one frame
+        frames = conn.sent if reply is None else [reply]
         answers = protocol.Answers(msg["type"])
-        for frame in conn.sent:
+        for frame in frames:
             answers.check(frame)
-        return conn.sent
+        return frames
 
     async def settle(self) -> None:
         """Wait until the hand-outs and sends the last call started are done."""
@@ -701,6 +707,26 @@ async def test_an_artifact_that_does_not_fit_is_left_out_with_a_note(make):
 
 
 @scenario
+async def test_chunks_on_their_way_behind_a_refused_one_add_no_second_note(make):
+    h = make(min_free_bytes=1 << 20)
+    disk = full_disk(h, 1 << 30)
+    await h.register()
+    await h.commit()
+    await h.settle()
+
+    async def chunk(offset: int) -> dict:
+        return await h.call({"type": "artifact", "build": 1, "attempt": 1, "path": "big.bin", "offset": offset,
+                             "data": b"x" * 1000, "eof": False}, protocol.RUNNER, id="r1")
+    assert (await chunk(0))["offset"] == 1000
+    disk.free = (1 << 20) + 10
+    h.d.disk.look()
+    assert codes(await chunk(1000)) == ("error", "disk_full")
+    assert codes(await chunk(2000)) == ("error", "disk_full")     # sent before the refusal came back
+    assert h.text(1).count("[artifact big.bin left out") == 1
+    assert not h.d.artifacts.directory(1, SHA).joinpath("big.bin").exists()    # what it had is given back
+
+
+@scenario
 async def test_a_removed_log_file_is_noted_and_the_attempt_goes_on(make):
     h = make()
     await h.register()
@@ -767,6 +793,11 @@ async def test_a_build_waits_outside_the_queue_until_its_needs_passed(make):
     assert fetched["data"] == b"wheel"
     refused = await h.call({"type": "fetch_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
     assert codes(refused) == ("error", "forbidden")
+    streamed = await h.stream({"type": "read_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r1")
+    assert streamed == [{"type": "ok", "size": 5}, {"type": "chunk", "offset": 0, "data": b"wheel"},
+                        {"type": "end", "offset": 5}]
+    refused = await h.stream({"type": "read_artifact", "build": 2, "path": "dist/b.whl"}, protocol.RUNNER, id="r9")
+    assert [codes(f) for f in refused] == [("error", "forbidden")]
 
 
 @scenario

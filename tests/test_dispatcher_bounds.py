@@ -74,6 +74,46 @@ async def test_uploads_without_their_last_chunk_count_against_the_cap(make):
 
 
 @scenario
+async def test_a_chunk_is_written_while_the_next_arrives_and_the_last_answers_for_all(make):
+    h = await running(make)
+    pieces = [os.urandom(n) for n in (100, 200, 300, 50)]
+    offset, answers = 0, []
+    for i, piece in enumerate(pieces):
+        answers.append((await h.call({"type": "artifact", "build": 1, "attempt": 1, "path": "a.bin", "offset": offset,
+                                      "data": piece, "eof": i == len(pieces) - 1}, protocol.RUNNER, id="r1"))["offset"])
+        offset += len(piece)
+    assert answers == [100, 100, 300, 650]      # the first's own size, then what was written before each, then all
+    assert (h.d.artifacts.directory(1, SHA) / "a.bin").read_bytes() == b"".join(pieces)
+    assert h.d.artifacts.list(1) == [{"path": "a.bin", "size": 650}] and h.d.artifacts.partial[1].writing == {}
+
+
+@scenario
+async def test_a_chunk_written_in_the_background_that_fails_is_the_next_ones_error(make):
+    h = await running(make)
+    assert (await chunk(h, "a.bin", 0, 100))["offset"] == 100
+    assert (await chunk(h, "a.bin", 100, 100))["offset"] == 100        # its write goes on meanwhile
+    writing = h.d.artifacts.partial[1].writing["a.bin"]
+    await writing
+    (h.d.artifacts.directory(1, SHA) / "a.bin").unlink()            # lost under it: the next write fails
+    assert (await chunk(h, "a.bin", 200, 100))["offset"] == 200
+    refused = await chunk(h, "a.bin", 300, 100, eof=True)
+    assert codes(refused) == ("error", "offset") and "has 0 bytes, not 200" in refused["message"]
+
+
+@scenario
+async def test_a_chunk_behind_a_refused_one_is_out_of_step_and_logged_once(make, caplog):
+    h = await running(make)
+    assert (await chunk(h, "c.bin", 0, 600))["offset"] == 600
+    with caplog.at_level(logging.WARNING):
+        assert codes(await chunk(h, "c.bin", 600, 600)) == ("error", "too_large")
+        assert codes(await chunk(h, "c.bin", 1200, 600)) == ("error", "offset")    # was on its way already
+    assert [r.getMessage() for r in caplog.records] == [
+        "build 1: artifact 'c.bin' refused: artifacts of build 1 would exceed 1000 bytes "
+        "(dispatcher.max_artifact_bytes)"]
+    assert on_disk(h) == {}
+
+
+@scenario
 async def test_a_lost_runner_or_a_cancel_removes_the_unfinished_uploads(make):
     h = await running(make)
     await chunk(h, "dir/a.bin", 0, 500)
@@ -97,7 +137,9 @@ async def test_a_restarted_dispatcher_still_counts_and_removes_what_was_half_sen
     h.store.close()
     again = make(max_artifact_bytes=LIMIT)          # the same data dir: a restart
     assert codes(await chunk(again, "b.bin", 0, 700)) == ("error", "too_large")
-    assert (await chunk(again, "a.bin", 700, 100))["offset"] == 800
+    # a chunk between the first and the last is answered with what was written before it
+    assert (await chunk(again, "a.bin", 700, 100))["offset"] == 700
+    assert (await chunk(again, "a.bin", 800, 50))["offset"] == 800
     await again.result(1)
     assert on_disk(again) == {}
 
@@ -116,4 +158,6 @@ async def test_offsets_past_the_end_are_the_end(make, caplog):
             fetched = await h.call({"type": "fetch_artifact", "build": 1, "path": "a.txt", "offset": offset},
                                    protocol.READER)
             assert (fetched["type"], fetched["data"], fetched["eof"], fetched["size"]) == ("ok", b"", True, 10)
+            streamed = await h.stream({"type": "read_artifact", "build": 1, "path": "a.txt", "offset": offset})
+            assert streamed == [{"type": "ok", "size": 10}, {"type": "end", "offset": 10}]
     assert "Traceback" not in caplog.text and not caplog.records

@@ -340,9 +340,11 @@ def test_an_input_is_not_written_through_a_symlink_at_its_aside_name(tmp_path):
     import asyncio
     from ci import artifact_download
 
-    class OneChunk:         # the dispatcher's one reply, as a client returns it
-        async def request(self, msg):
-            return {"type": "ok", "data": b"payload", "offset": 0, "size": 7, "eof": True}
+    class OneChunk:         # the dispatcher's stream, as a client yields it
+        async def stream(self, msg):
+            for frame in ({"type": "ok", "size": 7}, {"type": "chunk", "offset": 0, "data": b"payload"},
+                          {"type": "end", "offset": 7}):
+                yield frame
 
     outside = tmp_path / "outside.txt"
     outside.write_text("keep me\n")

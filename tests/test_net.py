@@ -6,6 +6,7 @@ test_protocol.py."""
 import asyncio
 import json
 import logging
+import os
 import struct
 import time
 
@@ -581,3 +582,120 @@ def test_a_sender_refuses_bytes_over_its_bulk_limit_and_writes_nothing():
         await client.close()
         server.close()
     run(body())
+
+
+class FileServer:
+    """Answers read_artifact with the bytes of ``path`` sent by Connection.send_file;
+    ``short`` announces that many bytes more than the file holds."""
+
+    def __init__(self, path, short=0):
+        self.path, self.short = path, short
+
+    async def __call__(self, conn, msg):
+        with open(self.path, "rb", buffering=0) as file:
+            size = file.seek(0, 2) + self.short
+            await conn.send(protocol.ok(size=size))
+            offset = msg.get("offset", 0)
+            while offset < size:
+                count = min(conn.limits.max_bulk, size - offset)
+                await conn.send_file({"type": "chunk", "offset": offset}, file, offset, count)
+                offset += count
+            await conn.send({"type": "end", "offset": offset})
+
+
+async def read_stream(port, ssl=None, offset=0):
+    client = net.Client("127.0.0.1", port, "reader", limits=BULK_LIMITS, ssl=ssl)
+    got, chunks = b"", 0
+    try:
+        async for frame in client.stream({"type": "read_artifact", "build": 1, "path": "a.bin", "offset": offset}):
+            if frame["type"] == "chunk":
+                assert frame["offset"] == offset + len(got) and len(frame["data"]) <= BULK_LIMITS.max_bulk
+                got += frame["data"]
+                chunks += 1
+    finally:
+        await client.close()
+    return got, chunks
+
+
+def test_a_file_goes_out_as_bulk_frames_by_sendfile_plain_and_under_tls(tmp_path):
+    import trustme
+    from ci import tls
+    blob = bytes(range(256)) * 700 + b"tail"        # every byte value, over three bulk frames
+    (tmp_path / "a.bin").write_bytes(blob)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    async def body():
+        plain = await net.serve(FileServer(tmp_path / "a.bin"), "127.0.0.1", 0, limits=BULK_LIMITS)
+        secure = await net.serve(FileServer(tmp_path / "a.bin"), "127.0.0.1", 0, limits=BULK_LIMITS,
+                                 ssl=tls.server_context(cert=str(tmp_path / "cert.pem"),
+                                                        key=str(tmp_path / "key.pem")))
+        assert await read_stream(plain.sockets[0].getsockname()[1]) == (blob, 3)
+        assert await read_stream(plain.sockets[0].getsockname()[1], offset=70_000) == (blob[70_000:], 2)
+        # TLS cannot use sendfile: asyncio reads and writes the pieces instead, the same frames
+        assert await read_stream(secure.sockets[0].getsockname()[1],
+                                 ssl=tls.client_context(ca=str(tmp_path / "ca.pem"))) == (blob, 3)
+        plain.close()
+        secure.close()
+    run(body())
+
+
+def test_a_file_shorter_than_its_frame_said_closes_the_connection(tmp_path, caplog):
+    (tmp_path / "a.bin").write_bytes(b"x" * 1000)
+
+    async def body():
+        server = await net.serve(FileServer(tmp_path / "a.bin", short=10), "127.0.0.1", 0, limits=BULK_LIMITS)
+        with pytest.raises(net.PeerError, match="closed the connection mid-frame"):
+            await read_stream(server.sockets[0].getsockname()[1])
+        server.close()
+    with caplog.at_level(logging.DEBUG, logger="ci.net"):
+        run(body())
+    assert "ended 10 bytes early" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_big_bulk_frames_are_received_straight_into_their_buffer_and_the_stream_stays_in_step(caplog):
+    """Frames of several MiB (most of each received by the socket into one buffer,
+    not the stream's reader), each followed by a plain frame; a truncated one
+    ends the connection at once, a stalled one within read_timeout."""
+    limits = net.Limits(read_timeout=1.0, max_bulk=8 << 20)
+    blob = os.urandom(6 << 20)
+
+    async def body():
+        handler = Bulk()
+        server, port = await start(handler, limits=limits)
+        conn, _ = await raw_session(port, "runner")
+        conn.limits = limits
+        for piece in (blob[:1], blob, blob[:3 << 20]):
+            handler.got = b""
+            await conn.send({**ARTIFACT, "data": piece})
+            await conn.send({"type": "register", "name": "r1", "host": "h", "port": 1, "labels": [], "slots": 1})
+            assert await conn.recv() == {"type": "ok", "offset": len(piece)} and handler.got == piece
+            assert (await conn.recv())["type"] == "ok"
+        await conn.close()
+        # the reading side: a client gets big bulk frames back the same way
+        reader = net.Client("127.0.0.1", port, "reader", limits=limits)
+        handler.got = blob
+        reply = await reader.request({"type": "fetch_artifact", "build": 1, "path": "a.bin", "offset": 0})
+        assert reply["data"] == blob[:limits.max_bulk]
+        await reader.close()
+
+        truncated, _ = await raw_session(port, "runner")
+        truncated.writer.write(bulk_header(bytes=5 << 20) + blob[:1 << 20])
+        truncated.writer.write_eof()
+        started = time.monotonic()
+        assert await truncated.reader.read() == b""
+        assert time.monotonic() - started < limits.read_timeout       # not the stall's bound: at once
+        stalled, _ = await raw_session(port, "runner")
+        stalled.writer.write(bulk_header(bytes=5 << 20) + blob[:1 << 20])
+        started = time.monotonic()
+        assert await stalled.reader.read() == b""                       # dropped after read_timeout
+        assert time.monotonic() - started < 5 * limits.read_timeout
+        server.close()
+
+    with caplog.at_level(logging.DEBUG, logger="ci.net"):
+        run(body())
+    assert "closed the connection mid-frame" in caplog.text and "idle, closing" in caplog.text
+    assert net._Sink.kind is not None          # the bytes took the direct way

@@ -56,6 +56,7 @@ EXAMPLES: dict[str, tuple[str, dict]] = {
     "counts": (READER, {"since": 1700000000.0}),
     "artifacts": (READER, {"build": 1}),
     "fetch_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
+    "read_artifact": (READER, {"build": 1, "path": "dist/app.tar", "offset": 0}),
     "trigger": (OPERATOR, {"branch": "main", "rev": "HEAD~1", "repo": REPO, "job": "lint"}),
     "rebuild": (OPERATOR, {"build": 1}),
     "drain": (OPERATOR, {"name": "r1"}),
@@ -101,6 +102,8 @@ ANSWERS: dict[str, list[dict]] = {
     "counts": [{"type": "ok", "counts": {"passed": 3, "failed": 1}}],
     "artifacts": [{"type": "ok", "artifacts": [{"path": "dist/app.tar", "size": 5}]}],
     "fetch_artifact": [{"type": "ok", "data": b"hello", "offset": 0, "size": 5, "eof": True}],
+    "read_artifact": [{"type": "ok", "size": 9}, {"type": "chunk", "offset": 0, "data": b"hello"},
+                      {"type": "chunk", "offset": 5, "data": b" you"}, {"type": "end", "offset": 9}],
     "trigger": [{"type": "ok", "builds": [3]}],
     "rebuild": [{"type": "ok", "builds": [4]}],
     "drain": [{"type": "ok", "runner": {"name": "r1", "state": "draining"}}],
@@ -146,7 +149,7 @@ def answer_refused(kind: str, frames: list[dict]) -> protocol.ProtocolError:
 def test_every_message_type_has_an_example_and_every_request_an_answer():
     assert set(EXAMPLES) == set(protocol.MESSAGES)
     assert set(ANSWERS) == set(REQUESTS)
-    assert STREAMS == ["read_log", "watch"]
+    assert STREAMS == ["read_artifact", "read_log", "watch"]
     for kind, spec in protocol.MESSAGES.items():
         if not spec.open:       # each example shows every field its type declares
             assert set(EXAMPLES[kind][1]) == {*spec.required, *spec.optional}, kind
@@ -211,7 +214,7 @@ def test_who_may_send_what():
                  "branch_status", "log_window", "counts"):
         assert senders[kind] == {READER, OPERATOR}, kind        # operators may read too
     # a runner fetches the artifacts of the builds its build needs (run.inputs)
-    assert senders["fetch_artifact"] == {READER, OPERATOR, RUNNER}
+    assert senders["fetch_artifact"] == senders["read_artifact"] == {READER, OPERATOR, RUNNER}
     for kind in ("register", "log", "result", "artifact"):
         assert senders[kind] == {RUNNER}, kind
     for kind in ("hello", "ok", "error", "pong", "chunk", "event", "end"):
@@ -384,6 +387,9 @@ def test_what_answers_each_request():
     assert watch.first == protocol.MESSAGES["status"].reply        # the snapshot is a status reply
     assert (shape(watch.each), shape(watch.end)) == (("event", ["event"], ["build", "conditions", "runner"]),
                                                      ("end", ["reason"], []))
+    read_artifact = protocol.MESSAGES["read_artifact"].stream
+    assert (shape(read_artifact.first), shape(read_artifact.each), shape(read_artifact.end)) == (
+        ("ok", ["size"], []), ("chunk", ["data", "offset"], []), ("end", ["offset"], []))
     assert shape(protocol.ERROR) == ("error", ["code", "message"], ["expected"])
 
 
