@@ -3,7 +3,7 @@ every daemon runs and the clients every daemon and tool uses.
 
 What the frames mean (the message table, roles, field kinds, validation)
 is in ``protocol``; this module only moves frames and proves who sends them.
-On connect the server speaks first (protocol v2)::
+On connect the server speaks first (protocol v3)::
 
     server: hello {version, nonce: Ns, name: S}           S: the server's identity
     client: auth  {role: R, id: I, nonce: Nc, to: T, mac: client_mac(K, Ns, Nc, R, I, T)}

@@ -15,8 +15,8 @@ handshake, done by ``net``; K is the key for the client's role and id)::
 
     server: hello {version: 2, nonce: Ns, name: S}
     client: auth  {role: R, id: I, nonce: Nc, to: T,
-                   mac: HMAC-SHA256(K, "tinyci/2 client" NUL Ns NUL Nc NUL R NUL I NUL T)}
-    server: ok    {role: R, mac: HMAC-SHA256(K, "tinyci/2 server" NUL Ns NUL Nc NUL R NUL I NUL T)}
+                   mac: HMAC-SHA256(K, "tinyci/3 client" NUL Ns NUL Nc NUL R NUL I NUL T)}
+    server: ok    {role: R, mac: HMAC-SHA256(K, "tinyci/3 server" NUL Ns NUL Nc NUL R NUL I NUL T)}
                   (or error auth_failed, then close)
 
 S and T are identities: ``dispatcher``, ``observer`` or ``runner:<name>``;
@@ -172,7 +172,9 @@ from typing import Any, Callable, Mapping
 
 from . import patterns
 
-PROTOCOL_VERSION = 2
+# 3: logs and artifacts as raw bytes in bulk frames, and read_artifact (a peer of an older
+# tinyci is told at the handshake to run the same version, not refused field by field later)
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">I")
 # A frame's JSON header with this field is a bulk frame: that many raw bytes
 # follow it, and they become the message's ``data``. No message has a field

@@ -64,7 +64,7 @@ def test_the_right_mac_is_accepted_and_the_server_proves_it_holds_the_key():
     async def body():
         server, port = await serve()
         conn, hello = await connect(port)
-        assert hello["version"] == 2 and hello["name"] == "dispatcher"
+        assert hello["version"] == protocol.PROTOCOL_VERSION == 3 and hello["name"] == "dispatcher"
         frame = auth(hello, "runner", "key-of-r1", id="r1")
         await conn.send(frame)
         welcome = await conn.recv()
@@ -206,7 +206,7 @@ def test_another_protocol_version_is_named():
     async def body():
         impostor = Impostor(version=1)
         addr = await impostor.start()
-        with pytest.raises(net.PeerError, match="speaks tinyci protocol version 1, this is version 2"):
+        with pytest.raises(net.PeerError, match="speaks tinyci protocol version 1, this is version 3"):
             await net.call(addr, {"type": "status"}, "reader")
         impostor.server.close()
     run(body())
@@ -248,7 +248,7 @@ async def _ok() -> dict:
 # ---------------------------------------------------------------- the parts of the MAC
 
 def test_the_parts_joined_for_the_mac_cannot_hold_the_separator():
-    hello = {"type": "hello", "version": 2, "nonce": "ab" * 16, "name": "dispatcher"}
+    hello = {"type": "hello", "version": 3, "nonce": "ab" * 16, "name": "dispatcher"}
     assert protocol.validate(hello, protocol.SERVER)
     for field, value in [("nonce", "ab\x00cd" * 4), ("nonce", "AB" * 16), ("nonce", "ab"), ("name", "runner:a\x00b"),
                          ("name", "runner:"), ("name", "operator")]:

@@ -36,7 +36,7 @@ ONLY_AN_ERROR = ""          # Answers for what is not a valid request: an error 
 
 # One valid example of every message type.
 TEMPLATES = {
-    "hello": {"version": 2, "nonce": "ab" * 16, "name": "dispatcher"},
+    "hello": {"version": 3, "nonce": "ab" * 16, "name": "dispatcher"},
     "auth": {"role": "reader", "id": "", "nonce": "cd" * 16, "to": "dispatcher", "mac": ""},
     "commit": {"repo": "/tmp/repo", "branch": "main", "sha": SHA, "author": "A", "subject": "s", "time": 1.0},
     "register": {"name": "fuzz", "host": "127.0.0.1", "port": 1, "labels": ["x"], "slots": 1, "running": []},

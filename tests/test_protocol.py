@@ -18,7 +18,7 @@ REPO = "/srv/git/app"
 
 # One valid example of every message in the table, with every optional field, and who sends it.
 EXAMPLES: dict[str, tuple[str, dict]] = {
-    "hello": (SERVER, {"version": 2, "nonce": "f00d" * 8, "name": "runner:r1"}),
+    "hello": (SERVER, {"version": 3, "nonce": "f00d" * 8, "name": "runner:r1"}),
     "auth": (RUNNER, {"role": "runner", "id": "r1", "nonce": "beef" * 8, "to": "dispatcher", "mac": "0f" * 32}),
     "commit": (OBSERVER, {"repo": REPO, "branch": "main", "sha": SHA, "author": "Ada <ada@example.com>",
                           "subject": "Fix the build", "time": 1.5, "message": "Fix the build\n\nfor good",
