@@ -63,17 +63,19 @@ class _Workers:
             start = not self.idle
             if not start:
                 self.idle -= 1
-        self.jobs.put(job)
-        if start:
-            threading.Thread(target=self._work, name="tinyci-worker", daemon=True).start()
+        if start:       # a new thread runs this job first: should it fail to start, nothing is queued
+            threading.Thread(target=self._work, args=(job,), name="tinyci-worker", daemon=True).start()
+        else:
+            self.jobs.put(job)
 
-    def _work(self) -> None:
+    def _work(self, job: Callable[[], None]) -> None:
         while True:
-            self.jobs.get()()
+            job()
             with self.lock:
                 if self.idle >= self.keep:
                     return
                 self.idle += 1
+            job = self.jobs.get()
 
 
 # one set of worker threads for the process, whichever loop asks: like the

@@ -70,6 +70,9 @@ class Partial:
     sizes: dict[str, int] = field(default_factory=dict)
     flushing: dict[str, Any] = field(default_factory=dict)     # path -> its sync under way (a future)
     writing: dict[str, Any] = field(default_factory=dict)      # path -> its chunk being written (a future)
+    # path -> which upload of it is current: a first chunk starts another (a runner's retry on a
+    # new connection), and what the one before still had in flight can no longer list the file
+    generation: dict[str, int] = field(default_factory=dict)
 
 
 class Artifacts:
@@ -114,7 +117,8 @@ class Artifacts:
         stay within ``limit`` bytes; the last chunk (``eof``) is on the disk
         (fsync) before the file is listed."""
         partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
-        return self._done(build_id, partial, path, _put(file, path, offset, data, eof), eof)
+        generation = partial.generation.get(path, 0)
+        return self._done(build_id, partial, path, _put(file, path, offset, data, eof), eof, generation)
 
     async def write_off_loop(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
                              limit: int, attempt: int = 1) -> int:
@@ -126,9 +130,18 @@ class Artifacts:
         background; the next one waits for it and answers its error. The last
         is answered once the whole file is written and synced, with its size."""
         partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
-        await self._written(build_id, partial, path)
+        generation = partial.generation.get(path, 0)
+        await self._written(build_id, partial, path, quiet=offset == 0)
         if offset == 0 or eof:      # the first makes the file: never behind a removal's back
-            size = self._done(build_id, partial, path, await aio.in_thread(_put, file, path, offset, data, eof), eof)
+            # in ``writing`` too, so that a retry's first chunk waits until this write is done
+            work = partial.writing[path] = _quiet(asyncio.ensure_future(
+                aio.in_thread(_put, file, path, offset, data, eof)))
+            try:
+                written = await work
+            finally:
+                if partial.writing.get(path) is work:
+                    del partial.writing[path]
+            size = self._done(build_id, partial, path, written, eof, generation)
         else:
             partial.sizes[path] = offset + len(data)        # where the next chunk goes on
             partial.writing[path] = _quiet(asyncio.ensure_future(aio.in_thread(_put, file, path, offset, data,
@@ -138,11 +151,16 @@ class Artifacts:
             self._flush_behind(partial, path, file)
         return size
 
-    async def _written(self, build_id: int, partial: Partial, path: str) -> None:
-        """Wait for the chunk of ``path`` written in the background; its error is raised here."""
+    async def _written(self, build_id: int, partial: Partial, path: str, quiet: bool = False) -> None:
+        """Wait for the chunk of ``path`` being written; its error is raised here,
+        unless ``quiet`` (a first chunk: what the upload before it did is over)."""
         writing = partial.writing.pop(path, None)
         if writing is not None:
-            await writing
+            try:
+                await asyncio.shield(writing)
+            except (ArtifactError, OSError):
+                if not quiet:
+                    raise
             if self.partial.get(build_id) is not partial:
                 raise ArtifactError("stale", f"build {build_id}: the upload of {path!r} is over")
 
@@ -172,11 +190,18 @@ class Artifacts:
             self._remove(build_id, partial, path)       # the runner gives this file up
             raise ArtifactError("too_large", f"artifacts of build {build_id} would exceed "
                                              f"{limit} bytes (dispatcher.max_artifact_bytes)")
+        if offset == 0:
+            partial.generation[path] = partial.generation.get(path, 0) + 1
+            # the file is about to be written afresh: not listed until it is whole again
+            with self.store.transaction():
+                self.store.db.execute("DELETE FROM artifacts WHERE build = ? AND path = ?", (build_id, path))
         return partial, self._dirs(self.directory(build_id, sha), parts, create=True) / parts[-1]
 
-    def _done(self, build_id: int, partial: Partial, path: str, size: int, eof: bool) -> int:
-        """Record a written chunk: the file listed at its last, else its size so far."""
-        if self.partial.get(build_id) is not partial:       # the attempt ended while it was written
+    def _done(self, build_id: int, partial: Partial, path: str, size: int, eof: bool, generation: int) -> int:
+        """Record a written chunk of upload ``generation`` of ``path``: the file
+        listed at its last, else its size so far."""
+        if self.partial.get(build_id) is not partial or partial.generation.get(path, 0) != generation:
+            # the attempt ended while it was written, or a retry started the file again
             raise ArtifactError("stale", f"build {build_id}: the upload of {path!r} is over")
         if eof:
             partial.sizes.pop(path, None)
@@ -293,6 +318,7 @@ def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
         while view:         # a write may take less than all (a signal, a full disk's last blocks)
             view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
         if eof:
+            os.ftruncate(fd, offset + len(data))    # nothing past the end, whatever wrote there before
             os.fsync(fd)    # listed, and acknowledged, only once it is on the disk
         return offset + len(data)
     finally:

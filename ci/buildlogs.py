@@ -342,21 +342,26 @@ class BuildLogs:
                 self.save_times(save)
 
     def save_times(self, save: Callable[[dict[int, str]], None]) -> None:
-        taken = self.take_stamps()
+        """Hand the times held to ``save`` (as ``take_stamps`` gives them); should it
+        fail, they are held again, before any noted meanwhile, for the next try."""
+        with self._stamps_lock:
+            taken, self.stamps = self.stamps, {}
         if not taken:
             return
         try:
-            save(taken)
-        except sqlite3.Error as exc:        # a convenience: never worth more than a line
-            log.warning("the arrival times of %d build log(s) were not saved: %s", len(taken), exc)
+            save(_as_text(taken))
+        except sqlite3.Error as exc:        # a convenience: a line, and tried again at the next save
+            log.warning("the arrival times of %d build log(s) were not saved yet: %s", len(taken), exc)
+            with self._stamps_lock:
+                for build_id, pairs in taken.items():
+                    self.stamps[build_id] = pairs + self.stamps.get(build_id, [])
 
     def take_stamps(self) -> dict[int, str]:
         """The arrival times noted since the last call, as the text the database
         keeps ("offset time" lines), by build; they are no longer held here."""
         with self._stamps_lock:
             taken, self.stamps = self.stamps, {}
-        return {build_id: "".join(f"{offset} {when:.3f}\n" for offset, when in pairs)
-                for build_id, pairs in taken.items()}
+        return _as_text(taken)
 
     def held_times(self, build_id: int) -> list[tuple[int, float]]:
         """The build's arrival times not yet in the database."""
@@ -392,6 +397,10 @@ class BuildLogs:
             elif not found or offset > found[-1][0]:
                 found.append([offset, when])
         return found
+
+
+def _as_text(stamps: dict[int, list[tuple[int, float]]]) -> dict[int, str]:
+    return {build_id: "".join(f"{offset} {when:.3f}\n" for offset, when in pairs) for build_id, pairs in stamps.items()}
 
 
 def _log_error(build_id: int, exc: OSError) -> None:

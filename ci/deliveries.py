@@ -90,11 +90,9 @@ class Deliveries:
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
-        # the first write: should the disk be too full for the database, nothing has changed yet.
-        # Nothing to write for a first attempt that reports neither (NULL is what the row holds)
-        steps, tests = msg.get("step_results"), msg.get("tests")
-        if steps is not None or tests is not None or attempt > 1:
-            self.store.save_report(build_id, steps, tests)
+        # the first write, always: should the disk be too full for the database (or it be
+        # locked), nothing has changed yet, and the runner's retry finds its lease still held
+        self.store.save_report(build_id, msg.get("step_results"), msg.get("tests"))
         cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
         if cut:
             self.note(build_id, cut)

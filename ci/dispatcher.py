@@ -148,7 +148,6 @@ class Dispatcher:
         try:
             await stop.wait()
         finally:
-            self.logs.save_times(self.store.add_log_times)
             server.close()
             beat.cancel()
             timed.cancel()
@@ -156,6 +155,7 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(beat, timed, *self.tasks, return_exceptions=True)
             await self.links.close()
+            self.logs.save_times(self.store.add_log_times)     # last: every frame handled has its time
 
     def _conditions_changed(self) -> None:
         if self.watchers.active:

@@ -360,7 +360,8 @@ def reap_orphans(checkouts: Path) -> list[int]:
     groups, marks = set(), set()
     for marker in checkouts.glob("*" + MARKER_SUFFIX):
         try:
-            pgid_text, marked_boot, mark = (marker.read_text().split() + ["", ""])[:3]
+            # split on single spaces: without /proc the boot id is "", and the mark stays third
+            pgid_text, marked_boot, mark = (marker.read_text().strip("\n").split(" ") + ["", ""])[:3]
             pgid = int(pgid_text)
         except (OSError, ValueError):
             pgid, marked_boot, mark = 0, "", ""
@@ -371,7 +372,8 @@ def reap_orphans(checkouts: Path) -> list[int]:
                 marks.add(mark)
         marker.unlink(missing_ok=True)
     if marks:
-        groups |= _groups_marked(marks) - {0, 1, os.getpgid(0)}
+        groups |= _groups_marked(marks)
+    groups -= {0, 1, os.getpgid(0)}         # never this runner's own group (a step may have started it)
     killed = []
     for pgid in sorted(groups):
         if group_alive(pgid) and signal_group(pgid, signal.SIGKILL):

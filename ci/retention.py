@@ -147,6 +147,7 @@ class Retention:
             marks = ", ".join("?" * len(gone))
             db.execute(f"DELETE FROM builds WHERE id IN ({marks})", tuple(gone))
             db.execute(f"DELETE FROM artifacts WHERE build IN ({marks})", tuple(gone))
+            db.execute(f"DELETE FROM log_times WHERE build IN ({marks})", tuple(gone))
         return [(build_id, sha) for build_id, sha in batch if build_id in gone]
 
     def _files(self, build_id: int, sha: str) -> tuple[list[Path], Path | None]:

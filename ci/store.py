@@ -90,8 +90,10 @@ MIGRATIONS = (
     ("secrets", "ALTER TABLE builds ADD COLUMN secrets TEXT NOT NULL DEFAULT '[]'"),
     # the last attempt's JUnit reports (JSON {passed, failed, errors, skipped, failures}); NULL: none read
     ("tests", "ALTER TABLE builds ADD COLUMN tests TEXT"),
-    # when each append reached the build's log ("offset time" lines; ci/buildlogs.py, arrival times)
-    ("log_times", "ALTER TABLE builds ADD COLUMN log_times TEXT NOT NULL DEFAULT ''"),
+    # when each append reached a build's log ("offset time" lines; ci/buildlogs.py, arrival times):
+    # a row per build per save, appended, never a value rewritten as it grows
+    (None, "CREATE TABLE IF NOT EXISTS log_times (build INTEGER NOT NULL, times TEXT NOT NULL)"),
+    (None, "CREATE INDEX IF NOT EXISTS log_times_build ON log_times(build)"),
 )
 
 # The schema this release writes, kept in the database as PRAGMA user_version.
@@ -272,7 +274,10 @@ class Store:
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass        # the error that brought us here is the one to report
             raise
 
     # ------------------------------------------------------------ builds
@@ -374,15 +379,15 @@ class Store:
                          json.dumps(tests) if tests is not None else None, build_id))
 
     def add_log_times(self, times: Mapping[int, str]) -> None:
-        """Append arrival times ("offset time" lines) to each build's, in one transaction;
-        a build deleted meanwhile is skipped."""
+        """Append arrival times ("offset time" lines) to each build's, in one transaction
+        (a row each); a build deleted meanwhile is skipped."""
         with self.transaction():
-            self.db.executemany("UPDATE builds SET log_times = log_times || ? WHERE id = ?",
+            self.db.executemany("INSERT INTO log_times (build, times) SELECT id, ? FROM builds WHERE id = ?",
                                 [(text, build_id) for build_id, text in times.items()])
 
     def log_times(self, build_id: int) -> str:
-        row = self.db.execute("SELECT log_times FROM builds WHERE id = ?", (build_id,)).fetchone()
-        return row[0] if row else ""
+        return "".join(row[0] for row in self.db.execute(
+            "SELECT times FROM log_times WHERE build = ? ORDER BY rowid", (build_id,)))
 
     def steps(self, build_id: int) -> list[dict] | None:
         row = self.db.execute("SELECT step_results FROM builds WHERE id = ?", (build_id,)).fetchone()

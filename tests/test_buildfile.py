@@ -144,6 +144,27 @@ def test_artifacts_are_written_listed_and_capped(arts):
     assert err.value.code == "too_large"
 
 
+def test_a_retried_upload_waits_for_the_last_chunk_in_flight_and_only_the_retry_is_listed(arts):
+    import asyncio
+
+    async def race():
+        first = b"a" * (8 << 20)
+        await arts.write_off_loop(1, SHA, "big.bin", 0, first, False, 1 << 30)
+        # the old connection's last chunk is still being written (and synced) when the runner,
+        # which gave up waiting for its answer, starts the file again on a new connection
+        old_last = asyncio.ensure_future(arts.write_off_loop(1, SHA, "big.bin", len(first), b"b" * (8 << 20),
+                                                             True, 1 << 30))
+        await asyncio.sleep(0)
+        retry = await arts.write_off_loop(1, SHA, "big.bin", 0, b"retried", True, 1 << 30)
+        with pytest.raises(ArtifactError) as err:
+            await old_last
+        return retry, err.value.code
+
+    assert asyncio.run(race()) == (7, "stale")
+    assert arts.list(1) == [{"path": "big.bin", "size": 7}]
+    assert (arts.directory(1, SHA) / "big.bin").read_bytes() == b"retried"
+
+
 # ---------------------------------------------------------------- log cap
 
 def test_log_cap_keeps_head_and_tail_and_exact_offsets(tmp_path):

@@ -156,3 +156,18 @@ def test_arrival_times_are_held_until_taken_and_read_from_every_place_they_are(t
     # a data dir from before the database kept them: its file is still read, first
     (tmp_path / "logs" / "2.times").write_text("0 50.000\n5 51.000\n")
     assert logs.times(2, 0, 10, stored="9 52.000\n") == [[0, 50.0], [5, 51.0], [9, 52.0]]
+
+
+def test_arrival_times_that_could_not_be_saved_are_held_for_the_next_save(tmp_path):
+    import sqlite3
+    now = iter([10.0, 11.0, 12.0])
+    logs = BuildLogs(tmp_path / "logs", 1 << 20, clock=lambda: next(now))
+    build = started(logs, running())                # 0 at 10.0
+    saved = []
+
+    def full(times):
+        raise sqlite3.OperationalError("database or disk is full")
+    logs.save_times(full)
+    logs.append(build, 0, b"one\n")                 # 18 at 11.0, noted while the first were held again
+    logs.save_times(saved.append)
+    assert saved == [{1: "0 10.000\n18 11.000\n"}] and logs.held_times(1) == []

@@ -234,3 +234,17 @@ def test_a_transaction_whose_commit_fails_is_rolled_back_not_left_open(tmp_path)
         assert [b.sha for b in store.recent(10)] == ["b" * 40]
     finally:
         store.close()
+
+
+def test_arrival_times_are_appended_a_row_at_a_time_and_read_back_in_order(tmp_path):
+    store = Store(tmp_path / "data")
+    try:
+        one, _ = store.add_build(repo="/r", branch="main", sha="a" * 40, now=1.0)
+        store.add_log_times({one.id: "0 1.000\n", 999: "0 9.000\n"})      # 999: no such build, skipped
+        store.add_log_times({one.id: "18 2.500\n"})
+        assert store.log_times(one.id) == "0 1.000\n18 2.500\n"
+        assert store.log_times(999) == ""
+        # appended rows, not one value rewritten (and copied) at each save as a build logs on
+        assert store.db.execute("SELECT count(*) FROM log_times WHERE build = ?", (one.id,)).fetchone()[0] == 2
+    finally:
+        store.close()
