@@ -136,6 +136,7 @@ class Spares:
     def __init__(self, make: Callable[[], net.Client], keep: int):
         self.make, self.keep = make, keep
         self.kept: list[tuple[net.Client, float]] = []
+        self.closed = False         # the runner is stopping: nothing more is kept
 
     def take(self) -> tuple[net.Client, bool]:
         """A connection for a delivery, and whether it was kept from an earlier one."""
@@ -153,7 +154,7 @@ class Spares:
         now = time.monotonic()
         stale = [c for c, since in self.kept if now - since >= SPARE_FOR or not c.connected]
         self.kept = [(c, since) for c, since in self.kept if c not in stale]
-        if client.connected and len(self.kept) < self.keep:
+        if client.connected and len(self.kept) < self.keep and not self.closed:
             self.kept.append((client, now))
         else:
             stale.append(client)
@@ -161,6 +162,7 @@ class Spares:
             await old.close()
 
     async def close(self) -> None:
+        self.closed = True
         kept, self.kept = self.kept, []
         for client, _ in kept:
             await client.close()
