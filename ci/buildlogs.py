@@ -21,9 +21,11 @@ runner's offsets are checked against) stays exact: head + tail + cut.
 Arrival times: each append notes "offset time" in memory (``stamps``), so
 ``tinyci log --timestamps`` can say when each line reached the dispatcher
 (``times``). The dispatcher moves them into the database a few seconds
-later, many builds in one transaction (``take_stamps``; ``Store.add_log_times``):
-a second file per build cost as much as the log file itself, on every
-hand-out. A crash loses at most those few seconds of times, never a log byte.
+later, many builds in one transaction, a row per build appended to the
+``log_times`` table (``save_times``; ``Store.add_log_times``): a second file
+per build cost as much as the log file itself, on every hand-out. A save
+that fails is tried again at the next; a crash loses at most those few
+seconds of times, never a log byte.
 Data dirs from before keep their ``<build>.times`` files, still read.
 Build secrets (``secrets``: a build's values, by build): the runner masks
 them before it sends; as a second line of defence each frame is masked

@@ -1,6 +1,6 @@
-"""The dispatcher's durable state: builds, runners and finished artifact
-uploads in SQLite (WAL), ``<data_dir>/ci.db``. The build logs beside it are
-``buildlogs``'s.
+"""The dispatcher's durable state: builds, runners, finished artifact
+uploads and the logs' arrival times in SQLite (WAL), ``<data_dir>/ci.db``.
+The build logs beside it are ``buildlogs``'s.
 
 Build numbers are SQLite AUTOINCREMENT keys: unique, increasing, never reused,
 even across restarts and deletions.
