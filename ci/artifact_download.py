@@ -1,9 +1,9 @@
 """Fetches one artifact of a build from the dispatcher into a file
 (``read_artifact``, one stream): the runner's half of ``needs``, which puts
 the artifacts of the builds a build needs into its checkout. The one place
-that knows how an artifact comes down; the CLI has its own loop over the
-same stream, the web page one over ``fetch_artifact`` (a request a chunk: a
-browser may take its time with each).
+that knows how an artifact comes down (``stream_to``, the CLI's
+``artifacts --get`` too); the web page has a loop over ``fetch_artifact``
+(a request a chunk: a browser may take its time with each).
 
 Sends, to the dispatcher:
     read_artifact {build, path}  -> ok {size}, chunk {offset, data (bytes, a bulk frame)}..., end {offset}
@@ -16,42 +16,51 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 from . import aio, net, protocol
 
 
+async def stream_to(client: net.Client, build: int, path: str, out: Any) -> int:
+    """Write artifact ``path`` of ``build`` to ``out`` (anything with ``write``)
+    as it comes down; returns its size. Each chunk is written in a thread
+    while the next one arrives: at most two in memory. Raises the client's
+    errors (RemoteError, PeerError, ProtocolError)."""
+    writing = None
+    offset = 0
+    try:
+        # closed however the loop ends: the stream holds the client until then
+        async with contextlib.aclosing(client.stream({"type": "read_artifact", "build": build,
+                                                      "path": path})) as frames:
+            async for frame in frames:
+                if frame["type"] != "chunk":
+                    continue
+                if frame["offset"] != offset:
+                    raise protocol.ProtocolError("bad_reply", f"a chunk at offset {frame['offset']}, "
+                                                              f"expected {offset}")
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(aio.in_thread(out.write, frame["data"]))
+                offset += len(frame["data"])
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.gather(writing, return_exceptions=True)     # before ``out`` is closed
+    return offset
+
+
 async def download(client: net.Client, build: int, path: str, dest: Path) -> int:
     """Write artifact ``path`` of ``build`` to ``dest`` (aside, then renamed into
-    place); returns its size. Raises ValueError saying why it did not arrive.
-    Each chunk is written in a thread while the next one arrives."""
+    place); returns its size. Raises ValueError saying why it did not arrive."""
     tmp = dest.with_name(dest.name + ".part")
-    writing = None
     try:
         # O_NOFOLLOW: a symlink the commit put at the aside name is not written through
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with open(fd, "wb") as out:
-            offset = 0
-            try:
-                # closed however the loop ends: the stream holds the client until then
-                async with contextlib.aclosing(client.stream({"type": "read_artifact", "build": build,
-                                                              "path": path})) as frames:
-                    async for frame in frames:
-                        if frame["type"] != "chunk":
-                            continue
-                        if frame["offset"] != offset:
-                            raise protocol.ProtocolError("bad_reply", f"a chunk at offset {frame['offset']}, "
-                                                                      f"expected {offset}")
-                        if writing is not None:
-                            await writing
-                        writing = asyncio.ensure_future(aio.in_thread(out.write, frame["data"]))
-                        offset += len(frame["data"])
-                if writing is not None:
-                    await writing
-            finally:
-                if writing is not None and not writing.done():
-                    await asyncio.gather(writing, return_exceptions=True)     # before the file is closed
+            size = await stream_to(client, build, path, out)
         os.replace(tmp, dest)
-        return offset
+        return size
     except protocol.RemoteError as exc:
         raise ValueError(f"the dispatcher refused it: {exc.message or exc.code}") from None
     except (net.PeerError, protocol.ProtocolError) as exc:

@@ -626,7 +626,9 @@ class LogCopy:
 
 def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: TerminalOut | WriteBehind,
              timestamps: bool = False) -> str | None:
-    """``stream_log`` on a blocking link (``net.BlockingLink``): asyncio's stream
+    """Write build ``build``'s log to ``out`` (to its end with ``follow``); returns its
+    status. ``timestamps``: each line after the time it reached the dispatcher
+    (``Stamper``). On a blocking link (``net.BlockingLink``): asyncio's stream
     reader copied each byte of a chunk three times and paused every 128 KiB,
     which made most of `tinyci log`'s time on a big log after its start-up."""
     copy = LogCopy(build, follow, out, timestamps)
@@ -646,30 +648,6 @@ def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: Terminal
         finally:
             if link is not None:
                 link.close()
-
-
-async def stream_log(dispatcher: DispatcherLink, build: int, follow: bool, out: TerminalOut,
-                     timestamps: bool = False) -> str | None:
-    """Write build ``build``'s log to ``out`` (to its end with ``follow``); returns its status.
-    ``timestamps``: each line after the time it reached the dispatcher (``Stamper``)."""
-    copy = LogCopy(build, follow, out, timestamps)
-    while True:
-        client = dispatcher.client(protocol.READER)
-        frames = client.stream(copy.request(), idle=FOLLOW_IDLE if follow else None)
-        try:
-            async for frame in frames:
-                if frame["type"] == "chunk":
-                    copy.chunk(frame)
-                elif frame["type"] == "end":
-                    return frame["status"]
-            return None
-        except net.PeerTimeout:
-            if not follow:
-                raise
-        finally:
-            # the stream holds the client's lock until it is closed
-            await frames.aclose()
-            await client.close()
 
 
 class Stamper:
@@ -718,32 +696,11 @@ def artifacts(args: argparse.Namespace) -> int:
         return 0
 
     async def fetch(out) -> None:
-        import asyncio
-        import contextlib
-        from . import aio
+        from .artifact_download import stream_to
         client = dispatcher.client(protocol.READER)
-        # one stream; each chunk is written in a thread while the next one arrives: at most two in memory
-        writing = None
         try:
-            offset = 0
-            # closed however the loop ends: the stream holds the client until then
-            async with contextlib.aclosing(client.stream({"type": "read_artifact", "build": args.build,
-                                                          "path": args.get})) as frames:
-                async for frame in frames:
-                    if frame["type"] != "chunk":
-                        continue
-                    if frame["offset"] != offset:
-                        raise protocol.ProtocolError("bad_reply", f"artifact chunk at offset {frame['offset']}, "
-                                                                  f"expected {offset}")
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.ensure_future(aio.in_thread(out.write, frame["data"]))
-                    offset += len(frame["data"])
-            if writing is not None:
-                await writing
+            await stream_to(client, args.build, args.get, out)
         finally:
-            if writing is not None and not writing.done():
-                await asyncio.gather(writing, return_exceptions=True)     # before the file is closed
             await client.close()
 
     if args.output:
@@ -921,7 +878,7 @@ def _wait_for(dispatcher: DispatcherLink, ids: list[int], args: argparse.Namespa
             for build in sorted(ids):
                 out = TerminalOut(sys.stdout)
                 try:
-                    dispatcher.run(stream_log(dispatcher, build, True, out))
+                    dispatcher.run(lambda: copy_log(dispatcher, build, True, out))
                 finally:
                     out.close()
                 ended.update(dispatcher.run(waiting.Waiter(connect, [build], tell).run()))

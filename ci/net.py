@@ -747,17 +747,23 @@ class Client:
         return reply
 
     async def _exchange(self, msg: dict, timeout: float | None) -> dict:
+        async with self._connection() as conn:
+            await conn.send(msg)
+            return check_reply(msg["type"], await conn.recv(idle=timeout or self.limits.read_timeout))
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """The connection, made if there is none, for a caller holding the lock. Any
+        failure while it is used drops it (after a timeout, a bad frame or a cancel
+        the stream is out of step); a transport's failure becomes a PeerError."""
         try:
             if self._conn is None:
                 self._conn = await self._connect()
-            conn = self._conn
-            await conn.send(msg)
-            return check_reply(msg["type"], await conn.recv(idle=timeout or self.limits.read_timeout))
+            yield self._conn
         except (ConnectionError, OSError) as exc:
             await self._drop()
             raise PeerError(f"lost connection to {self.addr}: {exc}") from None
-        except (PeerError, ProtocolError, asyncio.CancelledError):
-            # after a timeout or a bad frame the stream is out of step
+        except BaseException:
             await self._drop()
             raise
 
@@ -771,28 +777,19 @@ class Client:
         ``error`` raises RemoteError and drops the connection (the replies
         still on their way would be out of step)."""
         replies: list[dict] = []
-        async with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = await self._connect()
-                conn, sent = self._conn, 0
-                while len(replies) < len(requests):
-                    while sent < len(requests) and sent - len(replies) < max(1, window):
-                        msg, offset, count = requests[sent]
-                        await conn.send_file(msg, file, offset, count)
-                        sent += 1
-                    last = len(replies) == len(requests) - 1
-                    reply = check_reply(requests[len(replies)][0]["type"],
-                                        await conn.recv(idle=self.limits.read_timeout + (last_idle if last else 0)))
-                    if reply["type"] == "error":
-                        raise RemoteError(reply)
-                    replies.append(reply)
-            except (ConnectionError, OSError) as exc:
-                await self._drop()
-                raise PeerError(f"lost connection to {self.addr}: {exc}") from None
-            except BaseException:
-                await self._drop()
-                raise
+        async with self._lock, self._connection() as conn:
+            sent = 0
+            while len(replies) < len(requests):
+                while sent < len(requests) and sent - len(replies) < max(1, window):
+                    msg, offset, count = requests[sent]
+                    await conn.send_file(msg, file, offset, count)
+                    sent += 1
+                last = len(replies) == len(requests) - 1
+                reply = check_reply(requests[len(replies)][0]["type"],
+                                    await conn.recv(idle=self.limits.read_timeout + (last_idle if last else 0)))
+                if reply["type"] == "error":
+                    raise RemoteError(reply)
+                replies.append(reply)
         return replies
 
     async def stream(self, msg: dict, idle: float | None = None) -> AsyncIterator[dict]:
@@ -801,22 +798,13 @@ class Client:
         one reply). An ``error`` frame raises RemoteError, a frame the table does
         not allow there ProtocolError."""
         answers = Answers(msg["type"])
-        async with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = await self._connect()
-                await self._conn.send(msg)
-                while not answers.done:
-                    frame = answers.check(await self._conn.recv(idle=idle))
-                    if frame["type"] == "error":
-                        raise RemoteError(frame)
-                    yield frame
-            except (ConnectionError, OSError) as exc:
-                await self._drop()
-                raise PeerError(f"lost connection to {self.addr}: {exc}") from None
-            except BaseException:
-                await self._drop()
-                raise
+        async with self._lock, self._connection() as conn:
+            await conn.send(msg)
+            while not answers.done:
+                frame = answers.check(await conn.recv(idle=idle))
+                if frame["type"] == "error":
+                    raise RemoteError(frame)
+                yield frame
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
