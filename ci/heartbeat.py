@@ -1,22 +1,28 @@
 """The dispatcher's heartbeat: a ``ping`` to every live runner each
-``heartbeat_interval`` on its kept connection (``RunnerLinks.link``), what
-the pongs and the silences teach handed to the scheduler, and the claim of a
-runner's name from another address.
+``heartbeat_interval`` on its kept connection (``RunnerLinks.link``, a
+``pipeline.Link``), what the pongs and the silences teach handed to the
+scheduler, and the claim of a runner's name from another address.
 
-The heartbeat runs on the monotonic clock. Each interval a ping goes
-unanswered is a miss, and ``heartbeat_misses`` in a row make the runner lost
-(``Scheduler.missed``). An unanswered ping stays out meanwhile, on the same
-connection: when its pong comes late (a busy runner, or a busy dispatcher),
-it still counts, and nothing is made again. Dropping the connection at each
-late pong and making it anew (a handshake in both processes) is what made
-500 runners' heartbeats collapse under their own reconnections. A wait that
-ended late because this process itself was not running (SIGSTOP, a VM pause,
-swap, a loop too busy to look) proves nothing about the runner and is not
-counted: the next interval judges. A ping that fails outright (a reset, no
-route) is a miss too, and the next goes out one interval after it, on a
-connection made anew (at once, once, when the kept one turns out dead).
-Refused, or answered by something that cannot prove it is that runner: lost
-at once (after the restart grace of a runner known from before).
+The heartbeat runs on the monotonic clock, one ``tick`` an interval. A tick
+judges each ping still out: unanswered, it is a miss, and
+``heartbeat_misses`` in a row make the runner lost (``Scheduler.missed``).
+It stays out meanwhile, on the same connection: when its pong comes late (a
+busy runner, or a busy dispatcher), it still counts, and nothing is made
+again. Dropping the connection at each late pong and making it anew (a
+handshake in both processes) is what made 500 runners' heartbeats collapse
+under their own reconnections. A tick that comes late because this process
+itself was not running (SIGSTOP, a VM pause, swap, a loop too busy to look)
+judges nothing: what it would count proves nothing about the runners, and
+the next tick judges. Then each runner with no ping out gets one.
+
+A ping is a write, and its pong a callback (``Link.post``): no task, timer
+or lock per ping, since pings are most of an idle dispatcher's work. One
+that fails outright (a reset, no route) is sent again at once, once, on a
+connection made anew (the kept one may have died with a runner that
+restarted); failing again, it is a miss at the next tick, which sends the
+next. Refused, or answered by something that cannot prove it is that
+runner: lost at once (after the restart grace of a runner known from
+before). A ping out for longer than ``read_timeout`` closes its connection.
 
 A registration of a live runner's name from another address asks
 ``taken_by``: the holder is pinged once at once, on a connection of its own,
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from . import aio, net, protocol, sanitize
@@ -34,9 +41,21 @@ from .models import RunnerRecord
 
 log = logging.getLogger(__name__)
 
-# a wait for a pong that ends later than this many intervals after it began is
-# our own process having stood still, not the runner's silence
+# a tick later than this many intervals after the last is our own process
+# having stood still, not the runners' silence
 STALLED = 1.5
+PING = {"type": "ping"}
+
+
+@dataclass
+class Ping:
+    """A ping out to ``runner``: unanswered yet, or ``failed`` (why), which
+    the next tick counts."""
+    runner: RunnerRecord
+    sent: float             # when it went out: the scheduler judges leases by it
+    judged: float           # the tick that last judged it (or sent it)
+    retried: bool = False   # this one is the at-once second try
+    failed: str = ""
 
 
 class Heartbeat:
@@ -44,124 +63,131 @@ class Heartbeat:
         """``links``: the ``RunnerLinks`` it works through (its connections,
         scheduler, clock, plan sink and unsent leases; not imported: it imports this)."""
         self.links = links
-        self.pinging: set[str] = set()
+        self.out: dict[str, Ping] = {}              # runner name -> its ping out
         self.waiting_for: set[str] = set()          # runners known from before a restart, said so once
         self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
-        self.stalls, self.stall_said = 0, -float("inf")    # late waits not yet logged; when one last was
+        self.last_tick: float | None = None
 
     async def loop(self, stop: asyncio.Event) -> None:
-        """Ping every live runner each heartbeat_interval (a runner still
-        answering the last ping is not pinged again), and forget the runners
-        dead for longer than forget_dead_after."""
+        """A tick each heartbeat_interval, and the runners dead for longer than
+        forget_dead_after forgotten."""
         links = self.links
         cfg = links.config.dispatcher
-        next_ping = 0.0
+        next_tick = 0.0
         while not stop.is_set():
             now = links.clock()
-            if now >= next_ping:
-                next_ping = now + cfg.heartbeat_interval
-                for runner in list(links.sched.runners.values()):
-                    if runner.alive and runner.name not in self.pinging:
-                        links.spawn(self.ping(runner))
+            if now >= next_tick:
+                next_tick = now + cfg.heartbeat_interval
+                self.tick(now)
                 for name in links.sched.registry.forgettable(cfg.forget_dead_after, now):
                     log.info("forgetting runner %s: dead for %gs or more (dispatcher.forget_dead_after)",
                              name, cfg.forget_dead_after)
                     await links.forget(name)
             try:
-                await aio.within(stop.wait(), max(0.0, next_ping - links.clock()))
+                await aio.within(stop.wait(), max(0.0, next_tick - links.clock()))
             except asyncio.TimeoutError:
                 pass
 
-    async def ping(self, runner: RunnerRecord) -> None:
-        """Ping until the runner answers, refuses or is lost: each interval
-        without an answer is a miss (see the module docstring), so a frozen
-        runner is lost about heartbeat_misses intervals after it froze."""
-        links = self.links
-        interval = links.config.dispatcher.heartbeat_interval
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        gone = False
+    def tick(self, now: float) -> None:
+        """One interval: each ping out judged, then a ping to each live runner with none out."""
+        interval = self.links.config.dispatcher.heartbeat_interval
+        stalled = self.last_tick is not None and now - self.last_tick > interval * STALLED
+        if stalled:
+            log.info("this dispatcher was not running for %.1fs (a heartbeat every %gs): the %d ping(s) out "
+                     "meanwhile are not counted as misses", now - self.last_tick, interval, len(self.out))
+        self.last_tick = now
+        runners = self.links.sched.runners
+        for name, ping in list(self.out.items()):
+            if not ping.runner.alive or runners.get(name) is not ping.runner:
+                del self.out[name]          # lost, or registered anew, meanwhile
+            elif not stalled:
+                self._judge(ping, now)
+            elif ping.failed:
+                del self.out[name]          # not counted: sent again below
+            else:
+                ping.judged = now
+        for runner in list(runners.values()):
+            if runner.alive and runner.name not in self.out:
+                self.send(runner, now)
 
-        def silent(since: float) -> None:
-            # a timer rather than a task per ping to wait beside the exchange: pings are most of an idle dispatcher
-            nonlocal timer, gone
-            self._missed(runner, since, interval, f"no pong within {interval:g}s")
-            if runner.alive and links.sched.runners.get(runner.name) is runner:
-                timer = loop.call_later(interval, silent, links.clock())
-            elif task is not None:
-                gone = True
-                task.cancel()       # its exchange waits no more
-
-        self.pinging.add(runner.name)
-        timer = None
-        try:
-            while runner.alive and links.sched.runners.get(runner.name) is runner:
-                since = links.clock()
-                timer = loop.call_later(interval, silent, since)
-                try:
-                    why = await self._exchange(runner, since)
-                finally:
-                    timer.cancel()
-                if not why:
-                    return          # answered, or handed to the scheduler as lost
-                self._missed(runner, since, interval, why)
-                await asyncio.sleep(max(0.0, since + interval - links.clock()))
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            if task is not None and hasattr(task, "uncancel"):     # 3.11+
-                task.uncancel()     # the cancel was this ping's own, for a runner now lost
-        finally:
-            self.pinging.discard(runner.name)
-
-    async def _exchange(self, runner: RunnerRecord, sent_at: float) -> str:
-        """One ping on the kept connection (made again at once, once, if it was
-        dead), its pong handed to the scheduler; "" when answered or lost, else
-        why it failed (a miss)."""
-        links = self.links
-        why = ""
-        for retry in (False, True):
-            try:
-                # no deadline of its own beyond the connection's bounds: ``ping``
-                # counts the misses while it waits, and cancels it when the runner is lost
-                reply = await links.link(runner).request({"type": "ping"})
-            except (net.PeerRefused, net.PeerAuthFailed) as exc:
-                self.lost(runner, exc)
-                return ""
-            except net.PeerTimeout as exc:
-                return str(exc)
-            except (net.PeerError, protocol.RemoteError, protocol.ProtocolError) as exc:
-                why = str(exc)          # e.g. no route to the host, or a connection reset
-                if not retry:           # a dropped kept connection: reconnect once at once
-                    continue
-                return why
-            except ValueError as exc:   # a host name the resolver refuses (UnicodeError from idna)
-                return f"cannot reach {sanitize.plain(runner.host)!r}: {exc}"
-            leases = {tuple(lease) for lease in reply["running"]}
-            # what it was given but not yet sent, it cannot report: not a reason to take it back
-            leases |= links.unsent.get(runner.name, set()) & runner.running
-            self.waiting_for.discard(runner.name)
-            links.apply(links.sched.heartbeat(runner.name, leases, sent_at, links.clock()))
-            # one small frame per runner per interval, so a console's "last seen" stays true
-            if links.watchers.active and runner.alive:
-                links.watchers.event("runner", runner=runner.summary())
-            return ""
-        return why
-
-    def _missed(self, runner: RunnerRecord, since: float, interval: float, why: str) -> None:
-        now = self.links.clock()
-        if now - since > interval * STALLED:
-            # the wait ended late: this process was not running (paused, stopped,
-            # swapped out, too busy), so the pong may be sitting unread. A stall
-            # delays every runner's wait at once: one line an interval, not one a runner
-            if now - self.stall_said < interval:
-                self.stalls += 1
-                return
-            more = f" (and {self.stalls} other wait(s) since the last such line)" if self.stalls else ""
-            self.stalls, self.stall_said = 0, now
-            log.info("a wait for runner %s's pong ended %.1fs after it began, not within %gs: this "
-                     "dispatcher was not running meanwhile; not counted as a miss%s", runner.name, now - since,
-                     interval, more)
+    def _judge(self, ping: Ping, now: float) -> None:
+        runner = ping.runner
+        if ping.failed:
+            del self.out[runner.name]
+            self._missed(runner, ping.failed, now)
             return
+        ping.judged = now
+        limit = self.links.settings.limits.read_timeout
+        if now - ping.sent > limit:         # out of step or dead: the pong is not coming on this connection
+            self.links.link(runner).drop(net.PeerTimeout(f"{runner.host}:{runner.port} did not answer a ping "
+                                                         f"within {limit:g}s"))
+        interval = self.links.config.dispatcher.heartbeat_interval
+        self._missed(runner, f"no pong within {interval:g}s", now)
+        if not runner.alive:
+            self.out.pop(runner.name, None)
+
+    def send(self, runner: RunnerRecord, now: float, judged: float | None = None) -> None:
+        """A ping out to ``runner`` now (on its kept connection, made first if need be)."""
+        ping = self.out[runner.name] = Ping(runner, now, now if judged is None else judged, judged is not None)
+        link = self.links.link(runner)
+        if link.connected:
+            self._post(link, ping)
+        else:
+            self.links.spawn(self._dial(link, ping))
+
+    async def _dial(self, link: Any, ping: Ping) -> None:
+        try:
+            await link.connect()
+        except ValueError as exc:       # a host name the resolver refuses (UnicodeError from idna)
+            self._failed(ping, f"cannot reach {sanitize.plain(ping.runner.host)!r}: {exc}")
+        except (net.PeerError, protocol.ProtocolError) as exc:
+            self.answered(ping, None, exc)
+        else:
+            self._post(link, ping)
+
+    def _post(self, link: Any, ping: Ping) -> None:
+        try:
+            link.post(PING, lambda reply, exc: self.answered(ping, reply, exc))
+        except (net.PeerError, protocol.ProtocolError) as exc:
+            self.answered(ping, None, exc)
+
+    def answered(self, ping: Ping, reply: Any, exc: Any) -> None:
+        """The pong to ``ping``, or why none came (``exc``)."""
+        links, runner = self.links, ping.runner
+        if self.out.get(runner.name) is not ping:
+            return          # judged and replaced, or the runner gone, meanwhile
+        if not runner.alive or links.sched.runners.get(runner.name) is not runner:
+            del self.out[runner.name]
+            return
+        if exc is None and reply["type"] == "error":
+            exc = protocol.RemoteError(reply)
+        if exc is None:
+            del self.out[runner.name]
+            self._pong(runner, ping, reply)
+        elif isinstance(exc, (net.PeerRefused, net.PeerAuthFailed)):
+            del self.out[runner.name]
+            self.lost(runner, exc)
+        elif isinstance(exc, net.PeerTimeout) or ping.retried:
+            self._failed(ping, str(exc))
+        else:       # e.g. a connection reset: the kept one may be dead, so once more, at once, on a new one
+            self.send(runner, links.clock(), judged=ping.judged)
+
+    def _failed(self, ping: Ping, why: str) -> None:
+        if self.out.get(ping.runner.name) is ping:
+            ping.failed = why
+
+    def _pong(self, runner: RunnerRecord, ping: Ping, reply: dict) -> None:
+        links = self.links
+        leases = {tuple(lease) for lease in reply["running"]}
+        # what it was given but not yet sent, it cannot report: not a reason to take it back
+        leases |= links.unsent.get(runner.name, set()) & runner.running
+        self.waiting_for.discard(runner.name)
+        links.apply(links.sched.heartbeat(runner.name, leases, ping.sent, links.clock()))
+        # one small frame per runner per interval, so a console's "last seen" stays true
+        if links.watchers.active and runner.alive:
+            links.watchers.event("runner", runner=runner.summary())
+
+    def _missed(self, runner: RunnerRecord, why: str, now: float) -> None:
         log.debug("ping %s: %s", runner.name, why)
         self.links.apply(self.links.sched.missed(runner.name, why, now))
 

@@ -702,7 +702,8 @@ class Client:
         conn = self._conn
         return conn is not None and not conn.writer.is_closing() and not conn.reader.at_eof()
 
-    async def _connect(self) -> Connection:
+    async def open(self) -> Connection:
+        """A new connection to the peer, after the handshake: the caller's to keep and close."""
         try:
             tls = {} if self.ssl is None else {
                 "ssl": self.ssl, "server_hostname": self.host,
@@ -758,7 +759,7 @@ class Client:
         the stream is out of step); a transport's failure becomes a PeerError."""
         try:
             if self._conn is None:
-                self._conn = await self._connect()
+                self._conn = await self.open()
             yield self._conn
         except (ConnectionError, OSError) as exc:
             await self._drop()

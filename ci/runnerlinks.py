@@ -10,9 +10,10 @@ kept connection per runner, made again when the runner moves, for ``run``,
 goes on in the background), and a second connection per runner for pings
 cost a handshake, a socket and a reader in both processes for every runner,
 which at 500 runners swamped both (pings timed out, their connections were
-made again, more timed out). Requests on it go one at a time, so a ping sent
-after a ``run`` reaches the runner after it; a ping waiting behind a ``run``
-counts that wait in its interval, as it should: the runner is not
+made again, more timed out). It is a ``pipeline.Link``: requests on it
+overlap and the runner answers them in order, so a ping sent after a
+``run`` reaches the runner after it, and a pong waiting behind a ``run``'s
+answer counts that wait in its interval, as it should: the runner is not
 answering. It proves the dispatcher to that runner with the runner's own
 key, for that runner's identity only (``runner:<name>``), and the runner
 must prove it holds the key too: a runner at the address that cannot is
@@ -34,7 +35,7 @@ import logging
 import time
 from typing import Callable
 
-from . import needs, net, protocol
+from . import needs, net, pipeline, protocol
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .heartbeat import Heartbeat
@@ -50,7 +51,7 @@ class RunnerLinks:
     def __init__(self, settings: Settings, sched: Scheduler, store: Store, logs: BuildLogs,
                  artifacts: Artifacts, watchers: Watchers, *, apply: Callable[[Plan | None], None],
                  spawn: Callable, monotonic: Callable[[], float] = time.monotonic,
-                 dial: Callable[[RunnerRecord], net.Client] | None = None):
+                 dial: Callable[[RunnerRecord], pipeline.Link] | None = None):
         """``monotonic``: the clock of every deadline here and of the scheduler's ``now``."""
         self.config = settings.config
         self.settings = settings
@@ -58,19 +59,19 @@ class RunnerLinks:
         self.artifacts, self.watchers = artifacts, watchers
         self.apply, self.spawn, self.clock = apply, spawn, monotonic
         self.dial = dial or self._dial
-        self.links: dict[str, net.Client] = {}      # runner name -> its one kept connection
+        self.links: dict[str, pipeline.Link] = {}      # runner name -> its one kept connection
         self.outgoing: list[tuple[Build, RunnerRecord, int]] = []   # assigned, not yet persisted and sent
         self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
         self.handing_out: asyncio.Task | None = None
         self.beat = Heartbeat(self)
 
-    def _dial(self, runner: RunnerRecord) -> net.Client:
+    def _dial(self, runner: RunnerRecord) -> pipeline.Link:
         # no key for it (it could not have registered): the handshake fails, and says so
         key = self.settings.runner_key(runner.name) or ""
-        return net.Client(runner.host, runner.port, protocol.DISPATCHER, key, self.settings.limits,
+        return pipeline.Link(runner.host, runner.port, protocol.DISPATCHER, key, self.settings.limits,
                           self.settings.client_tls, to=protocol.runner_identity(runner.name))
 
-    def link(self, runner: RunnerRecord) -> net.Client:
+    def link(self, runner: RunnerRecord) -> pipeline.Link:
         """The kept connection to ``runner`` (run, cancel and ping)."""
         link = self.links.get(runner.name)
         if link is None or (link.host, link.port) != (runner.host, runner.port):
@@ -221,6 +222,7 @@ class RunnerLinks:
         with self.store.transaction():
             self.store.forget_runners([name])
         self.beat.waiting_for.discard(name)
+        self.beat.out.pop(name, None)
         link = self.links.pop(name, None)
         if link is not None:
             await link.close()
@@ -231,9 +233,6 @@ class RunnerLinks:
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
         await self.beat.loop(stop)
-
-    async def ping(self, runner: RunnerRecord) -> None:
-        await self.beat.ping(runner)
 
     async def taken_by(self, name: str, host: str, port: int) -> str:
         return await self.beat.taken_by(name, host, port)

@@ -50,27 +50,30 @@ class Conn:
 
 
 class MemoryRunner:
-    """A runner's end of the dispatcher's link, in memory: keeps what it is
-    sent; `run` and `cancel` get ok, `ping` a pong with what it runs. ``down``:
-    the exception every request raises instead (a runner gone); a timeout
-    moves the harness's monotonic clock by the request's timeout, as waiting
-    for it would. ``frozen``: every request waits for ever (until cancelled);
-    ``delay``: seconds every request takes."""
+    """A runner's end of the dispatcher's link (``pipeline.Link``), in memory:
+    keeps what it is sent; `run` and `cancel` get ok, `ping` a pong with what
+    it runs. ``down``: the exception every request raises instead (a runner
+    gone); a timeout moves the harness's monotonic clock by the request's
+    timeout, as waiting for it would. ``frozen``: no request is ever
+    answered; ``held``: the answers to posted requests wait there until the
+    test releases them (``release``)."""
 
     def __init__(self, host: str, port: int, elapse=lambda seconds: None):
         self.host, self.port, self.got, self.running = host, port, [], set()
         self.down: Exception | None = None
         self.frozen = False
-        self.delay = 0.0
+        self.held: list | None = None   # a list: posted requests wait in it, unanswered
         self.before: list = []          # callables run before the next requests, one each
         self.elapse = elapse
+        self.exchanges: list[asyncio.Task] = []
+        self.connected = True
+        self.dropped: list[str] = []
 
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
         if self.before:
             self.before.pop(0)()
         if self.frozen:
             await asyncio.Event().wait()
-        await asyncio.sleep(self.delay)
         if isinstance(self.down, net.PeerTimeout):
             self.elapse(timeout or 10.0)
         if self.down is not None:
@@ -81,6 +84,36 @@ class MemoryRunner:
         if msg["type"] == "ping":
             return {"type": "pong", "running": [list(lease) for lease in sorted(self.running)]}
         return {"type": "ok"}
+
+    async def connect(self) -> None:
+        pass
+
+    def post(self, msg: dict, on_reply) -> None:
+        """As ``pipeline.Link.post``: the answer (or the failure) comes by callback."""
+        if self.frozen:
+            return
+        if self.held is not None:
+            self.held.append((msg, on_reply))
+            return
+
+        async def exchange() -> None:
+            try:
+                reply = await self.request(msg)
+            except Exception as exc:
+                on_reply(None, exc)
+            else:
+                on_reply(reply, None)
+        self.exchanges.append(asyncio.ensure_future(exchange()))
+
+    async def release(self) -> None:
+        """Answer the held requests now."""
+        held, self.held = self.held or [], None
+        for msg, on_reply in held:
+            self.post(msg, on_reply)
+        await asyncio.gather(*self.exchanges)
+
+    def drop(self, exc: Exception) -> None:
+        self.dropped.append(str(exc))
 
     async def close(self) -> None:
         pass
@@ -168,10 +201,23 @@ class Harness:
     async def status(self) -> dict:
         return await self.call({"type": "status"}, protocol.READER)
 
-    async def ping(self, name: str = "r1") -> None:
-        """One heartbeat of runner ``name``, as the heartbeat loop starts it."""
-        await self.d.links.ping(self.d.sched.runners[name])
-        await self.settle()
+    async def tick(self) -> None:
+        """One tick of the heartbeat at the monotonic clock's time, and the answers it gets."""
+        self.d.links.beat.tick(self.mono)
+        for _ in range(3):      # a failed ping is sent again at once, on a task of the dispatcher's
+            await asyncio.gather(*(task for runner in self.runners.values() for task in runner.exchanges))
+            await self.settle()
+
+    async def ping(self, name: str = "r1", ticks: int = 20) -> None:
+        """Heartbeat ticks one interval apart on the monotonic clock, as the
+        heartbeat loop makes them, until runner ``name`` has no ping out: it
+        answered, or it is lost."""
+        for _ in range(ticks):
+            await self.tick()
+            if name not in self.d.links.beat.out:
+                return
+            self.mono += self.d.config.dispatcher.heartbeat_interval
+        raise AssertionError(f"runner {name} still has a ping out after {ticks} ticks")
 
     def state(self, name: str = "r1") -> str:
         return self.d.sched.runners[name].state.value
@@ -515,11 +561,30 @@ async def test_a_late_pong_still_counts_on_the_same_connection(make):
     await h.register("r1")
     runner, dial, dialled = h.runners["r1"], h.d.links.dial, []
     h.d.links.dial = lambda r: dialled.append(r.name) or dial(r)
-    runner.delay = 0.25             # two intervals and a half: two misses, then the pong
-    await h.ping("r1")
+    runner.held = []
+    for _ in range(3):              # sent, then two intervals without its pong: two misses
+        await h.tick()
+        h.mono += 0.1
+    assert len(runner.held) == 1 and h.d.sched.runners["r1"].misses == 2
+    await runner.release()          # the pong, late
     assert h.state("r1") == "busy" and h.d.sched.runners["r1"].misses == 0
     assert dialled == [] and len(runner.sent("ping")) == 1
     assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 1)
+
+
+@scenario
+async def test_a_ping_out_longer_than_the_read_timeout_closes_its_connection(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=100)
+    runner = h.runner("r1")
+    await h.register("r1")
+    runner.frozen = True
+    for _ in range(11):             # the read timeout is 10 s: the twelfth tick finds it older
+        await h.tick()
+        assert runner.dropped == []
+        h.mono += 1.0
+    await h.tick()
+    assert runner.dropped == ["127.0.0.1:9000 did not answer a ping within 10s"]
+    assert h.d.sched.runners["r1"].misses == 11 and h.state("r1") == "idle"
 
 
 @scenario
@@ -568,11 +633,11 @@ async def test_a_ping_that_fails_otherwise_is_a_miss_too_one_interval_apart(make
     await h.commit()
     await h.register("r1")
     h.runner("r1").down = net.PeerError("cannot connect to 127.0.0.1:9000: No route to host")
-    start = asyncio.get_running_loop().time()
+    start = h.mono
     await h.ping("r1")
     assert h.state("r1") == "dead" and h.build(1).status is Status.QUEUED
     assert "3 pings in a row unanswered (the last: cannot connect" in h.text(1)
-    assert asyncio.get_running_loop().time() - start >= 0.2       # paced, not three at once
+    assert h.mono - start >= 0.3        # one miss a tick: the fourth tick counted the third
 
 
 # ---------------------------------------------------------------- runner maintenance
