@@ -67,6 +67,7 @@ class Heartbeat:
         self.waiting_for: set[str] = set()          # runners known from before a restart, said so once
         self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
         self.last_tick: float | None = None
+        self.stopped = False
 
     async def loop(self, stop: asyncio.Event) -> None:
         """A tick each heartbeat_interval, and the runners dead for longer than
@@ -154,8 +155,8 @@ class Heartbeat:
     def answered(self, ping: Ping, reply: Any, exc: Any) -> None:
         """The pong to ``ping``, or why none came (``exc``)."""
         links, runner = self.links, ping.runner
-        if self.out.get(runner.name) is not ping:
-            return          # judged and replaced, or the runner gone, meanwhile
+        if self.out.get(runner.name) is not ping or self.stopped:
+            return          # judged and replaced, or the runner gone, meanwhile; or shutting down
         if not runner.alive or links.sched.runners.get(runner.name) is not runner:
             del self.out[runner.name]
             return

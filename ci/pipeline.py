@@ -117,6 +117,18 @@ class Link:
         self.drop(net.PeerError(f"the connection to {self.addr} was closed"))
 
 
+_BARE: dict[str, bytes] = {}     # the frames of messages that are a type alone (``ping``): always the same
+
+
+def _encoded(msg: dict) -> tuple[bytes, Any]:
+    if len(msg) == 1:
+        frame = _BARE.get(msg["type"])
+        if frame is None:
+            frame = _BARE[msg["type"]] = protocol.encode_parts(msg)[0]
+        return frame, None
+    return protocol.encode_parts(msg)
+
+
 class _Replies(asyncio.Protocol):
     """Frames the replies of one connection and hands each to the request
     waiting longest (``waiting``, in the order they were written)."""
@@ -148,7 +160,7 @@ class _Replies(asyncio.Protocol):
         return replies
 
     def post(self, msg: dict, on_reply: OnReply) -> None:
-        data, raw = protocol.encode_parts(msg)
+        data, raw = _encoded(msg)
         if raw is not None or len(data) - 4 > self.limits.max_frame:
             raise protocol.ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte "
                                                             f"{msg.get('type')!r} frame on {self.peer}")

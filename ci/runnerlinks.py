@@ -79,6 +79,7 @@ class RunnerLinks:
         return link
 
     async def close(self) -> None:
+        self.beat.stopped = True        # the pings the closes fail are not sent again
         for link in list(self.links.values()):
             await link.close()
 
