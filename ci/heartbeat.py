@@ -1,6 +1,6 @@
 """The dispatcher's heartbeat: a ``ping`` to every live runner each
 ``heartbeat_interval`` on its kept connection (``RunnerLinks.link``, a
-``pipeline.Link``), what the pongs and the silences teach handed to the
+``keptlink.KeptLink``), what the pongs and the silences teach handed to the
 scheduler, and the claim of a runner's name from another address.
 
 The heartbeat runs on the monotonic clock, one ``tick`` an interval. A tick
@@ -15,7 +15,7 @@ itself was not running (SIGSTOP, a VM pause, swap, a loop too busy to look)
 judges nothing: what it would count proves nothing about the runners, and
 the next tick judges. Then each runner with no ping out gets one.
 
-A ping is a write, and its pong a callback (``Link.post``): no task, timer
+A ping is a write, and its pong a callback (``KeptLink.post``): no task, timer
 or lock per ping, since pings are most of an idle dispatcher's work. One
 that fails outright (a reset, no route) is sent again at once, once, on a
 connection made anew (the kept one may have died with a runner that

@@ -10,7 +10,7 @@ kept connection per runner, made again when the runner moves, for ``run``,
 goes on in the background), and a second connection per runner for pings
 cost a handshake, a socket and a reader in both processes for every runner,
 which at 500 runners swamped both (pings timed out, their connections were
-made again, more timed out). It is a ``pipeline.Link``: requests on it
+made again, more timed out). It is a ``keptlink.KeptLink``: requests on it
 overlap and the runner answers them in order, so a ping sent after a
 ``run`` reaches the runner after it, and a pong waiting behind a ``run``'s
 answer counts that wait in its interval, as it should: the runner is not
@@ -35,7 +35,7 @@ import logging
 import time
 from typing import Callable
 
-from . import needs, net, pipeline, protocol
+from . import keptlink, needs, net, protocol
 from .artifacts import Artifacts
 from .buildlogs import BuildLogs
 from .heartbeat import Heartbeat
@@ -51,7 +51,7 @@ class RunnerLinks:
     def __init__(self, settings: Settings, sched: Scheduler, store: Store, logs: BuildLogs,
                  artifacts: Artifacts, watchers: Watchers, *, apply: Callable[[Plan | None], None],
                  spawn: Callable, monotonic: Callable[[], float] = time.monotonic,
-                 dial: Callable[[RunnerRecord], pipeline.Link] | None = None):
+                 dial: Callable[[RunnerRecord], keptlink.KeptLink] | None = None):
         """``monotonic``: the clock of every deadline here and of the scheduler's ``now``."""
         self.config = settings.config
         self.settings = settings
@@ -59,19 +59,19 @@ class RunnerLinks:
         self.artifacts, self.watchers = artifacts, watchers
         self.apply, self.spawn, self.clock = apply, spawn, monotonic
         self.dial = dial or self._dial
-        self.links: dict[str, pipeline.Link] = {}      # runner name -> its one kept connection
+        self.links: dict[str, keptlink.KeptLink] = {}      # runner name -> its one kept connection
         self.outgoing: list[tuple[Build, RunnerRecord, int]] = []   # assigned, not yet persisted and sent
         self.unsent: dict[str, set] = {}            # runner name -> leases of its assignments not yet sent
         self.handing_out: asyncio.Task | None = None
         self.beat = Heartbeat(self)
 
-    def _dial(self, runner: RunnerRecord) -> pipeline.Link:
+    def _dial(self, runner: RunnerRecord) -> keptlink.KeptLink:
         # no key for it (it could not have registered): the handshake fails, and says so
         key = self.settings.runner_key(runner.name) or ""
-        return pipeline.Link(runner.host, runner.port, protocol.DISPATCHER, key, self.settings.limits,
+        return keptlink.KeptLink(runner.host, runner.port, protocol.DISPATCHER, key, self.settings.limits,
                           self.settings.client_tls, to=protocol.runner_identity(runner.name))
 
-    def link(self, runner: RunnerRecord) -> pipeline.Link:
+    def link(self, runner: RunnerRecord) -> keptlink.KeptLink:
         """The kept connection to ``runner`` (run, cancel and ping)."""
         link = self.links.get(runner.name)
         if link is None or (link.host, link.port) != (runner.host, runner.port):

@@ -50,7 +50,7 @@ class Conn:
 
 
 class MemoryRunner:
-    """A runner's end of the dispatcher's link (``pipeline.Link``), in memory:
+    """A runner's end of the dispatcher's link (``keptlink.KeptLink``), in memory:
     keeps what it is sent; `run` and `cancel` get ok, `ping` a pong with what
     it runs. ``down``: the exception every request raises instead (a runner
     gone); a timeout moves the harness's monotonic clock by the request's
@@ -89,7 +89,7 @@ class MemoryRunner:
         pass
 
     def post(self, msg: dict, on_reply) -> None:
-        """As ``pipeline.Link.post``: the answer (or the failure) comes by callback."""
+        """As ``keptlink.KeptLink.post``: the answer (or the failure) comes by callback."""
         if self.frozen:
             return
         if self.held is not None:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 OnReply = Callable[[Any, Any], None]   # (reply, None) or (None, the exception that ended the wait)
 
 
-class Link:
+class KeptLink:
     """A kept, authenticated connection to one peer, made on demand, whose
     requests overlap. Errors are ``net.Client``'s: PeerRefused, PeerTimeout,
     PeerAuthFailed, PeerError, ProtocolError (a reply the table does not

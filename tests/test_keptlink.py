@@ -1,4 +1,4 @@
-"""The dispatcher's kept link to a runner (``pipeline.Link``), against a real
+"""The dispatcher's kept link to a runner (``keptlink.KeptLink``), against a real
 server on loopback: overlapping requests answered in order, by callback or
 awaited; a peer out of step, gone or silent fails what waits and the next
 request connects anew; the same under TLS."""
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ci import net, pipeline, protocol
+from ci import keptlink, net, protocol
 
 RUNNER = protocol.runner_identity("r1")
 
@@ -50,12 +50,12 @@ async def serve(handler, **kw):
     return server, server.sockets[0].getsockname()[1]
 
 
-def link(port: int, **kw) -> pipeline.Link:
-    return pipeline.Link("127.0.0.1", port, protocol.DISPATCHER, limits=net.Limits(read_timeout=2.0), to=RUNNER,
+def link(port: int, **kw) -> keptlink.KeptLink:
+    return keptlink.KeptLink("127.0.0.1", port, protocol.DISPATCHER, limits=net.Limits(read_timeout=2.0), to=RUNNER,
                          **kw)
 
 
-async def posted(link: pipeline.Link, msgs: list[dict]) -> list:
+async def posted(link: keptlink.KeptLink, msgs: list[dict]) -> list:
     """Post every message at once; each one's (reply, exception), in the order they went."""
     await link.connect()
     loop = asyncio.get_running_loop()
