@@ -7,6 +7,7 @@ git commit's hook and uses none of this.
 
 from __future__ import annotations
 
+import importlib
 import queue
 import random
 import sys
@@ -14,19 +15,25 @@ import threading
 from typing import Any, Awaitable, Callable
 
 
-class LazyAsyncio:
-    """Stands for ``asyncio`` in a module's globals until first used, then
-    replaces itself there with the real module. `tinyci notify` runs inside
-    every git commit's hook and needs only ``net.request_blocking``;
-    importing asyncio would cost it some 40 ms a commit."""
+class Lazy:
+    """Stands for module ``module`` in a module's globals (as ``name``) until
+    first used, then replaces itself there with the real module. `tinyci
+    notify` runs inside every git commit's hook and needs only
+    ``net.request_blocking``: importing asyncio would cost it some 40 ms a
+    commit. The dispatcher needs GitPython only to resolve a revision for
+    `trigger`: importing it at start cost some 60 ms and 100 modules' memory."""
 
-    def __init__(self, namespace: dict):
-        self._namespace = namespace
+    def __init__(self, namespace: dict, module: str, name: str = ""):
+        self._namespace, self._module, self._name = namespace, module, name or module
 
-    def __getattr__(self, name: str) -> Any:
-        import asyncio as module
-        self._namespace["asyncio"] = module     # later lookups skip this proxy
-        return getattr(module, name)
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._module)
+        self._namespace[self._name] = module    # later lookups skip this proxy
+        return getattr(module, attr)
+
+
+def LazyAsyncio(namespace: dict) -> Any:
+    return Lazy(namespace, "asyncio")
 
 
 asyncio: Any = LazyAsyncio(globals())

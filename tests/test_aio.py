@@ -102,3 +102,19 @@ def test_importing_aio_protocol_and_net_does_not_import_asyncio():
     code = "import sys, ci.aio, ci.protocol, ci.net; print('asyncio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_lazy_module_under_another_name_replaces_itself_at_first_use():
+    import gitdb.exc
+    namespace = {}
+    namespace["gitdb_exc"] = aio.Lazy(namespace, "gitdb.exc", "gitdb_exc")
+    assert namespace["gitdb_exc"].ODBError is gitdb.exc.ODBError
+    assert namespace["gitdb_exc"] is gitdb.exc
+
+
+def test_the_dispatcher_starts_without_gitpython_and_resolves_revisions_with_it():
+    """GitPython is some 100 modules: the dispatcher needs it only for `trigger` and `rebuild`."""
+    code = ("import sys, ci.dispatcher, ci.gitops; print('git' in sys.modules); "
+            f"ci.gitops.resolve({str(ROOT)!r}, 'HEAD'); print('git' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.stdout.split() == ["False", "True"], out.stderr
