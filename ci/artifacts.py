@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from . import aio, patterns
+from . import aio, files, patterns
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,12 @@ def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
         if eof:
             os.ftruncate(fd, offset + len(data))    # nothing past the end, whatever wrote there before
             os.fsync(fd)    # listed, and acknowledged, only once it is on the disk
+            # and its name too: every directory from the file's up to the store's
+            # (<root>/<sha>/<build>/<path>) may be new, and a crash could lose an entry
+            here = file.parent
+            for _ in range(path.count("/") + 3):
+                files.sync_dir(here)
+                here = here.parent
         return offset + len(data)
     finally:
         os.close(fd)

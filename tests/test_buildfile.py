@@ -119,6 +119,25 @@ def test_escaping_artifact_paths_are_refused(arts, tmp_path, path):
     assert not (tmp_path / "escape").exists() and arts.list(1) == []
 
 
+def test_a_finished_artifact_and_every_directory_naming_it_are_on_the_disk_before_it_is_listed(
+        arts, tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):        # the real fsync, and what it synced
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    arts.write(1, SHA, "out/deep/report.txt", 0, b"half ", False, 1 << 20)
+    assert synced == [] and arts.list(1) == []
+    arts.write(1, SHA, "out/deep/report.txt", 5, b"done", True, 1 << 20)
+    root = tmp_path / "data" / "artifacts"
+    build = root / SHA / "1"
+    assert synced == [str(build / "out/deep/report.txt"), str(build / "out/deep"), str(build / "out"), str(build),
+                      str(root / SHA), str(root)]
+    assert [a["path"] for a in arts.list(1)] == ["out/deep/report.txt"]
+
+
 def test_a_symlink_in_the_store_is_never_followed(arts, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
