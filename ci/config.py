@@ -28,8 +28,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from .limits import Limits
 
 
@@ -272,6 +270,7 @@ def _read_file(path: Path) -> Any:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    import yaml         # only with a file: without one a tool starts without it
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

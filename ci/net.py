@@ -47,23 +47,23 @@ frames themselves. The clients check every reply against the same table.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
-import secrets as _secrets
 import sys
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 from .aio import LazyAsyncio, in_thread, within
-from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
                        decode, encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
+# A tool imports this module for one request: what only a server (the gate) or a
+# secret (hmac) needs is imported where it is used, not here.
+if TYPE_CHECKING:
+    from .gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,8 @@ def _mac(side: str, key: str, ns: str, nc: str, role: str, id: str, to: str) -> 
     # NUL between the parts: the protocol's kinds keep every part free of it, so no two
     # different handshakes give the same text
     text = "\0".join((f"tinyci/{PROTOCOL_VERSION} {side}", ns, nc, role, id, to))
+    import hashlib
+    import hmac
     return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
@@ -377,11 +379,12 @@ def server_mac(key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
 
 def _same(a: str, b: str) -> bool:
     # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
+    import hmac
     return hmac.compare_digest(a.encode(), b.encode())
 
 
 def nonce() -> str:
-    return _secrets.token_hex(16)
+    return os.urandom(16).hex()         # secrets.token_hex(16), without importing secrets
 
 
 class Greeting:
@@ -476,6 +479,7 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     """
     if keys is None:
         keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
+    from .gate import Gate
     listener = _Listener(handler, Gate(limits, name), keys, roles, limits, name,
                          identity if callable(identity) else (lambda: identity))
     extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
@@ -874,26 +878,38 @@ class BlockingLink:
             if raw:
                 self.sock.sendall(raw)
 
-    def request(self, msg: dict) -> dict:
-        """Send one request; its one reply (an ``error`` raises RemoteError)."""
+    def request(self, msg: dict, timeout: float | None = None) -> dict:
+        """Send one request; its one reply (an ``error`` raises RemoteError), which
+        must begin within ``timeout`` (``read_timeout`` when None)."""
         if is_stream(msg["type"]):
             raise ValueError(f"{msg['type']!r} is answered by a stream: use BlockingLink.stream")
         self.send(msg)
         with self._failures():
-            reply = check_reply(msg["type"], validate(self._recv(self.limits.read_timeout), SERVER))
+            reply = check_reply(msg["type"], validate(self._recv(timeout or self.limits.read_timeout), SERVER))
         if reply["type"] == "error":
             raise RemoteError(reply)
         return reply
 
-    def stream(self, msg: dict, idle: float | None = None) -> Iterator[dict]:
+    def stream(self, msg: dict, idle: float | None = None, *, kept: bool = False) -> Iterator[dict]:
         """Send a request answered by a stream; yields its frames, each checked
         against the table, up to and including ``end``. ``idle``: how long to
-        wait for a frame to begin (``read_timeout`` when None)."""
+        wait for a frame to begin (``read_timeout`` when None). ``kept``: a bulk
+        frame's ``data`` is a memoryview of the kept buffer, not a copy, good
+        until the next frame is asked for (to write it straight to a file)."""
         answers = Answers(msg["type"])
         self.send(msg)
         while not answers.done:
             with self._failures():
-                frame = answers.check(validate(self._recv(idle or self.limits.read_timeout), SERVER))
+                frame = self._recv(idle or self.limits.read_timeout, kept)
+                raw = frame.get("data") if kept and isinstance(frame, dict) else None
+                if isinstance(raw, memoryview):
+                    # the table's kind for raw data is bytes, whatever their count: it checks an
+                    # empty stand-in, and the frame then carries the view
+                    frame["data"] = b""
+                    frame = answers.check(validate(frame, SERVER))
+                    frame["data"] = raw
+                else:
+                    frame = answers.check(validate(frame, SERVER))
             if frame["type"] == "error":
                 raise RemoteError(frame)
             yield frame
@@ -901,20 +917,22 @@ class BlockingLink:
     def close(self) -> None:
         self.sock.close()
 
-    def _recv(self, idle: float) -> Any:
-        """One frame: it must begin within ``idle`` and, once begun, be whole within ``read_timeout``."""
+    def _recv(self, idle: float, kept: bool = False) -> Any:
+        """One frame: it must begin within ``idle`` and, once begun, be whole within
+        ``read_timeout``. ``kept``: a bulk frame's bytes stay in the kept buffer (a view)."""
         (length,) = HEADER.unpack(self._exactly(4, time.monotonic() + idle))
         if length > self.limits.max_frame:
             raise FatalProtocolError("frame_too_large", f"{self.addr} sent a {length}-byte frame")
         deadline = time.monotonic() + self.limits.read_timeout
         frame = decode(self._exactly(length, deadline))
         size = bulk_size(frame, self.limits.max_bulk)
-        # as bytes, the table's kind: the one copy out of the kept buffer
-        return frame if size is None else attach(frame, self._exactly(size, deadline))
+        # as bytes, the table's kind (the one copy out of the kept buffer), unless kept
+        return frame if size is None else attach(frame, self._exactly(size, deadline, kept))
 
-    def _exactly(self, n: int, deadline: float) -> bytes:
+    def _exactly(self, n: int, deadline: float, kept: bool = False) -> Any:
         """``n`` bytes, received into one kept buffer (a new one per frame cost as
-        much as the copy out of it: zeroed, and its pages faulted in each time)."""
+        much as the copy out of it: zeroed, and its pages faulted in each time);
+        ``kept``: a view of them there, no copy."""
         import socket
 
         if len(self._buf) < n:
@@ -929,6 +947,8 @@ class BlockingLink:
             if not part:
                 raise ConnectionError(f"{self.addr} closed the connection")
             got += part
+        if kept:
+            return view[:n]
         with view[:n] as filled:
             return filled.tobytes()
 
