@@ -53,7 +53,7 @@ def copy_to(link: net.BlockingLink, build: int, path: str, out: Any) -> int:
     kept buffer before the next is received: one chunk in memory. Raises the
     link's errors (RemoteError, PeerError, ProtocolError)."""
     offsets = Offsets()
-    for frame in link.stream(request(build, path), kept=True):
+    for frame in link.stream(request(build, path), kept=1):
         data = offsets.take(frame)
         if data is not None:
             out.write(data)

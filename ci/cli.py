@@ -565,6 +565,8 @@ class TerminalOut:
     that costs one C pass where cleaning costs several regular expressions
     (a 100 MiB log reads back ~10x faster)."""
 
+    holds = 0       # pieces it keeps after ``write`` returns
+
     def __init__(self, out, raw: bool = False):
         self.out = out
         self.raw = raw
@@ -583,10 +585,7 @@ class TerminalOut:
     def clean(self, data: bytes) -> bytes | str:
         """What ``data`` becomes: bytes to write as they are (raw, or plain), or
         the cleaned text. Keeps the stream's state: pieces go through in order."""
-        if self.raw:
-            return data
-        data = bytes(data)      # a view of a link's kept buffer: cleaned as bytes
-        if self._plain(data):
+        if self.raw or self._plain(data):
             return data
         return self.stream.feed(self.decoder.decode(data))
 
@@ -618,11 +617,14 @@ class WriteBehind:
     pieces wait; a failure to write (a closed pipe) is raised at the next
     ``write`` or at ``close``."""
 
+    WAITING = 2
+    holds = WAITING + 1     # pieces it keeps after ``write`` returns: those waiting, and the one written
+
     def __init__(self, out: TerminalOut):
         import queue
         import threading
         self.out = out
-        self.pieces: Any = queue.Queue(maxsize=2)
+        self.pieces: Any = queue.Queue(maxsize=self.WAITING)
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._write_all, name="log-writer", daemon=True)
         self.thread.start()
@@ -712,7 +714,8 @@ def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: Terminal
         link = None
         try:
             link = dispatcher.link(protocol.READER)
-            for frame in link.stream(copy.request(), idle=FOLLOW_IDLE if follow else None):
+            # a chunk's bytes stay in the link's buffers, one more than ``out`` may hold: no copy
+            for frame in link.stream(copy.request(), idle=FOLLOW_IDLE if follow else None, kept=out.holds + 1):
                 if frame["type"] == "chunk":
                     copy.chunk(frame)
                 elif frame["type"] == "end":

@@ -47,7 +47,6 @@ frames themselves. The clients check every reply against the same table.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -65,7 +64,20 @@ asyncio: Any = LazyAsyncio(globals())
 if TYPE_CHECKING:
     from .gate import Gate
 
-log = logging.getLogger(__name__)
+
+
+class _LazyLog:
+    """Stands for this module's logger until first used: only a server logs, and
+    a tool that makes one request need not import logging at each start."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+        global log
+        log = logging.getLogger(__name__)
+        return getattr(log, name)
+
+
+log: Any = _LazyLog()
 
 # The largest frame a server reads before its peer has authenticated: a
 # hello's answer is some hundred bytes, and a peer that proved nothing must
@@ -378,6 +390,8 @@ def server_mac(key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
 
 
 def _same(a: str, b: str) -> bool:
+    if not b:       # no key, so no MAC expected: nothing secret to time
+        return not a
     # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
     import hmac
     return hmac.compare_digest(a.encode(), b.encode())
@@ -834,11 +848,12 @@ async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits
 class BlockingLink:
     """A fresh blocking socket to one peer, after the handshake, without an
     event loop: the same frames, table and handshake as ``Client``. For
-    `tinyci notify` in git hooks (no asyncio at all) and for `tinyci log`,
-    whose bulk frames are received into one kept buffer (``recv_into``) and
-    copied out once, where asyncio's stream reader copied each byte three
-    times. Errors are ``Client``'s: PeerRefused, PeerTimeout, PeerError, and
-    ProtocolError for a frame the table does not allow."""
+    `tinyci notify` in git hooks (no asyncio at all), a tool's one request,
+    and `tinyci log` and `artifacts --get`, whose bulk frames are received
+    (``recv_into``) into buffers it keeps and handed on without a copy, where
+    asyncio's stream reader copied each byte three times. Errors are
+    ``Client``'s: PeerRefused, PeerTimeout, PeerError, and ProtocolError for
+    a frame the table does not allow."""
 
     def __init__(self, addr: str, role: str, secret: str = "", limits: Limits = Limits(),
                  ssl: Any = None, *, to: str = DISPATCHER_ID):
@@ -846,6 +861,8 @@ class BlockingLink:
 
         self.limits = limits
         self._buf = bytearray()
+        self._ring: list[bytearray] = []        # ``stream(kept=...)``'s buffers, and which is next
+        self._turn = 0
         host, port = parse_addr(addr)
         self.addr = f"{host}:{port}"
         try:
@@ -890,21 +907,22 @@ class BlockingLink:
             raise RemoteError(reply)
         return reply
 
-    def stream(self, msg: dict, idle: float | None = None, *, kept: bool = False) -> Iterator[dict]:
+    def stream(self, msg: dict, idle: float | None = None, *, kept: int = 0) -> Iterator[dict]:
         """Send a request answered by a stream; yields its frames, each checked
         against the table, up to and including ``end``. ``idle``: how long to
         wait for a frame to begin (``read_timeout`` when None). ``kept``: a bulk
-        frame's ``data`` is a memoryview of the kept buffer, not a copy, good
-        until the next frame is asked for (to write it straight to a file)."""
+        frame's ``data`` is not a copy but one of ``kept`` buffers this link
+        keeps for them in turn (a bytearray), good until ``kept`` more bulk
+        frames have come: a caller holds fewer than that at once."""
         answers = Answers(msg["type"])
         self.send(msg)
         while not answers.done:
             with self._failures():
                 frame = self._recv(idle or self.limits.read_timeout, kept)
                 raw = frame.get("data") if kept and isinstance(frame, dict) else None
-                if isinstance(raw, memoryview):
+                if isinstance(raw, bytearray):
                     # the table's kind for raw data is bytes, whatever their count: it checks an
-                    # empty stand-in, and the frame then carries the view
+                    # empty stand-in, and the frame then carries the kept buffer
                     frame["data"] = b""
                     frame = answers.check(validate(frame, SERVER))
                     frame["data"] = raw
@@ -917,40 +935,57 @@ class BlockingLink:
     def close(self) -> None:
         self.sock.close()
 
-    def _recv(self, idle: float, kept: bool = False) -> Any:
+    def _recv(self, idle: float, kept: int = 0) -> Any:
         """One frame: it must begin within ``idle`` and, once begun, be whole within
-        ``read_timeout``. ``kept``: a bulk frame's bytes stay in the kept buffer (a view)."""
+        ``read_timeout``. ``kept``: a bulk frame's bytes go to the next kept buffer."""
         (length,) = HEADER.unpack(self._exactly(4, time.monotonic() + idle))
         if length > self.limits.max_frame:
             raise FatalProtocolError("frame_too_large", f"{self.addr} sent a {length}-byte frame")
         deadline = time.monotonic() + self.limits.read_timeout
         frame = decode(self._exactly(length, deadline))
         size = bulk_size(frame, self.limits.max_bulk)
+        if size is None:
+            return frame
         # as bytes, the table's kind (the one copy out of the kept buffer), unless kept
-        return frame if size is None else attach(frame, self._exactly(size, deadline, kept))
+        return attach(frame, self._kept(size, deadline, kept) if kept else self._exactly(size, deadline))
 
-    def _exactly(self, n: int, deadline: float, kept: bool = False) -> Any:
+    def _exactly(self, n: int, deadline: float) -> bytes:
         """``n`` bytes, received into one kept buffer (a new one per frame cost as
-        much as the copy out of it: zeroed, and its pages faulted in each time);
-        ``kept``: a view of them there, no copy."""
-        import socket
-
+        much as the copy out of it: zeroed, and its pages faulted in each time)."""
         if len(self._buf) < n:
             self._buf = bytearray(n)
-        view, got = memoryview(self._buf), 0
+        with memoryview(self._buf)[:n] as view:
+            self._fill(view, deadline)
+            return view.tobytes()
+
+    def _kept(self, n: int, deadline: float, kept: int) -> bytearray:
+        """``n`` bytes received into the next of ``kept`` buffers, used in turn and
+        never given back (new pages cost as much as the copy they spare)."""
+        if len(self._ring) < kept:
+            self._ring.append(bytearray(n))
+        buf = self._ring[self._turn % len(self._ring)]
+        self._turn += 1
+        if len(buf) > n:
+            del buf[n:]
+        elif len(buf) < n:
+            buf.extend(bytes(n - len(buf)))
+        with memoryview(buf) as view:       # released: the buffer may be resized next time
+            self._fill(view, deadline)
+        return buf
+
+    def _fill(self, view: memoryview, deadline: float) -> None:
+        import socket
+
+        got, n = 0, len(view)
         while got < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout()
             self.sock.settimeout(left)
-            part = self.sock.recv_into(view[got:n])
+            part = self.sock.recv_into(view[got:])
             if not part:
                 raise ConnectionError(f"{self.addr} closed the connection")
             got += part
-        if kept:
-            return view[:n]
-        with view[:n] as filled:
-            return filled.tobytes()
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
