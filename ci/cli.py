@@ -3,7 +3,11 @@
 Daemon subcommands (``dispatcher``, ``runner``, ``observer``, ``up``) hand
 over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
-``tinyci notify`` stay fast.
+``tinyci notify`` stay fast. Only the named command's parser is built, and a
+tool imports what it uses where it uses it: a request, a log or an artifact
+goes over a blocking socket (``net.BlockingLink``), so most commands start no
+event loop (asyncio), and TLS, YAML (a config file) and hmac (a secret) are
+imported only when configured.
 
 Tool subcommands send, to the dispatcher: ``status``, ``build`` (``show``), ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
@@ -19,7 +23,9 @@ without control characters or escape sequences (colour kept on a terminal;
 ``log --raw`` gives the stored bytes), names, paths and error messages as
 plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
 no event loop) and writes in a thread of its own (``WriteBehind``), so that
-receiving, checking and writing a big log overlap.
+receiving, checking and writing a big log overlap; each chunk stays in the
+link's kept buffers until written. ``artifacts --get`` writes each chunk from
+the link's buffer before receiving the next (``artifact_download.copy_to``).
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ DAEMONS = {
     "web": "run the web page: live builds and logs, history, badges, a JSON API and metrics",
 }
 
+# the configuration's defaults (config.py), for a tool that has no configuration to read
 DEFAULT_OBSERVER = "127.0.0.1:8887"
+DEFAULT_DISPATCHER = "127.0.0.1:8888"
 # `tinyci up` writes the secret it made for its daemons here (under its default --data);
 # tools run from the same directory use it when no secret is configured
 NOTIFY_TIMEOUT = 3.0        # a git hook must not hold up a commit for long
@@ -424,22 +432,26 @@ class DispatcherLink:
     OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run", "gc"})
 
     def __init__(self, args: argparse.Namespace):
-        from .config import ConfigError, load
-        from .settings import resolve
         roles = [protocol.OPERATOR if args.command in self.OPERATOR_COMMANDS else protocol.READER]
         if args.command == "run":       # queues as the operator, then waits as a reader
             roles.append(protocol.READER)
-        try:
-            settings = resolve(load(args.config), roles=roles, listens=False)
-        except ConfigError as exc:
-            raise Failure(f"configuration error: {exc}", 2) from None
-        config = settings.config
-        self.settings = settings
-        self.secrets = {role: tool_secret(settings, role) for role in roles}
-        self.tls = settings.client_tls
-        self.limits = settings.limits
-        addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
-            or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        if configured(args):
+            from .config import ConfigError, load
+            from .settings import resolve
+            try:
+                self.settings = resolve(load(args.config), roles=roles, listens=False)
+            except ConfigError as exc:
+                raise Failure(f"configuration error: {exc}", 2) from None
+            config = self.settings.config
+            self.tls, self.limits = self.settings.client_tls, self.settings.limits
+            addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
+                or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        else:
+            # every value is its default, known without loading the configuration
+            # (its dataclasses cost each start some 15 ms)
+            self.settings, self.tls, self.limits = None, None, net.Limits()
+            addr = args.dispatcher or up_address("dispatcher") or DEFAULT_DISPATCHER
+        self.secrets = {role: tool_secret(self.settings, role) for role in roles}
         try:
             self.host, self.port = net.parse_addr(addr)
         except ValueError as exc:
@@ -500,6 +512,12 @@ class DispatcherLink:
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
+
+
+def configured(args: argparse.Namespace) -> bool:
+    """A configuration file (--config, $TINYCI_CONFIG) or a TINYCI_* variable is
+    given: without one a tool takes the defaults and reads no configuration."""
+    return bool(args.config) or any(name.startswith("TINYCI_") and name != CEILING for name in os.environ)
 
 
 def configured_addr(config: Any, section: str) -> str | None:
@@ -1052,7 +1070,7 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     """(address, secret, TLS context). The configuration (and its YAML import) is
     read only when there is one, keeping the hook's common case quick."""
     secret_file = getattr(args, "secret_file", None)
-    if args.config or any(name.startswith("TINYCI_") and name != CEILING for name in os.environ):
+    if configured(args):
         from .config import load
         from .settings import resolve
         # an explicit --secret-file wins: the configured secret is then not read at all

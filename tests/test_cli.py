@@ -249,9 +249,11 @@ def standin(monkeypatch):
 
 # What a tool that asks the dispatcher once, or streams a log or an artifact,
 # must not import at each start when nothing needs it: an event loop, TLS
-# (none configured), YAML (no config file), the dispatcher's build files, a
-# server's gate and logging, a MAC (no secret).
-NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.buildfile", "ci.gate", "logging", "hmac", "secrets")
+# (none configured), the configuration and YAML (no file, no TINYCI_*
+# variable), the dispatcher's build files, a server's gate and logging, a MAC
+# (no secret).
+NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.config", "ci.settings", "ci.buildfile", "ci.gate", "logging",
+                "hmac", "secrets")
 
 
 @pytest.mark.parametrize("argv", [["status", "--json"], ["artifacts", "7"], ["log", "1"], ["cancel", "3"],
@@ -266,6 +268,13 @@ def test_a_tool_starts_without_what_it_does_not_use(standin, tmp_path, argv):
     assert last == ("1 []" if argv[0] == "cancel" else "0 []"), done.stderr      # cancel: the stand-in refuses
     if "--get" in argv:
         assert (tmp_path / "got").read_bytes() == ARTIFACT
+
+
+def test_the_tools_defaults_are_the_configurations():
+    from ci.config import Config
+    defaults = Config()
+    assert cli.DEFAULT_DISPATCHER == f"{defaults.dispatcher.host}:{defaults.dispatcher.port}"
+    assert cli.DEFAULT_OBSERVER == f"{defaults.observer.host}:{defaults.observer.port}"
 
 
 def test_a_tool_reads_yaml_only_for_a_config_file(standin, tmp_path):
