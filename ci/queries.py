@@ -4,8 +4,7 @@ Receives (role reader or operator): ``status`` -> ok {runners, builds,
 pipelines, queue, conditions}; ``build`` -> ok {build}; ``read_log`` -> chunk {offset,
 data, [times]}... end {status, offset} (``times`` with ``timestamps``: when
 each part reached the dispatcher; with ``binary``, ``data`` is bytes in bulk
-frames of up to ``net.max_bulk``, a finished log's sent from the file by the
-kernel, else text in pieces of LOG_CHUNK);
+frames of up to ``net.max_bulk``, else text in pieces of LOG_CHUNK);
 ``watch`` -> ok {the status snapshot}, then event...
 (end "watcher too slow" when it falls behind); ``artifacts`` -> ok
 {artifacts}; ``fetch_artifact`` -> ok {data (bytes, a bulk frame of up to
@@ -40,7 +39,6 @@ from .logwindow import LogLines
 from .models import Build, Status, pipeline_status, why_waiting
 from .scheduler import Scheduler
 from .store import HISTORY_FILTERS, Store
-from .text import utf8_boundary
 from .watchers import Watchers
 
 LOG_CHUNK = 256 * 1024       # a text chunk: JSON may escape a byte six-fold within the frame
@@ -111,11 +109,6 @@ class Queries:
         # an offset past the end is the end (seeking far past it would be an OSError)
         offset = min(msg.get("offset", 0), self.logs.size(build_id))
         binary = msg.get("binary", False)
-        if binary:
-            build = self._build(build_id)
-            if build is not None and build.status.final and build_id not in self.sched.builds:
-                await self._send_finished_log(conn, msg, build, offset)
-                return
         limit = conn.limits.max_bulk if binary else LOG_CHUNK
         while True:
             changed = self.watchers.changed
@@ -144,35 +137,6 @@ class Queries:
                 await aio.within(changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
-
-    async def _send_finished_log(self, conn: net.Connection, msg: dict, build: Build, offset: int) -> None:
-        """``read_log`` of a finished log in bulk frames: its bytes sent from the
-        open file by the kernel (sendfile), as ``read_artifact``'s, never read into
-        this process; each chunk ends at a character but the last. Then ``end``."""
-        try:
-            file = open(self.logs.path(build.id), "rb")
-        except FileNotFoundError:       # no log at all, or deleted meanwhile (retention)
-            if self._build(build.id) is None:
-                await conn.send(protocol.error("not_found", f"no build {build.id}"))
-                return
-            await conn.send({"type": "end", "status": build.status.value, "offset": offset})
-            return
-        with file:
-            size = os.fstat(file.fileno()).st_size
-            while offset < size:
-                count = min(conn.limits.max_bulk, size - offset)
-                if offset + count < size:
-                    # not the last: it ends at a character (count is at least net.max_bulk's 1024 here)
-                    edge = os.pread(file.fileno(), 4, offset + count - 4)
-                    count -= len(edge) - utf8_boundary(edge)
-                chunk = {"type": "chunk", "offset": offset}
-                if msg.get("timestamps"):
-                    stored, held = self.store.log_times(build.id), self.logs.held_times(build.id)
-                    chunk["times"] = await aio.in_thread(self.logs.times, build.id, offset, offset + count,
-                                                         stored, held)
-                await conn.send_file(chunk, file, offset, count)
-                offset += count
-        await conn.send({"type": "end", "status": build.status.value, "offset": offset})
 
     async def watch(self, conn: net.Connection, msg: dict) -> None:
         with self.watchers.watching() as queue:

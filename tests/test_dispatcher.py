@@ -394,7 +394,7 @@ async def test_read_log_sends_the_log_in_chunks_then_the_end(make):
 
 
 @scenario
-async def test_a_finished_log_read_binary_comes_from_the_file_in_whole_characters(make):
+async def test_a_log_read_binary_comes_in_chunks_of_whole_characters(make):
     h = make()
     await h.commit()
     await h.register()
