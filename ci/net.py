@@ -65,7 +65,6 @@ if TYPE_CHECKING:
     from .gate import Gate
 
 
-
 class _LazyLog:
     """Stands for this module's logger until first used: only a server logs, and
     a tool that makes one request need not import logging at each start."""
