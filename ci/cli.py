@@ -426,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
 
 class DispatcherLink:
     """What a tool needs to reach the dispatcher: address, secrets, limits, TLS,
-    resolved once from the configuration (``settings.resolve``) for the role
-    the command speaks as: a reader's machine needs no operator secret."""
+    resolved once from the configuration (``settings.resolve``; its defaults
+    when there is none) for the role the command speaks as: a reader's machine
+    needs no operator secret."""
 
     OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run", "gc"})
 
@@ -485,7 +486,7 @@ class DispatcherLink:
 
     def link(self, role: str) -> net.BlockingLink:
         """A blocking link (no event loop): for one request, and for `tinyci log` and
-        `artifacts --get`, whose chunks it receives into one kept buffer. A handshake
+        `artifacts --get`, whose chunks it receives into buffers it keeps. A handshake
         that goes wrong is said as ``Client`` says it."""
         try:
             return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
