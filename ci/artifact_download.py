@@ -1,9 +1,12 @@
 """Fetches one artifact of a build from the dispatcher into a file
 (``read_artifact``, one stream): the runner's half of ``needs``, which puts
 the artifacts of the builds a build needs into its checkout. The one place
-that knows how an artifact comes down (``stream_to``, the CLI's
-``artifacts --get`` too); the web page has a loop over ``fetch_artifact``
-(a request a chunk: a browser may take its time with each).
+that knows how an artifact comes down: ``stream_to`` on the runner's event
+loop, ``copy_to`` on a blocking link for the CLI's ``artifacts --get`` (each
+chunk received into the link's kept buffer and written from there, no copy
+in between, and no event loop to start); both follow the chunks with
+``Offsets``. The web page has a loop over ``fetch_artifact`` (a request a
+chunk: a browser may take its time with each).
 
 Sends, to the dispatcher:
     read_artifact {build, path}  -> ok {size}, chunk {offset, data (bytes, a bulk frame)}..., end {offset}
@@ -12,13 +15,49 @@ Sends, to the dispatcher:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 from . import aio, net, protocol
+
+asyncio: Any = aio.LazyAsyncio(globals())
+
+
+def request(build: int, path: str) -> dict:
+    return {"type": "read_artifact", "build": build, "path": path}
+
+
+class Offsets:
+    """Where the chunks of one artifact have got to: each must begin where the one before ended."""
+
+    def __init__(self):
+        self.offset = 0
+
+    def take(self, frame: dict) -> Any:
+        """The bytes of ``frame`` when it is a chunk that follows on (None for the
+        other frames); ProtocolError when it leaves a gap or goes back."""
+        if frame["type"] != "chunk":
+            return None
+        if frame["offset"] != self.offset:
+            raise protocol.ProtocolError("bad_reply", f"a chunk at offset {frame['offset']}, "
+                                                      f"expected {self.offset}")
+        self.offset += len(frame["data"])
+        return frame["data"]
+
+
+def copy_to(link: net.BlockingLink, build: int, path: str, out: Any) -> int:
+    """Write artifact ``path`` of ``build`` to ``out`` (anything with ``write``)
+    on a blocking link; returns its size. Each chunk is written from the link's
+    kept buffer before the next is received: one chunk in memory. Raises the
+    link's errors (RemoteError, PeerError, ProtocolError)."""
+    offsets = Offsets()
+    for frame in link.stream(request(build, path), kept=1):
+        data = offsets.take(frame)
+        if data is not None:
+            out.write(data)
+    return offsets.offset
 
 
 async def stream_to(client: net.Client, build: int, path: str, out: Any) -> int:
@@ -27,27 +66,23 @@ async def stream_to(client: net.Client, build: int, path: str, out: Any) -> int:
     while the next one arrives: at most two in memory. Raises the client's
     errors (RemoteError, PeerError, ProtocolError)."""
     writing = None
-    offset = 0
+    offsets = Offsets()
     try:
         # closed however the loop ends: the stream holds the client until then
-        async with contextlib.aclosing(client.stream({"type": "read_artifact", "build": build,
-                                                      "path": path})) as frames:
+        async with contextlib.aclosing(client.stream(request(build, path))) as frames:
             async for frame in frames:
-                if frame["type"] != "chunk":
+                data = offsets.take(frame)
+                if data is None:
                     continue
-                if frame["offset"] != offset:
-                    raise protocol.ProtocolError("bad_reply", f"a chunk at offset {frame['offset']}, "
-                                                              f"expected {offset}")
                 if writing is not None:
                     await writing
-                writing = asyncio.ensure_future(aio.in_thread(out.write, frame["data"]))
-                offset += len(frame["data"])
+                writing = asyncio.ensure_future(aio.in_thread(out.write, data))
         if writing is not None:
             await writing
     finally:
         if writing is not None and not writing.done():
             await asyncio.gather(writing, return_exceptions=True)     # before ``out`` is closed
-    return offset
+    return offsets.offset
 
 
 async def download(client: net.Client, build: int, path: str, dest: Path) -> int:

@@ -3,7 +3,11 @@
 Daemon subcommands (``dispatcher``, ``runner``, ``observer``, ``up``) hand
 over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
-``tinyci notify`` stay fast.
+``tinyci notify`` stay fast. Only the named command's parser is built, and a
+tool imports what it uses where it uses it: a request, a log or an artifact
+goes over a blocking socket (``net.BlockingLink``), so most commands start no
+event loop (asyncio), and TLS, YAML (a config file) and hmac (a secret) are
+imported only when configured.
 
 Tool subcommands send, to the dispatcher: ``status``, ``build`` (``show``), ``read_log``, ``watch``,
 ``artifacts`` and ``fetch_artifact`` (role reader), ``trigger``, ``cancel``,
@@ -19,7 +23,9 @@ without control characters or escape sequences (colour kept on a terminal;
 ``log --raw`` gives the stored bytes), names, paths and error messages as
 plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
 no event loop) and writes in a thread of its own (``WriteBehind``), so that
-receiving, checking and writing a big log overlap.
+receiving, checking and writing a big log overlap; each chunk stays in the
+link's kept buffers until written. ``artifacts --get`` writes each chunk from
+the link's buffer before receiving the next (``artifact_download.copy_to``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from typing import Any
 
 from . import net, protocol
 from .local import CEILING, LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
-from .sanitize import LogStream, plain
 
 DESCRIPTION = """\
 tinyci is a small self-hosted continuous-integration system made of three
@@ -54,10 +59,19 @@ DAEMONS = {
     "web": "run the web page: live builds and logs, history, badges, a JSON API and metrics",
 }
 
+# the configuration's defaults (config.py), for a tool that has no configuration to read
 DEFAULT_OBSERVER = "127.0.0.1:8887"
+DEFAULT_DISPATCHER = "127.0.0.1:8888"
 # `tinyci up` writes the secret it made for its daemons here (under its default --data);
 # tools run from the same directory use it when no secret is configured
 NOTIFY_TIMEOUT = 3.0        # a git hook must not hold up a commit for long
+
+
+def plain(text: str) -> str:
+    """``sanitize.plain``, imported at first use: its expressions are compiled at import,
+    and most commands print nothing a peer sent."""
+    from .sanitize import plain as clean
+    return clean(text)
 
 
 class Failure(Exception):
@@ -81,37 +95,41 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; only the daemon named by ``command`` gets its flags (and its import)."""
+    """The parser. When ``command`` is one (the one named on the line), only its
+    parser is built, with its flags (a daemon's: its module's, imported for
+    them); otherwise (`tinyci --help`, a mistyped command) every command's,
+    for the list and the error, without the daemons' flags. Building all of
+    them cost every run of every command some 15 ms."""
     parser = argparse.ArgumentParser(
         prog="tinyci", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_VersionAction, help="print tinyci's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    up = sub.add_parser(
-        "up", help="start a dispatcher, an observer and N runners on this machine",
-        description="Start a dispatcher, an observer and N runners on this machine, each as its own "
-                    "process, and stop them all on Ctrl-C. Daemon logs go to DATA/logs/.")
-    if command == "up":
-        from . import up as up_module
-        up_module.add_arguments(up)
-
-    for name, text in DAEMONS.items():
-        daemon = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        if command == name:
-            _daemon_module(name).add_arguments(daemon)
-
-    _reader_commands(sub)
-    _operator_commands(sub)
-    _waiting_commands(sub)
-    _hook_commands(sub)
+    for name, add in COMMANDS.items():
+        if command not in COMMANDS or name == command:
+            built = add(sub, name)
+            if name == command and name in (*DAEMONS, "up"):
+                _daemon_module(name).add_arguments(built)
     return parser
 
 
-def _reader_commands(sub) -> None:
-    """Commands that only read from the dispatcher (role reader)."""
+def _up(sub, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help="start a dispatcher, an observer and N runners on this machine",
+        description="Start a dispatcher, an observer and N runners on this machine, each as its own "
+                    "process, and stop them all on Ctrl-C. Daemon logs go to DATA/logs/.")
+
+
+def _daemon(sub, name: str) -> argparse.ArgumentParser:
+    text = DAEMONS[name]
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+
+# ---- commands that only read from the dispatcher (role reader)
+
+def _status(sub, name: str) -> argparse.ArgumentParser:
     status = sub.add_parser(
-        "status", help="show runners and recent builds",
+        name, help="show runners and recent builds",
         description="Show the runners the dispatcher knows and its most recent builds.")
     _tool_arguments(status)
     status.add_argument("--limit", type=int, default=20, metavar="N",
@@ -122,9 +140,12 @@ def _reader_commands(sub) -> None:
     status.add_argument("-w", "--watch", action="store_true",
                         help="keep the tables on screen, redrawn as builds and runners change (Ctrl-C "
                              "stops); when the output is not a terminal, print a new table on each change")
+    return status
 
+
+def _console(sub, name: str) -> argparse.ArgumentParser:
     console = sub.add_parser(
-        "console", help="a live full-screen view of runners, the queue, builds and a build log",
+        name, help="a live full-screen view of runners, the queue, builds and a build log",
         description="A live full-screen view of the dispatcher: runners, the queue and why each build "
                     "waits, recent builds, and the log of the newest running build, updated as events "
                     "arrive. Ctrl-C quits. When the output is not a terminal, it prints a plain "
@@ -134,9 +155,12 @@ def _reader_commands(sub) -> None:
                          help="show the log of this build (default: the newest running build)")
     console.add_argument("--once", action="store_true",
                          help="print one plain snapshot and exit (its size: $COLUMNS x $LINES, default 80x24)")
+    return console
 
+
+def _log(sub, name: str) -> argparse.ArgumentParser:
     log = sub.add_parser(
-        "log", help="print a build's log",
+        name, help="print a build's log",
         description="Print a build's log. With --follow, keep printing as the build runs; the exit "
                     "code is then 0 when the build passed and 1 otherwise.")
     _tool_arguments(log)
@@ -149,17 +173,23 @@ def _reader_commands(sub) -> None:
                      help="print the log's bytes exactly as the dispatcher stored them, escape sequences "
                           "and all (by default control characters and escape sequences are removed, "
                           "colours kept only on a terminal)")
+    return log
 
+
+def _show(sub, name: str) -> argparse.ArgumentParser:
     show = sub.add_parser(
-        "show", help="show one build: its status, steps and test results",
+        name, help="show one build: its status, steps and test results",
         description="Show one build: commit, job, status, each step's exit and time, and the counts "
                     "and failed tests of its JUnit reports (the .ci.yaml `reports` globs).")
     _tool_arguments(show)
     show.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     show.add_argument("--json", action="store_true", help="print the build as the dispatcher sends it")
+    return show
 
+
+def _artifacts(sub, name: str) -> argparse.ArgumentParser:
     artifacts = sub.add_parser(
-        "artifacts", help="list a build's artifacts, or fetch one",
+        name, help="list a build's artifacts, or fetch one",
         description="List the files a build uploaded (the .ci.yaml `artifacts` globs), or fetch one "
                     "with --get PATH (to stdout, or to FILE with -o). On a terminal, a fetched file is "
                     "shown as text without control characters; piped or with -o, it is the exact bytes.")
@@ -167,13 +197,14 @@ def _reader_commands(sub) -> None:
     artifacts.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
     artifacts.add_argument("--get", metavar="PATH", help="fetch this artifact (a path from the list)")
     artifacts.add_argument("-o", "--output", metavar="FILE", help="with --get: write it to FILE")
+    return artifacts
 
 
+# ---- commands that change what the dispatcher builds (role operator)
 
-def _operator_commands(sub) -> None:
-    """Commands that change what the dispatcher builds (role operator)."""
+def _trigger(sub, name: str) -> argparse.ArgumentParser:
     trigger = sub.add_parser(
-        "trigger", help="queue a build of a branch head or a commit",
+        name, help="queue a build of a branch head or a commit",
         description="Queue a build of a branch's head (--branch) or of a commit (REV), "
                     "even if that commit was built before.")
     _tool_arguments(trigger)
@@ -183,27 +214,44 @@ def _operator_commands(sub) -> None:
     trigger.add_argument("--repo", metavar="REPO",
                          help="the repository to build in, as the dispatcher knows it (needed when REV "
                               "is a commit in more than one)")
+    return trigger
 
-    cancel = sub.add_parser("cancel", help="cancel a queued or running build",
+
+def _cancel(sub, name: str) -> argparse.ArgumentParser:
+    cancel = sub.add_parser(name, help="cancel a queued or running build",
                             description="Cancel a queued or running build.")
     _tool_arguments(cancel)
     cancel.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+    return cancel
 
-    rebuild = sub.add_parser("rebuild", help="queue a new build of the same commit as BUILD",
+
+def _rebuild(sub, name: str) -> argparse.ArgumentParser:
+    rebuild = sub.add_parser(name, help="queue a new build of the same commit as BUILD",
                              description="Queue a new build of the commit BUILD built.")
     _tool_arguments(rebuild)
     rebuild.add_argument("build", type=_build_id, metavar="BUILD", help="build number")
+    return rebuild
 
-    for command, text in (
-            ("drain", "take a runner out of service: it finishes what it runs and is given nothing new "
-                      "(shown as draining, then drained)"),
-            ("resume", "give a drained runner work again"),
-            ("forget", "remove a dead runner from the dispatcher's list (a live one is refused)")):
-        runner = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
-        _tool_arguments(runner)
-        runner.add_argument("name", metavar="NAME", help="the runner's name, as `tinyci status` shows it")
+
+RUNNER_COMMANDS = {
+    "drain": "take a runner out of service: it finishes what it runs and is given nothing new "
+             "(shown as draining, then drained)",
+    "resume": "give a drained runner work again",
+    "forget": "remove a dead runner from the dispatcher's list (a live one is refused)",
+}
+
+
+def _runner_command(sub, name: str) -> argparse.ArgumentParser:
+    text = RUNNER_COMMANDS[name]
+    runner = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+    _tool_arguments(runner)
+    runner.add_argument("name", metavar="NAME", help="the runner's name, as `tinyci status` shows it")
+    return runner
+
+
+def _gc(sub, name: str) -> argparse.ArgumentParser:
     gc = sub.add_parser(
-        "gc", help="delete old builds now, as the dispatcher's retention section says",
+        name, help="delete old builds now, as the dispatcher's retention section says",
         description="Run a retention sweep now: delete the finished builds the dispatcher's `retention` "
                     "section says to (finished more than retention.days ago, or beyond the newest "
                     "retention.per_branch of their branch and job), with their logs and artifacts. Queued "
@@ -211,13 +259,14 @@ def _operator_commands(sub) -> None:
                     "With --dry-run, only say what a sweep would delete.")
     _tool_arguments(gc)
     gc.add_argument("--dry-run", action="store_true", help="say what a sweep would delete; delete nothing")
+    return gc
 
 
+# ---- `run` and `wait`: what scripts and other CIs call (exit 0 passed, 1 failed, 2 otherwise)
 
-def _waiting_commands(sub) -> None:
-    """`run` and `wait`: what scripts and other CIs call (exit 0 passed, 1 failed, 2 otherwise)."""
+def _run(sub, name: str) -> argparse.ArgumentParser:
     run = sub.add_parser(
-        "run", help="build a commit now and wait for the verdict (for scripts and other CIs)",
+        name, help="build a commit now and wait for the verdict (for scripts and other CIs)",
         description="Queue builds of a commit (all its .ci.yaml jobs, or one with --job) and wait for all "
                     "of them, printing each one's verdict as it ends. Exit status: 0 when every build "
                     "passed, 1 when any failed, 2 on an error, a cancel, or a dispatcher that cannot be asked.")
@@ -230,14 +279,18 @@ def _waiting_commands(sub) -> None:
     run.add_argument("--job", metavar="JOB", help="only this job of the commit's .ci.yaml (of a matrix job, "
                                                   "'test' is every combination, 'test (python=3.11)' one)")
     _waiting_arguments(run)
+    return run
 
+
+def _wait(sub, name: str) -> argparse.ArgumentParser:
     wait = sub.add_parser(
-        "wait", help="wait for builds already queued and print their verdicts",
+        name, help="wait for builds already queued and print their verdicts",
         description="Wait for a build (by number) or for the newest build of each job of a commit (by "
                     "sha, at least 7 hex digits) to end. Exit status as for `tinyci run`.")
     _tool_arguments(wait)
     wait.add_argument("target", metavar="BUILD|SHA", help="a build number, or a commit's sha (7-40 hex digits)")
     _waiting_arguments(wait)
+    return wait
 
 
 def _waiting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,10 +300,11 @@ def _waiting_arguments(parser: argparse.ArgumentParser) -> None:
                         help='print one JSON object {"builds": [...], "exit_code": N} at the end instead of lines')
 
 
-def _hook_commands(sub) -> None:
-    """The git hooks' side: poking the observer, and installing the hooks that do."""
+# ---- the git hooks' side: poking the observer, and installing the hooks that do
+
+def _notify(sub, name: str) -> argparse.ArgumentParser:
     notify = sub.add_parser(
-        "notify", help="tell the observer to look for new commits now (for git hooks)",
+        name, help="tell the observer to look for new commits now (for git hooks)",
         description="Tell the observer to look for new commits now instead of at its next poll. "
                     "Meant for a git post-commit or post-receive hook: it never fails, so it never "
                     "blocks a commit; a problem is one line on stderr and exit status 0.")
@@ -263,9 +317,12 @@ def _hook_commands(sub) -> None:
     notify.add_argument("--secret-file", metavar="FILE",
                         help=f"file holding the observer secret (default: the {LOCAL_SECRET} of a `tinyci up` run "
                              f"in this directory or one above)")
+    return notify
 
+
+def _install_hook(sub, name: str) -> argparse.ArgumentParser:
     hook = sub.add_parser(
-        "install-hook", help="install git hooks that run `tinyci notify` after each commit and push",
+        name, help="install git hooks that run `tinyci notify` after each commit and push",
         description="Install post-commit and post-receive hooks in a git clone that poke the observer "
                     "(`tinyci notify`), so a commit is seen at once instead of at the next poll. A hook "
                     "already there is kept and runs first; running this again only updates tinyci's hooks.")
@@ -278,6 +335,14 @@ def _hook_commands(sub) -> None:
     hook.add_argument("--secret-file", metavar="FILE",
                       help=f"file holding the observer secret, read by the hooks at each commit "
                            f"(default: the {LOCAL_SECRET} of a `tinyci up` run in this directory or one above)")
+    return hook
+
+
+# every command, in the order `tinyci --help` lists them
+COMMANDS = {"up": _up, **dict.fromkeys(DAEMONS, _daemon), "status": _status, "console": _console, "log": _log,
+            "show": _show, "artifacts": _artifacts, "trigger": _trigger, "cancel": _cancel, "rebuild": _rebuild,
+            **dict.fromkeys(RUNNER_COMMANDS, _runner_command), "gc": _gc, "run": _run, "wait": _wait,
+            "notify": _notify, "install-hook": _install_hook}
 
 
 def _tool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_of(argv)
     try:
-        parser = build_parser(command if command in (*DAEMONS, "up") else None)
+        parser = build_parser(command)
     except ImportError as exc:
         print(f"tinyci: cannot load the {command}: {exc}", file=sys.stderr)
         return 2
@@ -361,28 +426,33 @@ def main(argv: list[str] | None = None) -> int:
 
 class DispatcherLink:
     """What a tool needs to reach the dispatcher: address, secrets, limits, TLS,
-    resolved once from the configuration (``settings.resolve``) for the role
-    the command speaks as: a reader's machine needs no operator secret."""
+    resolved once from the configuration (``settings.resolve``; its defaults
+    when there is none) for the role the command speaks as: a reader's machine
+    needs no operator secret."""
 
     OPERATOR_COMMANDS = frozenset({"trigger", "cancel", "rebuild", "drain", "resume", "forget", "run", "gc"})
 
     def __init__(self, args: argparse.Namespace):
-        from .config import ConfigError, load
-        from .settings import resolve
         roles = [protocol.OPERATOR if args.command in self.OPERATOR_COMMANDS else protocol.READER]
         if args.command == "run":       # queues as the operator, then waits as a reader
             roles.append(protocol.READER)
-        try:
-            settings = resolve(load(args.config), roles=roles, listens=False)
-        except ConfigError as exc:
-            raise Failure(f"configuration error: {exc}", 2) from None
-        config = settings.config
-        self.settings = settings
-        self.secrets = {role: tool_secret(settings, role) for role in roles}
-        self.tls = settings.client_tls
-        self.limits = settings.limits
-        addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
-            or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        if configured(args):
+            from .config import ConfigError, load
+            from .settings import resolve
+            try:
+                self.settings = resolve(load(args.config), roles=roles, listens=False)
+            except ConfigError as exc:
+                raise Failure(f"configuration error: {exc}", 2) from None
+            config = self.settings.config
+            self.tls, self.limits = self.settings.client_tls, self.settings.limits
+            addr = args.dispatcher or configured_addr(config, "dispatcher") or up_address("dispatcher") \
+                or f"{dial_host(config.dispatcher.host)}:{config.dispatcher.port}"
+        else:
+            # every value is its default, known without loading the configuration
+            # (its dataclasses cost each start some 15 ms)
+            self.settings, self.tls, self.limits = None, None, net.Limits()
+            addr = args.dispatcher or up_address("dispatcher") or DEFAULT_DISPATCHER
+        self.secrets = {role: tool_secret(self.settings, role) for role in roles}
         try:
             self.host, self.port = net.parse_addr(addr)
         except ValueError as exc:
@@ -394,8 +464,14 @@ class DispatcherLink:
                           to=protocol.DISPATCHER_ID)
 
     def call(self, msg: dict, role: str = protocol.READER, timeout: float | None = None) -> dict:
-        return self.run(net.call(self.addr, msg, role, self.secrets[role], self.limits, timeout, ssl=self.tls,
-                                 to=protocol.DISPATCHER_ID))
+        """One request on a blocking link of its own: a tool that asks once starts no event loop."""
+        def ask() -> dict:
+            link = self.link(role)
+            try:
+                return link.request(msg, timeout)
+            finally:
+                link.close()
+        return self.run(ask)
 
     def refused(self, exc: Exception | None = None) -> str:
         if isinstance(exc, net.PeerNotProven):
@@ -409,8 +485,14 @@ class DispatcherLink:
                 f"where it ran, or set TINYCI_AUTH_SECRET_FILE")
 
     def link(self, role: str) -> net.BlockingLink:
-        """A blocking link (no event loop): for `tinyci log`, whose chunks it receives into one kept buffer."""
-        return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls, to=protocol.DISPATCHER_ID)
+        """A blocking link (no event loop): for one request, and for `tinyci log` and
+        `artifacts --get`, whose chunks it receives into buffers it keeps. A handshake
+        that goes wrong is said as ``Client`` says it."""
+        try:
+            return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
+                                    to=protocol.DISPATCHER_ID)
+        except protocol.ProtocolError as exc:
+            raise net.PeerError(f"handshake with {self.addr} failed: {exc}") from None
 
     def run(self, coro) -> Any:
         """Run one coroutine (or call a function: work on a blocking ``link``),
@@ -431,6 +513,12 @@ class DispatcherLink:
                           + " — is it running? (tinyci up / tinyci dispatcher)") from None
         except protocol.ProtocolError as exc:
             raise Failure(f"the dispatcher at {self.addr} sent something unexpected: {exc.message}") from None
+
+
+def configured(args: argparse.Namespace) -> bool:
+    """A configuration file (--config, $TINYCI_CONFIG) or a TINYCI_* variable is
+    given: without one a tool takes the defaults and reads no configuration."""
+    return bool(args.config) or any(name.startswith("TINYCI_") and name != CEILING for name in os.environ)
 
 
 def configured_addr(config: Any, section: str) -> str | None:
@@ -496,11 +584,17 @@ class TerminalOut:
     that costs one C pass where cleaning costs several regular expressions
     (a 100 MiB log reads back ~10x faster)."""
 
+    holds = 0       # pieces it keeps after ``write`` returns
+
     def __init__(self, out, raw: bool = False):
         self.out = out
         self.raw = raw
         colour = out.isatty() and not os.environ.get("NO_COLOR")
-        self.stream = None if raw else LogStream(keep_colour=colour)
+        if raw:
+            self.stream = None
+        else:
+            from .sanitize import LogStream
+            self.stream = LogStream(keep_colour=colour)
         # a character cut in two between pieces is decoded whole
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -542,11 +636,14 @@ class WriteBehind:
     pieces wait; a failure to write (a closed pipe) is raised at the next
     ``write`` or at ``close``."""
 
+    WAITING = 2
+    holds = WAITING + 1     # pieces it keeps after ``write`` returns: those waiting, and the one written
+
     def __init__(self, out: TerminalOut):
         import queue
         import threading
         self.out = out
-        self.pieces: Any = queue.Queue(maxsize=2)
+        self.pieces: Any = queue.Queue(maxsize=self.WAITING)
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._write_all, name="log-writer", daemon=True)
         self.thread.start()
@@ -636,7 +733,8 @@ def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: Terminal
         link = None
         try:
             link = dispatcher.link(protocol.READER)
-            for frame in link.stream(copy.request(), idle=FOLLOW_IDLE if follow else None):
+            # a chunk's bytes stay in the link's buffers, one more than ``out`` may hold: no copy
+            for frame in link.stream(copy.request(), idle=FOLLOW_IDLE if follow else None, kept=out.holds + 1):
                 if frame["type"] == "chunk":
                     copy.chunk(frame)
                 elif frame["type"] == "end":
@@ -695,19 +793,19 @@ def artifacts(args: argparse.Namespace) -> int:
             print(f"{item['size']:>12}  {plain(str(item['path']))}")
         return 0
 
-    async def fetch(out) -> None:
-        from .artifact_download import stream_to
-        client = dispatcher.client(protocol.READER)
+    def fetch(out) -> None:
+        from .artifact_download import copy_to
+        link = dispatcher.link(protocol.READER)
         try:
-            await stream_to(client, args.build, args.get, out)
+            copy_to(link, args.build, args.get, out)
         finally:
-            await client.close()
+            link.close()
 
     if args.output:
         tmp = f"{args.output}.part"
         try:
             with open(tmp, "wb") as out:
-                dispatcher.run(fetch(out))
+                dispatcher.run(lambda: fetch(out))
             os.replace(tmp, args.output)
         except OSError as exc:
             raise Failure(f"cannot write {args.output}: {exc.strerror}") from None
@@ -718,7 +816,7 @@ def artifacts(args: argparse.Namespace) -> int:
     else:
         out = TerminalOut(sys.stdout, raw=not sys.stdout.isatty())
         try:
-            dispatcher.run(fetch(out))
+            dispatcher.run(lambda: fetch(out))
         finally:
             out.close()
     return 0
@@ -973,7 +1071,7 @@ def _observer_target(args: argparse.Namespace) -> tuple[str, str, Any]:
     """(address, secret, TLS context). The configuration (and its YAML import) is
     read only when there is one, keeping the hook's common case quick."""
     secret_file = getattr(args, "secret_file", None)
-    if args.config or any(name.startswith("TINYCI_") and name != CEILING for name in os.environ):
+    if configured(args):
         from .config import load
         from .settings import resolve
         # an explicit --secret-file wins: the configured secret is then not read at all

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from .limits import Limits
 
 
@@ -37,8 +35,12 @@ class ConfigError(Exception):
     """A configuration problem, worded for the person who has to fix it."""
 
 
+# Each class has a docstring: without one @dataclass makes one from
+# inspect.signature, a cost every tool pays at each start.
 @dataclass(frozen=True)
 class DispatcherConfig:
+    """The ``dispatcher`` section: where it listens and keeps its data, runners' liveness, the caps."""
+
     host: str = "127.0.0.1"
     port: int = 8888
     data_dir: str = ".tinyci/dispatcher"
@@ -55,6 +57,8 @@ class DispatcherConfig:
 
 @dataclass(frozen=True)
 class RetentionConfig:
+    """The ``retention`` section: which finished builds the dispatcher deletes, and how often."""
+
     days: float = 0.0             # finished builds older than this are deleted; 0: kept forever
     per_branch: int = 0           # finished builds kept per repository, branch and job; 0: all
     interval: float = 3600.0      # seconds between sweeps
@@ -62,6 +66,8 @@ class RetentionConfig:
 
 @dataclass(frozen=True)
 class ObserverConfig:
+    """The ``observer`` section: the clone it watches, which branches and commits, how often."""
+
     host: str = "127.0.0.1"
     port: int = 8887
     repo: str = ""
@@ -78,6 +84,8 @@ class ObserverConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
+    """The ``runner`` section: its name, labels, slots, workdir, and what it keeps there."""
+
     host: str = "127.0.0.1"
     port: int = 8889
     dispatcher: str = "127.0.0.1:8888"
@@ -92,6 +100,8 @@ class RunnerConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
+    """The ``build`` section: the steps, time limit and environment of a commit without ``.ci.yaml``."""
+
     steps: list = field(default_factory=list)   # empty: pytest when the repo has tests
     timeout: float = 600.0
     env: dict = field(default_factory=dict)
@@ -99,12 +109,16 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class NotifyConfig:
+    """The ``notify`` section: commands the dispatcher runs when a build ends."""
+
     on_finish: list = field(default_factory=list)
     timeout: float = 30.0
 
 
 @dataclass(frozen=True)
 class AuthConfig:
+    """The ``auth`` section: the secrets each role proves itself with."""
+
     secret: str = ""              # shared: used by every role without a secret of its own
     secret_file: str = ""
     # the dispatcher's: each runner's own credential, name -> secret (and/or a YAML file of them)
@@ -123,6 +137,8 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
+    """The ``tls`` section: certificate, key and CA paths (``tls`` makes the contexts)."""
+
     cert: str = ""                # this daemon's certificate (PEM); servers need it
     key: str = ""                 # its private key (PEM); empty: inside `cert`
     ca: str = ""                  # CA that signed the peers' certificates
@@ -130,6 +146,8 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class WebConfig:
+    """The ``web`` section: the web page's address, users, token, actions and forges' webhooks."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     dispatcher: str = ""          # HOST:PORT; empty: dispatcher.host and port
@@ -169,6 +187,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: a section each, the free sections, and where each key came from."""
+
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
@@ -272,6 +292,7 @@ def _read_file(path: Path) -> Any:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    import yaml         # only with a file: without one a tool starts without it
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -47,25 +47,36 @@ frames themselves. The clients check every reply against the same table.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import logging
 import os
-import secrets as _secrets
 import sys
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 from .aio import LazyAsyncio, in_thread, within
-from .gate import Gate
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
                        decode, encode_parts, error, is_stream, ok, validate)
 
 asyncio: Any = LazyAsyncio(globals())
+# A tool imports this module for one request: what only a server (the gate) or a
+# secret (hmac) needs is imported where it is used, not here.
+if TYPE_CHECKING:
+    from .gate import Gate
 
-log = logging.getLogger(__name__)
+
+class _LazyLog:
+    """Stands for this module's logger until first used: only a server logs, and
+    a tool that makes one request need not import logging at each start."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+        global log
+        log = logging.getLogger(__name__)
+        return getattr(log, name)
+
+
+log: Any = _LazyLog()
 
 # The largest frame a server reads before its peer has authenticated: a
 # hello's answer is some hundred bytes, and a peer that proved nothing must
@@ -362,6 +373,8 @@ def _mac(side: str, key: str, ns: str, nc: str, role: str, id: str, to: str) -> 
     # NUL between the parts: the protocol's kinds keep every part free of it, so no two
     # different handshakes give the same text
     text = "\0".join((f"tinyci/{PROTOCOL_VERSION} {side}", ns, nc, role, id, to))
+    import hashlib
+    import hmac
     return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
@@ -376,12 +389,15 @@ def server_mac(key: str, ns: str, nc: str, role: str, id: str, to: str) -> str:
 
 
 def _same(a: str, b: str) -> bool:
+    if not b:       # no key, so no MAC expected: nothing secret to time
+        return not a
     # bytes: compare_digest refuses non-ASCII str, and a peer chooses what it sends
+    import hmac
     return hmac.compare_digest(a.encode(), b.encode())
 
 
 def nonce() -> str:
-    return _secrets.token_hex(16)
+    return os.urandom(16).hex()         # secrets.token_hex(16), without importing secrets
 
 
 class Greeting:
@@ -476,6 +492,7 @@ async def serve(handler: Handler, host: str, port: int, *, secret: str = "",
     """
     if keys is None:
         keys = _role_keys({role: (secrets or {}).get(role) or secret for role in ROLES})
+    from .gate import Gate
     listener = _Listener(handler, Gate(limits, name), keys, roles, limits, name,
                          identity if callable(identity) else (lambda: identity))
     extra = {"ssl": ssl, "ssl_handshake_timeout": limits.read_timeout} if ssl is not None else {}
@@ -831,11 +848,12 @@ async def call(addr: str, msg: dict, role: str, secret: str = "", limits: Limits
 class BlockingLink:
     """A fresh blocking socket to one peer, after the handshake, without an
     event loop: the same frames, table and handshake as ``Client``. For
-    `tinyci notify` in git hooks (no asyncio at all) and for `tinyci log`,
-    whose bulk frames are received into one kept buffer (``recv_into``) and
-    copied out once, where asyncio's stream reader copied each byte three
-    times. Errors are ``Client``'s: PeerRefused, PeerTimeout, PeerError, and
-    ProtocolError for a frame the table does not allow."""
+    `tinyci notify` in git hooks (no asyncio at all), a tool's one request,
+    and `tinyci log` and `artifacts --get`, whose bulk frames are received
+    (``recv_into``) into buffers it keeps and handed on without a copy, where
+    asyncio's stream reader copied each byte three times. Errors are
+    ``Client``'s: PeerRefused, PeerTimeout, PeerError, and ProtocolError for
+    a frame the table does not allow."""
 
     def __init__(self, addr: str, role: str, secret: str = "", limits: Limits = Limits(),
                  ssl: Any = None, *, to: str = DISPATCHER_ID):
@@ -843,6 +861,8 @@ class BlockingLink:
 
         self.limits = limits
         self._buf = bytearray()
+        self._ring: list[bytearray] = []        # ``stream(kept=...)``'s buffers, and which is next
+        self._turn = 0
         host, port = parse_addr(addr)
         self.addr = f"{host}:{port}"
         try:
@@ -875,26 +895,39 @@ class BlockingLink:
             if raw:
                 self.sock.sendall(raw)
 
-    def request(self, msg: dict) -> dict:
-        """Send one request; its one reply (an ``error`` raises RemoteError)."""
+    def request(self, msg: dict, timeout: float | None = None) -> dict:
+        """Send one request; its one reply (an ``error`` raises RemoteError), which
+        must begin within ``timeout`` (``read_timeout`` when None)."""
         if is_stream(msg["type"]):
             raise ValueError(f"{msg['type']!r} is answered by a stream: use BlockingLink.stream")
         self.send(msg)
         with self._failures():
-            reply = check_reply(msg["type"], validate(self._recv(self.limits.read_timeout), SERVER))
+            reply = check_reply(msg["type"], validate(self._recv(timeout or self.limits.read_timeout), SERVER))
         if reply["type"] == "error":
             raise RemoteError(reply)
         return reply
 
-    def stream(self, msg: dict, idle: float | None = None) -> Iterator[dict]:
+    def stream(self, msg: dict, idle: float | None = None, *, kept: int = 0) -> Iterator[dict]:
         """Send a request answered by a stream; yields its frames, each checked
         against the table, up to and including ``end``. ``idle``: how long to
-        wait for a frame to begin (``read_timeout`` when None)."""
+        wait for a frame to begin (``read_timeout`` when None). ``kept``: a bulk
+        frame's ``data`` is not a copy but one of ``kept`` buffers this link
+        keeps for them in turn (a bytearray), good until ``kept`` more bulk
+        frames have come: a caller holds fewer than that at once."""
         answers = Answers(msg["type"])
         self.send(msg)
         while not answers.done:
             with self._failures():
-                frame = answers.check(validate(self._recv(idle or self.limits.read_timeout), SERVER))
+                frame = self._recv(idle or self.limits.read_timeout, kept)
+                raw = frame.get("data") if kept and isinstance(frame, dict) else None
+                if isinstance(raw, bytearray):
+                    # the table's kind for raw data is bytes, whatever their count: it checks an
+                    # empty stand-in, and the frame then carries the kept buffer
+                    frame["data"] = b""
+                    frame = answers.check(validate(frame, SERVER))
+                    frame["data"] = raw
+                else:
+                    frame = answers.check(validate(frame, SERVER))
             if frame["type"] == "error":
                 raise RemoteError(frame)
             yield frame
@@ -902,36 +935,57 @@ class BlockingLink:
     def close(self) -> None:
         self.sock.close()
 
-    def _recv(self, idle: float) -> Any:
-        """One frame: it must begin within ``idle`` and, once begun, be whole within ``read_timeout``."""
+    def _recv(self, idle: float, kept: int = 0) -> Any:
+        """One frame: it must begin within ``idle`` and, once begun, be whole within
+        ``read_timeout``. ``kept``: a bulk frame's bytes go to the next kept buffer."""
         (length,) = HEADER.unpack(self._exactly(4, time.monotonic() + idle))
         if length > self.limits.max_frame:
             raise FatalProtocolError("frame_too_large", f"{self.addr} sent a {length}-byte frame")
         deadline = time.monotonic() + self.limits.read_timeout
         frame = decode(self._exactly(length, deadline))
         size = bulk_size(frame, self.limits.max_bulk)
-        # as bytes, the table's kind: the one copy out of the kept buffer
-        return frame if size is None else attach(frame, self._exactly(size, deadline))
+        if size is None:
+            return frame
+        # as bytes, the table's kind (the one copy out of the kept buffer), unless kept
+        return attach(frame, self._kept(size, deadline, kept) if kept else self._exactly(size, deadline))
 
     def _exactly(self, n: int, deadline: float) -> bytes:
         """``n`` bytes, received into one kept buffer (a new one per frame cost as
         much as the copy out of it: zeroed, and its pages faulted in each time)."""
-        import socket
-
         if len(self._buf) < n:
             self._buf = bytearray(n)
-        view, got = memoryview(self._buf), 0
+        with memoryview(self._buf)[:n] as view:
+            self._fill(view, deadline)
+            return view.tobytes()
+
+    def _kept(self, n: int, deadline: float, kept: int) -> bytearray:
+        """``n`` bytes received into the next of ``kept`` buffers, used in turn and
+        never given back (new pages cost as much as the copy they spare)."""
+        if len(self._ring) < kept:
+            self._ring.append(bytearray(n))
+        buf = self._ring[self._turn % len(self._ring)]
+        self._turn += 1
+        if len(buf) > n:
+            del buf[n:]
+        elif len(buf) < n:
+            buf.extend(bytes(n - len(buf)))
+        with memoryview(buf) as view:       # released: the buffer may be resized next time
+            self._fill(view, deadline)
+        return buf
+
+    def _fill(self, view: memoryview, deadline: float) -> None:
+        import socket
+
+        got, n = 0, len(view)
         while got < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout()
             self.sock.settimeout(left)
-            part = self.sock.recv_into(view[got:n])
+            part = self.sock.recv_into(view[got:])
             if not part:
                 raise ConnectionError(f"{self.addr} closed the connection")
             got += part
-        with view[:n] as filled:
-            return filled.tobytes()
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:

@@ -28,16 +28,21 @@ the configuration's own loader.
 from __future__ import annotations
 
 import fnmatch
-import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-import yaml
-
-from . import buildfile, patterns, protocol, tls
+from . import patterns, protocol, tls
 from .config import MIN_SECRET_CHARS, AuthConfig, Config, ConfigError
 from .limits import Limits
+
+# What only the dispatcher (its pipelines: buildfile, yaml), a runners file
+# (yaml) or TLS (ssl) needs is imported where it is used: a tool resolves its
+# settings at every start and needs none of it.
+if TYPE_CHECKING:
+    import ssl
+
+    from . import buildfile
 
 # The roles that have secrets of their own: the dispatcher proves itself with each runner's
 ROLES = tuple(role for role in protocol.ROLES if role != protocol.DISPATCHER)
@@ -184,6 +189,7 @@ def _runners(config: Config) -> dict[str, str]:
     auth = config.auth
     runners = _credentials(f"{config.origin('auth', 'runners')}: auth.runners", auth.runners)
     if auth.runners_file:
+        import yaml
         path = Path(auth.runners_file).expanduser()
         text = _read_file("auth.runners_file", auth.runners_file)
         try:
@@ -259,6 +265,9 @@ def _check_build(config: Config) -> None:
 
 def _pipelines(config: Config) -> dict[str, Pipeline]:
     """Each ``pipelines.<repo>`` checked as a ``.ci.yaml`` would be; errors name the key."""
+    import yaml
+
+    from . import buildfile
     out = {}
     for repo, entry in config.pipelines.items():
         where = f"{config.origin('pipelines', repo)}: pipelines.{repo}"

@@ -16,8 +16,13 @@ Takes plain paths and knows nothing of the configuration module:
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+# ssl is imported only when a context is made: a tool without TLS (the common
+# case) does not pay for it at each start
+if TYPE_CHECKING:
+    import ssl
 
 
 class TLSError(Exception):
@@ -30,6 +35,7 @@ def server_context(cert: str = "", key: str = "", ca: str = "") -> ssl.SSLContex
         if key:
             raise TLSError("tls.key is set but tls.cert is not: a server needs its certificate")
         return None
+    import ssl
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(ctx, cert, key)
@@ -43,6 +49,7 @@ def client_context(cert: str = "", key: str = "", ca: str = "") -> ssl.SSLContex
     """A context for connecting, or None when neither a certificate nor a CA is given."""
     if not (cert or ca):
         return None
+    import ssl
     if ca:
         # our CA only: a certificate from a public CA must not pass for one of our daemons
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)     # verifies the chain and the host name
@@ -56,6 +63,7 @@ def client_context(cert: str = "", key: str = "", ca: str = "") -> ssl.SSLContex
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    import ssl
     for name, path in (("tls.cert", cert), ("tls.key", key)):
         if path and not Path(path).is_file():
             raise TLSError(f"{name}: {path} does not exist or is not a file")
@@ -67,6 +75,7 @@ def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
 
 
 def _load_ca(ctx: ssl.SSLContext, path: str) -> None:
+    import ssl
     try:
         ctx.load_verify_locations(cafile=path)
     except (ssl.SSLError, OSError) as exc:

@@ -164,7 +164,9 @@ SNAPSHOT = {
 LOGS = {1: ("passed", ["=== build 1 ===\n", "1 passed in 0.01s\n"]),
         2: ("failed", ["=== build 2 ===\n", "AssertionError: ünïcode\n"]),
         # escapes and a CR LF cut between chunks, as a log may arrive
-        3: ("failed", ["ok\r", "\nFAILED\r=== passed ===\n\x1b]52;c;", "eA==\x07\x1b[3", "1mred\x1b[0m\n"])}
+        3: ("failed", ["ok\r", "\nFAILED\r=== passed ===\n\x1b]52;c;", "eA==\x07\x1b[3", "1mred\x1b[0m\n"]),
+        # bulk frames (bytes), many and big: each one's bytes stay in the tool's kept buffers until written
+        4: ("passed", [b"".join(b"chunk %02d line %06d\n" % (n, i) for i in range(40_000)) for n in range(12)])}
 HOSTILE = "\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1A"
 ARTIFACT = b"\x1b]52;c;eA==\x07report \x1b[1A\xc2\x9b2Jok\n"
 
@@ -192,7 +194,7 @@ class StandIn:
             for data in chunks:
                 if offset >= msg.get("offset", 0):
                     await conn.send({"type": "chunk", "offset": offset, "data": data})
-                offset += len(data.encode())
+                offset += len(data if isinstance(data, bytes) else data.encode())
             await conn.send({"type": "end", "status": status, "offset": offset})
             return None
         if kind == "trigger":
@@ -243,6 +245,47 @@ def standin(monkeypatch):
         monkeypatch.delenv(name)
     with StandIn() as server:
         yield server
+
+
+# What a tool that asks the dispatcher once, or streams a log or an artifact,
+# must not import at each start when nothing needs it: an event loop, TLS
+# (none configured), the configuration and YAML (no file, no TINYCI_*
+# variable), the dispatcher's build files, a server's gate and logging, a MAC
+# (no secret).
+NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.config", "ci.settings", "ci.buildfile", "ci.gate", "logging",
+                "hmac", "secrets")
+
+
+@pytest.mark.parametrize("argv", [["status", "--json"], ["artifacts", "7"], ["log", "1"], ["cancel", "3"],
+                                  ["artifacts", "7", "--get", "report.txt", "-o", "{tmp}/got"]])
+def test_a_tool_starts_without_what_it_does_not_use(standin, tmp_path, argv):
+    argv = [word.format(tmp=tmp_path) for word in argv] + ["--dispatcher", standin.addr]
+    code = ("import sys\nfrom ci import cli\ncode = cli.main(sys.argv[1:])\n"
+            f"print(code, sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_START!r} or m in {NOT_AT_START!r}))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=TOOL_CWD,
+                          timeout=30, env=child_env())
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == ("1 []" if argv[0] == "cancel" else "0 []"), done.stderr      # cancel: the stand-in refuses
+    if "--get" in argv:
+        assert (tmp_path / "got").read_bytes() == ARTIFACT
+
+
+def test_the_tools_defaults_are_the_configurations():
+    from ci.config import Config
+    defaults = Config()
+    assert cli.DEFAULT_DISPATCHER == f"{defaults.dispatcher.host}:{defaults.dispatcher.port}"
+    assert cli.DEFAULT_OBSERVER == f"{defaults.observer.host}:{defaults.observer.port}"
+
+
+def test_a_tool_reads_yaml_only_for_a_config_file(standin, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("build:\n  timeout: 60\n")
+    code = ("import sys\nfrom ci import cli\ncli.main(sys.argv[1:])\n"
+            "print(sorted(m for m in ('yaml', 'ssl', 'asyncio') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, "status", "--json", "--dispatcher", standin.addr,
+                           "--config", str(config)], capture_output=True, text=True, cwd=TOOL_CWD, timeout=30,
+                          env=child_env())
+    assert done.stdout.strip().splitlines()[-1] == "['yaml']", done.stderr
 
 
 def test_status_json_is_one_object(standin, capsys):
@@ -305,6 +348,17 @@ def test_an_artifact_is_its_bytes_in_a_pipe_and_plain_text_on_a_terminal(standin
     assert piped.returncode == 0 and piped.stdout == ARTIFACT
     code, out = in_pty(["artifacts", "5", "--get", "report.txt", "--dispatcher", standin.addr])
     assert code == 0 and screen_text(out, colour=True) == "report ok\n"
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_big_log_in_bulk_frames_is_written_whole_and_in_order(standin, tmp_path, raw):
+    out = tmp_path / "log.txt"
+    with open(out, "wb") as f:
+        done = subprocess.run([sys.executable, "-m", "ci", "log", "4", *(["--raw"] if raw else []),
+                               "--dispatcher", standin.addr], stdout=f, stderr=subprocess.PIPE, env=child_env(),
+                              cwd=TOOL_CWD, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == b"".join(LOGS[4][1])
 
 
 def test_log_of_unknown_build_is_the_dispatchers_message(standin, capsys):

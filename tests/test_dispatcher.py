@@ -440,6 +440,35 @@ async def test_read_log_sends_the_log_in_chunks_then_the_end(make):
 
 
 @scenario
+async def test_a_log_read_binary_comes_in_chunks_of_whole_characters(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    # three-byte characters: 1024-byte frames (the size here) would cut some of them
+    text = "€" * 2000 + "\n"
+    await h.log(1, 0, text)
+    await h.result(1)
+    stored = h.d.logs.path(1).read_bytes()
+    conn = Conn(protocol.READER)
+    conn.limits = net.Limits(max_bulk=1024)
+    request = {"type": "read_log", "build": 1, "binary": True, "timestamps": True}
+    protocol.validate(request, protocol.READER)
+    assert await h.d.handle(conn, request) is None
+    chunks = [f for f in conn.sent if f["type"] == "chunk"]
+    assert b"".join(c["data"] for c in chunks) == stored and len(chunks) > 3
+    for chunk in chunks:
+        chunk["data"].decode()      # none ends inside a character
+        assert len(chunk["data"]) <= 1024 and chunk["times"]
+    assert [c["offset"] for c in chunks] == [sum(len(c["data"]) for c in chunks[:i]) for i in range(len(chunks))]
+    assert conn.sent[-1] == {"type": "end", "status": "passed", "offset": len(stored)}
+    # from an offset, and from past the end
+    frames = await h.stream({"type": "read_log", "build": 1, "binary": True, "offset": 1000})
+    assert b"".join(f["data"] for f in frames if f["type"] == "chunk") == stored[1000:]
+    frames = await h.stream({"type": "read_log", "build": 1, "binary": True, "offset": 10 ** 9})
+    assert frames == [{"type": "end", "status": "passed", "offset": len(stored)}]
+
+
+@scenario
 async def test_watch_sends_a_snapshot_then_each_change(make):
     h = make()
     conn = Conn(protocol.READER)
