@@ -24,6 +24,7 @@ written and synced, and only then is it listed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from . import aio, files, patterns
 from .store import Store
@@ -80,6 +81,9 @@ class Artifacts:
         self.store = store
         self.root = store.dir / "artifacts"
         self.partial: dict[int, Partial] = {}       # by build
+        # directories holding one made since: synced with the next file finished, so that
+        # a listed artifact's every name is on the disk (each once, not once per file)
+        self.unsynced: set[Path] = set()
 
     def directory(self, build_id: int, sha: str) -> Path:
         if not patterns.is_sha(sha):
@@ -97,6 +101,7 @@ class Artifacts:
                 if not create:
                     raise ArtifactError("not_found", "no such artifact") from None
                 os.mkdir(here)
+                self.unsynced.add(here.parent)
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 raise ArtifactError("bad_path", f"artifact path leads through {part!r}, which is not a "
@@ -118,7 +123,9 @@ class Artifacts:
         (fsync) before the file is listed."""
         partial, file = self._admit(build_id, sha, path, offset, len(data), limit, attempt)
         generation = partial.generation.get(path, 0)
-        return self._done(build_id, partial, path, _put(file, path, offset, data, eof), eof, generation)
+        with self._syncing(eof) as parents:
+            size = _put(file, path, offset, data, eof, parents)
+        return self._done(build_id, partial, path, size, eof, generation)
 
     async def write_off_loop(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
                              limit: int, attempt: int = 1) -> int:
@@ -134,13 +141,14 @@ class Artifacts:
         await self._written(build_id, partial, path, quiet=offset == 0)
         if offset == 0 or eof:      # the first makes the file: never behind a removal's back
             # in ``writing`` too, so that a retry's first chunk waits until this write is done
-            work = partial.writing[path] = _quiet(asyncio.ensure_future(
-                aio.in_thread(_put, file, path, offset, data, eof)))
-            try:
-                written = await work
-            finally:
-                if partial.writing.get(path) is work:
-                    del partial.writing[path]
+            with self._syncing(eof) as parents:
+                work = partial.writing[path] = _quiet(asyncio.ensure_future(
+                    aio.in_thread(_put, file, path, offset, data, eof, parents)))
+                try:
+                    written = await work
+                finally:
+                    if partial.writing.get(path) is work:
+                        del partial.writing[path]
             size = self._done(build_id, partial, path, written, eof, generation)
         else:
             partial.sizes[path] = offset + len(data)        # where the next chunk goes on
@@ -150,6 +158,17 @@ class Artifacts:
         if not eof:
             self._flush_behind(partial, path, file)
         return size
+
+    @contextlib.contextmanager
+    def _syncing(self, eof: bool) -> Iterator[tuple[Path, ...]]:
+        """The directories a last chunk's write syncs besides its file's; given
+        back should it fail, for the next one to sync."""
+        parents, self.unsynced = (tuple(self.unsynced), set()) if eof else ((), self.unsynced)
+        try:
+            yield parents
+        except BaseException:
+            self.unsynced.update(parents)
+            raise
 
     async def _written(self, build_id: int, partial: Partial, path: str, quiet: bool = False) -> None:
         """Wait for the chunk of ``path`` being written; its error is raised here,
@@ -298,9 +317,10 @@ class Artifacts:
         return open(fd, "rb", buffering=0)
 
 
-def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
+def _put(file: Path, path: str, offset: int, data: bytes, eof: bool, parents: tuple[Path, ...] = ()) -> int:
     """Write ``data`` at ``offset`` of ``file`` (the first chunk makes it, never
-    through a symlink), synced when it is the last; returns the file's size."""
+    through a symlink), synced when it is the last, with its directory and
+    ``parents``; returns the file's size."""
     flags = os.O_WRONLY | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if offset == 0 else 0)
     try:
         fd = os.open(file, flags, 0o644)
@@ -320,12 +340,8 @@ def _put(file: Path, path: str, offset: int, data: bytes, eof: bool) -> int:
         if eof:
             os.ftruncate(fd, offset + len(data))    # nothing past the end, whatever wrote there before
             os.fsync(fd)    # listed, and acknowledged, only once it is on the disk
-            # and its name too: every directory from the file's up to the store's
-            # (<root>/<sha>/<build>/<path>) may be new, and a crash could lose an entry
-            here = file.parent
-            for _ in range(path.count("/") + 3):
-                files.sync_dir(here)
-                here = here.parent
+            for directory in {file.parent, *parents}:      # and every name on the way to it
+                files.sync_dir(directory)
         return offset + len(data)
     finally:
         os.close(fd)

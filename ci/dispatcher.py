@@ -149,6 +149,7 @@ class Dispatcher:
             await stop.wait()
         finally:
             server.close()
+            self.links.beat.stopped = True      # a ping failing from here on is not sent again
             beat.cancel()
             timed.cancel()
             for task in list(self.tasks):
@@ -191,6 +192,7 @@ class Dispatcher:
                 self.store.save_runners(plan.dead)
         for runner in plan.dead:
             log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)
+            self.links.let_go(runner)
         for build, why in plan.requeued:
             log.info("build %d queued again: %s", build.id, why)
         for build, why in plan.errored:

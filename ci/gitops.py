@@ -15,13 +15,12 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
+
+import git
+import gitdb.exc
 
 from . import aio
-
-# imported when first used: the dispatcher seldom needs them
-git: Any = aio.Lazy(globals(), "git")
-gitdb_exc: Any = aio.Lazy(globals(), "gitdb.exc", "gitdb_exc")
 
 # git must never stop to ask for a user name or password: nobody is there to answer
 QUIET_ENV = {"GIT_TERMINAL_PROMPT": "0"}
@@ -235,7 +234,7 @@ class RepoReader:
     def _reading(self) -> Iterator[None]:
         try:
             yield
-        except (git.GitError, gitdb_exc.ODBError, OSError, ValueError) as exc:
+        except (git.GitError, gitdb.exc.ODBError, OSError, ValueError) as exc:
             raise GitReadError(f"cannot read {self.path}: {why(exc)}") from None
 
 

@@ -13,7 +13,8 @@ handshake in both processes) is what made 500 runners' heartbeats collapse
 under their own reconnections. A tick that comes late because this process
 itself was not running (SIGSTOP, a VM pause, swap, a loop too busy to look)
 judges nothing: what it would count proves nothing about the runners, and
-the next tick judges. Then each runner with no ping out gets one.
+the next tick judges (never two such in a row: a loop late all the time
+still finds a frozen runner, at half the pace). Then each runner with no ping out gets one.
 
 A ping is a write, and its pong a callback (``KeptLink.post``): no task, timer
 or lock per ping, since pings are most of an idle dispatcher's work. One
@@ -22,7 +23,8 @@ connection made anew (the kept one may have died with a runner that
 restarted); failing again, it is a miss at the next tick, which sends the
 next. Refused, or answered by something that cannot prove it is that
 runner: lost at once (after the restart grace of a runner known from
-before). A ping out for longer than ``read_timeout`` closes its connection.
+before). A ping out for longer than ``read_timeout`` closes its connection,
+and the next goes on a new one.
 
 A registration of a live runner's name from another address asks
 ``taken_by``: the holder is pinged once at once, on a connection of its own,
@@ -53,7 +55,6 @@ class Ping:
     the next tick counts."""
     runner: RunnerRecord
     sent: float             # when it went out: the scheduler judges leases by it
-    judged: float           # the tick that last judged it (or sent it)
     retried: bool = False   # this one is the at-once second try
     failed: str = ""
 
@@ -67,6 +68,7 @@ class Heartbeat:
         self.waiting_for: set[str] = set()          # runners known from before a restart, said so once
         self.claims: dict[str, asyncio.Lock] = {}   # runner name -> held while a registration claims it
         self.last_tick: float | None = None
+        self.skipped = False        # the last tick judged nothing (this process had stood still)
         self.stopped = False
 
     async def loop(self, stop: asyncio.Event) -> None:
@@ -90,46 +92,59 @@ class Heartbeat:
                 pass
 
     def tick(self, now: float) -> None:
-        """One interval: each ping out judged, then a ping to each live runner with none out."""
+        """One interval: each ping out judged, then a ping to each live runner
+        with none out. What goes wrong for one runner (a plan that cannot be
+        stored: a full disk) is logged and leaves the others' pings alone."""
         interval = self.links.config.dispatcher.heartbeat_interval
-        stalled = self.last_tick is not None and now - self.last_tick > interval * STALLED
+        # judged nothing: a tick this late means this process stood still. Never two in a
+        # row, so that a loop late all the time (too busy) still finds a frozen runner
+        stalled = (self.last_tick is not None and now - self.last_tick > interval * STALLED
+                   and not self.skipped)
         if stalled:
             log.info("this dispatcher was not running for %.1fs (a heartbeat every %gs): the %d ping(s) out "
                      "meanwhile are not counted as misses", now - self.last_tick, interval, len(self.out))
-        self.last_tick = now
+        self.last_tick, self.skipped = now, stalled
         runners = self.links.sched.runners
         for name, ping in list(self.out.items()):
             if not ping.runner.alive or runners.get(name) is not ping.runner:
                 del self.out[name]          # lost, or registered anew, meanwhile
-            elif not stalled:
-                self._judge(ping, now)
-            elif ping.failed:
+            elif stalled and ping.failed:
                 del self.out[name]          # not counted: sent again below
-            else:
-                ping.judged = now
+            elif not stalled:
+                self._guarded(self._judge, ping, now)
         for runner in list(runners.values()):
             if runner.alive and runner.name not in self.out:
-                self.send(runner, now)
+                self._guarded(self.send, runner, now)
+
+    def _guarded(self, step: Any, what: Any, now: float) -> None:
+        try:
+            step(what, now)
+        except Exception:
+            name = what.runner.name if isinstance(what, Ping) else what.name
+            log.exception("the heartbeat of runner %s failed; the next tick tries again", name)
 
     def _judge(self, ping: Ping, now: float) -> None:
+        """A ping out at a tick: a miss, with why (failed, or no pong yet)."""
         runner = ping.runner
         if ping.failed:
             del self.out[runner.name]
             self._missed(runner, ping.failed, now)
             return
-        ping.judged = now
-        limit = self.links.settings.limits.read_timeout
-        if now - ping.sent > limit:         # out of step or dead: the pong is not coming on this connection
-            self.links.link(runner).drop(net.PeerTimeout(f"{runner.host}:{runner.port} did not answer a ping "
-                                                         f"within {limit:g}s"))
         interval = self.links.config.dispatcher.heartbeat_interval
         self._missed(runner, f"no pong within {interval:g}s", now)
-        if not runner.alive:
+        limit = self.links.settings.limits.read_timeout
+        if runner.alive and now - ping.sent > limit:
+            # out of step or dead: the pong is not coming on this connection. Replaced
+            # first, so that its failure is not counted again; a fresh ping goes below
+            del self.out[runner.name]
+            self.links.link(runner).drop(net.PeerTimeout(f"{runner.host}:{runner.port} did not answer a ping "
+                                                         f"within {limit:g}s"))
+        elif not runner.alive:
             self.out.pop(runner.name, None)
 
-    def send(self, runner: RunnerRecord, now: float, judged: float | None = None) -> None:
+    def send(self, runner: RunnerRecord, now: float, retried: bool = False) -> None:
         """A ping out to ``runner`` now (on its kept connection, made first if need be)."""
-        ping = self.out[runner.name] = Ping(runner, now, now if judged is None else judged, judged is not None)
+        ping = self.out[runner.name] = Ping(runner, now, retried)
         link = self.links.link(runner)
         if link.connected:
             self._post(link, ping)
@@ -170,8 +185,8 @@ class Heartbeat:
             self.lost(runner, exc)
         elif isinstance(exc, net.PeerTimeout) or ping.retried:
             self._failed(ping, str(exc))
-        else:       # e.g. a connection reset: the kept one may be dead, so once more, at once, on a new one
-            self.send(runner, links.clock(), judged=ping.judged)
+        else:       # e.g. a connection reset: the kept one may be dead, so once more, at once (made anew if it was)
+            self.send(runner, links.clock(), retried=True)
 
     def _failed(self, ping: Ping, why: str) -> None:
         if self.out.get(ping.runner.name) is ping:

@@ -61,7 +61,15 @@ class KeptLink:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._opened)
-        await asyncio.shield(self._connecting)
+        attempt = self._connecting
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.cancelled() and not (task is not None and getattr(task, "cancelling", lambda: 1)()):
+                # the attempt was stopped by ``close``, not this caller (3.11+ tells them apart)
+                raise net.PeerError(f"the connection to {self.addr} was closed") from None
+            raise
 
     async def _open(self) -> None:
         conn = await self._dialer.open()
@@ -110,6 +118,13 @@ class KeptLink:
         if self._replies is not None:
             self._replies.fail(exc)
 
+    def abandon(self, exc: Exception) -> None:
+        """``drop``, and a connection being made now is closed once made (the
+        peer moved: this link is no longer kept)."""
+        self.drop(exc)
+        if self._connecting is not None:
+            self._connecting.cancel()
+
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
@@ -149,7 +164,8 @@ class _Replies(asyncio.Protocol):
         replies.conn = conn         # held: a stream writer collected closes its transport
         held = getattr(conn.reader, "_buffer", b"")
         transport.set_protocol(replies)
-        if conn.reader.at_eof() or transport.is_closing():
+        # ``_eof``: the end may have come behind part of a frame, which at_eof does not say
+        if conn.reader.at_eof() or getattr(conn.reader, "_eof", False) or transport.is_closing():
             replies.closed = True
             transport.close()
             return replies
@@ -193,6 +209,7 @@ class _Replies(asyncio.Protocol):
                 raise protocol.ProtocolError("bad_reply", f"a bulk frame in answer to {kind!r}")
             reply = protocol.check_reply(kind, frame)
         except protocol.ProtocolError as exc:
+            self._shut()        # first: a caller trying again at once must find the connection gone
             self._call(on_reply, None, exc)
             self.fail(net.PeerError(f"{self.peer} is out of step: {exc.message}"))
             return
@@ -204,11 +221,14 @@ class _Replies(asyncio.Protocol):
         except Exception:           # the connection's framing must go on whatever a caller does
             log.exception("handling the reply from %s failed", self.peer)
 
-    def fail(self, exc: Exception) -> None:
-        """Close the connection; every request waiting gets ``exc``."""
+    def _shut(self) -> None:
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+    def fail(self, exc: Exception) -> None:
+        """Close the connection; every request waiting gets ``exc``."""
+        self._shut()
         while self.waiting:
             _, on_reply = self.waiting.popleft()
             self._call(on_reply, None, exc)

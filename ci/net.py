@@ -877,9 +877,14 @@ class BlockingLink:
             raise PeerError(f"cannot connect to {self.addr}: not a valid host name") from None
         self.sock = sock
         try:
-            with self._failures():
-                if ssl is not None:
+            if ssl is not None:
+                try:
                     self.sock = ssl.wrap_socket(sock, server_hostname=host)
+                except socket.timeout:
+                    raise PeerTimeout(f"connecting to {self.addr} timed out (TLS)") from None
+                except OSError as exc:      # a certificate refused, or no TLS at the other end
+                    raise PeerError(f"cannot connect to {self.addr}: {exc.strerror or exc}") from None
+            with self._failures(handshake=True):     # the same words as Client's
                 greeting = Greeting(self.addr, role, secret, to=to)
                 self.send(greeting.auth(self._recv(limits.read_timeout)))
                 greeting.check(self._recv(limits.read_timeout))
@@ -915,6 +920,7 @@ class BlockingLink:
         keeps for them in turn (a bytearray), good until ``kept`` more bulk
         frames have come: a caller holds fewer than that at once."""
         answers = Answers(msg["type"])
+        self._ring, self._turn = [], 0      # this stream's own: a buffer of an earlier one may still be held
         self.send(msg)
         while not answers.done:
             with self._failures():
@@ -988,7 +994,7 @@ class BlockingLink:
             got += part
 
     @contextlib.contextmanager
-    def _failures(self) -> Iterator[None]:
+    def _failures(self, handshake: bool = False) -> Iterator[None]:
         """The socket's and the frames' failures as Client's errors."""
         import socket
 
@@ -997,6 +1003,8 @@ class BlockingLink:
         except socket.timeout:
             raise PeerTimeout(f"{self.addr} did not answer in time") from None
         except OSError as exc:      # ConnectionError and TLS errors included
+            if handshake:
+                raise PeerError(f"handshake with {self.addr} failed: {exc}") from None
             raise PeerError(f"lost connection to {self.addr}: {exc}") from None
 
 

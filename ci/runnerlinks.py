@@ -75,8 +75,16 @@ class RunnerLinks:
         """The kept connection to ``runner`` (run, cancel and ping)."""
         link = self.links.get(runner.name)
         if link is None or (link.host, link.port) != (runner.host, runner.port):
+            if link is not None:        # it moved: what waits on the old address fails, and is sent anew
+                link.abandon(net.PeerError(f"runner {runner.name} moved to {runner.host}:{runner.port}"))
             link = self.links[runner.name] = self.dial(runner)
         return link
+
+    def let_go(self, runner: RunnerRecord) -> None:
+        """A runner found dead: its kept connection closed now, not when it is forgotten."""
+        link = self.links.get(runner.name)
+        if link is not None:
+            link.drop(net.PeerError(f"runner {runner.name} is dead"))
 
     async def close(self) -> None:
         self.beat.stopped = True        # the pings the closes fail are not sent again

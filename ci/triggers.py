@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-from . import aio, buildfile, gitops, intake, net, protocol, schedule
+from . import aio, buildfile, intake, net, protocol, schedule
 from .config import Config
 from .models import Build
 from .store import Store
+
+# GitPython (some 100 modules) loaded at the first trigger or rebuild, not when the dispatcher starts
+gitops: Any = aio.Lazy(globals(), f"{__package__}.gitops", "gitops")
 
 log = logging.getLogger(__name__)
 

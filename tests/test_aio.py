@@ -114,7 +114,7 @@ def test_a_lazy_module_under_another_name_replaces_itself_at_first_use():
 
 def test_the_dispatcher_starts_without_gitpython_and_resolves_revisions_with_it():
     """GitPython is some 100 modules: the dispatcher needs it only for `trigger` and `rebuild`."""
-    code = ("import sys, ci.dispatcher, ci.gitops; print('git' in sys.modules); "
-            f"ci.gitops.resolve({str(ROOT)!r}, 'HEAD'); print('git' in sys.modules)")
+    code = ("import sys, ci.dispatcher, ci.triggers; print('git' in sys.modules); "
+            f"ci.triggers.gitops.resolve({str(ROOT)!r}, 'HEAD'); print('git' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.stdout.split() == ["False", "True"], out.stderr

@@ -133,9 +133,13 @@ def test_a_finished_artifact_and_every_directory_naming_it_are_on_the_disk_befor
     arts.write(1, SHA, "out/deep/report.txt", 5, b"done", True, 1 << 20)
     root = tmp_path / "data" / "artifacts"
     build = root / SHA / "1"
-    assert synced == [str(build / "out/deep/report.txt"), str(build / "out/deep"), str(build / "out"), str(build),
-                      str(root / SHA), str(root)]
+    assert synced[0] == str(build / "out/deep/report.txt")
+    assert sorted(synced[1:]) == sorted(map(str, [build / "out/deep", build / "out", build, root / SHA, root,
+                                                  tmp_path / "data"]))
     assert [a["path"] for a in arts.list(1)] == ["out/deep/report.txt"]
+    synced.clear()          # the next file in a directory that exists: its own name only
+    arts.write(1, SHA, "out/deep/other.txt", 0, b"x", True, 1 << 20)
+    assert synced == [str(build / "out/deep/other.txt"), str(build / "out/deep")]
 
 
 def test_a_symlink_in_the_store_is_never_followed(arts, tmp_path):

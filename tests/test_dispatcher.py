@@ -115,6 +115,9 @@ class MemoryRunner:
     def drop(self, exc: Exception) -> None:
         self.dropped.append(str(exc))
 
+    def abandon(self, exc: Exception) -> None:
+        self.drop(exc)
+
     async def close(self) -> None:
         pass
 
@@ -614,6 +617,51 @@ async def test_a_ping_out_longer_than_the_read_timeout_closes_its_connection(mak
     await h.tick()
     assert runner.dropped == ["127.0.0.1:9000 did not answer a ping within 10s"]
     assert h.d.sched.runners["r1"].misses == 11 and h.state("r1") == "idle"
+
+
+@scenario
+async def test_a_ping_closed_for_the_read_timeout_is_sent_again_at_once_not_counted_twice(make):
+    # interval x misses over the read timeout: the closed connection's ping must not cost a miss of its own
+    h = make(heartbeat_interval=5.0, heartbeat_misses=3)
+    runner = h.runner("r1")
+    await h.register("r1")
+    runner.frozen = True
+    await h.tick()                  # sent
+    h.mono += 5
+    await h.tick()                  # the first miss
+    h.mono += 5.5
+    runner.frozen = False           # it stood still for some 10 s, and is back
+    await h.tick()                  # the second miss; its connection closed, a ping on a new one, answered
+    assert runner.dropped == ["127.0.0.1:9000 did not answer a ping within 10s"]
+    assert h.state("r1") == "idle" and h.d.sched.runners["r1"].misses == 0
+    assert len(runner.sent("ping")) == 1
+
+
+@scenario
+async def test_a_loop_late_at_every_tick_still_finds_a_frozen_runner(make):
+    h = make(heartbeat_interval=1.0, heartbeat_misses=2)
+    h.runner("r1")
+    await h.register("r1")
+    h.runners["r1"].frozen = True
+    await h.tick()
+    for _ in range(4):              # every tick 2 s after the last: late, but only one in two is let off
+        h.mono += 2.0
+        await h.tick()
+    assert h.state("r1") == "dead"
+
+
+@scenario
+async def test_a_tick_that_fails_for_one_runner_still_pings_the_others(make, caplog):
+    h = make()
+    for name in ("r1", "r2"):
+        h.runner(name)
+        await h.register(name)
+
+    def broken(msg, on_reply):
+        raise RuntimeError("a bug")
+    h.runners["r1"].post = broken
+    await h.tick()
+    assert h.runners["r2"].sent("ping") and "the heartbeat of runner r1 failed" in caplog.text
 
 
 @scenario

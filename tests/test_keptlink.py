@@ -95,6 +95,13 @@ def test_a_reply_the_table_does_not_allow_fails_its_request_and_what_waits_behin
         assert second is None and isinstance(e2, net.PeerError) and "out of step" in str(e2)
         assert not a.connected
         assert (await a.request({"type": "ping"}))["type"] == "pong"     # a new connection
+        # the failed request's caller finds the connection gone already: trying again at once makes a new one
+        runner.bad = True
+        seen = []
+        await a.connect()
+        done = asyncio.get_running_loop().create_future()
+        a.post({"type": "ping"}, lambda reply, exc: seen.append(a.connected) or done.set_result(exc))
+        assert isinstance(await done, protocol.ProtocolError) and seen == [False]
         await a.close()
         server.close()
     run(body())

@@ -172,6 +172,12 @@ class Silent:
     async def close(self) -> None:
         pass
 
+    def drop(self, exc: Exception) -> None:
+        pass
+
+    def abandon(self, exc: Exception) -> None:
+        pass
+
 
 def test_log_result_and_artifact_come_only_from_the_runner_holding_the_build(tmp_path):
     # a build on r2 that read the shared runner secret connects as runner r2 and reports on r1's build
@@ -277,6 +283,9 @@ def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certif
         assert (await ask(p_addr, "reader", "", {"type": "status"}, trusting))["runners"][0]["role"] == "reader"
         with pytest.raises(net.PeerError):          # the server's certificate is not from our CA
             await ask(p_addr, "reader", "", {"type": "status"}, distrusting)
+        # a tool's blocking link says it as the asyncio client does
+        with pytest.raises(net.PeerError, match=r"^cannot connect to 127\.0\.0\.1:\d+: .*certificate verify failed"):
+            await asyncio.to_thread(net.request_blocking, p_addr, {"type": "status"}, "reader", ssl=distrusting)
         with pytest.raises(net.PeerError):          # plain TCP to a TLS port gets nowhere
             await ask(p_addr, "reader", "", {"type": "status"}, timeout=0.5)
         assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["runners"][0]["role"] == "reader"
