@@ -17,26 +17,25 @@ from typing import Any, Awaitable, Callable
 
 class Lazy:
     """Stands for module ``module`` in a module's globals (as ``name``) until
-    first used, then replaces itself there with the real module. `tinyci
-    notify` runs inside every git commit's hook and needs only
-    ``net.request_blocking``: importing asyncio would cost it some 40 ms a
-    commit. The dispatcher needs GitPython only to resolve a revision for
-    `trigger`: importing it at start cost some 60 ms and 100 modules' memory."""
+    first used, then replaces itself there with the real module, or with what
+    ``make`` makes of it (a logger). `tinyci notify` runs inside every git
+    commit's hook and needs only ``net.request_blocking``: importing asyncio
+    (or logging) would cost it some 40 ms a commit. The dispatcher needs
+    GitPython only to resolve a revision for `trigger`: importing it at start
+    cost some 60 ms and 100 modules' memory."""
 
-    def __init__(self, namespace: dict, module: str, name: str = ""):
-        self._namespace, self._module, self._name = namespace, module, name or module
+    def __init__(self, namespace: dict, module: str, name: str = "", make: Callable[[Any], Any] | None = None):
+        self._namespace, self._module, self._name, self._make = namespace, module, name or module, make
 
     def __getattr__(self, attr: str) -> Any:
-        module = importlib.import_module(self._module)
-        self._namespace[self._name] = module    # later lookups skip this proxy
-        return getattr(module, attr)
+        value = importlib.import_module(self._module)
+        if self._make is not None:
+            value = self._make(value)
+        self._namespace[self._name] = value     # later lookups skip this proxy
+        return getattr(value, attr)
 
 
-def LazyAsyncio(namespace: dict) -> Any:
-    return Lazy(namespace, "asyncio")
-
-
-asyncio: Any = LazyAsyncio(globals())
+asyncio: Any = Lazy(globals(), "asyncio")
 
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import aio, net, protocol
 
-asyncio: Any = aio.LazyAsyncio(globals())
+asyncio: Any = aio.Lazy(globals(), "asyncio")
 
 
 def request(build: int, path: str) -> dict:

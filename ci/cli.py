@@ -486,13 +486,9 @@ class DispatcherLink:
 
     def link(self, role: str) -> net.BlockingLink:
         """A blocking link (no event loop): for one request, and for `tinyci log` and
-        `artifacts --get`, whose chunks it receives into buffers it keeps. A handshake
-        that goes wrong is said as ``Client`` says it."""
-        try:
-            return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
-                                    to=protocol.DISPATCHER_ID)
-        except protocol.ProtocolError as exc:
-            raise net.PeerError(f"handshake with {self.addr} failed: {exc}") from None
+        `artifacts --get`, whose chunks it receives into buffers it keeps."""
+        return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
+                                to=protocol.DISPATCHER_ID)
 
     def run(self, coro) -> Any:
         """Run one coroutine (or call a function: work on a blocking ``link``),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import aio, net, protocol, sanitize
 from .models import RunnerRecord
@@ -111,16 +111,15 @@ class Heartbeat:
             elif stalled and ping.failed:
                 del self.out[name]          # not counted: sent again below
             elif not stalled:
-                self._guarded(self._judge, ping, now)
+                self._guarded(name, self._judge, ping, now)
         for runner in list(runners.values()):
             if runner.alive and runner.name not in self.out:
-                self._guarded(self.send, runner, now)
+                self._guarded(runner.name, self.send, runner, now)
 
-    def _guarded(self, step: Any, what: Any, now: float) -> None:
+    def _guarded(self, name: str, step: Callable[..., None], *args: Any) -> None:
         try:
-            step(what, now)
+            step(*args)
         except Exception:
-            name = what.runner.name if isinstance(what, Ping) else what.name
             log.exception("the heartbeat of runner %s failed; the next tick tries again", name)
 
     def _judge(self, ping: Ping, now: float) -> None:

@@ -52,31 +52,19 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
-from .aio import LazyAsyncio, in_thread, within
+from .aio import Lazy, in_thread, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
                        decode, encode_parts, error, is_stream, ok, validate)
 
-asyncio: Any = LazyAsyncio(globals())
+asyncio: Any = Lazy(globals(), "asyncio")
 # A tool imports this module for one request: what only a server (the gate) or a
 # secret (hmac) needs is imported where it is used, not here.
 if TYPE_CHECKING:
     from .gate import Gate
-
-
-class _LazyLog:
-    """Stands for this module's logger until first used: only a server logs, and
-    a tool that makes one request need not import logging at each start."""
-
-    def __getattr__(self, name: str) -> Any:
-        import logging
-        global log
-        log = logging.getLogger(__name__)
-        return getattr(log, name)
-
-
-log: Any = _LazyLog()
+# only a server logs: a tool that makes one request need not import logging at each start
+log: Any = Lazy(globals(), "logging", "log", make=lambda logging: logging.getLogger(__name__))
 
 # The largest frame a server reads before its peer has authenticated: a
 # hello's answer is some hundred bytes, and a peer that proved nothing must
@@ -1002,6 +990,10 @@ class BlockingLink:
             yield
         except socket.timeout:
             raise PeerTimeout(f"{self.addr} did not answer in time") from None
+        except ProtocolError as exc:
+            if handshake:       # a hello or an answer to auth that is not one: as Client says it
+                raise PeerError(f"handshake with {self.addr} failed: {exc}") from None
+            raise
         except OSError as exc:      # ConnectionError and TLS errors included
             if handshake:
                 raise PeerError(f"handshake with {self.addr} failed: {exc}") from None
@@ -1013,10 +1005,7 @@ def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: 
     """One request on a fresh blocking socket, without an event loop (``BlockingLink``)."""
     if is_stream(msg["type"]):
         raise ValueError(f"{msg['type']!r} is answered by a stream, which needs a Client")
-    try:
-        link = BlockingLink(addr, role, secret, limits, ssl, to=to)
-    except ProtocolError as exc:
-        raise PeerError(f"{addr}: {exc.message}") from None
+    link = BlockingLink(addr, role, secret, limits, ssl, to=to)
     try:
         return link.request(msg)
     except ProtocolError as exc:

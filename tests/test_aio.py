@@ -92,7 +92,7 @@ def test_backoff_grows_to_its_cap_with_full_jitter_and_resets():
 
 def test_lazy_asyncio_replaces_itself_with_the_module_at_first_use():
     namespace = {}
-    namespace["asyncio"] = aio.LazyAsyncio(namespace)
+    namespace["asyncio"] = aio.Lazy(namespace, "asyncio")
     assert namespace["asyncio"].sleep is asyncio.sleep
     assert namespace["asyncio"] is asyncio
 

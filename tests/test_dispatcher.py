@@ -371,6 +371,28 @@ async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
     assert await h.log(1, 0, "second\n", attempt=2, runner="r2") == {"type": "ok", "offset": 7}
 
 
+@scenario
+async def test_a_runner_found_dead_has_its_kept_connection_closed_at_once(make):
+    h = make(heartbeat_interval=0.1, heartbeat_misses=2)
+    runner = h.runner("r1")
+    await h.register("r1")
+    runner.frozen = True
+    await h.ping("r1")
+    assert h.state("r1") == "dead" and runner.dropped == ["runner r1 is dead"]
+
+
+@scenario
+async def test_a_runner_that_moved_has_its_old_connection_closed(make):
+    h = make()
+    old = h.runner("r1")
+    await h.register("r1")
+    record = h.d.sched.runners["r1"]
+    assert h.d.links.link(record) is old
+    record.port = 9100              # registered again from another port
+    h.d.links.link(record)
+    assert old.dropped == ["runner r1 moved to 127.0.0.1:9100"]
+
+
 # ---------------------------------------------------------------- cancel
 
 @scenario

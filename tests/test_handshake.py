@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 
 import pytest
 
@@ -209,6 +210,24 @@ def test_another_protocol_version_is_named():
         with pytest.raises(net.PeerError, match="speaks tinyci protocol version 1, this is version 3"):
             await net.call(addr, {"type": "status"}, "reader")
         impostor.server.close()
+    run(body())
+
+
+def test_a_hello_that_cannot_be_read_is_said_the_same_by_both_clients():
+    async def garbled(reader, writer):
+        writer.write(struct.pack(">I", 5) + b"{oops")      # a frame, but not JSON
+        await writer.drain()
+        await reader.read()
+
+    async def body():
+        server = await asyncio.start_server(garbled, "127.0.0.1", 0)
+        addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        said = f"handshake with {addr} failed: frame is not valid JSON"
+        with pytest.raises(net.PeerError, match=said):
+            await net.call(addr, {"type": "status"}, "reader")
+        with pytest.raises(net.PeerError, match=said):
+            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
+        server.close()
     run(body())
 
 
