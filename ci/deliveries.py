@@ -11,6 +11,7 @@ is stored (``offset`` otherwise), so a result never outruns its log.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable
 
 from . import net, protocol
@@ -90,13 +91,20 @@ class Deliveries:
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
         status = Status(msg["status"])
         was_cancelled = build.status is Status.CANCELLED
-        # the first write, always: should the disk be too full for the database (or it be
-        # locked), nothing has changed yet, and the runner's retry finds its lease still held
-        self.store.save_report(build_id, msg.get("step_results"), msg.get("tests"))
+        finished_at = self.sched.wall()
+        # the first write, always, and one transaction: the report and the build as it ends.
+        # Should the disk be too full for the database (or it be locked), nothing has changed
+        # yet, and the runner's retry finds its lease still held
+        with self.store.transaction():
+            self.store.save_report(build_id, msg.get("step_results"), msg.get("tests"))
+            if not was_cancelled:       # a cancelled build's end was saved with the cancel
+                self.store.save([replace(build, status=status, exit_code=msg["exit_code"], finished_at=finished_at)])
         cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
         if cut:
-            self.note(build_id, cut)
-        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic())
+            self.note(build_id, cut)    # moves the attempt's log base: the build is saved again, by apply
+        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic(), finished_at)
+        if plan is not None and not cut:
+            plan.saved.append(build_id)
         if was_cancelled:
             self.note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
         else:

@@ -186,9 +186,10 @@ class Dispatcher:
         builds.update((b.id, b) for b in plan.finished)
         for build, _ in plan.assign:
             builds.pop(build.id, None)          # saved as handed out, with its log_base
-        if builds or plan.dead:
+        unsaved = [b for i, b in builds.items() if i not in plan.saved]
+        if unsaved or plan.dead:
             with self.store.transaction():
-                self.store.save(builds.values())
+                self.store.save(unsaved)
                 self.store.save_runners(plan.dead)
         for runner in plan.dead:
             log.warning("runner %s (%s:%d) is dead", runner.name, runner.host, runner.port)

@@ -47,6 +47,7 @@ class Plan:
     cancel: list[tuple[RunnerRecord, int, int]] = field(default_factory=list)  # send `cancel` (runner, build, attempt)
     dead: list[RunnerRecord] = field(default_factory=list)                     # runners now dead
     finished: list[Build] = field(default_factory=list)                        # builds now final
+    saved: list[int] = field(default_factory=list)      # builds the caller has persisted as they are now
 
     def __iadd__(self, other: "Plan") -> "Plan":
         for name in self.__dataclass_fields__:
@@ -212,9 +213,11 @@ class Scheduler:
         if build is not None and build.attempt == attempt and build_id in self._leased_at:
             self._leased_at[build_id] = now
 
-    def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float) -> Plan | None:
+    def finish(self, build_id: int, attempt: int, status: Status, exit_code: int, now: float,
+               finished_at: float | None = None) -> Plan | None:
         """A runner reported a result. None when the lease is stale. A cancel
-        that was acknowledged wins over a result that raced it."""
+        that was acknowledged wins over a result that raced it. ``finished_at``:
+        the wall time it ended (default: now)."""
         if not self.is_current(build_id, attempt):
             return None
         build = self.builds.pop(build_id)
@@ -227,7 +230,7 @@ class Scheduler:
         if build.status is not Status.CANCELLED:
             build.status = status
             build.exit_code = exit_code
-            build.finished_at = self.wall()
+            build.finished_at = self.wall() if finished_at is None else finished_at
             plan.finished.append(build)
         plan += self.assign(now)
         return plan

@@ -67,3 +67,20 @@ def test_records_lost_to_a_full_disk_are_counted_not_each_a_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert log.read_text() == "50 log record(s) were lost here: the log file could not be written\nroom again\n"
+
+
+NOT_A_FILE = """
+import logging, sys
+from ci import daemon
+handler = daemon.RotatingLog("/dev/null", max_bytes=100, backups=2)
+logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
+for i in range(50):
+    logging.getLogger("ci.test").info("record %03d %s", i, "x" * 40)
+print("rotated" if handler.regular else "never rotated")
+"""
+
+
+def test_a_log_that_is_not_a_regular_file_is_never_rotated():
+    done = subprocess.run([sys.executable, "-c", NOT_A_FILE], env=child_env(), cwd=ROOT, timeout=60,
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "never rotated\n", "")
