@@ -2,9 +2,10 @@
 (``read_artifact``, one stream): the runner's half of ``needs``, which puts
 the artifacts of the builds a build needs into its checkout. The one place
 that knows how an artifact comes down: ``stream_to`` on the runner's event
-loop, ``copy_to`` on a blocking link for the CLI's ``artifacts --get`` (each
-chunk received into the link's kept buffer and written from there, no copy
-in between, and no event loop to start); both follow the chunks with
+loop, ``copy_to`` on a blocking link for the CLI's ``artifacts --get`` (no
+event loop to start; to a file or pipe each chunk's bytes spliced from the
+socket by the kernel, else received into the link's kept buffer and written
+from there, no copy in between); both follow the chunks with
 ``Offsets``. The web page has a loop over ``fetch_artifact`` (a request a
 chunk: a browser may take its time with each).
 
@@ -48,11 +49,19 @@ class Offsets:
 
 
 def copy_to(link: net.BlockingLink, build: int, path: str, out: Any) -> int:
-    """Write artifact ``path`` of ``build`` to ``out`` (anything with ``write``)
-    on a blocking link; returns its size. Each chunk is written from the link's
-    kept buffer before the next is received: one chunk in memory. Raises the
-    link's errors (RemoteError, PeerError, ProtocolError)."""
+    """Write artifact ``path`` of ``build`` to ``out`` on a blocking link;
+    returns its size. ``out``: a file descriptor, each chunk's bytes written to
+    it as they arrive (``BlockingLink.stream(into=)``: spliced from the socket
+    where Linux can), or anything with ``write``, each chunk written from the
+    link's kept buffer before the next is received: one chunk in memory either
+    way. A chunk out of place raises once its bytes are written: a caller
+    discards what it wrote to. Raises the link's errors (RemoteError,
+    PeerError, ProtocolError), and an OSError of the file descriptor's."""
     offsets = Offsets()
+    if isinstance(out, int):
+        for frame in link.stream(request(build, path), into=out):
+            offsets.take(frame)
+        return offsets.offset
     for frame in link.stream(request(build, path), kept=1):
         data = offsets.take(frame)
         if data is not None:

@@ -801,7 +801,7 @@ def artifacts(args: argparse.Namespace) -> int:
         tmp = f"{args.output}.part"
         try:
             with open(tmp, "wb") as out:
-                dispatcher.run(lambda: fetch(out))
+                dispatcher.run(lambda: fetch(out.fileno()))
             os.replace(tmp, args.output)
         except OSError as exc:
             raise Failure(f"cannot write {args.output}: {exc.strerror}") from None
@@ -809,6 +809,8 @@ def artifacts(args: argparse.Namespace) -> int:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         print(f"build {args.build}: {args.get} -> {args.output}")
+    elif (fd := raw_stdout()) is not None:
+        dispatcher.run(lambda: fetch(fd))
     else:
         out = TerminalOut(sys.stdout, raw=not sys.stdout.isatty())
         try:
@@ -816,6 +818,19 @@ def artifacts(args: argparse.Namespace) -> int:
         finally:
             out.close()
     return 0
+
+
+def raw_stdout() -> int | None:
+    """Standard output's file descriptor when it is not a terminal (a file or a
+    pipe: bytes go there as they are, by splice where Linux can), else None."""
+    if sys.stdout.isatty():
+        return None
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):     # replaced by an object without one
+        return None
+    sys.stdout.flush()
+    return fd
 
 
 def trigger(args: argparse.Namespace) -> int:

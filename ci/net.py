@@ -851,6 +851,7 @@ class BlockingLink:
         self._buf = bytearray()
         self._ring: list[bytearray] = []        # ``stream(kept=...)``'s buffers, and which is next
         self._turn = 0
+        self._pipe: tuple[int, int, int] | None = None     # ``stream(into=...)``'s (read end, write end, size)
         host, port = parse_addr(addr)
         self.addr = f"{host}:{port}"
         try:
@@ -900,48 +901,69 @@ class BlockingLink:
             raise RemoteError(reply)
         return reply
 
-    def stream(self, msg: dict, idle: float | None = None, *, kept: int = 0) -> Iterator[dict]:
+    def stream(self, msg: dict, idle: float | None = None, *, kept: int = 0,
+               into: int | None = None) -> Iterator[dict]:
         """Send a request answered by a stream; yields its frames, each checked
         against the table, up to and including ``end``. ``idle``: how long to
         wait for a frame to begin (``read_timeout`` when None). ``kept``: a bulk
         frame's ``data`` is not a copy but one of ``kept`` buffers this link
         keeps for them in turn (a bytearray), good until ``kept`` more bulk
-        frames have come: a caller holds fewer than that at once."""
+        frames have come: a caller holds fewer than that at once. ``into``: a
+        file descriptor each bulk frame's bytes are written to, at its position,
+        once its header is checked and before the frame is yielded with ``data``
+        a ``Written`` (their count): see ``_write``. A caller that refuses such a
+        frame discards the file."""
         answers = Answers(msg["type"])
         self._ring, self._turn = [], 0      # this stream's own: a buffer of an earlier one may still be held
         self.send(msg)
         while not answers.done:
+            size = None
             with self._failures():
-                frame = self._recv(idle or self.limits.read_timeout, kept)
-                raw = frame.get("data") if kept and isinstance(frame, dict) else None
+                if into is None:
+                    frame = self._recv(idle or self.limits.read_timeout, kept)
+                    raw = frame.get("data") if kept and isinstance(frame, dict) else None
+                else:
+                    frame, size, deadline = self._head(idle or self.limits.read_timeout)
+                    raw = attach(frame, bytearray())["data"] if size is not None else None
                 if isinstance(raw, bytearray):
                     # the table's kind for raw data is bytes, whatever their count: it checks an
-                    # empty stand-in, and the frame then carries the kept buffer
+                    # empty stand-in, and the frame then carries the kept buffer (or where its bytes went)
                     frame["data"] = b""
                     frame = answers.check(validate(frame, SERVER))
                     frame["data"] = raw
                 else:
                     frame = answers.check(validate(frame, SERVER))
+            if size is not None:
+                frame["data"] = self._write(into, size, deadline)
             if frame["type"] == "error":
                 raise RemoteError(frame)
             yield frame
 
     def close(self) -> None:
         self.sock.close()
+        if self._pipe is not None:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            self._pipe = None
 
     def _recv(self, idle: float, kept: int = 0) -> Any:
         """One frame: it must begin within ``idle`` and, once begun, be whole within
         ``read_timeout``. ``kept``: a bulk frame's bytes go to the next kept buffer."""
+        frame, size, deadline = self._head(idle)
+        if size is None:
+            return frame
+        # as bytes, the table's kind (the one copy out of the kept buffer), unless kept
+        return attach(frame, self._kept(size, deadline, kept) if kept else self._exactly(size, deadline))
+
+    def _head(self, idle: float) -> tuple[Any, int | None, float]:
+        """A frame's JSON (begun within ``idle``), the count of raw bytes after it
+        (None: not a bulk frame), and when all of it must be in."""
         (length,) = HEADER.unpack(self._exactly(4, time.monotonic() + idle))
         if length > self.limits.max_frame:
             raise FatalProtocolError("frame_too_large", f"{self.addr} sent a {length}-byte frame")
         deadline = time.monotonic() + self.limits.read_timeout
         frame = decode(self._exactly(length, deadline))
-        size = bulk_size(frame, self.limits.max_bulk)
-        if size is None:
-            return frame
-        # as bytes, the table's kind (the one copy out of the kept buffer), unless kept
-        return attach(frame, self._kept(size, deadline, kept) if kept else self._exactly(size, deadline))
+        return frame, bulk_size(frame, self.limits.max_bulk), deadline
 
     def _exactly(self, n: int, deadline: float) -> bytes:
         """``n`` bytes, received into one kept buffer (a new one per frame cost as
@@ -966,6 +988,52 @@ class BlockingLink:
         with memoryview(buf) as view:       # released: the buffer may be resized next time
             self._fill(view, deadline)
         return buf
+
+    def _write(self, fd: int, n: int, deadline: float) -> "Written":
+        """A bulk frame's ``n`` bytes written to ``fd`` as they arrive, all within
+        ``deadline``. On Linux, from a plain socket to a file or pipe ``splice``
+        can write, they go socket -> pipe -> ``fd`` in the kernel (no byte
+        through this process, which halves the copies of a download); else they
+        are received into a kept buffer and written from it. The socket's
+        failures are the link's errors; the file's are its OSError."""
+        if self._pipe is None and _spliceable(self.sock, fd):
+            self._pipe = _pipe()
+        if self._pipe is None:
+            with self._failures():
+                data = self._kept(n, deadline, 1)
+            with memoryview(data) as view:
+                done = 0
+                while done < n:
+                    done += os.write(fd, view[done:])
+            return Written(n)
+        read_end, write_end, size = self._pipe
+        left = n
+        while left:
+            with self._failures():
+                moved = self._splice_in(write_end, min(left, size), deadline)
+            left -= moved
+            while moved:        # what the pipe holds, to the file (which may take it in parts)
+                moved -= os.splice(read_end, fd, moved)
+        return Written(n)
+
+    def _splice_in(self, pipe: int, count: int, deadline: float) -> int:
+        """Up to ``count`` bytes from the socket into the (empty) pipe, waiting
+        for them until ``deadline``; at least one."""
+        import select
+        import socket
+
+        while True:
+            try:
+                moved = os.splice(self.sock.fileno(), pipe, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout() from None
+                select.select([self.sock], [], [], left)
+                continue
+            if not moved:
+                raise ConnectionError(f"{self.addr} closed the connection")
+            return moved
 
     def _fill(self, view: memoryview, deadline: float) -> None:
         import socket
@@ -998,6 +1066,54 @@ class BlockingLink:
             if handshake:
                 raise PeerError(f"handshake with {self.addr} failed: {exc}") from None
             raise PeerError(f"lost connection to {self.addr}: {exc}") from None
+
+
+class Written:
+    """In a frame of ``BlockingLink.stream(into=...)``, its ``data``: the bytes
+    went to the file; ``len`` is their count."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"Written({self.count})"
+
+
+PIPE_SIZE = 1 << 20     # a splice's pipe: 64 KiB by default, a syscall pair per 64 KiB; 1 MiB, unprivileged Linux's most
+
+
+def _spliceable(sock: Any, fd: int) -> bool:
+    """Whether bytes can go from ``sock`` to ``fd`` by ``os.splice``: Linux, a
+    plain socket (under TLS the bytes on it are not the data), and a file or
+    pipe that is neither appended to (splice refuses it) nor non-blocking."""
+    import fcntl
+    import stat
+
+    if not hasattr(os, "splice") or hasattr(sock, "cipher"):
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        return False
+    return (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)) and not flags & (os.O_APPEND | os.O_NONBLOCK)
+
+
+def _pipe() -> tuple[int, int, int]:
+    """A pipe for ``splice``: (read end, write end, its size), as large as Linux lets it be."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    try:
+        size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:         # over the user's pipe quota: the default size
+        size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    return read_end, write_end, size
 
 
 def request_blocking(addr: str, msg: dict, role: str, secret: str = "", limits: Limits = Limits(),
