@@ -76,6 +76,8 @@ class BuildSecret:
 
 @dataclass(frozen=True)
 class Settings:
+    """The configuration resolved once at start-up (``resolve``): secrets, limits, TLS, pipelines."""
+
     config: Config
     secrets: Mapping[str, str]          # role -> the secret it proves itself with ("" = none)
     limits: Limits
