@@ -24,8 +24,10 @@ without control characters or escape sequences (colour kept on a terminal;
 plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
 no event loop) and writes in a thread of its own (``WriteBehind``), so that
 receiving, checking and writing a big log overlap; each chunk stays in the
-link's kept buffers until written. ``artifacts --get`` writes each chunk from
-the link's buffer before receiving the next (``artifact_download.copy_to``).
+link's kept buffers until written. ``artifacts --get`` to a file (``-o``) or
+to an output that is not a terminal has each chunk's bytes spliced from the
+socket into it by the kernel where Linux can (``artifact_download.copy_to``);
+to a terminal, each chunk is written from the link's buffer, cleaned.
 """
 
 from __future__ import annotations

@@ -839,7 +839,8 @@ class BlockingLink:
     `tinyci notify` in git hooks (no asyncio at all), a tool's one request,
     and `tinyci log` and `artifacts --get`, whose bulk frames are received
     (``recv_into``) into buffers it keeps and handed on without a copy, where
-    asyncio's stream reader copied each byte three times. Errors are
+    asyncio's stream reader copied each byte three times, or written to a file
+    as they arrive (``stream(into=)``: spliced, on Linux). Errors are
     ``Client``'s: PeerRefused, PeerTimeout, PeerError, and ProtocolError for
     a frame the table does not allow."""
 
@@ -915,6 +916,7 @@ class BlockingLink:
         frame discards the file."""
         answers = Answers(msg["type"])
         self._ring, self._turn = [], 0      # this stream's own: a buffer of an earlier one may still be held
+        spliced = into is not None and _spliceable(self.sock, into)
         self.send(msg)
         while not answers.done:
             size = None
@@ -934,7 +936,7 @@ class BlockingLink:
                 else:
                     frame = answers.check(validate(frame, SERVER))
             if size is not None:
-                frame["data"] = self._write(into, size, deadline)
+                frame["data"] = self._write(into, size, deadline, spliced)
             if frame["type"] == "error":
                 raise RemoteError(frame)
             yield frame
@@ -989,16 +991,16 @@ class BlockingLink:
             self._fill(view, deadline)
         return buf
 
-    def _write(self, fd: int, n: int, deadline: float) -> "Written":
+    def _write(self, fd: int, n: int, deadline: float, spliced: bool) -> "Written":
         """A bulk frame's ``n`` bytes written to ``fd`` as they arrive, all within
-        ``deadline``. On Linux, from a plain socket to a file or pipe ``splice``
-        can write, they go socket -> pipe -> ``fd`` in the kernel (no byte
-        through this process, which halves the copies of a download); else they
-        are received into a kept buffer and written from it. The socket's
-        failures are the link's errors; the file's are its OSError."""
-        if self._pipe is None and _spliceable(self.sock, fd):
+        ``deadline``. ``spliced`` (Linux, a plain socket, a file or pipe splice
+        can write: ``_spliceable``): they go socket -> pipe -> ``fd`` in the
+        kernel, no byte through this process, which halves the copies of a
+        download; else they are received into a kept buffer and written from
+        it. The socket's failures are the link's errors; the file's are its OSError."""
+        if spliced and self._pipe is None:
             self._pipe = _pipe()
-        if self._pipe is None:
+        if not spliced:
             with self._failures():
                 data = self._kept(n, deadline, 1)
             with memoryview(data) as view:
@@ -1022,6 +1024,7 @@ class BlockingLink:
         import select
         import socket
 
+        readable = None
         while True:
             try:
                 moved = os.splice(self.sock.fileno(), pipe, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
@@ -1029,7 +1032,10 @@ class BlockingLink:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise socket.timeout() from None
-                select.select([self.sock], [], [], left)
+                if readable is None:
+                    readable = select.poll()
+                    readable.register(self.sock.fileno(), select.POLLIN)
+                readable.poll(left * 1000)
                 continue
             if not moved:
                 raise ConnectionError(f"{self.addr} closed the connection")

@@ -90,6 +90,33 @@ def test_a_download_into_a_file_is_byte_identical_spliced_or_written(tmp_path, f
     assert digest(target.read_bytes()) == digest(BLOB)
 
 
+def test_one_link_decides_for_each_stream_whether_its_file_is_spliced(tmp_path):
+    (tmp_path / "a.bin").write_bytes(BLOB)
+
+    def both(addr) -> list[bytes]:
+        link = net.BlockingLink(addr, protocol.READER, "", LIMITS)
+        got = []
+        try:
+            for flags in (0, os.O_APPEND, 0):       # spliced, then written, then spliced again
+                path = tmp_path / f"got-{len(got)}.bin"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+                try:
+                    assert copy_to(link, 1, "a.bin", fd) == len(BLOB)
+                finally:
+                    os.close(fd)
+                got.append(path.read_bytes())
+        finally:
+            link.close()
+        return got
+
+    async def body():
+        server, addr = await serve(FileServer(tmp_path / "a.bin"))
+        got = await asyncio.to_thread(both, addr)
+        server.close()
+        return got
+    assert [digest(data) for data in run(body())] == [digest(BLOB)] * 3
+
+
 def test_a_download_into_a_pipe_is_spliced_and_byte_identical(tmp_path):
     (tmp_path / "a.bin").write_bytes(BLOB)
     read_end, write_end = os.pipe()
