@@ -392,15 +392,17 @@ def _daemon_module(name: str) -> Any:
 # ---------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:        # the process's own command (not a caller's), whose end is the interpreter's
+    if argv is None and _command_of(sys.argv[1:]) not in (*DAEMONS, "up"):
+        # a tool as the process's own command (not a caller's), whose end is the interpreter's
         try:
             return _main(sys.argv[1:])
         finally:
             # the interpreter's last collection then skips every object start-up made (~20-30 ms
-            # a tool run here); atexit, the streams' flush and module teardown still run
+            # a tool run here); atexit, the streams' flush and module teardown still run. Not for
+            # a daemon: what it leaves in a cycle may still have a finalizer to run.
             import gc
             gc.freeze()
-    return _main(list(argv))
+    return _main(sys.argv[1:] if argv is None else list(argv))
 
 
 def _main(argv: list[str]) -> int:

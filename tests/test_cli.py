@@ -685,3 +685,17 @@ def test_write_behind_keeps_the_order_and_raises_a_closed_pipe_in_the_caller():
         for _ in range(1000):       # bounded: the writer fails on the first piece
             out.write(b"x" * 10000 + b"\n")
         out.close()
+
+
+def test_a_tool_run_as_the_process_skips_the_exit_collection_a_daemon_does_not():
+    """gc.freeze at a tool's end (the interpreter's last collection then skips what
+    start-up made); a daemon's exit keeps it, and a caller's main(argv) never freezes."""
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen', file=sys.stderr))\n"
+            "from ci import cli\nsys.argv = ['tinyci', *sys.argv[1:]]\n"
+            "code = cli.main() if sys.argv[1] != 'caller' else cli.main(['--version'])\n")
+    for args, said in [(["--version"], "frozen"), (["dispatcher", "--help"], "not frozen"),
+                       (["caller"], "not frozen")]:
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=TOOL_CWD,
+                              timeout=30, env=child_env())
+        assert done.stderr.strip().splitlines()[-1] == said, (args, done.stderr)
