@@ -47,6 +47,7 @@ frames themselves. The clients check every reply against the same table.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -1015,7 +1016,10 @@ class BlockingLink:
                 moved = self._splice_in(write_end, min(left, size), deadline)
             left -= moved
             while moved:        # what the pipe holds, to the file (which may take it in parts)
-                moved -= os.splice(read_end, fd, moved)
+                out = os.splice(read_end, fd, moved)
+                if not out:     # never for a file or a pipe that takes bytes: no endless loop should one not
+                    raise OSError(errno.EIO, f"splice wrote nothing of {moved} bytes")
+                moved -= out
         return Written(n)
 
     def _splice_in(self, pipe: int, count: int, deadline: float) -> int:
