@@ -54,13 +54,13 @@ def copy_to(link: net.BlockingLink, build: int, path: str, out: Any) -> int:
     it as they arrive (``BlockingLink.stream(into=)``: spliced from the socket
     where Linux can), or anything with ``write``, each chunk written from the
     link's kept buffer before the next is received: one chunk in memory either
-    way. A chunk out of place raises once its bytes are written: a caller
-    discards what it wrote to. Raises the link's errors (RemoteError,
+    way. A chunk out of place raises before any of its bytes is written (a
+    pipe cannot take them back). Raises the link's errors (RemoteError,
     PeerError, ProtocolError), and an OSError of the file descriptor's."""
     offsets = Offsets()
     if isinstance(out, int):
-        for frame in link.stream(request(build, path), into=out):
-            offsets.take(frame)
+        for _ in link.stream(request(build, path), into=out, accept=offsets.take):
+            pass
         return offsets.offset
     for frame in link.stream(request(build, path), kept=1):
         data = offsets.take(frame)

@@ -825,7 +825,12 @@ def artifacts(args: argparse.Namespace) -> int:
                 os.unlink(tmp)
         print(f"build {args.build}: {args.get} -> {args.output}")
     elif (fd := raw_stdout()) is not None:
-        dispatcher.run(lambda: fetch(fd))
+        try:
+            dispatcher.run(lambda: fetch(fd))
+        except BrokenPipeError:
+            raise               # `| head`: main's quiet end
+        except OSError as exc:  # the output's own (a full disk behind `> file`), as -o says it
+            raise Failure(f"cannot write the standard output: {exc.strerror}") from None
     else:
         out = TerminalOut(sys.stdout, raw=not sys.stdout.isatty())
         try:

@@ -15,8 +15,8 @@ import logging
 import logging.handlers
 import os
 import re
-import stat
 import signal
+import stat
 import sys
 from dataclasses import fields
 from typing import Any, Awaitable, Callable, Iterable, Mapping
@@ -189,14 +189,15 @@ class RotatingLog(logging.handlers.RotatingFileHandler):
         self._write(record)
 
     def _write(self, record: logging.LogRecord) -> None:
-        # the standard handler formats each record twice and asks the file system twice
-        # whether the log is a regular file (the dispatcher writes a line or two per
-        # build): here once each, the size being the stream's own position
+        # Python 3.11's RotatingFileHandler.emit (shouldRollover, then StreamHandler.emit)
+        # formats each record twice and asks the file system twice whether the log is a
+        # regular file (the dispatcher writes a line or two per build): here once each.
+        # The size is the file's end (seek), not our position: logrotate's copytruncate may cut it
         try:
             text = self.format(record) + self.terminator
             if self.stream is None:
                 self.stream = self._open()
-            if self.regular and self.stream.tell() + len(text) >= self.maxBytes:
+            if self.regular and self.stream.seek(0, os.SEEK_END) + len(text) >= self.maxBytes:
                 self.doRollover()
             self.stream.write(text)
             self.stream.flush()
@@ -233,7 +234,8 @@ def setup_logging(name: str, verbose: bool, log_file: str | None = None) -> None
     # on the handler, not a logger: a handler's filters see every logger's records
     handler.addFilter(PlainRecords())
     # the format names no source line, thread or process: a record need not look them
-    # up (a third of a line's cost, and the dispatcher writes one or two per build)
+    # up (a third of a line's cost, and the dispatcher writes one or two per build).
+    # It also turns off stack_info=True, which nothing here asks for
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(

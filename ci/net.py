@@ -854,6 +854,7 @@ class BlockingLink:
         self._ring: list[bytearray] = []        # ``stream(kept=...)``'s buffers, and which is next
         self._turn = 0
         self._pipe: tuple[int, int, int] | None = None     # ``stream(into=...)``'s (read end, write end, size)
+        self._no_splice = False         # this kernel or file system refused a splice: never again on this link
         host, port = parse_addr(addr)
         self.addr = f"{host}:{port}"
         try:
@@ -904,7 +905,7 @@ class BlockingLink:
         return reply
 
     def stream(self, msg: dict, idle: float | None = None, *, kept: int = 0,
-               into: int | None = None) -> Iterator[dict]:
+               into: int | None = None, accept: Callable[[dict], Any] | None = None) -> Iterator[dict]:
         """Send a request answered by a stream; yields its frames, each checked
         against the table, up to and including ``end``. ``idle``: how long to
         wait for a frame to begin (``read_timeout`` when None). ``kept``: a bulk
@@ -913,8 +914,9 @@ class BlockingLink:
         frames have come: a caller holds fewer than that at once. ``into``: a
         file descriptor each bulk frame's bytes are written to, at its position,
         once its header is checked and before the frame is yielded with ``data``
-        a ``Written`` (their count): see ``_write``. A caller that refuses such a
-        frame discards the file."""
+        a ``Written`` (their count): see ``_write``. ``accept``: called with each
+        such frame (its ``data`` a ``Written`` already) before a byte of it is
+        written; it raises to refuse the frame, whose bytes then never reach the file."""
         answers = Answers(msg["type"])
         self._ring, self._turn = [], 0      # this stream's own: a buffer of an earlier one may still be held
         spliced = into is not None and _spliceable(self.sock, into)
@@ -937,17 +939,17 @@ class BlockingLink:
                 else:
                     frame = answers.check(validate(frame, SERVER))
             if size is not None:
-                frame["data"] = self._write(into, size, deadline, spliced)
+                frame["data"] = Written(size)
+                if accept is not None:
+                    accept(frame)
+                self._write(into, size, deadline, spliced)
             if frame["type"] == "error":
                 raise RemoteError(frame)
             yield frame
 
     def close(self) -> None:
         self.sock.close()
-        if self._pipe is not None:
-            os.close(self._pipe[0])
-            os.close(self._pipe[1])
-            self._pipe = None
+        self._drop_pipe()
 
     def _recv(self, idle: float, kept: int = 0) -> Any:
         """One frame: it must begin within ``idle`` and, once begun, be whole within
@@ -993,38 +995,61 @@ class BlockingLink:
         return buf
 
     def _write(self, fd: int, n: int, deadline: float, spliced: bool) -> "Written":
-        """A bulk frame's ``n`` bytes written to ``fd`` as they arrive, all within
-        ``deadline``. ``spliced`` (Linux, a plain socket, a file or pipe splice
-        can write: ``_spliceable``): they go socket -> pipe -> ``fd`` in the
-        kernel, no byte through this process, which halves the copies of a
-        download; else they are received into a kept buffer and written from
-        it. The socket's failures are the link's errors; the file's are its OSError."""
-        if spliced and self._pipe is None:
-            self._pipe = _pipe()
-        if not spliced:
+        """A bulk frame's ``n`` bytes written to ``fd`` as they arrive, waiting for
+        the peer no longer than ``deadline`` (the time ``fd`` takes them is not the
+        peer's). ``spliced`` (Linux, a plain socket, a file or pipe splice can
+        write: ``_spliceable``): they go socket -> pipe -> ``fd`` in the kernel, no
+        byte through this process, which halves the copies of a download; else,
+        and from the first refusal of a kernel or file system that does not
+        splice, they are received into a kept buffer and written from it. The
+        socket's failures are the link's errors; the file's are its OSError."""
+        left = n
+        if spliced and not self._no_splice:
+            try:
+                left = self._splice(fd, n, deadline)
+            except BaseException:
+                self._drop_pipe()       # what it may hold is out of step with any later stream
+                raise
+        if left:
             with self._failures():
-                data = self._kept(n, deadline, 1)
-            with memoryview(data) as view:
-                done = 0
-                while done < n:
-                    done += os.write(fd, view[done:])
-            return Written(n)
+                data = self._kept(left, deadline, 1)
+            _write_all(fd, data)
+        return Written(n)
+
+    def _splice(self, fd: int, n: int, deadline: float) -> int:
+        """``_write``'s spliced path; returns how many of the ``n`` bytes are left
+        for the plain one (0, unless splice was refused: then never again on this link)."""
+        if self._pipe is None:
+            self._pipe = _pipe()
         read_end, write_end, size = self._pipe
         left = n
         while left:
             with self._failures():
                 moved = self._splice_in(write_end, min(left, size), deadline)
+            if moved is None:
+                self._no_splice = True
+                return left
             left -= moved
+            began = time.monotonic()
             while moved:        # what the pipe holds, to the file (which may take it in parts)
-                out = os.splice(read_end, fd, moved)
+                try:
+                    out = os.splice(read_end, fd, moved)
+                except OSError as exc:
+                    if exc.errno not in _SPLICE_REFUSED:
+                        raise
+                    self._no_splice = True
+                    _write_all(fd, _read_all(read_end, moved))
+                    return left
                 if not out:     # never for a file or a pipe that takes bytes: no endless loop should one not
                     raise OSError(errno.EIO, f"splice wrote nothing of {moved} bytes")
                 moved -= out
-        return Written(n)
+            deadline += time.monotonic() - began
+        return 0
 
-    def _splice_in(self, pipe: int, count: int, deadline: float) -> int:
+    def _splice_in(self, pipe: int, count: int, deadline: float) -> int | None:
         """Up to ``count`` bytes from the socket into the (empty) pipe, waiting
-        for them until ``deadline``; at least one."""
+        for them until ``deadline``; at least one. None: this kernel refuses to
+        splice from the socket (nothing was taken from it)."""
         import select
         import socket
 
@@ -1041,9 +1066,19 @@ class BlockingLink:
                     readable.register(self.sock.fileno(), select.POLLIN)
                 readable.poll(left * 1000)
                 continue
+            except OSError as exc:
+                if exc.errno in _SPLICE_REFUSED:
+                    return None
+                raise
             if not moved:
                 raise ConnectionError(f"{self.addr} closed the connection")
             return moved
+
+    def _drop_pipe(self) -> None:
+        if self._pipe is not None:
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+            self._pipe = None
 
     def _fill(self, view: memoryview, deadline: float) -> None:
         import socket
@@ -1092,6 +1127,29 @@ class Written:
 
     def __repr__(self) -> str:
         return f"Written({self.count})"
+
+
+# a kernel or file system that does not splice (no splice_write, a seccomp filter): write instead
+_SPLICE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
+
+
+def _write_all(fd: int, data: Any) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+
+
+def _read_all(fd: int, n: int) -> bytes:
+    """``n`` bytes a pipe holds."""
+    parts = []
+    while n:
+        part = os.read(fd, n)
+        if not part:
+            raise OSError(errno.EIO, f"a pipe held {n} bytes fewer than were put in it")
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 PIPE_SIZE = 1 << 20     # a splice's pipe: 64 KiB by default, a syscall pair per 64 KiB; 1 MiB, unprivileged Linux's most

@@ -350,6 +350,14 @@ def test_an_artifact_is_its_bytes_in_a_pipe_and_plain_text_on_a_terminal(standin
     assert code == 0 and screen_text(out, colour=True) == "report ok\n"
 
 
+def test_an_artifact_to_a_full_output_is_one_line_not_a_traceback(standin):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "ci", "artifacts", "5", "--get", "report.txt",
+                               "--dispatcher", standin.addr], stdout=full, stderr=subprocess.PIPE, text=True,
+                              env=child_env(), cwd=TOOL_CWD, timeout=60, stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stderr) == (1, "tinyci: cannot write the standard output: No space left on device\n")
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_a_big_log_in_bulk_frames_is_written_whole_and_in_order(standin, tmp_path, raw):
     out = tmp_path / "log.txt"

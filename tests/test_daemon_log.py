@@ -5,6 +5,8 @@ changes the process's logging and its stderr."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -70,17 +72,28 @@ def test_records_lost_to_a_full_disk_are_counted_not_each_a_traceback(tmp_path):
 
 
 NOT_A_FILE = """
-import logging, sys
+import logging, os, sys, threading
 from ci import daemon
-handler = daemon.RotatingLog("/dev/null", max_bytes=100, backups=2)
+fifo = sys.argv[1]
+got = []
+reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+reader.start()
+handler = daemon.RotatingLog(fifo, max_bytes=100, backups=2)
 logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s", force=True)
 for i in range(50):
     logging.getLogger("ci.test").info("record %03d %s", i, "x" * 40)
-print("rotated" if handler.regular else "never rotated")
+handler.close()
+reader.join(30)
+print(got[0].count(b"\\n"), "records read")
 """
 
 
-def test_a_log_that_is_not_a_regular_file_is_never_rotated():
-    done = subprocess.run([sys.executable, "-c", NOT_A_FILE], env=child_env(), cwd=ROOT, timeout=60,
+def test_a_log_that_is_not_a_regular_file_is_never_rotated(tmp_path):
+    """A log pointed at a fifo (or /dev/null) takes every record, however many
+    bytes: renaming it aside and making a regular file in its place would break it."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-c", NOT_A_FILE, str(fifo)], env=child_env(), cwd=ROOT, timeout=60,
                           capture_output=True, text=True)
-    assert (done.returncode, done.stdout, done.stderr) == (0, "never rotated\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "50 records read\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.fifo"] and stat.S_ISFIFO(fifo.stat().st_mode)

@@ -356,6 +356,35 @@ async def test_a_result_needs_the_whole_log_and_the_current_attempt(make):
     assert codes(await h.result(1, log_size=4)) == ("error", "stale")      # once only
 
 
+TESTS = {"passed": 3, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
+
+
+@scenario
+async def test_a_result_the_database_cannot_take_changes_nothing_and_its_retry_lands(make):
+    """The report and the ended build are one transaction, the result's first
+    write: when it fails (the database locked by another process here; a full
+    disk alike), the lease is still held, nothing is in the log, and the
+    runner's retry is accepted."""
+    h = make()
+    await h.commit()
+    await h.register()
+    await h.log(1, 0, "ran\n")
+    h.store.db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(h.store.path)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        refused = await h.result(1, log_size=4, tests=TESTS)
+    finally:
+        other.rollback()
+        other.close()
+    assert codes(refused) == ("error", "busy")
+    assert (h.build(1).status, h.store.test_counts([1])) == (Status.RUNNING, {})
+    assert h.d.sched.is_current(1, 1) and "=== passed" not in h.text(1)
+    assert await h.result(1, log_size=4, tests=TESTS) == {"type": "ok"}
+    assert h.build(1).status is Status.PASSED and h.store.test_counts([1])[1]["passed"] == 3
+    assert h.text(1).endswith("ran\n=== passed (exit 0) in 0.50s on r1 ===\n")
+
+
 @scenario
 async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
     h = make(heartbeat_interval=0.1, heartbeat_misses=3)
@@ -837,6 +866,10 @@ async def test_a_log_past_the_reserve_is_cut_and_its_result_recorded_with_a_note
     assert text.index("first lines\n") < text.index("[log cut: the dispatcher's disk is full] (4126 bytes of output "
                                                       "were not stored)") < text.index("=== passed (exit 0)")
     assert h.build(1).status is Status.PASSED
+    # the note moved the attempt's log base past it (the runner's count stays its own): saved too,
+    # not only what the result's first write saved
+    note_end = text.index("\n", text.index("[log cut:")) + 1
+    assert h.build(1).log_base == len(text[:note_end].encode()) - len("first lines\n")
     await h.settle()
     assert h.build(2).status is Status.RUNNING and h.build(2).runner == "r1"     # its slot went to the next build
     disk.free = 1 << 30

@@ -8,8 +8,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
+from ci import net, protocol
 from conftest import TOOL_CWD, child_env, finished, tinyci
 
 TWO_JOBS = """\
@@ -277,3 +279,53 @@ def test_a_multi_mib_log_and_artifact_arrive_whole(cluster, repo, tmp_path):
     got = tinyci("artifacts", str(build["id"]), "--get", "out.bin", "-o", str(target), "--dispatcher", c.disp.addr)
     assert got.returncode == 0, got.stderr
     assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+
+
+def test_a_reader_that_stops_reading_holds_up_no_one_and_is_dropped_after_idle_timeout(cluster, repo):
+    """The real dispatcher: a `read_artifact` whose reader takes nothing leaves
+    every other request answered, and the stream is given up within
+    ``net.idle_timeout`` (no thread or task kept for it), so the reader
+    finds the connection closed before the artifact's end."""
+    size = 48 << 20         # far more than the sockets' buffers hold
+    c = cluster(extra={"net": {"idle_timeout": 3.0}}, max_artifact_bytes=4 * size)
+    c.dispatcher()
+    c.runner("r1")
+    sha = repo.commit("big", {".ci.yaml": f"artifacts: [out.bin]\nsteps:\n  - head -c {size} /dev/zero > out.bin\n"})
+    c.observer(repo)
+    build = [b for b in c.wait_builds(lambda bs: finished([b for b in bs if b["sha"] == sha]), "the build",
+                                      timeout=120) if b["sha"] == sha][0]
+    assert build["status"] == "passed"
+    stalled = net.BlockingLink(c.disp.addr, protocol.READER)
+    try:
+        stalled.send({"type": "read_artifact", "build": build["id"], "path": "out.bin"})
+        for _ in range(3):      # meanwhile others are answered, a request each on a connection of its own
+            listed = tinyci("artifacts", str(build["id"]), "--dispatcher", c.disp.addr, timeout=30)
+            assert listed.returncode == 0 and "out.bin" in listed.stdout, listed.stderr
+        here = stalled.sock.getsockname()[1]
+        c.wait("the dispatcher to give up the stalled stream",
+               lambda: side_of(c.disp.addr, here) not in ("01", "08"), 30)    # closed its end
+        got = 0
+        stalled.sock.settimeout(30)
+        with pytest.raises(ConnectionError):
+            while True:
+                part = stalled.sock.recv(1 << 20)
+                if not part:
+                    raise ConnectionError("closed")
+                got += len(part)
+        assert 0 < got < size
+    finally:
+        stalled.close()
+
+
+def side_of(server: str, client_port: int) -> str | None:
+    """The state (/proc/net/tcp, hex: 01 established, 08 close-wait) of the
+    server's end of the connection from our ``client_port``; None once gone."""
+    port = int(server.rsplit(":", 1)[1])
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == client_port:
+            return fields[3]
+    return None
