@@ -194,8 +194,9 @@ class Heartbeat:
     def _pong(self, runner: RunnerRecord, ping: Ping, reply: dict) -> None:
         links = self.links
         leases = {tuple(lease) for lease in reply["running"]}
-        # what it was given but not yet sent, it cannot report: not a reason to take it back
-        leases |= links.unsent.get(runner.name, set()) & runner.running
+        unsent = links.unsent.get(runner.name)
+        if unsent:      # what it was given but not yet sent, it cannot report: not a reason to take it back
+            leases |= unsent & runner.running
         self.waiting_for.discard(runner.name)
         links.apply(links.sched.heartbeat(runner.name, leases, ping.sent, links.clock()))
         # one small frame per runner per interval, so a console's "last seen" stays true
