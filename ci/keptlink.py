@@ -194,6 +194,12 @@ class _Replies(asyncio.Protocol):
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if not self.buffer and len(data) >= 4 and not self.closed:
+            # the common arrival, one whole reply alone (a pong): no copy through the buffer
+            (length,) = protocol.HEADER.unpack_from(data)
+            if len(data) == 4 + length and length <= self.limits.max_frame:
+                self._reply(data[4:])
+                return
         self.buffer += data
         buffer = self.buffer
         while len(buffer) >= 4 and not self.closed:
