@@ -34,6 +34,7 @@ and keeps its name only if it answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,9 +113,13 @@ class Heartbeat:
                 del self.out[name]          # not counted: sent again below
             elif not stalled:
                 self._guarded(name, self._judge, ping, now)
+        out = self.out
         for runner in list(runners.values()):
-            if runner.alive and runner.name not in self.out:
-                self._guarded(runner.name, self.send, runner, now)
+            if runner.alive and runner.name not in out:
+                try:        # as _guarded, written out: this is the loop over every runner
+                    self.send(runner, now)
+                except Exception:
+                    log.exception("the heartbeat of runner %s failed; the next tick tries again", runner.name)
 
     def _guarded(self, name: str, step: Callable[..., None], *args: Any) -> None:
         try:
@@ -162,7 +167,7 @@ class Heartbeat:
 
     def _post(self, link: Any, ping: Ping) -> None:
         try:
-            link.post(PING, lambda reply, exc: self.answered(ping, reply, exc))
+            link.post(PING, functools.partial(self.answered, ping))
         except (net.PeerError, protocol.ProtocolError) as exc:
             self.answered(ping, None, exc)
 
@@ -193,11 +198,16 @@ class Heartbeat:
 
     def _pong(self, runner: RunnerRecord, ping: Ping, reply: dict) -> None:
         links = self.links
-        leases = {tuple(lease) for lease in reply["running"]}
-        # what it was given but not yet sent, it cannot report: not a reason to take it back
-        leases |= links.unsent.get(runner.name, set()) & runner.running
-        self.waiting_for.discard(runner.name)
-        links.apply(links.sched.heartbeat(runner.name, leases, ping.sent, links.clock()))
+        running = reply["running"]
+        leases = {tuple(lease) for lease in running} if running else set()
+        unsent = links.unsent.get(runner.name)
+        if unsent:      # what it was given but not yet sent, it cannot report: not a reason to take it back
+            leases |= unsent & runner.running
+        if self.waiting_for:
+            self.waiting_for.discard(runner.name)
+        plan = links.sched.heartbeat(runner.name, leases, ping.sent, links.clock())
+        if plan:        # an empty plan (most pongs) ends no attempt: nothing to persist or settle
+            links.apply(plan)
         # one small frame per runner per interval, so a console's "last seen" stays true
         if links.watchers.active and runner.alive:
             links.watchers.event("runner", runner=runner.summary())

@@ -135,23 +135,33 @@ class KeptLink:
 _BARE: dict[str, bytes] = {}     # the frames of messages that are a type alone (``ping``): always the same
 
 
-def _encoded(msg: dict) -> tuple[bytes, Any]:
+def _encoded(msg: dict) -> tuple[bytes, Any, bool]:
+    """The frame of ``msg``, its bulk part, and whether it is a bare message (a type alone)."""
     if len(msg) == 1:
         frame = _BARE.get(msg["type"])
         if frame is None:
             frame = _BARE[msg["type"]] = protocol.encode_parts(msg)[0]
-        return frame, None
-    return protocol.encode_parts(msg)
+        return frame, None, True
+    return (*protocol.encode_parts(msg), False)
 
 
 class _Replies(asyncio.Protocol):
     """Frames the replies of one connection and hands each to the request
-    waiting longest (``waiting``, in the order they were written)."""
+    waiting longest (``waiting``, in the order they were written).
+
+    The reply to a bare request (``ping``) whose bytes are those of the last
+    reply to the same request is the last one again, not decoded and checked
+    anew: decoding and checking are a function of those bytes and the
+    request's type alone, and an idle runner's pong is the same bytes every
+    time. Its callback gets the same dict as the last time: read it, do not
+    change it."""
 
     def __init__(self, transport: Any, peer: str, limits: Limits):
         self.transport, self.peer, self.limits = transport, peer, limits
         self.buffer = bytearray()
-        self.waiting: collections.deque[tuple[str, OnReply]] = collections.deque()
+        # (request type, its callback, whether the request was bare), in the order written
+        self.waiting: collections.deque[tuple[str, OnReply, bool]] = collections.deque()
+        self.last: tuple[str, bytes, dict] | None = None    # a bare request's type, its last reply's body, that reply
         self.closed = False
         self.conn: net.Connection | None = None
 
@@ -176,14 +186,20 @@ class _Replies(asyncio.Protocol):
         return replies
 
     def post(self, msg: dict, on_reply: OnReply) -> None:
-        data, raw = _encoded(msg)
+        data, raw, bare = _encoded(msg)
         if raw is not None or len(data) - 4 > self.limits.max_frame:
             raise protocol.ProtocolError("frame_too_large", f"refusing to send a {len(data)}-byte "
                                                             f"{msg.get('type')!r} frame on {self.peer}")
-        self.waiting.append((msg["type"], on_reply))
+        self.waiting.append((msg["type"], on_reply, bare))
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if not self.buffer and len(data) >= 4 and not self.closed:
+            # the common arrival, one whole reply alone (a pong): no copy through the buffer
+            (length,) = protocol.HEADER.unpack_from(data)
+            if len(data) == 4 + length and length <= self.limits.max_frame:
+                self._reply(data[4:])
+                return
         self.buffer += data
         buffer = self.buffer
         while len(buffer) >= 4 and not self.closed:
@@ -202,7 +218,11 @@ class _Replies(asyncio.Protocol):
         if not self.waiting:
             self.fail(net.PeerError(f"{self.peer} sent a frame nobody asked for"))
             return
-        kind, on_reply = self.waiting.popleft()
+        kind, on_reply, bare = self.waiting.popleft()
+        last = self.last
+        if bare and last is not None and last[1] == body and last[0] == kind:
+            self._call(on_reply, last[2], None)
+            return
         try:
             frame = protocol.validate(protocol.decode(body), protocol.SERVER)
             if protocol.BULK in frame:
@@ -213,6 +233,8 @@ class _Replies(asyncio.Protocol):
             self._call(on_reply, None, exc)
             self.fail(net.PeerError(f"{self.peer} is out of step: {exc.message}"))
             return
+        if bare:
+            self.last = (kind, body, reply)
         self._call(on_reply, reply, None)
 
     def _call(self, on_reply: OnReply, reply: Any, exc: Any) -> None:
@@ -230,7 +252,7 @@ class _Replies(asyncio.Protocol):
         """Close the connection; every request waiting gets ``exc``."""
         self._shut()
         while self.waiting:
-            _, on_reply = self.waiting.popleft()
+            _, on_reply, _ = self.waiting.popleft()
             self._call(on_reply, None, exc)
 
     def eof_received(self) -> bool:

@@ -44,6 +44,7 @@ class Registry:
         runner.host, runner.port, runner.labels, runner.slots = host, port, tuple(labels), slots
         runner.last_seen = runner.registered_at = self.wall()
         self.heard(runner)
+        self.slots_changed(runner)      # its slots may be new, whatever its liveness
         return runner
 
     def live(self, name: str) -> RunnerRecord | None:
@@ -53,6 +54,9 @@ class Registry:
 
     def heard(self, runner: RunnerRecord) -> None:
         """The runner answered (a pong, a registration): alive, no misses, no grace left."""
+        if runner.alive and not runner.grace_until:
+            runner.misses = 0       # the common pong: its liveness, so its free slots, unchanged
+            return
         runner.alive, runner.misses, runner.grace_until, runner.died_at = True, 0, 0.0, None
         self.slots_changed(runner)
 

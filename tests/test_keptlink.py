@@ -84,6 +84,39 @@ RUN = {"build": 1, "attempt": 1, "repo": "/r", "sha": "0" * 40, "branch": "main"
        "env": {}}
 
 
+def test_a_pong_the_same_bytes_as_the_last_is_the_last_reply_and_any_other_is_checked_anew():
+    """An idle runner's pong is the same bytes every time: handed on as the last
+    one (no decoding); a different one is decoded, and a bad one still fails."""
+    pongs = [{"type": "pong", "running": []}, {"type": "pong", "running": []}, {"type": "pong", "running": [[7, 2]]},
+             {"type": "pong", "running": [[7, 2]]}, {"type": "pong", "running": "7"}]
+
+    async def answer(conn, msg):
+        if msg["type"] != "ping":
+            return {"type": "ok"}
+        pong = pongs.pop(0)
+        if isinstance(pong["running"], str):        # not one the table allows: written past the server's check
+            conn.writer.write(protocol.encode_parts(pong)[0])
+            await conn.writer.drain()
+            conn.writer.transport.close()
+            raise ConnectionError("gone")
+        return pong
+
+    async def body():
+        server, port = await serve(answer)
+        a = link(port)
+        answers = await posted(a, [{"type": "ping"}, {"type": "ping"}, {"type": "run", **RUN},
+                                   {"type": "run", **RUN}, {"type": "ping"}, {"type": "ping"}])
+        (p1, _), (p2, _), (ok1, _), (ok2, _), (p3, _), (p4, _) = answers
+        assert p1 == p2 == {"type": "pong", "running": []} and p2 is p1
+        assert ok1 == ok2 == {"type": "ok"} and ok2 is not ok1         # a reply to a request with fields: its own
+        assert p3 == p4 == {"type": "pong", "running": [[7, 2]]} and p3 is not p1 and p4 is p3
+        (reply, exc), = await posted(a, [{"type": "ping"}])
+        assert reply is None and isinstance(exc, protocol.ProtocolError) and "running" in exc.message
+        await a.close()
+        server.close()
+    run(body())
+
+
 def test_a_reply_the_table_does_not_allow_fails_its_request_and_what_waits_behind_it():
     async def body():
         runner = Runner()

@@ -699,3 +699,24 @@ def test_big_bulk_frames_are_received_straight_into_their_buffer_and_the_stream_
         run(body())
     assert "closed the connection mid-frame" in caplog.text and "idle, closing" in caplog.text
     assert net._Sink.kind is not None          # the bytes took the direct way
+
+
+def test_requests_written_ahead_are_all_answered_and_a_stalled_body_behind_them_still_times_out():
+    """Frames already in when the server reads are taken without a timer; the
+    frame behind them, its header in with them and its body stalled, still
+    closes the connection within read_timeout, not idle_timeout."""
+    limits = net.Limits(read_timeout=0.5, idle_timeout=60.0, max_frame=4096)
+
+    async def body():
+        server, port = await start(limits=limits)
+        conn, _ = await raw_session(port)
+        commit = protocol.encode_parts(dict(COMMIT))[0]
+        stalled = protocol.encode_parts({**COMMIT, "sha": "b" * 40})[0]
+        conn.writer.write(commit * 3 + stalled[:10])       # three whole requests, the fourth's header and a bit
+        for _ in range(3):
+            assert await conn.recv() == ANSWERS["commit"][0]
+        started = time.monotonic()
+        assert await conn.reader.read() == b""             # dropped: the fourth's body never came
+        assert time.monotonic() - started < 10 * limits.read_timeout
+        server.close()
+    run(body())
