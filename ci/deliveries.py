@@ -107,6 +107,7 @@ class Deliveries:
             plan.saved.append(build_id)
         if was_cancelled:
             self.note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
+            self.watchers.touch()       # its plan may be empty: a follower of its log learns it ended now
         else:
             self.note(build_id, f"=== {status.value} (exit {msg['exit_code']}) in "
                                 f"{msg['duration']:.2f}s on {build.runner} ===")

@@ -174,7 +174,7 @@ class Dispatcher:
     def apply(self, plan: Plan | None) -> None:
         """Persist a plan in one transaction, then start the sends it asks for.
         Assignments are persisted and sent by the hand-out, a moment later."""
-        # every attempt that ends passes here (a result, a lost runner, a cancel, a requeue)
+        # every attempt that ends passes here, its plan empty or not (a result, a lost runner, a cancel, a stop)
         self.artifacts.settle(self.sched.is_leased)
         if not plan:
             return

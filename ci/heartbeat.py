@@ -205,8 +205,12 @@ class Heartbeat:
             leases |= unsent & runner.running
         if self.waiting_for:
             self.waiting_for.discard(runner.name)
+        held = len(runner.running)
         plan = links.sched.heartbeat(runner.name, leases, ping.sent, links.clock())
-        if plan:        # an empty plan (most pongs) ends no attempt: nothing to persist or settle
+        # most pongs change nothing: no plan, no lease taken back, nothing to persist or settle.
+        # A lease taken back with an empty plan still ended an attempt (a cancelled build its
+        # runner has stopped): apply settles that attempt's unfinished uploads
+        if plan or len(runner.running) < held:
             links.apply(plan)
         # one small frame per runner per interval, so a console's "last seen" stays true
         if links.watchers.active and runner.alive:

@@ -85,7 +85,8 @@ class KeptLink:
         """Write ``msg`` now, on the open connection (``connect`` first);
         ``on_reply(reply, None)`` when its reply is in, checked against the
         table (an ``error`` reply included), or ``on_reply(None, exc)`` when
-        the connection fails or falls out of step first."""
+        the connection fails or falls out of step first. The reply to a bare
+        request (``ping``) may be the same dict as the last one: read it, do not change it."""
         if not self.connected:
             raise net.PeerError(f"no connection to {self.addr}")
         self._replies.post(msg, on_reply)
@@ -93,7 +94,8 @@ class KeptLink:
     async def request(self, msg: dict, timeout: float | None = None) -> dict:
         """Send one request and return its reply (connecting first if need be).
         A reply not in within ``timeout`` (``read_timeout``) closes the
-        connection: the replies behind it would be out of step."""
+        connection: the replies behind it would be out of step. As with ``post``, a
+        bare request's reply may be shared with the last one: read it, do not change it."""
         await self.connect()
         future = asyncio.get_running_loop().create_future()
 

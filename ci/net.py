@@ -1018,7 +1018,7 @@ class BlockingLink:
         left = n
         if spliced and not self._no_splice:
             try:
-                left = self._splice(fd, n, deadline)
+                left, deadline = self._splice(fd, n, deadline)
             except BaseException:
                 self._drop_pipe()       # what it may hold is out of step with any later stream
                 raise
@@ -1028,9 +1028,10 @@ class BlockingLink:
             _write_all(fd, data)
         return Written(n)
 
-    def _splice(self, fd: int, n: int, deadline: float) -> int:
+    def _splice(self, fd: int, n: int, deadline: float) -> tuple[int, float]:
         """``_write``'s spliced path; returns how many of the ``n`` bytes are left
-        for the plain one (0, unless splice was refused: then never again on this link)."""
+        for the plain one (0, unless splice was refused: then never again on this
+        link), and the deadline moved by the time the output took."""
         if self._pipe is None:
             self._pipe = _pipe()
         read_end, write_end, size = self._pipe
@@ -1040,7 +1041,8 @@ class BlockingLink:
                 moved = self._splice_in(write_end, min(left, size), deadline)
             if moved is None:
                 self._no_splice = True
-                return left
+                self._drop_pipe()           # empty: nothing was taken from the socket
+                return left, deadline
             left -= moved
             began = time.monotonic()
             while moved:        # what the pipe holds, to the file (which may take it in parts)
@@ -1051,12 +1053,13 @@ class BlockingLink:
                         raise
                     self._no_splice = True
                     _write_all(fd, _read_all(read_end, moved))
-                    return left
+                    self._drop_pipe()       # emptied just now
+                    return left, deadline
                 if not out:     # never for a file or a pipe that takes bytes: no endless loop should one not
                     raise OSError(errno.EIO, f"splice wrote nothing of {moved} bytes")
                 moved -= out
             deadline += time.monotonic() - began
-        return 0
+        return 0, deadline
 
     def _splice_in(self, pipe: int, count: int, deadline: float) -> int | None:
         """Up to ``count`` bytes from the socket into the (empty) pipe, waiting
@@ -1190,9 +1193,14 @@ def _pipe() -> tuple[int, int, int]:
 
     read_end, write_end = os.pipe()
     try:
-        size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:         # over the user's pipe quota: the default size
-        size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        try:
+            size = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:         # over the user's pipe quota: the default size
+            size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    except BaseException:
+        os.close(read_end)
+        os.close(write_end)
+        raise
     return read_end, write_end, size
 
 

@@ -401,6 +401,29 @@ async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
 
 
 @scenario
+async def test_a_cancel_confirmed_by_a_pong_ends_the_attempts_unfinished_upload(make):
+    """The runner's pong that no longer lists a cancelled build ends that attempt
+    with no other change (an otherwise empty plan): a chunk that was on its way
+    when the cancel went out left an unfinished upload, which goes with it."""
+    h = make()
+    await h.register()
+    await h.commit()
+    await h.settle()
+    await h.ping("r1")                          # the run acknowledged; a pong reports it
+    assert await h.call({"type": "cancel", "build": 1}) == {"type": "ok", "builds": [1]}
+    await h.settle()
+    chunk = {"type": "artifact", "build": 1, "attempt": 1, "path": "dist/a.bin", "offset": 0, "data": b"x" * 1000,
+             "eof": False}
+    assert codes(await h.call(chunk, protocol.RUNNER, id="r1")) == ("ok", None)     # the lease holds until it stops
+    assert 1 in h.d.artifacts.partial
+    h.runners["r1"].running.clear()             # the runner stopped it
+    h.mono += h.d.config.dispatcher.heartbeat_interval
+    await h.ping("r1")
+    assert 1 not in h.d.sched.builds and 1 not in h.d.artifacts.partial
+    assert not h.d.artifacts.directory(1, SHA).joinpath("dist/a.bin").exists()
+
+
+@scenario
 async def test_a_runner_found_dead_has_its_kept_connection_closed_at_once(make):
     h = make(heartbeat_interval=0.1, heartbeat_misses=2)
     runner = h.runner("r1")
