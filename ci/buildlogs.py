@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import aio
+from . import aio, files
 from .masking import hide
 from .models import Build
 from .text import utf8_boundary
@@ -321,9 +321,7 @@ class BuildLogs:
                 size = os.lseek(fd, 0, os.SEEK_END)
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     text = "\n" + text
-                data = memoryview((text + "\n").encode())
-                while data:
-                    data = data[os.write(fd, data):]
+                files.write_all(fd, (text + "\n").encode())
                 end = os.lseek(fd, 0, os.SEEK_CUR)
             finally:
                 os.close(fd)

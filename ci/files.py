@@ -1,6 +1,7 @@
 """Files that must survive a crash or be held by one process: atomic writes
-and the exclusive lock a daemon takes on its working directory; and
-``tree_bytes``, what a directory's files take (cache entries, artifacts).
+and the exclusive lock a daemon takes on its working directory;
+``tree_bytes``, what a directory's files take (cache entries, artifacts); and
+``write_all``, every byte to a descriptor (``os.write`` may take fewer).
 
 Both are the standard recipe written once: write to a temporary file beside
 the target, fsync it, rename it over the target, fsync the directory (so the
@@ -110,3 +111,12 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def write_all(fd: int, data) -> None:
+    """All of ``data`` to ``fd``: a write may take part of it (a full disk's
+    last blocks, a signal), and the next one then says why it stopped."""
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])

@@ -205,13 +205,10 @@ class Heartbeat:
             leases |= unsent & runner.running
         if self.waiting_for:
             self.waiting_for.discard(runner.name)
-        held = len(runner.running)
-        plan = links.sched.heartbeat(runner.name, leases, ping.sent, links.clock())
-        # most pongs change nothing: no plan, no lease taken back, nothing to persist or settle.
-        # A lease taken back with an empty plan still ended an attempt (a cancelled build its
-        # runner has stopped): apply settles that attempt's unfinished uploads
-        if plan or len(runner.running) < held:
-            links.apply(plan)
+        # always applied, empty or not: a lease taken back with an empty plan still ended an
+        # attempt (a cancelled build its runner has stopped), whose unfinished uploads apply
+        # settles; an empty plan costs apply no more than that look
+        links.apply(links.sched.heartbeat(runner.name, leases, ping.sent, links.clock()))
         # one small frame per runner per interval, so a console's "last seen" stays true
         if links.watchers.active and runner.alive:
             links.watchers.event("runner", runner=runner.summary())

@@ -174,7 +174,7 @@ class _Replies(asyncio.Protocol):
         transport = conn.writer.transport
         replies = cls(transport, peer, limits)
         replies.conn = conn         # held: a stream writer collected closes its transport
-        held = getattr(conn.reader, "_buffer", b"")
+        held = net.held(conn.reader)
         transport.set_protocol(replies)
         # ``_eof``: the end may have come behind part of a frame, which at_eof does not say
         if conn.reader.at_eof() or getattr(conn.reader, "_eof", False) or transport.is_closing():

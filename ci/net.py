@@ -53,6 +53,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
+from . import files
 from .aio import Lazy, in_thread, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
 from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
@@ -100,8 +101,10 @@ class PeerNotProven(PeerAuthFailed):
 
 # ---------------------------------------------------------------- framing
 
-def _held(reader: asyncio.StreamReader) -> bytes | bytearray:
-    """What ``reader`` holds already, read by nobody yet (none known: nothing)."""
+def held(reader: asyncio.StreamReader) -> bytes | bytearray:
+    """What ``reader`` holds already, read by nobody yet (none known: nothing).
+    The one place that reads asyncio.StreamReader's private ``_buffer``: a
+    protocol that takes a transport over (``_Sink``, ``keptlink``) starts from it."""
     return getattr(reader, "_buffer", b"")
 
 
@@ -132,8 +135,8 @@ class Connection:
         try:
             if sys.version_info < (3, 11):      # no asyncio.timeout: a timer per read
                 return await self._with_bulk(decode(await self._read_310(timeout)))
-            held = _held(reader)
-            if len(held) >= 4 and len(held) >= 4 + HEADER.unpack_from(held)[0]:
+            buffered = held(reader)
+            if len(buffered) >= 4 and len(buffered) >= 4 + HEADER.unpack_from(buffered)[0]:
                 # a whole frame is in already (requests sent ahead of their replies): no wait, no timer
                 body = await reader.readexactly(self._length(await reader.readexactly(4)))
                 return await self._with_bulk(decode(body))
@@ -142,7 +145,7 @@ class Connection:
             async with asyncio.timeout(timeout) as deadline:
                 length = self._length(await reader.readexactly(4))
                 stage = "body"
-                if len(_held(reader)) < length:
+                if len(held(reader)) < length:
                     deadline.reschedule(asyncio.get_running_loop().time() + self.limits.read_timeout)
                 body = await reader.readexactly(length)
         except asyncio.IncompleteReadError:
@@ -304,10 +307,10 @@ class _Sink:
     def __init__(self, reader: asyncio.StreamReader, transport: Any, view: memoryview):
         self.reader, self.transport, self.view = reader, transport, view
         self.got, self.lost = 0, False
-        held = reader._buffer
-        self.got = min(len(held), len(view))
-        view[:self.got] = held[:self.got]
-        del held[:self.got]
+        buffered = held(reader)
+        self.got = min(len(buffered), len(view))
+        view[:self.got] = buffered[:self.got]
+        del buffered[:self.got]
         self.done = asyncio.get_running_loop().create_future()
         self.previous = None
         if not self.filled() and (reader.at_eof() or reader.exception() is not None):
@@ -1025,7 +1028,7 @@ class BlockingLink:
         if left:
             with self._failures():
                 data = self._kept(left, deadline, 1)
-            _write_all(fd, data)
+            files.write_all(fd, data)
         return Written(n)
 
     def _splice(self, fd: int, n: int, deadline: float) -> tuple[int, float]:
@@ -1052,7 +1055,7 @@ class BlockingLink:
                     if exc.errno not in _SPLICE_REFUSED:
                         raise
                     self._no_splice = True
-                    _write_all(fd, _read_all(read_end, moved))
+                    files.write_all(fd, _read_all(read_end, moved))
                     self._drop_pipe()       # emptied just now
                     return left, deadline
                 if not out:     # never for a file or a pipe that takes bytes: no endless loop should one not
@@ -1146,13 +1149,6 @@ class Written:
 
 # a kernel or file system that does not splice (no splice_write, a seccomp filter): write instead
 _SPLICE_REFUSED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
-
-
-def _write_all(fd: int, data: Any) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
 
 
 def _read_all(fd: int, n: int) -> bytes:
