@@ -10,6 +10,7 @@ is stored (``offset`` otherwise), so a result never outruns its log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import Callable
@@ -20,6 +21,7 @@ from .buildlogs import BuildLogs, LogGap
 from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
 from .models import Build, Status
 from .scheduler import Plan, Scheduler
+from .groupcommit import GroupCommit
 from .store import Store
 from .watchers import Watchers
 
@@ -34,6 +36,7 @@ class Deliveries:
         self.disk, self.watchers, self.max_artifact_bytes = disk, watchers, max_artifact_bytes
         self.note, self.apply, self.monotonic = note, apply, monotonic
         self.cuts = LogCuts()
+        self.group = GroupCommit(store)         # results: one transaction a turn
 
     async def on_log(self, conn: net.Connection, msg: dict) -> dict:
         build_id = msg["build"]
@@ -80,40 +83,29 @@ class Deliveries:
                                          f"not stored; send the result")
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
-        build_id, attempt = msg["build"], msg["attempt"]
+        key = (msg["build"], msg["attempt"])
+        waiting = self.group.pending(key)
+        if waiting is not None:
+            # the same result again (a retry on a fresh connection) while the first waits for
+            # its commit: answered as if it came after it
+            await asyncio.wait([waiting])
+        refused = self._refuse_result(conn, msg)
+        if refused:
+            return refused
+        ending = _Ending(self, conn, msg)
+        return await self.group.submit(key, ending.write, ending.after)
+
+    def _refuse_result(self, conn: net.Connection, msg: dict) -> dict | None:
+        build_id = msg["build"]
         refused = not_held(self.sched, conn, msg)
         if refused:
             return refused
         build = self.sched.builds[build_id]
         self._check_log(build)
         have = self.logs.attempt_size(build)
-        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, attempt):
+        if have < msg.get("log_size", 0) and not self.cuts.is_cut(build_id, msg["attempt"]):
             return protocol.error("offset", f"log of build {build_id} is incomplete ({have} bytes)", expected=have)
-        status = Status(msg["status"])
-        was_cancelled = build.status is Status.CANCELLED
-        finished_at = self.sched.wall()
-        # the first write, always, and one transaction: the report and the build as it ends.
-        # Should the disk be too full for the database (or it be locked), nothing has changed
-        # yet, and the runner's retry finds its lease still held
-        with self.store.transaction():
-            self.store.save_report(build_id, msg.get("step_results"), msg.get("tests"))
-            if not was_cancelled:       # a cancelled build's end was saved with the cancel
-                self.store.save([replace(build, status=status, exit_code=msg["exit_code"], finished_at=finished_at)])
-        cut = self.cuts.note(build_id, attempt, msg.get("log_size", 0) - have)
-        if cut:
-            self.note(build_id, cut)    # moves the attempt's log base: the build is saved again, by apply
-        plan = self.sched.finish(build_id, attempt, status, msg["exit_code"], self.monotonic(), finished_at)
-        if plan is not None and not cut:
-            plan.saved.append(build_id)
-        if was_cancelled:
-            self.note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
-            self.watchers.touch()       # its plan may be empty: a follower of its log learns it ended now
-        else:
-            self.note(build_id, f"=== {status.value} (exit {msg['exit_code']}) in "
-                                f"{msg['duration']:.2f}s on {build.runner} ===")
-            log.info("build %d %s on %s", build_id, status.value, build.runner)
-        self.apply(plan)
-        return protocol.ok()
+        return None
 
     async def on_artifact(self, conn: net.Connection, msg: dict) -> dict:
         build_id, attempt = msg["build"], msg["attempt"]
@@ -164,3 +156,48 @@ def not_held(sched: Scheduler, conn: net.Connection, msg: dict) -> dict | None:
                     msg["type"], build_id, conn.peer, conn.id or "-", holder)
         return protocol.error("not_yours", f"build {build_id} is not held by runner {conn.id!r}")
     return None
+
+
+class _Ending:
+    """A result's two steps in its turn's group commit (``groupcommit``): the
+    report and the ended build written, then the attempt ended in memory."""
+
+    def __init__(self, deliveries: Deliveries, conn: net.Connection, msg: dict):
+        self.d, self.conn, self.msg = deliveries, conn, msg
+        self.was_cancelled, self.finished_at = False, 0.0
+
+    def write(self) -> dict | None:
+        d, msg = self.d, self.msg
+        # asked again at the commit: the lease may have been taken back since the request came
+        refused = not_held(d.sched, self.conn, msg)
+        if refused:
+            return refused
+        build = d.sched.builds[msg["build"]]
+        self.was_cancelled = build.status is Status.CANCELLED
+        self.finished_at = d.sched.wall()
+        # the first write, always: should the commit fail (the disk too full for the database,
+        # or it locked), nothing has changed yet, and the runner's retry finds its lease still held
+        d.store.save_report(build.id, msg.get("step_results"), msg.get("tests"))
+        if not self.was_cancelled:       # a cancelled build's end was saved with the cancel
+            d.store.save([replace(build, status=Status(msg["status"]), exit_code=msg["exit_code"],
+                                  finished_at=self.finished_at)])
+        return None
+
+    def after(self) -> dict:
+        d, msg = self.d, self.msg
+        build_id, attempt, status = msg["build"], msg["attempt"], Status(msg["status"])
+        runner = d.sched.builds[build_id].runner
+        cut = d.cuts.note(build_id, attempt, msg.get("log_size", 0) - d.logs.attempt_size(d.sched.builds[build_id]))
+        if cut:
+            d.note(build_id, cut)       # moves the attempt's log base: the build is saved again, by apply
+        plan = d.sched.finish(build_id, attempt, status, msg["exit_code"], d.monotonic(), self.finished_at)
+        if plan is not None and not cut:
+            plan.saved.append(build_id)
+        if self.was_cancelled:
+            d.note(build_id, f"=== cancelled (the runner reported {status.value} as it stopped) ===")
+            d.watchers.touch()          # its plan may be empty: a follower of its log learns it ended now
+        else:
+            d.note(build_id, f"=== {status.value} (exit {msg['exit_code']}) in {msg['duration']:.2f}s on {runner} ===")
+            log.info("build %d %s on %s", build_id, status.value, runner)
+        d.apply(plan)
+        return protocol.ok()

@@ -386,6 +386,70 @@ async def test_a_result_the_database_cannot_take_changes_nothing_and_its_retry_l
 
 
 @scenario
+async def test_the_results_of_one_turn_share_one_transaction_and_each_lands(make):
+    h = make()
+    for i in (1, 2, 3):
+        await h.commit(sha=f"{i}" * 40)
+        await h.register(f"r{i}")
+    group = h.d.deliveries.group
+    before = group.commits
+    replies = await asyncio.gather(*(h.result(i, runner=f"r{i}", tests=TESTS) for i in (1, 2, 3)))
+    assert replies == [{"type": "ok"}] * 3
+    assert group.commits == before + 1
+    for i in (1, 2, 3):
+        assert h.build(i).status is Status.PASSED and h.store.test_counts([i])[i]["passed"] == 3
+        assert h.text(i).endswith(f"=== passed (exit 0) in 0.50s on r{i} ===\n")
+    assert not h.d.sched.builds
+
+
+@scenario
+async def test_the_results_of_a_turn_the_database_cannot_take_change_nothing_and_their_retries_land(make):
+    h = make()
+    for i in (1, 2):
+        await h.commit(sha=f"{i}" * 40)
+        await h.register(f"r{i}")
+    h.store.db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(h.store.path)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        refused = await asyncio.gather(*(h.result(i, runner=f"r{i}") for i in (1, 2)))
+    finally:
+        other.rollback()
+        other.close()
+    assert [codes(r) for r in refused] == [("error", "busy")] * 2
+    for i in (1, 2):
+        assert h.build(i).status is Status.RUNNING and h.d.sched.is_current(i, 1) and "=== passed" not in h.text(i)
+    assert await asyncio.gather(*(h.result(i, runner=f"r{i}") for i in (1, 2))) == [{"type": "ok"}] * 2
+    assert [h.build(i).status for i in (1, 2)] == [Status.PASSED] * 2
+
+
+@scenario
+async def test_a_cancel_between_a_result_and_its_commit_wins(make):
+    """A result waits for its turn's commit; a cancel that comes in that
+    moment is seen by the write, which then keeps the build cancelled."""
+    h = make()
+    await h.commit()
+    await h.register()
+    sent = asyncio.ensure_future(h.result(1))
+    await asyncio.sleep(0)      # the result is in, waiting for the commit
+    assert h.d.deliveries.group.pending((1, 1)) is not None
+    assert await h.call({"type": "cancel", "build": 1}) == {"type": "ok", "builds": [1]}
+    assert await sent == {"type": "ok"}
+    assert h.build(1).status is Status.CANCELLED and 1 not in h.d.sched.builds
+    assert h.text(1).endswith("=== cancelled (the runner reported passed as it stopped) ===\n")
+
+
+@scenario
+async def test_a_result_sent_again_while_the_first_waits_for_its_commit_is_answered_as_after_it(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    first, again = await asyncio.gather(h.result(1), h.result(1))
+    assert first == {"type": "ok"} and codes(again) == ("error", "stale")
+    assert h.build(1).status is Status.PASSED and h.text(1).count("=== passed") == 1
+
+
+@scenario
 async def test_a_lost_runner_queues_its_build_again_with_the_next_attempt(make):
     h = make(heartbeat_interval=0.1, heartbeat_misses=3)
     await h.commit()
