@@ -31,6 +31,7 @@ the meantime (cancelled, its runner lost) is dropped, never sent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Callable
@@ -131,10 +132,10 @@ class RunnerLinks:
         sizes = await asyncio.to_thread(self.logs.first_lines, lines)
         now = self.clock()
         # from here until the runner acknowledges the `run`, no pong judges the build
-        # (see Scheduler.sending): every lease not handed to send_run is released below
+        # (see Scheduler.sending): every lease not handed to start_run is released below
         batch = [(build, runner, attempt) for build, runner, attempt in batch
                  if build.id in sizes and self.sched.sending(build.id, attempt, now)]
-        spawned: set[int] = set()
+        started: set[int] = set()
         try:
             for build, _, _ in batch:
                 self.logs.begin(build, sizes[build.id])
@@ -144,30 +145,67 @@ class RunnerLinks:
                 log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
                 if attempt > 1:
                     self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
-                self.spawn(self.send_run(build, runner, attempt))
-                spawned.add(build.id)
+                self.start_run(build, runner, attempt)       # from here, it calls sched.sent
+                started.add(build.id)
         finally:
             for build, _, attempt in batch:
-                if build.id not in spawned:
+                if build.id not in started:
                     self.sched.sent(build.id, attempt, self.clock())
         if self.watchers.active:
             for build, _, _ in batch:
                 self.watchers.event("build", build=build.summary())
         self.watchers.touch()
 
-    async def send_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
+    def start_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
+        """Send a hand-out's ``run``. On the runner's open kept connection it is
+        posted: a write now and a callback for its answer, no task or timer (the
+        runner answers in order, so a runner that never answers it answers no
+        ping either, and the heartbeat finds it lost). Otherwise a task connects
+        first. Either way ``sched.sent`` follows, whatever the answer."""
+        msg = self._run_message(build, runner, attempt)
+        link = self.link(runner) if msg is not None else None
+        if link is None or not link.connected:
+            self.spawn(self.send_run(build, runner, attempt, msg))
+            return
         try:
-            await self._send_run(build, runner, attempt)
+            link.post(msg, functools.partial(self._run_answered, build, runner, attempt, msg))
+        except (net.PeerError, protocol.ProtocolError) as exc:
+            self._run_answered(build, runner, attempt, msg, None, exc)
+
+    def _run_answered(self, build: Build, runner: RunnerRecord, attempt: int, msg: dict,
+                      reply: dict | None, exc: Exception | None) -> None:
+        if exc is None and reply["type"] == "error":
+            exc = protocol.RemoteError(reply)
+        if isinstance(exc, net.PeerError) and not isinstance(exc, (net.PeerRefused, net.PeerTimeout)) \
+                and self.sched.is_leased(build.id, attempt):
+            # the kept connection was dead (the runner restarted or stopped):
+            # one fresh attempt tells a stopped runner from a live one at once
+            self.spawn(self.send_run(build, runner, attempt, msg))
+            return
+        try:
+            if exc is not None:
+                self._run_failed(build, runner, attempt, exc)
         finally:
             # acknowledged, refused or unknown: from now on the runner's pongs tell
             self.sched.sent(build.id, attempt, self.clock())
 
-    async def _send_run(self, build: Build, runner: RunnerRecord, attempt: int) -> None:
+    async def send_run(self, build: Build, runner: RunnerRecord, attempt: int, msg: dict | None) -> None:
+        """The ``run`` sent by a task: connecting first (and once more on a
+        fresh connection should the kept one be dead)."""
+        try:
+            if msg is not None:
+                await self.link(runner).request(msg)
+        except (protocol.RemoteError, net.PeerError, protocol.ProtocolError) as exc:
+            self._run_failed(build, runner, attempt, exc)
+        finally:
+            self.sched.sent(build.id, attempt, self.clock())
+
+    def _run_message(self, build: Build, runner: RunnerRecord, attempt: int) -> dict | None:
         # the lease is pinned when the send is decided: should the build be taken
-        # back and handed to someone else before this task runs, sending
+        # back and handed to someone else before this runs, sending
         # build.attempt here would give one lease to two runners
         if not self.sched.is_leased(build.id, attempt) or build.runner != runner.name:
-            return
+            return None
         cfg = self.config.build
         msg = {"type": "run", "build": build.id, "attempt": attempt, "repo": build.repo,
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),
@@ -176,22 +214,16 @@ class RunnerLinks:
         if build.needs:     # the artifacts of the builds it needs, fetched into its checkout
             msg["inputs"] = needs.inputs(build, self.store.commit_builds(build.repo, build.sha), self.artifacts.list)
         msg.update(self.definition_fields(build))
-        try:
-            try:
-                await self.link(runner).request(msg)
-            except net.PeerError as exc:
-                if isinstance(exc, (net.PeerRefused, net.PeerTimeout)) or not self.sched.is_leased(build.id, attempt):
-                    raise
-                # the kept connection was dead (the runner restarted or stopped):
-                # one fresh attempt tells a stopped runner from a live one at once
-                await self.link(runner).request(msg)
-        except protocol.RemoteError as exc:
+        return msg
+
+    def _run_failed(self, build: Build, runner: RunnerRecord, attempt: int, exc: Exception) -> None:
+        if isinstance(exc, protocol.RemoteError):
             log.warning("runner %s refused build %d: %s", runner.name, build.id, exc)
             self.apply(self.sched.refused(build.id, attempt, f"runner {runner.name} refused it: {exc}",
                                           self.clock()))
-        except (net.PeerRefused, net.PeerAuthFailed) as exc:    # the run never reached runner.name
+        elif isinstance(exc, (net.PeerRefused, net.PeerAuthFailed)):    # the run never reached runner.name
             self.beat.lost(runner, exc)
-        except (net.PeerError, protocol.ProtocolError) as exc:
+        else:
             # unknown whether it arrived (or the runner answered outside the protocol): the next pong tells
             log.warning("sending build %d to %s: %s", build.id, runner.name, exc)
 

@@ -702,6 +702,46 @@ async def test_rebuild_queues_the_same_commit_and_job_again(make):
     assert codes(await h.call({"type": "rebuild", "build": 9})) == ("error", "not_found")
 
 
+@scenario
+async def test_a_run_posted_on_a_kept_connection_found_dead_goes_once_more_on_a_fresh_one(make):
+    """A `run` goes out on the runner's open kept connection with no task of its
+    own; when that connection turns out dead (the runner restarted), the run is
+    sent once more on a fresh connection, and the build runs there."""
+    h = make()
+    runner = h.runner("r1")
+    await h.register("r1")
+
+    def reset():
+        raise net.PeerError("lost connection to 127.0.0.1:9000: connection reset")
+
+    runner.before = [reset]
+    await h.commit()
+    await h.settle()
+    assert len(runner.sent("run")) == 1 and not runner.before      # the first went nowhere
+    assert (h.build(1).status, h.build(1).attempt, h.build(1).runner) == (Status.RUNNING, 1, "r1")
+    await h.ping("r1")
+    assert h.state("r1") == "busy" and (1, 1) in runner.running
+
+
+@scenario
+async def test_a_run_the_runner_never_answers_is_not_sent_again(make):
+    """A timeout is not a dead connection: whether the run arrived is unknown,
+    and the runner's next pong tells."""
+    h = make()
+    runner = h.runner("r1")
+    await h.register("r1")
+    runner.before = [lambda: setattr(runner, "down", net.PeerTimeout("no answer")),
+                     lambda: setattr(runner, "down", None)]
+    await h.commit()
+    await h.settle()
+    assert runner.sent("run") == [] and h.build(1).status is Status.RUNNING
+    h.mono += h.d.config.dispatcher.heartbeat_interval
+    await h.ping("r1")          # the runner does not list it: taken back, and handed out anew
+    await h.settle()
+    assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 2)
+    assert [m["attempt"] for m in runner.sent("run")] == [2]
+
+
 # ---------------------------------------------------------------- liveness on the monotonic clock
 
 @scenario
