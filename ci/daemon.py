@@ -141,10 +141,8 @@ class PlainRecords(logging.Filter):
     controls); a traceback keeps its lines, without control characters."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = plain(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        # the message made once: the formatter asks for it again, and finds it made
+        record.msg, record.args = plain(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             # formatted here, as the handler's formatter would, so that it can be cleaned
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -153,6 +151,19 @@ class PlainRecords(logging.Filter):
         if record.stack_info:
             record.stack_info = log_text(record.stack_info)
         return True
+
+
+class _Stamped(logging.Formatter):
+    """The time of a record to the second, formatted once a second, not for
+    each record (the dispatcher writes one or two a build, hundreds a second)."""
+
+    _second, _text = -1, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:      # under the handler's lock
+            self._second, self._text = second, super().formatTime(record, datefmt)
+        return self._text
 
 
 LOG_MAX_BYTES = 10 << 20     # a daemon's log file is rotated at this size
@@ -238,9 +249,8 @@ def setup_logging(name: str, verbose: bool, log_file: str | None = None) -> None
     # It also turns off stack_info=True, which nothing here asks for
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
-        format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    handler.setFormatter(_Stamped(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 
 
 READY = re.compile(r"tinyci (\w+) listening on (\S+):(\d+)")

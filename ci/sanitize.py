@@ -58,6 +58,8 @@ HOLD = 4096
 def plain(text: str) -> str:
     """One line of plain text for a table cell, a status line or a log
     message: sequences and controls removed, newlines and tabs made spaces."""
+    if text.isprintable():      # every sequence and control is a character that is not: nothing to remove
+        return text
     text = _SEQUENCES.sub("", text)
     return _ALL_CONTROLS.sub(lambda m: " " if m.group() in "\n\t\r" else "", text)
 

@@ -109,3 +109,19 @@ def test_an_unterminated_string_takes_only_the_rest_of_its_line():
     # a terminal would swallow all that follows; the dispatcher's verdict must still show
     assert log_text("FAILED \x1b]0;title\n=== failed (exit 1) ===\n") == "FAILED \n=== failed (exit 1) ===\n"
     assert log_text("x\x9d8;;file:///etc/passwd\r\n=== failed ===") == "x\n=== failed ==="
+
+
+def test_plain_returns_printable_text_as_it_is_because_nothing_it_removes_is_printable():
+    """``plain`` hands printable text back untouched (the fast way, taken for
+    nearly every daemon log record): sound only while no character it removes,
+    and none that begins a sequence, is printable."""
+    from ci import sanitize
+    for code in range(0x30000):
+        c = chr(code)
+        if 0xD800 <= code < 0xE000 or not c.isprintable():
+            continue
+        assert not sanitize._ALL_CONTROLS.search(c), hex(code)
+        for rest in ("[0m", "]0;title\x07", "P1\x1b\\", "x", ""):
+            assert not sanitize._SEQUENCES.match(c + rest), hex(code)
+    assert plain("build 12 attempt 1 -> fake-3") == "build 12 attempt 1 -> fake-3"
+    assert plain("evil\u202eexe.txt \x1b[2Jx") == "evilexe.txt x"
