@@ -181,7 +181,9 @@ async def _measure(c: Cluster, disp, n: int, queued: int, idle_s: float, request
     out["dispatched"] = fleet.done
     out["dispatches_per_s"] = fleet.done / out["seconds"]
     steady = out["seconds"] - out["registered_s"]
-    out["dispatches_per_s_registered"] = (fleet.done - registered_done) / steady if steady > 0 else None
+    # none when every build was done before the last runner registered (1,000 runners)
+    out["dispatches_per_s_registered"] = (fleet.done - registered_done) / steady \
+        if steady > 0 and fleet.done > registered_done else None
     # the dispatcher's CPU for each build it ran (registrations included): steadier than a
     # rate on a shared machine, since it does not count the time others take the cores
     out["cpu_ms_per_dispatch"] = (cpu_seconds(disp.pid) - cpu0) / max(1, fleet.done) * 1000
