@@ -97,3 +97,27 @@ def test_a_log_that_is_not_a_regular_file_is_never_rotated(tmp_path):
                           capture_output=True, text=True)
     assert (done.returncode, done.stdout, done.stderr) == (0, "50 records read\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.fifo"] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+STAMPS = """
+import logging, sys, time
+from ci import daemon
+daemon.setup_logging("dispatcher", False, sys.argv[1])
+log = logging.getLogger("ci.test")
+base = time.mktime((2026, 12, 1, 10, 20, 30, 0, 0, -1))
+for offset, text in ((0.1, "first"), (0.9, "same second"), (1.0, "next second \\x1b[2Jx")):
+    record = log.makeRecord("ci.test", logging.INFO, "f", 1, "%s", (text,), None)
+    record.created = base + offset
+    log.handle(record)
+"""
+
+
+def test_each_record_has_the_time_it_was_made_and_its_message_made_plain(tmp_path):
+    """The formatter keeps the time's text for the second it was made in: a
+    record in the next second has its own; a peer's escape never gets through."""
+    out = tmp_path / "d.log"
+    done = subprocess.run([sys.executable, "-c", STAMPS, str(out)], env=child_env(), cwd=ROOT, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines() == ["10:20:30 dispatcher INFO first", "10:20:30 dispatcher INFO same second",
+                                            "10:20:31 dispatcher INFO next second x"]
