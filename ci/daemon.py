@@ -142,7 +142,11 @@ class PlainRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         # the message made once: the formatter asks for it again, and finds it made
-        record.msg, record.args = plain(record.getMessage()), None
+        try:
+            message = record.getMessage()
+        except Exception:       # a bad format: left to the handler, which reports it (handleError)
+            return True
+        record.msg, record.args = plain(message), None
         if record.exc_info and not record.exc_text:
             # formatted here, as the handler's formatter would, so that it can be cleaned
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -19,9 +19,9 @@ from . import net, protocol
 from .artifacts import ArtifactError, Artifacts
 from .buildlogs import BuildLogs, LogGap
 from .diskspace import DISK_FULL, FULL_ERRNOS, DiskSpace, LogCuts
+from .groupcommit import GroupCommit
 from .models import Build, Status
 from .scheduler import Plan, Scheduler
-from .groupcommit import GroupCommit
 from .store import Store
 from .watchers import Watchers
 
@@ -84,14 +84,14 @@ class Deliveries:
 
     async def on_result(self, conn: net.Connection, msg: dict) -> dict:
         key = (msg["build"], msg["attempt"])
-        waiting = self.group.pending(key)
-        if waiting is not None:
-            # the same result again (a retry on a fresh connection) while the first waits for
-            # its commit: answered as if it came after it
-            await asyncio.wait([waiting])
         refused = self._refuse_result(conn, msg)
         if refused:
             return refused
+        waiting = self.group.pending(key)
+        if waiting is not None:
+            # the same result again (the runner's retry on a fresh connection) while the
+            # first waits for its commit: the first's answer, whatever it is
+            return await asyncio.shield(waiting)
         ending = _Ending(self, conn, msg)
         return await self.group.submit(key, ending.write, ending.after)
 

@@ -13,9 +13,10 @@ retries.
 
 ``write`` runs at the commit, not when the request came: it checks again
 whatever may have changed in between (a lease taken back, a cancel) and
-returns a refusal instead of writing. With more than one in the turn each
-runs in a savepoint of its own, so one that raises (a bug, or SQLite
-refusing that row) is undone alone and the others still commit. The COMMIT
+returns a refusal instead of writing. Each runs in a savepoint of its own,
+so one that raises (a bug, or SQLite refusing that row) is undone alone and
+the others still commit; should SQLite have rolled the whole transaction
+back itself (the disk full), the turn fails with that error. The COMMIT
 itself failing (the disk full, the database locked by another process) fails
 every request of the turn, none of which has changed anything in memory.
 """
@@ -64,7 +65,7 @@ class GroupCommit:
 
     def _commit(self) -> None:
         turn, self._turn = list(self._turn.values()), {}
-        # a request whose connection closed meanwhile was cancelled: its write never happens
+        # a request cancelled meanwhile (the daemon stopping): its write never happens
         turn = [entry for entry in turn if not entry.future.done()]
         if not turn:
             return
@@ -73,17 +74,20 @@ class GroupCommit:
         try:
             with self.store.transaction():
                 for entry in turn:
-                    if len(turn) == 1:
-                        written.append((entry, entry.write()))
-                        continue
                     db.execute("SAVEPOINT one")
                     try:
                         refusal = entry.write()
                     except Exception as exc:
+                        if not db.in_transaction:
+                            # SQLite rolled the whole transaction back itself (the disk full, I/O):
+                            # the turn fails with this error, not with the savepoint it took along
+                            raise
                         db.execute("ROLLBACK TO one")
                         db.execute("RELEASE one")
                         entry.future.set_exception(exc)
                         continue
+                    if refusal is not None:
+                        db.execute("ROLLBACK TO one")       # a refusal leaves nothing written
                     db.execute("RELEASE one")
                     written.append((entry, refusal))
         except Exception as exc:
@@ -92,7 +96,7 @@ class GroupCommit:
                     entry.future.set_exception(exc)
             return
         self.commits += 1
-        self.writes += len(written)
+        self.writes += sum(refusal is None for _, refusal in written)
         for entry, refusal in written:
             try:
                 reply = refusal if refusal is not None else entry.after()

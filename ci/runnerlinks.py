@@ -162,9 +162,18 @@ class RunnerLinks:
         runner answers in order, so a runner that never answers it answers no
         ping either, and the heartbeat finds it lost). Otherwise a task connects
         first. Either way ``sched.sent`` follows, whatever the answer."""
-        msg = self._run_message(build, runner, attempt)
-        link = self.link(runner) if msg is not None else None
-        if link is None or not link.connected:
+        try:
+            msg = self._run_message(build, runner, attempt)
+        except Exception:
+            # a bug, or the disk refusing a read: this build's run is not sent (its runner's
+            # pong takes it back, an attempt lost), and the rest of the batch goes on
+            log.exception("build %d: its run could not be made", build.id)
+            msg = None
+        if msg is None:
+            self.sched.sent(build.id, attempt, self.clock())
+            return
+        link = self.link(runner)
+        if not link.connected:
             self.spawn(self.send_run(build, runner, attempt, msg))
             return
         try:
@@ -177,9 +186,10 @@ class RunnerLinks:
         if exc is None and reply["type"] == "error":
             exc = protocol.RemoteError(reply)
         if isinstance(exc, net.PeerError) and not isinstance(exc, (net.PeerRefused, net.PeerTimeout)) \
-                and self.sched.is_leased(build.id, attempt):
-            # the kept connection was dead (the runner restarted or stopped):
-            # one fresh attempt tells a stopped runner from a live one at once
+                and self.sched.is_leased(build.id, attempt) and not self.beat.stopped:
+            # the kept connection was dead (the runner restarted or stopped): one fresh
+            # attempt tells a stopped runner from a live one at once. Not when the
+            # dispatcher stops: its own close of the connections failed the run
             self.spawn(self.send_run(build, runner, attempt, msg))
             return
         try:
@@ -189,15 +199,15 @@ class RunnerLinks:
             # acknowledged, refused or unknown: from now on the runner's pongs tell
             self.sched.sent(build.id, attempt, self.clock())
 
-    async def send_run(self, build: Build, runner: RunnerRecord, attempt: int, msg: dict | None) -> None:
-        """The ``run`` sent by a task: connecting first (and once more on a
-        fresh connection should the kept one be dead)."""
+    async def send_run(self, build: Build, runner: RunnerRecord, attempt: int, msg: dict) -> None:
+        """The ``run`` sent by a task: connecting first (no kept connection yet),
+        or once more after a post found the kept one dead."""
         try:
-            if msg is not None:
-                await self.link(runner).request(msg)
+            await self.link(runner).request(msg)
         except (protocol.RemoteError, net.PeerError, protocol.ProtocolError) as exc:
             self._run_failed(build, runner, attempt, exc)
         finally:
+            # acknowledged, refused or unknown: from now on the runner's pongs tell
             self.sched.sent(build.id, attempt, self.clock())
 
     def _run_message(self, build: Build, runner: RunnerRecord, attempt: int) -> dict | None:

@@ -440,13 +440,14 @@ async def test_a_cancel_between_a_result_and_its_commit_wins(make):
 
 
 @scenario
-async def test_a_result_sent_again_while_the_first_waits_for_its_commit_is_answered_as_after_it(make):
+async def test_a_result_sent_again_while_the_first_waits_for_its_commit_gets_the_first_ones_answer(make):
     h = make()
     await h.commit()
     await h.register()
-    first, again = await asyncio.gather(h.result(1), h.result(1))
-    assert first == {"type": "ok"} and codes(again) == ("error", "stale")
+    first, again, third = await asyncio.gather(h.result(1), h.result(1), h.result(1))
+    assert first == again == third == {"type": "ok"}
     assert h.build(1).status is Status.PASSED and h.text(1).count("=== passed") == 1
+    assert codes(await h.result(1)) == ("error", "stale")       # once it is in: the attempt is over
 
 
 @scenario
@@ -740,6 +741,56 @@ async def test_a_run_the_runner_never_answers_is_not_sent_again(make):
     await h.settle()
     assert (h.build(1).status, h.build(1).attempt) == (Status.RUNNING, 2)
     assert [m["attempt"] for m in runner.sent("run")] == [2]
+
+
+@scenario
+async def test_a_run_that_cannot_be_made_does_not_stop_the_rest_of_its_batch(make, monkeypatch):
+    h = make()
+    runner = h.runner("r1")
+    await h.commit(sha=SHA)
+    await h.commit(sha=SHA2)
+    fields = h.d.links.definition_fields
+
+    def broken(build):
+        if build.id == 1:
+            raise PermissionError(13, "Permission denied", "artifacts")
+        return fields(build)
+
+    monkeypatch.setattr(h.d.links, "definition_fields", broken)
+    await h.register("r1", slots=2)         # both handed out in one batch
+    assert [m["build"] for m in runner.sent("run")] == [2]
+    h.mono += h.d.config.dispatcher.heartbeat_interval
+    await h.ping("r1")                      # its pong does not list build 1: taken back, an attempt lost
+    assert h.build(1).attempt == 2 and h.build(2).status is Status.RUNNING
+
+
+@scenario
+async def test_a_run_to_a_runner_with_no_connection_yet_goes_by_a_task_that_connects_first(make):
+    h = make()
+    runner = h.runner("r1")
+    runner.connected = False                # as a KeptLink before its first connect: posting would fail
+    runner.post = lambda msg, on_reply: pytest.fail("posted without a connection")
+    await h.register("r1")
+    await h.commit()
+    await h.settle()
+    assert [m["build"] for m in runner.sent("run")] == [1] and h.build(1).status is Status.RUNNING
+    assert h.d.sched.is_current(1, 1) and not h.d.links.beat.out
+
+
+@scenario
+async def test_runs_the_dispatchers_own_stop_fails_are_not_sent_again(make):
+    h = make()
+    runner = h.runner("r1")
+    await h.register("r1")
+    runner.held = []                        # the run goes out, its answer never comes
+    await h.commit()
+    await h.settle()
+    assert [m["type"] for m, _ in runner.held] == ["run"]
+    h.d.links.beat.stopped = True           # stopping: closing the connections fails what waits on them
+    for _, on_reply in runner.held:
+        on_reply(None, net.PeerError("the connection to 127.0.0.1:9000 was closed"))
+    await h.settle()
+    assert runner.sent("run") == [] and h.d.sched.is_current(1, 1)
 
 
 # ---------------------------------------------------------------- liveness on the monotonic clock

@@ -65,7 +65,7 @@ def test_a_refusal_writes_nothing_and_skips_its_after(store):
     assert [store.get(i).status for i in (1, 2)] == [Status.QUEUED, Status.PASSED]
 
 
-def test_a_commit_that_fails_fails_the_whole_turn_and_runs_no_after(store):
+def test_a_turn_the_database_is_locked_for_fails_whole_and_runs_no_after(store):
     group = GroupCommit(store)
     store.db.execute("PRAGMA busy_timeout=50")
     other = sqlite3.connect(store.path)
@@ -85,15 +85,65 @@ def test_a_commit_that_fails_fails_the_whole_turn_and_runs_no_after(store):
     assert not store.db.in_transaction
 
 
-def test_a_write_whose_request_went_away_never_happens_and_a_key_waits_once(store):
+def test_a_write_whose_request_was_cancelled_never_happens_and_a_key_waits_once(store):
     group = GroupCommit(store)
 
     async def main():
         gone = group.submit(1, ended(store, 1), lambda: None)
         with pytest.raises(ValueError):
             group.submit(1, ended(store, 1), lambda: None)
-        gone.cancel()           # its connection closed before the commit
+        gone.cancel()           # its handler cancelled before the commit (the daemon stopping)
         return await group.submit(2, ended(store, 2), lambda: "ok")
 
     assert asyncio.run(main()) == "ok"
     assert [store.get(i).status for i in (1, 2)] == [Status.QUEUED, Status.PASSED]
+
+
+def test_a_commit_that_fails_after_the_writes_fails_the_whole_turn_and_runs_no_after(store):
+    """The writes all went in, then COMMIT itself refused (a deferred constraint
+    here; a full disk alike): every write of the turn fails with that error, none
+    is kept, and no ``after`` runs."""
+    store.db.executescript("CREATE TABLE parent (id INTEGER PRIMARY KEY); "
+                           "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);")
+    store.db.execute("PRAGMA foreign_keys=ON")
+    group = GroupCommit(store)
+
+    def orphan():
+        ended(store, 2)()
+        store.db.execute("INSERT INTO child VALUES (7)")    # no parent 7: refused only at COMMIT
+
+    async def main():
+        return await asyncio.gather(group.submit(1, ended(store, 1), lambda: pytest.fail("after ran")),
+                                    group.submit(2, orphan, lambda: pytest.fail("after ran")),
+                                    return_exceptions=True)
+
+    failed = asyncio.run(main())
+    assert all(isinstance(f, sqlite3.IntegrityError) for f in failed), failed
+    assert [store.get(i).status for i in (1, 2)] == [Status.QUEUED, Status.QUEUED]
+    assert not store.db.in_transaction and group.commits == 0
+
+
+def test_a_full_database_in_the_middle_of_a_turn_fails_it_with_the_full_disk_error(store):
+    """SQLite rolls the whole transaction back itself when the database cannot
+    grow: the turn fails with that error (which the dispatcher answers
+    ``disk_full``), not with the savepoint the rollback took along."""
+    group = GroupCommit(store)
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count={pages}")
+
+    def big():
+        store.db.executemany("INSERT INTO builds (repo, branch, sha, status, created_at, labels) "
+                             "VALUES ('/r', 'main', ?, 'queued', 1.0, ?)",
+                             [(f"{i:040x}", "x" * 2000) for i in range(100, 400)])
+
+    async def main():
+        return await asyncio.gather(group.submit(1, ended(store, 1), lambda: pytest.fail("after ran")),
+                                    group.submit(2, big, lambda: pytest.fail("after ran")),
+                                    group.submit(3, ended(store, 3), lambda: pytest.fail("after ran")),
+                                    return_exceptions=True)
+
+    failed = asyncio.run(main())
+    assert all(isinstance(f, sqlite3.OperationalError) and "full" in str(f) for f in failed), failed
+    store.db.execute("PRAGMA max_page_count=1073741823")
+    assert [store.get(i).status for i in (1, 3)] == [Status.QUEUED, Status.QUEUED]
+    assert not store.db.in_transaction
