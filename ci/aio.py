@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import queue
-import random
 import sys
 import threading
 from typing import Any, Awaitable, Callable
@@ -36,6 +35,8 @@ class Lazy:
 
 
 asyncio: Any = Lazy(globals(), "asyncio")
+# only Backoff uses it (a daemon reconnecting, `console`, `wait`): a tool that asks once need not import it (~2 ms)
+random: Any = Lazy(globals(), "random")
 
 
 

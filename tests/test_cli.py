@@ -251,9 +251,9 @@ def standin(monkeypatch):
 # must not import at each start when nothing needs it: an event loop, TLS
 # (none configured), the configuration and YAML (no file, no TINYCI_*
 # variable), the dispatcher's build files, a server's gate and logging, a MAC
-# (no secret).
+# (no secret), a daemon's reconnect backoff (random), a runner's JUnit parser.
 NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.config", "ci.settings", "ci.buildfile", "ci.gate", "logging",
-                "hmac", "secrets")
+                "hmac", "secrets", "random", "defusedxml", "xml")
 
 
 @pytest.mark.parametrize("argv", [["status", "--json"], ["artifacts", "7"], ["log", "1"], ["cancel", "3"],
@@ -268,6 +268,16 @@ def test_a_tool_starts_without_what_it_does_not_use(standin, tmp_path, argv):
     assert last == ("1 []" if argv[0] == "cancel" else "0 []"), done.stderr      # cancel: the stand-in refuses
     if "--get" in argv:
         assert (tmp_path / "got").read_bytes() == ARTIFACT
+
+
+def test_the_status_table_starts_without_the_junit_parser(standin):
+    # the table shows a build's test counts (reports.summary); parsing JUnit XML is the runner's
+    code = ("import sys\nfrom ci import cli\ncode = cli.main(sys.argv[1:])\n"
+            "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('defusedxml', 'xml')))")
+    done = subprocess.run([sys.executable, "-c", code, "status", "--dispatcher", standin.addr], capture_output=True,
+                          text=True, cwd=TOOL_CWD, timeout=30, env=child_env())
+    assert "runner-1" in done.stdout, done.stderr    # the table was drawn
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr
 
 
 def test_the_tools_defaults_are_the_configurations():
