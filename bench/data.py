@@ -84,15 +84,6 @@ def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNU
     return seconds, usage.ru_maxrss / 1024, proc.returncode
 
 
-# On a VM that gives free memory back to its host (free page reporting: a Firecracker or
-# KVM guest with a balloon), the first write into memory at rest pays for the host bringing it
-# back (~0.2 s a 100 MiB here), and a write into memory freed a moment before does not. The
-# upload's writes, which follow the step's, meet memory at rest; a `cp` right after a delete may
-# not. So the upload is also compared with a `cp` made after this many seconds at rest (the
-# kernel keeps freed memory warm for less than that): the same file, the same state of memory.
-AT_REST = 3.0
-
-
 def timed_cp(src: Path, dst: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run(["cp", str(src), str(dst)], check=True)
@@ -244,7 +235,6 @@ def artifacts(tmp: Path, quick: bool) -> Result:
                f"  - python3 -c 'import time; print(\"STEP-END\", time.time())'\n")
     repo.commit("initial", {".ci.yaml": ci_yaml})
     uploads, listed, up_cps, downloads, down_cps, tool_rss, starts = [], [], [], [], [], [], []
-    rest_cps: list[float] = []
     hwm: dict[str, list] = {"dispatcher": [], "runner": []}
     with cluster(tmp / "cluster", ["true"], dispatcher={"max_artifact_bytes": 4 * size}) as c:
         c.dispatcher()
@@ -263,10 +253,6 @@ def artifacts(tmp: Path, quick: bool) -> Result:
             uploads.append(stored.stat().st_mtime - step_end)
             listed.append(seen - step_end)
             sent = next((tmp / "cluster" / "runners" / "r1" / "checkouts").glob("*/out.bin"))
-            if not quick:
-                # the same copy once the memory freed before it has been at rest (see AT_REST)
-                time.sleep(AT_REST)
-                rest_cps.append(timed_cp(sent, tmp / "cp.bin"))
             up_cps.append(timed_cp(sent, tmp / "cp.bin"))
             want = sha256(sent)
             if sha256(stored) != want:
@@ -289,9 +275,6 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     res.add("upload, to its listing (the last chunk's fsync and ack)", mib / median(listed), "MiB/s")
     res.add("upload: `cp` of the runner's file", mib / median(up_cps), "MiB/s")
     res.add("upload / cp", median(up_cps) / median(uploads) * 100, "%", ">= 25")
-    if rest_cps:
-        res.add(f"upload: `cp` of the runner's file after {AT_REST:g} s at rest", mib / median(rest_cps), "MiB/s")
-        res.add("upload / that cp", median(rest_cps) / median(uploads) * 100, "%")
     res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s")
     res.add("download: `cp` of the dispatcher's file", mib / median(down_cps), "MiB/s")
     res.add("download / cp", median(down_cps) / median(downloads) * 100, "%", ">= 25")
@@ -303,7 +286,7 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     res.add("peak RSS: runner (VmHWM)", max(hwm["runner"]), "MiB")
     res.add("peak RSS: tinyci artifacts --get", max(tool_rss), "MiB")
     res.data = {"size": size, "upload_s": uploads, "upload_listed_s": listed, "upload_cp_s": up_cps,
-                "upload_cp_at_rest_s": rest_cps, "download_s": downloads, "download_cp_s": down_cps, "tool_start_s": starts, "peak_rss_mib": hwm,
+                "download_s": downloads, "download_cp_s": down_cps, "tool_start_s": starts, "peak_rss_mib": hwm,
                 "tool_rss_mib": tool_rss}
     return res
 
