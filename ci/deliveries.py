@@ -91,7 +91,13 @@ class Deliveries:
         if waiting is not None:
             # the same result again (the runner's retry on a fresh connection) while the
             # first waits for its commit: the first's answer, whatever it is
-            return await asyncio.shield(waiting)
+            try:
+                return await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not waiting.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # only the first's handler was cancelled (the daemon stopping): this one goes on alone
         ending = _Ending(self, conn, msg)
         return await self.group.submit(key, ending.write, ending.after)
 

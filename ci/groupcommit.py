@@ -47,14 +47,14 @@ class GroupCommit:
     def pending(self, key: Hashable) -> asyncio.Future | None:
         """The reply to come for ``key``'s write, while it waits for its commit."""
         entry = self._turn.get(key)
-        return None if entry is None else entry.future
+        return None if entry is None or entry.future.done() else entry.future
 
     def submit(self, key: Hashable, write: Callable[[], Any], after: Callable[[], Any]) -> asyncio.Future:
         """Run ``write`` in the next turn's transaction; the future gets what
         ``write`` returned when not None (a refusal: nothing written, ``after``
         not run), else what ``after`` returns once committed; or the exception
         either raised. One write per ``key`` a turn (see ``pending``)."""
-        if key in self._turn:
+        if self.pending(key) is not None:
             raise ValueError(f"a write for {key!r} waits already")
         loop = asyncio.get_running_loop()
         if not self._turn:
@@ -98,9 +98,12 @@ class GroupCommit:
         self.commits += 1
         self.writes += sum(refusal is None for _, refusal in written)
         for entry, refusal in written:
+            # every committed write's after runs, whatever an earlier one did to the futures
             try:
                 reply = refusal if refusal is not None else entry.after()
             except Exception as exc:
-                entry.future.set_exception(exc)
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
                 continue
-            entry.future.set_result(reply)
+            if not entry.future.done():
+                entry.future.set_result(reply)

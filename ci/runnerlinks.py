@@ -145,7 +145,12 @@ class RunnerLinks:
                 log.info("build %d attempt %d -> %s", build.id, attempt, runner.name)
                 if attempt > 1:
                     self.artifacts.clear(build.id, build.sha)     # what an earlier attempt uploaded
-                self.start_run(build, runner, attempt)       # from here, it calls sched.sent
+                try:
+                    self.start_run(build, runner, attempt)   # from here, it calls sched.sent
+                except Exception:
+                    # a bug in sending one: the rest of the batch goes on (this one's sent is below)
+                    log.exception("build %d: sending its run to %s failed", build.id, runner.name)
+                    continue
                 started.add(build.id)
         finally:
             for build, _, attempt in batch:
@@ -203,8 +208,12 @@ class RunnerLinks:
         """The ``run`` sent by a task: connecting first (no kept connection yet),
         or once more after a post found the kept one dead."""
         try:
-            await self.link(runner).request(msg)
-        except (protocol.RemoteError, net.PeerError, protocol.ProtocolError) as exc:
+            link = self.link(runner)
+            await link.connect()
+            # connecting takes time: the lease may have been taken back and handed on meanwhile
+            if self.sched.is_leased(build.id, attempt) and build.runner == runner.name:
+                await link.request(msg)
+        except (protocol.RemoteError, net.PeerError, protocol.ProtocolError, ValueError) as exc:
             self._run_failed(build, runner, attempt, exc)
         finally:
             # acknowledged, refused or unknown: from now on the runner's pongs tell

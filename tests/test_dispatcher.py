@@ -424,6 +424,20 @@ async def test_the_results_of_a_turn_the_database_cannot_take_change_nothing_and
 
 
 @scenario
+async def test_a_result_sent_again_goes_on_alone_when_the_firsts_handler_is_cancelled(make):
+    h = make()
+    await h.commit()
+    await h.register()
+    first, again = asyncio.ensure_future(h.result(1)), asyncio.ensure_future(h.result(1))
+    await asyncio.sleep(0)          # both in: the first waits for the commit, the second on the first
+    first.cancel()                  # its handler cancelled before the commit (the daemon stopping)
+    assert await again == {"type": "ok"}
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert h.build(1).status is Status.PASSED and h.text(1).count("=== passed") == 1
+
+
+@scenario
 async def test_a_cancel_between_a_result_and_its_commit_wins(make):
     """A result waits for its turn's commit; a cancel that comes in that
     moment is seen by the write, which then keeps the build cancelled."""
@@ -775,6 +789,44 @@ async def test_a_run_to_a_runner_with_no_connection_yet_goes_by_a_task_that_conn
     await h.settle()
     assert [m["build"] for m in runner.sent("run")] == [1] and h.build(1).status is Status.RUNNING
     assert h.d.sched.is_current(1, 1) and not h.d.links.beat.out
+
+
+@scenario
+async def test_a_run_whose_send_fails_by_a_bug_does_not_stop_the_rest_of_its_batch(make, monkeypatch):
+    h = make()
+    r1, r2 = h.runner("r1"), h.runner("r2")
+    await h.register("r1")
+    await h.register("r2")
+    link = h.d.links.link
+
+    def broken(runner):
+        if runner.name == "r1":
+            raise RuntimeError("a bug in dialling r1")
+        return link(runner)
+
+    monkeypatch.setattr(h.d.links, "link", broken)
+    await h.commit(sha=SHA)
+    await h.commit(sha=SHA2)    # both assigned, one batch: the first to r1, whose send fails
+    await h.settle()
+    assert r1.sent("run") == [] and [m["build"] for m in r2.sent("run")] == [2]
+
+
+@scenario
+async def test_a_run_whose_lease_went_while_its_connection_was_made_is_not_sent(make):
+    """Connecting first takes time: a lease taken back meanwhile (the runner
+    found lost, the build handed on) is not sent to the old runner after all."""
+    h = make()
+    runner = h.runner("r1")
+    runner.connected = False
+    await h.register("r1")
+
+    async def slow_connect():
+        h.d.links.beat.lost(h.d.sched.runners["r1"], net.PeerRefused("connection refused"))
+    runner.connect = slow_connect
+    await h.commit()
+    await h.settle()
+    assert runner.sent("run") == [] and h.state("r1") == "dead"
+    assert (h.build(1).status, h.build(1).attempt) == (Status.QUEUED, 1) and not h.d.sched.is_current(1, 1)
 
 
 @scenario
