@@ -192,8 +192,9 @@ class _Ending:
     def after(self) -> dict:
         d, msg = self.d, self.msg
         build_id, attempt, status = msg["build"], msg["attempt"], Status(msg["status"])
-        runner = d.sched.builds[build_id].runner
-        cut = d.cuts.note(build_id, attempt, msg.get("log_size", 0) - d.logs.attempt_size(d.sched.builds[build_id]))
+        build = d.sched.builds[build_id]
+        runner = build.runner
+        cut = d.cuts.note(build_id, attempt, msg.get("log_size", 0) - d.logs.attempt_size(build))
         if cut:
             d.note(build_id, cut)       # moves the attempt's log base: the build is saved again, by apply
         plan = d.sched.finish(build_id, attempt, status, msg["exit_code"], d.monotonic(), self.finished_at)

@@ -96,8 +96,9 @@ class Dispatcher:
         queries = Queries(store, self.sched, self.logs, self.artifacts, self.watchers, self.conditions,
                           self.held.builds)
         self.triggers = Triggers(config, store, self._admit, clock, pipelines=settings.pipelines)
-        self.deliveries = delivered = Deliveries(self.sched, store, self.logs, self.artifacts, self.disk, self.watchers,
-                               cfg.max_artifact_bytes, self._note, self.apply, monotonic)
+        self.deliveries = delivered = Deliveries(
+            self.sched, store, self.logs, self.artifacts, self.disk, self.watchers, cfg.max_artifact_bytes,
+            self._note, self.apply, monotonic)
         upkeep = Maintenance(self.sched, store, self.links, self.retention, config.retention, self.disk,
                              self.watchers, self.apply, monotonic)
         self.handlers = {

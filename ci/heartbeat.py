@@ -113,13 +113,9 @@ class Heartbeat:
                 del self.out[name]          # not counted: sent again below
             elif not stalled:
                 self._guarded(name, self._judge, ping, now)
-        out = self.out
         for runner in list(runners.values()):
-            if runner.alive and runner.name not in out:
-                try:        # as _guarded, written out: this is the loop over every runner
-                    self.send(runner, now)
-                except Exception:
-                    log.exception("the heartbeat of runner %s failed; the next tick tries again", runner.name)
+            if runner.alive and runner.name not in self.out:
+                self._guarded(runner.name, self.send, runner, now)
 
     def _guarded(self, name: str, step: Callable[..., None], *args: Any) -> None:
         try:
@@ -198,13 +194,11 @@ class Heartbeat:
 
     def _pong(self, runner: RunnerRecord, ping: Ping, reply: dict) -> None:
         links = self.links
-        running = reply["running"]
-        leases = {tuple(lease) for lease in running} if running else set()
+        leases = {tuple(lease) for lease in reply["running"]}
         unsent = links.unsent.get(runner.name)
         if unsent:      # what it was given but not yet sent, it cannot report: not a reason to take it back
             leases |= unsent & runner.running
-        if self.waiting_for:
-            self.waiting_for.discard(runner.name)
+        self.waiting_for.discard(runner.name)
         # always applied, empty or not: a lease taken back with an empty plan still ended an
         # attempt (a cancelled build its runner has stopped), whose unfinished uploads apply
         # settles; an empty plan costs apply no more than that look

@@ -148,7 +148,8 @@ class RunnerLinks:
                 try:
                     self.start_run(build, runner, attempt)   # from here, it calls sched.sent
                 except Exception:
-                    # a bug in sending one: the rest of the batch goes on (this one's sent is below)
+                    # a bug, or the disk refusing a read (a needed build's artifacts): this run is not
+                    # sent (sent below: its runner's pong takes it back), and the rest of the batch goes on
                     log.exception("build %d: sending its run to %s failed", build.id, runner.name)
                     continue
                 started.add(build.id)
@@ -167,16 +168,10 @@ class RunnerLinks:
         runner answers in order, so a runner that never answers it answers no
         ping either, and the heartbeat finds it lost). Otherwise a task connects
         first. Either way ``sched.sent`` follows, whatever the answer."""
-        try:
-            msg = self._run_message(build, runner, attempt)
-        except Exception:
-            # a bug, or the disk refusing a read: this build's run is not sent (its runner's
-            # pong takes it back, an attempt lost), and the rest of the batch goes on
-            log.exception("build %d: its run could not be made", build.id)
-            msg = None
-        if msg is None:
+        if not self._pinned(build, runner, attempt):
             self.sched.sent(build.id, attempt, self.clock())
             return
+        msg = self._run_message(build, attempt)
         link = self.link(runner)
         if not link.connected:
             self.spawn(self.send_run(build, runner, attempt, msg))
@@ -210,8 +205,7 @@ class RunnerLinks:
         try:
             link = self.link(runner)
             await link.connect()
-            # connecting takes time: the lease may have been taken back and handed on meanwhile
-            if self.sched.is_leased(build.id, attempt) and build.runner == runner.name:
+            if self._pinned(build, runner, attempt):     # connecting takes time: asked again
                 await link.request(msg)
         except (protocol.RemoteError, net.PeerError, protocol.ProtocolError, ValueError) as exc:
             self._run_failed(build, runner, attempt, exc)
@@ -219,12 +213,14 @@ class RunnerLinks:
             # acknowledged, refused or unknown: from now on the runner's pongs tell
             self.sched.sent(build.id, attempt, self.clock())
 
-    def _run_message(self, build: Build, runner: RunnerRecord, attempt: int) -> dict | None:
-        # the lease is pinned when the send is decided: should the build be taken
-        # back and handed to someone else before this runs, sending
-        # build.attempt here would give one lease to two runners
-        if not self.sched.is_leased(build.id, attempt) or build.runner != runner.name:
-            return None
+    def _pinned(self, build: Build, runner: RunnerRecord, attempt: int) -> bool:
+        """Whether (build, attempt) is still ``runner``'s lease. The lease is pinned
+        when the send is decided: should the build be taken back and handed to
+        someone else before the run goes, sending build.attempt then would give
+        one lease to two runners."""
+        return self.sched.is_leased(build.id, attempt) and build.runner == runner.name
+
+    def _run_message(self, build: Build, attempt: int) -> dict:
         cfg = self.config.build
         msg = {"type": "run", "build": build.id, "attempt": attempt, "repo": build.repo,
                "sha": build.sha, "branch": build.branch, "steps": list(cfg.steps),

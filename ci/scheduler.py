@@ -55,8 +55,11 @@ class Plan:
         return self
 
     def __bool__(self) -> bool:
-        # spelt out: asked of every plan, most of them (a pong's) empty; ``saved`` asks for nothing itself
-        return bool(self.assign or self.requeued or self.errored or self.cancel or self.dead or self.finished)
+        return any(getattr(self, name) for name in _ACTS)
+
+
+# what a plan asks to be done; ``saved`` only tells apply what it need not write
+_ACTS = tuple(name for name in Plan.__dataclass_fields__ if name != "saved")
 
 
 class Scheduler:
