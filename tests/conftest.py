@@ -90,3 +90,18 @@ def cluster(tmp_path: Path):
     yield make
     for c in made:
         c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory) -> dict[str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it, as PEM files: ``ca``, ``cert``, ``key``."""
+    import trustme
+    where = tmp_path_factory.mktemp("pem")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {"ca": where / "ca.pem", "cert": where / "cert.pem", "key": where / "key.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    cert.private_key_pem.write_to_path(str(files["key"]))
+    return {name: str(path) for name, path in files.items()}
+

@@ -142,24 +142,17 @@ def test_a_download_into_a_pipe_is_spliced_and_byte_identical(tmp_path):
     assert digest(bytes(got)) == digest(BLOB)
 
 
-def test_under_tls_the_bytes_are_received_and_written_not_spliced(tmp_path):
-    import trustme
+def test_under_tls_the_bytes_are_received_and_written_not_spliced(tmp_path, pem):
     from ci import tls
     (tmp_path / "a.bin").write_bytes(BLOB)
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     target = tmp_path / "got.bin"
 
     async def body():
         server, addr = await serve(FileServer(tmp_path / "a.bin"),
-                                   ssl=tls.server_context(cert=str(tmp_path / "cert.pem"),
-                                                          key=str(tmp_path / "key.pem")))
+                                   ssl=tls.server_context(cert=pem["cert"], key=pem["key"]))
         with open(target, "wb") as out:
             assert await asyncio.to_thread(fetch, addr, out.fileno(), tls.client_context(
-                ca=str(tmp_path / "ca.pem"))) == (len(BLOB), False)
+                ca=pem["ca"])) == (len(BLOB), False)
         server.close()
     run(body())
     assert digest(target.read_bytes()) == digest(BLOB)

@@ -206,19 +206,12 @@ def test_post_needs_the_connection_and_a_frame_within_the_limit():
     run(body())
 
 
-def test_the_link_works_the_same_under_tls(tmp_path):
-    import trustme
+def test_the_link_works_the_same_under_tls(pem):
     from ci import tls
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
 
     async def body():
-        server, port = await serve(Runner(), ssl=tls.server_context(cert=str(tmp_path / "cert.pem"),
-                                                                    key=str(tmp_path / "key.pem")))
-        a = link(port, ssl=tls.client_context(ca=str(tmp_path / "ca.pem")))
+        server, port = await serve(Runner(), ssl=tls.server_context(cert=pem["cert"], key=pem["key"]))
+        a = link(port, ssl=tls.client_context(ca=pem["ca"]))
         answers = await posted(a, [{"type": "ping"}, {"type": "ping"}])
         assert [reply["running"] for reply, _ in answers] == [[[1, 1]], [[2, 1]]]
         await a.close()

@@ -617,27 +617,20 @@ async def read_stream(port, ssl=None, offset=0):
     return got, chunks
 
 
-def test_a_file_goes_out_as_bulk_frames_by_sendfile_plain_and_under_tls(tmp_path):
-    import trustme
+def test_a_file_goes_out_as_bulk_frames_by_sendfile_plain_and_under_tls(tmp_path, pem):
     from ci import tls
     blob = bytes(range(256)) * 700 + b"tail"        # every byte value, over three bulk frames
     (tmp_path / "a.bin").write_bytes(blob)
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
 
     async def body():
         plain = await net.serve(FileServer(tmp_path / "a.bin"), "127.0.0.1", 0, limits=BULK_LIMITS)
         secure = await net.serve(FileServer(tmp_path / "a.bin"), "127.0.0.1", 0, limits=BULK_LIMITS,
-                                 ssl=tls.server_context(cert=str(tmp_path / "cert.pem"),
-                                                        key=str(tmp_path / "key.pem")))
+                                 ssl=tls.server_context(cert=pem["cert"], key=pem["key"]))
         assert await read_stream(plain.sockets[0].getsockname()[1]) == (blob, 3)
         assert await read_stream(plain.sockets[0].getsockname()[1], offset=70_000) == (blob[70_000:], 2)
         # TLS cannot use sendfile: asyncio reads and writes the pieces instead, the same frames
         assert await read_stream(secure.sockets[0].getsockname()[1],
-                                 ssl=tls.client_context(ca=str(tmp_path / "ca.pem"))) == (blob, 3)
+                                 ssl=tls.client_context(ca=pem["ca"])) == (blob, 3)
         plain.close()
         secure.close()
     run(body())

@@ -9,7 +9,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import trustme
 
 from ci import protocol
 from ci.config import AuthConfig, ConfigError, load
@@ -21,18 +20,6 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "tinyci.yaml"
     path.write_text(text)
     return path
-
-
-@pytest.fixture(scope="module")
-def pem(tmp_path_factory) -> dict[str, str]:
-    where = tmp_path_factory.mktemp("pem")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    files = {"ca": where / "ca.pem", "cert": where / "cert.pem", "key": where / "key.pem"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    cert.private_key_pem.write_to_path(str(files["key"]))
-    return {name: str(path) for name, path in files.items()}
 
 
 # ---------------------------------------------------------------- what it resolves
