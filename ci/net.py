@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Itera
 from . import files
 from .aio import Lazy, in_thread, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
-from .protocol import (DISPATCHER_ID, HEADER, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
+from .protocol import (DISPATCHER_ID, HEADER, LENT, PROTOCOL_VERSION, ROLES, RUNNER, RUNNER_PREFIX, SERVER, Answers,
                        FatalProtocolError, ProtocolError, RemoteError, attach, bulk_header, bulk_size, check_reply,
                        decode, encode_parts, error, is_stream, ok, validate)
 
@@ -73,6 +73,7 @@ log: Any = Lazy(globals(), "logging", "log", make=lambda logging: logging.getLog
 # not make a daemon hold a megabyte for it.
 HANDSHAKE_FRAME = 4096
 BULK_PIECE = 1 << 20        # the most of a bulk frame's bytes taken from the stream at a time
+SPARES = 2                  # lent buffers a connection keeps: one being written while the next arrives
 
 # ---------------------------------------------------------------- errors
 
@@ -122,6 +123,7 @@ class Connection:
         self.sent = 0           # frames sent: tells the server whether a stream handler answered
         self.max_frame = limits.max_frame   # the largest frame read; smaller until a server's peer authenticates
         self.max_bulk = limits.max_bulk     # raw bytes a bulk frame may carry; none until a server's peer authenticates
+        self.spares: list[bytearray] = []   # buffers handlers gave back, for the next lent bulk frames
 
     async def recv_raw(self, idle: float | None = None) -> Any:
         """Read one frame and decode its JSON (unvalidated).
@@ -182,22 +184,28 @@ class Connection:
         size = bulk_size(frame, self.max_bulk)
         if size is None:
             return frame
-        return attach(frame, await self._bulk(size))
+        return attach(frame, await self._bulk(size, frame.get("type") in LENT))
 
-    async def _bulk(self, size: int) -> bytes:
-        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``."""
+    async def _bulk(self, size: int, lent: bool = False) -> bytes | memoryview:
+        """A bulk frame's ``size`` raw bytes, all within ``read_timeout``; ``lent``:
+        as a view of a buffer given back for reuse (``give_back``) when it can be."""
         deadline = asyncio.get_running_loop().time() + self.limits.read_timeout
         if _Sink.usable(self.reader, self.writer):
-            return await self._bulk_direct(size, deadline)
+            return await self._bulk_direct(size, deadline, lent)
         return await self._bulk_pieces(size, deadline)
 
-    async def _bulk_direct(self, size: int, deadline: float) -> bytes:
+    async def _bulk_direct(self, size: int, deadline: float, lent: bool) -> bytes | memoryview:
         """The bytes the stream's reader holds already, then the rest received by
         the socket straight into one buffer (the transport's protocol swapped for
         a ``_Sink`` meanwhile): two copies of each byte, where the stream's
-        reader makes four (its recv, its buffer, its read, the join)."""
-        buffer = bytearray(size)
-        sink = _Sink.make(self.reader, self.writer.transport, memoryview(buffer))
+        reader makes four (its recv, its buffer, its read, the join). ``lent``:
+        one copy, into a spare buffer when there is one big enough. A buffer
+        made afresh for every 4 MiB chunk, and the copy made of it, had cost
+        more than the page cache's copy (memory this VM faults in anew)."""
+        spare = next((i for i, b in enumerate(self.spares) if len(b) >= size), None) if lent else None
+        buffer = self.spares.pop(spare) if spare is not None else bytearray(size)
+        view = memoryview(buffer)[:size]
+        sink = _Sink.make(self.reader, self.writer.transport, view)
         try:
             if not sink.filled():
                 await within(sink.done, max(0.0, deadline - asyncio.get_running_loop().time()))
@@ -207,7 +215,22 @@ class Connection:
             sink.restore()
         if sink.lost:
             raise ConnectionError(f"{self.peer} closed the connection mid-frame")
-        return bytes(buffer)
+        return view if lent else bytes(buffer)
+
+    def give_back(self, data: bytes | memoryview) -> None:
+        """A handler is done with a lent frame's ``data`` (written; nothing holds
+        it): its buffer serves the next (SPARES at most are kept). The view is
+        released, so a use after this raises rather than reads another frame's
+        bytes. A handler that never gives it back only costs a new buffer."""
+        if not isinstance(data, memoryview):
+            return
+        buffer = data.obj
+        try:
+            data.release()
+        except BufferError:
+            return          # C code holds it still (an export of this view): not reused
+        if len(self.spares) < SPARES and isinstance(buffer, bytearray):
+            self.spares.append(buffer)
 
     async def _bulk_pieces(self, size: int, deadline: float) -> bytes:
         """In the pieces the stream holds, joined once (under TLS): ``readexactly``

@@ -328,6 +328,8 @@ REPO = Kind("repository path or URL (1-4096 characters, no control characters, n
 DATA = _str(1 << 20)
 # bytes come only from a bulk frame (JSON has none); their bound is the framing's (net.max_bulk)
 BYTES = Kind("bytes (sent raw in a bulk frame)", lambda v: isinstance(v, bytes))
+# a frame of a LENT type: its bytes as a view of a buffer its connection reuses (Connection.give_back)
+LENT_BYTES = Kind("bytes (sent raw in a bulk frame)", lambda v: isinstance(v, (bytes, memoryview)))
 TEXT_OR_BYTES = Kind("string of at most 1048576 characters, or bytes (a bulk frame)",
                      lambda v: DATA.check(v) or BYTES.check(v))
 NUMBER = Kind("finite number", _number)
@@ -470,7 +472,7 @@ MESSAGES: dict[str, Spec] = {
                              "duration": NUMBER}, {"log_size": COUNT, "step_results": STEP_RESULTS, "tests": TESTS},
                     reply=_ok()),
     "artifact": _spec(RUNNER, {"build": BUILD_ID, "attempt": ATTEMPT, "path": PATH, "offset": COUNT,
-                               "data": BYTES, "eof": BOOL},
+                               "data": LENT_BYTES, "eof": BOOL},
                       reply=_ok({"offset": COUNT})),
     # dispatcher -> runner
     "run": _spec(DISPATCHER, {"build": BUILD_ID, "attempt": ATTEMPT, "repo": REPO, "sha": SHA,
@@ -536,6 +538,9 @@ MESSAGES: dict[str, Spec] = {
     "event": _spec(SERVER, {"event": _str(64)}, open=True),
     "end": _spec(SERVER, {}, open=True),
 }
+# the requests whose raw bytes a server lends its handler rather than copies (net.Connection.give_back):
+# an artifact's 4 MiB chunks, where a fresh buffer per chunk cost more than writing it
+LENT = frozenset(kind for kind, spec in MESSAGES.items() if spec.required.get("data") is LENT_BYTES)
 
 
 def validate(msg: Any, sender: str) -> dict:

@@ -188,6 +188,37 @@ def test_a_retried_upload_waits_for_the_last_chunk_in_flight_and_only_the_retry_
     assert (arts.directory(1, SHA) / "big.bin").read_bytes() == b"retried"
 
 
+def test_each_chunk_is_written_whole_in_pieces_and_its_bytes_handed_back_only_once_written(arts):
+    """A chunk bigger than a write's piece lands whole at its offset, whether
+    written in line or behind the next (a middle chunk); ``written_out`` comes
+    once per chunk, after its write returned, and not for a write cancelled
+    while its thread may still read the bytes."""
+    import asyncio
+    from ci import artifacts
+
+    chunks = [os.urandom(3 * artifacts.WRITE_PIECE + 5) for _ in range(3)]
+    handed: list[int] = []
+
+    async def upload():
+        offset = 0
+        for n, chunk in enumerate(chunks):
+            eof = n == len(chunks) - 1
+            size = await arts.write_off_loop(1, SHA, "f.bin", offset, memoryview(chunk), eof, 1 << 30, 1,
+                                             lambda n=n: handed.append(n))
+            # a middle chunk answers with where it starts, written behind the next
+            assert size == (offset + len(chunk) if n == 0 or eof else offset)
+            offset += len(chunk)
+        # a write whose task is cancelled hands nothing back: its thread may read on
+        future = artifacts._quiet(asyncio.ensure_future(asyncio.sleep(10)), lambda: handed.append(-1))
+        future.cancel()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(upload())
+    assert (arts.directory(1, SHA) / "f.bin").read_bytes() == b"".join(chunks)
+    assert sorted(handed) == [0, 1, 2]
+    assert arts.list(1) == [{"path": "f.bin", "size": sum(map(len, chunks))}]
+
+
 # ---------------------------------------------------------------- log cap
 
 def test_log_cap_keeps_head_and_tail_and_exact_offsets(tmp_path):

@@ -694,6 +694,54 @@ def test_big_bulk_frames_are_received_straight_into_their_buffer_and_the_stream_
     assert net._Sink.kind is not None          # the bytes took the direct way
 
 
+def test_an_artifacts_bytes_are_lent_and_their_buffer_serves_the_next_only_once_given_back():
+    """An artifact chunk's bytes come as a view of a buffer the connection
+    reuses for the next one once the handler gives it back, each chunk's bytes
+    its own; one kept by its handler is not reused, a view given back cannot
+    be read again, and a log's bytes are a copy of their own, never lent."""
+    limits = net.Limits(read_timeout=2.0, max_bulk=4 << 20)
+    chunks = [os.urandom(3 << 20), os.urandom(3 << 20), os.urandom(1 << 20)]
+    seen, kept = [], []
+
+    async def handler(conn, msg):
+        data = msg["data"]
+        if msg["type"] == "log":
+            seen.append(("log", type(data), bytes(data)))
+            return protocol.ok(offset=len(data))
+        size = len(data)
+        seen.append(("artifact", data.obj, bytes(data)))
+        if msg["offset"] == len(chunks[0]):
+            kept.append(data)           # still being written, say: not given back
+        else:
+            conn.give_back(data)
+            with pytest.raises(ValueError):
+                bytes(data)             # released: a late reader fails rather than reads the next chunk
+        seen.append(("spares", len(conn.spares)))
+        return protocol.ok(offset=msg["offset"] + size)
+
+    async def body():
+        server, port = await start(handler, limits=limits)
+        conn, _ = await raw_session(port, "runner")
+        conn.limits = limits
+        offset = 0
+        for chunk in chunks:
+            await conn.send({**ARTIFACT, "offset": offset, "data": chunk})
+            assert await conn.recv() == {"type": "ok", "offset": offset + len(chunk)}
+            offset += len(chunk)
+        await conn.send({"type": "log", "build": 1, "attempt": 1, "offset": 0, "data": chunks[2]})
+        assert (await conn.recv())["offset"] == len(chunks[2])
+        await conn.close()
+        server.close()
+
+    run(body())
+    first, spares1, second, spares2, third, spares3, logged = seen
+    assert [first[2], second[2], third[2]] == chunks and bytes(kept[0]) == chunks[1]
+    assert spares1 == ("spares", 1) and second[1] is first[1]      # the first's buffer served the second
+    assert spares2 == ("spares", 0) and third[1] is not first[1]   # the second's kept: the third's is new
+    assert spares3 == ("spares", 1)
+    assert logged == ("log", bytes, chunks[2])
+
+
 def test_requests_written_ahead_are_all_answered_and_a_stalled_body_behind_them_still_times_out():
     """Frames already in when the server reads are taken without a timer; the
     frame behind them, its header in with them and its body stalled, still
