@@ -124,7 +124,7 @@ class Artifacts:
             self.store.db.execute("DELETE FROM artifacts WHERE build = ?", (build_id,))
         shutil.rmtree(self.directory(build_id, sha), ignore_errors=True)
 
-    def write(self, build_id: int, sha: str, path: str, offset: int, data: bytes, eof: bool,
+    def write(self, build_id: int, sha: str, path: str, offset: int, data: bytes | memoryview, eof: bool,
               limit: int, attempt: int = 1) -> int:
         """Write one chunk of ``attempt``'s upload at ``offset`` (0 starts the file
         afresh); returns the file's size. Finished and unfinished files together
@@ -329,7 +329,8 @@ class Artifacts:
         return open(fd, "rb", buffering=0)
 
 
-def _put(file: Path, path: str, offset: int, data: bytes, eof: bool, parents: tuple[Path, ...] = ()) -> int:
+def _put(file: Path, path: str, offset: int, data: bytes | memoryview, eof: bool,
+         parents: tuple[Path, ...] = ()) -> int:
     """Write ``data`` at ``offset`` of ``file`` (the first chunk makes it, never
     through a symlink), synced when it is the last, with its directory and
     ``parents``; returns the file's size."""

@@ -118,14 +118,15 @@ class Deliveries:
         refused = not_held(self.sched, conn, msg)
         if refused:
             return refused
-        data = msg["data"]          # bytes, lent (protocol.LENT): the table takes them only from a bulk frame
+        # only from a bulk frame: a view of a buffer lent for the write (protocol.LENT), or bytes (TLS, small)
+        data = msg["data"]
         build = self.sched.builds[build_id]
         try:
             if not self.disk.room(len(data)):
                 return self._leave_out(build, msg)
             size = await self.artifacts.write_off_loop(build_id, build.sha, msg["path"], msg["offset"], data,
                                                        msg["eof"], self.max_artifact_bytes, attempt,
-                                                       lambda: conn.give_back(data))
+                                                       lambda: conn.give_back(data, last=msg["eof"]))
         except ArtifactError as exc:
             # out of step: most likely a chunk that was on its way behind one refused (and logged) already
             (log.debug if exc.code == "offset" else log.warning)(

@@ -74,6 +74,7 @@ log: Any = Lazy(globals(), "logging", "log", make=lambda logging: logging.getLog
 HANDSHAKE_FRAME = 4096
 BULK_PIECE = 1 << 20        # the most of a bulk frame's bytes taken from the stream at a time
 SPARES = 2                  # lent buffers a connection keeps: one being written while the next arrives
+LEND_MIN = 1 << 20          # smaller lent frames are copied like any other: a small buffer is cheap to make
 
 # ---------------------------------------------------------------- errors
 
@@ -198,11 +199,14 @@ class Connection:
         """The bytes the stream's reader holds already, then the rest received by
         the socket straight into one buffer (the transport's protocol swapped for
         a ``_Sink`` meanwhile): two copies of each byte, where the stream's
-        reader makes four (its recv, its buffer, its read, the join). ``lent``:
-        one copy, into a spare buffer when there is one big enough. A buffer
-        made afresh for every 4 MiB chunk, and the copy made of it, had cost
-        more than the page cache's copy (memory this VM faults in anew)."""
-        spare = next((i for i, b in enumerate(self.spares) if len(b) >= size), None) if lent else None
+        reader makes four (its recv, its buffer, its read, the join). ``lent``
+        (and LEND_MIN bytes or more): one copy, into the smallest spare buffer
+        big enough when there is one. A buffer made afresh for every 4 MiB
+        chunk, and the copy made of it, had cost more than the page cache's
+        copy (memory this VM faults in anew)."""
+        lent = lent and size >= LEND_MIN
+        fits = [i for i, b in enumerate(self.spares) if len(b) >= size] if lent else []
+        spare = min(fits, key=lambda i: len(self.spares[i])) if fits else None
         buffer = self.spares.pop(spare) if spare is not None else bytearray(size)
         view = memoryview(buffer)[:size]
         sink = _Sink.make(self.reader, self.writer.transport, view)
@@ -217,20 +221,25 @@ class Connection:
             raise ConnectionError(f"{self.peer} closed the connection mid-frame")
         return view if lent else bytes(buffer)
 
-    def give_back(self, data: bytes | memoryview) -> None:
-        """A handler is done with a lent frame's ``data`` (written; nothing holds
-        it): its buffer serves the next (SPARES at most are kept). The view is
-        released, so a use after this raises rather than reads another frame's
-        bytes. A handler that never gives it back only costs a new buffer."""
+    def give_back(self, data: bytes | memoryview, last: bool = False) -> None:
+        """A handler is done with a lent frame's ``data``: nothing reads it, nor
+        any view made of it (that is the caller's to know: views of a view do
+        not count as its exports). Its buffer serves the next lent frame, up to
+        SPARES kept, the biggest; ``last`` (an upload's last chunk) keeps none,
+        so an idle connection holds no spare. ``data`` itself is released: a
+        use of it after this raises. A handler that never gives it back only
+        costs a new buffer."""
         if not isinstance(data, memoryview):
             return
         buffer = data.obj
         try:
             data.release()
         except BufferError:
-            return          # C code holds it still (an export of this view): not reused
-        if len(self.spares) < SPARES and isinstance(buffer, bytearray):
-            self.spares.append(buffer)
+            return          # C code holds this very view still: not reused
+        if last:
+            self.spares.clear()
+        elif isinstance(buffer, bytearray):
+            self.spares = sorted([*self.spares, buffer], key=len)[-SPARES:]
 
     async def _bulk_pieces(self, size: int, deadline: float) -> bytes:
         """In the pieces the stream holds, joined once (under TLS): ``readexactly``

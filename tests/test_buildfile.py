@@ -188,23 +188,37 @@ def test_a_retried_upload_waits_for_the_last_chunk_in_flight_and_only_the_retry_
     assert (arts.directory(1, SHA) / "big.bin").read_bytes() == b"retried"
 
 
-def test_each_chunk_is_written_whole_in_pieces_and_its_bytes_handed_back_only_once_written(arts):
-    """A chunk bigger than a write's piece lands whole at its offset, whether
-    written in line or behind the next (a middle chunk); ``written_out`` comes
-    once per chunk, after its write returned, and not for a write cancelled
-    while its thread may still read the bytes."""
+def test_each_chunk_is_written_whole_in_pieces_and_its_bytes_handed_back_only_once_written(arts, monkeypatch):
+    """A chunk bigger than a write's piece lands whole at its offset, in writes
+    of at most WRITE_PIECE, whether written in line or behind the next (a
+    middle chunk); ``written_out`` comes once per chunk, after its write
+    returned (the buffer it frees is wiped at once here, as reuse would), and
+    not for a write cancelled while its thread may still read the bytes."""
     import asyncio
     from ci import artifacts
 
-    chunks = [os.urandom(3 * artifacts.WRITE_PIECE + 5) for _ in range(3)]
+    sizes: list[int] = []
+    pwrite = os.pwrite
+
+    def counted(fd, data, offset):
+        sizes.append(len(data))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counted)
+    chunks = [bytearray(os.urandom(3 * artifacts.WRITE_PIECE + 5)) for _ in range(3)]
+    want = b"".join(chunks)
     handed: list[int] = []
+
+    def written_out(n: int) -> None:
+        handed.append(n)
+        chunks[n][:] = bytes(len(chunks[n]))       # what the next frame's receive would do to it
 
     async def upload():
         offset = 0
         for n, chunk in enumerate(chunks):
             eof = n == len(chunks) - 1
             size = await arts.write_off_loop(1, SHA, "f.bin", offset, memoryview(chunk), eof, 1 << 30, 1,
-                                             lambda n=n: handed.append(n))
+                                             lambda n=n: written_out(n))
             # a middle chunk answers with where it starts, written behind the next
             assert size == (offset + len(chunk) if n == 0 or eof else offset)
             offset += len(chunk)
@@ -214,9 +228,10 @@ def test_each_chunk_is_written_whole_in_pieces_and_its_bytes_handed_back_only_on
         await asyncio.sleep(0.01)
 
     asyncio.run(upload())
-    assert (arts.directory(1, SHA) / "f.bin").read_bytes() == b"".join(chunks)
+    assert (arts.directory(1, SHA) / "f.bin").read_bytes() == want
     assert sorted(handed) == [0, 1, 2]
-    assert arts.list(1) == [{"path": "f.bin", "size": sum(map(len, chunks))}]
+    assert max(sizes) == artifacts.WRITE_PIECE and sum(sizes) == len(want)
+    assert arts.list(1) == [{"path": "f.bin", "size": len(want)}]
 
 
 # ---------------------------------------------------------------- log cap

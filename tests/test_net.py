@@ -698,22 +698,24 @@ def test_an_artifacts_bytes_are_lent_and_their_buffer_serves_the_next_only_once_
     """An artifact chunk's bytes come as a view of a buffer the connection
     reuses for the next one once the handler gives it back, each chunk's bytes
     its own; one kept by its handler is not reused, a view given back cannot
-    be read again, and a log's bytes are a copy of their own, never lent."""
+    be read again, the last chunk leaves no spare behind, and small chunks and
+    a log's bytes are copies of their own, never lent."""
     limits = net.Limits(read_timeout=2.0, max_bulk=4 << 20)
-    chunks = [os.urandom(3 << 20), os.urandom(3 << 20), os.urandom(1 << 20)]
+    chunks = [os.urandom(3 << 20), os.urandom(3 << 20), os.urandom(2 << 20), os.urandom(100),
+              os.urandom(3 << 19)]
     seen, kept = [], []
 
     async def handler(conn, msg):
         data = msg["data"]
-        if msg["type"] == "log":
-            seen.append(("log", type(data), bytes(data)))
-            return protocol.ok(offset=len(data))
+        if not isinstance(data, memoryview):
+            seen.append((msg["type"], type(data), bytes(data)))
+            return protocol.ok(offset=msg["offset"] + len(data))
         size = len(data)
-        seen.append(("artifact", data.obj, bytes(data)))
+        seen.append(("lent", data.obj, bytes(data)))
         if msg["offset"] == len(chunks[0]):
             kept.append(data)           # still being written, say: not given back
         else:
-            conn.give_back(data)
+            conn.give_back(data, last=msg["eof"])
             with pytest.raises(ValueError):
                 bytes(data)             # released: a late reader fails rather than reads the next chunk
         seen.append(("spares", len(conn.spares)))
@@ -724,8 +726,8 @@ def test_an_artifacts_bytes_are_lent_and_their_buffer_serves_the_next_only_once_
         conn, _ = await raw_session(port, "runner")
         conn.limits = limits
         offset = 0
-        for chunk in chunks:
-            await conn.send({**ARTIFACT, "offset": offset, "data": chunk})
+        for n, chunk in enumerate(chunks):
+            await conn.send({**ARTIFACT, "offset": offset, "data": chunk, "eof": n == len(chunks) - 1})
             assert await conn.recv() == {"type": "ok", "offset": offset + len(chunk)}
             offset += len(chunk)
         await conn.send({"type": "log", "build": 1, "attempt": 1, "offset": 0, "data": chunks[2]})
@@ -734,11 +736,13 @@ def test_an_artifacts_bytes_are_lent_and_their_buffer_serves_the_next_only_once_
         server.close()
 
     run(body())
-    first, spares1, second, spares2, third, spares3, logged = seen
-    assert [first[2], second[2], third[2]] == chunks and bytes(kept[0]) == chunks[1]
+    first, spares1, second, spares2, third, spares3, small, last, spares5, logged = seen
+    assert [first[2], second[2], third[2], small[2], last[2]] == chunks and bytes(kept[0]) == chunks[1]
     assert spares1 == ("spares", 1) and second[1] is first[1]      # the first's buffer served the second
     assert spares2 == ("spares", 0) and third[1] is not first[1]   # the second's kept: the third's is new
     assert spares3 == ("spares", 1)
+    assert small == ("artifact", bytes, chunks[3])                 # under LEND_MIN: a copy of its own
+    assert last[1] is third[1] and spares5 == ("spares", 0)        # the spare served it, and none is kept
     assert logged == ("log", bytes, chunks[2])
 
 
