@@ -45,6 +45,9 @@ class Conn:
     async def send(self, msg: dict) -> None:
         self.sent.append(msg)
 
+    def give_back(self, data, last: bool = False) -> None:
+        self.given_back = getattr(self, "given_back", 0) + 1      # a lent chunk's write is over
+
     async def send_file(self, msg: dict, file, offset: int, count: int, timeout: float | None = None) -> None:
         self.sent.append({**msg, "data": os.pread(file.fileno(), count, offset)})
 
