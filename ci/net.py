@@ -202,8 +202,8 @@ class Connection:
         reader makes four (its recv, its buffer, its read, the join). ``lent``
         (and LEND_MIN bytes or more): one copy, into the smallest spare buffer
         big enough when there is one. A buffer made afresh for every 4 MiB
-        chunk, and the copy made of it, had cost more than the page cache's
-        copy (memory this VM faults in anew)."""
+        chunk, and the copy made of it, took the receive of 100 MiB from 0.11
+        to 0.19 s here (8 MiB of fresh memory a chunk, faulted in and zeroed)."""
         lent = lent and size >= LEND_MIN
         fits = [i for i, b in enumerate(self.spares) if len(b) >= size] if lent else []
         spare = min(fits, key=lambda i: len(self.spares[i])) if fits else None
