@@ -539,7 +539,7 @@ MESSAGES: dict[str, Spec] = {
     "end": _spec(SERVER, {}, open=True),
 }
 # the requests whose raw bytes a server lends its handler rather than copies (net.Connection.give_back):
-# an artifact's 4 MiB chunks, where a fresh buffer per chunk cost more than writing it
+# an artifact's 4 MiB chunks, where a fresh buffer and a copy of it per chunk cost 0.08 s per 100 MiB
 LENT = frozenset(kind for kind, spec in MESSAGES.items() if spec.required.get("data") is LENT_BYTES)
 
 
