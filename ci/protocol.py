@@ -329,7 +329,7 @@ DATA = _str(1 << 20)
 # bytes come only from a bulk frame (JSON has none); their bound is the framing's (net.max_bulk)
 BYTES = Kind("bytes (sent raw in a bulk frame)", lambda v: isinstance(v, bytes))
 # a frame of a LENT type: its bytes as a view of a buffer its connection reuses (Connection.give_back)
-LENT_BYTES = Kind("bytes (sent raw in a bulk frame)", lambda v: isinstance(v, (bytes, memoryview)))
+LENT_BYTES = Kind(BYTES.name, lambda v: isinstance(v, memoryview) or BYTES.check(v))
 TEXT_OR_BYTES = Kind("string of at most 1048576 characters, or bytes (a bulk frame)",
                      lambda v: DATA.check(v) or BYTES.check(v))
 NUMBER = Kind("finite number", _number)
