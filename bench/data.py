@@ -28,6 +28,7 @@ machine is shared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -69,9 +70,23 @@ def vm(pid: int, key: str) -> float:
     return 0.0
 
 
+@functools.cache
+def tinyci() -> tuple[str, ...]:
+    """The command a user types: the `tinyci` that `pip install` put beside this
+    interpreter (else `python -m ci`, whose runpy costs each start some 10 ms),
+    importing this tree (``child_env``) with its modules compiled once, as an
+    install leaves them. With PYTHONDONTWRITEBYTECODE set (it is on the
+    machines this ran on) a clone's tool compiled ~30 modules at every start,
+    some 80 ms: more than the bytes of a 100 MiB download."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "ci")], check=True,
+                   stdout=subprocess.DEVNULL)
+    script = Path(sys.executable).with_name("tinyci")
+    return (str(script),) if script.exists() else (sys.executable, "-m", "ci")
+
+
 def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float, int]:
     """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB, exit status)."""
-    cmd = [sys.executable, "-m", "ci", *args, "--dispatcher", addr, "--config", str(config)]
+    cmd = [*tinyci(), *args, "--dispatcher", addr, "--config", str(config)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -133,10 +148,7 @@ def logs(tmp: Path, quick: bool) -> Result:
     trials = 1 if quick else 3
     per100 = 100 * MIB / size
     res = Result("logs")
-    # the tool's modules compiled once, as an install leaves them: with PYTHONDONTWRITEBYTECODE set
-    # (it is on the machines this ran on) a fresh clone's `tinyci` compiled ~30 modules at every start
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "ci")], check=True,
-                   stdout=subprocess.DEVNULL)
+    tinyci()        # compiled now, not while a build is being timed
     repo = Repo(tmp / "repo")
     repo.commit("initial", {"gen.py": GEN})
     step = f"python3 gen.py {size}"
@@ -160,7 +172,7 @@ def logs(tmp: Path, quick: bool) -> Result:
             if t:
                 c.wait("the build to run", lambda: any(
                     b["id"] == build_id and b["status"] != "queued" for b in c.status(20)["builds"]), 30, every=0.005)
-                fol = subprocess.Popen([sys.executable, "-m", "ci", "log", str(build_id), "--follow",
+                fol = subprocess.Popen([*tinyci(), "log", str(build_id), "--follow",
                                         "--dispatcher", c.disp.addr, "--config", str(c.config)],
                                        cwd=tmp, env=child_env(), stdout=open(tmp / "follow.out", "wb"),
                                        stderr=subprocess.DEVNULL)
@@ -230,6 +242,7 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     size = (10 if quick else 100) * MIB
     trials = 1 if quick else 3
     res = Result("artifacts")
+    tinyci()
     repo = Repo(tmp / "repo")
     ci_yaml = (f"artifacts: [out.bin]\nsteps:\n  - head -c {size} /dev/urandom > out.bin\n"
                f"  - python3 -c 'import time; print(\"STEP-END\", time.time())'\n")
@@ -275,7 +288,8 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     res.add("upload, to its listing (the last chunk's fsync and ack)", mib / median(listed), "MiB/s")
     res.add("upload: `cp` of the runner's file", mib / median(up_cps), "MiB/s")
     res.add("upload / cp", median(up_cps) / median(uploads) * 100, "%", ">= 25")
-    res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s")
+    res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s",
+            note="" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter")
     res.add("download: `cp` of the dispatcher's file", mib / median(down_cps), "MiB/s")
     res.add("download / cp", median(down_cps) / median(downloads) * 100, "%", ">= 25")
     res.add("download: the tool's start-up and one request (`tinyci artifacts N`)", median(starts), "s")

@@ -96,17 +96,51 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
+def _columns() -> int:
+    """The width argparse takes from ``shutil.get_terminal_size``, found the same
+    way ($COLUMNS, else the terminal's, else 80) without importing shutil: its
+    archive modules cost every start some 7 ms, and argparse makes a formatter
+    for each argument it adds, not only for help."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Width:
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position,       # type: ignore[call-arg]
+                         _columns() - 2 if width is None else width)
+
+
+class _Formatter(_Width, argparse.HelpFormatter):
+    pass
+
+
+class _RawFormatter(_Width, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, formatter_class: Any = _Formatter, **kwargs: Any):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser. When ``command`` is one (the one named on the line), only its
     parser is built, with its flags (a daemon's: its module's, imported for
     them); otherwise (`tinyci --help`, a mistyped command) every command's,
     for the list and the error, without the daemons' flags. Building all of
     them cost every run of every command some 15 ms."""
-    parser = argparse.ArgumentParser(
-        prog="tinyci", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="tinyci", description=DESCRIPTION, epilog=EPILOG, formatter_class=_RawFormatter)
     parser.add_argument("--version", action=_VersionAction, help="print tinyci's version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, add in COMMANDS.items():
         if command not in COMMANDS or name == command:
             built = add(sub, name)

@@ -732,6 +732,16 @@ def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
     return host, int(port)
 
 
+def _dialable(host: str) -> str | bytes:
+    """``host`` as getaddrinfo takes it fastest: given text, it loads the IDNA
+    codec first, some 8 ms of every tool's start, to turn a plain ASCII name or
+    address into the same bytes. A host the codec would refuse (an empty or
+    over-long label) or need (non-ASCII) stays text, for its error or encoding."""
+    if host.isascii() and all(0 < len(label) < 64 for label in host.removesuffix(".").split(".")):
+        return host.encode()
+    return host
+
+
 class Client:
     """A persistent, authenticated connection to one peer, opened on demand.
 
@@ -905,7 +915,7 @@ class BlockingLink:
         host, port = parse_addr(addr)
         self.addr = f"{host}:{port}"
         try:
-            sock = socket.create_connection((host, port), timeout=limits.connect_timeout)
+            sock = socket.create_connection((_dialable(host), port), timeout=limits.connect_timeout)
         except ConnectionRefusedError:
             raise PeerRefused(f"nothing listens on {self.addr} (connection refused)") from None
         except socket.timeout:

@@ -251,9 +251,11 @@ def standin(monkeypatch):
 # must not import at each start when nothing needs it: an event loop, TLS
 # (none configured), the configuration and YAML (no file, no TINYCI_*
 # variable), the dispatcher's build files, a server's gate and logging, a MAC
-# (no secret), a daemon's reconnect backoff (random), a runner's JUnit parser.
+# (no secret), a daemon's reconnect backoff (random), a runner's JUnit parser,
+# the IDNA codec (the dispatcher's address is plain ASCII), shutil (argparse's
+# terminal width).
 NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.config", "ci.settings", "ci.buildfile", "ci.gate", "logging",
-                "hmac", "secrets", "random", "defusedxml", "xml")
+                "hmac", "secrets", "random", "defusedxml", "xml", "encodings.idna", "shutil")
 
 
 @pytest.mark.parametrize("argv", [["status", "--json"], ["artifacts", "7"], ["log", "1"], ["cancel", "3"],
@@ -268,6 +270,15 @@ def test_a_tool_starts_without_what_it_does_not_use(standin, tmp_path, argv):
     assert last == ("1 []" if argv[0] == "cancel" else "0 []"), done.stderr      # cancel: the stand-in refuses
     if "--get" in argv:
         assert (tmp_path / "got").read_bytes() == ARTIFACT
+
+
+@pytest.mark.parametrize("columns", [50, 200])
+def test_help_is_as_wide_as_columns_says(columns):
+    # the width argparse would take from shutil, found without importing it
+    done = subprocess.run([sys.executable, "-m", "ci", "artifacts", "--help"], capture_output=True, text=True,
+                          cwd=TOOL_CWD, timeout=30, env=child_env(COLUMNS=str(columns)))
+    widest = max(len(line) for line in done.stdout.splitlines())
+    assert columns - 20 < widest <= columns - 2, done.stdout
 
 
 def test_the_status_table_starts_without_the_junit_parser(standin):
