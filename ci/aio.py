@@ -18,7 +18,7 @@ class Lazy:
     """Stands for module ``module`` in a module's globals (as ``name``) until
     first used, then replaces itself there with the real module, or with what
     ``make`` makes of it (a logger). `tinyci notify` runs inside every git
-    commit's hook and needs only ``net.request_blocking``: importing asyncio
+    commit's hook and needs only ``blocking.request_blocking``: importing asyncio
     (or logging) would cost it some 40 ms a commit. The dispatcher needs
     GitPython only to resolve a revision for `trigger`: importing it at start
     cost some 60 ms and 100 modules' memory."""

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import aio, net, protocol
+from . import aio, blocking, net, protocol
 
 asyncio: Any = aio.Lazy(globals(), "asyncio")
 
@@ -48,7 +48,7 @@ class Offsets:
         return frame["data"]
 
 
-def copy_to(link: net.BlockingLink, build: int, path: str, out: Any) -> int:
+def copy_to(link: blocking.BlockingLink, build: int, path: str, out: Any) -> int:
     """Write artifact ``path`` of ``build`` to ``out`` on a blocking link;
     returns its size. ``out``: a file descriptor, each chunk's bytes written to
     it as they arrive (``BlockingLink.stream(into=)``: spliced from the socket

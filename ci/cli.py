@@ -5,7 +5,7 @@ over to their module's ``add_arguments``/``main``; those modules are imported
 only when their subcommand runs, so ``tinyci --help`` and the git hook's
 ``tinyci notify`` stay fast. Only the named command's parser is built, and a
 tool imports what it uses where it uses it: a request, a log or an artifact
-goes over a blocking socket (``net.BlockingLink``), so most commands start no
+goes over a blocking socket (``blocking.BlockingLink``), so most commands start no
 event loop (asyncio), and TLS, YAML (a config file) and hmac (a secret) are
 imported only when configured.
 
@@ -21,7 +21,7 @@ exit 1 for an unreachable or refusing peer, 2 for bad configuration or usage.
 What a peer sent reaches the terminal only through ``sanitize``: build logs
 without control characters or escape sequences (colour kept on a terminal;
 ``log --raw`` gives the stored bytes), names, paths and error messages as
-plain text. ``tinyci log`` reads on a blocking socket (``net.BlockingLink``,
+plain text. ``tinyci log`` reads on a blocking socket (``blocking.BlockingLink``,
 no event loop) and writes in a thread of its own (``WriteBehind``), so that
 receiving, checking and writing a big log overlap; each chunk stays in the
 link's kept buffers until written. ``artifacts --get`` to a file (``-o``) or
@@ -40,7 +40,7 @@ import os
 import sys
 from typing import Any
 
-from . import net, protocol
+from . import blocking, net, protocol
 from .local import CEILING, LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address
 
 DESCRIPTION = """\
@@ -533,10 +533,10 @@ class DispatcherLink:
                 f"matches the dispatcher's; for `tinyci up`'s daemons, run this in or below the directory "
                 f"where it ran, or set TINYCI_AUTH_SECRET_FILE")
 
-    def link(self, role: str) -> net.BlockingLink:
+    def link(self, role: str) -> blocking.BlockingLink:
         """A blocking link (no event loop): for one request, and for `tinyci log` and
         `artifacts --get`, whose chunks it receives into buffers it keeps."""
-        return net.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
+        return blocking.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
                                 to=protocol.DISPATCHER_ID)
 
     def run(self, coro) -> Any:
@@ -770,7 +770,7 @@ def copy_log(dispatcher: DispatcherLink, build: int, follow: bool, out: Terminal
              timestamps: bool = False) -> str | None:
     """Write build ``build``'s log to ``out`` (to its end with ``follow``); returns its
     status. ``timestamps``: each line after the time it reached the dispatcher
-    (``Stamper``). On a blocking link (``net.BlockingLink``): asyncio's stream
+    (``Stamper``). On a blocking link (``blocking.BlockingLink``): asyncio's stream
     reader copied each byte of a chunk three times and paused every 128 KiB,
     which made most of `tinyci log`'s time on a big log after its start-up."""
     copy = LogCopy(build, follow, out, timestamps)
@@ -1094,7 +1094,7 @@ def notify(args: argparse.Namespace) -> int:
         msg: dict = {"type": "poke"}
         if args.branch:
             msg["branch"] = args.branch
-        net.request_blocking(addr, msg, protocol.OBSERVER, secret, limits, ssl=tls, to=protocol.OBSERVER_ID)
+        blocking.request_blocking(addr, msg, protocol.OBSERVER, secret, limits, ssl=tls, to=protocol.OBSERVER_ID)
     except net.PeerAuthFailed as exc:
         print(f"tinyci notify: the observer {exc} (auth.observer_secret / auth.secret)", file=sys.stderr)
     except net.PeerError as exc:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ci import net, protocol
+from ci import blocking, net, protocol
 from ci.artifact_download import copy_to
 
 LIMITS = net.Limits(read_timeout=2.0, max_frame=4096, max_bulk=3 << 20)
@@ -62,7 +62,7 @@ async def serve(handler, ssl=None):
 
 def fetch(addr, out, ssl=None) -> tuple[int, bool]:
     """copy_to on a fresh link: (the size it says, whether it spliced)."""
-    link = net.BlockingLink(addr, protocol.READER, "", LIMITS, ssl)
+    link = blocking.BlockingLink(addr, protocol.READER, "", LIMITS, ssl)
     try:
         size = copy_to(link, 1, "a.bin", out)
         return size, link._pipe is not None
@@ -95,7 +95,7 @@ def test_one_link_decides_for_each_stream_whether_its_file_is_spliced(tmp_path):
     (tmp_path / "a.bin").write_bytes(BLOB)
 
     def both(addr) -> list[bytes]:
-        link = net.BlockingLink(addr, protocol.READER, "", LIMITS)
+        link = blocking.BlockingLink(addr, protocol.READER, "", LIMITS)
         got = []
         try:
             for flags in (0, os.O_APPEND, 0):       # spliced, then written, then spliced again
@@ -231,7 +231,7 @@ def test_a_kernel_or_file_system_that_refuses_to_splice_gets_the_bytes_written(t
     monkeypatch.setattr(os, "splice", splice)
 
     def fetch_on(addr):
-        link = net.BlockingLink(addr, protocol.READER, "", LIMITS)
+        link = blocking.BlockingLink(addr, protocol.READER, "", LIMITS)
         fd = os.open(tmp_path / "got.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             return copy_to(link, 1, "a.bin", fd), link._no_splice

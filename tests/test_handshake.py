@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from ci import net, protocol
+from ci import blocking, net, protocol
 
 KEYS = {("runner", "r1"): "key-of-r1", ("runner", "r2"): "key-of-r2", ("reader", ""): "key-of-readers",
         ("operator", ""): "key-of-operators"}
@@ -175,7 +175,7 @@ def test_a_server_without_the_key_is_refused_by_the_client_before_any_request():
                                                    r"\(not the daemon you meant to reach\?\)"):
             await net.call(addr, {"type": "trigger", "branch": "main"}, "operator", "key-of-operators")
         with pytest.raises(net.PeerNotProven, match="could not prove it holds the observer secret"):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
         runner = Impostor(name="runner:r1")
         runner_addr = await runner.start()
         with pytest.raises(net.PeerNotProven, match="could not prove it holds the secret of runner r1"):
@@ -196,7 +196,7 @@ def test_a_server_that_says_it_is_another_daemon_gets_no_proof_at_all():
         with pytest.raises(net.PeerNotProven, match=f"{addr} is runner:r2, not runner:r1"):
             await net.call(addr, {"type": "ping"}, "dispatcher", "key-of-r1", to="runner:r1")
         with pytest.raises(net.PeerNotProven, match="is runner:r2, not observer"):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret",
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", "s3cret",
                                     to="observer")
         assert impostor.auths == []
         impostor.server.close()
@@ -226,7 +226,7 @@ def test_a_hello_that_cannot_be_read_is_said_the_same_by_both_clients():
         with pytest.raises(net.PeerError, match=said):
             await net.call(addr, {"type": "status"}, "reader")
         with pytest.raises(net.PeerError, match=said):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
         server.close()
     run(body())
 
@@ -243,7 +243,7 @@ def test_a_server_that_refuses_the_connection_at_once_is_quoted():
         with pytest.raises(net.PeerError, match=f"{addr} refused the connection: busy: dispatcher has 512"):
             await net.call(addr, {"type": "status"}, "reader")
         with pytest.raises(net.PeerError, match="refused the connection: busy"):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", to="observer")
         server.close()
     run(body())
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from ci import net, protocol
+from ci import blocking, protocol
 from conftest import TOOL_CWD, child_env, finished, tinyci
 
 TWO_JOBS = """\
@@ -295,7 +295,7 @@ def test_a_reader_that_stops_reading_holds_up_no_one_and_is_dropped_after_idle_t
     build = [b for b in c.wait_builds(lambda bs: finished([b for b in bs if b["sha"] == sha]), "the build",
                                       timeout=120) if b["sha"] == sha][0]
     assert build["status"] == "passed"
-    stalled = net.BlockingLink(c.disp.addr, protocol.READER)
+    stalled = blocking.BlockingLink(c.disp.addr, protocol.READER)
     try:
         stalled.send({"type": "read_artifact", "build": build["id"], "path": "out.bin"})
         for _ in range(3):      # meanwhile others are answered, a request each on a connection of its own

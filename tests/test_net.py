@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ci import net, protocol
+from ci import blocking, net, protocol
 
 from test_protocol import ANSWERS, example
 
@@ -185,17 +185,17 @@ def test_blocking_request_speaks_the_same_protocol():
     async def body():
         server, port = await start(secret="s3cret")
         addr = f"127.0.0.1:{port}"
-        reply = await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+        reply = await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
         assert reply == {"type": "ok"}
         with pytest.raises(net.PeerAuthFailed):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "wrong")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", "wrong")
         with pytest.raises(protocol.RemoteError) as err:       # not for this role: an error reply
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "ping"}, "observer", "s3cret")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "ping"}, "observer", "s3cret")
         assert err.value.code == "forbidden"
         server.close()
         await server.wait_closed()
         with pytest.raises(net.PeerRefused):
-            await asyncio.to_thread(net.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
+            await asyncio.to_thread(blocking.request_blocking, addr, {"type": "poke"}, "observer", "s3cret")
     run(body())
 
 
@@ -359,19 +359,19 @@ def test_the_blocking_client_refuses_a_reply_the_table_does_not_allow():
         liar = Liar([[{"type": "ok", "surprise": 1}]])
         port = await liar.start()
         with pytest.raises(net.PeerError, match="unknown field 'surprise'"):
-            await asyncio.to_thread(net.request_blocking, f"127.0.0.1:{port}", {"type": "poke"}, "observer")
+            await asyncio.to_thread(blocking.request_blocking, f"127.0.0.1:{port}", {"type": "poke"}, "observer")
         liar.server.close()
     run(body())
 
 
 def test_a_plain_host_is_dialled_as_bytes_and_any_other_as_text_for_the_idna_codec():
     # bytes skip the codec (some 8 ms of a tool's start); what it would refuse or encode stays text
-    assert net._dialable("127.0.0.1") == b"127.0.0.1"
-    assert net._dialable("::1") == b"::1"
-    assert net._dialable("ci.example.") == b"ci.example."
-    assert net._dialable("bücher.example") == "bücher.example"
-    assert net._dialable("a" * 64 + ".example") == "a" * 64 + ".example"
-    assert net._dialable("a..example") == "a..example"
+    assert blocking._dialable("127.0.0.1") == b"127.0.0.1"
+    assert blocking._dialable("::1") == b"::1"
+    assert blocking._dialable("ci.example.") == b"ci.example."
+    assert blocking._dialable("bücher.example") == "bücher.example"
+    assert blocking._dialable("a" * 64 + ".example") == "a" * 64 + ".example"
+    assert blocking._dialable("a..example") == "a..example"
 
 
 def test_a_host_name_the_resolver_refuses_is_a_peer_error():
@@ -379,7 +379,7 @@ def test_a_host_name_the_resolver_refuses_is_a_peer_error():
     with pytest.raises(net.PeerError, match="not a valid host name"):
         asyncio.run(net.call("a" * 300 + ".example:1", {"type": "status"}, "reader"))
     with pytest.raises(net.PeerError, match="not a valid host name"):
-        net.request_blocking("a" * 300 + ".example:1", {"type": "poke"}, "operator", to="observer")
+        blocking.request_blocking("a" * 300 + ".example:1", {"type": "poke"}, "operator", to="observer")
 
 
 # ---------------------------------------------------------------- bulk frames (raw bytes after the JSON)
@@ -463,7 +463,7 @@ def test_the_blocking_stream_carries_bulk_frames_of_any_size_in_order():
         server, port = await start(LogChunks(chunks), secret="s3cret", limits=BULK_LIMITS)
 
         def read() -> list:
-            link = net.BlockingLink(f"127.0.0.1:{port}", "reader", "s3cret", BULK_LIMITS)
+            link = blocking.BlockingLink(f"127.0.0.1:{port}", "reader", "s3cret", BULK_LIMITS)
             try:
                 return list(link.stream({"type": "read_log", "build": 1, "binary": True}))
             finally:
@@ -473,7 +473,7 @@ def test_the_blocking_stream_carries_bulk_frames_of_any_size_in_order():
         assert all(type(f["data"]) is bytes for f in frames[:-1])
         assert frames[-1] == {"type": "end", "status": "passed", "offset": sum(map(len, chunks))}
         with pytest.raises(net.PeerAuthFailed):
-            await asyncio.to_thread(net.BlockingLink, f"127.0.0.1:{port}", "reader", "wrong", BULK_LIMITS)
+            await asyncio.to_thread(blocking.BlockingLink, f"127.0.0.1:{port}", "reader", "wrong", BULK_LIMITS)
         server.close()
     run(body())
 
@@ -485,7 +485,7 @@ def test_the_blocking_stream_gives_up_on_a_peer_stalled_mid_frame_within_read_ti
         got = []
 
         def read() -> float:
-            link = net.BlockingLink(f"127.0.0.1:{port}", "reader", "", limits)
+            link = blocking.BlockingLink(f"127.0.0.1:{port}", "reader", "", limits)
             started = time.monotonic()
             try:
                 with pytest.raises(net.PeerTimeout, match="did not answer in time"):

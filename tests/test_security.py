@@ -19,7 +19,7 @@ import pytest
 import trustme
 import yaml
 
-from ci import daemon, net, protocol, tls, up
+from ci import blocking, daemon, net, protocol, tls, up
 from ci.config import ConfigError, load
 from ci.settings import resolve
 
@@ -285,7 +285,7 @@ def test_tls_server_is_verified_and_mutual_tls_refuses_a_client_without_a_certif
             await ask(p_addr, "reader", "", {"type": "status"}, distrusting)
         # a tool's blocking link says it as the asyncio client does
         with pytest.raises(net.PeerError, match=r"^cannot connect to 127\.0\.0\.1:\d+: .*certificate verify failed"):
-            await asyncio.to_thread(net.request_blocking, p_addr, {"type": "status"}, "reader", ssl=distrusting)
+            await asyncio.to_thread(blocking.request_blocking, p_addr, {"type": "status"}, "reader", ssl=distrusting)
         with pytest.raises(net.PeerError):          # plain TCP to a TLS port gets nowhere
             await ask(p_addr, "reader", "", {"type": "status"}, timeout=0.5)
         assert (await ask(m_addr, "reader", "", {"type": "status"}, with_cert))["runners"][0]["role"] == "reader"
