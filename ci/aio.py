@@ -11,7 +11,10 @@ import importlib
 import queue
 import sys
 import threading
-from typing import Any, Awaitable, Callable
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any, Awaitable, Callable
 
 
 class Lazy:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import aio, blocking, net, protocol
 

@@ -15,7 +15,10 @@ import contextlib
 import errno
 import os
 import time
-from typing import Any, Callable, Iterator
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
 
 from . import files
 from .limits import Limits

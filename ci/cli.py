@@ -38,7 +38,10 @@ import importlib
 import json
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import blocking, net, protocol
 from .local import CEILING, LOCAL_SECRET, dial_host, find_up, secret_source, tool_secret, up_address

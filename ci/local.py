@@ -23,7 +23,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 DATA = ".tinyci"                                # `tinyci up`'s default --data
 LOCAL_SECRET = os.path.join(DATA, "secret")     # the secret `tinyci up` makes for its daemons

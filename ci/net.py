@@ -50,7 +50,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from .aio import Lazy, in_thread, within
 from .limits import Limits      # net.Limits: callers build their bounds from here
@@ -498,13 +501,12 @@ def _version(hello: dict) -> str:
 
 # ---------------------------------------------------------------- server
 
-# A handler gets the connection (for streams) and one validated request, and
-# returns the reply the table declares for it. A stream handler sends its
-# frames on the connection itself and returns None (or returns an error).
-Handler = Callable[[Connection, dict], Awaitable[dict | None]]
-
-
-Keys = Callable[[str, str], "str | None"]
+if TYPE_CHECKING:
+    # A handler gets the connection (for streams) and one validated request, and
+    # returns the reply the table declares for it. A stream handler sends its
+    # frames on the connection itself and returns None (or returns an error).
+    Handler = Callable[[Connection, dict], Awaitable[dict | None]]
+    Keys = Callable[[str, str], "str | None"]
 
 
 async def serve(handler: Handler, host: str, port: int, *, secret: str = "",

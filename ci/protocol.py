@@ -168,7 +168,10 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 from . import patterns
 

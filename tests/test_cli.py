@@ -253,9 +253,9 @@ def standin(monkeypatch):
 # variable), the dispatcher's build files, a server's gate and logging, a MAC
 # (no secret), a daemon's reconnect backoff (random), a runner's JUnit parser,
 # the IDNA codec (the dispatcher's address is plain ASCII), shutil (argparse's
-# terminal width).
+# terminal width), typing (the annotations' names).
 NOT_AT_START = ("asyncio", "ssl", "yaml", "ci.config", "ci.settings", "ci.buildfile", "ci.gate", "logging",
-                "hmac", "secrets", "random", "defusedxml", "xml", "encodings.idna", "shutil")
+                "hmac", "secrets", "random", "defusedxml", "xml", "encodings.idna", "shutil", "typing")
 
 
 @pytest.mark.parametrize("argv", [["status", "--json"], ["artifacts", "7"], ["log", "1"], ["cancel", "3"],
