@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import functools
 import re
-import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 from .limits import Limits
 
@@ -341,7 +344,7 @@ def _from_env(env: Mapping[str, str]) -> dict:
                 continue
             key = name[len(prefix):].lower()
             _refuse_retired(section, key, f"environment variable {name}")
-            hints = typing.get_type_hints(factory)
+            hints = _kinds(factory)
             if key not in hints:
                 raise ConfigError(f"environment variable {name}: no key {section}.{key} "
                                   f"(known: {', '.join(sorted(hints))})")
@@ -387,8 +390,20 @@ def _is_secret(section: str, key: str) -> bool:
     return (section == "auth" and not key.endswith("_file")) or (section == "web" and key in WEB_SECRETS)
 
 
+# The kinds a section's key may have, by their annotations' names (which is all
+# ``from __future__ import annotations`` leaves of them)
+_KINDS = {kind.__name__: kind for kind in (bool, int, float, str, list, dict)}
+
+
+@functools.cache
+def _kinds(section: type) -> dict[str, type]:
+    """Each key of a section with its kind: ``typing.get_type_hints`` for plain
+    builtins, without importing typing at every tool's start."""
+    return {f.name: _KINDS[f.type] for f in fields(section)}
+
+
 def _check(section: str, key: str, value: Any, origin: str, base: Any) -> Any:
-    kind = typing.get_type_hints(type(base))[key]
+    kind = _kinds(type(base))[key]
     where = f"{origin}: {section}.{key}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -30,7 +30,10 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+if TYPE_CHECKING:
+    from typing import Iterable, Mapping
 
 from . import patterns, protocol, tls
 from .config import MIN_SECRET_CHARS, AuthConfig, Config, ConfigError

@@ -17,7 +17,8 @@ Takes plain paths and knows nothing of the configuration module:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False   # typing is not needed at run time: importing it costs every tool's start ~10 ms
 
 # ssl is imported only when a context is made: a tool without TLS (the common
 # case) does not pay for it at each start

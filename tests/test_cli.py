@@ -302,7 +302,7 @@ def test_a_tool_reads_yaml_only_for_a_config_file(standin, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("build:\n  timeout: 60\n")
     code = ("import sys\nfrom ci import cli\ncli.main(sys.argv[1:])\n"
-            "print(sorted(m for m in ('yaml', 'ssl', 'asyncio') if m in sys.modules))")
+            "print(sorted(m for m in ('yaml', 'ssl', 'asyncio', 'typing') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, "status", "--json", "--dispatcher", standin.addr,
                            "--config", str(config)], capture_output=True, text=True, cwd=TOOL_CWD, timeout=30,
                           env=child_env())

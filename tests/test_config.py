@@ -249,3 +249,10 @@ def test_a_bad_pipeline_or_secret_is_one_line_naming_the_key_never_the_value(tmp
     message = str(err.value)
     assert message.startswith(str(path)) and expected in message and "\n" not in message, message
     assert "a-long-value" not in message and "short" not in message.replace("shorter", "")
+
+
+def test_each_keys_kind_is_the_one_its_annotation_names():
+    # config reads the kinds from the annotations' names, so a tool need not import typing
+    import typing
+    for factory in cfg.SECTIONS.values():
+        assert cfg._kinds(factory) == typing.get_type_hints(factory), factory.__name__
