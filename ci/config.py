@@ -20,9 +20,9 @@ are ``settings.resolve``'s job, done once at start-up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import functools
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path

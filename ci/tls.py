@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TYPE_CHECKING = False   # typing is not needed at run time: importing it costs every tool's start ~10 ms
+TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
 
 # ssl is imported only when a context is made: a tool without TLS (the common
 # case) does not pay for it at each start
