@@ -117,6 +117,8 @@ def _columns() -> int:
 
 
 class _Width:
+    """An argparse formatter's start, given ``_columns()``'s width."""
+
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
         super().__init__(prog, indent_increment, max_help_position,       # type: ignore[call-arg]
                          _columns() - 2 if width is None else width)
@@ -540,7 +542,7 @@ class DispatcherLink:
         """A blocking link (no event loop): for one request, and for `tinyci log` and
         `artifacts --get`, whose chunks it receives into buffers it keeps."""
         return blocking.BlockingLink(self.addr, role, self.secrets[role], self.limits, self.tls,
-                                to=protocol.DISPATCHER_ID)
+                                     to=protocol.DISPATCHER_ID)
 
     def run(self, coro) -> Any:
         """Run one coroutine (or call a function: work on a blocking ``link``),
