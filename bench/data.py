@@ -89,6 +89,11 @@ def tinyci() -> tuple[str, ...]:
     return (str(script),) if ours else (sys.executable, "-m", "ci")
 
 
+def _ran_as() -> str:
+    """A figure's note when the tool could not be run as users run it."""
+    return "" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter"
+
+
 def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float, int]:
     """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB, exit status)."""
     cmd = [*tinyci(), *args, "--dispatcher", addr, "--config", str(config)]
@@ -228,7 +233,7 @@ def logs(tmp: Path, quick: bool) -> Result:
     res.add("step -> dispatcher's log file", size / MIB / span, "MiB/s")
     res.add("to a `tinyci log --follow` client while it runs", median(follow), "MiB/s")
     res.add("read back: `tinyci log N > file`", total / MIB / median(reads), "MiB/s", ">= 200",
-            note="" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter")
+            note=_ran_as())
     res.add("read back: `cp` of the log file", total / MIB / median(cps), "MiB/s")
     res.add("read back: tinyci log / cp", median(cps) / median(reads) * 100, "%")
     res.add("dispatcher CPU per 100 MiB", median(disp_cpu), "s")
@@ -295,7 +300,7 @@ def artifacts(tmp: Path, quick: bool) -> Result:
     res.add("upload: `cp` of the runner's file", mib / median(up_cps), "MiB/s")
     res.add("upload / cp", median(up_cps) / median(uploads) * 100, "%", ">= 25")
     res.add("download: `tinyci artifacts N --get`", mib / median(downloads), "MiB/s",
-            note="" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter")
+            note=_ran_as())
     res.add("download: `cp` of the dispatcher's file", mib / median(down_cps), "MiB/s")
     res.add("download / cp", median(down_cps) / median(downloads) * 100, "%", ">= 25")
     res.add("download: the tool's start-up and one request (`tinyci artifacts N`)", median(starts), "s")

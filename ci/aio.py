@@ -12,7 +12,7 @@ import queue
 import sys
 import threading
 
-TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+TYPE_CHECKING = False   # typing.TYPE_CHECKING without importing typing (~10 ms of every tool's start)
 if TYPE_CHECKING:
     from typing import Any, Awaitable, Callable
 

@@ -39,7 +39,7 @@ import json
 import os
 import sys
 
-TYPE_CHECKING = False   # typing is for the annotations only: importing it costs every tool's start ~10 ms
+TYPE_CHECKING = False   # typing.TYPE_CHECKING without importing typing (~10 ms of every tool's start)
 if TYPE_CHECKING:
     from typing import Any
 
