@@ -20,7 +20,7 @@ mtime), against a `cp` of the runner's file, and to the artifact's listing
 file, and beyond the same tool's start-up and one request (`tinyci
 artifacts N`, which lists). Every copy is
 checked with SHA-256. Peak RSS (VmHWM) of the dispatcher and the runner, and
-the tool's (its rusage), say whether anything held a whole artifact.
+the tool's (its own rusage, see REAPER), say whether anything held a whole artifact.
 
 Trials are interleaved (the reference, then tinyci) and medians quoted: the
 machine is shared.
@@ -94,19 +94,59 @@ def _ran_as() -> str:
     return "" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter"
 
 
+# Linux counts in a child's rusage the memory of the process it was forked from: at exec it keeps the
+# larger of the old and new peaks. Waited for from this bench (~90 MiB by then), every tool "peaked" at
+# the bench's own size. A small reaper forks the tool and reports the tool's figures through a pipe; what
+# it can add is its own size, ~9 MiB, below any tool's.
+REAPER = """import os, sys, time
+fd = int(sys.argv[1])
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, b"%.6f %d %d" % (time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status)))
+"""
+
+
+class Measured:
+    """A command started through REAPER: ``wait()`` gives its wall seconds (fork to exit), its own
+    peak RSS in MiB and its exit status."""
+
+    def __init__(self, cmd: list[str], **popen):
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-S", "-c", REAPER, str(w), *cmd], pass_fds=(w,), **popen)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self._r = r
+
+    def wait(self) -> tuple[float, float, int]:
+        self.proc.wait()
+        with open(self._r, "rb") as f:
+            got = f.read().split()
+        if len(got) != 3:
+            raise RuntimeError(f"the bench's reaper failed ({self.proc.returncode}) running {self.proc.args[5:]}")
+        return float(got[0]), int(got[1]) / 1024, int(got[2])
+
+
 def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float, int]:
     """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB, exit status)."""
-    cmd = [*tinyci(), *args, "--dispatcher", addr, "--config", str(config)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if proc.returncode:
-        raise RuntimeError(f"tinyci {' '.join(args)} failed ({proc.returncode}): {err[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, proc.returncode
+    run = Measured([*tinyci(), *args, "--dispatcher", addr, "--config", str(config)],
+                   cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
+    seconds, rss, code = run.wait()
+    err = run.proc.stderr.read().decode(errors="replace")
+    run.proc.stderr.close()
+    if code:
+        raise RuntimeError(f"tinyci {' '.join(args)} failed ({code}): {err[-2000:]}")
+    return seconds, rss, code
 
 
 def timed_cp(src: Path, dst: Path) -> float:
@@ -182,10 +222,10 @@ def logs(tmp: Path, quick: bool) -> Result:
             if t:
                 c.wait("the build to run", lambda: any(
                     b["id"] == build_id and b["status"] != "queued" for b in c.status(20)["builds"]), 30, every=0.005)
-                fol = subprocess.Popen([*tinyci(), "log", str(build_id), "--follow",
-                                        "--dispatcher", c.disp.addr, "--config", str(c.config)],
-                                       cwd=tmp, env=child_env(), stdout=open(tmp / "follow.out", "wb"),
-                                       stderr=subprocess.DEVNULL)
+                with open(tmp / "follow.out", "wb") as out:
+                    fol = Measured([*tinyci(), "log", str(build_id), "--follow",
+                                    "--dispatcher", c.disp.addr, "--config", str(c.config)],
+                                   cwd=tmp, env=child_env(), stdout=out, stderr=subprocess.DEVNULL)
                 started = time.perf_counter()
             # the span is the dispatcher's own (started_at -> finished_at): asking 50 times a second,
             # a connection and handshake each, only took CPU from the step being measured
@@ -195,9 +235,11 @@ def logs(tmp: Path, quick: bool) -> Result:
             cpu1 = cpu_seconds(c.disp.pid), cpu_seconds(runner.pid)
             if fol is None:
                 continue
-            _, status, usage = os.wait4(fol.pid, 0)
+            _, rss, status = fol.wait()
             follow.append(size / MIB / (time.perf_counter() - started))
-            follow_rss.append(usage.ru_maxrss / 1024)
+            follow_rss.append(rss)
+            if status:
+                raise RuntimeError(f"tinyci log {build_id} --follow failed ({status})")
             got = (tmp / "follow.out").stat().st_size
             if got < size:
                 raise RuntimeError(f"tinyci log --follow wrote {got} bytes of a log of at least {size}")
