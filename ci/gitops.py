@@ -178,6 +178,15 @@ class RepoReader:
         with self._reading():
             return self.repo.git.for_each_ref("--format=%(objectname) %(refname)", prefix)
 
+    def since(self, old: str, new: str) -> list[tuple[str, list[str]]] | None:
+        """``old..new`` as (sha, parents), children before parents (--topo-order), in one git command;
+        None when git cannot list it (``old`` is gone, say): then ``has_commit`` tells why."""
+        try:
+            out = self.repo.git.rev_list("--topo-order", "--parents", f"{old}..{new}")
+        except (git.GitError, OSError):
+            return None
+        return [(shas[0], shas[1:]) for shas in (line.split() for line in out.splitlines()) if shas]
+
     def has_commit(self, sha: str) -> bool:
         try:
             self.repo.git.cat_file("-e", f"{sha}^{{commit}}")

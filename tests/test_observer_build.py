@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ci import gitwatch
+from ci import gitops, gitwatch
 from ci.config import ConfigError, load
 
 from conftest import Repo
@@ -77,6 +77,40 @@ def test_a_new_or_force_pushed_branch_reports_its_head_in_every_mode(tmp_path, m
     plan = clone.plan({"main": orphan})
     assert plan.report == [("feature1", shas["F2"]), ("main", shas["M2"])]
     assert plan.forced == [("main", orphan, shas["M2"])]
+
+
+class _Asking(gitops.RepoReader):
+    """A reader whose one-command listing always fails: plan asks its three questions instead."""
+
+    def since(self, old, new):
+        return None
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+def test_the_one_listing_and_the_three_questions_agree(tmp_path, mode):
+    """Saved at every commit of the merged history, including ones main reaches only through a
+    merge's second parent, and at a commit git does not have: the same plan either way."""
+    repo = _base(tmp_path)
+    shas = history(repo)
+    missing = "0123456789abcdef0123456789abcdef01234567"
+    for saved in [*shas.values(), missing]:
+        for head in ("M2", "X1"):
+            plans = []
+            for reader in (gitops.RepoReader, _Asking):
+                with reader(repo.path) as r:
+                    plans.append(gitwatch.plan({"main": saved}, {"main": shas[head]}, r, mode))
+            assert plans[0] == plans[1], (saved, head)
+
+
+def test_a_saved_commit_the_clone_lost_or_a_branch_moved_back_reports_the_head_as_forced(tmp_path):
+    repo = _base(tmp_path)
+    shas = history(repo)
+    gone = "0123456789abcdef0123456789abcdef01234567"
+    with gitops.RepoReader(repo.path) as r:
+        for saved, head in ((gone, "M2"), (shas["M2"], "X1")):     # a pruned commit; a reset back
+            plan = gitwatch.plan({"main": saved}, {"main": shas[head]}, r, "all")
+            assert plan.report == [("main", shas[head])]
+            assert plan.forced == [("main", saved, shas[head])]
 
 
 def test_unknown_build_mode_is_refused_naming_the_key(tmp_path):
