@@ -95,17 +95,22 @@ def _ran_as() -> str:
 
 
 # Linux counts in a child's rusage the memory of the process it was forked from: at exec it keeps the
-# larger of the old and new peaks. Waited for from this bench (~90 MiB by then), every tool "peaked" at
-# the bench's own size. A small reaper forks the tool and reports the tool's figures through a pipe; what
-# it can add is its own size, ~9 MiB, below any tool's.
-REAPER = """import os, sys, time
+# larger of the old and new peaks. Waited for from this bench (~90 MiB by then), a tool "peaked" at the
+# larger of the bench's size and its own. A small reaper forks the tool and reports the tool's figures
+# through a pipe: at worst a tool smaller than the reaper (~9 MiB) shows the reaper's size.
+REAPER = """import os, signal, sys, time
 fd = int(sys.argv[1])
 t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.close(fd)
+    # what Popen's restore_signals does: Python ignores these, and an exec keeps an ignored signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     try:
         os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as exc:
+        os.write(2, f"{sys.argv[2]}: {exc}\\n".encode())
     finally:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
@@ -115,7 +120,7 @@ os.write(fd, b"%.6f %d %d" % (time.perf_counter() - t0, usage.ru_maxrss, os.wait
 
 class Measured:
     """A command started through REAPER: ``wait()`` gives its wall seconds (fork to exit), its own
-    peak RSS in MiB and its exit status."""
+    peak RSS in MiB and its exit status; ``out`` and ``err`` are its output where that was a pipe."""
 
     def __init__(self, cmd: list[str], **popen):
         r, w = os.pipe()
@@ -127,13 +132,19 @@ class Measured:
         finally:
             os.close(w)
         self._r = r
+        self.out = self.err = b""
 
     def wait(self) -> tuple[float, float, int]:
-        self.proc.wait()
-        with open(self._r, "rb") as f:
-            got = f.read().split()
+        try:
+            out, err = self.proc.communicate()      # reads the pipes while it runs: none fills up and blocks it
+            self.out, self.err = out or b"", err or b""
+            with open(self._r, "rb", closefd=False) as f:
+                got = f.read().split()
+        finally:
+            os.close(self._r)
         if len(got) != 3:
-            raise RuntimeError(f"the bench's reaper failed ({self.proc.returncode}) running {self.proc.args[5:]}")
+            raise RuntimeError(f"the bench's reaper failed ({self.proc.returncode}) running {self.proc.args[5:]}: "
+                               f"{self.err.decode(errors='replace')[-500:]}")
         return float(got[0]), int(got[1]) / 1024, int(got[2])
 
 
@@ -142,10 +153,8 @@ def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNU
     run = Measured([*tinyci(), *args, "--dispatcher", addr, "--config", str(config)],
                    cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
     seconds, rss, code = run.wait()
-    err = run.proc.stderr.read().decode(errors="replace")
-    run.proc.stderr.close()
     if code:
-        raise RuntimeError(f"tinyci {' '.join(args)} failed ({code}): {err[-2000:]}")
+        raise RuntimeError(f"tinyci {' '.join(args)} failed ({code}): {run.err.decode(errors='replace')[-2000:]}")
     return seconds, rss, code
 
 
@@ -226,7 +235,6 @@ def logs(tmp: Path, quick: bool) -> Result:
                     fol = Measured([*tinyci(), "log", str(build_id), "--follow",
                                     "--dispatcher", c.disp.addr, "--config", str(c.config)],
                                    cwd=tmp, env=child_env(), stdout=out, stderr=subprocess.DEVNULL)
-                started = time.perf_counter()
             # the span is the dispatcher's own (started_at -> finished_at): asking 50 times a second,
             # a connection and handshake each, only took CPU from the step being measured
             build = _build(c, build_id, 300, every=0.25)
@@ -235,8 +243,8 @@ def logs(tmp: Path, quick: bool) -> Result:
             cpu1 = cpu_seconds(c.disp.pid), cpu_seconds(runner.pid)
             if fol is None:
                 continue
-            _, rss, status = fol.wait()
-            follow.append(size / MIB / (time.perf_counter() - started))
+            seconds, rss, status = fol.wait()         # the client's own life: its start to its exit
+            follow.append(size / MIB / seconds)
             follow_rss.append(rss)
             if status:
                 raise RuntimeError(f"tinyci log {build_id} --follow failed ({status})")

@@ -144,6 +144,11 @@ class CommitFacts:
     file_kind: str          # "" absent, "blob" a file, else what is there instead ("tree", "commit")
 
 
+# RepoReader.since lists at most this many commits: a force-push onto an unrelated history would
+# otherwise list all of it only to find the saved commit is not there
+LISTED_MAX = 10_000
+
+
 class RepoReader:
     """One repository opened for one batch of reads (a scan of the observer),
     closed by ``with``. GitPython's ``Repo`` reads commits and trees through
@@ -180,12 +185,15 @@ class RepoReader:
 
     def since(self, old: str, new: str) -> list[tuple[str, list[str]]] | None:
         """``old..new`` as (sha, parents), children before parents (--topo-order), in one git command;
-        None when git cannot list it (``old`` is gone, say): then ``has_commit`` tells why."""
+        None when git cannot list it (``old`` is gone, say) or it is longer than LISTED_MAX. A None
+        is not an error: the caller asks ``has_commit`` and the rest, whose failures are reported."""
         try:
-            out = self.repo.git.rev_list("--topo-order", "--parents", f"{old}..{new}")
+            out = self.repo.git.rev_list("--topo-order", "--parents", f"--max-count={LISTED_MAX + 1}",
+                                         f"{old}..{new}")
         except (git.GitError, OSError):
             return None
-        return [(shas[0], shas[1:]) for shas in (line.split() for line in out.splitlines()) if shas]
+        listed = [(shas[0], shas[1:]) for shas in (line.split() for line in out.splitlines()) if shas]
+        return listed if len(listed) <= LISTED_MAX else None
 
     def has_commit(self, sha: str) -> bool:
         try:

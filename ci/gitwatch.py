@@ -63,7 +63,8 @@ class ScanPlan:
 
 class History(Protocol):
     # old..new as (sha, parents), children before parents (git rev-list --topo-order --parents);
-    # None when git cannot list it (old is gone, or git failed): then the three questions below decide
+    # None when git cannot list it (old is gone, git failed, or past gitops.LISTED_MAX commits): then
+    # the three questions below decide
     def since(self, old: str, new: str) -> list[tuple[str, list[str]]] | None: ...
     def has_commit(self, sha: str) -> bool: ...
     def is_ancestor(self, old: str, new: str) -> bool: ...
@@ -100,9 +101,10 @@ def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History, b
 
 def _moved(history: History, old: str, new: str, build: str) -> list[str] | None:
     """What a branch that moved from ``old`` to ``new`` reports, oldest first; None when ``new``
-    does not descend from ``old``. One listing answers it all (a git process costs 3-5 ms, and
-    a poll waits for every one); the three separate questions only when git cannot list."""
-    listed = history.since(old, new)
+    does not descend from ``old``. One listing answers it all (a git process costs 3-5 ms, and a
+    poll waits for every one); the separate questions when git cannot list, or for ``heads``,
+    which needs no listing. ``old`` and ``new`` are commits (branch heads), never tags."""
+    listed = None if build == "heads" else history.since(old, new)
     if listed is None:
         if not (history.has_commit(old) and history.is_ancestor(old, new)):
             return None
@@ -110,8 +112,6 @@ def _moved(history: History, old: str, new: str, build: str) -> list[str] | None
     # new descends from old exactly when a commit since old has old for a parent
     if not any(old in parents for _, parents in listed):
         return None
-    if build == "heads":
-        return [new]
     if build == "all":
         return [sha for sha, _ in reversed(listed)]
     # first-parent: new's first parents back to where old's history begins, which is where they leave the listing

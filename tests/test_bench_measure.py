@@ -3,6 +3,7 @@
 Linux keeps, in a child's rusage, the larger of the peaks before and after exec, so a tool waited for
 straight from a large process reported that process's size. These run real processes."""
 
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,19 @@ def test_a_tools_own_growth_and_exit_status_are_reported():
     assert rss >= 96, f"a child that touched 96 MiB reported {rss:.0f} MiB"
 
 
-def test_a_command_that_cannot_start_is_exit_127():
-    _, _, status = Measured(["/nonexistent/tinyci"], stderr=subprocess.DEVNULL).wait()
+def test_a_command_that_cannot_start_is_exit_127_and_says_why():
+    run = Measured(["/nonexistent/tinyci"], stderr=subprocess.PIPE)
+    _, _, status = run.wait()
     assert status == 127
+    assert b"/nonexistent/tinyci: " in run.err and b"No such file" in run.err
+
+
+def test_the_tool_gets_default_signals_as_from_popen():
+    """Python ignores SIGPIPE and SIGXFSZ, and an exec keeps an ignored signal: a tool started from the
+    reaper must not inherit that (`cp`, `git` and `head` rely on SIGPIPE), as Popen sees to."""
+    run = Measured(["cat", "/proc/self/status"], stdout=subprocess.PIPE)
+    _, _, status = run.wait()
+    assert status == 0
+    ignored = int(next(line for line in run.out.decode().splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the tool"

@@ -89,9 +89,13 @@ class _Asking(gitops.RepoReader):
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
 def test_the_one_listing_and_the_three_questions_agree(tmp_path, mode):
     """Saved at every commit of the merged history, including ones main reaches only through a
-    merge's second parent, and at a commit git does not have: the same plan either way."""
+    merge's second parent: the same plan either way (a commit git does not have takes the
+    three questions both times)."""
     repo = _base(tmp_path)
     shas = history(repo)
+    with gitops.RepoReader(repo.path) as r:       # the listing is what the plan reads, not a None
+        listed = r.since(shas["F1"], shas["M2"])
+    assert listed is not None and [sha for sha, parents in listed if shas["F1"] in parents] == [shas["F2"]]
     missing = "0123456789abcdef0123456789abcdef01234567"
     for saved in [*shas.values(), missing]:
         for head in ("M2", "X1"):
@@ -100,6 +104,18 @@ def test_the_one_listing_and_the_three_questions_agree(tmp_path, mode):
                 with reader(repo.path) as r:
                     plans.append(gitwatch.plan({"main": saved}, {"main": shas[head]}, r, mode))
             assert plans[0] == plans[1], (saved, head)
+
+
+def test_a_listing_past_its_cap_takes_the_three_questions(tmp_path, monkeypatch):
+    repo = _base(tmp_path)
+    shas = history(repo)
+    monkeypatch.setattr(gitops, "LISTED_MAX", 3)
+    with gitops.RepoReader(repo.path) as r:
+        assert r.since(shas["A"], shas["M2"]) is None               # seven commits
+        assert len(r.since(shas["X2"], shas["M2"])) == 1
+        plan = gitwatch.plan({"main": shas["A"]}, {"main": shas["M2"]}, r, "first-parent")
+    names = {sha: name for name, sha in shas.items()}
+    assert [names[sha] for _, sha in plan.report] == EXPECTED["first-parent"]
 
 
 def test_a_saved_commit_the_clone_lost_or_a_branch_moved_back_reports_the_head_as_forced(tmp_path):
