@@ -37,11 +37,17 @@ SCENARIOS = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _number(value: float) -> str:
+    """One decimal, or two significant digits below 1: a ratio of 0.018 x or a start-up of 0.18 s
+    would otherwise print as 0.0 x and 0.2 s."""
+    return f"{value:.2g}" if 0 < abs(value) < 1 else f"{value:,.1f}"
+
+
 def table(results: list[Result]) -> str:
     rows = [("scenario", "figure", "value", "target", "met")]
     for res in results:
         for f in res.figures:
-            value = "-" if f.value is None else f"{f.value:,.1f} {f.unit}".strip()
+            value = "-" if f.value is None else f"{_number(f.value)} {f.unit}".strip()
             met = "" if f.met is None else ("yes" if f.met else "NO")
             rows.append((res.scenario, f.name + (f" ({f.note})" if f.note else ""), value,
                          f"{f.target} {f.unit}".strip() if f.target else "", met))
