@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _number(value: float) -> str:
     """One decimal, or two significant digits below 1: a ratio of 0.018 x or a start-up of 0.18 s
     would otherwise print as 0.0 x and 0.2 s."""
-    return f"{value:.2g}" if 0 < abs(value) < 1 else f"{value:,.1f}"
+    return f"{value:.2g}" if 0 < abs(value) < 0.95 else f"{value:,.1f}"   # .2g prints 0.996 as a bare "1"
 
 
 def table(results: list[Result]) -> str:
