@@ -216,7 +216,7 @@ class RepoReader:
     def commit(self, sha: str, path: str) -> CommitFacts:
         """The commit ``sha`` and the content of ``path`` in its tree."""
         with self._reading():
-            commit = self.repo.commit(sha)
+            commit = self._commit(sha)
             message = commit.message
             if isinstance(message, bytes):     # GitPython leaves undecodable messages as bytes
                 message = message.decode("utf-8", "replace")
@@ -233,12 +233,24 @@ class RepoReader:
         """The paths ``sha`` changed against its first parent (``.ci.yaml`` ``when.paths``);
         None for a root commit or more than ``limit`` paths (then every job runs)."""
         with self._reading():
-            parents = self.repo.commit(sha).parents
+            parents = self._commit(sha).parents
             if not parents:
                 return None
             out = self.repo.git.diff_tree("-r", "--name-only", "-z", "--no-renames", parents[0].hexsha, sha)
         paths = tuple(p for p in out.split("\0") if p)
         return paths if len(paths) <= limit else None
+
+    def _commit(self, sha: str) -> git.Commit:
+        """The commit of full hex ``sha``, read through the ``cat-file --batch`` that reads its tree and
+        files too. ``repo.commit`` would first look the type up in a ``cat-file --batch-check`` of its
+        own: one more process a poll waits for. Not a commit (a tag or tree; never a branch head): ValueError."""
+        binsha = bytes.fromhex(sha)
+        found = self.repo.odb.stream(binsha)
+        found.read()                    # all of it: the next read on that process starts after it
+        kind = found.type.decode() if isinstance(found.type, bytes) else found.type
+        if kind != git.Commit.type:
+            raise ValueError(f"{sha} is a {kind}, not a commit")
+        return git.Commit(self.repo, binsha)
 
     def remote_url(self, remote: str) -> str:
         """The fetch URL of ``remote``, as configured (maybe relative to the repository)."""

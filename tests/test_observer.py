@@ -65,6 +65,25 @@ def test_first_seen_branch_reports_only_its_head(tmp_path):
                                      message="Fix the parser\n\nLonger explanation.\n")]
 
 
+def test_a_commit_is_read_with_its_file_and_anything_else_is_named(tmp_path):
+    """A commit is read without asking git for its type first; a sha that is not a commit, or not
+    in the clone at all, is a GitReadError saying which."""
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".ci.yaml").write_text("steps: ['true']\n")
+    git(repo, "add", ".ci.yaml")
+    head = commit(repo, "Add the build file")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    with gitops.RepoReader(repo) as reader:
+        facts = reader.commit(head, ".ci.yaml")
+        assert (facts.sha, facts.message, facts.file, facts.file_kind) == \
+            (head, "Add the build file\n", b"steps: ['true']\n", "blob")
+        with pytest.raises(gitops.GitReadError, match=f"{tree} is a tree, not a commit"):
+            reader.commit(tree, ".ci.yaml")
+        with pytest.raises(gitops.GitReadError, match="0{40}"):
+            reader.commit("0" * 40, ".ci.yaml")
+        assert reader.commit(head, ".ci.yaml") == facts        # the reader is still in step after both
+
+
 def test_new_commits_are_reported_oldest_first(tmp_path):
     repo = make_repo(tmp_path / "repo")
     saved = git(repo, "rev-parse", "HEAD")
