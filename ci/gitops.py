@@ -242,12 +242,17 @@ class RepoReader:
 
     def _commit(self, sha: str) -> git.Commit:
         """The commit of full hex ``sha``, read through the ``cat-file --batch`` that reads its tree and
-        files too. ``repo.commit`` would first look the type up in a ``cat-file --batch-check`` of its
-        own: one more process a poll waits for. Not a commit (a tag or tree; never a branch head): ValueError."""
+        files too: ``repo.commit`` would first look the type up in a ``cat-file --batch-check`` of its
+        own, one more process a poll waits for. An annotated tag (a remote-tracking ref may name one)
+        goes the old way, which finds its commit; a tree or a blob is a ValueError naming it."""
+        if len(sha) != 40:
+            raise ValueError(f"{sha!r} is not a full commit sha")
         binsha = bytes.fromhex(sha)
         found = self.repo.odb.stream(binsha)
         found.read()                    # all of it: the next read on that process starts after it
         kind = found.type.decode() if isinstance(found.type, bytes) else found.type
+        if kind == git.TagObject.type:
+            return self.repo.commit(sha)
         if kind != git.Commit.type:
             raise ValueError(f"{sha} is a {kind}, not a commit")
         return git.Commit(self.repo, binsha)

@@ -101,26 +101,26 @@ def plan(saved: Mapping[str, str], heads: Mapping[str, str], history: History, b
 
 def _moved(history: History, old: str, new: str, build: str) -> list[str] | None:
     """What a branch that moved from ``old`` to ``new`` reports, oldest first; None when ``new``
-    does not descend from ``old``. One listing answers it all (a git process costs 3-5 ms, and a
-    poll waits for every one); the separate questions when git cannot list, or for ``heads``,
-    which needs no listing. ``old`` and ``new`` are commits (branch heads), never tags."""
+    does not descend from ``old``. One listing answers the common case, a branch moved forward (a
+    git process costs 3-5 ms, and a poll waits for every one). The separate questions decide the
+    rest: when git cannot list, for ``heads`` (no listing needed), and to be sure of a no, which
+    a force-push gives but so would a saved sha that is a tag, never anyone's parent."""
     listed = None if build == "heads" else history.since(old, new)
-    if listed is None:
-        if not (history.has_commit(old) and history.is_ancestor(old, new)):
-            return None
-        return [new] if build == "heads" else history.commits_between(old, new, build == "first-parent")
-    # new descends from old exactly when a commit since old has old for a parent
-    if not any(old in parents for _, parents in listed):
+    # new descends from old when a commit since old has old for a parent
+    if listed is not None and any(old in parents for _, parents in listed):
+        if build == "all":
+            return [sha for sha, _ in reversed(listed)]
+        # first-parent: new's first parents back to where old's history begins, which is where they leave the listing
+        parents_of = dict(listed)
+        line, sha = [], new
+        while sha in parents_of:
+            line.append(sha)
+            sha = parents_of[sha][0] if parents_of[sha] else ""
+        if line:            # else new is not a commit's sha (a tag's): the questions below peel it
+            return line[::-1]
+    if not (history.has_commit(old) and history.is_ancestor(old, new)):
         return None
-    if build == "all":
-        return [sha for sha, _ in reversed(listed)]
-    # first-parent: new's first parents back to where old's history begins, which is where they leave the listing
-    parents_of = dict(listed)
-    line, sha = [], new
-    while sha in parents_of:
-        line.append(sha)
-        sha = parents_of[sha][0] if parents_of[sha] else ""
-    return line[::-1]
+    return [new] if build == "heads" else history.commits_between(old, new, build == "first-parent")
 
 
 class Clone:

@@ -66,8 +66,8 @@ def test_first_seen_branch_reports_only_its_head(tmp_path):
 
 
 def test_a_commit_is_read_with_its_file_and_anything_else_is_named(tmp_path):
-    """A commit is read without asking git for its type first; a sha that is not a commit, or not
-    in the clone at all, is a GitReadError saying which."""
+    """A commit is read without asking git for its type first; an annotated tag is read as its
+    commit; a sha that is a tree, short, or not in the clone at all is a GitReadError saying which."""
     repo = make_repo(tmp_path / "repo")
     (repo / ".ci.yaml").write_text("steps: ['true']\n")
     git(repo, "add", ".ci.yaml")
@@ -81,7 +81,15 @@ def test_a_commit_is_read_with_its_file_and_anything_else_is_named(tmp_path):
             reader.commit(tree, ".ci.yaml")
         with pytest.raises(gitops.GitReadError, match="0{40}"):
             reader.commit("0" * 40, ".ci.yaml")
-        assert reader.commit(head, ".ci.yaml") == facts        # the reader is still in step after both
+        with pytest.raises(gitops.GitReadError, match="'abcd' is not a full commit sha"):
+            reader.commit("abcd", ".ci.yaml")
+        assert reader.commit(head, ".ci.yaml") == facts        # the reader is still in step after them
+    # an annotated tag, as a remote-tracking ref fetched with a wide refspec may name: its commit
+    git(repo, "tag", "-a", "-m", "release", "v1")
+    tag = git(repo, "rev-parse", "v1")
+    with gitops.RepoReader(repo) as reader:
+        tagged = reader.commit(tag, ".ci.yaml")
+    assert (tagged.sha, tagged.message, tagged.file) == (tag, facts.message, facts.file)
 
 
 def test_new_commits_are_reported_oldest_first(tmp_path):

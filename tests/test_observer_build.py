@@ -106,6 +106,25 @@ def test_the_one_listing_and_the_three_questions_agree(tmp_path, mode):
             assert plans[0] == plans[1], (saved, head)
 
 
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+def test_annotated_tags_for_heads_are_planned_as_the_three_questions_plan_them(tmp_path, mode):
+    """A remote-tracking ref can name an annotated tag (a wide refspec fetches tags there). A tag's
+    sha is no commit's parent, so the listing alone would call every move a force-push."""
+    repo = _base(tmp_path)
+    shas = history(repo)
+    for name in ("F1", "M1", "M2"):
+        repo.git("tag", "-a", "-m", name, f"t-{name}", shas[name])
+    tags = {name: repo.git("rev-parse", f"t-{name}") for name in ("F1", "M1", "M2")}
+    cases = [(tags["F1"], shas["M2"]), (tags["M1"], tags["M2"]), (shas["A"], tags["M2"])]
+    for saved, head in cases:
+        plans = []
+        for reader in (gitops.RepoReader, _Asking):
+            with reader(repo.path) as r:
+                plans.append(gitwatch.plan({"main": saved}, {"main": head}, r, mode))
+        assert plans[0] == plans[1], (saved, head)
+        assert plans[0].forced == [] and plans[0].report, (saved, head)
+
+
 def test_a_listing_past_its_cap_takes_the_three_questions(tmp_path, monkeypatch):
     repo = _base(tmp_path)
     shas = history(repo)
