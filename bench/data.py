@@ -20,7 +20,7 @@ mtime), against a `cp` of the runner's file, and to the artifact's listing
 file, and beyond the same tool's start-up and one request (`tinyci
 artifacts N`, which lists). Every copy is
 checked with SHA-256. Peak RSS (VmHWM) of the dispatcher and the runner, and
-the tool's (its own rusage, see REAPER), say whether anything held a whole artifact.
+the tool's (its own rusage: reaper.py), say whether anything held a whole artifact.
 
 Trials are interleaved (the reference, then tinyci) and medians quoted: the
 machine is shared.
@@ -94,38 +94,19 @@ def _ran_as() -> str:
     return "" if len(tinyci()) == 1 else "run as `python -m ci`: no `tinyci` beside this interpreter"
 
 
-# Linux counts in a child's rusage the memory of the process it was forked from: at exec it keeps the
-# larger of the old and new peaks. Waited for from this bench (~90 MiB by then), a tool "peaked" at the
-# larger of the bench's size and its own. A small reaper forks the tool and reports the tool's figures
-# through a pipe: at worst a tool smaller than the reaper (~9 MiB) shows the reaper's size.
-REAPER = """import os, signal, sys, time
-fd = int(sys.argv[1])
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.close(fd)
-    # what Popen's restore_signals does: Python ignores these, and an exec keeps an ignored signal
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    except OSError as exc:
-        os.write(2, f"{sys.argv[2]}: {exc}\\n".encode())
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-os.write(fd, b"%.6f %d %d" % (time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status)))
-"""
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 class Measured:
-    """A command started through REAPER: ``wait()`` gives its wall seconds (fork to exit), its own
-    peak RSS in MiB and its exit status; ``out`` and ``err`` are its output where that was a pipe."""
+    """A command started through ``reaper.py``, so that its peak memory is its own and not this
+    bench's: ``wait()`` gives its wall seconds (fork to exit), its peak RSS in MiB and its exit
+    status; ``out`` and ``err`` are its output where that was a pipe."""
 
     def __init__(self, cmd: list[str], **popen):
+        self.cmd = cmd
         r, w = os.pipe()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-S", "-c", REAPER, str(w), *cmd], pass_fds=(w,), **popen)
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", str(REAPER), str(w), *cmd], pass_fds=(w,), **popen)
         except BaseException:
             os.close(r)
             raise
@@ -143,19 +124,19 @@ class Measured:
         finally:
             os.close(self._r)
         if len(got) != 3:
-            raise RuntimeError(f"the bench's reaper failed ({self.proc.returncode}) running {self.proc.args[5:]}: "
+            raise RuntimeError(f"the bench's reaper failed ({self.proc.returncode}) running {self.cmd}: "
                                f"{self.err.decode(errors='replace')[-500:]}")
         return float(got[0]), int(got[1]) / 1024, int(got[2])
 
 
-def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float, int]:
-    """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB, exit status)."""
+def tool(tmp: Path, config: Path, addr: str, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float]:
+    """Run `tinyci ARGS` as a user would; returns (seconds, peak RSS MiB). A failure raises."""
     run = Measured([*tinyci(), *args, "--dispatcher", addr, "--config", str(config)],
                    cwd=tmp, env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
     seconds, rss, code = run.wait()
     if code:
         raise RuntimeError(f"tinyci {' '.join(args)} failed ({code}): {run.err.decode(errors='replace')[-2000:]}")
-    return seconds, rss, code
+    return seconds, rss
 
 
 def timed_cp(src: Path, dst: Path) -> float:
@@ -268,7 +249,7 @@ def logs(tmp: Path, quick: bool) -> Result:
         for _ in range(3 if quick else 5):
             cps.append(timed_cp(log_file, tmp / "copy.log"))
             with open(tmp / "read.out", "wb") as out:
-                seconds, rss, _ = tool(tmp, c.config, c.disp.addr, "log", str(build_id), stdout=out)
+                seconds, rss = tool(tmp, c.config, c.disp.addr, "log", str(build_id), stdout=out)
             reads.append(seconds)
             read_rss.append(rss)
         if (tmp / "read.out").stat().st_size < size:
@@ -332,7 +313,7 @@ def artifacts(tmp: Path, quick: bool) -> Result:
             if sha256(stored) != want:
                 raise RuntimeError("the dispatcher's copy of the artifact differs from the runner's")
             down_cps.append(timed_cp(stored, tmp / "cp.bin"))
-            seconds, rss, _ = tool(tmp, c.config, c.disp.addr, "artifacts", str(build_id), "--get", "out.bin",
+            seconds, rss = tool(tmp, c.config, c.disp.addr, "artifacts", str(build_id), "--get", "out.bin",
                                    "-o", str(tmp / "got.bin"))
             downloads.append(seconds)
             tool_rss.append(rss)
